@@ -1,0 +1,535 @@
+/**
+ * @file Devices: where tensors live and kernels run.
+ *
+ * A `Device` wraps one of two backends behind the same four verbs (alloc/release, write, read, run):
+ *
+ * - `webgpu`: Deno's WebGPU. Kernels are recorded into one open compute pass and submitted in batches; nothing
+ *   syncs with the host until a read. Pipelines are cached by WGSL source (sizes travel as uniforms, one 512-byte
+ *   slot per dispatch in a ring that is uploaded once per batch). Buffers come from a size-bucketed pool; a
+ *   released buffer returns to the pool only after the batch that may still read it has been submitted, so queue
+ *   writes into a reused buffer can never overtake a recorded read.
+ * - `cpu`: the kernels' plain-TypeScript references, in float32 or (for gradient checks) float64.
+ *
+ * `Device.create()` probes the adapter (features, limits) and runs a known-answer kernel before returning.
+ */
+
+import { elementwise, bin, inp } from "../kernels/elementwise.ts";
+import type { FloatArray, GpuCaps, Kernel } from "../kernels/types.ts";
+import { UNIFORM_WORDS } from "../kernels/types.ts";
+
+export type BackendKind = "webgpu" | "cpu";
+export type DType = "float32" | "float64";
+
+export interface DeviceOptions {
+  /** "webgpu" (default) or "cpu" (the reference kernels; no adapter needed). */
+  backend?: BackendKind;
+  /** Element type of the CPU backend; "float64" is for gradient checks. WebGPU is always float32. */
+  precision?: DType;
+  /** Dispatches recorded before an automatic submit (default 64). */
+  batchSize?: number;
+  /** Bytes the buffer pool may hold for reuse before it destroys released buffers (default 1 GiB). */
+  poolLimitBytes?: number;
+  /** Seed of the device's counter-based random generator (default 0). */
+  seed?: number;
+}
+
+/** A device allocation; its contents are reached only through the owning device. */
+export interface Storage {
+  readonly elements: number;
+  readonly bytes: number;
+}
+
+export interface MemoryStats {
+  /** Bytes in allocations that tensors hold. */
+  liveBytes: number;
+  liveAllocations: number;
+  /** Bytes of released buffers kept for reuse. */
+  pooledBytes: number;
+  pooledBuffers: number;
+}
+
+export interface DeviceInfo {
+  backend: BackendKind;
+  dtype: DType;
+  adapter: string;
+  /** "vulkan" or "gl" for WebGPU on Linux, with how it was determined; "cpu" for the reference backend. */
+  api: string;
+  isCpuEmulated: boolean;
+  features: string[];
+  limits: Record<string, number>;
+}
+
+interface Backend {
+  readonly info: DeviceInfo;
+  alloc(elements: number): Storage;
+  release(s: Storage): void;
+  write(s: Storage, data: ArrayLike<number>): void;
+  read(s: Storage, elements: number): Promise<FloatArray>;
+  run<P>(kernel: Kernel<P>, params: P, inputs: Storage[], outputs: Storage[]): void;
+  flush(): void;
+  pooled(): { bytes: number; buffers: number };
+  counters(): Record<string, number>;
+  destroy(): void;
+}
+
+let defaultDevice: Device | null = null;
+
+/** The device that tensor constructors use when none is given. */
+export function getDefaultDevice(): Device {
+  if (!defaultDevice) throw new Error("no device: call `await Device.create()` first (or pass { device })");
+  return defaultDevice;
+}
+
+export class Device {
+  /** Random generator state: a Philox key and the next unused counter. */
+  readonly rng: { seed: number; counter: number };
+  #live = 0;
+  #liveCount = 0;
+
+  private constructor(private readonly backend: Backend, seed: number) {
+    this.rng = { seed, counter: 0 };
+  }
+
+  static async create(opts: DeviceOptions = {}): Promise<Device> {
+    const kind = opts.backend ?? "webgpu";
+    let backend: Backend;
+    if (kind === "cpu") backend = new CpuBackend(opts.precision ?? "float32");
+    else if (kind === "webgpu") {
+      if (opts.precision === "float64") throw new Error("the webgpu backend computes in float32 only");
+      backend = await WebGpuBackend.create(opts);
+    } else throw new Error(`unknown backend "${kind}" (expected "webgpu" or "cpu")`);
+    const device = new Device(backend, opts.seed ?? 0);
+    await device.knownAnswerTest();
+    defaultDevice ??= device;
+    return device;
+  }
+
+  /** Makes this the device used when none is given. */
+  makeDefault(): this {
+    defaultDevice = this;
+    return this;
+  }
+
+  get info(): DeviceInfo {
+    return this.backend.info;
+  }
+  get kind(): BackendKind {
+    return this.backend.info.backend;
+  }
+  get dtype(): DType {
+    return this.backend.info.dtype;
+  }
+
+  /** Resets the random generator: the same seed gives the same numbers on every run and backend. */
+  manualSeed(seed: number): void {
+    this.rng.seed = seed >>> 0;
+    this.rng.counter = 0;
+  }
+
+  alloc(elements: number): Storage {
+    const s = this.backend.alloc(elements);
+    this.#live += s.bytes;
+    this.#liveCount++;
+    return s;
+  }
+
+  release(s: Storage): void {
+    this.#live -= s.bytes;
+    this.#liveCount--;
+    this.backend.release(s);
+  }
+
+  write(s: Storage, data: ArrayLike<number>): void {
+    if (data.length !== s.elements) throw new Error(`write of ${data.length} values into ${s.elements} elements`);
+    this.backend.write(s, data);
+  }
+
+  /** Reads an allocation back (submitting pending work first). */
+  read(s: Storage, elements = s.elements): Promise<FloatArray> {
+    return this.backend.read(s, elements);
+  }
+
+  /** Records (WebGPU) or runs (CPU) one kernel. */
+  run<P>(kernel: Kernel<P>, params: P, inputs: Storage[], outputs: Storage[]): void {
+    this.backend.run(kernel, params, inputs, outputs);
+  }
+
+  /** Submits recorded work without waiting for it. */
+  flush(): void {
+    this.backend.flush();
+  }
+
+  memory(): MemoryStats {
+    const p = this.backend.pooled();
+    return { liveBytes: this.#live, liveAllocations: this.#liveCount, pooledBytes: p.bytes, pooledBuffers: p.buffers };
+  }
+
+  /** Dispatch, submit and pipeline counters (WebGPU), for benchmarks and tests. */
+  counters(): Record<string, number> {
+    return this.backend.counters();
+  }
+
+  destroy(): void {
+    if (defaultDevice === this) defaultDevice = null;
+    this.backend.destroy();
+  }
+
+  private async knownAnswerTest() {
+    const a = this.alloc(3), b = this.alloc(3), c = this.alloc(3);
+    this.write(a, [1, 2, 3]);
+    this.write(b, [10, 20, 30]);
+    this.run(elementwise, { expr: bin("add", inp(0), inp(1)), consts: [], shape: [3], strides: [[1], [1]] }, [a, b], [
+      c,
+    ]);
+    const got = await this.read(c);
+    for (const s of [a, b, c]) this.release(s);
+    if (got[0] !== 11 || got[1] !== 22 || got[2] !== 33) {
+      throw new Error(`device failed its known-answer kernel: 1+10, 2+20, 3+30 gave [${Array.from(got)}]`);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// CPU reference backend.
+
+interface CpuStorage extends Storage {
+  data: FloatArray;
+}
+
+class CpuBackend implements Backend {
+  readonly info: DeviceInfo;
+  constructor(private readonly dtype: DType) {
+    this.info = {
+      backend: "cpu",
+      dtype,
+      adapter: `CPU reference kernels (${dtype})`,
+      api: "cpu",
+      isCpuEmulated: true,
+      features: [],
+      limits: {},
+    };
+  }
+  alloc(elements: number): CpuStorage {
+    const data = this.dtype === "float64" ? new Float64Array(elements) : new Float32Array(elements);
+    return { elements, bytes: data.byteLength, data };
+  }
+  release(): void {}
+  write(s: Storage, data: ArrayLike<number>): void {
+    (s as CpuStorage).data.set(data);
+  }
+  read(s: Storage, elements: number): Promise<FloatArray> {
+    return Promise.resolve((s as CpuStorage).data.slice(0, elements));
+  }
+  run<P>(kernel: Kernel<P>, params: P, inputs: Storage[], outputs: Storage[]): void {
+    kernel.cpu(params, inputs.map((s) => (s as CpuStorage).data), outputs.map((s) => (s as CpuStorage).data));
+  }
+  flush(): void {}
+  pooled() {
+    return { bytes: 0, buffers: 0 };
+  }
+  counters() {
+    return {};
+  }
+  destroy(): void {}
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// WebGPU backend.
+
+interface GpuStorage extends Storage {
+  buffer: GPUBuffer;
+  /** Pool bucket the buffer belongs to. */
+  bucket: number;
+}
+
+const SLOT_BYTES = UNIFORM_WORDS * 4;
+const RING_SLOTS = 256;
+
+/** Pool bucket: four size classes per power of two (at most 25% waste), 256 bytes at least. */
+function bucketBytes(bytes: number): number {
+  if (bytes <= 256) return 256;
+  const p = 2 ** Math.floor(Math.log2(bytes));
+  for (const f of [1, 1.25, 1.5, 1.75, 2]) if (p * f >= bytes) return Math.ceil((p * f) / 256) * 256;
+  return 2 * p;
+}
+
+/** Which native API wgpu picked; the adapter does not say, so this reports how it was inferred. */
+function detectApi(): string {
+  const forced = Deno.env.get("DENO_WEBGPU_BACKEND");
+  if (forced) return `${forced} (DENO_WEBGPU_BACKEND)`;
+  if (Deno.build.os !== "linux") return "native default";
+  for (const dir of ["/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d"]) {
+    try {
+      for (const e of Deno.readDirSync(dir)) if (e.name.endsWith(".json")) return "vulkan (an ICD is installed)";
+    } catch { /* no such folder */ }
+  }
+  return "gl (no Vulkan ICD installed)";
+}
+
+class WebGpuBackend implements Backend {
+  readonly info: DeviceInfo;
+  private readonly caps: GpuCaps;
+  private readonly pipelines = new Map<string, GPUComputePipeline>();
+  private readonly layouts = new Map<string, { group: GPUBindGroupLayout; pipeline: GPUPipelineLayout }>();
+  private readonly pool = new Map<number, GPUBuffer[]>();
+  private pooledBytes = 0;
+  private pooledCount = 0;
+  private pendingRelease: GpuStorage[] = [];
+  private readonly staging: GPUBuffer[] = [];
+  private encoder: GPUCommandEncoder | null = null;
+  private pass: GPUComputePassEncoder | null = null;
+  private readonly ring: GPUBuffer;
+  private readonly ringData = new Uint32Array(RING_SLOTS * UNIFORM_WORDS);
+  private slot = 0;
+  private recorded = 0;
+  private error: string | null = null;
+  private readonly stats = { dispatches: 0, submits: 0, pipelines: 0, reads: 0 };
+
+  private constructor(
+    private readonly device: GPUDevice,
+    adapter: GPUAdapter,
+    private readonly batchSize: number,
+    private readonly poolLimit: number,
+  ) {
+    const limits: Record<string, number> = {};
+    for (
+      const k of [
+        "maxStorageBufferBindingSize",
+        "maxBufferSize",
+        "maxComputeWorkgroupsPerDimension",
+        "maxComputeInvocationsPerWorkgroup",
+        "maxComputeWorkgroupStorageSize",
+        "maxStorageBuffersPerShaderStage",
+      ] as const
+    ) limits[k] = device.limits[k];
+    const description = adapter.info.description || adapter.info.device || "unknown adapter";
+    const isCpuEmulated = adapter.info.isFallbackAdapter || /llvmpipe|lavapipe|swiftshader/i.test(description);
+    this.info = {
+      backend: "webgpu",
+      dtype: "float32",
+      adapter: description,
+      api: detectApi(),
+      isCpuEmulated,
+      features: [...device.features].sort(),
+      limits,
+    };
+    this.caps = {
+      description,
+      isCpuEmulated,
+      maxWorkgroupsPerDimension: limits.maxComputeWorkgroupsPerDimension,
+      maxStorageBufferBindingSize: limits.maxStorageBufferBindingSize,
+      features: new Set(device.features),
+    };
+    this.ring = device.createBuffer({
+      size: RING_SLOTS * SLOT_BYTES,
+      usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
+    });
+    device.addEventListener("uncapturederror", (e) => {
+      this.error ??= (e as GPUUncapturedErrorEvent).error.message;
+    });
+  }
+
+  static async create(opts: DeviceOptions): Promise<WebGpuBackend> {
+    if (!("gpu" in navigator) || !navigator.gpu) {
+      throw new Error("this Deno has no WebGPU (navigator.gpu); use Device.create({ backend: \"cpu\" })");
+    }
+    const adapter = await navigator.gpu.requestAdapter({ powerPreference: "high-performance" });
+    if (!adapter) {
+      throw new Error(
+        "no WebGPU adapter found. On Linux install a driver (`apt-get install mesa-vulkan-drivers libvulkan1`), " +
+          "or run on the CPU reference backend with Device.create({ backend: \"cpu\" })",
+      );
+    }
+    const wanted: GPUFeatureName[] = ["shader-f16", "timestamp-query"];
+    const device = await adapter.requestDevice({
+      requiredFeatures: wanted.filter((f) => adapter.features.has(f)),
+      requiredLimits: {
+        maxStorageBufferBindingSize: adapter.limits.maxStorageBufferBindingSize,
+        maxBufferSize: adapter.limits.maxBufferSize,
+        maxStorageBuffersPerShaderStage: adapter.limits.maxStorageBuffersPerShaderStage,
+        maxComputeWorkgroupStorageSize: adapter.limits.maxComputeWorkgroupStorageSize,
+        maxComputeInvocationsPerWorkgroup: adapter.limits.maxComputeInvocationsPerWorkgroup,
+        maxComputeWorkgroupSizeX: adapter.limits.maxComputeWorkgroupSizeX,
+      },
+    });
+    return new WebGpuBackend(device, adapter, opts.batchSize ?? 64, opts.poolLimitBytes ?? 2 ** 30);
+  }
+
+  alloc(elements: number): GpuStorage {
+    const bytes = Math.max(4, elements * 4);
+    if (bytes > this.caps.maxStorageBufferBindingSize) {
+      throw new Error(
+        `allocation of ${elements} floats (${bytes} bytes) exceeds the adapter's storage binding limit of ` +
+          `${this.caps.maxStorageBufferBindingSize} bytes`,
+      );
+    }
+    const bucket = bucketBytes(bytes);
+    const free = this.pool.get(bucket);
+    let buffer = free?.pop();
+    if (buffer) {
+      this.pooledBytes -= bucket;
+      this.pooledCount--;
+    } else {
+      buffer = this.device.createBuffer({
+        size: bucket,
+        usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST,
+      });
+    }
+    return { elements, bytes: elements * 4, buffer, bucket };
+  }
+
+  release(s: Storage): void {
+    // Recorded but unsubmitted dispatches may still read it: it becomes reusable at the next submit.
+    this.pendingRelease.push(s as GpuStorage);
+    if (!this.encoder) this.recycle();
+  }
+
+  private recycle() {
+    for (const s of this.pendingRelease) {
+      if (this.pooledBytes + s.bucket > this.poolLimit) {
+        s.buffer.destroy();
+        continue;
+      }
+      let list = this.pool.get(s.bucket);
+      if (!list) this.pool.set(s.bucket, (list = []));
+      list.push(s.buffer);
+      this.pooledBytes += s.bucket;
+      this.pooledCount++;
+    }
+    this.pendingRelease = [];
+  }
+
+  write(s: Storage, data: ArrayLike<number>): void {
+    const f = data instanceof Float32Array ? data : Float32Array.from(data);
+    this.device.queue.writeBuffer((s as GpuStorage).buffer, 0, f.buffer, f.byteOffset, f.byteLength);
+  }
+
+  async read(s: Storage, elements: number): Promise<Float32Array> {
+    const bytes = Math.max(4, elements * 4);
+    const staging = this.takeStaging(bytes);
+    this.endPass();
+    this.encoder ??= this.device.createCommandEncoder();
+    this.encoder.copyBufferToBuffer((s as GpuStorage).buffer, 0, staging, 0, bytes);
+    this.flush();
+    this.stats.reads++;
+    await staging.mapAsync(GPUMapMode.READ, 0, bytes);
+    const out = new Float32Array(staging.getMappedRange(0, bytes).slice(0, elements * 4));
+    staging.unmap();
+    this.staging.push(staging);
+    this.throwIfError();
+    return out;
+  }
+
+  private takeStaging(bytes: number): GPUBuffer {
+    const i = this.staging.findIndex((b) => b.size >= bytes);
+    if (i >= 0) return this.staging.splice(i, 1)[0];
+    return this.device.createBuffer({ size: bucketBytes(bytes), usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+  }
+
+  private layoutFor(nIn: number, nOut: number) {
+    const key = `${nIn}:${nOut}`;
+    let l = this.layouts.get(key);
+    if (!l) {
+      const entries: GPUBindGroupLayoutEntry[] = [];
+      for (let i = 0; i < nIn + nOut; i++) {
+        entries.push({
+          binding: i,
+          visibility: GPUShaderStage.COMPUTE,
+          buffer: { type: i < nIn ? "read-only-storage" : "storage" },
+        });
+      }
+      entries.push({ binding: nIn + nOut, visibility: GPUShaderStage.COMPUTE, buffer: { type: "uniform" } });
+      const group = this.device.createBindGroupLayout({ entries });
+      l = { group, pipeline: this.device.createPipelineLayout({ bindGroupLayouts: [group] }) };
+      this.layouts.set(key, l);
+    }
+    return l;
+  }
+
+  private pipelineFor(name: string, source: string, nIn: number, nOut: number): GPUComputePipeline {
+    const key = `${nIn}:${nOut}:${source}`;
+    let p = this.pipelines.get(key);
+    if (!p) {
+      const layout = this.layoutFor(nIn, nOut).pipeline;
+      this.device.pushErrorScope("validation");
+      const module = this.device.createShaderModule({ code: source, label: name });
+      p = this.device.createComputePipeline({ layout, compute: { module, entryPoint: "main" }, label: name });
+      this.device.popErrorScope().then((e) => {
+        if (e) this.error ??= `kernel "${name}" failed to compile: ${e.message}\n--- source ---\n${source}`;
+      });
+      this.pipelines.set(key, p);
+      this.stats.pipelines++;
+    }
+    return p;
+  }
+
+  run<P>(kernel: Kernel<P>, params: P, inputs: Storage[], outputs: Storage[]): void {
+    this.throwIfError();
+    const d = kernel.gpu(params, this.caps);
+    const pipeline = this.pipelineFor(kernel.name, d.source, inputs.length, outputs.length);
+    if (this.slot >= RING_SLOTS) this.flush();
+    const slot = this.slot++;
+    if (d.params) this.ringData.set(d.params, slot * UNIFORM_WORDS);
+    const entries: GPUBindGroupEntry[] = [];
+    [...inputs, ...outputs].forEach((s, i) => {
+      const g = s as GpuStorage;
+      entries.push({ binding: i, resource: { buffer: g.buffer, offset: 0, size: Math.max(4, g.bytes) } });
+    });
+    entries.push({
+      binding: inputs.length + outputs.length,
+      resource: { buffer: this.ring, offset: slot * SLOT_BYTES, size: SLOT_BYTES },
+    });
+    const bindGroup = this.device.createBindGroup({ layout: this.layoutFor(inputs.length, outputs.length).group, entries });
+    if (!this.pass) {
+      this.encoder ??= this.device.createCommandEncoder();
+      this.pass = this.encoder.beginComputePass();
+    }
+    this.pass.setPipeline(pipeline);
+    this.pass.setBindGroup(0, bindGroup);
+    this.pass.dispatchWorkgroups(...d.workgroups);
+    this.stats.dispatches++;
+    if (++this.recorded >= this.batchSize) this.flush();
+  }
+
+  private endPass() {
+    this.pass?.end();
+    this.pass = null;
+  }
+
+  flush(): void {
+    if (!this.encoder) return;
+    this.endPass();
+    if (this.slot > 0) this.device.queue.writeBuffer(this.ring, 0, this.ringData.buffer, 0, this.slot * SLOT_BYTES);
+    this.device.queue.submit([this.encoder.finish()]);
+    this.stats.submits++;
+    this.encoder = null;
+    this.slot = 0;
+    this.recorded = 0;
+    this.recycle();
+  }
+
+  private throwIfError() {
+    if (this.error) {
+      const e = this.error;
+      this.error = null;
+      throw new Error(`WebGPU error: ${e}`);
+    }
+  }
+
+  pooled() {
+    return { bytes: this.pooledBytes, buffers: this.pooledCount };
+  }
+
+  counters() {
+    return { ...this.stats };
+  }
+
+  destroy(): void {
+    this.flush();
+    for (const list of this.pool.values()) for (const b of list) b.destroy();
+    this.pool.clear();
+    this.pooledBytes = 0;
+    this.pooledCount = 0;
+    this.device.destroy();
+  }
+}

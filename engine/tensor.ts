@@ -1,0 +1,241 @@
+/**
+ * @file The Tensor: a shape, a reference to device storage, and (when it was made by a differentiable op from
+ * inputs that require gradients) the tape node that says how to send a gradient back to those inputs.
+ *
+ * Tensors are always contiguous and row-major. Storage is reference-counted so that `reshape` shares it.
+ * Memory is freed by `dispose()` (or `using`), by `scope()`, which disposes everything created inside it except
+ * what it returns, and, as a safety net only, by a FinalizationRegistry when a tensor is garbage-collected.
+ */
+
+import { type Device, getDefaultDevice, type Storage } from "./device.ts";
+
+/** Reference-counted storage shared by tensors that view the same elements (reshape). */
+class StorageRef {
+  refs = 1;
+  constructor(readonly device: Device, readonly storage: Storage) {}
+  retain(): this {
+    this.refs++;
+    return this;
+  }
+  drop() {
+    if (--this.refs === 0) this.device.release(this.storage);
+  }
+}
+
+const finalizer = new FinalizationRegistry<StorageRef>((ref) => ref.drop());
+
+/** How a tensor was computed: its differentiable inputs and the vector-Jacobian product back to them. */
+export interface GradNode {
+  readonly op: string;
+  readonly inputs: readonly Tensor[];
+  /** Given the gradient of the output, the gradient of each input (null where it needs none). */
+  readonly vjp: (g: Tensor) => (Tensor | null)[];
+}
+
+export type Shape = readonly number[];
+
+export function sizeOf(shape: Shape): number {
+  let n = 1;
+  for (const d of shape) n *= d;
+  return n;
+}
+
+export function checkShape(shape: Shape, what = "shape"): void {
+  for (const d of shape) {
+    if (!Number.isInteger(d) || d < 1) {
+      throw new Error(`${what} [${shape.join(", ")}] is invalid: every dimension must be a positive integer`);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Scopes.
+
+const scopes: Set<Tensor>[] = [];
+
+/**
+ * Runs `fn` and disposes every tensor created inside it except the tensors in its result (found in returned
+ * arrays and plain objects) and those passed to `keep`. Gradients that `backward` stores on tensors from outside
+ * the scope survive it. Call `backward` inside the scope that built the graph.
+ */
+export function scope<T>(fn: () => T): T {
+  const frame = new Set<Tensor>();
+  scopes.push(frame);
+  let result: T;
+  try {
+    result = fn();
+  } finally {
+    scopes.pop();
+  }
+  if (result instanceof Promise) throw new Error("scope() takes a synchronous function; await outside the scope");
+  const kept = new Set<Tensor>();
+  collect(result, kept);
+  const parent = scopes[scopes.length - 1];
+  for (const t of frame) {
+    if (kept.has(t)) parent?.add(t);
+    else t.dispose();
+  }
+  return result;
+}
+
+function collect(v: unknown, out: Set<Tensor>, depth = 0) {
+  if (depth > 4 || v === null || typeof v !== "object") return;
+  if (v instanceof Tensor) out.add(v);
+  else if (Array.isArray(v)) v.forEach((x) => collect(x, out, depth + 1));
+  else if (Object.getPrototypeOf(v) === Object.prototype) {
+    Object.values(v as Record<string, unknown>).forEach((x) => collect(x, out, depth + 1));
+  }
+}
+
+/** Takes a tensor out of the scopes that would dispose it: it now lives until disposed explicitly. */
+export function keep<T extends Tensor>(t: T): T {
+  for (const frame of scopes) frame.delete(t);
+  return t;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Gradient mode.
+
+let noGradDepth = 0;
+
+/** Runs `fn` without recording the tape (optimizer updates, sampling, evaluation). */
+export function noGrad<T>(fn: () => T): T {
+  noGradDepth++;
+  try {
+    return fn();
+  } finally {
+    noGradDepth--;
+  }
+}
+
+export function isGradEnabled(): boolean {
+  return noGradDepth === 0;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+
+export interface TensorOptions {
+  device?: Device;
+  requiresGrad?: boolean;
+}
+
+export class Tensor {
+  readonly shape: Shape;
+  readonly size: number;
+  readonly device: Device;
+  #ref: StorageRef | null;
+  /** Leaf tensors with `requiresGrad` accumulate `.grad` in `backward`. */
+  requiresGrad = false;
+  grad: Tensor | null = null;
+  /** Set on tensors made by differentiable ops; null for leaves and after `backward` freed the graph. */
+  node: GradNode | null = null;
+
+  /** Wraps existing storage (the storage reference is taken over, or shared when `share` is given). */
+  constructor(device: Device, shape: Shape, storage: Storage, share?: Tensor) {
+    checkShape(shape);
+    this.shape = Object.freeze([...shape]);
+    this.size = sizeOf(shape);
+    this.device = device;
+    if (share) {
+      const r = share.#ref;
+      if (!r) throw new Error("cannot share the storage of a disposed tensor");
+      this.#ref = r.retain();
+    } else this.#ref = new StorageRef(device, storage);
+    finalizer.register(this, this.#ref, this);
+    scopes[scopes.length - 1]?.add(this);
+  }
+
+  /** A new uninitialised tensor on `device`. */
+  static empty(shape: Shape, device: Device = getDefaultDevice()): Tensor {
+    checkShape(shape);
+    return new Tensor(device, shape, device.alloc(sizeOf(shape)));
+  }
+
+  /** The device allocation; throws on a disposed tensor. */
+  get storage(): Storage {
+    if (!this.#ref) throw new Error(`tensor of shape [${this.shape}] was used after dispose()`);
+    return this.#ref.storage;
+  }
+
+  get disposed(): boolean {
+    return this.#ref === null;
+  }
+
+  get rank(): number {
+    return this.shape.length;
+  }
+
+  /** Frees the storage (once every tensor sharing it is disposed). Safe to call twice. */
+  dispose(): void {
+    if (!this.#ref) return;
+    finalizer.unregister(this);
+    this.#ref.drop();
+    this.#ref = null;
+    this.node = null;
+    for (const frame of scopes) frame.delete(this);
+  }
+
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+
+  /** The values, row-major, as float32 (submits pending work and waits for it). */
+  async toArray(): Promise<Float32Array> {
+    const v = await this.device.read(this.storage, this.size);
+    return v instanceof Float32Array ? v : Float32Array.from(v);
+  }
+
+  /** The values at the device's own precision, widened to float64. */
+  async toFloat64Array(): Promise<Float64Array> {
+    const v = await this.device.read(this.storage, this.size);
+    return v instanceof Float64Array ? v : Float64Array.from(v);
+  }
+
+  /** The single value of a one-element tensor. */
+  async item(): Promise<number> {
+    if (this.size !== 1) throw new Error(`item() needs one element, tensor has shape [${this.shape}]`);
+    return (await this.toFloat64Array())[0];
+  }
+
+  /**
+   * Reverse-mode differentiation of `sum(this * cotangent)` (cotangent defaults to ones, so a scalar loss needs
+   * none). Leaves that require grad accumulate into `.grad`; the graph is freed afterwards.
+   */
+  backward(cotangent?: Tensor): void {
+    backwardImpl(this, cotangent);
+  }
+
+  toString(): string {
+    return `Tensor([${this.shape.join(", ")}], ${this.device.kind}${this.requiresGrad ? ", requiresGrad" : ""})`;
+  }
+}
+
+// The tape walk lives in autograd.ts, which needs the ops; it installs itself here to avoid an import cycle.
+let backwardImpl: (root: Tensor, cotangent?: Tensor) => void = () => {
+  throw new Error("autograd is not loaded: import from engine/mod.ts");
+};
+export function installBackward(fn: (root: Tensor, cotangent?: Tensor) => void): void {
+  backwardImpl = fn;
+}
+
+/**
+ * Attaches the tape node to an op's output when gradients are on and some input requires them. Every
+ * differentiable op ends with this: the value and its backward rule in one place.
+ */
+export function record(out: Tensor, op: string, inputs: Tensor[], vjp: (g: Tensor) => (Tensor | null)[]): Tensor {
+  if (noGradDepth === 0 && inputs.some((t) => t.requiresGrad)) {
+    out.requiresGrad = true;
+    out.node = { op, inputs, vjp };
+  }
+  return out;
+}
+
+/** Throws unless all tensors are on one device; returns it. */
+export function sameDevice(op: string, ...ts: Tensor[]): Device {
+  const d = ts[0].device;
+  for (const t of ts) {
+    if (t.device !== d) throw new Error(`${op}: tensors are on different devices (${d.kind} and ${t.device.kind})`);
+    if (t.disposed) throw new Error(`${op}: input of shape [${t.shape}] was used after dispose()`);
+  }
+  return d;
+}

@@ -1,0 +1,340 @@
+/**
+ * @file Elementwise kernels from a small expression language.
+ *
+ * An `Expr` is a tree over inputs (`x0..x6`), constants and the unary/binary operations in `UNARY` and
+ * `BINARY`. Each operation is defined once, as WGSL text and as a JavaScript function, so the GPU kernel and its
+ * CPU reference cannot drift apart. One dispatch evaluates a whole tree, which is how forward chains and every
+ * backward rule (for example `g * (1 - y*y)` for tanh) run as a single kernel.
+ *
+ * Broadcasting is done with strides: each input carries one stride per output dimension, 0 where it is
+ * broadcast. Dimensions are coalesced first, and inputs laid out like the output (or scalars) skip index math.
+ * Constant values travel as uniforms, so `x * 0.5` and `x * 0.25` share one pipeline.
+ */
+
+import { type FloatArray, type GpuCaps, type GpuDispatch, type Kernel, ParamWriter } from "./types.ts";
+import { ENTRY_1D, grid1d, header } from "./wgsl.ts";
+
+export type UnaryOp = keyof typeof UNARY;
+export type BinaryOp = keyof typeof BINARY;
+
+export type Expr =
+  | { op: "in"; i: number }
+  | { op: "const"; i: number }
+  | { op: UnaryOp; a: Expr }
+  | { op: BinaryOp; a: Expr; b: Expr }
+  | { op: "where"; c: Expr; a: Expr; b: Expr };
+
+/** erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), the same formula on both sides. */
+function erfJs(x: number): number {
+  const s = x < 0 ? -1 : 1;
+  const ax = Math.abs(x);
+  const t = 1 / (1 + 0.3275911 * ax);
+  const y = 1 -
+    ((((1.061405429 * t - 1.453152027) * t + 1.421413741) * t - 0.284496736) * t + 0.254829592) * t *
+      Math.exp(-ax * ax);
+  return s * y;
+}
+
+/** PyTorch's pow: negative bases allowed for integer exponents, pow(x, 0) = 1. */
+function powJs(a: number, b: number): number {
+  return Math.pow(a, b);
+}
+
+const SQRT1_2 = Math.SQRT1_2;
+const INV_SQRT_2PI = 1 / Math.sqrt(2 * Math.PI);
+
+/** WGSL helpers, emitted only when an expression uses them. */
+const PRELUDE: Record<string, string> = {
+  erf: `fn erf_(x: f32) -> f32 {
+  let ax = abs(x);
+  let t = 1.0 / (1.0 + 0.3275911 * ax);
+  let y = 1.0 - ((((1.061405429 * t - 1.453152027) * t + 1.421413741) * t - 0.284496736) * t + 0.254829592) * t * exp(-ax * ax);
+  return select(y, -y, x < 0.0);
+}`,
+  pow: `fn pow_(a: f32, b: f32) -> f32 {
+  if (b == 0.0) { return 1.0; }
+  if (a >= 0.0) { return pow(a, b); }
+  if (b != round(b)) { return bitcast<f32>(0x7fc00000u); }
+  let m = pow(-a, b);
+  return select(m, -m, (i32(b) & 1) == 1);
+}`,
+  sigmoid: `fn sigmoid_(x: f32) -> f32 { return 1.0 / (1.0 + exp(-x)); }`,
+  // tanh through exp overflows to inf/inf = NaN past |x| ~ 44 on some drivers; tanh(±15) is ±1 in f32 already.
+  tanh: `fn tanh_(x: f32) -> f32 { return tanh(clamp(x, -15.0, 15.0)); }`,
+};
+
+interface UnaryDef {
+  wgsl: (a: string) => string;
+  js: (a: number) => number;
+  needs?: string[];
+}
+interface BinaryDef {
+  wgsl: (a: string, b: string) => string;
+  js: (a: number, b: number) => number;
+  needs?: string[];
+}
+
+const sigmoidJs = (x: number) => 1 / (1 + Math.exp(-x));
+
+export const UNARY = {
+  neg: { wgsl: (a) => `(-${a})`, js: (a) => -a },
+  abs: { wgsl: (a) => `abs(${a})`, js: Math.abs },
+  exp: { wgsl: (a) => `exp(${a})`, js: Math.exp },
+  log: { wgsl: (a) => `log(${a})`, js: Math.log },
+  sqrt: { wgsl: (a) => `sqrt(${a})`, js: Math.sqrt },
+  rsqrt: { wgsl: (a) => `inverseSqrt(${a})`, js: (a) => 1 / Math.sqrt(a) },
+  sin: { wgsl: (a) => `sin(${a})`, js: Math.sin },
+  cos: { wgsl: (a) => `cos(${a})`, js: Math.cos },
+  tanh: { wgsl: (a) => `tanh_(${a})`, js: Math.tanh, needs: ["tanh"] },
+  sigmoid: { wgsl: (a) => `sigmoid_(${a})`, js: sigmoidJs, needs: ["sigmoid"] },
+  silu: { wgsl: (a) => `(${a} * sigmoid_(${a}))`, js: (a) => a * sigmoidJs(a), needs: ["sigmoid"] },
+  relu: { wgsl: (a) => `max(${a}, 0.0)`, js: (a) => (a > 0 ? a : 0) },
+  /** Exact (erf) GELU, PyTorch's default. */
+  gelu: {
+    wgsl: (a) => `(0.5 * ${a} * (1.0 + erf_(${a} * ${SQRT1_2})))`,
+    js: (a) => 0.5 * a * (1 + erfJs(a * SQRT1_2)),
+    needs: ["erf"],
+  },
+  /** d/dx gelu(x) = Φ(x) + x φ(x). */
+  geluGrad: {
+    wgsl: (a) => `(0.5 * (1.0 + erf_(${a} * ${SQRT1_2})) + ${a} * ${INV_SQRT_2PI} * exp(-0.5 * ${a} * ${a}))`,
+    js: (a) => 0.5 * (1 + erfJs(a * SQRT1_2)) + a * INV_SQRT_2PI * Math.exp(-0.5 * a * a),
+    needs: ["erf"],
+  },
+  /** d/dx silu(x) = s(x) (1 + x (1 - s(x))). */
+  siluGrad: {
+    wgsl: (a) => `(sigmoid_(${a}) * (1.0 + ${a} * (1.0 - sigmoid_(${a}))))`,
+    js: (a) => sigmoidJs(a) * (1 + a * (1 - sigmoidJs(a))),
+    needs: ["sigmoid"],
+  },
+  erf: { wgsl: (a) => `erf_(${a})`, js: erfJs, needs: ["erf"] },
+  recip: { wgsl: (a) => `(1.0 / ${a})`, js: (a) => 1 / a },
+  square: { wgsl: (a) => `(${a} * ${a})`, js: (a) => a * a },
+  sign: { wgsl: (a) => `sign(${a})`, js: (a) => (a > 0 ? 1 : a < 0 ? -1 : 0) },
+  /** 1 where x > 0, else 0 (the derivative of relu, taken as 0 at 0 like PyTorch). */
+  step: { wgsl: (a) => `select(0.0, 1.0, ${a} > 0.0)`, js: (a) => (a > 0 ? 1 : 0) },
+} satisfies Record<string, UnaryDef>;
+
+export const BINARY = {
+  add: { wgsl: (a, b) => `(${a} + ${b})`, js: (a, b) => a + b },
+  sub: { wgsl: (a, b) => `(${a} - ${b})`, js: (a, b) => a - b },
+  mul: { wgsl: (a, b) => `(${a} * ${b})`, js: (a, b) => a * b },
+  div: { wgsl: (a, b) => `(${a} / ${b})`, js: (a, b) => a / b },
+  pow: { wgsl: (a, b) => `pow_(${a}, ${b})`, js: powJs, needs: ["pow"] },
+  max: { wgsl: (a, b) => `max(${a}, ${b})`, js: Math.max },
+  min: { wgsl: (a, b) => `min(${a}, ${b})`, js: Math.min },
+  gt: { wgsl: (a, b) => `select(0.0, 1.0, ${a} > ${b})`, js: (a, b) => (a > b ? 1 : 0) },
+  eq: { wgsl: (a, b) => `select(0.0, 1.0, ${a} == ${b})`, js: (a, b) => (a === b ? 1 : 0) },
+} satisfies Record<string, BinaryDef>;
+
+// ---------------------------------------------------------------------------------------------------------------
+// Expression builders, so callers write `mul(inp(0), un("tanh", inp(1)))`.
+
+export const inp = (i: number): Expr => ({ op: "in", i });
+export const cst = (i: number): Expr => ({ op: "const", i });
+export const un = (op: UnaryOp, a: Expr): Expr => ({ op, a }) as Expr;
+export const bin = (op: BinaryOp, a: Expr, b: Expr): Expr => ({ op, a, b }) as Expr;
+export const where = (c: Expr, a: Expr, b: Expr): Expr => ({ op: "where", c, a, b });
+
+function isUnary(op: string): op is UnaryOp {
+  return op in UNARY;
+}
+
+/** WGSL text of an expression; `consts` is the uniform word index of constant 0. */
+function toWgsl(e: Expr, constBase: number, needs: Set<string>): string {
+  if (e.op === "in") return `x${e.i}`;
+  if (e.op === "const") return `pf(${constBase + e.i}u)`;
+  if (e.op === "where") {
+    return `select(${toWgsl(e.b, constBase, needs)}, ${toWgsl(e.a, constBase, needs)}, ${
+      toWgsl(e.c, constBase, needs)
+    } != 0.0)`;
+  }
+  if (isUnary(e.op)) {
+    const d: UnaryDef = UNARY[e.op];
+    d.needs?.forEach((n) => needs.add(n));
+    return d.wgsl(toWgsl((e as { a: Expr }).a, constBase, needs));
+  }
+  const d: BinaryDef = BINARY[e.op as BinaryOp];
+  d.needs?.forEach((n) => needs.add(n));
+  const be = e as { a: Expr; b: Expr };
+  return d.wgsl(toWgsl(be.a, constBase, needs), toWgsl(be.b, constBase, needs));
+}
+
+/** A JavaScript closure evaluating the expression on one element's input values. */
+export function compileJs(e: Expr, consts: number[]): (x: number[]) => number {
+  if (e.op === "in") {
+    const i = e.i;
+    return (x) => x[i];
+  }
+  if (e.op === "const") {
+    const v = consts[e.i];
+    if (v === undefined) throw new Error(`expression uses constant ${e.i}, but only ${consts.length} given`);
+    return () => v;
+  }
+  if (e.op === "where") {
+    const c = compileJs(e.c, consts), a = compileJs(e.a, consts), b = compileJs(e.b, consts);
+    return (x) => (c(x) !== 0 ? a(x) : b(x));
+  }
+  if (isUnary(e.op)) {
+    const f = (UNARY[e.op] as UnaryDef).js, a = compileJs((e as { a: Expr }).a, consts);
+    return (x) => f(a(x));
+  }
+  const f = (BINARY[e.op as BinaryOp] as BinaryDef).js;
+  const be = e as { a: Expr; b: Expr };
+  const a = compileJs(be.a, consts), b = compileJs(be.b, consts);
+  return (x) => f(a(x), b(x));
+}
+
+/** Structural key of an expression (no constant values), for caching and tests. */
+export function exprKey(e: Expr): string {
+  return toWgsl(e, 0, new Set());
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Shapes and strides.
+
+export interface ElementwiseParams {
+  expr: Expr;
+  /** Values of `cst(i)` nodes; they travel as uniforms. */
+  consts: number[];
+  /** Output shape. */
+  shape: readonly number[];
+  /** Per input, one element stride per output dimension; 0 where the input is broadcast. */
+  strides: readonly (readonly number[])[];
+}
+
+/** Contiguous row-major strides of a shape. */
+export function contiguousStrides(shape: readonly number[]): number[] {
+  const s = new Array<number>(shape.length);
+  let acc = 1;
+  for (let d = shape.length - 1; d >= 0; d--) {
+    s[d] = acc;
+    acc *= shape[d];
+  }
+  return s;
+}
+
+/**
+ * Drops size-1 dimensions and merges neighbours that every stride list walks contiguously. The result indexes
+ * the same elements with the fewest dimensions (at least one).
+ */
+export function coalesce(
+  shape: readonly number[],
+  strides: readonly (readonly number[])[],
+): { shape: number[]; strides: number[][] } {
+  const outShape: number[] = [];
+  const outStrides: number[][] = strides.map(() => []);
+  for (let d = 0; d < shape.length; d++) {
+    if (shape[d] === 1) continue;
+    const last = outShape.length - 1;
+    const mergeable = last >= 0 &&
+      strides.every((s, k) => outStrides[k][last] === s[d] * shape[d]);
+    if (mergeable) {
+      outShape[last] *= shape[d];
+      strides.forEach((s, k) => (outStrides[k][last] = s[d]));
+    } else {
+      outShape.push(shape[d]);
+      strides.forEach((s, k) => outStrides[k].push(s[d]));
+    }
+  }
+  if (outShape.length === 0) return { shape: [1], strides: strides.map(() => [0]) };
+  return { shape: outShape, strides: outStrides };
+}
+
+type Access = "same" | "scalar" | "strided";
+
+function accessOf(strides: number[], contiguous: number[]): Access {
+  if (strides.every((s) => s === 0)) return "scalar";
+  if (strides.every((s, d) => s === contiguous[d])) return "same";
+  return "strided";
+}
+
+const MAX_INPUTS = 7; // 8 storage buffers per stage, one is the output
+
+function prepare(p: ElementwiseParams) {
+  if (p.strides.length > MAX_INPUTS) throw new Error(`elementwise: at most ${MAX_INPUTS} inputs`);
+  for (const s of p.strides) {
+    if (s.length !== p.shape.length) {
+      throw new Error(`elementwise: stride list [${s}] does not match output shape [${p.shape}]`);
+    }
+  }
+  const c = coalesce(p.shape, p.strides);
+  const cont = contiguousStrides(c.shape);
+  const access = c.strides.map((s) => accessOf(s, cont));
+  const n = c.shape.reduce((a, b) => a * b, 1);
+  return { ...c, access, n };
+}
+
+export const elementwise: Kernel<ElementwiseParams> = {
+  name: "elementwise",
+
+  gpu(p: ElementwiseParams, caps: GpuCaps): GpuDispatch {
+    const { shape, strides, access, n } = prepare(p);
+    const rank = shape.length;
+    const anyStrided = access.includes("strided");
+    const w = new ParamWriter().u32(n);
+    if (anyStrided) {
+      w.u32(...shape);
+      strides.forEach((s, k) => access[k] === "strided" && w.u32(...s));
+    }
+    const constBase = w.offset;
+    w.f32(...p.consts);
+
+    const needs = new Set<string>();
+    const body = toWgsl(p.expr, constBase, needs);
+    const inputs = strides.map((_, k) => `in${k}`);
+    const loads: string[] = [];
+    if (anyStrided) {
+      let word = 1 + rank;
+      const strideBase: number[] = [];
+      access.forEach((a, k) => {
+        if (a === "strided") {
+          strideBase[k] = word;
+          word += rank;
+          loads.push(`var o${k} = 0u;`);
+        }
+      });
+      loads.push(`var rem = i;`);
+      for (let d = rank - 1; d >= 0; d--) {
+        loads.push(`{ let c = rem % pu(${1 + d}u); rem = rem / pu(${1 + d}u);`);
+        access.forEach((a, k) => a === "strided" && loads.push(`  o${k} += c * pu(${strideBase[k] + d}u);`));
+        loads.push(`}`);
+      }
+    }
+    access.forEach((a, k) => {
+      const idx = a === "same" ? "i" : a === "scalar" ? "0u" : `o${k}`;
+      loads.push(`let x${k} = in${k}[${idx}];`);
+    });
+    const source = header(inputs, ["out"]) + [...needs].map((k) => PRELUDE[k]).join("\n") + `
+${ENTRY_1D} {
+  let i = linearId(wid, nwg, lid, 256u);
+  if (i >= pu(0u)) { return; }
+  ${loads.join("\n  ")}
+  out[i] = ${body};
+}`;
+    return { source, workgroups: grid1d(n, caps.maxWorkgroupsPerDimension), params: w.finish() };
+  },
+
+  cpu(p: ElementwiseParams, inputs: FloatArray[], outputs: FloatArray[]): void {
+    const { shape, strides, n } = prepare(p);
+    const f = compileJs(p.expr, p.consts);
+    const out = outputs[0];
+    const rank = shape.length;
+    const k = inputs.length;
+    const idx = new Array<number>(rank).fill(0);
+    const off = new Array<number>(k).fill(0);
+    const x = new Array<number>(k);
+    for (let i = 0; i < n; i++) {
+      for (let j = 0; j < k; j++) x[j] = inputs[j][off[j]];
+      out[i] = f(x);
+      // Odometer increment of the multi-index and every input offset.
+      for (let d = rank - 1; d >= 0; d--) {
+        idx[d]++;
+        for (let j = 0; j < k; j++) off[j] += strides[j][d];
+        if (idx[d] < shape[d]) break;
+        for (let j = 0; j < k; j++) off[j] -= strides[j][d] * shape[d];
+        idx[d] = 0;
+      }
+    }
+  },
+};
