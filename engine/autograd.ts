@@ -48,17 +48,23 @@ function topoOrder(root: Tensor): Tensor[] {
 
 export function backward(root: Tensor, cotangent?: Tensor): void {
   if (!root.requiresGrad) {
-    throw new Error("backward: this tensor does not require grad (no input had requiresGrad, or it was made under noGrad)");
+    throw new Error(
+      "backward: this tensor does not require grad (no input had requiresGrad, or it was made under noGrad)",
+    );
   }
   if (root.node === FREED) FREED.vjp(root);
   if (cotangent && !sameShape(cotangent.shape, root.shape)) {
-    throw new Error(`backward: cotangent shape ${fmt(cotangent.shape)} does not match output shape ${fmt(root.shape)}`);
+    throw new Error(
+      `backward: cotangent shape ${fmt(cotangent.shape)} does not match output shape ${fmt(root.shape)}`,
+    );
   }
   noGrad(() => {
     const grads = new Map<Tensor, Tensor>();
     grads.set(
       root,
-      cotangent ? view(cotangent, cotangent.shape) : map(cst(0), [], [1], { shape: root.shape, device: root.device }),
+      cotangent
+        ? view(cotangent, cotangent.shape)
+        : map(cst(0), [], [1], { shape: root.shape, device: root.device }),
     );
     const order = topoOrder(root);
     for (let k = order.length - 1; k >= 0; k--) {
@@ -73,11 +79,15 @@ export function backward(root: Tensor, cotangent?: Tensor): void {
       const node = t.node;
       if (node === FREED) FREED.vjp(g);
       for (const x of node.inputs) {
-        if (x.disposed) throw new Error(`backward: an input of "${node.op}" (shape ${fmt(x.shape)}) was disposed`);
+        if (x.disposed) {
+          throw new Error(`backward: an input of "${node.op}" (shape ${fmt(x.shape)}) was disposed`);
+        }
       }
       const gs = node.vjp(g);
       if (gs.length !== node.inputs.length) {
-        throw new Error(`backward: "${node.op}" returned ${gs.length} gradients for ${node.inputs.length} inputs`);
+        throw new Error(
+          `backward: "${node.op}" returned ${gs.length} gradients for ${node.inputs.length} inputs`,
+        );
       }
       const taken = new Set<Tensor>([g]);
       gs.forEach((gi, i) => {
@@ -87,7 +97,9 @@ export function backward(root: Tensor, cotangent?: Tensor): void {
           return;
         }
         if (!sameShape(gi.shape, x.shape)) {
-          throw new Error(`backward: "${node.op}" gave a gradient of shape ${fmt(gi.shape)} for input ${fmt(x.shape)}`);
+          throw new Error(
+            `backward: "${node.op}" gave a gradient of shape ${fmt(gi.shape)} for input ${fmt(x.shape)}`,
+          );
         }
         // A gradient object may be returned twice (or be g itself): give each use its own reference.
         if (taken.has(gi)) gi = view(gi, gi.shape);

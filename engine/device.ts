@@ -13,7 +13,7 @@
  * `Device.create()` probes the adapter (features, limits) and runs a known-answer kernel before returning.
  */
 
-import { elementwise, bin, inp } from "../kernels/elementwise.ts";
+import { bin, elementwise, inp } from "../kernels/elementwise.ts";
 import type { FloatArray, GpuCaps, Kernel } from "../kernels/types.ts";
 import { UNIFORM_WORDS } from "../kernels/types.ts";
 
@@ -31,6 +31,8 @@ export interface DeviceOptions {
   poolLimitBytes?: number;
   /** Seed of the device's counter-based random generator (default 0). */
   seed?: number;
+  /** Lowers the workgroups-per-dimension limit kernels plan for, so tests reach the 2-D grid path cheaply. */
+  maxWorkgroupsPerDimension?: number;
 }
 
 /** A device allocation; its contents are reached only through the owning device. */
@@ -140,7 +142,9 @@ export class Device {
   }
 
   write(s: Storage, data: ArrayLike<number>): void {
-    if (data.length !== s.elements) throw new Error(`write of ${data.length} values into ${s.elements} elements`);
+    if (data.length !== s.elements) {
+      throw new Error(`write of ${data.length} values into ${s.elements} elements`);
+    }
     this.backend.write(s, data);
   }
 
@@ -161,7 +165,12 @@ export class Device {
 
   memory(): MemoryStats {
     const p = this.backend.pooled();
-    return { liveBytes: this.#live, liveAllocations: this.#liveCount, pooledBytes: p.bytes, pooledBuffers: p.buffers };
+    return {
+      liveBytes: this.#live,
+      liveAllocations: this.#liveCount,
+      pooledBytes: p.bytes,
+      pooledBuffers: p.buffers,
+    };
   }
 
   /** Dispatch, submit and pipeline counters (WebGPU), for benchmarks and tests. */
@@ -178,7 +187,10 @@ export class Device {
     const a = this.alloc(3), b = this.alloc(3), c = this.alloc(3);
     this.write(a, [1, 2, 3]);
     this.write(b, [10, 20, 30]);
-    this.run(elementwise, { expr: bin("add", inp(0), inp(1)), consts: [], shape: [3], strides: [[1], [1]] }, [a, b], [
+    this.run(elementwise, { expr: bin("add", inp(0), inp(1)), consts: [], shape: [3], strides: [[1], [1]] }, [
+      a,
+      b,
+    ], [
       c,
     ]);
     const got = await this.read(c);
@@ -260,7 +272,9 @@ function detectApi(): string {
   if (Deno.build.os !== "linux") return "native default";
   for (const dir of ["/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d"]) {
     try {
-      for (const e of Deno.readDirSync(dir)) if (e.name.endsWith(".json")) return "vulkan (an ICD is installed)";
+      for (const e of Deno.readDirSync(dir)) {
+        if (e.name.endsWith(".json")) return "vulkan (an ICD is installed)";
+      }
     } catch { /* no such folder */ }
   }
   return "gl (no Vulkan ICD installed)";
@@ -290,6 +304,7 @@ class WebGpuBackend implements Backend {
     adapter: GPUAdapter,
     private readonly batchSize: number,
     private readonly poolLimit: number,
+    gridLimit?: number,
   ) {
     const limits: Record<string, number> = {};
     for (
@@ -303,7 +318,8 @@ class WebGpuBackend implements Backend {
       ] as const
     ) limits[k] = device.limits[k];
     const description = adapter.info.description || adapter.info.device || "unknown adapter";
-    const isCpuEmulated = adapter.info.isFallbackAdapter || /llvmpipe|lavapipe|swiftshader/i.test(description);
+    const isCpuEmulated = adapter.info.isFallbackAdapter ||
+      /llvmpipe|lavapipe|swiftshader/i.test(description);
     this.info = {
       backend: "webgpu",
       dtype: "float32",
@@ -316,7 +332,7 @@ class WebGpuBackend implements Backend {
     this.caps = {
       description,
       isCpuEmulated,
-      maxWorkgroupsPerDimension: limits.maxComputeWorkgroupsPerDimension,
+      maxWorkgroupsPerDimension: Math.min(limits.maxComputeWorkgroupsPerDimension, gridLimit ?? Infinity),
       maxStorageBufferBindingSize: limits.maxStorageBufferBindingSize,
       features: new Set(device.features),
     };
@@ -331,13 +347,13 @@ class WebGpuBackend implements Backend {
 
   static async create(opts: DeviceOptions): Promise<WebGpuBackend> {
     if (!("gpu" in navigator) || !navigator.gpu) {
-      throw new Error("this Deno has no WebGPU (navigator.gpu); use Device.create({ backend: \"cpu\" })");
+      throw new Error('this Deno has no WebGPU (navigator.gpu); use Device.create({ backend: "cpu" })');
     }
     const adapter = await navigator.gpu.requestAdapter({ powerPreference: "high-performance" });
     if (!adapter) {
       throw new Error(
         "no WebGPU adapter found. On Linux install a driver (`apt-get install mesa-vulkan-drivers libvulkan1`), " +
-          "or run on the CPU reference backend with Device.create({ backend: \"cpu\" })",
+          'or run on the CPU reference backend with Device.create({ backend: "cpu" })',
       );
     }
     const wanted: GPUFeatureName[] = ["shader-f16", "timestamp-query"];
@@ -352,7 +368,13 @@ class WebGpuBackend implements Backend {
         maxComputeWorkgroupSizeX: adapter.limits.maxComputeWorkgroupSizeX,
       },
     });
-    return new WebGpuBackend(device, adapter, opts.batchSize ?? 64, opts.poolLimitBytes ?? 2 ** 30);
+    return new WebGpuBackend(
+      device,
+      adapter,
+      opts.batchSize ?? 64,
+      opts.poolLimitBytes ?? 2 ** 30,
+      opts.maxWorkgroupsPerDimension,
+    );
   }
 
   alloc(elements: number): GpuStorage {
@@ -391,7 +413,7 @@ class WebGpuBackend implements Backend {
         continue;
       }
       let list = this.pool.get(s.bucket);
-      if (!list) this.pool.set(s.bucket, (list = []));
+      if (!list) this.pool.set(s.bucket, list = []);
       list.push(s.buffer);
       this.pooledBytes += s.bucket;
       this.pooledCount++;
@@ -401,7 +423,7 @@ class WebGpuBackend implements Backend {
 
   write(s: Storage, data: ArrayLike<number>): void {
     const f = data instanceof Float32Array ? data : Float32Array.from(data);
-    this.device.queue.writeBuffer((s as GpuStorage).buffer, 0, f.buffer, f.byteOffset, f.byteLength);
+    this.device.queue.writeBuffer((s as GpuStorage).buffer, 0, f as Float32Array<ArrayBuffer>);
   }
 
   async read(s: Storage, elements: number): Promise<Float32Array> {
@@ -423,7 +445,10 @@ class WebGpuBackend implements Backend {
   private takeStaging(bytes: number): GPUBuffer {
     const i = this.staging.findIndex((b) => b.size >= bytes);
     if (i >= 0) return this.staging.splice(i, 1)[0];
-    return this.device.createBuffer({ size: bucketBytes(bytes), usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+    return this.device.createBuffer({
+      size: bucketBytes(bytes),
+      usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST,
+    });
   }
 
   private layoutFor(nIn: number, nOut: number) {
@@ -479,7 +504,10 @@ class WebGpuBackend implements Backend {
       binding: inputs.length + outputs.length,
       resource: { buffer: this.ring, offset: slot * SLOT_BYTES, size: SLOT_BYTES },
     });
-    const bindGroup = this.device.createBindGroup({ layout: this.layoutFor(inputs.length, outputs.length).group, entries });
+    const bindGroup = this.device.createBindGroup({
+      layout: this.layoutFor(inputs.length, outputs.length).group,
+      entries,
+    });
     if (!this.pass) {
       this.encoder ??= this.device.createCommandEncoder();
       this.pass = this.encoder.beginComputePass();
@@ -499,7 +527,9 @@ class WebGpuBackend implements Backend {
   flush(): void {
     if (!this.encoder) return;
     this.endPass();
-    if (this.slot > 0) this.device.queue.writeBuffer(this.ring, 0, this.ringData.buffer, 0, this.slot * SLOT_BYTES);
+    if (this.slot > 0) {
+      this.device.queue.writeBuffer(this.ring, 0, this.ringData.buffer, 0, this.slot * SLOT_BYTES);
+    }
     this.device.queue.submit([this.encoder.finish()]);
     this.stats.submits++;
     this.encoder = null;

@@ -67,7 +67,9 @@ export function scope<T>(fn: () => T): T {
   } finally {
     scopes.pop();
   }
-  if (result instanceof Promise) throw new Error("scope() takes a synchronous function; await outside the scope");
+  if (result instanceof Promise) {
+    throw new Error("scope() takes a synchronous function; await outside the scope");
+  }
   const kept = new Set<Tensor>();
   collect(result, kept);
   const parent = scopes[scopes.length - 1];
@@ -206,7 +208,9 @@ export class Tensor {
   }
 
   toString(): string {
-    return `Tensor([${this.shape.join(", ")}], ${this.device.kind}${this.requiresGrad ? ", requiresGrad" : ""})`;
+    return `Tensor([${this.shape.join(", ")}], ${this.device.kind}${
+      this.requiresGrad ? ", requiresGrad" : ""
+    })`;
   }
 }
 
@@ -222,7 +226,12 @@ export function installBackward(fn: (root: Tensor, cotangent?: Tensor) => void):
  * Attaches the tape node to an op's output when gradients are on and some input requires them. Every
  * differentiable op ends with this: the value and its backward rule in one place.
  */
-export function record(out: Tensor, op: string, inputs: Tensor[], vjp: (g: Tensor) => (Tensor | null)[]): Tensor {
+export function record(
+  out: Tensor,
+  op: string,
+  inputs: Tensor[],
+  vjp: (g: Tensor) => (Tensor | null)[],
+): Tensor {
   if (noGradDepth === 0 && inputs.some((t) => t.requiresGrad)) {
     out.requiresGrad = true;
     out.node = { op, inputs, vjp };
@@ -234,7 +243,9 @@ export function record(out: Tensor, op: string, inputs: Tensor[], vjp: (g: Tenso
 export function sameDevice(op: string, ...ts: Tensor[]): Device {
   const d = ts[0].device;
   for (const t of ts) {
-    if (t.device !== d) throw new Error(`${op}: tensors are on different devices (${d.kind} and ${t.device.kind})`);
+    if (t.device !== d) {
+      throw new Error(`${op}: tensors are on different devices (${d.kind} and ${t.device.kind})`);
+    }
     if (t.disposed) throw new Error(`${op}: input of shape [${t.shape}] was used after dispose()`);
   }
   return d;

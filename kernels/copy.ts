@@ -25,13 +25,20 @@ export const copy: Kernel<CopyParams> = {
     const c = coalesce(p.shape, [p.srcStrides, p.dstStrides]);
     const rank = c.shape.length;
     const n = c.shape.reduce((a, b) => a * b, 1);
-    const w = new ParamWriter().u32(n, p.srcOffset, p.dstOffset, ...c.shape, ...c.strides[0], ...c.strides[1]);
+    const w = new ParamWriter().u32(
+      n,
+      p.srcOffset,
+      p.dstOffset,
+      ...c.shape,
+      ...c.strides[0],
+      ...c.strides[1],
+    );
     const lines: string[] = [];
     for (let d = rank - 1; d >= 0; d--) {
       lines.push(
-        `{ let c = rem % pu(${3 + d}u); rem = rem / pu(${3 + d}u); s += c * pu(${3 + rank + d}u); t += c * pu(${
-          3 + 2 * rank + d
-        }u); }`,
+        `{ let c = rem % pu(${3 + d}u); rem = rem / pu(${3 + d}u); s += c * pu(${
+          3 + rank + d
+        }u); t += c * pu(${3 + 2 * rank + d}u); }`,
       );
     }
     const source = header(["src"], ["dst"]) + `

@@ -41,7 +41,9 @@ function coalesceGroup(shape: number[], strides: number[]): { shape: number[]; s
 export function reduceLayout(p: ReduceParams) {
   const rank = p.shape.length;
   for (const a of p.axes) {
-    if (!Number.isInteger(a) || a < 0 || a >= rank) throw new Error(`reduce: axis ${a} out of range for rank ${rank}`);
+    if (!Number.isInteger(a) || a < 0 || a >= rank) {
+      throw new Error(`reduce: axis ${a} out of range for rank ${rank}`);
+    }
   }
   const st = contiguousStrides(p.shape);
   const red = new Set(p.axes);
@@ -84,7 +86,12 @@ export const reduce: Kernel<ReduceParams> = {
   gpu(p: ReduceParams, caps: GpuCaps): GpuDispatch {
     const { kept, reduced, nOut, L } = reduceLayout(p);
     const kr = kept.shape.length, rr = reduced.shape.length;
-    const w = new ParamWriter().u32(nOut, L).u32(...kept.shape, ...kept.strides, ...reduced.shape, ...reduced.strides);
+    const w = new ParamWriter().u32(nOut, L).u32(
+      ...kept.shape,
+      ...kept.strides,
+      ...reduced.shape,
+      ...reduced.strides,
+    );
     const kShapeW = 2, kStrW = 2 + kr, rShapeW = 2 + 2 * kr, rStrW = 2 + 2 * kr + rr;
     const init = p.op === "sum" ? "0.0" : "bitcast<f32>(0xff800000u)";
     const combine = (a: string, b: string) => (p.op === "sum" ? `${a} + ${b}` : `max(${a}, ${b})`);
@@ -128,7 +135,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   }
   out[o] = acc;
 }`;
-    return { source, workgroups: grid(Math.ceil(nOut / 64), caps.maxWorkgroupsPerDimension), params: w.finish() };
+    return {
+      source,
+      workgroups: grid(Math.ceil(nOut / 64), caps.maxWorkgroupsPerDimension),
+      params: w.finish(),
+    };
   },
 
   cpu(p: ReduceParams, [x]: FloatArray[], [out]: FloatArray[]): void {
@@ -150,7 +161,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
       let acc = p.op === "sum" ? 0 : -Infinity;
       const b = base[o];
       if (p.op === "sum") { for (let j = 0; j < L; j++) acc += x[b + red[j]]; }
-      else { for (let j = 0; j < L; j++) acc = Math.max(acc, x[b + red[j]]); }
+      else for (let j = 0; j < L; j++) acc = Math.max(acc, x[b + red[j]]);
       out[o] = acc;
     }
   },

@@ -16,7 +16,9 @@ export const WG = 256;
 export function header(inputs: string[], outputs: string[], elem = "f32"): string {
   const lines: string[] = [];
   let b = 0;
-  for (const name of inputs) lines.push(`@group(0) @binding(${b++}) var<storage, read> ${name}: array<${elem}>;`);
+  for (const name of inputs) {
+    lines.push(`@group(0) @binding(${b++}) var<storage, read> ${name}: array<${elem}>;`);
+  }
   for (const name of outputs) {
     lines.push(`@group(0) @binding(${b++}) var<storage, read_write> ${name}: array<${elem}>;`);
   }

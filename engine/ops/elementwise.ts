@@ -67,7 +67,10 @@ export function mul(a: Operand, b: Operand): Tensor {
   const out = map(bin("mul", A, B), inputs, consts);
   return record(out, "mul", tensorsOf(a, b), (gr) => {
     const ob = other(b), oa = other(a);
-    const r = [gradOf(a, bin("mul", g, ob.e), [gr, ...ob.ts], ob.cs), gradOf(b, bin("mul", g, oa.e), [gr, ...oa.ts], oa.cs)];
+    const r = [
+      gradOf(a, bin("mul", g, ob.e), [gr, ...ob.ts], ob.cs),
+      gradOf(b, bin("mul", g, oa.e), [gr, ...oa.ts], oa.cs),
+    ];
     return r.filter((_, i) => [a, b][i] instanceof Tensor);
   });
 }
@@ -95,7 +98,11 @@ export function pow(a: Operand, b: Operand): Tensor {
     if (a instanceof Tensor) {
       // b · a^(b−1)
       da = b instanceof Tensor
-        ? gradOf(a, bin("mul", g, bin("mul", inp(2), bin("pow", inp(1), bin("sub", inp(2), cst(0))))), [gr, a, b], [1])
+        ? gradOf(a, bin("mul", g, bin("mul", inp(2), bin("pow", inp(1), bin("sub", inp(2), cst(0))))), [
+          gr,
+          a,
+          b,
+        ], [1])
         : gradOf(a, bin("mul", g, bin("mul", cst(0), bin("pow", inp(1), cst(1)))), [gr, a], [b, b - 1]);
     }
     if (b instanceof Tensor) {

@@ -16,10 +16,14 @@ export function reshape(x: Tensor, shape: readonly number[]): Tensor {
   let target = [...shape];
   if (free === 1) {
     const known = shape.filter((d) => d !== -1).reduce((a, b) => a * b, 1);
-    if (known === 0 || x.size % known !== 0) throw new Error(`reshape: cannot reshape ${fmt(x.shape)} to ${fmt(shape)}`);
+    if (known === 0 || x.size % known !== 0) {
+      throw new Error(`reshape: cannot reshape ${fmt(x.shape)} to ${fmt(shape)}`);
+    }
     target = shape.map((d) => (d === -1 ? x.size / known : d));
   }
-  if (sizeOf(target) !== x.size) throw new Error(`reshape: cannot reshape ${fmt(x.shape)} (${x.size} elements) to ${fmt(shape)}`);
+  if (sizeOf(target) !== x.size) {
+    throw new Error(`reshape: cannot reshape ${fmt(x.shape)} (${x.size} elements) to ${fmt(shape)}`);
+  }
   const out = view(x, target);
   return record(out, "reshape", [x], (g) => [view(g, x.shape)]);
 }
@@ -51,8 +55,13 @@ export function transpose(x: Tensor, dim0: number, dim1: number): Tensor {
 /** The slice `start .. start+length` of dimension `dim`. */
 export function narrow(x: Tensor, dim: number, start: number, length: number): Tensor {
   const d = normAxis("narrow", dim, x.rank);
-  if (!Number.isInteger(start) || !Number.isInteger(length) || start < 0 || length < 1 || start + length > x.shape[d]) {
-    throw new Error(`narrow: start ${start}, length ${length} out of range for dim ${dim} of ${fmt(x.shape)}`);
+  if (
+    !Number.isInteger(start) || !Number.isInteger(length) || start < 0 || length < 1 ||
+    start + length > x.shape[d]
+  ) {
+    throw new Error(
+      `narrow: start ${start}, length ${length} out of range for dim ${dim} of ${fmt(x.shape)}`,
+    );
   }
   const st = contiguousStrides(x.shape);
   const shape = x.shape.map((s, i) => (i === d ? length : s));

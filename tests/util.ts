@@ -1,0 +1,166 @@
+/**
+ * @file Shared test helpers: the devices under test, closeness assertions that report where and by how much
+ * values differ, seeded random data, fast-check arbitraries for shapes and values, and a finite-difference
+ * gradient check in float64 on the CPU reference backend.
+ */
+
+import fc from "fast-check";
+import { Device } from "../engine/device.ts";
+import "../engine/autograd.ts";
+import { tensor } from "../engine/creation.ts";
+import { noGrad, type Tensor } from "../engine/tensor.ts";
+
+let gpu: Promise<Device> | null = null;
+let cpu32: Promise<Device> | null = null;
+let cpu64: Promise<Device> | null = null;
+
+/** The WebGPU device (created once per test process). */
+export function gpuDevice(): Promise<Device> {
+  return (gpu ??= Device.create({ backend: "webgpu" }));
+}
+let gpuSmall: Promise<Device> | null = null;
+/** A WebGPU device that plans grids as if only 16 workgroups fit per dimension: every kernel takes its 2-D path. */
+export function smallGridDevice(): Promise<Device> {
+  return (gpuSmall ??= Device.create({ backend: "webgpu", maxWorkgroupsPerDimension: 16 }));
+}
+
+/** CPU reference backend in float32. */
+export function cpuDevice(): Promise<Device> {
+  return (cpu32 ??= Device.create({ backend: "cpu" }));
+}
+/** CPU reference backend in float64, for gradient checks. */
+export function f64Device(): Promise<Device> {
+  return (cpu64 ??= Device.create({ backend: "cpu", precision: "float64" }));
+}
+
+/** Runs per-property counts: CI's FC_RUNS overrides the default. */
+export const RUNS = Number(Deno.env.get("FC_RUNS") ?? 25);
+
+/** Deterministic pseudo-random values in [lo, hi) (mulberry32). */
+export function seededValues(n: number, seed: number, lo = -1, hi = 1): Float32Array {
+  let s = seed >>> 0;
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i++) {
+    s = (s + 0x6d2b79f5) >>> 0;
+    let t = s;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    out[i] = lo + (((t ^ (t >>> 14)) >>> 0) / 4294967296) * (hi - lo);
+  }
+  return out;
+}
+
+/**
+ * Asserts |got − want| ≤ atol + rtol·|want| elementwise (NaN matches NaN, ±Inf must match exactly); the error
+ * names the first bad index, both values, and how many elements failed.
+ */
+export function assertClose(
+  got: ArrayLike<number>,
+  want: ArrayLike<number>,
+  tol: { rtol?: number; atol?: number } = {},
+  what = "values",
+): void {
+  const rtol = tol.rtol ?? 1e-5, atol = tol.atol ?? 1e-6;
+  if (got.length !== want.length) throw new Error(`${what}: length ${got.length}, expected ${want.length}`);
+  let bad = 0, first = -1, worst = 0;
+  for (let i = 0; i < got.length; i++) {
+    const g = got[i], w = want[i];
+    let ok: boolean;
+    if (Number.isNaN(w)) ok = Number.isNaN(g);
+    else if (!Number.isFinite(w)) ok = g === w;
+    else ok = Math.abs(g - w) <= atol + rtol * Math.abs(w);
+    if (!ok) {
+      bad++;
+      if (first < 0) first = i;
+      worst = Math.max(worst, Math.abs(g - w));
+    }
+  }
+  if (bad) {
+    throw new Error(
+      `${what}: ${bad}/${got.length} elements differ (rtol ${rtol}, atol ${atol}); first at [${first}]: got ${
+        got[first]
+      }, expected ${want[first]}; largest |diff| ${worst}`,
+    );
+  }
+}
+
+/** fast-check arbitrary for a shape of rank in [minRank, maxRank] with dims in [1, maxDim] (1s and primes likely). */
+export function shapeArb(minRank = 1, maxRank = 4, maxDim = 9): fc.Arbitrary<number[]> {
+  const dim = fc.oneof(
+    fc.constant(1),
+    fc.integer({ min: 1, max: maxDim }),
+    fc.constantFrom(2, 3, 5, 7, 13, 17),
+  );
+  return fc.array(dim, { minLength: minRank, maxLength: maxRank });
+}
+
+/** A seed arbitrary to derive input values from. */
+export const seedArb: fc.Arbitrary<number> = fc.integer({ min: 0, max: 2 ** 31 - 1 });
+
+/** Value scales the properties mix in: ordinary, tiny and large magnitudes. */
+export const scaleArb: fc.Arbitrary<number> = fc.constantFrom(1, 1e-3, 30);
+
+export interface GradCheckInput {
+  shape: number[];
+  data: ArrayLike<number>;
+}
+
+/**
+ * Compares the engine's vector-Jacobian product of `f` with central finite differences of
+ * `sum(f(x) · cotangent)`, everything in float64 on the CPU reference backend. Keep inputs small: it evaluates
+ * `f` twice per input element.
+ */
+export async function gradCheck(
+  f: (...xs: Tensor[]) => Tensor,
+  inputs: GradCheckInput[],
+  opts: { eps?: number; rtol?: number; atol?: number; seed?: number; wrt?: number[] } = {},
+): Promise<void> {
+  const device = await f64Device();
+  const eps = opts.eps ?? 1e-6, rtol = opts.rtol ?? 1e-5, atol = opts.atol ?? 1e-7;
+  const wrt = opts.wrt ?? inputs.map((_, i) => i);
+  const xs = inputs.map((x, i) => tensor(x.data, x.shape, { device, requiresGrad: wrt.includes(i) }));
+  const out = f(...xs);
+  const cotData = seededValues(out.size, opts.seed ?? 7);
+  const cot = tensor(cotData, out.shape, { device });
+  out.backward(cot);
+  const objective = async (vals: ArrayLike<number>[]) => {
+    const ts = vals.map((v, i) => tensor(v, inputs[i].shape, { device }));
+    const y = noGrad(() => f(...ts));
+    const yv = await y.toFloat64Array();
+    let s = 0;
+    for (let i = 0; i < yv.length; i++) s += yv[i] * cotData[i];
+    y.dispose();
+    ts.forEach((t) => t.dispose());
+    return s;
+  };
+  for (const i of wrt) {
+    const grad = xs[i].grad;
+    if (!grad) throw new Error(`gradCheck: input ${i} received no gradient`);
+    const analytic = await grad.toFloat64Array();
+    const numeric = new Float64Array(analytic.length);
+    const base = inputs.map((x) => Float64Array.from(x.data));
+    for (let j = 0; j < numeric.length; j++) {
+      const plus = base.map((b) => b.slice()), minus = base.map((b) => b.slice());
+      plus[i][j] += eps;
+      minus[i][j] -= eps;
+      numeric[j] = ((await objective(plus)) - (await objective(minus))) / (2 * eps);
+    }
+    assertClose(analytic, numeric, { rtol, atol }, `gradient of input ${i}`);
+  }
+  xs.forEach((x) => {
+    x.grad?.dispose();
+    x.dispose();
+  });
+  out.dispose();
+  cot.dispose();
+}
+
+/** Reads a tensor on any device as float64 values. */
+export function values(t: Tensor): Promise<Float64Array> {
+  return t.toFloat64Array();
+}
+
+/** Deno.test with resource sanitizers off: the WebGPU device deliberately outlives each test. */
+export function test(name: string, fn: () => Promise<void> | void): void {
+  Deno.test({ name, fn, sanitizeResources: false, sanitizeOps: false });
+}
