@@ -1,0 +1,230 @@
+/**
+ * @file Reductions (sum, mean, amax over any dims, keepdim; both kernel variants) and shape ops (reshape,
+ * permute, transpose, narrow, cat, expand) on WebGPU against the CPU reference, with gradient checks.
+ */
+
+import fc from "fast-check";
+import { tensor } from "../engine/creation.ts";
+import * as R from "../engine/ops/reduce.ts";
+import * as S from "../engine/ops/shape.ts";
+import type { Tensor } from "../engine/tensor.ts";
+import type { Device } from "../engine/device.ts";
+import {
+  assertClose,
+  cpuDevice,
+  gpuDevice,
+  gradCheck,
+  RUNS,
+  scaleArb,
+  seedArb,
+  seededValues,
+  shapeArb,
+  smallGridDevice,
+  test,
+} from "./util.ts";
+
+const size = (s: readonly number[]) => s.reduce((a, b) => a * b, 1);
+
+async function both(
+  shape: number[],
+  data: Float32Array,
+  f: (x: Tensor) => Tensor,
+  gpu?: Device,
+): Promise<[Float32Array, Float32Array, readonly number[]]> {
+  const out: Float32Array[] = [];
+  let outShape: readonly number[] = [];
+  for (const device of [gpu ?? await gpuDevice(), await cpuDevice()]) {
+    const x = tensor(data, shape, { device });
+    const y = f(x);
+    outShape = y.shape;
+    out.push(await y.toArray());
+    x.dispose();
+    y.dispose();
+  }
+  return [out[0], out[1], outShape];
+}
+
+/** A shape plus a random subset of its axes (possibly negative) and keepdim. */
+const reduceCase = shapeArb(1, 5, 8).chain((shape) =>
+  fc.tuple(
+    fc.constant(shape),
+    fc.subarray(shape.map((_, i) => i), { minLength: 1 }),
+    fc.boolean(),
+    fc.boolean(),
+  )
+);
+
+for (const op of ["sum", "mean", "amax"] as const) {
+  test(`${op} over random dims: WebGPU matches CPU reference`, async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        reduceCase,
+        seedArb,
+        scaleArb,
+        async ([shape, axes, keepdim, negative], seed, scale) => {
+          const dims = negative ? axes.map((a) => a - shape.length) : axes;
+          const data = seededValues(size(shape), seed, -scale, scale);
+          const [g, c, outShape] = await both(shape, data, (x) => R[op](x, dims, keepdim));
+          const want = keepdim
+            ? shape.map((d, i) => (axes.includes(i) ? 1 : d))
+            : shape.filter((_, i) => !axes.includes(i));
+          if (outShape.join() !== want.join()) {
+            throw new Error(`${op}: shape [${outShape}], expected [${want}]`);
+          }
+          assertClose(g, c, { rtol: 1e-5, atol: 1e-5 * scale }, op);
+        },
+      ),
+      { numRuns: RUNS },
+    );
+  });
+}
+
+test("long reductions use the workgroup tree and stay accurate", async () => {
+  await fc.assert(
+    fc.asyncProperty(
+      fc.integer({ min: 64, max: 20000 }),
+      fc.integer({ min: 1, max: 5 }),
+      seedArb,
+      async (L, rows, seed) => {
+        const data = seededValues(L * rows, seed, 0, 1);
+        for (const dims of [[1], [0, 1]]) {
+          const [g, c] = await both([rows, L], data, (x) => R.sum(x, dims));
+          assertClose(g, c, { rtol: 2e-6, atol: 0 }, `sum of ${L}`);
+          const [gm, cm] = await both([rows, L], data, (x) => R.amax(x, dims));
+          assertClose(gm, cm, { rtol: 0, atol: 0 }, "amax");
+        }
+      },
+    ),
+    { numRuns: RUNS },
+  );
+});
+
+test("reductions on 2-D grids", async () => {
+  const small = await smallGridDevice();
+  const data = seededValues(3 * 5000, 4);
+  for (const dims of [[0], [1]]) {
+    const [g, c] = await both([3, 5000], data, (x) => R.sum(x, dims), small);
+    assertClose(g, c, { rtol: 1e-5, atol: 1e-4 }, `sum dims ${dims}`);
+  }
+});
+
+test("reduce errors name the dim and rank", async () => {
+  const x = tensor(new Float32Array(6), [2, 3], { device: await cpuDevice() });
+  for (const bad of [() => R.sum(x, 2), () => R.mean(x, [-3]), () => R.amax(x, [1, 1])]) {
+    let msg = "";
+    try {
+      bad();
+    } catch (e) {
+      msg = (e as Error).message;
+    }
+    if (!/dim|repeated/.test(msg)) throw new Error(`unhelpful message "${msg}"`);
+  }
+});
+
+test("gradient of sum, mean, amax", async () => {
+  const x = { shape: [2, 3, 4], data: seededValues(24, 11) };
+  for (const dims of [undefined, 1, [0, 2], -1]) {
+    for (const keepdim of [false, true]) {
+      await gradCheck((t) => R.sum(t, dims, keepdim), [x]);
+      await gradCheck((t) => R.mean(t, dims, keepdim), [x]);
+      await gradCheck((t) => R.amax(t, dims, keepdim), [x]);
+    }
+  }
+});
+
+test("amax splits the gradient between tied maxima like torch.amax", async () => {
+  const device = await cpuDevice();
+  const x = tensor([1, 3, 3, 2], [4], { device, requiresGrad: true });
+  R.amax(x).backward();
+  assertClose(await x.grad!.toArray(), [0, 0.5, 0.5, 0]);
+});
+
+// --- shape ops ----------------------------------------------------------------------------------------------------
+
+test("permute: WebGPU matches CPU reference and the index definition", async () => {
+  await fc.assert(
+    fc.asyncProperty(
+      shapeArb(1, 5, 6).chain((s) =>
+        fc.tuple(fc.constant(s), fc.shuffledSubarray(s.map((_, i) => i), { minLength: s.length }))
+      ),
+      seedArb,
+      async ([shape, dims], seed) => {
+        const data = seededValues(size(shape), seed);
+        const [g, c, outShape] = await both(shape, data, (x) => S.permute(x, dims));
+        assertClose(g, c, { rtol: 0, atol: 0 }, "permute");
+        // Definition: out[i] = x[i permuted back]; check one random element.
+        const idx = outShape.map((d, k) => (seed + k) % d);
+        const src = new Array<number>(shape.length);
+        dims.forEach((d, k) => (src[d] = idx[k]));
+        const flat = (ix: number[], sh: readonly number[]) => ix.reduce((acc, v, k) => acc * sh[k] + v, 0);
+        if (g[flat(idx, outShape)] !== data[flat(src, shape)]) {
+          throw new Error("permute moved an element wrongly");
+        }
+      },
+    ),
+    { numRuns: RUNS },
+  );
+});
+
+test("narrow and cat: WebGPU matches CPU reference; cat of narrows restores the input", async () => {
+  await fc.assert(
+    fc.asyncProperty(shapeArb(1, 4, 8), fc.nat(), fc.nat(), seedArb, async (shape, dRaw, cut, seed) => {
+      const d = dRaw % shape.length;
+      if (shape[d] < 2) return;
+      const k = 1 + (cut % (shape[d] - 1));
+      const data = seededValues(size(shape), seed);
+      const [g, c] = await both(shape, data, (x) => S.narrow(x, d, k, shape[d] - k));
+      assertClose(g, c, { rtol: 0, atol: 0 }, "narrow");
+      const [back] = await both(
+        shape,
+        data,
+        (x) => S.cat([S.narrow(x, d, 0, k), S.narrow(x, d, k, shape[d] - k)], d),
+      );
+      assertClose(back, data, { rtol: 0, atol: 0 }, "cat(narrow, narrow)");
+    }),
+    { numRuns: RUNS },
+  );
+});
+
+test("expand, reshape with -1, unsqueeze, squeeze", async () => {
+  const device = await gpuDevice();
+  const x = tensor([1, 2, 3], [3, 1], { device });
+  assertClose(await S.expand(x, [2, 3, 2]).toArray(), [1, 1, 2, 2, 3, 3, 1, 1, 2, 2, 3, 3]);
+  const r = S.reshape(x, [-1]);
+  if (r.shape.join() !== "3") throw new Error(`reshape -1 gave [${r.shape}]`);
+  if (S.unsqueeze(r, 0).shape.join() !== "1,3") throw new Error("unsqueeze");
+  if (S.squeeze(x, 1).shape.join() !== "3") throw new Error("squeeze");
+});
+
+test("shape op errors show the shapes", async () => {
+  const x = tensor(new Float32Array(6), [2, 3], { device: await cpuDevice() });
+  const cases: [() => unknown, string][] = [
+    [() => S.reshape(x, [4, 2]), "[2, 3]"],
+    [() => S.permute(x, [0, 0]), "[2, 3]"],
+    [() => S.narrow(x, 1, 2, 2), "[2, 3]"],
+    [() => S.cat([x, tensor(new Float32Array(4), [2, 2], { device: x.device })], 0), "[2, 2]"],
+    [() => S.expand(x, [3, 3]), "[3, 3]"],
+  ];
+  for (const [f, want] of cases) {
+    let msg = "";
+    try {
+      f();
+    } catch (e) {
+      msg = (e as Error).message;
+    }
+    if (!msg.includes(want)) throw new Error(`message "${msg}" does not show ${want}`);
+  }
+});
+
+test("gradients of reshape, permute, transpose, narrow, cat, expand", async () => {
+  const a = { shape: [2, 3, 4], data: seededValues(24, 1) };
+  const b = { shape: [2, 2, 4], data: seededValues(16, 2) };
+  await gradCheck((t) => S.reshape(t, [4, -1]), [a]);
+  await gradCheck((t) => S.permute(t, [2, 0, 1]), [a]);
+  await gradCheck((t) => S.transpose(t, 0, 2), [a]);
+  await gradCheck((t) => S.narrow(t, 1, 1, 2), [a]);
+  await gradCheck((t, u) => S.cat([t, u], 1), [a, b]);
+  await gradCheck((t, u) => S.cat([u, t, u], 1), [a, b]);
+  await gradCheck((t) => S.expand(t, [5, 2, 3, 4]), [a]);
+  await gradCheck((t) => S.expand(S.narrow(t, 2, 0, 1), [2, 3, 4]), [a]);
+});
