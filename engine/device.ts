@@ -422,6 +422,9 @@ class WebGpuBackend implements Backend {
   }
 
   write(s: Storage, data: ArrayLike<number>): void {
+    // Queue writes run before recorded-but-unsubmitted dispatches: submit those first so that a write into a
+    // live buffer cannot overtake the kernels recorded before it.
+    this.flush();
     const f = data instanceof Float32Array ? data : Float32Array.from(data);
     this.device.queue.writeBuffer((s as GpuStorage).buffer, 0, f as Float32Array<ArrayBuffer>);
   }

@@ -36,8 +36,10 @@ export function broadcastStrides(shape: Shape, target: Shape): number[] {
 
 /** Resolves a possibly negative axis against a rank; throws with the op name when out of range. */
 export function normAxis(op: string, axis: number, rank: number): number {
-  const a = axis < 0 ? axis + rank : axis;
-  if (!Number.isInteger(axis) || a < 0 || a >= Math.max(rank, 1)) {
+  // A rank-0 tensor accepts dim 0 and -1, like PyTorch.
+  const r = Math.max(rank, 1);
+  const a = axis < 0 ? axis + r : axis;
+  if (!Number.isInteger(axis) || a < 0 || a >= r) {
     throw new Error(`${op}: dim ${axis} is out of range for a tensor of rank ${rank}`);
   }
   return a;

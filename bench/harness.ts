@@ -1,0 +1,73 @@
+/**
+ * @file Timing that is fair to an asynchronous GPU queue.
+ *
+ * A host-device sync costs about 11 ms in Deno whatever its size, so timing one op with one readback measures
+ * the sync. Instead each figure runs K iterations back to back and syncs once at the end; K is chosen from a
+ * warm-up so that one repeat lasts at least `minMs`; the reported time per iteration is the median over
+ * `repeats` repeats. The same procedure times our engine and the peer library.
+ */
+
+export interface BenchRecord {
+  name: string;
+  unit: "GFLOP/s" | "GB/s" | "img/s" | "ms";
+  value: number;
+  peer?: string;
+  peer_value?: number;
+  ratio?: number;
+  /** Extra facts about the measurement (host syncs per step, bytes model, ...). */
+  note?: string;
+}
+
+export interface TimingOptions {
+  minMs?: number;
+  repeats?: number;
+  maxIterations?: number;
+}
+
+const median = (xs: number[]) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+};
+
+/**
+ * Milliseconds per iteration of `step` (which records work without waiting), where `sync` waits for all
+ * recorded work. Median of `repeats` repeats of K iterations plus one sync.
+ */
+export async function timePerIteration(
+  step: () => void,
+  sync: () => Promise<void>,
+  opts: TimingOptions = {},
+): Promise<number> {
+  const minMs = opts.minMs ?? 250, repeats = opts.repeats ?? 5, maxIt = opts.maxIterations ?? 200;
+  step();
+  await sync(); // compile pipelines, fill pools
+  let t0 = performance.now();
+  step();
+  await sync();
+  const once = Math.max(0.01, performance.now() - t0);
+  const K = Math.max(1, Math.min(maxIt, Math.ceil(minMs / once)));
+  const times: number[] = [];
+  for (let r = 0; r < repeats; r++) {
+    t0 = performance.now();
+    for (let k = 0; k < K; k++) step();
+    await sync();
+    times.push((performance.now() - t0) / K);
+  }
+  return median(times);
+}
+
+export function printTable(records: BenchRecord[]): void {
+  const rows = records.map((r) => [
+    r.name,
+    `${r.value.toFixed(r.value < 10 ? 2 : 1)} ${r.unit}`,
+    r.peer ? `${r.peer_value!.toFixed(2)} ${r.unit} (${r.peer})` : "",
+    r.ratio !== undefined ? `${r.ratio.toFixed(1)}×` : "",
+    r.note ?? "",
+  ]);
+  const head = ["figure", "ours", "peer", "ratio", "note"];
+  const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
+  const line = (cells: string[]) => cells.map((c, i) => c.padEnd(widths[i])).join("  ").trimEnd();
+  console.log(line(head));
+  console.log(widths.map((w) => "-".repeat(w)).join("  "));
+  for (const r of rows) console.log(line(r));
+}

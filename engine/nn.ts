@@ -1,0 +1,454 @@
+/**
+ * @file Neural-network modules in the style of `torch.nn`: a `Module` base class that owns named parameters,
+ * buffers and submodules, and the layers the diffusion models are built from: `Linear`, `Conv2d`, `GroupNorm`,
+ * `SiLU`, `Sequential` and `AttentionBlock` (EDM/DDPM++'s self-attention block).
+ *
+ * Modules register their parts explicitly (`registerParameter`, `registerBuffer`, `registerModule`), in the
+ * order PyTorch would see them assigned, so `namedParameters()` and `stateDict()` give the same dotted names
+ * as PyTorch's `named_parameters()` / `state_dict()` (`"blocks.0.conv.weight"`) and a checkpoint maps
+ * one-to-one onto a PyTorch model with the same structure. Parameters are leaf tensors with `requiresGrad`,
+ * taken out of any enclosing `scope()` (they live until `module.dispose()`). `loadStateDict` copies into the
+ * existing parameters (so an optimizer holding them stays valid), with PyTorch's strictness and shape checks.
+ *
+ * Initialization follows PyTorch's defaults, drawn from the device's Philox generator (so `manualSeed` makes
+ * models reproducible across backends): `kaiming_uniform_(w, a=√5)`, i.e. U(−b, b) with
+ * b = gain·√(3/fan_in), gain = √(2/(1+a²)) = √(1/3), hence b = 1/√fan_in; biases U(−1/√fan_in, 1/√fan_in);
+ * GroupNorm weight 1, bias 0.
+ */
+
+import { cst } from "../kernels/elementwise.ts";
+import { type Device, getDefaultDevice } from "./device.ts";
+import { keep, type Tensor } from "./tensor.ts";
+import { fmt, sameShape } from "./shape.ts";
+import { copyInto, map } from "./ops/core.ts";
+import { add, mul, silu } from "./ops/elementwise.ts";
+import { narrow, permute, reshape, transpose } from "./ops/shape.ts";
+import { randUniform } from "./ops/random.ts";
+import { linear } from "./ops/matmul.ts";
+import { conv2d, type Pair } from "./ops/conv.ts";
+import { groupNorm } from "./ops/norm.ts";
+import { scaledDotProductAttention } from "./ops/attention.ts";
+
+const VALID_NAME = /^[^.]+$/;
+
+/** Base class of all modules: a tree of named parameters, buffers and submodules. */
+export class Module {
+  /** Training or evaluation mode (see `train()` / `eval()`); layers like dropout read it. */
+  training = true;
+  readonly #params = new Map<string, Tensor>();
+  readonly #buffers = new Map<string, Tensor>();
+  readonly #modules = new Map<string, Module>();
+
+  #checkName(kind: string, name: string) {
+    if (!VALID_NAME.test(name)) {
+      throw new Error(`${this.constructor.name}: ${kind} name "${name}" must be non-empty without "."`);
+    }
+    if (this.#params.has(name) || this.#buffers.has(name) || this.#modules.has(name)) {
+      throw new Error(`${this.constructor.name}: "${name}" is already registered`);
+    }
+  }
+
+  /** Makes `t` a parameter called `name` (a gradient-tracking leaf that outlives scopes); returns it. */
+  protected registerParameter(name: string, t: Tensor): Tensor {
+    this.#checkName("parameter", name);
+    if (t.node) {
+      throw new Error(
+        `${this.constructor.name}: parameter "${name}" must be a leaf tensor, not an op's output`,
+      );
+    }
+    t.requiresGrad = true;
+    this.#params.set(name, keep(t));
+    return t;
+  }
+
+  /** Registers state that is saved in the state dict but not trained (e.g. running statistics); returns it. */
+  protected registerBuffer(name: string, t: Tensor): Tensor {
+    this.#checkName("buffer", name);
+    this.#buffers.set(name, keep(t));
+    return t;
+  }
+
+  /** Registers a submodule under `name` (its parameters become `name.…`); returns it. */
+  protected registerModule<M extends Module>(name: string, m: M): M {
+    this.#checkName("module", name);
+    if (!(m instanceof Module)) throw new Error(`${this.constructor.name}: "${name}" is not a Module`);
+    this.#modules.set(name, m);
+    return m;
+  }
+
+  /** Direct submodules with their names, in registration order. */
+  namedChildren(): [string, Module][] {
+    return [...this.#modules];
+  }
+
+  /** This module ("" ) and all descendants with dotted names, depth first, like `named_modules()`. */
+  namedModules(prefix = ""): [string, Module][] {
+    const out: [string, Module][] = [[prefix, this]];
+    for (const [n, m] of this.#modules) out.push(...m.namedModules(prefix ? `${prefix}.${n}` : n));
+    return out;
+  }
+
+  /**
+   * Every parameter with its dotted name, own parameters first and then each submodule's, like PyTorch's
+   * `named_parameters()`; a tensor shared by two modules is listed once (under its first name).
+   */
+  namedParameters(): [string, Tensor][] {
+    const seen = new Set<Tensor>();
+    const out: [string, Tensor][] = [];
+    for (const [prefix, m] of this.namedModules()) {
+      for (const [n, t] of m.#params) {
+        if (seen.has(t)) continue;
+        seen.add(t);
+        out.push([prefix ? `${prefix}.${n}` : n, t]);
+      }
+    }
+    return out;
+  }
+
+  parameters(): Tensor[] {
+    return this.namedParameters().map(([, t]) => t);
+  }
+
+  namedBuffers(): [string, Tensor][] {
+    const out: [string, Tensor][] = [];
+    for (const [prefix, m] of this.namedModules()) {
+      for (const [n, t] of m.#buffers) out.push([prefix ? `${prefix}.${n}` : n, t]);
+    }
+    return out;
+  }
+
+  /** Number of trainable scalars. */
+  parameterCount(): number {
+    return this.parameters().reduce((acc, t) => acc + t.size, 0);
+  }
+
+  /**
+   * Parameters and buffers by dotted name (per module: parameters, buffers, then submodules, like
+   * `state_dict()`). The tensors are the live ones, not copies: do not dispose them.
+   */
+  stateDict(): Record<string, Tensor> {
+    const out: Record<string, Tensor> = {};
+    const walk = (m: Module, prefix: string) => {
+      for (const [n, t] of m.#params) out[prefix + n] = t;
+      for (const [n, t] of m.#buffers) out[prefix + n] = t;
+      for (const [n, c] of m.#modules) walk(c, `${prefix}${n}.`);
+    };
+    walk(this, "");
+    return out;
+  }
+
+  /**
+   * Copies tensors into the matching parameters and buffers (in place, so references held elsewhere, e.g. by
+   * an optimizer, stay valid). Shapes must match exactly; with `strict` (default) the key sets must match too.
+   * Everything is checked before anything is copied. Returns the missing and unexpected keys.
+   */
+  loadStateDict(
+    state: Record<string, Tensor>,
+    opts: { strict?: boolean } = {},
+  ): { missingKeys: string[]; unexpectedKeys: string[] } {
+    const who = `${this.constructor.name}.loadStateDict`;
+    const own = this.stateDict();
+    const missingKeys = Object.keys(own).filter((k) => !(k in state));
+    const unexpectedKeys = Object.keys(state).filter((k) => !(k in own));
+    if ((opts.strict ?? true) && (missingKeys.length || unexpectedKeys.length)) {
+      const parts: string[] = [];
+      if (missingKeys.length) parts.push(`missing key(s): ${missingKeys.map((k) => `"${k}"`).join(", ")}`);
+      if (unexpectedKeys.length) {
+        parts.push(`unexpected key(s): ${unexpectedKeys.map((k) => `"${k}"`).join(", ")}`);
+      }
+      throw new Error(`${who}: ${parts.join("; ")}`);
+    }
+    const pairs: [Tensor, Tensor][] = [];
+    for (const [k, dst] of Object.entries(own)) {
+      const src = state[k];
+      if (!src) continue;
+      if (!sameShape(src.shape, dst.shape)) {
+        throw new Error(
+          `${who}: size mismatch for "${k}": the checkpoint has shape ${fmt(src.shape)}, the model ${
+            fmt(dst.shape)
+          }`,
+        );
+      }
+      if (src.device !== dst.device) {
+        throw new Error(`${who}: "${k}" is on a ${src.device.kind} device, the model on ${dst.device.kind}`);
+      }
+      if (src.disposed) throw new Error(`${who}: "${k}" was disposed`);
+      pairs.push([dst, src]);
+    }
+    for (const [dst, src] of pairs) if (dst !== src) copyInto(dst, src, dst.shape.map(() => 0));
+    return { missingKeys, unexpectedKeys };
+  }
+
+  /** Sets training mode on this module and all descendants; returns this. */
+  train(mode = true): this {
+    for (const [, m] of this.namedModules()) m.training = mode;
+    return this;
+  }
+
+  /** Evaluation mode (`train(false)`); returns this. */
+  eval(): this {
+    return this.train(false);
+  }
+
+  /** Releases every parameter's gradient. */
+  zeroGrad(): void {
+    for (const p of this.parameters()) {
+      p.grad?.dispose();
+      p.grad = null;
+    }
+  }
+
+  /** Frees all parameters, buffers and their gradients, recursively. */
+  dispose(): void {
+    for (const [, m] of this.namedModules()) {
+      for (const t of [...m.#params.values(), ...m.#buffers.values()]) {
+        t.grad?.dispose();
+        t.grad = null;
+        t.dispose();
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Initialization.
+
+/**
+ * PyTorch's `kaiming_uniform_` bound for a leaky-ReLU slope `a`: gain·√(3/fan_in) with gain = √(2/(1+a²)).
+ * With the default a = √5 of Linear/Conv2d this is 1/√fan_in.
+ */
+export function kaimingUniformBound(fanIn: number, a = Math.sqrt(5)): number {
+  return Math.sqrt(2 / (1 + a * a)) * Math.sqrt(3 / fanIn);
+}
+
+/** U(−bound, bound) of `shape` from the device generator (bound 0 gives zeros). */
+function uniformInit(shape: number[], bound: number, device: Device): Tensor {
+  return randUniform(shape, -bound, bound, { device });
+}
+
+export interface LayerOptions {
+  /** Device of the parameters (default: the default device). */
+  device?: Device;
+  /** Whether the layer has an additive bias (default true). */
+  bias?: boolean;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Layers.
+
+/** `y = x·Wᵀ + b` with weight [outFeatures, inFeatures] and bias [outFeatures], like `nn.Linear`. */
+export class Linear extends Module {
+  readonly weight: Tensor;
+  readonly bias: Tensor | null;
+
+  constructor(readonly inFeatures: number, readonly outFeatures: number, opts: LayerOptions = {}) {
+    super();
+    for (const [k, v] of [["inFeatures", inFeatures], ["outFeatures", outFeatures]] as const) {
+      if (!Number.isInteger(v) || v < 1) throw new Error(`Linear: ${k} must be a positive integer, got ${v}`);
+    }
+    const device = opts.device ?? getDefaultDevice();
+    const bound = 1 / Math.sqrt(inFeatures);
+    this.weight = this.registerParameter(
+      "weight",
+      uniformInit([outFeatures, inFeatures], kaimingUniformBound(inFeatures), device),
+    );
+    this.bias = (opts.bias ?? true)
+      ? this.registerParameter("bias", uniformInit([outFeatures], bound, device))
+      : null;
+  }
+
+  forward(x: Tensor): Tensor {
+    return linear(x, this.weight, this.bias);
+  }
+}
+
+export interface Conv2dLayerOptions extends LayerOptions {
+  /** Default 1. */
+  stride?: Pair;
+  /** Zero padding per side (default 0), or "valid" / "same". */
+  padding?: Pair | "valid" | "same";
+}
+
+/** 2-D convolution with weight [out, in, kH, kW] and bias [out], like `nn.Conv2d` (no groups or dilation). */
+export class Conv2d extends Module {
+  readonly weight: Tensor;
+  readonly bias: Tensor | null;
+  readonly kernelSize: [number, number];
+  readonly stride?: Pair;
+  readonly padding?: Pair | "valid" | "same";
+
+  constructor(
+    readonly inChannels: number,
+    readonly outChannels: number,
+    kernelSize: Pair,
+    opts: Conv2dLayerOptions = {},
+  ) {
+    super();
+    for (const [k, v] of [["inChannels", inChannels], ["outChannels", outChannels]] as const) {
+      if (!Number.isInteger(v) || v < 1) throw new Error(`Conv2d: ${k} must be a positive integer, got ${v}`);
+    }
+    const ks: [number, number] = typeof kernelSize === "number" ? [kernelSize, kernelSize] : [...kernelSize];
+    if (!ks.every((k) => Number.isInteger(k) && k >= 1)) {
+      throw new Error(
+        `Conv2d: kernelSize must be a positive integer or a pair of them, got ${JSON.stringify(kernelSize)}`,
+      );
+    }
+    this.kernelSize = ks;
+    this.stride = opts.stride;
+    this.padding = opts.padding;
+    const device = opts.device ?? getDefaultDevice();
+    const fanIn = inChannels * ks[0] * ks[1];
+    this.weight = this.registerParameter(
+      "weight",
+      uniformInit([outChannels, inChannels, ks[0], ks[1]], kaimingUniformBound(fanIn), device),
+    );
+    this.bias = (opts.bias ?? true)
+      ? this.registerParameter("bias", uniformInit([outChannels], 1 / Math.sqrt(fanIn), device))
+      : null;
+  }
+
+  forward(x: Tensor): Tensor {
+    return conv2d(x, this.weight, this.bias, { stride: this.stride, padding: this.padding });
+  }
+}
+
+/** Group normalization over [N, C, ...] with per-channel affine weight (ones) and bias (zeros), like `nn.GroupNorm`. */
+export class GroupNorm extends Module {
+  readonly weight: Tensor | null;
+  readonly bias: Tensor | null;
+  readonly eps: number;
+
+  constructor(
+    readonly numGroups: number,
+    readonly numChannels: number,
+    opts: { eps?: number; affine?: boolean; device?: Device } = {},
+  ) {
+    super();
+    if (
+      !Number.isInteger(numGroups) || numGroups < 1 || !Number.isInteger(numChannels) ||
+      numChannels % numGroups
+    ) {
+      throw new Error(`GroupNorm: numChannels ${numChannels} must be divisible by numGroups ${numGroups}`);
+    }
+    this.eps = opts.eps ?? 1e-5;
+    const device = opts.device ?? getDefaultDevice();
+    const filled = (v: number) => map(cst(0), [], [v], { shape: [numChannels], device });
+    const affine = opts.affine ?? true;
+    this.weight = affine ? this.registerParameter("weight", filled(1)) : null;
+    this.bias = affine ? this.registerParameter("bias", filled(0)) : null;
+  }
+
+  forward(x: Tensor): Tensor {
+    if (x.rank >= 2 && x.shape[1] !== this.numChannels) {
+      throw new Error(`GroupNorm: expected ${this.numChannels} channels, got input ${fmt(x.shape)}`);
+    }
+    return groupNorm(x, this.numGroups, this.weight, this.bias, this.eps);
+  }
+}
+
+/** x·sigmoid(x), like `nn.SiLU`. */
+export class SiLU extends Module {
+  forward(x: Tensor): Tensor {
+    return silu(x);
+  }
+}
+
+/** A module with a one-tensor forward, for `Sequential`. */
+export interface Layer extends Module {
+  forward(x: Tensor): Tensor;
+}
+
+/** Applies its layers in order; they are named "0", "1", … like `nn.Sequential`. */
+export class Sequential extends Module {
+  readonly layers: readonly Layer[];
+  constructor(...layers: Layer[]) {
+    super();
+    this.layers = layers.map((l, i) => this.registerModule(String(i), l));
+  }
+  forward(x: Tensor): Tensor {
+    let h = x;
+    for (const l of this.layers) {
+      const next = l.forward(h);
+      // Without a tape, intermediate activations are garbage as soon as the next layer has run.
+      if (h !== x && next !== h && !next.requiresGrad) h.dispose();
+      h = next;
+    }
+    return h;
+  }
+}
+
+export interface AttentionBlockOptions {
+  /** Attention heads; channels must be divisible by it (default 1). */
+  numHeads?: number;
+  /** GroupNorm groups (default EDM's min(32, channels/4), at least 1). */
+  numGroups?: number;
+  /** GroupNorm epsilon (default 1e-5). */
+  eps?: number;
+  /** Multiplier of the residual sum (EDM's skip_scale; DDPM++ uses √0.5; default 1). */
+  skipScale?: number;
+  /** Start the output projection at zero so the block begins as the identity (DDPM++/EDM; default false). */
+  zeroInitProj?: boolean;
+  device?: Device;
+}
+
+/**
+ * Self-attention over the H·W positions of a feature map, as in EDM's `UNetBlock` (and DDPM++):
+ * `x + proj(attention(qkv(norm(x))))`, times `skipScale`. The 1×1 `qkv` convolution's 3C channels are read
+ * EDM's way, as [heads, C/heads, 3] (so each head's q, k, v channels are interleaved), and every head attends
+ * with softmax(qᵀk / √(C/heads)) over all positions. Parameters: `norm`, `qkv`, `proj`.
+ */
+export class AttentionBlock extends Module {
+  readonly norm: GroupNorm;
+  readonly qkv: Conv2d;
+  readonly proj: Conv2d;
+  readonly numHeads: number;
+  readonly skipScale: number;
+
+  constructor(readonly channels: number, opts: AttentionBlockOptions = {}) {
+    super();
+    this.numHeads = opts.numHeads ?? 1;
+    if (!Number.isInteger(this.numHeads) || this.numHeads < 1 || channels % this.numHeads) {
+      throw new Error(`AttentionBlock: channels ${channels} must be divisible by numHeads ${this.numHeads}`);
+    }
+    this.skipScale = opts.skipScale ?? 1;
+    const device = opts.device ?? getDefaultDevice();
+    const groups = opts.numGroups ?? Math.max(1, Math.min(32, Math.floor(channels / 4)));
+    this.norm = this.registerModule("norm", new GroupNorm(groups, channels, { eps: opts.eps, device }));
+    this.qkv = this.registerModule("qkv", new Conv2d(channels, 3 * channels, 1, { device }));
+    this.proj = this.registerModule("proj", new Conv2d(channels, channels, 1, { device }));
+    if (opts.zeroInitProj) {
+      for (const t of [this.proj.weight, this.proj.bias!]) {
+        const z = map(cst(0), [], [0], { shape: t.shape, device });
+        copyInto(t, z, t.shape.map(() => 0));
+        z.dispose();
+      }
+    }
+  }
+
+  forward(x: Tensor): Tensor {
+    if (x.rank !== 4 || x.shape[1] !== this.channels) {
+      throw new Error(`AttentionBlock: expected input [N, ${this.channels}, H, W], got ${fmt(x.shape)}`);
+    }
+    const [N, C, H, W] = x.shape;
+    const heads = this.numHeads, c = C / heads, L = H * W;
+    const temps: Tensor[] = [];
+    const t = <T extends Tensor>(v: T): T => (temps.push(v), v);
+    const h = t(this.norm.forward(x));
+    const qkv = t(this.qkv.forward(h));
+    // [N, 3C, H, W] as [N·heads, c, 3, L], then [3, N·heads, L, c]: q, k, v with positions as rows.
+    const split = t(permute(t(reshape(qkv, [N * heads, c, 3, L])), [2, 0, 3, 1]));
+    const part = (i: number) => t(reshape(t(narrow(split, 0, i, 1)), [N * heads, L, c]));
+    const a = t(scaledDotProductAttention(part(0), part(1), part(2)));
+    const merged = t(reshape(t(transpose(a, 1, 2)), [N, C, H, W]));
+    const projected = t(this.proj.forward(merged));
+    const sum = add(projected, x);
+    let out = sum;
+    if (this.skipScale !== 1) {
+      out = mul(sum, this.skipScale);
+      temps.push(sum);
+    }
+    // Without a tape the intermediates are garbage now; with one, the tape holds them until backward.
+    if (!out.requiresGrad) { for (const v of temps) v.dispose(); }
+    return out;
+  }
+}

@@ -1,0 +1,189 @@
+/**
+ * @file groupNorm and layerNorm (F.group_norm / F.layer_norm semantics), both on the row-normalization kernel
+ * in `kernels/norm.ts`: the input is seen as rows (groupNorm: one per (sample, group); layerNorm: one per
+ * leading index) that are normalized by their own mean and biased variance, then scaled and shifted per channel.
+ *
+ * The forward saves per-row statistics for the backward (the mean relative to the row's first element, and rstd;
+ * see the kernel file for why). dx is one fused kernel; dweight and dbias (Σ g·x̂ and Σ g over everything but the
+ * channel) come from one partial-sum kernel and the reduce kernel.
+ */
+
+import {
+  paramGradChunkRows,
+  paramGradChunks,
+  type RowLayout,
+  rowNorm,
+  rowNormBackward,
+  rowNormParamGrad,
+} from "../../kernels/norm.ts";
+import { record, sameDevice, type Shape, sizeOf, Tensor } from "../tensor.ts";
+import { fmt, sameShape } from "../shape.ts";
+import { reduceRaw, view } from "./core.ts";
+
+/** Optional affine parameters, `null` and `undefined` meaning absent, as in PyTorch. */
+type Maybe = Tensor | null | undefined;
+
+interface NormPlan {
+  layout: RowLayout;
+  /** x seen as [outer, channels, spatial] for reducing dweight/dbias over axes 0 and 2. */
+  channelView: [number, number, number];
+  /** Shape of weight and bias. */
+  paramShape: Shape;
+}
+
+function checkParam(op: string, name: string, t: Maybe, want: Shape, x: Tensor) {
+  if (t && !sameShape(t.shape, want)) {
+    throw new Error(
+      `${op}: ${name} has shape ${fmt(t.shape)}, expected ${fmt(want)} for input ${fmt(x.shape)}`,
+    );
+  }
+}
+
+/** Runs the forward kernel and attaches the backward. */
+function rowNormOp(op: string, x: Tensor, plan: NormPlan, weight: Maybe, bias: Maybe, eps: number): Tensor {
+  if (!(x instanceof Tensor)) throw new Error(`${op}: expected a Tensor input`);
+  if (!(eps >= 0)) throw new Error(`${op}: eps must be a non-negative number, got ${eps}`);
+  checkParam(op, "weight", weight, plan.paramShape, x);
+  checkParam(op, "bias", bias, plan.paramShape, x);
+  const w = weight ?? null, b = bias ?? null;
+  const params = [w, b].filter((t): t is Tensor => t !== null);
+  const device = sameDevice(op, x, ...params);
+  const { layout } = plan;
+  const y = Tensor.empty(x.shape, device);
+  const shiftedMean = Tensor.empty([layout.rows], device), rstd = Tensor.empty([layout.rows], device);
+  device.run(
+    rowNorm,
+    { ...layout, hasWeight: w !== null, hasBias: b !== null, eps },
+    [x.storage, ...params.map((t) => t.storage)],
+    [y.storage, shiftedMean.storage, rstd.storage],
+  );
+  const out = record(y, op, [x, ...params], (g) => {
+    const grads: (Tensor | null)[] = [];
+    grads.push(
+      x.requiresGrad ? normInputGrad(x, g, shiftedMean, rstd, w, layout) : null,
+    );
+    const needW = w?.requiresGrad ?? false, needB = b?.requiresGrad ?? false;
+    // dbias alone is a plain sum of g; with dweight it comes from the same pass.
+    const [dw, db] = needW
+      ? paramGrads(x, g, shiftedMean, rstd, plan, needB)
+      : [null, needB ? channelSum(g, plan) : null];
+    if (w) grads.push(dw);
+    if (b) grads.push(db);
+    shiftedMean.dispose();
+    rstd.dispose();
+    return grads;
+  });
+  if (!out.requiresGrad) {
+    shiftedMean.dispose();
+    rstd.dispose();
+  }
+  return out;
+}
+
+function normInputGrad(
+  x: Tensor,
+  g: Tensor,
+  shiftedMean: Tensor,
+  rstd: Tensor,
+  w: Tensor | null,
+  layout: RowLayout,
+) {
+  const dx = Tensor.empty(x.shape, x.device);
+  const inputs = [x, g, shiftedMean, rstd, ...(w ? [w] : [])];
+  x.device.run(rowNormBackward, { ...layout, hasWeight: w !== null }, inputs.map((t) => t.storage), [
+    dx.storage,
+  ]);
+  return dx;
+}
+
+/** Sums a tensor laid out like x over everything but the channel, shaped like the affine parameters. */
+function channelSum(t: Tensor, plan: NormPlan): Tensor {
+  const v = view(t, plan.channelView);
+  const s = reduceRaw("sum", v, [0, 2], plan.paramShape);
+  v.dispose();
+  return s;
+}
+
+/**
+ * dweight = Σ g·x̂ and dbias = Σ g over samples and spatial positions: per-chunk partial sums [chunks, C] from
+ * one kernel (x̂ recomputed from the saved statistics), summed over the chunks when there is more than one.
+ */
+function paramGrads(
+  x: Tensor,
+  g: Tensor,
+  shiftedMean: Tensor,
+  rstd: Tensor,
+  plan: NormPlan,
+  wantBias: boolean,
+): [Tensor, Tensor | null] {
+  const params = { ...plan.layout, chunkRows: paramGradChunkRows(plan.layout, x.device.info.isCpuEmulated) };
+  const chunks = paramGradChunks(params);
+  const partialShape = [chunks, plan.channelView[1]];
+  const pw = Tensor.empty(partialShape, x.device), pb = Tensor.empty(partialShape, x.device);
+  x.device.run(rowNormParamGrad, params, [x, g, shiftedMean, rstd].map((t) => t.storage), [
+    pw.storage,
+    pb.storage,
+  ]);
+  const finish = (partial: Tensor) =>
+    chunks === 1 ? view(partial, plan.paramShape) : reduceRaw("sum", partial, [0], plan.paramShape);
+  const dw = finish(pw);
+  const db = wantBias ? finish(pb) : null;
+  pw.dispose();
+  pb.dispose();
+  return [dw, db];
+}
+
+/**
+ * F.group_norm: x [N, C, ...spatial] normalized over each group of C/numGroups channels (and all spatial
+ * positions), then weight[c]·x̂ + bias[c] with weight and bias of shape [C].
+ */
+export function groupNorm(x: Tensor, numGroups: number, weight?: Maybe, bias?: Maybe, eps = 1e-5): Tensor {
+  if (!(x instanceof Tensor)) throw new Error("groupNorm: expected a Tensor input");
+  if (x.rank < 2) throw new Error(`groupNorm: input ${fmt(x.shape)} must be [N, C, ...spatial] (rank ≥ 2)`);
+  const [N, C] = x.shape;
+  if (!Number.isInteger(numGroups) || numGroups < 1) {
+    throw new Error(`groupNorm: numGroups must be a positive integer, got ${numGroups}`);
+  }
+  if (C % numGroups !== 0) {
+    throw new Error(
+      `groupNorm: the ${C} channels of input ${fmt(x.shape)} are not divisible by numGroups ${numGroups}`,
+    );
+  }
+  const spatial = sizeOf(x.shape.slice(2));
+  const channelsPerGroup = C / numGroups;
+  const plan: NormPlan = {
+    layout: { rows: N * numGroups, groups: numGroups, channelsPerGroup, spatial },
+    channelView: [N, C, spatial],
+    paramShape: [C],
+  };
+  return rowNormOp("groupNorm", x, plan, weight, bias, eps);
+}
+
+/**
+ * F.layer_norm: x normalized over its trailing dims `normalizedShape` (a number means one trailing dim), then
+ * weight·x̂ + bias with weight and bias of shape `normalizedShape`.
+ */
+export function layerNorm(
+  x: Tensor,
+  normalizedShape: number | readonly number[],
+  weight?: Maybe,
+  bias?: Maybe,
+  eps = 1e-5,
+): Tensor {
+  if (!(x instanceof Tensor)) throw new Error("layerNorm: expected a Tensor input");
+  const norm = typeof normalizedShape === "number" ? [normalizedShape] : [...normalizedShape];
+  const k = norm.length;
+  if (k === 0 || k > x.rank || !sameShape(x.shape.slice(x.rank - k), norm)) {
+    throw new Error(
+      `layerNorm: normalized shape ${fmt(norm)} does not match the trailing dims of input ${fmt(x.shape)}`,
+    );
+  }
+  const cols = sizeOf(norm);
+  const rows = x.size / cols;
+  const plan: NormPlan = {
+    layout: { rows, groups: 1, channelsPerGroup: cols, spatial: 1 },
+    channelView: [rows, cols, 1],
+    paramShape: norm,
+  };
+  return rowNormOp("layerNorm", x, plan, weight, bias, eps);
+}

@@ -1,0 +1,329 @@
+/**
+ * @file groupNorm and layerNorm: the row-normalization kernels (forward with its saved mean/rstd, and the dx
+ * backward) on WebGPU against the CPU reference over random shapes, including rows of length 1, groups = 1 and
+ * groups = C, long rows that take the workgroup-tree path, and values offset far from zero (where a one-pass
+ * variance fails); the ops' full backward (dx, dweight, dbias) on both backends; finite-difference gradient
+ * checks; and shape errors.
+ */
+
+import fc from "fast-check";
+import { tensor } from "../engine/creation.ts";
+import type { Device } from "../engine/device.ts";
+import { groupNorm, layerNorm } from "../engine/ops/norm.ts";
+import { noGrad, scope, type Tensor } from "../engine/tensor.ts";
+import {
+  paramGradChunks,
+  rowNorm,
+  rowNormBackward,
+  rowNormParamGrad,
+  type RowNormParams,
+} from "../kernels/norm.ts";
+import type { Kernel } from "../kernels/types.ts";
+import {
+  assertClose,
+  cpuDevice,
+  f64Device,
+  gpuDevice,
+  gradCheck,
+  RUNS,
+  scaleArb,
+  seedArb,
+  seededValues,
+  smallGridDevice,
+  test,
+} from "./util.ts";
+
+const size = (s: readonly number[]) => s.reduce((a, b) => a * b, 1);
+function maxAbs(a: ArrayLike<number>): number {
+  let m = 0;
+  for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i]));
+  return m;
+}
+
+/** Runs one kernel on a device with host inputs; returns the outputs as float64. */
+async function runKernel<P>(
+  device: Device,
+  kernel: Kernel<P>,
+  params: P,
+  inputs: ArrayLike<number>[],
+  outSizes: number[],
+): Promise<Float64Array[]> {
+  const ins = inputs.map((data) => {
+    const s = device.alloc(data.length);
+    device.write(s, data);
+    return s;
+  });
+  const outs = outSizes.map((n) => device.alloc(n));
+  device.run(kernel, params, ins, outs);
+  const res = [];
+  for (const o of outs) res.push(Float64Array.from(await device.read(o)));
+  for (const s of [...ins, ...outs]) device.release(s);
+  return res;
+}
+
+/** What the ops produce on one device: y, and the gradients of x, weight, bias for a fixed cotangent. */
+async function normOnDevice(
+  device: Device,
+  f: (x: Tensor, w: Tensor | null, b: Tensor | null) => Tensor,
+  shape: number[],
+  x: Float32Array,
+  paramShape: number[],
+  w: Float32Array | null,
+  b: Float32Array | null,
+  cot: Float32Array,
+): Promise<Float64Array[]> {
+  const xt = tensor(x, shape, { device, requiresGrad: true });
+  const wt = w && tensor(w, paramShape, { device, requiresGrad: true });
+  const bt = b && tensor(b, paramShape, { device, requiresGrad: true });
+  const y = f(xt, wt, bt);
+  const c = tensor(cot, shape, { device });
+  y.backward(c);
+  const res = [await y.toFloat64Array(), await xt.grad!.toFloat64Array()];
+  if (wt) res.push(await wt.grad!.toFloat64Array());
+  if (bt) res.push(await bt.grad!.toFloat64Array());
+  for (const t of [xt, wt, bt, y, c, xt.grad, wt?.grad, bt?.grad]) t?.dispose();
+  return res;
+}
+
+/** Values offset ± scale, the offset far from zero in a third of the cases. */
+const valueArb = fc.record({ offset: fc.constantFrom(0, 0, 1000, -1000), scale: scaleArb });
+
+/**
+ * Normalized outputs are O(1) (times weight) and the backward scales with rstd, so the tolerance is relative to
+ * the largest value. It is the same for rows offset by ±1000: the kernels subtract the row's first element
+ * before anything else, so a float32 mean near 1000 (good to ~3e-5 only) never enters x − μ.
+ */
+function compareAll(got: Float64Array[], want: Float64Array[], what: string[]) {
+  got.forEach((g, i) => assertClose(g, want[i], { rtol: 1e-3, atol: 2e-5 * (1 + maxAbs(want[i])) }, what[i]));
+}
+
+const groupCase = fc.record({
+  N: fc.integer({ min: 1, max: 3 }),
+  G: fc.oneof(fc.constant(1), fc.integer({ min: 1, max: 5 })),
+  Cg: fc.oneof(fc.constant(1), fc.integer({ min: 1, max: 4 })),
+  spatial: fc.oneof(
+    fc.array(fc.integer({ min: 1, max: 7 }), { maxLength: 2 }),
+    // Long rows: the workgroup-tree path.
+    fc.tuple(fc.integer({ min: 5, max: 23 }), fc.integer({ min: 5, max: 31 })),
+  ),
+  affine: fc.constantFrom("both", "weight", "bias", "none"),
+});
+
+test("groupNorm forward and backward: WebGPU matches CPU reference", async () => {
+  await fc.assert(
+    fc.asyncProperty(
+      groupCase,
+      valueArb,
+      seedArb,
+      async ({ N, G, Cg, spatial, affine }, { offset, scale }, seed) => {
+        const C = G * Cg;
+        const shape = [N, C, ...spatial];
+        const n = size(shape);
+        const x = seededValues(n, seed, offset - scale, offset + scale);
+        const w = affine === "both" || affine === "weight" ? seededValues(C, seed + 1, 0.5, 1.5) : null;
+        const b = affine === "both" || affine === "bias" ? seededValues(C, seed + 2) : null;
+        const cot = seededValues(n, seed + 3);
+        const f = (xt: Tensor, wt: Tensor | null, bt: Tensor | null) => groupNorm(xt, G, wt, bt);
+        const got = await normOnDevice(await gpuDevice(), f, shape, x, [C], w, b, cot);
+        const want = await normOnDevice(await cpuDevice(), f, shape, x, [C], w, b, cot);
+        compareAll(got, want, ["y", "dx", ...(w ? ["dweight"] : []), ...(b ? ["dbias"] : [])]);
+      },
+    ),
+    { numRuns: RUNS },
+  );
+});
+
+const layerCase = fc.record({
+  lead: fc.array(fc.constantFrom(1, 2, 3, 5, 7), { minLength: 0, maxLength: 2 }),
+  norm: fc.oneof(
+    fc.array(fc.constantFrom(1, 2, 3, 4, 7), { minLength: 1, maxLength: 2 }),
+    fc.tuple(fc.integer({ min: 30, max: 600 })),
+  ),
+  affine: fc.constantFrom("both", "weight", "bias", "none"),
+});
+
+test("layerNorm forward and backward: WebGPU matches CPU reference", async () => {
+  await fc.assert(
+    fc.asyncProperty(
+      layerCase,
+      valueArb,
+      seedArb,
+      async ({ lead, norm, affine }, { offset, scale }, seed) => {
+        const shape = [...lead, ...norm];
+        const n = size(shape), k = size(norm);
+        const x = seededValues(n, seed, offset - scale, offset + scale);
+        const w = affine === "both" || affine === "weight" ? seededValues(k, seed + 1, 0.5, 1.5) : null;
+        const b = affine === "both" || affine === "bias" ? seededValues(k, seed + 2) : null;
+        const cot = seededValues(n, seed + 3);
+        const f = (xt: Tensor, wt: Tensor | null, bt: Tensor | null) => layerNorm(xt, norm, wt, bt);
+        const got = await normOnDevice(await gpuDevice(), f, shape, x, norm, w, b, cot);
+        const want = await normOnDevice(await cpuDevice(), f, shape, x, norm, w, b, cot);
+        compareAll(got, want, ["y", "dx", ...(w ? ["dweight"] : []), ...(b ? ["dbias"] : [])]);
+      },
+    ),
+    { numRuns: RUNS },
+  );
+});
+
+/** Kernel-level cases: any channel mapping, the saved statistics, and the backward kernels. */
+const kernelCase = fc.record({
+  outer: fc.oneof(fc.constant(1), fc.integer({ min: 1, max: 20 }), fc.constantFrom(70, 129)),
+  groups: fc.integer({ min: 1, max: 4 }),
+  channelsPerGroup: fc.integer({ min: 1, max: 4 }),
+  spatial: fc.oneof(fc.constant(1), fc.integer({ min: 1, max: 9 }), fc.constantFrom(64, 129)),
+  hasWeight: fc.boolean(),
+  hasBias: fc.boolean(),
+  eps: fc.constantFrom(1e-5, 1e-3, 0.1),
+  chunkRows: fc.integer({ min: 1, max: 9 }),
+});
+
+test("rowNorm kernels (y, stats, dx, dweight/dbias partials): WebGPU matches CPU reference, also on a 2-D grid", async () => {
+  await fc.assert(
+    fc.asyncProperty(
+      kernelCase,
+      valueArb,
+      seedArb,
+      fc.boolean(),
+      async (k, { offset, scale }, seed, small) => {
+        const { outer, groups, channelsPerGroup, spatial, chunkRows } = k;
+        const rows = outer * groups, cols = channelsPerGroup * spatial, C = groups * channelsPerGroup;
+        const n = rows * cols;
+        if (n > 40000) return;
+        const p: RowNormParams = { ...k, rows };
+        const x = seededValues(n, seed, offset - scale, offset + scale);
+        const w = seededValues(C, seed + 1, -2, 2), b = seededValues(C, seed + 2);
+        const g = seededValues(n, seed + 3);
+        const ins = [x, ...(k.hasWeight ? [w] : []), ...(k.hasBias ? [b] : [])];
+        const sizes = [n, rows, rows];
+        const gpu = small ? await smallGridDevice() : await gpuDevice();
+        const ref = await f64Device();
+        const got = await runKernel(gpu, rowNorm, p, ins, sizes);
+        const want = await runKernel(ref, rowNorm, p, ins, sizes);
+        const rel = 2e-5;
+        assertClose(got[0], want[0], { rtol: 1e-3, atol: rel * (1 + maxAbs(want[0])) }, "y");
+        assertClose(got[1], want[1], { rtol: 1e-5, atol: 1e-6 * scale }, "shifted mean");
+        assertClose(got[2], want[2], { rtol: 1e-4 }, "rstd");
+        // The backward kernels from the reference statistics, so only they are under test.
+        const stats = [Float32Array.from(want[1]), Float32Array.from(want[2])];
+        const bins = [x, g, ...stats, ...(k.hasWeight ? [w] : [])];
+        const [dxGot] = await runKernel(gpu, rowNormBackward, p, bins, [n]);
+        const [dxWant] = await runKernel(ref, rowNormBackward, p, bins, [n]);
+        assertClose(dxGot, dxWant, { rtol: 1e-3, atol: rel * (1 + maxAbs(dxWant)) }, "dx");
+        // The small-grid device has 16×16 workgroups: one per (chunk, channel) must fit.
+        const pp = { ...p, chunkRows: Math.max(chunkRows, Math.ceil((outer * C) / 256)) };
+        const partial = paramGradChunks(pp) * C;
+        const pGot = await runKernel(gpu, rowNormParamGrad, pp, [x, g, ...stats], [partial, partial]);
+        const pWant = await runKernel(ref, rowNormParamGrad, pp, [x, g, ...stats], [partial, partial]);
+        assertClose(
+          pGot[0],
+          pWant[0],
+          { rtol: 1e-3, atol: 1e-5 * (1 + maxAbs(pWant[0])) },
+          "dweight partials",
+        );
+        assertClose(pGot[1], pWant[1], { rtol: 1e-4, atol: 1e-5 * (1 + maxAbs(pWant[1])) }, "dbias partials");
+      },
+    ),
+    { numRuns: RUNS },
+  );
+});
+
+test("groupNorm is stable when |mean| ≫ std (values 1000 + noise)", async () => {
+  const shape = [2, 8, 16, 16], n = size(shape);
+  const x = seededValues(n, 11, -0.01, 0.01).map((v) => 1000 + v);
+  const gpu = await gpuDevice(), ref = await f64Device();
+  const got = await groupNorm(tensor(x, shape, { device: gpu }), 4).toFloat64Array();
+  const want = await groupNorm(tensor(x, shape, { device: ref }), 4).toFloat64Array();
+  // The normalized values have unit variance. A one-pass E[x²] − E[x]² in float32 is off by O(1) here, and even
+  // x − μ with μ rounded to float32 (±3e-5 near 1000, std ≈ 0.006) would be off by ~5e-3.
+  assertClose(got, want, { rtol: 0, atol: 1e-3 }, "groupNorm(1000 + noise)");
+});
+
+test("groupNorm with groups = C and 1×1 spatial (rows of length 1) gives the bias", async () => {
+  const gpu = await gpuDevice();
+  const x = tensor([3, -1, 7, 2, 5, 0], [2, 3], { device: gpu });
+  const w = tensor([2, 2, 2], [3], { device: gpu }), b = tensor([0.5, -1, 4], [3], { device: gpu });
+  assertClose(await groupNorm(x, 3, w, b).toArray(), [0.5, -1, 4, 0.5, -1, 4], {}, "groupNorm L = 1");
+  const col = tensor([3, -1], [2, 1], { device: gpu });
+  const lb = tensor([0.25], [1], { device: gpu });
+  assertClose(await layerNorm(col, [1], null, lb).toArray(), [0.25, 0.25], {}, "layerNorm L = 1");
+});
+
+test("layerNorm matches hand-computed values", async () => {
+  const gpu = await gpuDevice();
+  // Row [1, 2, 3, 4]: mean 2.5, biased variance 1.25.
+  const x = tensor([1, 2, 3, 4, -2, 0, 2, 4], [2, 4], { device: gpu });
+  const r = 1 / Math.sqrt(1.25 + 1e-5), r2 = 1 / Math.sqrt(5 + 1e-5);
+  const want = [-1.5 * r, -0.5 * r, 0.5 * r, 1.5 * r, -3 * r2, -1 * r2, 1 * r2, 3 * r2];
+  assertClose(await layerNorm(x, 4).toArray(), want, { rtol: 1e-5, atol: 1e-6 });
+});
+
+test("groupNorm gradient check (x, weight, bias)", async () => {
+  const shape = [2, 4, 3], n = size(shape);
+  await gradCheck((x, w, b) => groupNorm(x, 2, w, b), [
+    { shape, data: seededValues(n, 1, -2, 2) },
+    { shape: [4], data: seededValues(4, 2, 0.5, 1.5) },
+    { shape: [4], data: seededValues(4, 3) },
+  ]);
+});
+
+test("groupNorm gradient check: groups = 1 and groups = C, no affine, spatial rank 2", async () => {
+  const shape = [1, 3, 2, 2], n = size(shape);
+  for (const G of [1, 3]) {
+    await gradCheck((x) => groupNorm(x, G), [{ shape, data: seededValues(n, 4 + G, -1, 1) }]);
+  }
+});
+
+test("layerNorm gradient check (x, weight, bias) over two trailing dims", async () => {
+  const shape = [3, 2, 3], n = size(shape);
+  await gradCheck((x, w, b) => layerNorm(x, [2, 3], w, b, 1e-3), [
+    { shape, data: seededValues(n, 5, -2, 2) },
+    { shape: [2, 3], data: seededValues(6, 6, 0.5, 1.5) },
+    { shape: [2, 3], data: seededValues(6, 7) },
+  ]);
+  await gradCheck((x) => layerNorm(x, 3), [{ shape, data: seededValues(n, 8, -1, 1) }]);
+});
+
+test("groupNorm/layerNorm shape errors name both numbers or shapes", async () => {
+  const device = await cpuDevice();
+  const x = tensor(seededValues(2 * 6 * 4, 1), [2, 6, 4], { device });
+  const expectError = (f: () => unknown, ...parts: string[]) => {
+    try {
+      f();
+    } catch (e) {
+      const msg = (e as Error).message;
+      for (const p of parts) if (!msg.includes(p)) throw new Error(`error "${msg}" does not mention ${p}`);
+      return;
+    }
+    throw new Error(`expected an error mentioning ${parts.join(", ")}`);
+  };
+  expectError(() => groupNorm(x, 4), "groupNorm", "6", "4");
+  expectError(() => groupNorm(x, 3, tensor([1, 1, 1], [3], { device })), "groupNorm", "[3]", "[6]");
+  expectError(() => layerNorm(x, [5, 4]), "layerNorm", "[5, 4]", "[2, 6, 4]");
+  expectError(() => layerNorm(x, [2, 2, 6, 4]), "layerNorm", "[2, 2, 6, 4]", "[2, 6, 4]");
+  expectError(() => layerNorm(x, 4, tensor([1, 1], [2], { device })), "layerNorm", "[2]", "[4]");
+  expectError(() => groupNorm(tensor([1, 2], [2], { device }), 1), "groupNorm", "[2]");
+});
+
+test("groupNorm frees its saved statistics after backward and under noGrad", async () => {
+  const device = await cpuDevice();
+  const shape = [2, 4, 3];
+  const before = device.memory().liveAllocations;
+  const grads = scope(() => {
+    const x = tensor(seededValues(24, 1), shape, { device, requiresGrad: true });
+    const w = tensor([1, 2, 3, 4], [4], { device, requiresGrad: true });
+    const y = groupNorm(x, 2, w);
+    y.backward(tensor(seededValues(24, 2), shape, { device }));
+    // Left alive: x, w, their grads, y, and the cotangent until the scope ends; nothing else.
+    const live = device.memory().liveAllocations - before;
+    if (live !== 6) throw new Error(`${live} live allocations after backward, expected 6`);
+    return [x.grad!, w.grad!];
+  });
+  grads.forEach((g) => g.dispose());
+  noGrad(() => {
+    const x = tensor(seededValues(24, 1), shape, { device });
+    groupNorm(x, 2).dispose();
+    x.dispose();
+  });
+  const after = device.memory().liveAllocations;
+  if (after !== before) throw new Error(`${after - before} allocations leaked`);
+});

@@ -1,0 +1,397 @@
+/**
+ * @file Tests of the optimizers: Adam and AdamW against a float64 transcription of PyTorch's algorithm over
+ * several steps on both backends, the device-side gradient scale, global-norm clipping (value, scaling, and no
+ * readback inside a step), the EMA and EDM's half-life formula, and state dict round trips through safetensors.
+ */
+
+import fc from "fast-check";
+import { deepStrictEqual as assertEquals } from "node:assert";
+import {
+  Adam,
+  AdamW,
+  clipGradNorm,
+  EMA,
+  emaBetaFromHalfLife,
+  gradClipCoefficient,
+  zeroGrad,
+} from "../engine/optim.ts";
+import { SUMSQ_CHUNK, sumSquares } from "../kernels/optim.ts";
+import { loadSafetensorsWithMetadata, saveSafetensors } from "../engine/safetensors.ts";
+import { tensor } from "../engine/creation.ts";
+import { copyInto } from "../engine/ops/core.ts";
+import { Device } from "../engine/device.ts";
+import type { Tensor } from "../engine/tensor.ts";
+import { assertClose, cpuDevice, gpuDevice, RUNS, scaleArb, seededValues, shapeArb, test } from "./util.ts";
+
+function assertThrows(fn: () => unknown, part: string) {
+  try {
+    fn();
+  } catch (e) {
+    const msg = (e as Error).message;
+    if (!msg.includes(part)) throw new Error(`expected an error containing "${part}", got "${msg}"`);
+    return;
+  }
+  throw new Error(`expected an error containing "${part}", but nothing was thrown`);
+}
+
+async function backends(): Promise<[string, Device][]> {
+  return [["webgpu", await gpuDevice()], ["cpu", await cpuDevice()]];
+}
+
+interface Hyper {
+  lr: number;
+  betas: [number, number];
+  eps: number;
+  weightDecay: number;
+}
+
+/**
+ * PyTorch's `_single_tensor_adam` (amsgrad off, not maximize, not capturable), transcribed in float64:
+ * https://github.com/pytorch/pytorch/blob/main/torch/optim/adam.py
+ */
+function referenceAdam(
+  h: Hyper,
+  decoupled: boolean,
+  param: Float64Array,
+  grads: Float64Array[],
+): { param: Float64Array; m: Float64Array; v: Float64Array } {
+  const p = param.slice(), m = new Float64Array(p.length), v = new Float64Array(p.length);
+  grads.forEach((grad, k) => {
+    const step = k + 1;
+    for (let i = 0; i < p.length; i++) {
+      let g = grad[i];
+      if (h.weightDecay !== 0) {
+        if (decoupled) p[i] = p[i] * (1 - h.lr * h.weightDecay); // param.mul_(1 - lr * weight_decay)
+        else g = g + h.weightDecay * p[i]; // grad = grad.add(param, alpha=weight_decay)
+      }
+      m[i] = m[i] + (g - m[i]) * (1 - h.betas[0]); // exp_avg.lerp_(grad, 1 - beta1)
+      v[i] = v[i] * h.betas[1] + (1 - h.betas[1]) * g * g; // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)
+      const bc1 = 1 - h.betas[0] ** step, bc2 = 1 - h.betas[1] ** step;
+      const stepSize = h.lr / bc1;
+      const denom = Math.sqrt(v[i]) / Math.sqrt(bc2) + h.eps;
+      p[i] = p[i] - stepSize * (m[i] / denom); // param.addcdiv_(exp_avg, denom, value=-step_size)
+    }
+  });
+  return { param: p, m, v };
+}
+
+const hyperArb: fc.Arbitrary<Hyper> = fc.record({
+  lr: fc.constantFrom(1e-3, 0.01, 0.1),
+  betas: fc.constantFrom<[number, number]>([0.9, 0.999], [0.5, 0.9], [0, 0.99]),
+  eps: fc.constantFrom(1e-8, 1e-3),
+  weightDecay: fc.constantFrom(0, 0.01, 0.3),
+});
+
+test("Adam on a hand-computed case: the first step moves by lr·sign(g)", async () => {
+  for (const [name, dev] of await backends()) {
+    const p = tensor([1, -1, 0.5], [3], { device: dev, requiresGrad: true });
+    p.grad = tensor([2, -3, 0.25], [3], { device: dev });
+    const opt = new Adam([p], { lr: 0.1 });
+    opt.step();
+    // m̂ = g, v̂ = g², so the update is lr·g/(|g| + eps).
+    assertClose(await p.toArray(), [0.9, -0.9, 0.4], { rtol: 1e-6, atol: 1e-7 }, name);
+    assertEquals(opt.lr, 1e-1);
+    assertEquals([opt.betas, opt.eps, opt.weightDecay], [[0.9, 0.999], 1e-8, 0]);
+    assertEquals(new AdamW([p]).weightDecay, 1e-2, "AdamW default weight decay");
+  }
+});
+
+for (const [cls, decoupled] of [[Adam, false], [AdamW, true]] as const) {
+  test(`property: ${cls.name} matches PyTorch's algorithm (float64 reference) over 4 steps, both backends`, async () => {
+    const devs = await backends();
+    await fc.assert(
+      fc.asyncProperty(shapeArb(1, 3, 9), hyperArb, fc.nat(), scaleArb, async (shape, h, seed, scale) => {
+        const n = shape.reduce((a, b) => a * b, 1);
+        const p0 = seededValues(n, seed);
+        const grads = [1, 2, 3, 4].map((k) => Float64Array.from(seededValues(n, seed + k, -scale, scale)));
+        const want = referenceAdam(h, decoupled, Float64Array.from(p0), grads);
+        for (const [name, dev] of devs) {
+          const p = tensor(p0, shape, { device: dev, requiresGrad: true });
+          const opt = new cls([p], h);
+          for (const g of grads) {
+            p.grad?.dispose();
+            p.grad = tensor(g, shape, { device: dev });
+            opt.step();
+          }
+          const st = opt.stateDict();
+          assertEquals(st.meta.steps, { "0": 4 });
+          // m and v are float32 running sums of g = grad (+ wd·p for Adam, |p| < 1): errors scale with that size.
+          const gSize = scale + (decoupled ? 0 : h.weightDecay);
+          const mv = [await st.tensors["0.exp_avg"].toArray(), await st.tensors["0.exp_avg_sq"].toArray()];
+          assertClose(mv[0], want.m, { rtol: 1e-5, atol: 1e-6 * gSize }, `${name} m`);
+          assertClose(mv[1], want.v, { rtol: 1e-5, atol: 1e-7 * gSize * gSize }, `${name} v`);
+          assertClose(await p.toArray(), want.param, { rtol: 1e-5, atol: 2e-6 }, `${name} param`);
+          opt.dispose();
+          p.grad?.dispose();
+          p.dispose();
+        }
+      }),
+      { numRuns: RUNS },
+    );
+  });
+}
+
+test("a parameter without a gradient is skipped and keeps its own step count", async () => {
+  const dev = await gpuDevice();
+  const a = tensor([1, 2], [2], { device: dev, requiresGrad: true });
+  const b = tensor([3], [1], { device: dev, requiresGrad: true });
+  const opt = new Adam([["a", a], ["b", b]], { lr: 0.5 });
+  a.grad = tensor([1, 1], [2], { device: dev });
+  opt.step();
+  assertEquals(Array.from(await b.toArray()), [3]);
+  b.grad = tensor([1], [1], { device: dev });
+  opt.step();
+  assertEquals(opt.stateDict().meta.steps, { a: 2, b: 1 });
+  // b's first step is a bias-corrected first step: exactly lr·sign(g).
+  assertClose(await b.toArray(), [2.5], { rtol: 1e-6 });
+  opt.zeroGrad();
+  assertEquals([a.grad, b.grad], [null, null]);
+});
+
+test("step({ gradScale }) equals stepping on pre-scaled gradients", async () => {
+  for (const [name, dev] of await backends()) {
+    const n = 37, p0 = seededValues(n, 1), g0 = seededValues(n, 2);
+    const p1 = tensor(p0, [n], { device: dev }), p2 = tensor(p0, [n], { device: dev });
+    const o1 = new AdamW([p1], { lr: 0.05 }), o2 = new AdamW([p2], { lr: 0.05 });
+    const s = tensor([0.37], [], { device: dev });
+    for (let k = 0; k < 3; k++) {
+      p1.grad = tensor(g0, [n], { device: dev });
+      p2.grad = tensor(g0.map((x) => x * 0.37), [n], { device: dev });
+      o1.step({ gradScale: s });
+      o2.step();
+    }
+    assertClose(await p1.toArray(), await p2.toArray(), { rtol: 1e-5, atol: 1e-6 }, name);
+    assertThrows(
+      () => o1.step({ gradScale: tensor([1, 2], [2], { device: dev }) }),
+      "gradScale must have one element",
+    );
+  }
+});
+
+test("property: clipGradNorm computes the global L2 norm on the device and scales like PyTorch", async () => {
+  const devs = await backends();
+  const sizeArb = fc.oneof(
+    fc.integer({ min: 1, max: 40 }),
+    fc.constantFrom(SUMSQ_CHUNK - 1, SUMSQ_CHUNK + 3),
+  );
+  await fc.assert(
+    fc.asyncProperty(
+      fc.array(sizeArb, { minLength: 1, maxLength: 4 }),
+      fc.constantFrom(0.1, 1, 1e6),
+      scaleArb,
+      fc.nat(),
+      async (sizes, maxNorm, scale, seed) => {
+        const gs = sizes.map((n, i) => seededValues(n, seed + i, -scale, scale));
+        let sq = 0;
+        for (const g of gs) for (const x of g) sq += x * x;
+        const norm = Math.sqrt(sq), coef = Math.min(maxNorm / (norm + 1e-6), 1);
+        for (const [name, dev] of devs) {
+          const ps = sizes.map((n) => tensor(new Float32Array(n), [n], { device: dev, requiresGrad: true }));
+          ps.forEach((p, i) => (p.grad = tensor(gs[i], [sizes[i]], { device: dev })));
+          const t = clipGradNorm(ps, maxNorm);
+          assertEquals(t.shape, []);
+          assertClose([await t.item()], [norm], { rtol: 1e-5, atol: 1e-30 }, `${name} norm`);
+          for (let i = 0; i < ps.length; i++) {
+            const want = Array.from(gs[i], (x) => x * coef);
+            assertClose(await ps[i].grad!.toArray(), want, { rtol: 2e-5, atol: 1e-30 }, `${name} grad ${i}`);
+          }
+          t.dispose();
+          zeroGrad(ps);
+          ps.forEach((p) => p.dispose());
+        }
+      },
+    ),
+    { numRuns: RUNS },
+  );
+});
+
+test("clipping and a training step never read back to the host (WebGPU)", async () => {
+  const dev = await gpuDevice();
+  const ps = [5000, 7, 300].map((n, i) =>
+    tensor(seededValues(n, i), [n], { device: dev, requiresGrad: true })
+  );
+  const opt = new AdamW(ps.map((p, i) => [`p${i}`, p] as const));
+  const ema = new EMA(ps, { beta: 0.9 });
+  const before = dev.counters();
+  for (let k = 0; k < 3; k++) {
+    ps.forEach((p, i) => (p.grad = tensor(seededValues(p.size, 10 * k + i), [p.size], { device: dev })));
+    clipGradNorm(ps, 0.5).dispose();
+    const { norm, coef } = gradClipCoefficient(ps, 0.5);
+    opt.step({ gradScale: coef });
+    ema.update();
+    norm.dispose();
+    coef.dispose();
+    opt.zeroGrad();
+  }
+  const after = dev.counters();
+  assertEquals(after.reads, before.reads, "reads during clip/step/EMA");
+  if (!(after.dispatches > before.dispatches)) throw new Error("nothing was dispatched");
+  opt.dispose();
+  ema.dispose();
+});
+
+test("gradClipCoefficient leaves gradients alone; an empty gradient set has norm 0 and coefficient 1", async () => {
+  const dev = await gpuDevice();
+  const p = tensor([0, 0], [2], { device: dev, requiresGrad: true });
+  const empty = gradClipCoefficient([p], 1);
+  assertEquals([await empty.norm.item(), await empty.coef.item()], [0, 1]);
+  p.grad = tensor([3, 4], [2], { device: dev });
+  const { norm, coef } = gradClipCoefficient([p], 1);
+  assertClose([await norm.item(), await coef.item()], [5, 1 / (5 + 1e-6)], { rtol: 1e-6 });
+  assertEquals(Array.from(await p.grad.toArray()), [3, 4]);
+  assertThrows(() => clipGradNorm([p], -1), "clipGradNorm: maxNorm -1");
+});
+
+test("EMA: shadow = β·shadow + (1−β)·param in place, copyTo and state round trip (both backends)", async () => {
+  for (const [name, dev] of await backends()) {
+    const n = 29;
+    const p = tensor(seededValues(n, 1), [n], { device: dev });
+    const ema = new EMA([["w", p]], { beta: 0.8 });
+    const shadow = ema.shadow.get("w")!;
+    let want = Float64Array.from(seededValues(n, 1));
+    for (let k = 0; k < 4; k++) {
+      const v = seededValues(n, 10 + k);
+      // New parameter values in the tensor the EMA tracks (a recorded copy, ordered after the last update).
+      const src = tensor(v, [n], { device: dev });
+      copyInto(p, src, [0]);
+      src.dispose();
+      const beta = k === 3 ? 0.5 : 0.8;
+      ema.update(k === 3 ? 0.5 : undefined);
+      want = want.map((s, i) => beta * s + (1 - beta) * v[i]);
+    }
+    assertEquals(ema.shadow.get("w"), shadow, "updated in place");
+    assertClose(await shadow.toArray(), want, { rtol: 1e-5, atol: 1e-6 }, `${name} shadow`);
+    const target = tensor(new Float32Array(n), [n], { device: dev });
+    ema.copyTo([["w", target]]);
+    assertClose(await target.toArray(), want, { rtol: 1e-5, atol: 1e-6 }, `${name} copyTo`);
+    const other = new EMA([["w", target]], { beta: 0.1 });
+    const zeros = tensor(new Float32Array(n), [n], { device: dev });
+    other.loadStateDict({ w: zeros });
+    assertEquals(Array.from(await other.shadow.get("w")!.toArray()), new Array(n).fill(0));
+    assertThrows(
+      () => other.loadStateDict({ w: tensor([1], [1], { device: dev }) }),
+      `"w" has shape [1], expected [${n}]`,
+    );
+    assertThrows(() => other.loadStateDict({ v: zeros }), `unexpected key "v"`);
+    assertThrows(() => ema.update(1.5), "EMA: beta 1.5");
+  }
+});
+
+test("emaBetaFromHalfLife follows EDM: 0.5^(batch / (halfLifeKimg·1000)), with ramp-up", () => {
+  assertClose([emaBetaFromHalfLife(512, 500)], [Math.pow(0.5, 512 / 500_000)], { rtol: 1e-15 });
+  // After halfLife images worth of steps the old average's weight is exactly one half.
+  const beta = emaBetaFromHalfLife(100, 10);
+  assertClose([beta ** (10_000 / 100)], [0.5], { rtol: 1e-12 });
+  // Ramp-up: early on the half-life is curNimg·ratio (here 1e4·0.05 = 500 images).
+  assertClose([emaBetaFromHalfLife(512, 500, { curNimg: 10_000, rampupRatio: 0.05 })], [0.5 ** (512 / 500)], {
+    rtol: 1e-15,
+  });
+  assertEquals(emaBetaFromHalfLife(512, 500, { curNimg: 0, rampupRatio: 0.05 }), 0);
+  assertThrows(() => emaBetaFromHalfLife(0, 500), "batchSize 0");
+});
+
+test("optimizer state dict survives a safetensors round trip and resumes identically", async () => {
+  for (const [name, dev] of await backends()) {
+    const shapes = [[3, 4], [5], [2, 1, 3]];
+    const init = shapes.map((s, i) => seededValues(s.reduce((a, b) => a * b, 1), i));
+    const grad = (k: number, i: number) => seededValues(init[i].length, 100 * k + i);
+    const make = () => shapes.map((s, i) => tensor(init[i], s, { device: dev, requiresGrad: true }));
+    const named = (ps: Tensor[]) => ps.map((p, i) => [`layer${i}.weight`, p] as const);
+    const run = (ps: Tensor[], opt: Adam, from: number, to: number) => {
+      for (let k = from; k < to; k++) {
+        ps.forEach((p, i) => (p.grad = tensor(grad(k, i), p.shape, { device: dev })));
+        opt.step();
+        opt.zeroGrad();
+      }
+    };
+    // Uninterrupted: 5 steps.
+    const a = make();
+    const optA = new AdamW(named(a), { lr: 0.02, betas: [0.8, 0.95], weightDecay: 0.1 });
+    run(a, optA, 0, 5);
+    // Interrupted: 3 steps, checkpoint, fresh optimizer with other hyper-parameters, load, 2 more steps.
+    const b = make();
+    const optB = new AdamW(named(b), { lr: 0.02, betas: [0.8, 0.95], weightDecay: 0.1 });
+    run(b, optB, 0, 3);
+    const path = await Deno.makeTempFile({ suffix: ".safetensors" });
+    const sd = optB.stateDict();
+    await saveSafetensors(path, sd.tensors, { optimizer: JSON.stringify(sd.meta) });
+    const loaded = await loadSafetensorsWithMetadata(path, { device: dev });
+    await Deno.remove(path);
+    const c = b; // the same parameters, a fresh optimizer with default hyper-parameters
+    const optC = new AdamW(named(c));
+    optC.loadStateDict({ tensors: loaded.tensors, meta: JSON.parse(loaded.metadata.optimizer) });
+    assertEquals([optC.lr, optC.betas, optC.weightDecay], [0.02, [0.8, 0.95], 0.1]);
+    assertEquals(optC.stateDict().meta.steps, { "layer0.weight": 3, "layer1.weight": 3, "layer2.weight": 3 });
+    Object.values(loaded.tensors).forEach((t) => t.dispose()); // the optimizer copied them
+    run(c, optC, 3, 5);
+    for (let i = 0; i < a.length; i++) {
+      assertEquals(Array.from(await c[i].toArray()), Array.from(await a[i].toArray()), `${name} param ${i}`);
+    }
+    const sdA = optA.stateDict(), sdC = optC.stateDict();
+    for (const key of Object.keys(sdA.tensors)) {
+      assertEquals(
+        Array.from(await sdC.tensors[key].toArray()),
+        Array.from(await sdA.tensors[key].toArray()),
+        key,
+      );
+    }
+  }
+});
+
+test("optimizers reject bad hyper-parameters, mismatched gradients and mismatched state, naming them", async () => {
+  const dev = await cpuDevice();
+  const p = tensor([1, 2, 3], [3], { device: dev, requiresGrad: true });
+  assertThrows(() => new Adam([p], { lr: -1 }), "Adam: invalid learning rate -1");
+  assertThrows(() => new Adam([p], { betas: [0.9, 1] }), "Adam: invalid beta parameter at index 1: 1");
+  assertThrows(() => new AdamW([p], { eps: -1 }), "AdamW: invalid epsilon value -1");
+  assertThrows(() => new Adam([p], { weightDecay: -0.1 }), "Adam: invalid weight_decay value -0.1");
+  assertThrows(() => new Adam([p, p]), `parameter "1" appears more than once`);
+  assertThrows(() => new Adam([]), "empty parameter list");
+  const opt = new Adam([["w", p]]);
+  p.grad = tensor([1, 2], [2], { device: dev });
+  assertThrows(() => opt.step(), `Adam: gradient of "w" has shape [2], parameter [3]`);
+  p.grad = tensor([1, 2, 3], [3], { device: dev });
+  opt.step();
+  const sd = opt.stateDict();
+  const other = new AdamW([["w", p]]);
+  assertThrows(() => other.loadStateDict(sd), "state is from a Adam optimizer, not AdamW");
+  const q = new Adam([["w", tensor([1, 2], [2], { device: dev })]]);
+  assertThrows(() => q.loadStateDict(sd), `"w.exp_avg" has shape [3], parameter "w" has [2]`);
+  const r = new Adam([["v", p]]);
+  assertThrows(() => r.loadStateDict(sd), `state for unknown parameter "w"`);
+  const missing = { tensors: { "w.exp_avg": sd.tensors["w.exp_avg"] }, meta: sd.meta };
+  assertThrows(() => new Adam([["w", p]]).loadStateDict(missing), `missing tensor "w.exp_avg_sq"`);
+});
+
+test("optimizer kernels fold large dispatches into a 2-D grid correctly", async () => {
+  // At most 4 workgroups per dimension: 2000 elements are 8 workgroups of 256 (a 4×2 grid).
+  const small = await Device.create({ backend: "webgpu", maxWorkgroupsPerDimension: 4 });
+  try {
+    const results: Float32Array[] = [];
+    for (const dev of [small, await cpuDevice()]) {
+      const n = 2000;
+      const p = tensor(seededValues(n, 1), [n], { device: dev, requiresGrad: true });
+      p.grad = tensor(seededValues(n, 3), [n], { device: dev });
+      const norm = clipGradNorm([p], 1);
+      new Adam([p], { lr: 0.1 }).step();
+      const ema = new EMA([p], { beta: 0.5 });
+      ema.update();
+      // The norm's partial sums directly: 5 chunks of SUMSQ_CHUNK (a 4×2 grid), written at an offset.
+      const big = 5 * SUMSQ_CHUNK - 7;
+      const q = tensor(seededValues(big, 2), [big], { device: dev });
+      const partials = tensor(new Float32Array(7), [7], { device: dev });
+      dev.run(sumSquares, { n: big, offset: 1 }, [q.storage], [partials.storage]);
+      results.push(
+        Float32Array.of(
+          await norm.item(),
+          ...(await p.toArray()),
+          ...(await ema.shadow.get("0")!.toArray()),
+          ...(await partials.toArray()),
+        ),
+      );
+    }
+    assertClose(results[0], results[1], { rtol: 1e-5, atol: 1e-6 });
+  } finally {
+    small.destroy();
+  }
+});

@@ -1,0 +1,177 @@
+/**
+ * @file avgPool2d and interpolateNearest: forward and backward on WebGPU against the CPU reference over random
+ * shapes, kernels, strides and paddings (the CPU backward is a scatter, the GPU one a gather), values checked by
+ * hand against PyTorch's semantics, finite-difference gradient checks, and argument errors.
+ */
+
+import fc from "fast-check";
+import { tensor } from "../engine/creation.ts";
+import type { Device } from "../engine/device.ts";
+import { avgPool2d, interpolateNearest } from "../engine/ops/pool.ts";
+import type { Tensor } from "../engine/tensor.ts";
+import {
+  assertClose,
+  cpuDevice,
+  gpuDevice,
+  gradCheck,
+  RUNS,
+  scaleArb,
+  seedArb,
+  seededValues,
+  smallGridDevice,
+  test,
+} from "./util.ts";
+
+const size = (s: readonly number[]) => s.reduce((a, b) => a * b, 1);
+
+/** Output shape, y and dx (for a seeded cotangent) on one device. */
+async function onDevice(
+  device: Device,
+  f: (x: Tensor) => Tensor,
+  shape: number[],
+  x: ArrayLike<number>,
+  seed: number,
+): Promise<{ shape: readonly number[]; y: Float64Array; dx: Float64Array }> {
+  const xt = tensor(x, shape, { device, requiresGrad: true });
+  const y = f(xt);
+  const c = tensor(seededValues(y.size, seed), y.shape, { device });
+  y.backward(c);
+  const res = { shape: y.shape, y: await y.toFloat64Array(), dx: await xt.grad!.toFloat64Array() };
+  for (const t of [xt, y, c, xt.grad]) t?.dispose();
+  return res;
+}
+
+async function compare(
+  f: (x: Tensor) => Tensor,
+  shape: number[],
+  x: ArrayLike<number>,
+  seed: number,
+  small: boolean,
+) {
+  const gpu = small ? await smallGridDevice() : await gpuDevice();
+  const got = await onDevice(gpu, f, shape, x, seed);
+  const want = await onDevice(await cpuDevice(), f, shape, x, seed);
+  if (got.shape.join() !== want.shape.join()) throw new Error(`shape [${got.shape}] vs [${want.shape}]`);
+  assertClose(got.y, want.y, { rtol: 1e-5, atol: 1e-6 }, "y");
+  assertClose(got.dx, want.dx, { rtol: 1e-5, atol: 1e-6 }, "dx");
+}
+
+const dim = fc.oneof(fc.integer({ min: 1, max: 9 }), fc.constantFrom(13, 17));
+
+/** A pooling case whose output is non-empty and whose padding is at most half the kernel. */
+const poolCase = fc
+  .record({
+    lead: fc.array(fc.integer({ min: 1, max: 3 }), { minLength: 1, maxLength: 2 }),
+    H: dim,
+    W: dim,
+    kh: fc.integer({ min: 1, max: 4 }),
+    kw: fc.integer({ min: 1, max: 4 }),
+    sh: fc.integer({ min: 1, max: 4 }),
+    sw: fc.integer({ min: 1, max: 4 }),
+    pad: fc.tuple(fc.integer({ min: 0, max: 2 }), fc.integer({ min: 0, max: 2 })),
+    defaultStride: fc.boolean(),
+  })
+  .map((c) => ({ ...c, ph: Math.min(c.pad[0], c.kh >> 1), pw: Math.min(c.pad[1], c.kw >> 1) }))
+  .filter((c) => c.H + 2 * c.ph >= c.kh && c.W + 2 * c.pw >= c.kw);
+
+test("avgPool2d forward and backward: WebGPU matches CPU reference", async () => {
+  await fc.assert(
+    fc.asyncProperty(poolCase, scaleArb, seedArb, fc.boolean(), async (c, scale, seed, small) => {
+      const shape = [...c.lead, c.H, c.W];
+      const x = seededValues(size(shape), seed, -scale, scale);
+      const stride = c.defaultStride ? undefined : ([c.sh, c.sw] as const);
+      await compare((t) => avgPool2d(t, [c.kh, c.kw], stride, [c.ph, c.pw]), shape, x, seed + 1, small);
+    }),
+    { numRuns: RUNS },
+  );
+});
+
+test("interpolateNearest forward and backward: WebGPU matches CPU reference", async () => {
+  const caseArb = fc.record({
+    N: fc.integer({ min: 1, max: 3 }),
+    C: fc.integer({ min: 1, max: 4 }),
+    H: dim,
+    W: dim,
+    scale: fc.oneof(
+      fc.integer({ min: 1, max: 4 }),
+      fc.tuple(fc.integer({ min: 1, max: 3 }), fc.integer({ min: 1, max: 3 })),
+    ),
+  });
+  await fc.assert(
+    fc.asyncProperty(caseArb, scaleArb, seedArb, fc.boolean(), async (c, scale, seed, small) => {
+      const shape = [c.N, c.C, c.H, c.W];
+      const x = seededValues(size(shape), seed, -scale, scale);
+      await compare((t) => interpolateNearest(t, c.scale), shape, x, seed + 1, small);
+    }),
+    { numRuns: RUNS },
+  );
+});
+
+test("avgPool2d matches PyTorch on hand-computed cases (count_include_pad, floor mode)", async () => {
+  for (const device of [await gpuDevice(), await cpuDevice()]) {
+    const x = tensor(Array.from({ length: 16 }, (_, i) => i), [1, 1, 4, 4], { device });
+    const a = avgPool2d(x, 2);
+    if (a.shape.join() !== "1,1,2,2") throw new Error(`avgPool2d(x, 2) shape [${a.shape}]`);
+    assertClose(await a.toArray(), [2.5, 4.5, 10.5, 12.5], {}, `${device.kind} k=2`);
+    // F.avg_pool2d(arange(16).view(1,1,4,4), 3, 2, 1): padded zeros count, so every window divides by 9.
+    assertClose(
+      await avgPool2d(x, 3, 2, 1).toArray(),
+      [10 / 9, 24 / 9, 51 / 9, 90 / 9],
+      {},
+      `${device.kind} k=3 s=2 p=1`,
+    );
+    // Floor mode: a 5-wide input with k=2 drops the last column; [C, H, W] input is unbatched.
+    const u = tensor(Array.from({ length: 10 }, (_, i) => i), [1, 2, 5], { device });
+    const b = avgPool2d(u, 2);
+    if (b.shape.join() !== "1,1,2") throw new Error(`unbatched avgPool2d shape [${b.shape}]`);
+    assertClose(await b.toArray(), [3, 5], {}, `${device.kind} floor mode`);
+  }
+});
+
+test("interpolateNearest repeats each pixel into a block", async () => {
+  const x = tensor([1, 2, 3, 4, 5, 6], [1, 1, 2, 3], { device: await gpuDevice() });
+  const y = interpolateNearest(x);
+  if (y.shape.join() !== "1,1,4,6") throw new Error(`shape [${y.shape}]`);
+  assertClose(await y.toArray(), [1, 1, 2, 2, 3, 3, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 4, 4, 5, 5, 6, 6]);
+  const z = interpolateNearest(x, [1, 2]);
+  assertClose(await z.toArray(), [1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6]);
+});
+
+test("avgPool2d gradient check with padding and stride ≠ kernel", async () => {
+  const shape = [1, 2, 5, 6], n = size(shape);
+  const data = seededValues(n, 3, -1, 1);
+  await gradCheck((x) => avgPool2d(x, 3, 2, 1), [{ shape, data }]);
+  await gradCheck((x) => avgPool2d(x, [2, 3], [1, 2], [1, 0]), [{ shape, data }]);
+  await gradCheck((x) => avgPool2d(x, 2, 3), [{ shape, data }]);
+});
+
+test("interpolateNearest gradient check", async () => {
+  const shape = [2, 1, 2, 3], n = size(shape);
+  await gradCheck((x) => interpolateNearest(x), [{ shape, data: seededValues(n, 4) }]);
+  await gradCheck((x) => interpolateNearest(x, [3, 2]), [{ shape, data: seededValues(n, 5) }]);
+});
+
+test("avgPool2d/interpolateNearest argument errors name the shapes and values", async () => {
+  const device = await cpuDevice();
+  const x = tensor(seededValues(2 * 3 * 4 * 4, 1), [2, 3, 4, 4], { device });
+  const expectError = (f: () => unknown, ...parts: string[]) => {
+    try {
+      f();
+    } catch (e) {
+      const msg = (e as Error).message;
+      for (const p of parts) if (!msg.includes(p)) throw new Error(`error "${msg}" does not mention ${p}`);
+      return;
+    }
+    throw new Error(`expected an error mentioning ${parts.join(", ")}`);
+  };
+  expectError(() => avgPool2d(x, 2, 1, 2), "avgPool2d", "padding", "[2, 2]", "kernelSize");
+  expectError(() => avgPool2d(x, 5), "avgPool2d", "[2, 3, 4, 4]", "[5, 5]");
+  expectError(() => avgPool2d(tensor([1, 2, 3, 4], [2, 2], { device }), 1), "avgPool2d", "[2, 2]");
+  expectError(() => avgPool2d(x, 0), "avgPool2d", "kernelSize");
+  expectError(() => interpolateNearest(x, 1.5), "interpolateNearest", "scaleFactor", "1.5");
+  expectError(
+    () => interpolateNearest(tensor([1, 2, 3], [1, 1, 3], { device })),
+    "interpolateNearest",
+    "[1, 1, 3]",
+  );
+});

@@ -1,0 +1,157 @@
+/**
+ * @file softmax and logSoftmax: forward and backward on WebGPU against the CPU reference for random shapes and
+ * any dim (short rows: thread per row; long rows: the workgroup tree, contiguous and interleaved), large and
+ * tiny values, −inf entries, hand-computed values, finite-difference gradient checks on dim 0, a middle dim and
+ * the last dim, and dim errors.
+ */
+
+import fc from "fast-check";
+import { tensor } from "../engine/creation.ts";
+import type { Device } from "../engine/device.ts";
+import { logSoftmax, softmax } from "../engine/ops/softmax.ts";
+import {
+  assertClose,
+  cpuDevice,
+  gpuDevice,
+  gradCheck,
+  RUNS,
+  scaleArb,
+  seedArb,
+  seededValues,
+  smallGridDevice,
+  test,
+} from "./util.ts";
+
+const size = (s: readonly number[]) => s.reduce((a, b) => a * b, 1);
+const OPS = { softmax, logSoftmax };
+
+/** y and dx (for a fixed cotangent) on one device. */
+async function onDevice(
+  device: Device,
+  op: keyof typeof OPS,
+  shape: number[],
+  x: ArrayLike<number>,
+  dim: number,
+  cot: ArrayLike<number>,
+): Promise<Float64Array[]> {
+  const xt = tensor(x, shape, { device, requiresGrad: true });
+  const y = OPS[op](xt, dim);
+  const c = tensor(cot, shape, { device });
+  y.backward(c);
+  const res = [await y.toFloat64Array(), await xt.grad!.toFloat64Array()];
+  for (const t of [xt, y, c, xt.grad]) t?.dispose();
+  return res;
+}
+
+/** A shape, a dim in it (maybe negative), with the softmax dim sometimes long enough for the workgroup tree. */
+const caseArb = fc.record({
+  outer: fc.array(fc.constantFrom(1, 2, 3, 5), { maxLength: 2 }),
+  L: fc.oneof(
+    fc.constant(1),
+    fc.integer({ min: 1, max: 9 }),
+    fc.constantFrom(13, 17),
+    fc.integer({ min: 30, max: 700 }),
+  ),
+  inner: fc.array(fc.constantFrom(1, 2, 3, 7), { maxLength: 2 }),
+  negative: fc.boolean(),
+  op: fc.constantFrom("softmax" as const, "logSoftmax" as const),
+  small: fc.boolean(),
+});
+
+test("softmax/logSoftmax forward and backward over any dim: WebGPU matches CPU reference", async () => {
+  await fc.assert(
+    fc.asyncProperty(
+      caseArb,
+      scaleArb,
+      seedArb,
+      async ({ outer, L, inner, negative, op, small }, scale, seed) => {
+        const shape = [...outer, L, ...inner];
+        const d = outer.length;
+        const dim = negative ? d - shape.length : d;
+        const n = size(shape);
+        const x = seededValues(n, seed, -scale, scale);
+        const cot = seededValues(n, seed + 1);
+        const gpu = small ? await smallGridDevice() : await gpuDevice();
+        const [y, dx] = await onDevice(gpu, op, shape, x, dim, cot);
+        const [yWant, dxWant] = await onDevice(await cpuDevice(), op, shape, x, dim, cot);
+        const yTol = op === "softmax" ? { rtol: 1e-4, atol: 1e-6 } : { rtol: 1e-5, atol: 1e-5 };
+        assertClose(y, yWant, yTol, `${op} y ${JSON.stringify(shape)} dim ${dim}`);
+        assertClose(dx, dxWant, { rtol: 1e-3, atol: 1e-5 }, `${op} dx ${JSON.stringify(shape)} dim ${dim}`);
+      },
+    ),
+    { numRuns: RUNS },
+  );
+});
+
+test("softmax matches hand-computed values and sums to one along the dim", async () => {
+  const gpu = await gpuDevice();
+  const x = tensor([1, 2, 3, 1000, 1000, 1000], [2, 3], { device: gpu });
+  const e = [Math.exp(-2), Math.exp(-1), 1], s = e[0] + e[1] + e[2];
+  assertClose(await softmax(x).toArray(), [e[0] / s, e[1] / s, e[2] / s, 1 / 3, 1 / 3, 1 / 3], {
+    rtol: 1e-6,
+  });
+  const ls = Math.log(s);
+  assertClose(await logSoftmax(x, 1).toArray(), [
+    -2 - ls,
+    -1 - ls,
+    -ls,
+    -Math.log(3),
+    -Math.log(3),
+    -Math.log(3),
+  ], {
+    rtol: 1e-6,
+    atol: 1e-6,
+  });
+  // Along dim 0 of [2, 3]: columns (1, 1000), (2, 1000), (3, 1000).
+  const col = await softmax(x, 0).toArray();
+  for (let j = 0; j < 3; j++) assertClose([col[j] + col[3 + j]], [1], { rtol: 1e-6 }, `column ${j} sum`);
+  assertClose([col[3]], [1], { rtol: 1e-6 }, "softmax(1, 1000)");
+});
+
+test("softmax treats −inf as zero probability; an all −inf row is NaN as in PyTorch", async () => {
+  for (const device of [await gpuDevice(), await cpuDevice()]) {
+    for (const L of [4, 300]) {
+      // Row 0: −inf first (the running max must not start an inf − inf), then finite values; row 1: all −inf.
+      const row0 = Array.from({ length: L }, (_, j) => (j % 2 === 0 ? -Infinity : j / L));
+      const row1 = new Array<number>(L).fill(-Infinity);
+      const x = tensor([...row0, ...row1], [2, L], { device });
+      const y = await softmax(x).toArray();
+      const ly = await logSoftmax(x).toArray();
+      const finite = row0.filter((v) => v !== -Infinity);
+      const m = Math.max(...finite), s = finite.reduce((a, v) => a + Math.exp(v - m), 0);
+      const want = row0.map((v) => (v === -Infinity ? 0 : Math.exp(v - m) / s));
+      const wantLog = row0.map((v) => (v === -Infinity ? -Infinity : v - m - Math.log(s)));
+      const what = `${device.kind} L=${L}`;
+      assertClose(y.subarray(0, L), want, { rtol: 1e-5, atol: 1e-7 }, `${what} softmax with −inf`);
+      assertClose(ly.subarray(0, L), wantLog, { rtol: 1e-5, atol: 1e-6 }, `${what} logSoftmax with −inf`);
+      assertClose(y.subarray(L), new Array<number>(L).fill(NaN), {}, `${what} all −inf row`);
+    }
+  }
+});
+
+test("softmax gradient check on dim 0, a middle dim and the last dim", async () => {
+  const shape = [3, 4, 2], n = size(shape);
+  for (const dim of [0, 1, -1]) {
+    await gradCheck((x) => softmax(x, dim), [{ shape, data: seededValues(n, 10 + dim, -2, 2) }]);
+  }
+});
+
+test("logSoftmax gradient check on dim 0, a middle dim and the last dim", async () => {
+  const shape = [2, 3, 4], n = size(shape);
+  for (const dim of [0, 1, 2]) {
+    await gradCheck((x) => logSoftmax(x, dim), [{ shape, data: seededValues(n, 20 + dim, -2, 2) }]);
+  }
+});
+
+test("softmax rejects a dim out of range, naming the dim and the rank", async () => {
+  const x = tensor([1, 2, 3, 4, 5, 6], [2, 3], { device: await cpuDevice() });
+  for (const [f, dim] of [[softmax, 2], [logSoftmax, -3]] as const) {
+    let msg = "";
+    try {
+      f(x, dim);
+    } catch (e) {
+      msg = (e as Error).message;
+    }
+    if (!msg.includes(String(dim)) || !msg.includes("rank 2")) throw new Error(`unexpected error "${msg}"`);
+  }
+});
