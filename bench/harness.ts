@@ -38,17 +38,21 @@ export async function timePerIteration(
   sync: () => Promise<void>,
   opts: TimingOptions = {},
 ): Promise<number> {
-  const minMs = opts.minMs ?? 250, repeats = opts.repeats ?? 5, maxIt = opts.maxIterations ?? 200;
+  const minMs = opts.minMs ?? 250, repeats = opts.repeats ?? 5, maxIt = opts.maxIterations ?? 4096;
   step();
   await sync(); // compile pipelines, fill pools
-  let t0 = performance.now();
-  step();
-  await sync();
-  const once = Math.max(0.01, performance.now() - t0);
-  const K = Math.max(1, Math.min(maxIt, Math.ceil(minMs / once)));
+  // Double K until K iterations plus one sync last minMs: the ~11 ms sync must not dominate small ops.
+  let K = 1;
+  for (;;) {
+    const t0 = performance.now();
+    for (let k = 0; k < K; k++) step();
+    await sync();
+    if (performance.now() - t0 >= minMs || K >= maxIt) break;
+    K = Math.min(maxIt, K * 2);
+  }
   const times: number[] = [];
   for (let r = 0; r < repeats; r++) {
-    t0 = performance.now();
+    const t0 = performance.now();
     for (let k = 0; k < K; k++) step();
     await sync();
     times.push((performance.now() - t0) / K);

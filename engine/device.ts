@@ -501,7 +501,10 @@ class WebGpuBackend implements Backend {
     const entries: GPUBindGroupEntry[] = [];
     [...inputs, ...outputs].forEach((s, i) => {
       const g = s as GpuStorage;
-      entries.push({ binding: i, resource: { buffer: g.buffer, offset: 0, size: Math.max(4, g.bytes) } });
+      // At least 16 bytes: Deno's wgpu keeps the previous pipeline's minimum binding sizes when consecutive
+      // pipelines share a layout (gfx-rs/wgpu#7359), so a vec4 kernel would make a later 4-byte binding fail.
+      // Pool buffers are at least 256 bytes, so the wider binding is always in range.
+      entries.push({ binding: i, resource: { buffer: g.buffer, offset: 0, size: Math.max(16, g.bytes) } });
     });
     entries.push({
       binding: inputs.length + outputs.length,

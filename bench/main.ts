@@ -1,0 +1,167 @@
+/**
+ * @file `deno task bench [--json] [--quick] [--no-peer] [--only NAME]`: the kernels that dominate a UNet
+ * training step, as GFLOP/s (compute-bound) or GB/s (memory-bound), each the median of several timed repeats
+ * (see harness.ts), with TensorFlow.js's WebGPU backend measured in the same run on matmul and conv.
+ *
+ * Gradients are timed by calling the tape node's vector-Jacobian product directly, so a figure is exactly the
+ * code `backward()` runs for that op and nothing else.
+ */
+
+import {
+  add,
+  conv2d,
+  Device,
+  groupNorm,
+  matmul,
+  mul,
+  randn,
+  scope,
+  silu,
+  type Tensor,
+  tensor,
+} from "../engine/mod.ts";
+import { type BenchRecord, printTable, timePerIteration, type TimingOptions } from "./harness.ts";
+
+const args = new Set(Deno.args);
+const json = args.has("--json");
+const quick = args.has("--quick");
+const withPeer = !args.has("--no-peer");
+const onlyAt = Deno.args.indexOf("--only");
+const only = onlyAt >= 0 ? Deno.args[onlyAt + 1] : undefined;
+const timing: TimingOptions = quick ? { minMs: 100, repeats: 3 } : { minMs: 300, repeats: 5 };
+
+const device = await Device.create();
+const records: BenchRecord[] = [];
+const log = (s: string) => json || console.error(s);
+
+const sync = async () => {
+  const probe = tensor([0], [1]);
+  await probe.toArray();
+  probe.dispose();
+};
+
+/** ms per call of `f`, whose tensors are freed each iteration. */
+const timeOurs = (f: () => unknown) => timePerIteration(() => scope(() => void f()), sync, timing);
+
+async function peer(ms: () => Promise<number>): Promise<number | undefined> {
+  if (!withPeer) return undefined;
+  try {
+    return await ms();
+  } catch (e) {
+    log(`peer failed: ${(e as Error).message}`);
+    return undefined;
+  }
+}
+
+function report(
+  name: string,
+  unit: BenchRecord["unit"],
+  work: number,
+  ms: number,
+  peerMs?: number,
+  note?: string,
+) {
+  const value = work / ms / 1e6;
+  const r: BenchRecord = { name, unit, value };
+  if (peerMs !== undefined) {
+    r.peer = "tfjs-webgpu";
+    r.peer_value = work / peerMs / 1e6;
+    r.ratio = r.value / r.peer_value;
+  }
+  if (note) r.note = note;
+  records.push(r);
+  if (json) console.log(JSON.stringify(r));
+  else log(`${name}: ${value.toFixed(2)} ${unit}${r.ratio ? ` (${r.ratio.toFixed(1)}× ${r.peer})` : ""}`);
+}
+
+const want = (name: string) => !only || name.includes(only);
+const tf = withPeer ? await import("./peer_tfjs.ts") : null;
+
+// --- matmul -------------------------------------------------------------------------------------------------------
+for (const n of quick ? [256, 512] : [256, 512, 1024]) {
+  const name = `matmul ${n}³`;
+  if (!want(name)) continue;
+  const a = randn([n, n]), b = randn([n, n]);
+  const ms = await timeOurs(() => matmul(a, b));
+  report(name, "GFLOP/s", 2 * n ** 3, ms, await peer(() => tf!.tfMatmul(n, timing)));
+  a.dispose();
+  b.dispose();
+}
+
+// --- conv2d: batch 8, 32×32, 64→64, 3×3, padding 1 ----------------------------------------------------------------
+{
+  const [N, C, H, W, Co, k] = [8, 64, 32, 32, 64, 3];
+  const flops = 2 * N * Co * H * W * C * k * k;
+  const x = randn([N, C, H, W]), w = randn([Co, C, k, k]);
+  if (want("conv2d forward")) {
+    const ms = await timeOurs(() => conv2d(x, w, null, { padding: 1 }));
+    report("conv2d forward", "GFLOP/s", flops, ms, await peer(() => tf!.tfConv2d(N, C, H, W, Co, k, timing)));
+  }
+  const g = randn([N, Co, H, W]);
+  /** Times one gradient of conv2d alone: the tape node's VJP with only `wrt` requiring grad. */
+  const convGrad = async (wrt: "x" | "w") => {
+    x.requiresGrad = wrt === "x";
+    w.requiresGrad = wrt === "w";
+    const y = conv2d(x, w, null, { padding: 1 });
+    const node = y.node!;
+    const ms = await timeOurs(() => node.vjp(g));
+    y.dispose();
+    x.requiresGrad = w.requiresGrad = false;
+    return ms;
+  };
+  if (want("conv2d input-grad")) report("conv2d input-grad", "GFLOP/s", flops, await convGrad("x"));
+  if (want("conv2d weight-grad")) report("conv2d weight-grad", "GFLOP/s", flops, await convGrad("w"));
+  [x, w, g].forEach((t) => t.dispose());
+}
+
+// --- groupNorm forward + backward ---------------------------------------------------------------------------------
+if (want("groupNorm")) {
+  const shape = [8, 64, 32, 32];
+  const n = shape.reduce((p, q) => p * q, 1);
+  const x = randn(shape, { requiresGrad: true }), g = randn(shape);
+  const wt = randn([64], { requiresGrad: true }), bs = randn([64], { requiresGrad: true });
+  const ms = await timeOurs(() => {
+    const y = groupNorm(x, 32, wt, bs);
+    return y.node!.vjp(g);
+  });
+  // Effective traffic: forward reads x and writes y; backward reads x and g and writes dx (5 tensors).
+  report("groupNorm fwd+bwd [8,64,32,32] G=32", "GB/s", 5 * 4 * n, ms, undefined, "bytes = 5·numel·4");
+  [x, g, wt, bs].forEach((t) => t.dispose());
+}
+
+// --- elementwise chains -------------------------------------------------------------------------------------------
+if (want("elementwise")) {
+  // EDM preconditioning output D = c_skip·x + c_out·F with per-sample coefficients, and a ResBlock's
+  // silu(h·(1+scale) + shift): the chains the engine should fuse.
+  const shape = [8, 64, 32, 32];
+  const n = shape.reduce((p, q) => p * q, 1);
+  const x = randn(shape), F = randn(shape);
+  const cSkip = randn([8, 1, 1, 1]), cOut = randn([8, 1, 1, 1]);
+  const scale = randn([8, 64, 1, 1]), shift = randn([8, 64, 1, 1]);
+  const ms1 = await timeOurs(() => add(mul(cSkip, x), mul(cOut, F)));
+  report(
+    "elementwise EDM c_skip·x + c_out·F",
+    "GB/s",
+    3 * 4 * n,
+    ms1,
+    undefined,
+    "bytes = (2 in + 1 out)·numel·4",
+  );
+  const ms2 = await timeOurs(() => silu(add(mul(x, add(scale, 1)), shift)));
+  report(
+    "elementwise silu(h·(1+scale)+shift)",
+    "GB/s",
+    2 * 4 * n,
+    ms2,
+    undefined,
+    "bytes = (1 in + 1 out)·numel·4",
+  );
+  [x, F, cSkip, cOut, scale, shift].forEach((t: Tensor) => t.dispose());
+}
+
+if (!json) printTable(records);
+const c = device.counters();
+log(
+  `device: ${device.info.adapter} via ${device.info.api}; ${c.dispatches} dispatches, ${c.submits} submits`,
+);
+Deno.exit(0); // tfjs keeps its own device alive

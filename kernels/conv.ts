@@ -1,0 +1,604 @@
+/**
+ * @file 2-D convolution, NCHW activations and OIHW weights, as three kernels that together give conv2d and
+ * convTranspose2d with their gradients:
+ *
+ * - `conv2d`: y[n,co,oh,ow] = bias[co] + Σ_{ci,kh,kw} w[co,ci,kh,kw] · x[n,ci,oh·s−p+kh, ow·s−p+kw].
+ * - `conv2dInputGrad`: dx = the adjoint of that map applied to dy (a transposed convolution), for any input size
+ *   (so it is also convTranspose2d's forward, output padding included), with an optional bias over dx's channels.
+ * - `conv2dWeightGrad`: dw[co,ci,kh,kw] = Σ_{n,oh,ow} dy[n,co,oh,ow] · x[n,ci,oh·s−p+kh, ow·s−p+kw].
+ *
+ * All three are implicit GEMMs with register blocking: an invocation owns a block of channels × positions and
+ * loops over the reduction with few loads per multiply-add. Padding costs no branches: an out-of-range position
+ * loads from a clamped (valid) address and is masked to zero with `select`.
+ *
+ * Forward and input gradient: the channel block is the same for a whole workgroup (so every lane reads the same
+ * weights) and each lane owns up to 16 consecutive positions of one row. Along a row, the input columns that a
+ * tile needs for tap kw+s are those it needed for tap kw shifted by one position, so the kernel keeps them in
+ * registers as a sliding window and loads one new column per tap instead of one per position. For the input
+ * gradient a lane owns input columns that are s apart (one phase of the stride): they share the taps that reach
+ * them and read consecutive dy columns, so the same window works. Weights are read through element strides; when
+ * the channel dimension of the tile is contiguous (the caller passes a transposed copy) and aligned, they are
+ * read as vec4s.
+ *
+ * Weight gradient: it reduces over N·Ho·Wo and has few outputs; its rows (n, oh) can be split into `splits`
+ * ranges written to separate slices of the output (summed afterwards by the caller), so that a wide GPU has work.
+ */
+
+import { type FloatArray, type GpuCaps, type GpuDispatch, type Kernel, ParamWriter } from "./types.ts";
+import { grid, header } from "./wgsl.ts";
+
+/** Sizes of one convolution: x is [N, Cin, H, W], y is [N, Cout, Ho, Wo], w is [Cout, Cin, kH, kW]. */
+export interface ConvGeometry {
+  N: number;
+  Cin: number;
+  H: number;
+  W: number;
+  Cout: number;
+  Ho: number;
+  Wo: number;
+  kH: number;
+  kW: number;
+  strideH: number;
+  strideW: number;
+  /** Top/left zero padding; the bottom/right padding is whatever Ho, Wo imply. */
+  padH: number;
+  padW: number;
+}
+
+/** Where w[co, ci, kh, kw] lives: co·co + ci·ci + (kh·kW + kw)·k elements into the buffer. */
+export interface WeightStrides {
+  co: number;
+  ci: number;
+  k: number;
+}
+
+export interface ConvParams extends ConvGeometry {
+  /** A third input: per-channel bias of the output (Cout for conv2d, Cin for the input gradient). */
+  bias?: boolean;
+  /** Layout of the weight buffer; OIHW (contiguous [Cout, Cin, kH, kW]) by default. */
+  weightStrides?: WeightStrides;
+}
+
+export interface ConvWeightGradParams extends ConvGeometry {
+  /** Number of row ranges of the reduction; the output is [splits, Cout, Cin, kH, kW] (default 1). */
+  splits?: number;
+}
+
+const WG = 64;
+
+function checkGeometry(name: string, g: ConvGeometry): void {
+  const positive = ["N", "Cin", "H", "W", "Cout", "Ho", "Wo", "kH", "kW", "strideH", "strideW"] as const;
+  for (const k of positive) {
+    if (!Number.isInteger(g[k]) || g[k] < 1) {
+      throw new Error(`${name}: ${k} must be a positive integer, got ${g[k]}`);
+    }
+  }
+  for (const k of ["padH", "padW"] as const) {
+    if (!Number.isInteger(g[k]) || g[k] < 0) {
+      throw new Error(`${name}: ${k} must be a non-negative integer, got ${g[k]}`);
+    }
+  }
+}
+
+/** The OIHW strides of a geometry's weight. */
+export function oihwStrides(g: ConvGeometry): WeightStrides {
+  return { co: g.Cin * g.kH * g.kW, ci: g.kH * g.kW, k: 1 };
+}
+
+function weightStridesOf(name: string, p: ConvParams): WeightStrides {
+  const s = p.weightStrides ?? oihwStrides(p);
+  for (const v of [s.co, s.ci, s.k]) {
+    if (!Number.isInteger(v) || v < 0) throw new Error(`${name}: bad weight stride ${v}`);
+  }
+  return s;
+}
+
+/** Geometry as the first 13 uniform words (see `GEOMETRY_WGSL`). */
+function geometryWords(g: ConvGeometry): ParamWriter {
+  return new ParamWriter().u32(g.N, g.Cin, g.H, g.W, g.Cout, g.Ho, g.Wo, g.kH, g.kW, g.strideH, g.strideW)
+    .u32(g.padH, g.padW);
+}
+
+const GEOMETRY_WGSL = `let N = pu(0u); let Cin = pu(1u); let H = pu(2u); let W = pu(3u);
+  let Cout = pu(4u); let Ho = pu(5u); let Wo = pu(6u); let kH = pu(7u); let kW = pu(8u);
+  let sH = pu(9u); let sW = pu(10u); let pH = pu(11u); let pW = pu(12u);
+  let HW = H * W; let HoWo = Ho * Wo; let KK = kH * kW; let CinKK = Cin * KK;`;
+
+const ENTRY = `@compute @workgroup_size(${WG})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32)`;
+
+/**
+ * Workgroup → (channel tile `ct`, the same for all its lanes) and lane → position tile `t` (clamped; `live` is
+ * false for the clamped ones, which compute but do not store).
+ */
+function tileMapping(tiles: string, chTiles: string): string {
+  return `let tiles = ${tiles};
+  let groups = (tiles + ${WG - 1}u) / ${WG}u;
+  let wg = wid.x + wid.y * nwg.x;
+  let ct = wg / groups;
+  if (ct >= ${chTiles}) { return; }
+  let t0 = (wg % groups) * ${WG}u + lid;
+  let live = t0 < tiles;
+  let t = min(t0, tiles - 1u);`;
+}
+
+/** Register tile edge for a dimension: the largest power of two not above the size, at most `max`. */
+function tileFor(size: number, max = 8): number {
+  let t = 1;
+  while (t * 2 <= Math.min(size, max)) t *= 2;
+  return t;
+}
+
+const range = (n: number) => Array.from({ length: n }, (_, i) => i);
+const each = (n: number, f: (i: number) => string, sep = " ") => range(n).map(f).join(sep);
+
+/** `acc{i}_{j} += a{i} · b{j}` for the whole tile, one line per i. */
+function fmaBlock(
+  ti: number,
+  tj: number,
+  a: (i: number) => string,
+  b: (j: number) => string,
+  indent = "\n      ",
+): string {
+  return each(ti, (i) => each(tj, (j) => `acc${i}_${j} = fma(${a(i)}, ${b(j)}, acc${i}_${j});`), indent);
+}
+
+/**
+ * Weight loads for a tile of `tc` channels that are the `along` index of w. Vector mode: the caller made that
+ * index contiguous and everything aligned, so four channels are one vec4 load. Returns the setup lines (per-lane
+ * bases), the load lines for a given extra offset, and the expression of channel i's weight.
+ */
+function weightAccess(tc: number, vec: boolean, along: "co" | "ci", count: string) {
+  const stride = along === "co" ? "sCo" : "sCi";
+  if (vec) {
+    return {
+      setup: each(tc / 4, (g) => `let cg${g} = min(ct * ${tc}u + ${4 * g}u, ${count} - 4u);`),
+      load: (off: string) => each(tc / 4, (g) => `let w${g} = w[(cg${g} + ${off}) >> 2u];`),
+      at: (i: number) => `w${i >> 2}[${i & 3}]`,
+    };
+  }
+  return {
+    setup: each(tc, (i) => `let cb${i} = min(ct * ${tc}u + ${i}u, ${count} - 1u) * ${stride};`),
+    load: (off: string) => each(tc, (i) => `let w${i} = w[cb${i} + ${off}];`),
+    at: (i: number) => `w${i}`,
+  };
+}
+
+/** Vector weight loads need the tile's channel index contiguous and every other stride and count aligned. */
+function vectorWeights(s: WeightStrides, along: "co" | "ci", channels: number, tc: number): boolean {
+  const [unit, other] = along === "co" ? [s.co, s.ci] : [s.ci, s.co];
+  return unit === 1 && other % 4 === 0 && s.k % 4 === 0 && channels % 4 === 0 && tc % 4 === 0;
+}
+
+function sourceHeader(inputs: string[], output: string, vec: boolean): string {
+  const h = header(inputs, [output]);
+  return vec ? h.replace("w: array<f32>", "w: array<vec4<f32>>") : h;
+}
+
+type Caps = Pick<GpuCaps, "isCpuEmulated">;
+
+/**
+ * Register tile limits (channels × positions). CPU-emulated adapters get 16 × 16: their loads are per-lane
+ * gathers, so fewer loads per FMA win even though 256 accumulators spill (spills are plain vector moves). A real
+ * GPU thread has at most ~255 registers, so it gets 8 × 4.
+ */
+function tileLimits(caps: Caps): { ch: number; pos: number } {
+  return caps.isCpuEmulated ? { ch: 16, pos: 16 } : { ch: 8, pos: 4 };
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Forward: a workgroup owns tc output channels; a lane owns tp consecutive output columns of one output row.
+
+interface ForwardPlan {
+  tc: number;
+  tp: number;
+  vec: boolean;
+  /** Forward only: strideW = 1, the common case, gets a simpler loop nest. */
+  unitStride?: boolean;
+  colTiles: number;
+  chTiles: number;
+}
+
+function forwardPlan(p: ConvParams, caps: Caps): ForwardPlan {
+  const lim = tileLimits(caps);
+  const tc = tileFor(p.Cout, lim.ch), tp = tileFor(p.Wo, lim.pos);
+  const vec = vectorWeights(weightStridesOf("conv2d kernel", p), "co", p.Cout, tc);
+  return {
+    tc,
+    tp,
+    vec,
+    unitStride: p.strideW === 1,
+    colTiles: Math.ceil(p.Wo / tp),
+    chTiles: Math.ceil(p.Cout / tc),
+  };
+}
+
+function forwardSource({ tc, tp, vec, unitStride }: ForwardPlan, bias: boolean): string {
+  const wa = weightAccess(tc, vec, "co", "Cout");
+  const last = tp - 1;
+  return sourceHeader(bias ? ["x", "w", "bias"] : ["x", "w"], "y", vec) + `
+/** x at column iw of the row starting at base, or 0 outside the image (padding). */
+fn ldx(base: u32, iw: i32, W: u32, rowOk: bool) -> f32 {
+  let ok = rowOk && bitcast<u32>(iw) < W;
+  return select(0.0, x[select(0u, base + bitcast<u32>(iw), ok)], ok);
+}
+${ENTRY} {
+  ${GEOMETRY_WGSL}
+  let sCo = pu(13u); let sCi = pu(14u); let sK = pu(15u);
+  let colTiles = pu(16u);
+  ${tileMapping("N * Ho * colTiles", "pu(17u)")}
+  let cb = t % colTiles; let nr = t / colTiles; let oh = nr % Ho; let n = nr / Ho;
+  let ow0 = cb * ${tp}u;
+  let iw0 = i32(ow0 * sW) - i32(pW);
+  let ih0 = i32(oh * sH) - i32(pH);
+  let xN = n * Cin * HW;
+  let isW = i32(sW);
+  ${wa.setup}
+  ${each(tc, (i) => each(tp, (j) => `var acc${i}_${j} = 0.0;`), "\n  ")}
+  ${unitStride ? "" : "let residues = min(sW, kW);"}
+  for (var kh = 0u; kh < kH; kh++) {
+    let ih = ih0 + i32(kh);
+    let rowOk = bitcast<u32>(ih) < H;
+    let row = xN + select(0u, bitcast<u32>(ih) * W, rowOk);
+    for (var ci = 0u; ci < Cin; ci++) {
+      let base = row + ci * HW;
+      let wci = ci * sCi + kh * kW * sK;
+      // Taps kw ≡ r (mod sW) read the same columns shifted by one position per step of sW. (With sW = 1 the
+      // residue loop is left out: the extra loop level alone costs a quarter of the time on llvmpipe.)
+      ${unitStride ? "{ let r = 0u;" : "for (var r = 0u; r < residues; r++) {"}
+        ${each(tp, (j) => `var x${j} = ldx(base, iw0 + ${j} * isW + i32(r), W, rowOk);`, "\n        ")}
+        for (var kw = r; kw < kW; kw += sW) {
+          ${wa.load("wci + kw * sK")}
+          ${fmaBlock(tc, tp, wa.at, (j) => `x${j}`, "\n          ")}
+          // Unconditional: after the last tap this loads a column that is never used (clamped, so in bounds).
+          ${each(last, (j) => `x${j} = x${j + 1};`)}
+          x${last} = ldx(base, iw0 + ${last} * isW + i32(kw + sW), W, rowOk);
+        }
+      }
+    }
+  }
+  if (!live) { return; }
+  ${
+    each(
+      tc,
+      (i) =>
+        `{ let co = ct * ${tc}u + ${i}u;
+    if (co < Cout) {
+      let o = (n * Cout + co) * HoWo + oh * Wo + ow0;
+      ${bias ? "let b = bias[co];" : ""}
+      ${
+          each(
+            tp,
+            (j) => `if (ow0 + ${j}u < Wo) { y[o + ${j}u] = acc${i}_${j}${bias ? " + b" : ""}; }`,
+            "\n      ",
+          )
+        }
+    }
+  }`,
+      "\n  ",
+    )
+  }
+}`;
+}
+
+export const conv2d: Kernel<ConvParams> = {
+  name: "conv2d",
+
+  gpu(p: ConvParams, caps: GpuCaps): GpuDispatch {
+    checkGeometry("conv2d kernel", p);
+    const plan = forwardPlan(p, caps);
+    const s = weightStridesOf("conv2d kernel", p);
+    const w = geometryWords(p).u32(s.co, s.ci, s.k, plan.colTiles, plan.chTiles);
+    const groups = Math.ceil((p.N * p.Ho * plan.colTiles) / WG) * plan.chTiles;
+    return {
+      source: forwardSource(plan, p.bias ?? false),
+      workgroups: grid(groups, caps.maxWorkgroupsPerDimension),
+      params: w.finish(),
+    };
+  },
+
+  cpu(p: ConvParams, [x, w, bias]: FloatArray[], [y]: FloatArray[]): void {
+    checkGeometry("conv2d kernel", p);
+    const { N, Cin, H, W, Cout, Ho, Wo, kH, kW, strideH, strideW, padH, padW } = p;
+    const s = weightStridesOf("conv2d kernel", p);
+    for (let n = 0; n < N; n++) {
+      for (let co = 0; co < Cout; co++) {
+        for (let oh = 0; oh < Ho; oh++) {
+          for (let ow = 0; ow < Wo; ow++) {
+            let acc = p.bias ? bias[co] : 0;
+            for (let ci = 0; ci < Cin; ci++) {
+              for (let kh = 0; kh < kH; kh++) {
+                const ih = oh * strideH - padH + kh;
+                if (ih < 0 || ih >= H) continue;
+                for (let kw = 0; kw < kW; kw++) {
+                  const iw = ow * strideW - padW + kw;
+                  if (iw < 0 || iw >= W) continue;
+                  acc += w[co * s.co + ci * s.ci + (kh * kW + kw) * s.k] *
+                    x[((n * Cin + ci) * H + ih) * W + iw];
+                }
+              }
+            }
+            y[((n * Cout + co) * Ho + oh) * Wo + ow] = acc;
+          }
+        }
+      }
+    }
+  },
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Input gradient / transposed convolution: a workgroup owns tc input channels; a lane owns tp positions of one
+// input row that are sW apart (one phase of the stride), which share their taps and read consecutive dy columns.
+
+function inputGradPlan(p: ConvParams, caps: Caps): ForwardPlan {
+  const perPhase = Math.ceil(p.W / p.strideW);
+  const lim = tileLimits(caps);
+  const tc = tileFor(p.Cin, lim.ch), tp = tileFor(perPhase, lim.pos);
+  const vec = vectorWeights(weightStridesOf("conv2dInputGrad kernel", p), "ci", p.Cin, tc);
+  return { tc, tp, vec, colTiles: Math.ceil(perPhase / tp), chTiles: Math.ceil(p.Cin / tc) };
+}
+
+function inputGradSource({ tc, tp, vec }: ForwardPlan, bias: boolean): string {
+  const wa = weightAccess(tc, vec, "ci", "Cin");
+  return sourceHeader(bias ? ["dy", "w", "bias"] : ["dy", "w"], "dx", vec) + `
+/** dy at column ow of the row starting at base, or 0 outside it. */
+fn ldy(base: u32, ow: i32, Wo: u32, rowOk: bool) -> f32 {
+  let ok = rowOk && bitcast<u32>(ow) < Wo;
+  return select(0.0, dy[select(0u, base + bitcast<u32>(ow), ok)], ok);
+}
+${ENTRY} {
+  ${GEOMETRY_WGSL}
+  let sCo = pu(13u); let sCi = pu(14u); let sK = pu(15u);
+  let colTiles = pu(16u);
+  ${tileMapping("N * H * sW * colTiles", "pu(17u)")}
+  let cb = t % colTiles;
+  let rest = t / colTiles;
+  let phase = rest % sW;
+  let nh = rest / sW;
+  let ih = nh % H; let n = nh / H;
+  let c0 = cb * ${tp}u;
+  ${wa.setup}
+  ${each(tc, (i) => each(tp, (j) => `var acc${i}_${j} = 0.0;`), "\n  ")}
+  let dyN = n * Cout * HoWo;
+  // Position j (input column phase + (c0 + j)·sW) meets tap kw0 + m·sW at dy column q0 − m + j.
+  let kw0 = (phase + pW) % sW;
+  let q0 = i32((phase + pW - kw0) / sW + c0);
+  // Taps kh with (ih + pH − kh) divisible by sH and ≥ 0 reach this row, from dy row (ih + pH − kh) / sH.
+  for (var kh = (ih + pH) % sH; kh < kH && kh <= ih + pH; kh += sH) {
+    let oh = (ih + pH - kh) / sH;
+    let rowOk = oh < Ho;
+    let row = dyN + select(0u, oh * Wo, rowOk);
+    for (var co = 0u; co < Cout; co++) {
+      let base = row + co * HoWo;
+      let wco = co * sCo + kh * kW * sK;
+      ${each(tp, (j) => `var d${j} = ldy(base, q0 + ${j}, Wo, rowOk);`, "\n      ")}
+      var q = q0;
+      for (var kw = kw0; kw < kW; kw += sW) {
+        ${wa.load("wco + kw * sK")}
+        ${fmaBlock(tc, tp, wa.at, (j) => `d${j}`, "\n        ")}
+        q -= 1;
+        ${each(tp - 1, (k) => `d${tp - 1 - k} = d${tp - 2 - k};`)}
+        d0 = ldy(base, q, Wo, rowOk);
+      }
+    }
+  }
+  if (!live) { return; }
+  ${
+    each(
+      tc,
+      (i) =>
+        `{ let ci = ct * ${tc}u + ${i}u;
+    if (ci < Cin) {
+      let o = (n * Cin + ci) * HW + ih * W;
+      ${bias ? "let b = bias[ci];" : ""}
+      ${
+          each(tp, (j) =>
+            `{ let iw = phase + (c0 + ${j}u) * sW; if (iw < W) { dx[o + iw] = acc${i}_${j}${
+              bias ? " + b" : ""
+            }; } }`, "\n      ")
+        }
+    }
+  }`,
+      "\n  ",
+    )
+  }
+}`;
+}
+
+export const conv2dInputGrad: Kernel<ConvParams> = {
+  name: "conv2dInputGrad",
+
+  gpu(p: ConvParams, caps: GpuCaps): GpuDispatch {
+    checkGeometry("conv2dInputGrad kernel", p);
+    const plan = inputGradPlan(p, caps);
+    const s = weightStridesOf("conv2dInputGrad kernel", p);
+    const w = geometryWords(p).u32(s.co, s.ci, s.k, plan.colTiles, plan.chTiles);
+    const groups = Math.ceil((p.N * p.H * p.strideW * plan.colTiles) / WG) * plan.chTiles;
+    return {
+      source: inputGradSource(plan, p.bias ?? false),
+      workgroups: grid(groups, caps.maxWorkgroupsPerDimension),
+      params: w.finish(),
+    };
+  },
+
+  /** The reference scatters each dy element through the kernel: the transpose of conv2d's gather, written directly. */
+  cpu(p: ConvParams, [dy, w, bias]: FloatArray[], [dx]: FloatArray[]): void {
+    checkGeometry("conv2dInputGrad kernel", p);
+    const { N, Cin, H, W, Cout, Ho, Wo, kH, kW, strideH, strideW, padH, padW } = p;
+    const s = weightStridesOf("conv2dInputGrad kernel", p);
+    const acc = new Float64Array(N * Cin * H * W);
+    for (let n = 0; n < N; n++) {
+      for (let co = 0; co < Cout; co++) {
+        for (let oh = 0; oh < Ho; oh++) {
+          for (let ow = 0; ow < Wo; ow++) {
+            const g = dy[((n * Cout + co) * Ho + oh) * Wo + ow];
+            for (let ci = 0; ci < Cin; ci++) {
+              for (let kh = 0; kh < kH; kh++) {
+                const ih = oh * strideH - padH + kh;
+                if (ih < 0 || ih >= H) continue;
+                for (let kw = 0; kw < kW; kw++) {
+                  const iw = ow * strideW - padW + kw;
+                  if (iw < 0 || iw >= W) continue;
+                  acc[((n * Cin + ci) * H + ih) * W + iw] += g *
+                    w[co * s.co + ci * s.ci + (kh * kW + kw) * s.k];
+                }
+              }
+            }
+          }
+        }
+      }
+    }
+    for (let i = 0; i < acc.length; i++) dx[i] = acc[i] + (p.bias ? bias[Math.floor(i / (H * W)) % Cin] : 0);
+  },
+};
+
+/** Whether a conv2d / conv2dInputGrad dispatch declares vec4 storage. */
+export function convUsesVectorLoads(
+  kernel: "conv2d" | "conv2dInputGrad",
+  p: ConvParams,
+  caps: Caps,
+): boolean {
+  return (kernel === "conv2d" ? forwardPlan(p, caps) : inputGradPlan(p, caps)).vec;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Weight gradient: an invocation owns tc output channels × tq consecutive entries of (ci, kh, kw) and loops over
+// its range of rows (n, oh) and every ow.
+
+function weightGradSource(tc: number, tq: number): string {
+  return header(["x", "dy"], ["dw"]) + `
+${ENTRY} {
+  ${GEOMETRY_WGSL}
+  let qTiles = pu(13u); let coTiles = pu(14u); let splits = pu(15u); let rowsPerSplit = pu(16u);
+  // Neighbouring lanes take neighbouring (ci, kh, kw) tiles of the same output channels. (Tying the channel tile
+  // to the workgroup, as the other kernels do, leaves lanes idle here: there are few (ci, kh, kw) tiles.)
+  let id = linearId(wid, nwg, lid, ${WG}u);
+  if (id >= qTiles * coTiles * splits) { return; }
+  let qt = id % qTiles;
+  let rest = id / qTiles;
+  let cot = rest % coTiles;
+  let split = rest / coTiles;
+  let Q = CinKK;
+  // Per (ci, kh, kw) entry: its channel's offset in an image of x and its tap offset from (oh·sH, ow·sW).
+  ${
+    each(tq, (j) =>
+      `let e${j} = min(qt * ${tq}u + ${j}u, Q - 1u); let xc${j} = (e${j} / KK) * HW;
+  let dh${j} = i32((e${j} % KK) / kW) - i32(pH); let dw${j} = i32(e${j} % kW) - i32(pW);`, "\n  ")
+  }
+  ${each(tc, (i) => `let yc${i} = min(cot * ${tc}u + ${i}u, Cout - 1u) * HoWo;`)}
+  ${each(tc, (i) => each(tq, (j) => `var acc${i}_${j} = 0.0;`), "\n  ")}
+  let r0 = split * rowsPerSplit;
+  let r1 = min(r0 + rowsPerSplit, N * Ho);
+  for (var r = r0; r < r1; r++) {
+    let n = r / Ho; let oh = r % Ho;
+    let xN = n * Cin * HW;
+    let yRow = n * Cout * HoWo + oh * Wo;
+    ${
+    each(tq, (j) => `let ih${j} = i32(oh * sH) + dh${j}; let rowOk${j} = bitcast<u32>(ih${j}) < H;`, "\n    ")
+  }
+    ${each(tq, (j) => `let row${j} = xN + xc${j} + bitcast<u32>(ih${j}) * W;`)}
+    ${each(tq, (j) => `var iw${j} = dw${j};`)}
+    for (var ow = 0u; ow < Wo; ow++) {
+      ${each(tq, (j) => `let ok${j} = rowOk${j} && bitcast<u32>(iw${j}) < W;`)}
+      ${
+    each(tq, (j) =>
+      `let x${j} = select(0.0, x[select(0u, row${j} + bitcast<u32>(iw${j}), ok${j})], ok${j});`, "\n      ")
+  }
+      ${each(tc, (i) => `let d${i} = dy[yRow + yc${i} + ow];`)}
+      ${fmaBlock(tc, tq, (i) => `d${i}`, (j) => `x${j}`)}
+      ${each(tq, (j) => `iw${j} += i32(sW);`)}
+    }
+  }
+  ${
+    each(
+      tc,
+      (i) =>
+        `{ let co = cot * ${tc}u + ${i}u;
+    if (co < Cout) {
+      let base = (split * Cout + co) * Q + qt * ${tq}u;
+      ${each(tq, (j) => `if (qt * ${tq}u + ${j}u < Q) { dw[base + ${j}u] = acc${i}_${j}; }`, "\n      ")}
+    }
+  }`,
+      "\n  ",
+    )
+  }
+}`;
+}
+
+function weightGradTiles(g: ConvGeometry, caps: Caps): { tc: number; tq: number } {
+  const lim = tileLimits(caps);
+  return { tc: tileFor(g.Cout, lim.ch), tq: tileFor(g.Cin * g.kH * g.kW, lim.ch) };
+}
+
+/**
+ * A split count for the weight gradient on an adapter: enough invocations to keep it busy (a few workgroups per
+ * core on a CPU-emulated adapter, tens of thousands on a GPU), keeping at least `minRowsPerSplit` rows (n, oh)
+ * of reduction in each split.
+ */
+export function weightGradSplits(g: ConvGeometry, caps: Caps, minRowsPerSplit = 4): number {
+  const targetInvocations = caps.isCpuEmulated ? 256 : 65536;
+  const Q = g.Cin * g.kH * g.kW;
+  const { tc, tq } = weightGradTiles(g, caps);
+  const invocations = Math.ceil(g.Cout / tc) * Math.ceil(Q / tq);
+  const byWork = Math.floor((g.N * g.Ho) / minRowsPerSplit);
+  return Math.max(1, Math.min(Math.floor(targetInvocations / invocations), byWork, 256));
+}
+
+function splitsOf(p: ConvWeightGradParams): { splits: number; rowsPerSplit: number } {
+  const rows = p.N * p.Ho;
+  const requested = p.splits ?? 1;
+  if (!Number.isInteger(requested) || requested < 1) {
+    throw new Error(`conv2dWeightGrad kernel: bad splits ${p.splits}`);
+  }
+  const rowsPerSplit = Math.ceil(rows / Math.min(requested, rows));
+  // Every split gets at least one row; the output still has `requested` slices (trailing ones are zero).
+  return { splits: requested, rowsPerSplit };
+}
+
+export const conv2dWeightGrad: Kernel<ConvWeightGradParams> = {
+  name: "conv2dWeightGrad",
+
+  gpu(p: ConvWeightGradParams, caps: GpuCaps): GpuDispatch {
+    checkGeometry("conv2dWeightGrad kernel", p);
+    const { splits, rowsPerSplit } = splitsOf(p);
+    const Q = p.Cin * p.kH * p.kW;
+    const { tc, tq } = weightGradTiles(p, caps);
+    const qTiles = Math.ceil(Q / tq), coTiles = Math.ceil(p.Cout / tc);
+    const w = geometryWords(p).u32(qTiles, coTiles, splits, rowsPerSplit);
+    return {
+      source: weightGradSource(tc, tq),
+      workgroups: grid(Math.ceil((qTiles * coTiles * splits) / WG), caps.maxWorkgroupsPerDimension),
+      params: w.finish(),
+    };
+  },
+
+  cpu(p: ConvWeightGradParams, [x, dy]: FloatArray[], [dw]: FloatArray[]): void {
+    checkGeometry("conv2dWeightGrad kernel", p);
+    const { N, Cin, H, W, Cout, Ho, Wo, kH, kW, strideH, strideW, padH, padW } = p;
+    const { splits, rowsPerSplit } = splitsOf(p);
+    const Q = Cin * kH * kW;
+    for (let split = 0; split < splits; split++) {
+      const r0 = split * rowsPerSplit, r1 = Math.min(r0 + rowsPerSplit, N * Ho);
+      for (let co = 0; co < Cout; co++) {
+        for (let ci = 0; ci < Cin; ci++) {
+          for (let kh = 0; kh < kH; kh++) {
+            for (let kw = 0; kw < kW; kw++) {
+              let s = 0;
+              for (let r = r0; r < r1; r++) {
+                const n = Math.floor(r / Ho), oh = r % Ho;
+                const ih = oh * strideH - padH + kh;
+                if (ih < 0 || ih >= H) continue;
+                for (let ow = 0; ow < Wo; ow++) {
+                  const iw = ow * strideW - padW + kw;
+                  if (iw < 0 || iw >= W) continue;
+                  s += dy[((n * Cout + co) * Ho + oh) * Wo + ow] * x[((n * Cin + ci) * H + ih) * W + iw];
+                }
+              }
+              dw[(split * Cout + co) * Q + (ci * kH + kh) * kW + kw] = s;
+            }
+          }
+        }
+      }
+    }
+  },
+};

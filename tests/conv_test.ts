@@ -1,0 +1,472 @@
+/**
+ * @file Tests of the convolution kernels and of `conv2d` / `convTranspose2d`: hand-computed cases, the three
+ * WebGPU kernels against their CPU references over random geometries (k 1–5, stride 1–3, padding 0–2, sizes
+ * with 1s and primes, bias, split weight gradients), the ops on the GPU against the CPU backend (values and
+ * gradients), the adjoint identity between conv2d and convTranspose2d, finite-difference gradient checks, and
+ * shape errors.
+ */
+
+import fc from "fast-check";
+import {
+  conv2d as conv2dKernel,
+  conv2dInputGrad,
+  conv2dWeightGrad,
+  type ConvGeometry,
+  oihwStrides,
+  weightGradSplits,
+  type WeightStrides,
+} from "../kernels/conv.ts";
+import type { Kernel } from "../kernels/types.ts";
+import { conv2d, convTranspose2d } from "../engine/ops/conv.ts";
+import { tensor } from "../engine/creation.ts";
+import { map } from "../engine/ops/core.ts";
+import { bin, inp } from "../kernels/elementwise.ts";
+import type { Device } from "../engine/device.ts";
+import type { Tensor } from "../engine/tensor.ts";
+import {
+  assertClose,
+  cpuDevice,
+  gpuDevice,
+  gradCheck,
+  RUNS,
+  scaleArb,
+  seedArb,
+  seededValues,
+  smallGridDevice,
+  test,
+  values,
+} from "./util.ts";
+
+function assertEquals(got: unknown, want: unknown, what = "value"): void {
+  const g = JSON.stringify(got), w = JSON.stringify(want);
+  if (g !== w) throw new Error(`${what}: got ${g}, expected ${w}`);
+}
+
+const prod = (s: readonly number[]) => s.reduce((p, d) => p * d, 1);
+
+async function runKernel<P>(device: Device, kernel: Kernel<P>, p: P, inputs: Float32Array[], outLen: number) {
+  const bufs = inputs.map((v) => {
+    const s = device.alloc(v.length);
+    device.write(s, v);
+    return s;
+  });
+  const out = device.alloc(outLen);
+  device.write(out, new Float32Array(outLen).fill(NaN)); // every element must be written
+  device.run(kernel, p, bufs, [out]);
+  const r = await device.read(out);
+  for (const s of [...bufs, out]) device.release(s);
+  return r;
+}
+
+test("conv2d / convTranspose2d: hand-computed cases on both backends", async () => {
+  for (const device of [await gpuDevice(), await cpuDevice()]) {
+    const x = tensor([1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 1, 3, 3], { device });
+    // Identity-diagonal 2×2 kernel: y = x[i][j] + x[i+1][j+1].
+    const w = tensor([1, 0, 0, 1], [1, 1, 2, 2], { device });
+    assertEquals(Array.from(await values(conv2d(x, w))), [6, 8, 12, 14]);
+    // 3×3 ones with padding 1 and stride 2: sums of the clipped 3×3 neighbourhoods of the corners, plus bias.
+    const ones = tensor(new Float32Array(9).fill(1), [1, 1, 3, 3], { device });
+    const y = conv2d(x, ones, tensor([0.5], [1], { device }), { stride: 2, padding: 1 });
+    assertEquals(y.shape, [1, 1, 2, 2]);
+    assertEquals(Array.from(await values(y)), [12.5, 16.5, 24.5, 28.5]);
+    // Two output channels, unbatched input: channel 1 is channel 0 negated.
+    const w2 = tensor([1, 0, 0, 1, -1, 0, 0, -1], [2, 1, 2, 2], { device });
+    const y2 = conv2d(tensor([1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 3, 3], { device }), w2);
+    assertEquals(y2.shape, [2, 2, 2]);
+    assertEquals(Array.from(await values(y2)), [6, 8, 12, 14, -6, -8, -12, -14]);
+    // Transposed, stride 2, 2×2 ones: every input pixel becomes a 2×2 block.
+    const t = convTranspose2d(
+      tensor([1, 2, 3, 4], [1, 1, 2, 2], { device }),
+      tensor([1, 1, 1, 1], [1, 1, 2, 2], { device }),
+      null,
+      {
+        stride: 2,
+      },
+    );
+    assertEquals(Array.from(await values(t)), [1, 1, 2, 2, 1, 1, 2, 2, 3, 3, 4, 4, 3, 3, 4, 4]);
+    // Transposed, stride 1, 2×2 kernel [1, 2; 3, 4] on [1, 2]: full correlation, output 2×3, plus bias 1.
+    const t2 = convTranspose2d(
+      tensor([1, 2], [1, 1, 1, 2], { device }),
+      tensor([1, 2, 3, 4], [1, 1, 2, 2], { device }),
+      tensor([1], [1], { device }),
+    );
+    assertEquals(t2.shape, [1, 1, 2, 3]);
+    assertEquals(Array.from(await values(t2)), [2, 5, 5, 4, 11, 9]);
+    // Output padding adds a row/column at the bottom/right (zeros here, then bias).
+    const t3 = convTranspose2d(
+      tensor([1], [1, 1, 1, 1], { device }),
+      tensor([2], [1, 1, 1, 1], { device }),
+      null,
+      {
+        stride: 2,
+        outputPadding: 1,
+      },
+    );
+    assertEquals(t3.shape, [1, 1, 2, 2]);
+    assertEquals(Array.from(await values(t3)), [2, 0, 0, 0]);
+  }
+});
+
+/** Random geometries: k 1–5, stride 1–3, padding 0–2, small sizes with 1s and primes, at least one output. */
+const geometryArb: fc.Arbitrary<ConvGeometry> = fc.record({
+  N: fc.integer({ min: 1, max: 3 }),
+  // Multiples of 4 reach the vector weight loads; 16+ the full 16-channel tile and its edges.
+  Cin: fc.oneof(
+    fc.constantFrom(1, 2, 3, 5, 7),
+    fc.integer({ min: 1, max: 10 }),
+    fc.constantFrom(4, 8, 12, 20),
+  ),
+  Cout: fc.oneof(
+    fc.constantFrom(1, 2, 3, 5, 7, 13),
+    fc.integer({ min: 1, max: 12 }),
+    fc.constantFrom(4, 8, 16, 20),
+  ),
+  kH: fc.integer({ min: 1, max: 5 }),
+  kW: fc.integer({ min: 1, max: 5 }),
+  strideH: fc.integer({ min: 1, max: 3 }),
+  strideW: fc.integer({ min: 1, max: 3 }),
+  padH: fc.integer({ min: 0, max: 2 }),
+  padW: fc.integer({ min: 0, max: 2 }),
+  extraH: fc.oneof(fc.constant(0), fc.integer({ min: 0, max: 9 })),
+  extraW: fc.oneof(fc.constant(0), fc.integer({ min: 0, max: 9 })),
+}).map(({ extraH, extraW, ...g }) => {
+  const H = Math.max(1, g.kH - 2 * g.padH) + extraH, W = Math.max(1, g.kW - 2 * g.padW) + extraW;
+  const Ho = Math.floor((H + 2 * g.padH - g.kH) / g.strideH) + 1;
+  const Wo = Math.floor((W + 2 * g.padW - g.kW) / g.strideW) + 1;
+  return { ...g, H, W, Ho, Wo };
+});
+
+/** Weight layouts the kernels accept: OIHW, and the two transposed copies the ops make for vector loads. */
+function layoutStrides(layout: "oihw" | "co" | "ci", g: ConvGeometry): WeightStrides {
+  if (layout === "co") return { co: 1, ci: g.Cout, k: g.Cin * g.Cout };
+  if (layout === "ci") return { co: g.Cin, ci: 1, k: g.Cin * g.Cout };
+  return oihwStrides(g);
+}
+
+test("conv kernels: forward, input gradient and weight gradient on WebGPU match the CPU references", async () => {
+  const gpu = await gpuDevice(), cpu = await cpuDevice();
+  await fc.assert(
+    fc.asyncProperty(
+      geometryArb,
+      fc.boolean(),
+      fc.integer({ min: 1, max: 4 }),
+      fc.constantFrom("oihw", "co", "ci") as fc.Arbitrary<"oihw" | "co" | "ci">,
+      scaleArb,
+      seedArb,
+      async (g, bias, splits, layout, scale, seed) => {
+        // The weight buffer is random in any layout; both backends read it through the same strides.
+        const weightStrides = layoutStrides(layout, g);
+        const xLen = g.N * g.Cin * g.H * g.W,
+          yLen = g.N * g.Cout * g.Ho * g.Wo,
+          wLen = g.Cout * g.Cin * g.kH * g.kW;
+        const x = seededValues(xLen, seed, -scale, scale), dy = seededValues(yLen, seed + 1, -scale, scale);
+        const w = seededValues(wLen, seed + 2, -1, 1);
+        const what = `${JSON.stringify(g)} weights ${layout}`;
+        // Sums of up to Cin·kH·kW (or N·Ho·Wo) products of magnitude ≤ scale (scale² for the weight gradient).
+        const tol = (terms: number, mag: number) => ({ rtol: 1e-4, atol: 2e-6 * terms * mag });
+
+        const fwdIn = bias ? [x, w, seededValues(g.Cout, seed + 3)] : [x, w];
+        const y = await runKernel(gpu, conv2dKernel, { ...g, bias, weightStrides }, fwdIn, yLen);
+        const yRef = await runKernel(cpu, conv2dKernel, { ...g, bias, weightStrides }, fwdIn, yLen);
+        assertClose(y, yRef, tol(g.Cin * g.kH * g.kW, scale), `conv2d ${what}`);
+
+        const igIn = bias ? [dy, w, seededValues(g.Cin, seed + 4)] : [dy, w];
+        const dx = await runKernel(gpu, conv2dInputGrad, { ...g, bias, weightStrides }, igIn, xLen);
+        const dxRef = await runKernel(cpu, conv2dInputGrad, { ...g, bias, weightStrides }, igIn, xLen);
+        assertClose(dx, dxRef, tol(g.Cout * g.kH * g.kW, scale), `conv2dInputGrad ${what}`);
+
+        const dwLen = splits * wLen;
+        const dw = await runKernel(gpu, conv2dWeightGrad, { ...g, splits }, [x, dy], dwLen);
+        const dwRef = await runKernel(cpu, conv2dWeightGrad, { ...g, splits }, [x, dy], dwLen);
+        assertClose(
+          dw,
+          dwRef,
+          tol(g.N * g.Ho * g.Wo, scale * scale),
+          `conv2dWeightGrad ${what} splits ${splits}`,
+        );
+      },
+    ),
+    { numRuns: RUNS * 2 },
+  );
+});
+
+test("conv kernels: grids folded into 2-D (more workgroups than one dimension allows) give the same result", async () => {
+  const small = await smallGridDevice(), cpu = await cpuDevice();
+  // Forward 30 workgroups, input gradient 20, weight gradient (40 splits) 23, over a 16-wide grid.
+  const g: ConvGeometry = {
+    N: 3,
+    Cin: 20,
+    H: 50,
+    W: 50,
+    Cout: 33,
+    Ho: 50,
+    Wo: 50,
+    kH: 3,
+    kW: 3,
+    strideH: 1,
+    strideW: 1,
+    padH: 1,
+    padW: 1,
+  };
+  const xLen = 3 * 20 * 2500, yLen = 3 * 33 * 2500, wLen = 33 * 20 * 9;
+  const x = seededValues(xLen, 1), dy = seededValues(yLen, 2), w = seededValues(wLen, 3);
+  const check = async <P>(name: string, kernel: Kernel<P>, p: P, inputs: Float32Array[], len: number) => {
+    const want = await runKernel(cpu, kernel, p, inputs, len);
+    assertClose(await runKernel(small, kernel, p, inputs, len), want, { rtol: 1e-4, atol: 1e-4 }, name);
+  };
+  await check("conv2d", conv2dKernel, g, [x, w], yLen);
+  await check("conv2dInputGrad", conv2dInputGrad, g, [dy, w], xLen);
+  await check("conv2dWeightGrad", conv2dWeightGrad, { ...g, splits: 40 }, [x, dy], 40 * wLen);
+});
+
+test("conv kernels: the weight-gradient splits add up to the unsplit gradient", async () => {
+  const cpu = await cpuDevice();
+  const g: ConvGeometry = {
+    N: 2,
+    Cin: 3,
+    H: 7,
+    W: 6,
+    Cout: 4,
+    Ho: 4,
+    Wo: 3,
+    kH: 3,
+    kW: 2,
+    strideH: 2,
+    strideW: 2,
+    padH: 1,
+    padW: 0,
+  };
+  const x = seededValues(2 * 3 * 7 * 6, 1), dy = seededValues(2 * 4 * 4 * 3, 2);
+  const wLen = 4 * 3 * 3 * 2;
+  const whole = await runKernel(cpu, conv2dWeightGrad, g, [x, dy], wLen);
+  for (const splits of [2, 3, 8, 11]) {
+    const parts = await runKernel(cpu, conv2dWeightGrad, { ...g, splits }, [x, dy], splits * wLen);
+    const sum = new Float64Array(wLen);
+    for (let s = 0; s < splits; s++) for (let i = 0; i < wLen; i++) sum[i] += parts[s * wLen + i];
+    assertClose(sum, whole, { rtol: 1e-5, atol: 1e-5 }, `splits ${splits}`);
+  }
+  // Split counts: none for a short reduction; for a 64→64 3×3 conv over 8×32 rows, none on a CPU-emulated
+  // adapter (its 16×16 tiles already give enough invocations) and as many as the rows allow on a GPU.
+  const emulated = { isCpuEmulated: true }, gpuCaps = { isCpuEmulated: false };
+  const short = { ...g, N: 1 };
+  assertEquals(
+    [weightGradSplits(short, emulated), weightGradSplits(short, gpuCaps)],
+    [1, 1],
+    "short reduction",
+  );
+  const big: ConvGeometry = {
+    ...g,
+    N: 8,
+    Cin: 64,
+    Cout: 64,
+    H: 32,
+    W: 32,
+    Ho: 32,
+    Wo: 32,
+    kW: 3,
+    strideH: 1,
+    strideW: 1,
+  };
+  assertEquals([weightGradSplits(big, emulated), weightGradSplits(big, gpuCaps)], [1, 64], "64→64 conv");
+});
+
+async function opAndGrads(device: Device, f: (...t: Tensor[]) => Tensor, shapes: number[][], seed: number) {
+  const xs = shapes.map((s, i) => tensor(seededValues(prod(s), seed + i), s, { device, requiresGrad: true }));
+  const y = f(...xs);
+  const cot = tensor(seededValues(y.size, seed + 99), y.shape, { device });
+  const out = await values(y);
+  y.backward(cot);
+  const grads = [];
+  for (const x of xs) grads.push(await values(x.grad!));
+  return { shape: y.shape, out, grads };
+}
+
+test("conv2d / convTranspose2d ops: GPU matches the CPU backend in values and all gradients", async () => {
+  const gpu = await gpuDevice(), cpu = await cpuDevice();
+  await fc.assert(
+    fc.asyncProperty(
+      geometryArb,
+      fc.boolean(),
+      fc.boolean(),
+      seedArb,
+      async (g, withBias, unbatched, seed) => {
+        const stride: [number, number] = [g.strideH, g.strideW], padding: [number, number] = [g.padH, g.padW];
+        const n = unbatched ? [] : [g.N];
+        const fwd = (x: Tensor, w: Tensor, b?: Tensor) => conv2d(x, w, b, { stride, padding });
+        const cShapes = [
+          [...n, g.Cin, g.H, g.W],
+          [g.Cout, g.Cin, g.kH, g.kW],
+          ...(withBias ? [[g.Cout]] : []),
+        ];
+        // The transposed op maps the conv output size back, with the output padding that recovers H, W.
+        const outputPadding: [number, number] = [
+          g.H - ((g.Ho - 1) * g.strideH - 2 * g.padH + g.kH),
+          g.W - ((g.Wo - 1) * g.strideW - 2 * g.padW + g.kW),
+        ];
+        const tr = (x: Tensor, w: Tensor, b?: Tensor) =>
+          convTranspose2d(x, w, b, { stride, padding, outputPadding });
+        const tShapes = [
+          [...n, g.Cout, g.Ho, g.Wo],
+          [g.Cout, g.Cin, g.kH, g.kW],
+          ...(withBias ? [[g.Cin]] : []),
+        ];
+        for (
+          const [name, f, shapes] of [["conv2d", fwd, cShapes], ["convTranspose2d", tr, tShapes]] as const
+        ) {
+          const got = await opAndGrads(gpu, f, shapes, seed);
+          const want = await opAndGrads(cpu, f, shapes, seed);
+          const what = `${name} ${JSON.stringify(shapes)} stride ${stride} padding ${padding}`;
+          assertEquals(got.shape, want.shape, what);
+          assertClose(got.out, want.out, { rtol: 1e-4, atol: 1e-4 }, what);
+          got.grads.forEach((d, i) =>
+            assertClose(d, want.grads[i], { rtol: 1e-4, atol: 2e-4 }, `${what} grad ${i}`)
+          );
+        }
+      },
+    ),
+    { numRuns: RUNS },
+  );
+});
+
+test("conv2d and convTranspose2d are adjoint: <conv(x), y> = <x, convT(y)>", async () => {
+  const gpu = await gpuDevice();
+  await fc.assert(
+    fc.asyncProperty(geometryArb, seedArb, async (g, seed) => {
+      const x = tensor(seededValues(g.N * g.Cin * g.H * g.W, seed), [g.N, g.Cin, g.H, g.W], { device: gpu });
+      const y = tensor(seededValues(g.N * g.Cout * g.Ho * g.Wo, seed + 1), [g.N, g.Cout, g.Ho, g.Wo], {
+        device: gpu,
+      });
+      const w = tensor(seededValues(g.Cout * g.Cin * g.kH * g.kW, seed + 2), [g.Cout, g.Cin, g.kH, g.kW], {
+        device: gpu,
+      });
+      const opts = {
+        stride: [g.strideH, g.strideW] as [number, number],
+        padding: [g.padH, g.padW] as [number, number],
+      };
+      const outputPadding: [number, number] = [
+        g.H - ((g.Ho - 1) * g.strideH - 2 * g.padH + g.kH),
+        g.W - ((g.Wo - 1) * g.strideW - 2 * g.padW + g.kW),
+      ];
+      const cx = await values(conv2d(x, w, null, opts));
+      const ty = await values(convTranspose2d(y, w, null, { ...opts, outputPadding }));
+      const yv = await values(y), xv = await values(x);
+      let lhs = 0, rhs = 0, mag = 0;
+      for (let i = 0; i < cx.length; i++) (lhs += cx[i] * yv[i]), (mag += Math.abs(cx[i] * yv[i]));
+      for (let i = 0; i < ty.length; i++) rhs += xv[i] * ty[i];
+      if (Math.abs(lhs - rhs) > 1e-4 * (mag + 1)) throw new Error(`${JSON.stringify(g)}: ${lhs} vs ${rhs}`);
+    }),
+    { numRuns: RUNS },
+  );
+});
+
+test("conv2d with vector weight loads does not break later small kernels in the same pass (wgpu#7359)", async () => {
+  const device = await gpuDevice();
+  // 4 output channels: the WebGPU path copies the weight for vec4 loads; the device binds ≥ 16 bytes so the next kernel still validates. All
+  // inputs are written first, since a write flushes (ends the pass) and would hide the bug.
+  const x = tensor(seededValues(2 * 3 * 3, 1), [1, 2, 3, 3], { device });
+  const w = tensor(seededValues(4 * 2 * 9, 2), [4, 2, 3, 3], { device });
+  const u = tensor([1, 2], [2], { device }), v = tensor([3, 4], [2], { device });
+  const y = conv2d(x, w);
+  const small = map(bin("add", inp(0), inp(1)), [u, v]);
+  assertEquals(Array.from(await values(small)), [4, 6]);
+  assertEquals(y.shape, [1, 4, 1, 1]);
+});
+
+test("conv2d / convTranspose2d: finite-difference gradient checks", async () => {
+  const data = (shape: number[], seed: number) => ({ shape, data: seededValues(prod(shape), seed) });
+  await gradCheck((x, w, b) => conv2d(x, w, b, { stride: 2, padding: 1 }), [
+    data([2, 2, 5, 4], 1),
+    data([3, 2, 3, 3], 2),
+    data([3], 3),
+  ]);
+  await gradCheck((x, w) => conv2d(x, w), [data([1, 3, 3, 3], 4), data([2, 3, 1, 1], 5)]); // 1×1
+  await gradCheck((x, w, b) => conv2d(x, w, b, { stride: [1, 3], padding: [2, 0] }), [
+    data([2, 4, 3], 6), // unbatched
+    data([2, 2, 2, 3], 7),
+    data([2], 8),
+  ]);
+  await gradCheck((x, w) => conv2d(x, w, null, { padding: "same" }), [
+    data([1, 2, 4, 3], 9),
+    data([2, 2, 2, 4], 10),
+  ]);
+  await gradCheck((x, w, b) => convTranspose2d(x, w, b, { stride: 2, padding: 1, outputPadding: 1 }), [
+    data([2, 2, 3, 2], 11),
+    data([2, 3, 3, 3], 12),
+    data([3], 13),
+  ]);
+  await gradCheck((x, w) => convTranspose2d(x, w), [data([1, 3, 2, 3], 14), data([3, 2, 2, 1], 15)]);
+  await gradCheck((x, w) => convTranspose2d(x, w, null, { stride: [3, 1], padding: [0, 1] }), [
+    data([2, 2, 2], 16), // unbatched
+    data([2, 1, 4, 3], 17),
+  ]);
+});
+
+test("conv2d: padding 'same' keeps the size (odd and even kernels) and 'valid' means none", async () => {
+  const device = await cpuDevice();
+  const x = tensor(seededValues(2 * 5 * 6, 1), [1, 2, 5, 6], { device });
+  for (const [kH, kW] of [[3, 3], [2, 4], [1, 5]]) {
+    const w = tensor(seededValues(3 * 2 * kH * kW, 2), [3, 2, kH, kW], { device });
+    assertEquals(conv2d(x, w, null, { padding: "same" }).shape, [1, 3, 5, 6], `same ${kH}×${kW}`);
+    assertEquals(conv2d(x, w, null, { padding: "valid" }).shape, [1, 3, 6 - kH, 7 - kW], `valid ${kH}×${kW}`);
+  }
+  // Even kernel: PyTorch pads (k−1)//2 on the top/left and the rest on the bottom/right.
+  const ones = tensor(new Float32Array(4).fill(1), [1, 1, 2, 2], { device });
+  const y = conv2d(tensor([1, 2, 3, 4], [1, 1, 2, 2], { device }), ones, null, { padding: "same" });
+  assertEquals(Array.from(await values(y)), [10, 6, 7, 4]);
+});
+
+test("conv2d / convTranspose2d: shape errors name the op and the shapes", async () => {
+  const device = await cpuDevice();
+  const z = (...s: number[]) => tensor(new Float32Array(prod(s)), s, { device });
+  const expectError = (f: () => unknown, ...parts: string[]) => {
+    let message = "";
+    try {
+      f();
+    } catch (e) {
+      message = (e as Error).message;
+    }
+    if (!message) throw new Error(`expected an error mentioning ${parts.join(", ")}`);
+    for (const p of parts) {
+      if (!message.includes(p)) throw new Error(`error "${message}" does not mention ${p}`);
+    }
+  };
+  expectError(() => conv2d(z(1, 3, 5, 5), z(4, 2, 3, 3)), "conv2d", "[1, 3, 5, 5]", "[4, 2, 3, 3]");
+  expectError(() => conv2d(z(1, 3, 5, 5), z(4, 3, 3)), "conv2d", "[4, 3, 3]");
+  expectError(() => conv2d(z(3, 5), z(4, 3, 3, 3)), "conv2d", "[3, 5]");
+  expectError(() => conv2d(z(1, 3, 2, 2), z(4, 3, 3, 3)), "conv2d", "[1, 3, 2, 2]", "[4, 3, 3, 3]");
+  expectError(() => conv2d(z(1, 3, 5, 5), z(4, 3, 3, 3), z(3)), "conv2d", "[3]", "[4, 3, 3, 3]");
+  expectError(() => conv2d(z(1, 3, 5, 5), z(4, 3, 3, 3), null, { stride: 0 }), "conv2d", "stride");
+  expectError(() => conv2d(z(1, 3, 5, 5), z(4, 3, 3, 3), null, { padding: -1 }), "conv2d", "padding");
+  expectError(
+    () => conv2d(z(1, 3, 5, 5), z(4, 3, 3, 3), null, { stride: [1, 1, 1] as unknown as [number, number] }),
+    "conv2d",
+    "stride",
+  );
+  expectError(
+    () => conv2d(z(1, 3, 5, 5), z(4, 3, 3, 3), null, { padding: "same", stride: 2 }),
+    "conv2d",
+    "same",
+  );
+  expectError(
+    () => convTranspose2d(z(1, 3, 5, 5), z(4, 2, 3, 3)),
+    "convTranspose2d",
+    "[1, 3, 5, 5]",
+    "[4, 2, 3, 3]",
+  );
+  expectError(
+    () => convTranspose2d(z(1, 4, 5, 5), z(4, 2, 3, 3), z(4)),
+    "convTranspose2d",
+    "[4]",
+    "[4, 2, 3, 3]",
+  );
+  expectError(
+    () => convTranspose2d(z(1, 4, 5, 5), z(4, 2, 3, 3), null, { stride: 2, outputPadding: 2 }),
+    "convTranspose2d",
+    "outputPadding",
+  );
+  expectError(
+    () => convTranspose2d(z(1, 4, 1, 1), z(4, 2, 1, 1), null, { padding: 1 }),
+    "convTranspose2d",
+    "[1, 4, 1, 1]",
+  );
+});

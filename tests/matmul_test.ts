@@ -1,0 +1,345 @@
+/**
+ * @file Tests of the batched GEMM kernel and of `matmul` / `linear`: hand-computed products, the WebGPU kernel
+ * against its CPU reference over random sizes and layouts (transposed, batch-broadcast, offset, both variants,
+ * every vector-load mode), the ops on the GPU against the CPU backend (values and gradients, including the
+ * folded and materialised batch paths), finite-difference gradient checks, and shape errors.
+ */
+
+import fc from "fast-check";
+import { matmul as matmulKernel, type MatmulParams, type MatOperand } from "../kernels/matmul.ts";
+import { linear, matmul } from "../engine/ops/matmul.ts";
+import { tensor } from "../engine/creation.ts";
+import { map } from "../engine/ops/core.ts";
+import { bin, inp } from "../kernels/elementwise.ts";
+import type { Device } from "../engine/device.ts";
+import type { Tensor } from "../engine/tensor.ts";
+import {
+  assertClose,
+  cpuDevice,
+  gpuDevice,
+  gradCheck,
+  RUNS,
+  scaleArb,
+  seedArb,
+  seededValues,
+  smallGridDevice,
+  test,
+  values,
+} from "./util.ts";
+
+function assertEquals(got: unknown, want: unknown, what = "value"): void {
+  const g = JSON.stringify(got), w = JSON.stringify(want);
+  if (g !== w) throw new Error(`${what}: got ${g}, expected ${w}`);
+}
+
+function assertThrows(f: () => unknown): Error {
+  try {
+    f();
+  } catch (e) {
+    if (e instanceof Error) return e;
+    throw new Error(`expected an Error, got ${e}`);
+  }
+  throw new Error("expected an error, but none was thrown");
+}
+
+/** Runs a kernel on raw buffers and reads its single output back. */
+async function runKernel(device: Device, p: MatmulParams, inputs: Float32Array[], outLen: number) {
+  const bufs = inputs.map((v) => {
+    const s = device.alloc(v.length);
+    device.write(s, v);
+    return s;
+  });
+  const out = device.alloc(outLen);
+  device.write(out, new Float32Array(outLen).fill(NaN)); // every element must be written
+  device.run(matmulKernel, p, bufs, [out]);
+  const r = await device.read(out);
+  for (const s of [...bufs, out]) device.release(s);
+  return r;
+}
+
+/** Sizes that hit 1, primes, multiples of the 4/8 tiles (vector loads) and non-multiples. */
+const dimArb = fc.oneof(
+  fc.constant(1),
+  fc.integer({ min: 1, max: 20 }),
+  fc.constantFrom(2, 3, 5, 7, 13, 17),
+  fc.constantFrom(4, 8, 12, 16, 24, 36),
+);
+
+interface Layout {
+  trans: boolean;
+  broadcast: boolean;
+  offset: number;
+}
+const layoutArb: fc.Arbitrary<Layout> = fc.record({
+  trans: fc.boolean(),
+  broadcast: fc.boolean(),
+  offset: fc.constantFrom(0, 0, 3, 8),
+});
+
+/** Strides and buffer length of a [rows, cols] operand (stored transposed when asked). */
+function operand(l: Layout, batch: number, rows: number, cols: number): { op: MatOperand; len: number } {
+  const op: MatOperand = {
+    offset: l.offset,
+    batchStride: l.broadcast ? 0 : rows * cols,
+    rowStride: l.trans ? 1 : cols,
+    colStride: l.trans ? rows : 1,
+  };
+  return { op, len: l.offset + (l.broadcast ? 1 : batch) * rows * cols };
+}
+
+test("matmul: hand-computed products on both backends", async () => {
+  for (const device of [await gpuDevice(), await cpuDevice()]) {
+    const a = tensor([1, 2, 3, 4], [2, 2], { device }), b = tensor([5, 6, 7, 8], [2, 2], { device });
+    assertEquals(Array.from(await values(matmul(a, b))), [19, 22, 43, 50]);
+    const u = tensor([1, 2, 3], [3], { device }), v = tensor([4, 5, 6], [3], { device });
+    const dot = matmul(u, v);
+    assertEquals(dot.shape, []);
+    assertEquals(await dot.item(), 32);
+    // [2, 3] · [3] = [2]; [3] · [3, 2] = [2]
+    const m = tensor([1, 0, 2, 0, 1, -1], [2, 3], { device });
+    assertEquals(Array.from(await values(matmul(m, u))), [7, -1]);
+    const mt = tensor([1, 0, 0, 1, 2, -1], [3, 2], { device });
+    assertEquals(Array.from(await values(matmul(u, mt))), [7, -1]);
+    // linear: x [2, 2], weight [3, 2], bias [3]
+    const x = tensor([1, 2, 3, 4], [2, 2], { device });
+    const w = tensor([1, 0, 0, 1, 1, 1], [3, 2], { device }), bias = tensor([10, 20, 30], [3], { device });
+    assertEquals(Array.from(await values(linear(x, w, bias))), [11, 22, 33, 13, 24, 37]);
+  }
+});
+
+test("matmul kernel: WebGPU matches the CPU reference over sizes, strides, broadcasts and variants", async () => {
+  const gpu = await gpuDevice(), cpu = await cpuDevice();
+  await fc.assert(
+    fc.asyncProperty(
+      fc.record({
+        batch: fc.integer({ min: 1, max: 3 }),
+        M: dimArb,
+        N: dimArb,
+        K: dimArb,
+        la: layoutArb,
+        lb: layoutArb,
+        bias: fc.boolean(),
+        variant: fc.constantFrom("registers", "shared") as fc.Arbitrary<"registers" | "shared">,
+        scale: scaleArb,
+        seed: seedArb,
+      }),
+      async ({ batch, M, N, K, la, lb, bias, variant, scale, seed }) => {
+        const A = operand(la, batch, ...(la.trans ? [K, M] as const : [M, K] as const));
+        const B = operand(lb, batch, ...(lb.trans ? [N, K] as const : [K, N] as const));
+        // Transposed storage swaps the stored dims; strides then read it as [M, K] / [K, N].
+        if (la.trans) A.op = { ...A.op, rowStride: 1, colStride: M };
+        if (lb.trans) B.op = { ...B.op, rowStride: 1, colStride: K };
+        const p: MatmulParams = { batch, M, N, K, a: A.op, b: B.op, bias, variant };
+        const inputs = [
+          seededValues(A.len, seed, -scale, scale),
+          seededValues(B.len, seed + 1, -scale, scale),
+        ];
+        if (bias) inputs.push(seededValues(N, seed + 2, -scale, scale));
+        const got = await runKernel(gpu, p, inputs, batch * M * N);
+        const want = await runKernel(cpu, p, inputs, batch * M * N);
+        assertClose(got, want, { rtol: 1e-4, atol: 1e-5 * K * scale * scale }, `matmul ${JSON.stringify(p)}`);
+      },
+    ),
+    { numRuns: RUNS * 2 },
+  );
+});
+
+test("matmul kernel: vector-load modes agree with the reference on aligned layouts", async () => {
+  // Every combination of A ∈ {row-major, column-major} and B ∈ {row-major, column-major} with sizes divisible by
+  // four (vector loads) and a K with a tail, in both variants.
+  const gpu = await gpuDevice(), cpu = await cpuDevice();
+  for (const [M, N, K] of [[8, 8, 8], [12, 16, 20], [16, 4, 7], [4, 24, 9]]) {
+    for (const ta of [false, true]) {
+      for (const tb of [false, true]) {
+        const a: MatOperand = { batchStride: M * K, rowStride: ta ? 1 : K, colStride: ta ? M : 1 };
+        const b: MatOperand = { batchStride: 0, rowStride: tb ? 1 : N, colStride: tb ? K : 1 };
+        const p: MatmulParams = { batch: 2, M, N, K, a, b };
+        const inputs = [seededValues(2 * M * K, M + K), seededValues(K * N, N)];
+        const want = await runKernel(cpu, p, inputs, 2 * M * N);
+        for (const variant of ["registers", "shared"] as const) {
+          const got = await runKernel(gpu, { ...p, variant }, inputs, 2 * M * N);
+          assertClose(
+            got,
+            want,
+            { rtol: 1e-4, atol: 1e-5 },
+            `${variant} M${M} N${N} K${K} ta=${ta} tb=${tb}`,
+          );
+        }
+      }
+    }
+  }
+});
+
+test("matmul kernel: grids folded into 2-D (more workgroups than one dimension allows) give the same result", async () => {
+  const small = await smallGridDevice(), cpu = await cpuDevice();
+  // 5 × (128×128) outputs: 1280 register blocks (20 workgroups) or 20 shared 64×64 tiles, over a 16-wide grid.
+  const [batch, M, N, K] = [5, 128, 128, 5];
+  const p: MatmulParams = {
+    batch,
+    M,
+    N,
+    K,
+    a: { batchStride: M * K, rowStride: K, colStride: 1 },
+    b: { batchStride: 0, rowStride: N, colStride: 1 },
+  };
+  const inputs = [seededValues(batch * M * K, 1), seededValues(K * N, 2)];
+  const want = await runKernel(cpu, p, inputs, batch * M * N);
+  for (const variant of ["registers", "shared"] as const) {
+    assertClose(await runKernel(small, { ...p, variant }, inputs, batch * M * N), want, {
+      rtol: 1e-5,
+      atol: 1e-5,
+    }, variant);
+  }
+});
+
+/** Random operand shapes for torch.matmul: ranks 1–4 with batch dims that broadcast (some set to 1). */
+const matmulShapesArb = fc.record({
+  batch: fc.array(fc.integer({ min: 1, max: 3 }), { maxLength: 2 }),
+  rankA: fc.integer({ min: 1, max: 4 }),
+  rankB: fc.integer({ min: 1, max: 4 }),
+  dropA: fc.array(fc.boolean(), { minLength: 2, maxLength: 2 }),
+  dropB: fc.array(fc.boolean(), { minLength: 2, maxLength: 2 }),
+  M: dimArb,
+  N: dimArb,
+  K: dimArb,
+}).map(({ batch, rankA, rankB, dropA, dropB, M, N, K }) => {
+  const batchFor = (rank: number, drop: boolean[]) => {
+    const nb = Math.min(Math.max(rank - 2, 0), batch.length);
+    return batch.slice(batch.length - nb).map((d, i) => (drop[i] ? 1 : d));
+  };
+  const a = rankA === 1 ? [K] : [...batchFor(rankA, dropA), M, K];
+  const b = rankB === 1 ? [K] : [...batchFor(rankB, dropB), K, N];
+  return { a, b };
+});
+
+async function opAndGrads(device: Device, f: (...t: Tensor[]) => Tensor, shapes: number[][], seed: number) {
+  const xs = shapes.map((s, i) =>
+    tensor(seededValues(s.reduce((p, d) => p * d, 1), seed + i), s, { device, requiresGrad: true })
+  );
+  const y = f(...xs);
+  const cot = tensor(seededValues(y.size, seed + 99), y.shape, { device });
+  const out = await values(y);
+  y.backward(cot);
+  const grads = [];
+  for (const x of xs) grads.push(await values(x.grad!));
+  return { shape: y.shape, out, grads };
+}
+
+test("matmul op: GPU matches the CPU backend in values and gradients (broadcast, 1-D, folded batches)", async () => {
+  const gpu = await gpuDevice(), cpu = await cpuDevice();
+  await fc.assert(
+    fc.asyncProperty(matmulShapesArb, seedArb, async ({ a, b }, seed) => {
+      const got = await opAndGrads(gpu, matmul, [a, b], seed);
+      const want = await opAndGrads(cpu, matmul, [a, b], seed);
+      const what = `matmul ${JSON.stringify(a)} · ${JSON.stringify(b)}`;
+      assertEquals(got.shape, want.shape, what);
+      assertClose(got.out, want.out, { rtol: 1e-4, atol: 1e-4 }, what);
+      got.grads.forEach((g, i) =>
+        assertClose(g, want.grads[i], { rtol: 1e-4, atol: 1e-4 }, `${what} grad ${i}`)
+      );
+    }),
+    { numRuns: RUNS },
+  );
+});
+
+test("matmul op: result shapes follow torch.matmul", async () => {
+  const device = await cpuDevice();
+  const cases: [number[], number[], number[]][] = [
+    [[3], [3], []],
+    [[2, 3], [3], [2]],
+    [[3], [3, 4], [4]],
+    [[5, 2, 3], [3], [5, 2]],
+    [[3], [5, 3, 4], [5, 4]],
+    [[5, 2, 3], [3, 4], [5, 2, 4]],
+    [[2, 1, 2, 3], [5, 3, 4], [2, 5, 2, 4]],
+    [[1, 2, 3], [6, 3, 1], [6, 2, 1]],
+  ];
+  for (const [sa, sb, want] of cases) {
+    const y = matmul(
+      tensor(new Float32Array(sa.reduce((p, d) => p * d, 1)), sa, { device }),
+      tensor(
+        new Float32Array(sb.reduce((p, d) => p * d, 1)),
+        sb,
+        { device },
+      ),
+    );
+    assertEquals([...y.shape], want, `${JSON.stringify(sa)} · ${JSON.stringify(sb)}`);
+  }
+});
+
+test("a vector-load matmul does not break later small kernels in the same pass (wgpu#7359)", async () => {
+  const device = await gpuDevice();
+  // [1, 4] · [4, 4]: both operands qualify for vec4 loads; the device binds ≥ 16 bytes so the next kernel still validates. All inputs
+  // are written first, since a write flushes (ends the pass) and would hide the bug.
+  const a = tensor([1, 2, 3, 4], [1, 4], { device }),
+    b = tensor(new Float32Array(16).fill(1), [4, 4], { device });
+  const u = tensor([1, 2], [2], { device }), v = tensor([3, 4], [2], { device });
+  const y = matmul(a, b);
+  const small = map(bin("add", inp(0), inp(1)), [u, v]);
+  assertEquals(Array.from(await values(small)), [4, 6]);
+  assertEquals(Array.from(await values(y)), [10, 10, 10, 10]);
+});
+
+test("matmul / linear: finite-difference gradient checks", async () => {
+  const data = (shape: number[], seed: number) => ({
+    shape,
+    data: seededValues(shape.reduce((p, d) => p * d, 1), seed),
+  });
+  const pairs: [number[], number[]][] = [
+    [[3], [3]],
+    [[2, 3], [3]],
+    [[3], [3, 4]],
+    [[2, 3], [3, 4]],
+    [[2, 3, 4], [4, 5]], // folded batch, single B (dB in one GEMM)
+    [[3, 4], [2, 4, 5]], // single A broadcast over B's batch
+    [[2, 1, 2, 3], [3, 3, 2]], // partial broadcasts on both sides (materialised)
+    [[2, 2, 3], [3]],
+    [[3], [2, 3, 2]],
+  ];
+  for (const [sa, sb] of pairs) await gradCheck(matmul, [data(sa, 1), data(sb, 2)]);
+  await gradCheck((x, w, b) => linear(x, w, b), [data([2, 3, 4], 3), data([5, 4], 4), data([5], 5)]);
+  await gradCheck((x, w) => linear(x, w), [data([4], 6), data([3, 4], 7)]);
+  await gradCheck((x, w, b) => linear(x, w, b), [data([4], 8), data([2, 4], 9), data([2], 10)]);
+});
+
+test("linear: GPU matches the CPU backend (values and gradients)", async () => {
+  const gpu = await gpuDevice(), cpu = await cpuDevice();
+  await fc.assert(
+    fc.asyncProperty(
+      fc.array(fc.integer({ min: 1, max: 5 }), { maxLength: 2 }),
+      dimArb,
+      dimArb,
+      fc.boolean(),
+      seedArb,
+      async (lead, inF, outF, withBias, seed) => {
+        const shapes = [[...lead, inF], [outF, inF], ...(withBias ? [[outF]] : [])];
+        const f = (x: Tensor, w: Tensor, b?: Tensor) => linear(x, w, b);
+        const got = await opAndGrads(gpu, f, shapes, seed);
+        const want = await opAndGrads(cpu, f, shapes, seed);
+        assertClose(got.out, want.out, { rtol: 1e-4, atol: 1e-4 }, `linear ${JSON.stringify(shapes)}`);
+        got.grads.forEach((g, i) =>
+          assertClose(g, want.grads[i], { rtol: 1e-4, atol: 1e-4 }, `linear grad ${i}`)
+        );
+      },
+    ),
+    { numRuns: RUNS },
+  );
+});
+
+test("matmul / linear: shape errors name the op and both shapes", async () => {
+  const device = await cpuDevice();
+  const z = (...s: number[]) => tensor(new Float32Array(s.reduce((p, d) => p * d, 1)), s, { device });
+  const expectError = (f: () => unknown, ...parts: string[]) => {
+    const e = assertThrows(f);
+    for (const p of parts) {
+      if (!e.message.includes(p)) throw new Error(`error "${e.message}" does not mention ${p}`);
+    }
+  };
+  expectError(() => matmul(z(2, 3), z(4, 5)), "matmul", "[2, 3]", "[4, 5]");
+  expectError(() => matmul(z(3), z(4)), "matmul", "[3]", "[4]");
+  expectError(() => matmul(z(2, 2, 3), z(3, 3, 4)), "matmul", "[2, 2, 3]", "[3, 3, 4]");
+  expectError(() => matmul(z(2, 3), tensor([1], [], { device })), "matmul", "[2, 3]", "[]");
+  expectError(() => linear(z(2, 3), z(4, 5)), "linear", "[2, 3]", "[4, 5]");
+  expectError(() => linear(z(2, 3), z(4, 3), z(5)), "linear", "[5]", "[4, 3]");
+  expectError(() => linear(z(2, 3), z(3)), "linear", "[3]");
+});
