@@ -17,7 +17,7 @@ import {
   randn,
   scope,
   silu,
-  type Tensor,
+  Tensor,
   tensor,
 } from "../engine/mod.ts";
 import { type BenchRecord, printTable, timePerIteration, type TimingOptions } from "./harness.ts";
@@ -40,8 +40,14 @@ const sync = async () => {
   probe.dispose();
 };
 
-/** ms per call of `f`, whose tensors are freed each iteration. */
-const timeOurs = (f: () => unknown) => timePerIteration(() => scope(() => void f()), sync, timing);
+/** Forces every tensor in a result to be computed: elementwise results are lazy and would otherwise be skipped. */
+function realize(v: unknown) {
+  if (v instanceof Tensor) v.realize();
+  else if (Array.isArray(v)) v.forEach(realize);
+}
+
+/** ms per call of `f`, whose result is computed and whose tensors are freed each iteration. */
+const timeOurs = (f: () => unknown) => timePerIteration(() => scope(() => realize(f())), sync, timing);
 
 async function peer(ms: () => Promise<number>): Promise<number | undefined> {
   if (!withPeer) return undefined;

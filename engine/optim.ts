@@ -168,7 +168,7 @@ export class Adam {
           scaled: !!opts.gradScale,
         },
         inputs,
-        [p.storage, s.expAvg.storage, s.expAvgSq.storage],
+        [p.mutableStorage, s.expAvg.mutableStorage, s.expAvgSq.mutableStorage],
       );
     }
   }
@@ -326,7 +326,7 @@ export function gradClipCoefficient(params: ParamsInput, maxNorm: number): { nor
 export function clipGradNorm(params: ParamsInput, maxNorm: number): Tensor {
   const { norm, coef } = gradClipCoefficient(params, maxNorm);
   for (const [, p] of namedParams(params, "clipGradNorm")) {
-    if (p.grad) p.device.run(scaleInPlace, { n: p.grad.size }, [coef.storage], [p.grad.storage]);
+    if (p.grad) p.device.run(scaleInPlace, { n: p.grad.size }, [coef.storage], [p.grad.mutableStorage]);
   }
   coef.dispose();
   return norm;
@@ -383,7 +383,7 @@ export class EMA {
     EMA.checkBeta(beta);
     for (const [name, p] of this.params) {
       const s = this.shadow.get(name)!;
-      p.device.run(ema, { n: p.size, beta }, [p.storage], [s.storage]);
+      p.device.run(ema, { n: p.size, beta }, [p.storage], [s.mutableStorage]);
     }
   }
 

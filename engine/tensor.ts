@@ -8,10 +8,17 @@
  */
 
 import { type Device, getDefaultDevice, type Storage } from "./device.ts";
+import { elementwise, type Expr } from "../kernels/elementwise.ts";
+import { broadcastStrides } from "./shape.ts";
 
-/** Reference-counted storage shared by tensors that view the same elements (reshape). */
-class StorageRef {
+/**
+ * Reference-counted storage shared by tensors that view the same elements (reshape). `readers` are the lazy
+ * tensors whose pending expressions read it: an in-place write must compute them first.
+ */
+export class StorageRef {
   refs = 1;
+  /** Weak, so that a forgotten lazy tensor can still be collected (and release its leaves). */
+  readonly readers = new Set<WeakRef<Tensor>>();
   constructor(readonly device: Device, readonly storage: Storage) {}
   retain(): this {
     this.refs++;
@@ -22,7 +29,18 @@ class StorageRef {
   }
 }
 
-const finalizer = new FinalizationRegistry<StorageRef>((ref) => ref.drop());
+/** What a lazy tensor will be: an elementwise expression over leaf storages read with the given shapes. */
+export interface LazyValue {
+  expr: Expr;
+  consts: number[];
+  leaves: { ref: StorageRef; shape: Shape }[];
+}
+
+/** A lazy tensor holds its leaves; the registry drops whichever it holds when the tensor is collected. */
+const finalizer = new FinalizationRegistry<StorageRef | LazyValue>((held) => {
+  if (held instanceof StorageRef) held.drop();
+  else held.leaves.forEach((l) => l.ref.drop()); // dead WeakRefs in `readers` are skipped by deref()
+});
 
 /** How a tensor was computed: its differentiable inputs and the vector-Jacobian product back to them. */
 export interface GradNode {
@@ -126,6 +144,10 @@ export class Tensor {
   readonly size: number;
   readonly device: Device;
   #ref: StorageRef | null;
+  /** Set while the value is a pending elementwise expression (see ops/core.ts `map`); storage comes later. */
+  #lazy: LazyValue | null = null;
+  #asReader: WeakRef<Tensor> | null = null;
+  #disposed = false;
   /** Leaf tensors with `requiresGrad` accumulate `.grad` in `backward`. */
   requiresGrad = false;
   grad: Tensor | null = null;
@@ -133,18 +155,78 @@ export class Tensor {
   node: GradNode | null = null;
 
   /** Wraps existing storage (the storage reference is taken over, or shared when `share` is given). */
-  constructor(device: Device, shape: Shape, storage: Storage, share?: Tensor) {
+  constructor(device: Device, shape: Shape, storage: Storage | null, share?: Tensor) {
     checkShape(shape);
     this.shape = Object.freeze([...shape]);
     this.size = sizeOf(shape);
     this.device = device;
     if (share) {
+      share.realize();
       const r = share.#ref;
       if (!r) throw new Error("cannot share the storage of a disposed tensor");
       this.#ref = r.retain();
-    } else this.#ref = new StorageRef(device, storage);
-    finalizer.register(this, this.#ref, this);
+    } else this.#ref = storage ? new StorageRef(device, storage) : null;
+    if (this.#ref) finalizer.register(this, this.#ref, this);
     scopes[scopes.length - 1]?.add(this);
+  }
+
+  /**
+   * A tensor whose value is `value`, computed only when its storage is first needed; until then it retains its
+   * leaves. Made by `map` in ops/core.ts, which also inlines lazy inputs into new expressions (fusion).
+   */
+  static lazy(device: Device, shape: Shape, value: LazyValue): Tensor {
+    const t = new Tensor(device, shape, null);
+    t.#lazy = value;
+    t.#asReader = new WeakRef(t);
+    for (const l of value.leaves) {
+      l.ref.retain();
+      l.ref.readers.add(t.#asReader);
+    }
+    finalizer.register(t, value, t);
+    return t;
+  }
+
+  /** The pending expression of a lazy tensor, or null once computed. */
+  get lazyValue(): LazyValue | null {
+    return this.#lazy;
+  }
+
+  /** The storage reference, computing a lazy value first (for building fused expressions). */
+  get storageRef(): StorageRef {
+    this.realize();
+    if (!this.#ref) throw new Error(`tensor of shape [${this.shape}] was used after dispose()`);
+    return this.#ref;
+  }
+
+  /** Computes a pending lazy value into fresh storage: one elementwise dispatch. */
+  realize(): void {
+    const v = this.#lazy;
+    if (!v) return;
+    this.#lazy = null;
+    finalizer.unregister(this);
+    const storage = this.device.alloc(this.size);
+    this.device.run(
+      elementwise,
+      {
+        expr: v.expr,
+        consts: v.consts,
+        shape: this.shape,
+        strides: v.leaves.map((l) => broadcastStrides(l.shape, this.shape)),
+      },
+      v.leaves.map((l) => l.ref.storage),
+      [storage],
+    );
+    this.#ref = new StorageRef(this.device, storage);
+    finalizer.register(this, this.#ref, this);
+    this.#releaseLeaves(v);
+  }
+
+  #releaseLeaves(v: LazyValue) {
+    for (const l of v.leaves) {
+      if (this.#asReader) l.ref.readers.delete(this.#asReader);
+      l.ref.drop();
+    }
+    this.#asReader = null;
   }
 
   /** A new uninitialised tensor on `device`. */
@@ -153,14 +235,25 @@ export class Tensor {
     return new Tensor(device, shape, device.alloc(sizeOf(shape)));
   }
 
-  /** The device allocation; throws on a disposed tensor. */
+  /** The device allocation (computing a lazy value first); throws on a disposed tensor. */
   get storage(): Storage {
+    this.realize();
     if (!this.#ref) throw new Error(`tensor of shape [${this.shape}] was used after dispose()`);
     return this.#ref.storage;
   }
 
+  /**
+   * The allocation for a kernel that overwrites it in place (optimizer steps, EMA, loading weights): lazy
+   * tensors still waiting to read the old values are computed first.
+   */
+  get mutableStorage(): Storage {
+    const s = this.storage;
+    for (const reader of [...this.#ref!.readers]) reader.deref()?.realize();
+    return s;
+  }
+
   get disposed(): boolean {
-    return this.#ref === null;
+    return this.#disposed;
   }
 
   get rank(): number {
@@ -169,9 +262,12 @@ export class Tensor {
 
   /** Frees the storage (once every tensor sharing it is disposed). Safe to call twice. */
   dispose(): void {
-    if (!this.#ref) return;
+    if (this.#disposed) return;
+    this.#disposed = true;
     finalizer.unregister(this);
-    this.#ref.drop();
+    if (this.#lazy) this.#releaseLeaves(this.#lazy);
+    this.#lazy = null;
+    this.#ref?.drop();
     this.#ref = null;
     this.node = null;
     for (const frame of scopes) frame.delete(this);

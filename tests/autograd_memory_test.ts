@@ -99,6 +99,8 @@ test("scope disposes intermediates, keeps results, kept tensors and leaf gradien
   if (loss.disposed || !w.grad || w.grad.disposed || kept!.disposed) {
     throw new Error("scope disposed a survivor");
   }
+  // Elementwise results are lazy and hold their inputs until computed: read them so that they own storage.
+  await Promise.all([w.grad.toArray(), kept!.toArray(), loss.toArray()]);
   const extra = device.memory().liveBytes - base;
   // w, w.grad, kept, loss: 3·1 KiB + 4 bytes.
   if (extra !== 3 * 1024 + 4) throw new Error(`scope left ${extra} bytes live, expected ${3 * 1024 + 4}`);
