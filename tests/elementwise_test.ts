@@ -279,3 +279,56 @@ test("gradients with scalar operands", async () => {
   await gradCheck((t) => E.div(1.5, t), [x]);
   await gradCheck((t) => E.sub(1, E.mul(t, 0.25)), [x]);
 });
+
+// --- fusion (lazy elementwise results) ----------------------------------------------------------------------------
+
+test("fusion: an elementwise chain runs as one dispatch; an unread result never runs", async () => {
+  const device = await gpuDevice();
+  const x = tensor(seededValues(64, 1), [4, 16], { device }),
+    b = tensor(seededValues(16, 2), [16], { device });
+  const before = device.counters().dispatches;
+  const unused = E.exp(x);
+  const y = E.silu(E.add(E.mul(x, E.add(b, 1)), E.tanh(b)));
+  unused.dispose();
+  const got = await y.toArray();
+  const dispatches = device.counters().dispatches - before;
+  if (dispatches !== 1) {
+    throw new Error(`chain of 5 elementwise ops took ${dispatches} dispatches, expected 1`);
+  }
+  const xv = seededValues(64, 1), bv = seededValues(16, 2);
+  const want = Array.from(xv, (v, i) => {
+    const h = v * (bv[i % 16] + 1) + Math.tanh(bv[i % 16]);
+    return h / (1 + Math.exp(-h));
+  });
+  assertClose(got, want, { rtol: 1e-5, atol: 1e-6 });
+});
+
+test("fusion: a lazy result keeps its inputs alive after they are disposed", async () => {
+  const device = await gpuDevice();
+  const x = tensor([1, 2, 3], [3], { device });
+  const y = E.mul(x, 10);
+  x.dispose();
+  assertClose(await y.toArray(), [10, 20, 30]);
+  y.dispose();
+});
+
+test("fusion: an in-place write (optimizer step) computes pending readers of the old values first", async () => {
+  const device = await gpuDevice();
+  const { copyInto } = await import("../engine/ops/core.ts");
+  const w = tensor([1, 2, 3], [3], { device });
+  const before = E.mul(w, 2); // lazy: reads w when computed
+  copyInto(w, tensor([7, 7, 7], [3], { device }), [0]); // overwrites w in place
+  assertClose(await before.toArray(), [2, 4, 6], {}, "value computed before the write");
+  assertClose(await w.toArray(), [7, 7, 7], {}, "written value");
+});
+
+test("fusion respects the 7-input budget and deep trees stay correct", async () => {
+  const device = await gpuDevice();
+  const xs = Array.from({ length: 10 }, (_, k) => tensor([k + 1], [1], { device }));
+  let acc = E.mul(xs[0], 1);
+  for (const x of xs.slice(1)) acc = E.add(acc, E.mul(x, 2)); // 10 distinct leaves: must split
+  assertClose(await acc.toArray(), [1 + 2 * (2 + 3 + 4 + 5 + 6 + 7 + 8 + 9 + 10)]);
+  let deep = E.mul(xs[0], 1);
+  for (let i = 0; i < 40; i++) deep = E.add(deep, deep); // node count doubles: must be cut at the budget
+  assertClose(await deep.toArray(), [2 ** 40], { rtol: 1e-6 });
+});
