@@ -198,15 +198,17 @@ export class Module {
     }
   }
 
-  /** Frees all parameters, buffers and their gradients, recursively. */
+  /**
+   * Frees this module's parameters, buffers and their gradients, then calls each child's `dispose()` (so a
+   * subclass that holds other tensors frees them by overriding it).
+   */
   dispose(): void {
-    for (const [, m] of this.namedModules()) {
-      for (const t of [...m.#params.values(), ...m.#buffers.values()]) {
-        t.grad?.dispose();
-        t.grad = null;
-        t.dispose();
-      }
+    for (const t of [...this.#params.values(), ...this.#buffers.values()]) {
+      t.grad?.dispose();
+      t.grad = null;
+      t.dispose();
     }
+    for (const [, child] of this.namedChildren()) child.dispose();
   }
 }
 

@@ -179,12 +179,6 @@ export class StepAwareUNet extends nn.Module {
     return widthAt(this.schedule, at);
   }
 
-  /** Frees the wrapped network. */
-  override dispose(): void {
-    this.net.dispose();
-    super.dispose();
-  }
-
   /** F(x; cNoise, labels) at the width scheduled for `at` (all samples in the batch share the step). */
   forward(
     x: Tensor,

@@ -572,13 +572,6 @@ export class UNet extends nn.Module {
     return temps.release(out);
   }
 
-  /** Frees the parameters, buffers and the cached embedding frequencies. */
-  override dispose(): void {
-    // nn.Module.dispose frees the tensors of the whole tree but does not call the children's own dispose().
-    this.map_noise.dispose();
-    super.dispose();
-  }
-
   /** Layers and channel counts at `width` (see `planLayers`). */
   plan(width = 1): PlannedLayer[] {
     return planLayers(this.spec, width);
