@@ -16,6 +16,7 @@ export * from "./ops/conv.ts";
 export * from "./ops/norm.ts";
 export * from "./ops/softmax.ts";
 export * from "./ops/pool.ts";
+export * from "./ops/resize.ts";
 export * from "./ops/attention.ts";
 export * from "./ops/loss.ts";
 export * from "./ops/random.ts";

@@ -1,13 +1,21 @@
 /**
- * @file 2-D average pooling and nearest-neighbour upsampling on NCHW planes, forward and backward.
+ * @file 2-D average and max pooling and nearest-neighbour upsampling on NCHW planes, forward and backward.
  *
- * All four kernels treat the input as `planes` = N·C independent H×W planes and are gathers (every output is
+ * All six kernels treat the input as `planes` = N·C independent H×W planes and are gathers (every output is
  * written by exactly one thread, no atomics):
  *
- * - avgPool2d: PyTorch defaults (count_include_pad = True, ceil_mode = False), so every window divides by
- *   kh·kw. A thread computes `RUN` neighbouring outputs of one output row, which spreads the index arithmetic
- *   over several windows. The backward is a gather too: input pixel (h, w) receives g/(kh·kw) from every output
- *   whose window covers it, oh ∈ [ceil((h+ph−kh+1)/sh), floor((h+ph)/sh)] clamped to the output (same for w).
+ * - avgPool2d: ceil_mode = False. With count_include_pad = True (PyTorch's default) every window divides by
+ *   kh·kw; with False (Inception's FID blocks) by the number of its elements inside the input,
+ *   (hHi − hLo)·(wHi − wLo) after clipping the window to the plane. A thread computes `RUN` neighbouring outputs
+ *   of one output row, which spreads the index arithmetic over several windows. The backward is a gather too:
+ *   input pixel (h, w) receives g/divisor(oh, ow) from every output whose window covers it,
+ *   oh ∈ [ceil((h+ph−kh+1)/sh), floor((h+ph)/sh)] clamped to the output (same for w).
+ * - maxPool2d: F.max_pool2d (ceil_mode = False, dilation 1): padding never wins (it is −∞), the first maximum
+ *   in row-major window order is the one selected (strict >, as PyTorch's kernels; a NaN is selected like
+ *   PyTorch's `val > max || isnan(val)`). When a gradient will be needed the forward also writes, per output,
+ *   the in-plane index h·W + w of its maximum (as a float: exact below 2²⁴, which the op checks); the backward
+ *   gathers for each input pixel the g of the covering outputs whose index names it, so it never rescans a
+ *   window and never scatters.
  * - interpolateNearest with integer factors (sh, sw): out[oh, ow] = x[oh / sh, ow / sw]. A thread owns one input
  *   pixel and its sh×sw output block: one read and sh·sw writes forward, sh·sw reads and one write backward
  *   (the backward sums the block).
@@ -16,7 +24,8 @@
 import { type FloatArray, type GpuCaps, type GpuDispatch, type Kernel, ParamWriter } from "./types.ts";
 import { ENTRY_1D, grid1d, header } from "./wgsl.ts";
 
-export interface AvgPool2dParams {
+/** The geometry shared by the pooling kernels: planes of H×W, a kh×kw window, strides and zero padding. */
+export interface PoolGeometry {
   planes: number;
   H: number;
   W: number;
@@ -28,15 +37,20 @@ export interface AvgPool2dParams {
   pw: number;
 }
 
-/** Output size of avg_pool2d with ceil_mode = False. */
-export function poolOutSize(p: AvgPool2dParams): { Ho: number; Wo: number } {
+export interface AvgPool2dParams extends PoolGeometry {
+  /** Padding counts in the divisor (PyTorch's count_include_pad, default true). */
+  countIncludePad?: boolean;
+}
+
+/** Output size of avg_pool2d / max_pool2d with ceil_mode = False. */
+export function poolOutSize(p: PoolGeometry): { Ho: number; Wo: number } {
   return {
     Ho: Math.floor((p.H + 2 * p.ph - p.kh) / p.sh) + 1,
     Wo: Math.floor((p.W + 2 * p.pw - p.kw) / p.sw) + 1,
   };
 }
 
-function checkPool(op: string, p: AvgPool2dParams) {
+function checkPool(op: string, p: PoolGeometry) {
   const { Ho, Wo } = poolOutSize(p);
   const positive = [p.planes, p.H, p.W, p.kh, p.kw, p.sh, p.sw];
   if (
@@ -60,7 +74,7 @@ export const avgPool2d: Kernel<AvgPool2dParams> = {
     const runs = Math.ceil(Wo / RUN);
     const total = p.planes * Ho * runs;
     const w = new ParamWriter().u32(total, p.H, p.W, Ho, Wo, runs, p.kh, p.kw, p.sh, p.sw, p.ph, p.pw)
-      .f32(1 / (p.kh * p.kw));
+      .f32(1 / (p.kh * p.kw)).u32(p.countIncludePad === false ? 0 : 1);
     const source = header(["x"], ["y"]) + `
 ${ENTRY_1D} {
   let id = linearId(wid, nwg, lid, 256u);
@@ -86,7 +100,8 @@ ${ENTRY_1D} {
       let rowBase = xPlane + h * W;
       for (var ww = wLo; ww < wHi; ww++) { acc += x[rowBase + ww]; }
     }
-    y[(plane * Ho + oh) * Wo + ow] = acc * pf(12u);
+    let inside = f32((hHi - hLo) * (wHi - wLo));
+    y[(plane * Ho + oh) * Wo + ow] = select(acc / inside, acc * pf(12u), pu(13u) == 1u);
   }
 }`;
     return { source, workgroups: grid1d(total, caps.maxWorkgroupsPerDimension), params: w.finish() };
@@ -94,20 +109,22 @@ ${ENTRY_1D} {
 
   cpu(p: AvgPool2dParams, [x]: FloatArray[], [y]: FloatArray[]): void {
     const { Ho, Wo } = checkPool("avgPool2d", p);
-    const div = p.kh * p.kw;
     for (let plane = 0; plane < p.planes; plane++) {
       for (let oh = 0; oh < Ho; oh++) {
         for (let ow = 0; ow < Wo; ow++) {
-          let acc = 0;
+          let acc = 0, inside = 0;
           for (let i = 0; i < p.kh; i++) {
             const h = oh * p.sh - p.ph + i;
             if (h < 0 || h >= p.H) continue;
             for (let j = 0; j < p.kw; j++) {
               const w = ow * p.sw - p.pw + j;
-              if (w >= 0 && w < p.W) acc += x[(plane * p.H + h) * p.W + w];
+              if (w >= 0 && w < p.W) {
+                acc += x[(plane * p.H + h) * p.W + w];
+                inside++;
+              }
             }
           }
-          y[(plane * Ho + oh) * Wo + ow] = acc / div;
+          y[(plane * Ho + oh) * Wo + ow] = acc / (p.countIncludePad === false ? inside : p.kh * p.kw);
         }
       }
     }
@@ -123,9 +140,174 @@ export const avgPool2dBackward: Kernel<AvgPool2dParams> = {
     const runs = Math.ceil(p.W / RUN);
     const total = p.planes * p.H * runs;
     const w = new ParamWriter().u32(total, p.H, p.W, Ho, Wo, runs, p.kh, p.kw, p.sh, p.sw, p.ph, p.pw)
-      .f32(1 / (p.kh * p.kw));
+      .f32(1 / (p.kh * p.kw)).u32(p.countIncludePad === false ? 0 : 1);
     // First output index whose window reaches pixel a (with padding pad, kernel k, stride s): ceil((a+pad−k+1)/s).
+    // inside(o, …): how many of output o's window positions fall inside a side of length n.
     const source = header(["g"], ["dx"]) + `
+fn firstOut(a: u32, pad: u32, k: u32, s: u32) -> u32 {
+  let num = i32(a + pad) - i32(k) + 1;
+  return select(0u, (u32(num) + s - 1u) / s, num > 0);
+}
+fn inside(o: u32, pad: u32, k: u32, s: u32, n: u32) -> f32 {
+  let a0 = i32(o * s) - i32(pad);
+  return f32(min(a0 + i32(k), i32(n)) - max(a0, 0));
+}
+${ENTRY_1D} {
+  let id = linearId(wid, nwg, lid, 256u);
+  if (id >= pu(0u)) { return; }
+  let H = pu(1u); let W = pu(2u); let Ho = pu(3u); let Wo = pu(4u); let runs = pu(5u);
+  let kh = pu(6u); let kw = pu(7u); let sh = pu(8u); let sw = pu(9u); let ph = pu(10u); let pw = pu(11u);
+  let r = id % runs;
+  let rest = id / runs;
+  let h = rest % H;
+  let plane = rest / H;
+  let gPlane = plane * Ho * Wo;
+  let ohLo = firstOut(h, ph, kh, sh);
+  let ohEnd = min((h + ph) / sh + 1u, Ho);
+  let w0 = r * ${RUN}u;
+  let wEnd = min(w0 + ${RUN}u, W);
+  for (var w = w0; w < wEnd; w++) {
+    let owLo = firstOut(w, pw, kw, sw);
+    let owEnd = min((w + pw) / sw + 1u, Wo);
+    var acc = 0.0;
+    if (pu(13u) == 1u) {
+      for (var oh = ohLo; oh < ohEnd; oh++) {
+        let rowBase = gPlane + oh * Wo;
+        for (var ow = owLo; ow < owEnd; ow++) { acc += g[rowBase + ow]; }
+      }
+      acc *= pf(12u);
+    } else {
+      for (var oh = ohLo; oh < ohEnd; oh++) {
+        let rowBase = gPlane + oh * Wo;
+        let rows = inside(oh, ph, kh, sh, H);
+        for (var ow = owLo; ow < owEnd; ow++) { acc += g[rowBase + ow] / (rows * inside(ow, pw, kw, sw, W)); }
+      }
+    }
+    dx[(plane * H + h) * W + w] = acc;
+  }
+}`;
+    return { source, workgroups: grid1d(total, caps.maxWorkgroupsPerDimension), params: w.finish() };
+  },
+
+  cpu(p: AvgPool2dParams, [g]: FloatArray[], [dx]: FloatArray[]): void {
+    const { Ho, Wo } = checkPool("avgPool2dBackward", p);
+    // Scatter form: the opposite of the GPU's gather, so the two are independent derivations.
+    dx.fill(0, 0, p.planes * p.H * p.W);
+    const span = (o: number, s: number, pad: number, k: number, n: number) =>
+      Math.min(o * s - pad + k, n) - Math.max(o * s - pad, 0);
+    for (let plane = 0; plane < p.planes; plane++) {
+      for (let oh = 0; oh < Ho; oh++) {
+        for (let ow = 0; ow < Wo; ow++) {
+          const div = p.countIncludePad === false
+            ? span(oh, p.sh, p.ph, p.kh, p.H) * span(ow, p.sw, p.pw, p.kw, p.W)
+            : p.kh * p.kw;
+          const share = g[(plane * Ho + oh) * Wo + ow] / div;
+          for (let i = 0; i < p.kh; i++) {
+            const h = oh * p.sh - p.ph + i;
+            if (h < 0 || h >= p.H) continue;
+            for (let j = 0; j < p.kw; j++) {
+              const w = ow * p.sw - p.pw + j;
+              if (w >= 0 && w < p.W) dx[(plane * p.H + h) * p.W + w] += share;
+            }
+          }
+        }
+      }
+    }
+  },
+};
+
+export interface MaxPool2dParams extends PoolGeometry {
+  /** Also write each output's argmax (its in-plane index h·W + w) as a second output, for the backward. */
+  withIndices: boolean;
+}
+
+/** x: [planes, H, W] → y: [planes, Ho, Wo] (and, withIndices, idx: [planes, Ho, Wo]). */
+export const maxPool2d: Kernel<MaxPool2dParams> = {
+  name: "maxPool2d",
+
+  gpu(p: MaxPool2dParams, caps: GpuCaps): GpuDispatch {
+    const { Ho, Wo } = checkPool("maxPool2d", p);
+    const runs = Math.ceil(Wo / RUN);
+    const total = p.planes * Ho * runs;
+    const w = new ParamWriter().u32(total, p.H, p.W, Ho, Wo, runs, p.kh, p.kw, p.sh, p.sw, p.ph, p.pw);
+    const store = p.withIndices ? "idx[o] = f32(best);" : "";
+    // The window is clipped to the plane (padding is −∞ and, with pad ≤ k/2, never the whole window).
+    const source = header(["x"], p.withIndices ? ["y", "idx"] : ["y"]) + `
+${ENTRY_1D} {
+  let id = linearId(wid, nwg, lid, 256u);
+  if (id >= pu(0u)) { return; }
+  let H = pu(1u); let W = pu(2u); let Ho = pu(3u); let Wo = pu(4u); let runs = pu(5u);
+  let kh = pu(6u); let kw = pu(7u); let sh = pu(8u); let sw = pu(9u);
+  let r = id % runs;
+  let rest = id / runs;
+  let oh = rest % Ho;
+  let plane = rest / Ho;
+  let xPlane = plane * H * W;
+  let h0 = i32(oh * sh) - pi(10u);
+  let hLo = u32(max(h0, 0));
+  let hHi = u32(min(h0 + i32(kh), i32(H)));
+  let ow0 = r * ${RUN}u;
+  let owEnd = min(ow0 + ${RUN}u, Wo);
+  for (var ow = ow0; ow < owEnd; ow++) {
+    let w0 = i32(ow * sw) - pi(11u);
+    let wLo = u32(max(w0, 0));
+    let wHi = u32(min(w0 + i32(kw), i32(W)));
+    var best = hLo * W + wLo;
+    var m = x[xPlane + best];
+    for (var h = hLo; h < hHi; h++) {
+      for (var ww = wLo; ww < wHi; ww++) {
+        let at = h * W + ww;
+        let v = x[xPlane + at];
+        if (v > m || v != v) { m = v; best = at; }
+      }
+    }
+    let o = (plane * Ho + oh) * Wo + ow;
+    y[o] = m;
+    ${store}
+  }
+}`;
+    return { source, workgroups: grid1d(total, caps.maxWorkgroupsPerDimension), params: w.finish() };
+  },
+
+  cpu(p: MaxPool2dParams, [x]: FloatArray[], [y, idx]: FloatArray[]): void {
+    const { Ho, Wo } = checkPool("maxPool2d", p);
+    for (let plane = 0; plane < p.planes; plane++) {
+      const base = plane * p.H * p.W;
+      for (let oh = 0; oh < Ho; oh++) {
+        for (let ow = 0; ow < Wo; ow++) {
+          let m = -Infinity, best = -1;
+          for (let i = 0; i < p.kh; i++) {
+            const h = oh * p.sh - p.ph + i;
+            if (h < 0 || h >= p.H) continue;
+            for (let j = 0; j < p.kw; j++) {
+              const w = ow * p.sw - p.pw + j;
+              if (w < 0 || w >= p.W) continue;
+              const v = x[base + h * p.W + w];
+              if (best < 0 || v > m || Number.isNaN(v)) {
+                m = v;
+                best = h * p.W + w;
+              }
+            }
+          }
+          const o = (plane * Ho + oh) * Wo + ow;
+          y[o] = m;
+          if (p.withIndices) idx[o] = best;
+        }
+      }
+    }
+  },
+};
+
+/** Inputs: g and idx ([planes, Ho, Wo], idx from the forward); output: dx ([planes, H, W]). */
+export const maxPool2dBackward: Kernel<PoolGeometry> = {
+  name: "maxPool2dBackward",
+
+  gpu(p: PoolGeometry, caps: GpuCaps): GpuDispatch {
+    const { Ho, Wo } = checkPool("maxPool2dBackward", p);
+    const runs = Math.ceil(p.W / RUN);
+    const total = p.planes * p.H * runs;
+    const w = new ParamWriter().u32(total, p.H, p.W, Ho, Wo, runs, p.kh, p.kw, p.sh, p.sw, p.ph, p.pw);
+    const source = header(["g", "idx"], ["dx"]) + `
 fn firstOut(a: u32, pad: u32, k: u32, s: u32) -> u32 {
   let num = i32(a + pad) - i32(k) + 1;
   return select(0u, (u32(num) + s - 1u) / s, num > 0);
@@ -147,35 +329,28 @@ ${ENTRY_1D} {
   for (var w = w0; w < wEnd; w++) {
     let owLo = firstOut(w, pw, kw, sw);
     let owEnd = min((w + pw) / sw + 1u, Wo);
+    let here = f32(h * W + w);
     var acc = 0.0;
     for (var oh = ohLo; oh < ohEnd; oh++) {
       let rowBase = gPlane + oh * Wo;
-      for (var ow = owLo; ow < owEnd; ow++) { acc += g[rowBase + ow]; }
+      for (var ow = owLo; ow < owEnd; ow++) {
+        if (idx[rowBase + ow] == here) { acc += g[rowBase + ow]; }
+      }
     }
-    dx[(plane * H + h) * W + w] = acc * pf(12u);
+    dx[(plane * H + h) * W + w] = acc;
   }
 }`;
     return { source, workgroups: grid1d(total, caps.maxWorkgroupsPerDimension), params: w.finish() };
   },
 
-  cpu(p: AvgPool2dParams, [g]: FloatArray[], [dx]: FloatArray[]): void {
-    const { Ho, Wo } = checkPool("avgPool2dBackward", p);
-    const div = p.kh * p.kw;
-    // Scatter form: the opposite of the GPU's gather, so the two are independent derivations.
+  cpu(p: PoolGeometry, [g, idx]: FloatArray[], [dx]: FloatArray[]): void {
+    const { Ho, Wo } = checkPool("maxPool2dBackward", p);
+    // Scatter form (the GPU gathers): each output's gradient goes to the pixel its index names.
     dx.fill(0, 0, p.planes * p.H * p.W);
     for (let plane = 0; plane < p.planes; plane++) {
-      for (let oh = 0; oh < Ho; oh++) {
-        for (let ow = 0; ow < Wo; ow++) {
-          const share = g[(plane * Ho + oh) * Wo + ow] / div;
-          for (let i = 0; i < p.kh; i++) {
-            const h = oh * p.sh - p.ph + i;
-            if (h < 0 || h >= p.H) continue;
-            for (let j = 0; j < p.kw; j++) {
-              const w = ow * p.sw - p.pw + j;
-              if (w >= 0 && w < p.W) dx[(plane * p.H + h) * p.W + w] += share;
-            }
-          }
-        }
+      for (let o = 0; o < Ho * Wo; o++) {
+        const k = plane * Ho * Wo + o;
+        dx[plane * p.H * p.W + idx[k]] += g[k];
       }
     }
   },

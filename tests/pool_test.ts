@@ -1,13 +1,15 @@
 /**
- * @file avgPool2d and interpolateNearest: forward and backward on WebGPU against the CPU reference over random
- * shapes, kernels, strides and paddings (the CPU backward is a scatter, the GPU one a gather), values checked by
- * hand against PyTorch's semantics, finite-difference gradient checks, and argument errors.
+ * @file avgPool2d (with and without count_include_pad), maxPool2d and interpolateNearest: forward and backward
+ * on WebGPU against the CPU reference over random shapes, kernels, strides and paddings (the CPU backward is a
+ * scatter, the GPU one a gather), values checked by hand against PyTorch's semantics (including max-pool ties),
+ * finite-difference gradient checks, and argument errors.
  */
 
 import fc from "fast-check";
 import { tensor } from "../engine/creation.ts";
 import type { Device } from "../engine/device.ts";
-import { avgPool2d, interpolateNearest } from "../engine/ops/pool.ts";
+import { avgPool2d, interpolateNearest, maxPool2d } from "../engine/ops/pool.ts";
+import { noGrad } from "../engine/tensor.ts";
 import type { Tensor } from "../engine/tensor.ts";
 import {
   assertClose,
@@ -76,11 +78,52 @@ const poolCase = fc
 
 test("avgPool2d forward and backward: WebGPU matches CPU reference", async () => {
   await fc.assert(
+    fc.asyncProperty(
+      poolCase,
+      scaleArb,
+      seedArb,
+      fc.boolean(),
+      fc.boolean(),
+      async (c, scale, seed, small, countIncludePad) => {
+        const shape = [...c.lead, c.H, c.W];
+        const x = seededValues(size(shape), seed, -scale, scale);
+        const stride = c.defaultStride ? undefined : ([c.sh, c.sw] as const);
+        await compare(
+          (t) => avgPool2d(t, [c.kh, c.kw], stride, [c.ph, c.pw], { countIncludePad }),
+          shape,
+          x,
+          seed + 1,
+          small,
+        );
+      },
+    ),
+    { numRuns: RUNS },
+  );
+});
+
+test("maxPool2d forward and backward: WebGPU matches CPU reference", async () => {
+  await fc.assert(
     fc.asyncProperty(poolCase, scaleArb, seedArb, fc.boolean(), async (c, scale, seed, small) => {
       const shape = [...c.lead, c.H, c.W];
       const x = seededValues(size(shape), seed, -scale, scale);
       const stride = c.defaultStride ? undefined : ([c.sh, c.sw] as const);
-      await compare((t) => avgPool2d(t, [c.kh, c.kw], stride, [c.ph, c.pw]), shape, x, seed + 1, small);
+      await compare((t) => maxPool2d(t, [c.kh, c.kw], stride, [c.ph, c.pw]), shape, x, seed + 1, small);
+    }),
+    { numRuns: RUNS },
+  );
+});
+
+test("maxPool2d without a tape (noGrad) gives the same maxima as with one", async () => {
+  await fc.assert(
+    fc.asyncProperty(poolCase, seedArb, async (c, seed) => {
+      const device = await gpuDevice();
+      const shape = [...c.lead, c.H, c.W];
+      const x = tensor(seededValues(size(shape), seed), shape, { device, requiresGrad: true });
+      const f = (t: Tensor) => maxPool2d(t, [c.kh, c.kw], [c.sh, c.sw], [c.ph, c.pw]);
+      const taped = f(x), plain = noGrad(() => f(x));
+      if (plain.requiresGrad) throw new Error("maxPool2d under noGrad recorded the tape");
+      assertClose(await plain.toArray(), await taped.toArray(), { rtol: 0, atol: 0 });
+      for (const t of [x, taped, plain]) t.dispose();
     }),
     { numRuns: RUNS },
   );
@@ -128,6 +171,42 @@ test("avgPool2d matches PyTorch on hand-computed cases (count_include_pad, floor
   }
 });
 
+test("avgPool2d with countIncludePad: false divides by the window's elements inside the input", async () => {
+  for (const device of [await gpuDevice(), await cpuDevice()]) {
+    const x = tensor(Array.from({ length: 16 }, (_, i) => i), [1, 1, 4, 4], { device });
+    // F.avg_pool2d(arange(16).view(1,1,4,4), 3, 2, 1, count_include_pad=False): 10/4, 24/6, 51/6, 90/9.
+    const y = avgPool2d(x, 3, 2, 1, { countIncludePad: false });
+    assertClose(await y.toArray(), [2.5, 4, 8.5, 10], {}, `${device.kind} k=3 s=2 p=1`);
+    // Inception's branch_pool (3×3, stride 1, pad 1) of a constant image stays constant at the borders.
+    const c = tensor(new Array(20).fill(7), [1, 4, 5], { device });
+    assertClose(await avgPool2d(c, 3, 1, 1, { countIncludePad: false }).toArray(), new Array(20).fill(7));
+    const inc = await avgPool2d(c, 3, 1, 1).toArray();
+    if (Math.abs(inc[0] - 7 * 4 / 9) > 1e-5) throw new Error(`count_include_pad=True corner ${inc[0]}`);
+  }
+});
+
+test("maxPool2d matches PyTorch on hand-computed cases, ties go to the first maximum", async () => {
+  for (const device of [await gpuDevice(), await cpuDevice()]) {
+    const x = tensor(Array.from({ length: 16 }, (_, i) => i), [1, 1, 4, 4], { device });
+    // F.max_pool2d(arange(16).view(1,1,4,4), 3, 2, 1) = [[5, 7], [13, 15]]; padding never wins.
+    assertClose(await maxPool2d(x, 3, 2, 1).toArray(), [5, 7, 13, 15], {}, `${device.kind} k=3 s=2 p=1`);
+    const neg = tensor(Array.from({ length: 16 }, (_, i) => -1 - i), [1, 1, 4, 4], { device });
+    assertClose(await maxPool2d(neg, 3, 2, 1).toArray(), [-1, -2, -5, -6], {}, `${device.kind} negative`);
+    // Ties: a constant 3×3 image pooled 2×2 with stride 1 sends each window's gradient to its top-left pixel.
+    const c = tensor(new Array(9).fill(1), [1, 1, 3, 3], { device, requiresGrad: true });
+    const y = maxPool2d(c, 2, 1);
+    y.backward(tensor([1, 10, 100, 1000], [1, 1, 2, 2], { device }));
+    assertClose(await c.grad!.toArray(), [1, 10, 0, 100, 1000, 0, 0, 0, 0], {}, `${device.kind} ties`);
+    // Overlapping windows that share a maximum accumulate its gradient; [C, H, W] input is unbatched.
+    const u = tensor([0, 9, 0, 1, 2, 3, 4, 5, 6, 7], [1, 2, 5], { device, requiresGrad: true });
+    const z = maxPool2d(u, 2, 1);
+    if (z.shape.join() !== "1,1,4") throw new Error(`unbatched maxPool2d shape [${z.shape}]`);
+    assertClose(await z.toArray(), [9, 9, 6, 7], {}, `${device.kind} unbatched`);
+    z.backward();
+    assertClose(await u.grad!.toArray(), [0, 2, 0, 0, 0, 0, 0, 0, 1, 1], {}, `${device.kind} shared max`);
+  }
+});
+
 test("interpolateNearest repeats each pixel into a block", async () => {
   const x = tensor([1, 2, 3, 4, 5, 6], [1, 1, 2, 3], { device: await gpuDevice() });
   const y = interpolateNearest(x);
@@ -143,6 +222,17 @@ test("avgPool2d gradient check with padding and stride ≠ kernel", async () => 
   await gradCheck((x) => avgPool2d(x, 3, 2, 1), [{ shape, data }]);
   await gradCheck((x) => avgPool2d(x, [2, 3], [1, 2], [1, 0]), [{ shape, data }]);
   await gradCheck((x) => avgPool2d(x, 2, 3), [{ shape, data }]);
+});
+
+test("avgPool2d (countIncludePad: false) and maxPool2d gradient checks", async () => {
+  const shape = [1, 2, 5, 6], n = size(shape);
+  const data = seededValues(n, 8, -1, 1);
+  const exclude = { countIncludePad: false };
+  await gradCheck((x) => avgPool2d(x, 3, 1, 1, exclude), [{ shape, data }]);
+  await gradCheck((x) => avgPool2d(x, [2, 3], [2, 1], [1, 1], exclude), [{ shape, data }]);
+  await gradCheck((x) => maxPool2d(x, 3, 2), [{ shape, data }]);
+  await gradCheck((x) => maxPool2d(x, 3, 1, 1), [{ shape, data }]);
+  await gradCheck((x) => maxPool2d(x, [2, 3], [1, 2], [1, 0]), [{ shape, data }]);
 });
 
 test("interpolateNearest gradient check", async () => {
@@ -168,6 +258,10 @@ test("avgPool2d/interpolateNearest argument errors name the shapes and values", 
   expectError(() => avgPool2d(x, 5), "avgPool2d", "[2, 3, 4, 4]", "[5, 5]");
   expectError(() => avgPool2d(tensor([1, 2, 3, 4], [2, 2], { device }), 1), "avgPool2d", "[2, 2]");
   expectError(() => avgPool2d(x, 0), "avgPool2d", "kernelSize");
+  expectError(() => maxPool2d(x, 3, 1, 2), "maxPool2d", "padding", "[2, 2]", "kernelSize");
+  expectError(() => maxPool2d(x, [5, 2]), "maxPool2d", "[2, 3, 4, 4]", "[5, 2]");
+  expectError(() => maxPool2d(tensor([1, 2], [2], { device }), 1), "maxPool2d", "[2]");
+  expectError(() => maxPool2d(x, 2, 0), "maxPool2d", "stride");
   expectError(() => interpolateNearest(x, 1.5), "interpolateNearest", "scaleFactor", "1.5");
   expectError(
     () => interpolateNearest(tensor([1, 2, 3], [1, 1, 3], { device })),

@@ -1,20 +1,27 @@
 /**
- * @file Spatial resampling on NCHW tensors: `avgPool2d` (F.avg_pool2d with count_include_pad = True and
- * ceil_mode = False) and `interpolateNearest` (F.interpolate(mode="nearest") with an integer scale factor).
- * Each direction is one gather kernel from `kernels/pool.ts`. avgPool2d also takes an unbatched [C, H, W] input
- * as PyTorch does; interpolateNearest takes 4-D input only (PyTorch reads a 3-D input as [N, C, W]).
+ * @file Spatial resampling on NCHW tensors: `avgPool2d` (F.avg_pool2d with ceil_mode = False, count_include_pad
+ * True by default or False on request), `maxPool2d` (F.max_pool2d with ceil_mode = False, dilation 1) and
+ * `interpolateNearest` (F.interpolate(mode="nearest") with an integer scale factor). Each direction is one gather
+ * kernel from `kernels/pool.ts`. The pools also take an unbatched [C, H, W] input as PyTorch does;
+ * interpolateNearest takes 4-D input only (PyTorch reads a 3-D input as [N, C, W]).
+ *
+ * maxPool2d saves the argmax of every window for its backward only when a gradient can flow (grad mode on and
+ * the input requires grad); under `noGrad` (feature extraction) it writes the maxima alone.
  */
 
 import {
   avgPool2d as avgPoolKernel,
   avgPool2dBackward,
   type AvgPool2dParams,
+  maxPool2d as maxPoolKernel,
+  maxPool2dBackward,
   type NearestParams,
+  type PoolGeometry,
   poolOutSize,
   upsampleNearest,
   upsampleNearestBackward,
 } from "../../kernels/pool.ts";
-import { record, Tensor } from "../tensor.ts";
+import { isGradEnabled, record, Tensor } from "../tensor.ts";
 import { fmt } from "../shape.ts";
 
 export type Size2 = number | readonly [number, number];
@@ -37,12 +44,14 @@ function checkPlanes(op: string, x: Tensor, unbatched: boolean): { planes: numbe
   return { planes: x.size / (H * W), H, W };
 }
 
-/**
- * F.avg_pool2d(x, kernelSize, stride, padding) with count_include_pad = True (padding counts as zeros in the
- * average) and ceil_mode = False. `stride` defaults to the kernel size. x: [N, C, H, W] or [C, H, W].
- */
-export function avgPool2d(x: Tensor, kernelSize: Size2, stride?: Size2 | null, padding: Size2 = 0): Tensor {
-  const op = "avgPool2d";
+/** Validates a pooling call and returns its geometry and output size. */
+function poolGeometry(
+  op: string,
+  x: Tensor,
+  kernelSize: Size2,
+  stride: Size2 | null | undefined,
+  padding: Size2,
+): { geometry: PoolGeometry; Ho: number; Wo: number } {
   const { planes, H, W } = checkPlanes(op, x, true);
   const [kh, kw] = pair(op, "kernelSize", kernelSize, 1);
   const [sh, sw] = stride === undefined || stride === null ? [kh, kw] : pair(op, "stride", stride, 1);
@@ -50,19 +59,74 @@ export function avgPool2d(x: Tensor, kernelSize: Size2, stride?: Size2 | null, p
   if (2 * ph > kh || 2 * pw > kw) {
     throw new Error(`${op}: padding [${ph}, ${pw}] must be at most half of kernelSize [${kh}, ${kw}]`);
   }
-  const params: AvgPool2dParams = { planes, H, W, kh, kw, sh, sw, ph, pw };
-  const { Ho, Wo } = poolOutSize(params);
+  const geometry: PoolGeometry = { planes, H, W, kh, kw, sh, sw, ph, pw };
+  const { Ho, Wo } = poolOutSize(geometry);
   if (Ho < 1 || Wo < 1) {
     throw new Error(
       `${op}: input ${fmt(x.shape)} is too small for kernelSize [${kh}, ${kw}], stride [${sh}, ${sw}], ` +
         `padding [${ph}, ${pw}] (output would be ${Ho}×${Wo})`,
     );
   }
+  return { geometry, Ho, Wo };
+}
+
+export interface AvgPool2dOptions {
+  /** Whether zero padding counts in each window's divisor (PyTorch's count_include_pad, default true). */
+  countIncludePad?: boolean;
+}
+
+/**
+ * F.avg_pool2d(x, kernelSize, stride, padding, count_include_pad=opts.countIncludePad) with ceil_mode = False.
+ * `stride` defaults to the kernel size. With countIncludePad (the default) padded zeros count in the average;
+ * without, each window divides by the number of its elements inside the input. x: [N, C, H, W] or [C, H, W].
+ */
+export function avgPool2d(
+  x: Tensor,
+  kernelSize: Size2,
+  stride?: Size2 | null,
+  padding: Size2 = 0,
+  opts: AvgPool2dOptions = {},
+): Tensor {
+  const op = "avgPool2d";
+  const { geometry, Ho, Wo } = poolGeometry(op, x, kernelSize, stride, padding);
+  const cip = opts.countIncludePad ?? true;
+  if (typeof cip !== "boolean") throw new Error(`${op}: countIncludePad must be a boolean, got ${cip}`);
+  const params: AvgPool2dParams = { ...geometry, countIncludePad: cip };
   const y = Tensor.empty([...x.shape.slice(0, -2), Ho, Wo], x.device);
   x.device.run(avgPoolKernel, params, [x.storage], [y.storage]);
   return record(y, op, [x], (g) => {
     const dx = Tensor.empty(x.shape, x.device);
     x.device.run(avgPool2dBackward, params, [g.storage], [dx.storage]);
+    return [dx];
+  });
+}
+
+/** Argmax indices travel as float32 in-plane offsets, exact up to 2^24. */
+const MAX_INDEXED_PLANE = 2 ** 24;
+
+/**
+ * F.max_pool2d(x, kernelSize, stride, padding) with ceil_mode = False and dilation 1: the maximum of each window,
+ * padding never selected; `stride` defaults to the kernel size. The gradient goes to the first maximum of each
+ * window (row-major order), like PyTorch. x: [N, C, H, W] or [C, H, W].
+ */
+export function maxPool2d(x: Tensor, kernelSize: Size2, stride?: Size2 | null, padding: Size2 = 0): Tensor {
+  const op = "maxPool2d";
+  const { geometry, Ho, Wo } = poolGeometry(op, x, kernelSize, stride, padding);
+  const outShape = [...x.shape.slice(0, -2), Ho, Wo];
+  const y = Tensor.empty(outShape, x.device);
+  if (!(isGradEnabled() && x.requiresGrad)) {
+    x.device.run(maxPoolKernel, { ...geometry, withIndices: false }, [x.storage], [y.storage]);
+    return y;
+  }
+  if (geometry.H * geometry.W > MAX_INDEXED_PLANE) {
+    throw new Error(`${op}: a differentiable max pool needs H·W ≤ 2^24, input is ${fmt(x.shape)}`);
+  }
+  const idx = Tensor.empty(outShape, x.device);
+  x.device.run(maxPoolKernel, { ...geometry, withIndices: true }, [x.storage], [y.storage, idx.storage]);
+  return record(y, op, [x], (g) => {
+    const dx = Tensor.empty(x.shape, x.device);
+    x.device.run(maxPool2dBackward, geometry, [g.storage, idx.storage], [dx.storage]);
+    idx.dispose();
     return [dx];
   });
 }
