@@ -7,15 +7,19 @@
  *   syncs with the host until a read. Pipelines are cached by WGSL source (sizes travel as uniforms, one 512-byte
  *   slot per dispatch in a ring that is uploaded once per batch). Buffers come from a size-bucketed pool; a
  *   released buffer returns to the pool only after the batch that may still read it has been submitted, so queue
- *   writes into a reused buffer can never overtake a recorded read.
+ *   writes into a reused buffer can never overtake a recorded read. A dispatch may read some inputs as textures
+ *   (`GpuDispatch.textures`): the backend takes a pooled rgba32float texture per such input and records, just
+ *   before the dispatch, either a flat copy of the buffer into it or the kernel's packing pass (a flat copy into
+ *   a second pooled texture, then a draw that writes every texel; see `packSource` in kernels/wgsl.ts).
  * - `cpu`: the kernels' plain-TypeScript references, in float32 or (for gradient checks) float64.
  *
  * `Device.create()` probes the adapter (features, limits) and runs a known-answer kernel before returning.
  */
 
 import { bin, elementwise, inp } from "../kernels/elementwise.ts";
-import type { FloatArray, GpuCaps, Kernel } from "../kernels/types.ts";
+import type { FloatArray, GpuCaps, Kernel, TextureInput } from "../kernels/types.ts";
 import { UNIFORM_WORDS } from "../kernels/types.ts";
+import { flatTextureSize, packSource, TEXTURE_INPUT } from "../kernels/wgsl.ts";
 
 export type BackendKind = "webgpu" | "cpu";
 export type DType = "float32" | "float64";
@@ -29,6 +33,8 @@ export interface DeviceOptions {
   batchSize?: number;
   /** Bytes the buffer pool may hold for reuse before it destroys released buffers (default 1 GiB). */
   poolLimitBytes?: number;
+  /** Bytes of pooled textures (for texture inputs) kept before idle ones are destroyed (default 256 MiB). */
+  texturePoolLimitBytes?: number;
   /** Seed of the device's counter-based random generator (default 0). */
   seed?: number;
   /** Lowers the workgroups-per-dimension limit kernels plan for, so tests reach the 2-D grid path cheaply. */
@@ -59,6 +65,8 @@ export interface DeviceInfo {
   isCpuEmulated: boolean;
   features: string[];
   limits: Record<string, number>;
+  /** WebGPU: whether kernels may read inputs as textures (see `TextureInput` in kernels/types.ts). */
+  textureInputs?: boolean;
 }
 
 interface Backend {
@@ -254,6 +262,20 @@ interface GpuStorage extends Storage {
   bucket: number;
 }
 
+/** A pooled rgba32float texture for texture inputs, with its one view. */
+interface PooledTexture {
+  texture: GPUTexture;
+  view: GPUTextureView;
+  key: string;
+  bytes: number;
+}
+
+/**
+ * Binding kinds, one letter per binding, that key the explicit bind-group layouts: "r" read-only storage buffer,
+ * "w" read-write storage buffer, "t" read-only rgba32float storage texture, "u" uniform.
+ */
+type BindingKinds = string;
+
 const SLOT_BYTES = UNIFORM_WORDS * 4;
 const RING_SLOTS = 256;
 
@@ -285,6 +307,9 @@ class WebGpuBackend implements Backend {
   private readonly caps: GpuCaps;
   private readonly pipelines = new Map<string, GPUComputePipeline>();
   private readonly layouts = new Map<string, { group: GPUBindGroupLayout; pipeline: GPUPipelineLayout }>();
+  private readonly renderPipelines = new Map<string, GPURenderPipeline>();
+  private readonly textures = new Map<string, PooledTexture[]>();
+  private textureBytes = 0;
   private readonly pool = new Map<number, GPUBuffer[]>();
   private pooledBytes = 0;
   private pooledCount = 0;
@@ -297,13 +322,15 @@ class WebGpuBackend implements Backend {
   private slot = 0;
   private recorded = 0;
   private error: string | null = null;
-  private readonly stats = { dispatches: 0, submits: 0, pipelines: 0, reads: 0 };
+  /** `textures`: texture inputs filled (flat copies and packing passes). */
+  private readonly stats = { dispatches: 0, submits: 0, pipelines: 0, reads: 0, textures: 0 };
 
   private constructor(
     private readonly device: GPUDevice,
     adapter: GPUAdapter,
     private readonly batchSize: number,
     private readonly poolLimit: number,
+    private readonly texturePoolLimit: number,
     gridLimit?: number,
   ) {
     const limits: Record<string, number> = {};
@@ -315,6 +342,8 @@ class WebGpuBackend implements Backend {
         "maxComputeInvocationsPerWorkgroup",
         "maxComputeWorkgroupStorageSize",
         "maxStorageBuffersPerShaderStage",
+        "maxTextureDimension2D",
+        "maxStorageTexturesPerShaderStage",
       ] as const
     ) limits[k] = device.limits[k];
     const description = adapter.info.description || adapter.info.device || "unknown adapter";
@@ -328,6 +357,7 @@ class WebGpuBackend implements Backend {
       isCpuEmulated,
       features: [...device.features].sort(),
       limits,
+      textureInputs: true,
     };
     this.caps = {
       description,
@@ -335,6 +365,7 @@ class WebGpuBackend implements Backend {
       maxWorkgroupsPerDimension: Math.min(limits.maxComputeWorkgroupsPerDimension, gridLimit ?? Infinity),
       maxStorageBufferBindingSize: limits.maxStorageBufferBindingSize,
       features: new Set(device.features),
+      maxTextureDimension2D: limits.maxTextureDimension2D,
     };
     this.ring = device.createBuffer({
       size: RING_SLOTS * SLOT_BYTES,
@@ -366,15 +397,55 @@ class WebGpuBackend implements Backend {
         maxComputeWorkgroupStorageSize: adapter.limits.maxComputeWorkgroupStorageSize,
         maxComputeInvocationsPerWorkgroup: adapter.limits.maxComputeInvocationsPerWorkgroup,
         maxComputeWorkgroupSizeX: adapter.limits.maxComputeWorkgroupSizeX,
+        // Texture inputs: lavapipe allows 16384 (the default limit is 8192) and dozens of storage textures.
+        maxTextureDimension2D: adapter.limits.maxTextureDimension2D,
+        maxStorageTexturesPerShaderStage: adapter.limits.maxStorageTexturesPerShaderStage,
       },
     });
-    return new WebGpuBackend(
+    const backend = new WebGpuBackend(
       device,
       adapter,
       opts.batchSize ?? 64,
       opts.poolLimitBytes ?? 2 ** 30,
+      opts.texturePoolLimitBytes ?? 2 ** 28,
       opts.maxWorkgroupsPerDimension,
     );
+    await backend.probeTextureInputs();
+    return backend;
+  }
+
+  /**
+   * Texture inputs need read-only storage textures in compute shaders and rgba32float render targets (for the
+   * packing passes); wgpu's GL backend, for one, cannot render to rgba32float. Where either pipeline fails to
+   * build, kernels are told there are no texture inputs (`maxTextureDimension2D` 0) and use their other variants.
+   */
+  private async probeTextureInputs(): Promise<void> {
+    this.device.pushErrorScope("validation");
+    this.device.pushErrorScope("internal");
+    const compute = this.device.createShaderModule({
+      code: `@group(0) @binding(0) var t: ${TEXTURE_INPUT};
+@group(0) @binding(1) var<storage, read_write> o: array<f32>;
+@group(0) @binding(2) var<uniform> u: vec4<u32>;
+@compute @workgroup_size(1) fn main() { o[0] = textureLoad(t, vec2<u32>(u.x, 0u)).x; }`,
+    });
+    this.device.createComputePipeline({
+      layout: this.layoutFor("twu").pipeline,
+      compute: { module: compute, entryPoint: "main" },
+    });
+    const pack = this.device.createShaderModule({
+      code: packSource("fn texel(x: u32, y: u32) -> vec4<f32> { return vec4<f32>(srcAt(i32(x + y))); }"),
+    });
+    this.device.createRenderPipeline({
+      layout: this.layoutFor("tu", GPUShaderStage.FRAGMENT).pipeline,
+      vertex: { module: pack, entryPoint: "vs" },
+      fragment: { module: pack, entryPoint: "fs", targets: [{ format: "rgba32float" }] },
+      primitive: { topology: "triangle-list" },
+    });
+    const internal = await this.device.popErrorScope(), validation = await this.device.popErrorScope();
+    if (internal || validation) {
+      this.caps.maxTextureDimension2D = 0;
+      this.info.textureInputs = false;
+    }
   }
 
   alloc(elements: number): GpuStorage {
@@ -454,19 +525,29 @@ class WebGpuBackend implements Backend {
     });
   }
 
-  private layoutFor(nIn: number, nOut: number) {
-    const key = `${nIn}:${nOut}`;
+  /** The kinds of a kernel's bindings: inputs (textures where listed), outputs, then the uniform block. */
+  private kindsOf(nIn: number, nOut: number, textures: readonly TextureInput[] | undefined): BindingKinds {
+    let kinds = "";
+    for (let i = 0; i < nIn; i++) kinds += textures?.some((t) => t.input === i) ? "t" : "r";
+    return kinds + "w".repeat(nOut) + "u";
+  }
+
+  private layoutFor(kinds: BindingKinds, visibility: number = GPUShaderStage.COMPUTE) {
+    const key = `${kinds}:${visibility}`;
     let l = this.layouts.get(key);
     if (!l) {
-      const entries: GPUBindGroupLayoutEntry[] = [];
-      for (let i = 0; i < nIn + nOut; i++) {
-        entries.push({
-          binding: i,
-          visibility: GPUShaderStage.COMPUTE,
-          buffer: { type: i < nIn ? "read-only-storage" : "storage" },
-        });
-      }
-      entries.push({ binding: nIn + nOut, visibility: GPUShaderStage.COMPUTE, buffer: { type: "uniform" } });
+      const entries: GPUBindGroupLayoutEntry[] = [...kinds].map((kind, binding) => {
+        switch (kind) {
+          case "r":
+            return { binding, visibility, buffer: { type: "read-only-storage" } };
+          case "w":
+            return { binding, visibility, buffer: { type: "storage" } };
+          case "t":
+            return { binding, visibility, storageTexture: { access: "read-only", format: "rgba32float" } };
+          default:
+            return { binding, visibility, buffer: { type: "uniform" } };
+        }
+      });
       const group = this.device.createBindGroupLayout({ entries });
       l = { group, pipeline: this.device.createPipelineLayout({ bindGroupLayouts: [group] }) };
       this.layouts.set(key, l);
@@ -474,11 +555,11 @@ class WebGpuBackend implements Backend {
     return l;
   }
 
-  private pipelineFor(name: string, source: string, nIn: number, nOut: number): GPUComputePipeline {
-    const key = `${nIn}:${nOut}:${source}`;
+  private pipelineFor(name: string, source: string, kinds: BindingKinds): GPUComputePipeline {
+    const key = `${kinds}:${source}`;
     let p = this.pipelines.get(key);
     if (!p) {
-      const layout = this.layoutFor(nIn, nOut).pipeline;
+      const layout = this.layoutFor(kinds).pipeline;
       this.device.pushErrorScope("validation");
       const module = this.device.createShaderModule({ code: source, label: name });
       p = this.device.createComputePipeline({ layout, compute: { module, entryPoint: "main" }, label: name });
@@ -491,38 +572,199 @@ class WebGpuBackend implements Backend {
     return p;
   }
 
-  run<P>(kernel: Kernel<P>, params: P, inputs: Storage[], outputs: Storage[]): void {
-    this.throwIfError();
-    const d = kernel.gpu(params, this.caps);
-    const pipeline = this.pipelineFor(kernel.name, d.source, inputs.length, outputs.length);
+  /** A buffer binding. */
+  private static bufferEntry(binding: number, s: Storage): GPUBindGroupEntry {
+    const g = s as GpuStorage;
+    // At least 16 bytes: Deno's wgpu keeps the previous pipeline's minimum binding sizes when consecutive
+    // pipelines share a layout (gfx-rs/wgpu#7359), so a vec4 kernel would make a later 4-byte binding fail.
+    // Pool buffers are at least 256 bytes, so the wider binding is always in range.
+    return { binding, resource: { buffer: g.buffer, offset: 0, size: Math.max(16, g.bytes) } };
+  }
+
+  /** Takes a uniform slot of the ring (submitting first when the ring is full) and fills it. */
+  private takeSlot(words: Uint32Array | undefined): GPUBindGroupEntry["resource"] {
     if (this.slot >= RING_SLOTS) this.flush();
     const slot = this.slot++;
-    if (d.params) this.ringData.set(d.params, slot * UNIFORM_WORDS);
-    const entries: GPUBindGroupEntry[] = [];
-    [...inputs, ...outputs].forEach((s, i) => {
-      const g = s as GpuStorage;
-      // At least 16 bytes: Deno's wgpu keeps the previous pipeline's minimum binding sizes when consecutive
-      // pipelines share a layout (gfx-rs/wgpu#7359), so a vec4 kernel would make a later 4-byte binding fail.
-      // Pool buffers are at least 256 bytes, so the wider binding is always in range.
-      entries.push({ binding: i, resource: { buffer: g.buffer, offset: 0, size: Math.max(16, g.bytes) } });
-    });
-    entries.push({
-      binding: inputs.length + outputs.length,
-      resource: { buffer: this.ring, offset: slot * SLOT_BYTES, size: SLOT_BYTES },
-    });
-    const bindGroup = this.device.createBindGroup({
-      layout: this.layoutFor(inputs.length, outputs.length).group,
-      entries,
-    });
+    if (words) {
+      if (words.length > UNIFORM_WORDS) throw new Error(`dispatch parameters exceed ${UNIFORM_WORDS} words`);
+      this.ringData.set(words, slot * UNIFORM_WORDS);
+    }
+    return { buffer: this.ring, offset: slot * SLOT_BYTES, size: SLOT_BYTES };
+  }
+
+  private record(
+    pipeline: GPUComputePipeline,
+    bindGroup: GPUBindGroup,
+    workgroups: [number, number, number],
+  ) {
     if (!this.pass) {
       this.encoder ??= this.device.createCommandEncoder();
       this.pass = this.encoder.beginComputePass();
     }
     this.pass.setPipeline(pipeline);
     this.pass.setBindGroup(0, bindGroup);
-    this.pass.dispatchWorkgroups(...d.workgroups);
+    this.pass.dispatchWorkgroups(...workgroups);
+  }
+
+  run<P>(kernel: Kernel<P>, params: P, inputs: Storage[], outputs: Storage[]): void {
+    this.throwIfError();
+    const d = kernel.gpu(params, this.caps);
+    const kinds = this.kindsOf(inputs.length, outputs.length, d.textures);
+    const pipeline = this.pipelineFor(kernel.name, d.source, kinds);
+    // Texture inputs: fill a pooled texture per input (flat copy or packing pass), recorded just before the
+    // kernel; WebGPU orders those writes before the kernel's reads.
+    const views = new Map<number, GPUTextureView>();
+    const taken: PooledTexture[] = [];
+    for (const t of d.textures ?? []) {
+      if (!Number.isInteger(t.input) || t.input < 0 || t.input >= inputs.length || views.has(t.input)) {
+        throw new Error(`kernel "${kernel.name}": bad texture input ${t.input} (of ${inputs.length} inputs)`);
+      }
+      const tex = this.takeTexture(t.width, t.height);
+      if (t.pack) this.pack(kernel.name, t.pack, t.params, inputs[t.input], tex);
+      else this.copyFlat(inputs[t.input], tex);
+      taken.push(tex);
+      views.set(t.input, tex.view);
+      this.stats.textures++;
+    }
+    const entries: GPUBindGroupEntry[] = [...inputs, ...outputs].map((s, i) =>
+      views.has(i) ? { binding: i, resource: views.get(i)! } : WebGpuBackend.bufferEntry(i, s)
+    );
+    entries.push({ binding: inputs.length + outputs.length, resource: this.takeSlot(d.params) });
+    const bindGroup = this.device.createBindGroup({ layout: this.layoutFor(kinds).group, entries });
+    this.record(pipeline, bindGroup, d.workgroups);
+    // Free for the next dispatch at once: whatever writes them next is recorded after this dispatch's reads.
+    for (const tex of taken) this.giveBackTexture(tex);
     this.stats.dispatches++;
     if (++this.recorded >= this.batchSize) this.flush();
+  }
+
+  /** A pooled `width × height` rgba32float texture (not handed to anyone else until given back). */
+  private takeTexture(width: number, height: number): PooledTexture {
+    const max = this.caps.maxTextureDimension2D ?? 0;
+    if (!(Number.isInteger(width) && Number.isInteger(height) && width >= 1 && height >= 1)) {
+      throw new Error(`bad texture input size ${width}×${height}`);
+    }
+    if (width > max || height > max) {
+      throw new Error(`texture input of ${width}×${height} texels exceeds the device's limit of ${max}`);
+    }
+    const key = `${width}x${height}`;
+    const reused = this.textures.get(key)?.pop();
+    if (reused) return reused;
+    const bytes = width * height * 16;
+    if (this.textureBytes + bytes > this.texturePoolLimit) this.trimTextures();
+    const texture = this.device.createTexture({
+      size: [width, height],
+      format: "rgba32float",
+      usage: GPUTextureUsage.STORAGE_BINDING | GPUTextureUsage.COPY_DST | GPUTextureUsage.RENDER_ATTACHMENT,
+    });
+    this.textureBytes += bytes;
+    return { texture, view: texture.createView(), key, bytes };
+  }
+
+  private giveBackTexture(tex: PooledTexture) {
+    let free = this.textures.get(tex.key);
+    if (!free) this.textures.set(tex.key, free = []);
+    free.push(tex);
+  }
+
+  /** Destroys the idle pooled textures, after submitting the work that may still use them. */
+  private trimTextures() {
+    this.flush();
+    for (const list of this.textures.values()) {
+      for (const t of list) {
+        t.texture.destroy();
+        this.textureBytes -= t.bytes;
+      }
+      list.length = 0;
+    }
+  }
+
+  /**
+   * Copies the start of the buffer `src` into `tex`, four floats per texel in rows of the texture's width (as
+   * much as fits: a kernel sizes the texture for what it reads).
+   */
+  private copyFlat(src: Storage, tex: PooledTexture) {
+    const { width, height } = tex.texture;
+    const texels = Math.min(Math.ceil(src.elements / 4), width * height), rowBytes = width * 16;
+    if (rowBytes % 256 !== 0) {
+      throw new Error(`a flat texture needs rows of 16-texel multiples, got ${width}`);
+    }
+    this.endPass();
+    this.encoder ??= this.device.createCommandEncoder();
+    const buffer = (src as GpuStorage).buffer;
+    const full = Math.floor(texels / width), rest = texels % width;
+    if (full > 0) {
+      this.encoder.copyBufferToTexture(
+        { buffer, offset: 0, bytesPerRow: rowBytes, rowsPerImage: full },
+        { texture: tex.texture },
+        [width, full],
+      );
+    }
+    // The last row is partial; its final texel may read up to 12 bytes past the elements, which the pool's
+    // 256-byte buckets always hold.
+    if (rest > 0) {
+      this.encoder.copyBufferToTexture(
+        { buffer, offset: full * rowBytes, bytesPerRow: rowBytes },
+        { texture: tex.texture, origin: [0, full] },
+        [rest, 1],
+      );
+    }
+  }
+
+  private renderPipelineFor(name: string, source: string): GPURenderPipeline {
+    let p = this.renderPipelines.get(source);
+    if (!p) {
+      const layout = this.layoutFor("tu", GPUShaderStage.FRAGMENT).pipeline;
+      this.device.pushErrorScope("validation");
+      const module = this.device.createShaderModule({ code: source, label: name });
+      p = this.device.createRenderPipeline({
+        layout,
+        vertex: { module, entryPoint: "vs" },
+        fragment: { module, entryPoint: "fs", targets: [{ format: "rgba32float" }] },
+        primitive: { topology: "triangle-list" },
+        label: name,
+      });
+      this.device.popErrorScope().then((e) => {
+        if (e) {
+          this.error ??= `packing pass "${name}" failed to compile: ${e.message}\n--- source ---\n${source}`;
+        }
+      });
+      this.renderPipelines.set(source, p);
+      this.stats.pipelines++;
+    }
+    return p;
+  }
+
+  /**
+   * Fills `tex` with the packing function `texelFn` over the buffer `src`: a flat copy of `src` into a pooled
+   * texture, then one full-screen triangle drawn into `tex` (see `packSource` in wgsl.ts).
+   */
+  private pack(
+    kernelName: string,
+    texelFn: string,
+    params: Uint32Array | undefined,
+    src: Storage,
+    tex: PooledTexture,
+  ) {
+    const pipeline = this.renderPipelineFor(`${kernelName} (pack)`, packSource(texelFn));
+    const size = flatTextureSize(src.elements);
+    const flat = this.takeTexture(size.width, size.height);
+    this.copyFlat(src, flat);
+    const bindGroup = this.device.createBindGroup({
+      layout: this.layoutFor("tu", GPUShaderStage.FRAGMENT).group,
+      entries: [{ binding: 0, resource: flat.view }, { binding: 1, resource: this.takeSlot(params) }],
+    });
+    this.endPass();
+    this.encoder ??= this.device.createCommandEncoder();
+    const pass = this.encoder.beginRenderPass({
+      colorAttachments: [{ view: tex.view, loadOp: "clear", clearValue: [0, 0, 0, 0], storeOp: "store" }],
+    });
+    pass.setPipeline(pipeline);
+    pass.setBindGroup(0, bindGroup);
+    pass.draw(3);
+    pass.end();
+    this.giveBackTexture(flat);
+    this.recorded++;
   }
 
   private endPass() {
@@ -563,6 +805,7 @@ class WebGpuBackend implements Backend {
   destroy(): void {
     this.flush();
     for (const list of this.pool.values()) for (const b of list) b.destroy();
+    this.trimTextures();
     this.pool.clear();
     this.pooledBytes = 0;
     this.pooledCount = 0;

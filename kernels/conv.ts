@@ -8,10 +8,17 @@
  * - `conv2dWeightGrad`: dw[co,ci,kh,kw] = Σ_{n,oh,ow} dy[n,co,oh,ow] · x[n,ci,oh·s−p+kh, ow·s−p+kw].
  *
  * All three are implicit GEMMs with register blocking: an invocation owns a block of channels × positions and
- * loops over the reduction with few loads per multiply-add. Padding costs no branches: an out-of-range position
- * loads from a clamped (valid) address and is masked to zero with `select`.
+ * loops over the reduction with few loads per multiply-add. Each has two variants:
  *
- * Forward and input gradient: the channel block is the same for a whole workgroup (so every lane reads the same
+ * - "texture" (CPU-emulated adapters, the default there unless the convolution is tiny or its textures exceed
+ *   the adapter's size): the operands are read as rgba32float textures (see `TextureInput` in types.ts) in
+ *   layouts made for the loop, see the section "Texture variants" below. 16 × 16 tiles of dot products of
+ *   channel quads, like the matmul texture variant; zero borders in the packed activations replace all padding
+ *   logic.
+ * - "registers" (GPUs, and the fallback), described next. Padding costs no branches: an out-of-range position
+ *   loads from a clamped (valid) address and is masked to zero with `select`.
+ *
+ * Forward and input gradient (registers): the channel block is the same for a whole workgroup (so every lane reads the same
  * weights) and each lane owns up to 16 consecutive positions of one row. Along a row, the input columns that a
  * tile needs for tap kw+s are those it needed for tap kw shifted by one position, so the kernel keeps them in
  * registers as a sliding window and loads one new column per tap instead of one per position. For the input
@@ -21,11 +28,19 @@
  * read as vec4s.
  *
  * Weight gradient: it reduces over N·Ho·Wo and has few outputs; its rows (n, oh) can be split into `splits`
- * ranges written to separate slices of the output (summed afterwards by the caller), so that a wide GPU has work.
+ * ranges written to separate slices of the output (summed afterwards by the caller), so that a wide GPU (or both
+ * of llvmpipe's threads) has work.
  */
 
-import { type FloatArray, type GpuCaps, type GpuDispatch, type Kernel, ParamWriter } from "./types.ts";
-import { grid, header } from "./wgsl.ts";
+import {
+  type FloatArray,
+  type GpuCaps,
+  type GpuDispatch,
+  type Kernel,
+  ParamWriter,
+  type TextureInput,
+} from "./types.ts";
+import { FLAT_TEXEL_WGSL, flatTextureSize, grid, header } from "./wgsl.ts";
 
 /** Sizes of one convolution: x is [N, Cin, H, W], y is [N, Cout, Ho, Wo], w is [Cout, Cin, kH, kW]. */
 export interface ConvGeometry {
@@ -53,6 +68,11 @@ export interface WeightStrides {
 }
 
 export interface ConvParams extends ConvGeometry {
+  /**
+   * Forces a variant (tests run both): "texture" is the default on CPU-emulated adapters for convolutions that
+   * are not tiny; a forced "texture" whose textures exceed the adapter's limit falls back to "registers".
+   */
+  variant?: ConvVariant;
   /** A third input: per-channel bias of the output (Cout for conv2d, Cin for the input gradient). */
   bias?: boolean;
   /** Layout of the weight buffer; OIHW (contiguous [Cout, Cin, kH, kW]) by default. */
@@ -60,6 +80,8 @@ export interface ConvParams extends ConvGeometry {
 }
 
 export interface ConvWeightGradParams extends ConvGeometry {
+  /** As `ConvParams.variant`. */
+  variant?: ConvVariant;
   /** Number of row ranges of the reduction; the output is [splits, Cout, Cin, kH, kW] (default 1). */
   splits?: number;
 }
@@ -207,7 +229,6 @@ function forwardPlan(p: ConvParams, caps: Caps): ForwardPlan {
     tc,
     tp,
     vec,
-    unitStride: p.strideW === 1,
     colTiles: Math.ceil(p.Wo / tp),
     chTiles: Math.ceil(p.Cout / tc),
   };
@@ -286,6 +307,8 @@ export const conv2d: Kernel<ConvParams> = {
 
   gpu(p: ConvParams, caps: GpuCaps): GpuDispatch {
     checkGeometry("conv2d kernel", p);
+    const tex = texForwardDispatch(p, caps);
+    if (tex) return tex;
     const plan = forwardPlan(p, caps);
     const s = weightStridesOf("conv2d kernel", p);
     const w = geometryWords(p).u32(s.co, s.ci, s.k, plan.colTiles, plan.chTiles);
@@ -410,6 +433,8 @@ export const conv2dInputGrad: Kernel<ConvParams> = {
 
   gpu(p: ConvParams, caps: GpuCaps): GpuDispatch {
     checkGeometry("conv2dInputGrad kernel", p);
+    const tex = texInputGradDispatch(p, caps);
+    if (tex) return tex;
     const plan = inputGradPlan(p, caps);
     const s = weightStridesOf("conv2dInputGrad kernel", p);
     const w = geometryWords(p).u32(s.co, s.ci, s.k, plan.colTiles, plan.chTiles);
@@ -452,12 +477,28 @@ export const conv2dInputGrad: Kernel<ConvParams> = {
   },
 };
 
-/** Whether a conv2d / conv2dInputGrad dispatch declares vec4 storage. */
+/** The variant a conv2d / conv2dInputGrad / conv2dWeightGrad dispatch of `p` runs on an adapter with `caps`. */
+export function convVariant(
+  kernel: "conv2d" | "conv2dInputGrad" | "conv2dWeightGrad",
+  p: ConvParams | ConvWeightGradParams,
+  caps: TexCaps,
+): ConvVariant {
+  const full = { ...caps, description: "", maxWorkgroupsPerDimension: 65535, maxStorageBufferBindingSize: 0 };
+  const d = kernel === "conv2d"
+    ? texForwardDispatch(p, { ...full, features: new Set() })
+    : kernel === "conv2dInputGrad"
+    ? texInputGradDispatch(p, { ...full, features: new Set() })
+    : texWeightGradDispatch(p, { ...full, features: new Set() });
+  return d ? "texture" : "registers";
+}
+
+/** Whether a conv2d / conv2dInputGrad dispatch declares vec4 storage (the registers variant only). */
 export function convUsesVectorLoads(
   kernel: "conv2d" | "conv2dInputGrad",
   p: ConvParams,
-  caps: Caps,
+  caps: TexCaps,
 ): boolean {
+  if (convVariant(kernel, p, caps) === "texture") return false;
   return (kernel === "conv2d" ? forwardPlan(p, caps) : inputGradPlan(p, caps)).vec;
 }
 
@@ -535,11 +576,19 @@ function weightGradTiles(g: ConvGeometry, caps: Caps): { tc: number; tq: number 
  * core on a CPU-emulated adapter, tens of thousands on a GPU), keeping at least `minRowsPerSplit` rows (n, oh)
  * of reduction in each split.
  */
-export function weightGradSplits(g: ConvGeometry, caps: Caps, minRowsPerSplit = 4): number {
-  const targetInvocations = caps.isCpuEmulated ? 256 : 65536;
-  const Q = g.Cin * g.kH * g.kW;
-  const { tc, tq } = weightGradTiles(g, caps);
-  const invocations = Math.ceil(g.Cout / tc) * Math.ceil(Q / tq);
+export function weightGradSplits(g: ConvGeometry, caps: TexCaps, minRowsPerSplit = 4): number {
+  let targetInvocations: number, invocations: number;
+  if (convVariant("conv2dWeightGrad", g, caps) === "texture") {
+    // Sixteen workgroups or so: enough to balance llvmpipe's threads, few enough to keep each split long.
+    const plan = texWeightGradPlan(g);
+    targetInvocations = 16 * WG;
+    invocations = plan.ciTiles * g.kH * g.kW * plan.coTiles;
+  } else {
+    targetInvocations = caps.isCpuEmulated ? 256 : 65536;
+    const Q = g.Cin * g.kH * g.kW;
+    const { tc, tq } = weightGradTiles(g, caps);
+    invocations = Math.ceil(g.Cout / tc) * Math.ceil(Q / tq);
+  }
   const byWork = Math.floor((g.N * g.Ho) / minRowsPerSplit);
   return Math.max(1, Math.min(Math.floor(targetInvocations / invocations), byWork, 256));
 }
@@ -560,6 +609,8 @@ export const conv2dWeightGrad: Kernel<ConvWeightGradParams> = {
 
   gpu(p: ConvWeightGradParams, caps: GpuCaps): GpuDispatch {
     checkGeometry("conv2dWeightGrad kernel", p);
+    const tex = texWeightGradDispatch(p, caps);
+    if (tex) return tex;
     const { splits, rowsPerSplit } = splitsOf(p);
     const Q = p.Cin * p.kH * p.kW;
     const { tc, tq } = weightGradTiles(p, caps);
@@ -602,3 +653,440 @@ export const conv2dWeightGrad: Kernel<ConvWeightGradParams> = {
     }
   },
 };
+
+// ---------------------------------------------------------------------------------------------------------------
+// Texture variants (CPU-emulated adapters). Activations are packed "channel-quad": texel (c·Wp + w', n·Hp + h')
+// holds channels 4c..4c+3 at padded position (h', w') of image n, with zero borders, so padding costs nothing
+// in the loop; weights are packed into panels: texel (q·T + i, block·KK + tap) holds four channels q of row
+// channel block·T + i at that tap. Every step of a kernel's inner loop then reads T + T' neighbouring texels for
+// 4·T·T' multiply-adds (dot products of channel quads), as in the matmul texture variant.
+
+export type ConvVariant = "registers" | "texture";
+
+/** Register tile edge of the texture variants (256 accumulators, as in matmul). */
+const TEX_TILE = 16;
+/** Below this many multiply-adds the packing passes cost more than they save. */
+const TEX_MIN_WORK = 1 << 18;
+
+type TexCaps = Pick<GpuCaps, "isCpuEmulated" | "maxTextureDimension2D">;
+
+/** Padded channel-quad layout of an activation [N, C, H, W]. */
+interface QuadLayout {
+  C: number;
+  H: number;
+  W: number;
+  /** Padded height and width, and the top/left border. */
+  Hp: number;
+  Wp: number;
+  top: number;
+  left: number;
+  N: number;
+}
+
+const quadSize = (l: QuadLayout) => ({ width: Math.ceil(l.C / 4) * l.Wp, height: l.N * l.Hp });
+
+/** Packs a contiguous NCHW activation into the channel-quad layout. Words: C, H, W, Hp, Wp, top, left. */
+const QUAD_PACK = `fn texel(x: u32, y: u32) -> vec4<f32> {
+  let C = pu(0u); let H = pu(1u); let W = pu(2u);
+  let nh = divmod(y, pu(3u)); let cw = divmod(x, pu(4u));
+  let n = nh.x; let h = i32(nh.y) - pi(5u);
+  let cq = cw.x; let w = i32(cw.y) - pi(6u);
+  let inside = h >= 0 && h < i32(H) && w >= 0 && w < i32(W);
+  let c = vec4<u32>(4u * cq) + vec4<u32>(0u, 1u, 2u, 3u);
+  let i = (vec4<i32>(i32(n * C)) + vec4<i32>(c)) * i32(H * W) + vec4<i32>(h * i32(W) + w);
+  let idx = select(vec4<i32>(-1), i, (c < vec4<u32>(C)) & vec4<bool>(inside));
+  return vec4<f32>(srcAt(idx.x), srcAt(idx.y), srcAt(idx.z), srcAt(idx.w));
+}`;
+
+function quadTexture(input: number, l: QuadLayout): TextureInput {
+  const params = new ParamWriter().u32(l.C, l.H, l.W, l.Hp, l.Wp, l.top, l.left).finish();
+  return { input, ...quadSize(l), pack: QUAD_PACK, params };
+}
+
+/**
+ * Weight panels: texel (q·T + i, block·KK + tap) = w[row channel block·T + i, quad channels 4q..4q+3, tap],
+ * zero past the channel counts. Words: rows, quads' channel count, KK, row stride, quad stride, tap stride.
+ */
+function panelPackSource(tile: number): string {
+  return `const TILE = ${tile}u;
+fn texel(x: u32, y: u32) -> vec4<f32> {
+  let rows = pu(0u); let Q = pu(1u);
+  let bt = divmod(y, pu(2u)); let tap = bt.y;
+  let r = bt.x * TILE + x % TILE;
+  let q = vec4<u32>(4u * (x / TILE)) + vec4<u32>(0u, 1u, 2u, 3u);
+  let i = vec4<i32>(i32(r * pu(3u) + tap * pu(5u))) + vec4<i32>(q) * pi(4u);
+  let idx = select(vec4<i32>(-1), i, (q < vec4<u32>(Q)) & vec4<bool>(r < rows));
+  return vec4<f32>(srcAt(idx.x), srcAt(idx.y), srcAt(idx.z), srcAt(idx.w));
+}`;
+}
+
+/** Panels of the weight with `rowsAlong` channels as tile rows and the other channel in texel quads. */
+function panelTexture(input: number, p: ConvParams, rowsAlong: "co" | "ci", tile: number): TextureInput {
+  const s = weightStridesOf("conv kernel", p), KK = p.kH * p.kW;
+  const [rows, quads, sR, sQ] = rowsAlong === "co"
+    ? [p.Cout, p.Cin, s.co, s.ci]
+    : [p.Cin, p.Cout, s.ci, s.co];
+  const params = new ParamWriter().u32(rows, quads, KK, sR, sQ, s.k).finish();
+  return {
+    input,
+    width: Math.ceil(quads / 4) * tile,
+    height: Math.ceil(rows / tile) * KK,
+    pack: panelPackSource(tile),
+    params,
+  };
+}
+
+const fits = (caps: TexCaps, ...ts: { width: number; height: number }[]) =>
+  ts.every((t) =>
+    t.width <= (caps.maxTextureDimension2D ?? 0) && t.height <= (caps.maxTextureDimension2D ?? 0)
+  );
+
+/** Whether the texture variant applies: asked for (or the default on CPU-emulated adapters) and fits. */
+function wantsTexture(
+  variant: ConvVariant | undefined,
+  g: ConvGeometry,
+  caps: TexCaps,
+  ...ts: { width: number; height: number }[]
+): boolean {
+  const work = g.N * g.Cout * g.Ho * g.Wo * g.Cin * g.kH * g.kW;
+  const wanted = variant ?? (caps.isCpuEmulated && work >= TEX_MIN_WORK ? "texture" : "registers");
+  return wanted === "texture" && fits(caps, ...ts);
+}
+
+/** Largest power of two not above `size`, between `min` (4: fewer distinct sources to compile) and the texture tile. */
+const texTile = (size: number, min = 4) => Math.max(min, tileFor(size, TEX_TILE));
+
+const accDecl = (tm: number, tn: number) =>
+  each(tm, (i) => each(tn, (j) => `var acc${i}_${j} = 0.0;`), "\n  ");
+const dotBlock = (tm: number, tn: number) =>
+  each(tm, (i) => each(tn, (j) => `acc${i}_${j} += dot(w${i}, v${j});`), "\n          ");
+
+// Forward ---------------------------------------------------------------------------------------------------------
+
+interface TexForwardPlan {
+  tm: number;
+  tn: number;
+  x: QuadLayout;
+  colTiles: number;
+  chTiles: number;
+}
+
+function texForwardPlan(p: ConvParams): TexForwardPlan {
+  const tm = texTile(p.Cout), tn = texTile(p.Wo);
+  const x: QuadLayout = {
+    C: p.Cin,
+    H: p.H,
+    W: p.W,
+    N: p.N,
+    top: p.padH,
+    left: p.padW,
+    Hp: Math.max(p.H + p.padH, (p.Ho - 1) * p.strideH + p.kH),
+    Wp: Math.max(p.W + p.padW, (p.Wo - 1) * p.strideW + p.kW),
+  };
+  return {
+    tm,
+    tn,
+    x,
+    colTiles: Math.ceil(p.Wo / tn),
+    chTiles: Math.ceil(p.Cout / tm),
+  };
+}
+
+function texForwardSource({ tm, tn }: TexForwardPlan, bias: boolean): string {
+  // (A sliding window over the taps of a row, as the registers variant keeps, measured slower here: the window
+  // shifts are masked register moves on llvmpipe.)
+  const taps = `for (var kw = 0u; kw < kW; kw++) {
+      let wy = i32(ct * KK + kh * kW + kw);
+      for (var q = 0u; q < CinQ; q++) {
+        let wx = i32(q * ${tm}u); let xx = i32(q * Wp + kw);
+        ${each(tm, (i) => `let w${i} = textureLoad(w, vec2<i32>(wx + ${i}, wy));`)}
+        ${each(tn, (j) => `let v${j} = textureLoad(x, vec2<i32>(xx + u${j}, row));`)}
+        ${dotBlock(tm, tn)}
+      }
+    }`;
+  return header(bias ? ["x", "w", "bias"] : ["x", "w"], ["y"], "f32", [0, 1]) + `
+${ENTRY} {
+  ${GEOMETRY_WGSL}
+  let colTiles = pu(13u); let Hp = pu(15u); let Wp = pu(16u); let CinQ = (Cin + 3u) / 4u;
+  ${tileMapping("N * Ho * colTiles", "pu(14u)")}
+  let cb = t % colTiles; let nr = t / colTiles; let oh = nr % Ho; let n = nr / Ho;
+  let ow0 = cb * ${tn}u;
+  // Padded input column of position j at tap 0 (positions past the edge are clamped and not stored).
+  ${each(tn, (j) => `let u${j} = i32(min(ow0 + ${j}u, Wo - 1u) * sW);`)}
+  ${accDecl(tm, tn)}
+  for (var kh = 0u; kh < kH; kh++) {
+    let row = i32(n * Hp + oh * sH + kh);
+    ${taps}
+  }
+  if (!live) { return; }
+  ${
+    each(
+      tm,
+      (i) =>
+        `{ let co = ct * ${tm}u + ${i}u;
+    if (co < Cout) {
+      let o = (n * Cout + co) * HoWo + oh * Wo + ow0;
+      ${bias ? "let b = bias[co];" : ""}
+      ${
+          each(
+            tn,
+            (j) => `if (ow0 + ${j}u < Wo) { y[o + ${j}u] = acc${i}_${j}${bias ? " + b" : ""}; }`,
+            "\n      ",
+          )
+        }
+    }
+  }`,
+      "\n  ",
+    )
+  }
+}`;
+}
+
+function texForwardDispatch(p: ConvParams, caps: GpuCaps): GpuDispatch | null {
+  const plan = texForwardPlan(p);
+  const textures = [quadTexture(0, plan.x), panelTexture(1, p, "co", plan.tm)];
+  if (!wantsTexture(p.variant, p, caps, ...textures)) return null;
+  const w = geometryWords(p).u32(plan.colTiles, plan.chTiles, plan.x.Hp, plan.x.Wp);
+  const groups = Math.ceil((p.N * p.Ho * plan.colTiles) / WG) * plan.chTiles;
+  return {
+    source: texForwardSource(plan, p.bias ?? false),
+    workgroups: grid(groups, caps.maxWorkgroupsPerDimension),
+    params: w.finish(),
+    textures,
+  };
+}
+
+// Input gradient ------------------------------------------------------------------------------------------------
+
+function texInputGradPlan(p: ConvParams) {
+  const perPhase = Math.ceil(p.W / p.strideW);
+  const tm = texTile(p.Cin), tn = texTile(perPhase);
+  // dy rows (oh) and columns (ow) that valid dx positions reach, with zero borders around dy.
+  const top = Math.max(0, Math.ceil((p.kH - 1 - p.padH) / p.strideH));
+  const left = Math.max(0, Math.ceil((p.kW - 1 - p.padW) / p.strideW));
+  const dy: QuadLayout = {
+    C: p.Cout,
+    H: p.Ho,
+    W: p.Wo,
+    N: p.N,
+    top,
+    left,
+    Hp: top + Math.max(p.Ho, Math.floor((p.H - 1 + p.padH) / p.strideH) + 1),
+    Wp: left + Math.max(p.Wo, Math.floor((p.W - 1 + p.padW) / p.strideW) + 1),
+  };
+  return { tm, tn, dy, colTiles: Math.ceil(perPhase / tn), chTiles: Math.ceil(p.Cin / tm) };
+}
+
+function texInputGradSource(tm: number, tn: number, bias: boolean): string {
+  return header(bias ? ["dy", "w", "bias"] : ["dy", "w"], ["dx"], "f32", [0, 1]) + `
+${ENTRY} {
+  ${GEOMETRY_WGSL}
+  let colTiles = pu(13u); let Hp = pu(15u); let Wp = pu(16u); let top = pu(17u); let left = pu(18u);
+  let CoutQ = (Cout + 3u) / 4u;
+  ${tileMapping("N * H * sW * colTiles", "pu(14u)")}
+  let cb = t % colTiles;
+  let rest = t / colTiles;
+  let phase = rest % sW;
+  let nh = rest / sW;
+  let ih = nh % H; let n = nh / H;
+  let c0 = cb * ${tn}u;
+  // Position j (input column phase + (c0 + j)·sW) meets tap kw0 + m·sW at dy column q0 − m + j.
+  let kw0 = (phase + pW) % sW;
+  let q0 = i32((phase + pW - kw0) / sW + c0 + left);
+  ${accDecl(tm, tn)}
+  // Taps kh ≡ ih + pH (mod sH) reach this row, from dy row (ih + pH − kh) / sH (in the border when outside).
+  for (var kh = (ih + pH) % sH; kh < kH; kh += sH) {
+    let row = i32(n * Hp + top) + (i32(ih + pH) - i32(kh)) / i32(sH);
+    for (var kw = kw0; kw < kW; kw += sW) {
+      let wy = i32(ct * KK + kh * kW + kw);
+      let qb = q0 - i32((kw - kw0) / sW);
+      for (var q = 0u; q < CoutQ; q++) {
+        let wx = i32(q * ${tm}u); let xx = i32(q * Wp) + qb;
+        ${each(tm, (i) => `let w${i} = textureLoad(w, vec2<i32>(wx + ${i}, wy));`)}
+        ${each(tn, (j) => `let v${j} = textureLoad(dy, vec2<i32>(xx + ${j}, row));`)}
+        ${dotBlock(tm, tn)}
+      }
+    }
+  }
+  if (!live) { return; }
+  ${
+    each(
+      tm,
+      (i) =>
+        `{ let ci = ct * ${tm}u + ${i}u;
+    if (ci < Cin) {
+      let o = (n * Cin + ci) * HW + ih * W;
+      ${bias ? "let b = bias[ci];" : ""}
+      ${
+          each(tn, (j) =>
+            `{ let iw = phase + (c0 + ${j}u) * sW; if (iw < W) { dx[o + iw] = acc${i}_${j}${
+              bias ? " + b" : ""
+            }; } }`, "\n      ")
+        }
+    }
+  }`,
+      "\n  ",
+    )
+  }
+}`;
+}
+
+function texInputGradDispatch(p: ConvParams, caps: GpuCaps): GpuDispatch | null {
+  const plan = texInputGradPlan(p);
+  const textures = [quadTexture(0, plan.dy), panelTexture(1, p, "ci", plan.tm)];
+  if (!wantsTexture(p.variant, p, caps, ...textures)) return null;
+  const w = geometryWords(p).u32(
+    plan.colTiles,
+    plan.chTiles,
+    plan.dy.Hp,
+    plan.dy.Wp,
+    plan.dy.top,
+    plan.dy.left,
+  );
+  const groups = Math.ceil((p.N * p.H * p.strideW * plan.colTiles) / WG) * plan.chTiles;
+  return {
+    source: texInputGradSource(plan.tm, plan.tn, p.bias ?? false),
+    workgroups: grid(groups, caps.maxWorkgroupsPerDimension),
+    params: w.finish(),
+    textures,
+  };
+}
+
+// Weight gradient -----------------------------------------------------------------------------------------------
+
+function texWeightGradPlan(g: ConvGeometry) {
+  // Channels travel in texel quads on both sides: tiles are multiples of four (as texTile gives).
+  const tm = texTile(g.Cout), tn = texTile(g.Cin);
+  const WoQ = Math.ceil(g.Wo / 4);
+  const dy: QuadLayout = { C: g.Cout, H: g.Ho, W: g.Wo, N: g.N, top: 0, left: 0, Hp: g.Ho, Wp: 4 * WoQ };
+  const x: QuadLayout = {
+    C: g.Cin,
+    H: g.H,
+    W: g.W,
+    N: g.N,
+    top: g.padH,
+    left: g.padW,
+    Hp: Math.max(g.H + g.padH, (g.Ho - 1) * g.strideH + g.kH),
+    // Positions up to the last whole quad of dy (zeros there) still read x in bounds.
+    Wp: Math.max(g.W + g.padW, (4 * WoQ - 1) * g.strideW + g.kW),
+  };
+  return { tm, tn, dy, x, ciTiles: Math.ceil(g.Cin / tn), coTiles: Math.ceil(g.Cout / tm) };
+}
+
+/**
+ * `flatDy`: dy is read from a flat copy of its NCHW buffer (Wo a multiple of four: a texel is four positions of
+ * one channel's row, no packing pass); otherwise from its channel-quad packing (a texel is four channels).
+ */
+function texWeightGradSource(tm: number, tn: number, flatDy: boolean): string {
+  const dAt = flatDy
+    ? (p: number, i: number) => `d${i}[${p}]`
+    : (p: number, i: number) => `d${p}_${i >> 2}[${i & 3}]`;
+  const xAt = (p: number, j: number) => `v${p}_${j >> 2}[${j & 3}]`;
+  const dySetup = flatDy
+    ? `// Flat dy: texel (((n · Cout + co) · Ho + oh) · Wq + oq) holds positions 4·oq..4·oq+3 of channel co.
+  ${each(tm, (i) => `let dc${i} = min(cot * ${tm}u + ${i}u, Cout - 1u) * Ho * Wq;`)}`
+    : `// Texture columns of the tile's dy channel quads.
+  ${each(tm / 4, (g) => `let dc${g} = i32((cot * ${tm / 4}u + ${g}u) * Wq * 4u);`)}`;
+  const dyLoads = flatDy
+    ? `let dRow = (n * Cout * Ho + oh) * Wq + oq;
+      ${each(tm, (i) => `let d${i} = textureLoad(dy, flatTexel(dRow + dc${i}));`)}`
+    : each(
+      4,
+      (p) =>
+        each(
+          tm / 4,
+          (g) => `let d${p}_${g} = textureLoad(dy, vec2<i32>(dc${g} + i32(oq * 4u + ${p}u), i32(r)));`,
+        ),
+      "\n      ",
+    );
+  return header(["x", "dy"], ["dw"], "f32", [0, 1]) + FLAT_TEXEL_WGSL + `
+${ENTRY} {
+  ${GEOMETRY_WGSL}
+  let Hp = pu(13u); let Wp = pu(14u); let Wq = pu(15u); let ciTiles = pu(16u); let coTiles = pu(17u);
+  let splits = pu(18u); let rowsPerSplit = pu(19u);
+  // Neighbouring invocations take neighbouring (ci tile, tap) pairs of the same output channels: they read the
+  // same dy texels.
+  let per = ciTiles * KK;
+  let total = per * coTiles * splits;
+  let id0 = linearId(wid, nwg, lid, ${WG}u);
+  let live = id0 < total;
+  let id = min(id0, total - 1u);
+  let e = id % per; let rest = id / per;
+  let cot = rest % coTiles; let split = rest / coTiles;
+  let tap = e % KK; let cit = e / KK;
+  let kh = tap / kW; let kw = tap % kW;
+  // Texture columns of the tile's x channel quads at tap kw.
+  ${each(tn / 4, (g) => `let xc${g} = i32((cit * ${tn / 4}u + ${g}u) * Wp + kw);`)}
+  ${dySetup}
+  ${accDecl(tm, tn)}
+  let r0 = split * rowsPerSplit;
+  let r1 = min(r0 + rowsPerSplit, N * Ho);
+  for (var r = r0; r < r1; r++) {
+    let n = r / Ho; let oh = r % Ho;
+    let xRow = i32(n * Hp + oh * sH + kh);
+    for (var oq = 0u; oq < Wq; oq++) {
+      // Four positions per step; dy is zero past Wo.
+      ${dyLoads}
+      ${
+    each(
+      4,
+      (p) =>
+        each(
+          tn / 4,
+          (g) => `let v${p}_${g} = textureLoad(x, vec2<i32>(xc${g} + i32((oq * 4u + ${p}u) * sW), xRow));`,
+        ),
+      "\n      ",
+    )
+  }
+      ${
+    each(
+      tm,
+      (i) =>
+        each(tn, (j) => `acc${i}_${j} += ${range(4).map((p) => `${dAt(p, i)} * ${xAt(p, j)}`).join(" + ")};`),
+      "\n      ",
+    )
+  }
+    }
+  }
+  if (!live) { return; }
+  ${
+    each(
+      tm,
+      (i) =>
+        `{ let co = cot * ${tm}u + ${i}u;
+    if (co < Cout) {
+      let base = (split * Cout + co) * CinKK + tap;
+      ${
+          each(
+            tn,
+            (j) => `{ let ci = cit * ${tn}u + ${j}u; if (ci < Cin) { dw[base + ci * KK] = acc${i}_${j}; } }`,
+            "\n      ",
+          )
+        }
+    }
+  }`,
+      "\n  ",
+    )
+  }
+}`;
+}
+
+function texWeightGradDispatch(p: ConvWeightGradParams, caps: GpuCaps): GpuDispatch | null {
+  const plan = texWeightGradPlan(p);
+  const flatDy = p.Wo % 4 === 0;
+  const textures = [
+    quadTexture(0, plan.x),
+    flatDy ? { input: 1, ...flatTextureSize(p.N * p.Cout * p.Ho * p.Wo) } : quadTexture(1, plan.dy),
+  ];
+  if (!wantsTexture(p.variant, p, caps, ...textures)) return null;
+  const { splits, rowsPerSplit } = splitsOf(p);
+  const w = geometryWords(p).u32(plan.x.Hp, plan.x.Wp, plan.dy.Wp / 4, plan.ciTiles, plan.coTiles);
+  w.u32(splits, rowsPerSplit);
+  const lanes = plan.ciTiles * p.kH * p.kW * plan.coTiles * splits;
+  return {
+    source: texWeightGradSource(plan.tm, plan.tn, flatDy),
+    workgroups: grid(Math.ceil(lanes / WG), caps.maxWorkgroupsPerDimension),
+    params: w.finish(),
+    textures,
+  };
+}

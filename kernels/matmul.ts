@@ -5,8 +5,16 @@
  * transposed operand is just swapped row/column strides and a batch-broadcast operand has batch stride 0:
  * neither needs a copy. The optional bias is a length-N vector added to every row (a linear layer).
  *
- * Two variants, both register-blocked (an invocation owns a block of the output and keeps it in registers, so
+ * Three variants, all register-blocked (an invocation owns a block of the output and keeps it in registers, so
  * each step of the K loop costs one load per block row and one per block column for rows × columns FMAs):
+ * - "texture" (CPU-emulated adapters, the default there when the operands fit the adapter's texture size): both
+ *   operands are first packed into rgba32float textures (see `TextureInput` in types.ts) whose texels hold four
+ *   consecutive k of one row of A (column of B) and whose rows are "panels": all k of one register tile's rows,
+ *   the tile's rows side by side for each k quad. One texel fetch (a vector gather on llvmpipe, where each
+ *   storage load is a per-lane scalar loop) then serves four k, a step reads tm + tn neighbouring texels for
+ *   4·tm·tn multiply-adds accumulated as dot products, and the packing pads M, N, K with zeros so the loop has no
+ *   edge cases. Neighbouring invocations take neighbouring column tiles: they share A's panel. K longer than a
+ *   texture row allows is split into chunks, one texture row each.
  * - "registers" (CPU-emulated adapters: llvmpipe/lavapipe): one invocation per block of up to 8×8, straight
  *   from global memory. There every lane's load is a scalar gather, workgroup memory is just more memory and
  *   barriers are expensive, so what counts is loads per FMA. Operands that are contiguous and aligned along a
@@ -19,8 +27,15 @@
  * bounds, results discarded) and guarding the stores; the shared variant also zero-fills the slice past K.
  */
 
-import { type FloatArray, type GpuCaps, type GpuDispatch, type Kernel, ParamWriter } from "./types.ts";
-import { grid, header } from "./wgsl.ts";
+import {
+  type FloatArray,
+  type GpuCaps,
+  type GpuDispatch,
+  type Kernel,
+  ParamWriter,
+  type TextureInput,
+} from "./types.ts";
+import { FLAT_TEXEL_WGSL, FLAT_WIDTH, flatTextureSize, grid, header } from "./wgsl.ts";
 
 /** How one operand's matrices are laid out in its buffer, in elements. */
 export interface MatOperand {
@@ -32,7 +47,7 @@ export interface MatOperand {
   colStride: number;
 }
 
-export type MatmulVariant = "registers" | "shared";
+export type MatmulVariant = "registers" | "shared" | "texture";
 
 export interface MatmulParams {
   batch: number;
@@ -46,7 +61,11 @@ export interface MatmulParams {
   b: MatOperand;
   /** Adds a third input, a length-N vector, to every output row. */
   bias?: boolean;
-  /** Forces a variant (tests run both); by default CPU-emulated adapters get "registers", others "shared". */
+  /**
+   * Forces a variant (tests run all); by default CPU-emulated adapters get "texture" (or "registers" for small
+   * products and operands too large for textures), others "shared". A forced "texture" that does not fit the
+   * adapter's textures falls back to "registers".
+   */
   variant?: MatmulVariant;
 }
 
@@ -294,10 +313,219 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 }`;
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Texture variant.
+
+/** Largest register tile edge of the texture variant: 16 × 16 (256 accumulators) measured best on llvmpipe. */
+const TEX_TILE = 16;
+const WG_TEX = 64;
+/** Below this many multiply-adds the texture copies and the extra dispatch cost more than they save. */
+const TEX_MIN_WORK = 1 << 18;
+
+/**
+ * How the texture variant reads one operand, in texels of its texture: "k4" texels hold four consecutive k of
+ * one row (t = base + batch·tb + row·tr + k/4), "r4" texels four consecutive rows at one k
+ * (t = base + batch·tb + k·tk + row/4). Rows are M for A, N for B.
+ */
+interface TexOperand {
+  mode: "k4" | "r4";
+  tile: number;
+  base: number;
+  tb: number;
+  /** tr for "k4", tk for "r4". */
+  ts: number;
+  texture: Omit<TextureInput, "input">;
+}
+
+/**
+ * Plans one operand: read straight from a flat copy of its buffer when it is contiguous along k (or along its
+ * rows) and 4-aligned, otherwise packed by a compute pass into dense zero-padded "k4" rows.
+ */
+function texOperand(
+  o: MatOperand,
+  rows: number,
+  K: number,
+  rowStride: number,
+  kStride: number,
+  matrices: number,
+  bufferElements: number,
+): TexOperand {
+  const tile = Math.max(4, tileFor16(rows));
+  const off = o.offset ?? 0;
+  const aligned = (...v: number[]) => v.every((x) => x % 4 === 0);
+  if (kStride === 1 && aligned(K, off, o.batchStride, rowStride)) {
+    const texture = flatTextureSize(bufferElements);
+    return { mode: "k4", tile, base: off / 4, tb: o.batchStride / 4, ts: rowStride / 4, texture };
+  }
+  if (rowStride === 1 && aligned(rows, off, o.batchStride, kStride)) {
+    const texture = flatTextureSize(bufferElements);
+    return { mode: "r4", tile, base: off / 4, tb: o.batchStride / 4, ts: kStride / 4, texture };
+  }
+  const pitch = Math.ceil(K / 4);
+  const w = new ParamWriter().u32(rows, K, pitch, matrices * rows * pitch);
+  w.u32(off, o.batchStride, rowStride, kStride);
+  const texture = {
+    ...flatTextureSize(4 * matrices * rows * pitch),
+    pack: DENSE_K4_PACK,
+    params: w.finish(),
+  };
+  return { mode: "k4", tile, base: 0, tb: o.batchStride === 0 ? 0 : rows * pitch, ts: pitch, texture };
+}
+
+/** Tile edge of the texture variant: 16, or the largest power of two not above a small size. */
+function tileFor16(size: number): number {
+  let t = 1;
+  while (t * 2 <= Math.min(size, TEX_TILE)) t *= 2;
+  return t;
+}
+
+/**
+ * Packing into dense "k4" rows in flat texel order: texel t = (matrix · rows + row) · pitch + k/4, zero for
+ * k ≥ K and past the end. Words: rows, K, pitch, texels, offset, batch stride, row stride, k stride.
+ */
+const DENSE_K4_PACK = `fn texel(x: u32, y: u32) -> vec4<f32> {
+  let rows = pu(0u); let K = pu(1u);
+  let t = y * ${FLAT_WIDTH}u + x;
+  let rk = divmod(t, pu(2u));
+  let k0 = rk.y * 4u;
+  let mr = divmod(rk.x, rows);
+  let base = i32(pu(4u) + mr.x * pu(5u) + mr.y * pu(6u));
+  let k = vec4<u32>(k0, k0 + 1u, k0 + 2u, k0 + 3u);
+  let i = select(vec4<i32>(-1), vec4<i32>(base) + vec4<i32>(k) * pi(7u), (k < vec4<u32>(K)) & vec4<bool>(t < pu(3u)));
+  return vec4<f32>(srcAt(i.x), srcAt(i.y), srcAt(i.z), srcAt(i.w));
+}`;
+
+/** WGSL pieces reading one operand ("A"/"a" or "B"/"b") for a tile of `tile` rows at k quad `kq`. */
+function operandCode(name: "A" | "B", v: string, o: TexOperand, rowsName: string, clampRows: string) {
+  const tile = o.tile, n = o.mode === "k4" ? tile : tile / 4;
+  const setup = o.mode === "k4"
+    ? range(n).map((i) => `let ${v}r${i} = ${v}Base + min(${rowsName}0 + ${i}u, ${clampRows} - 1u) * ${v}S;`)
+    : range(n).map((g) =>
+      `let ${v}g${g} = ${v}Base + min(${rowsName}0 / 4u + ${g}u, ${clampRows} / 4u - 1u);`
+    );
+  /** Loads for k quad `kq`; in the tail, "r4" rows at k ≥ K are zeros. */
+  const loads = (tail: boolean) =>
+    o.mode === "k4"
+      ? range(n).map((i) => `let ${v}${i} = textureLoad(${name}, flatTexel(${v}r${i} + kq));`)
+      : range(4).flatMap((c) =>
+        range(n).map((g) => {
+          const k = tail ? `min(4u * kq + ${c}u, K - 1u)` : `(4u * kq + ${c}u)`;
+          const ld = `textureLoad(${name}, flatTexel(${v}g${g} + ${k} * ${v}S))`;
+          return `let ${v}${c}_${g} = ${tail ? `select(vec4<f32>(0.0), ${ld}, 4u * kq + ${c}u < K)` : ld};`;
+        })
+      );
+  const at = o.mode === "k4"
+    ? (i: number, c: number) => `${v}${i}[${c}]`
+    : (i: number, c: number) => `${v}${c}_${i >> 2}[${i & 3}]`;
+  return { setup, loads, at };
+}
+
+function textureSource(a: TexOperand, b: TexOperand, bias: boolean): string {
+  const tm = a.tile, tn = b.tile;
+  const rows = range(tm), cols = range(tn);
+  const A = operandCode("A", "a", a, "m", "M"), B = operandCode("B", "b", b, "n", "N");
+  const dots = rows.map((i) =>
+    cols.map((j) =>
+      a.mode === "k4" && b.mode === "k4"
+        ? `acc${i}_${j} += dot(a${i}, b${j});`
+        : `acc${i}_${j} += ${range(4).map((c) => `${A.at(i, c)} * ${B.at(j, c)}`).join(" + ")};`
+    ).join(" ")
+  ).join("\n    ");
+  const step = (tail: boolean) => [...A.loads(tail), ...B.loads(tail)].join("\n    ") + "\n    " + dots;
+  const inputs = bias ? ["A", "B", "bias"] : ["A", "B"];
+  return header(inputs, ["out"], "f32", [0, 1]) + FLAT_TEXEL_WGSL + `
+@compute @workgroup_size(${WG_TEX})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+  let M = pu(1u); let N = pu(2u); let K = pu(3u);
+  let tilesN = pu(4u); let tilesM = pu(5u);
+  let total = tilesN * tilesM * pu(0u);
+  let id0 = linearId(wid, nwg, lid, ${WG_TEX}u);
+  // Invocations past the end compute a clamped tile and do not store.
+  let live = id0 < total;
+  let id = min(id0, total - 1u);
+  // Neighbouring invocations take neighbouring column tiles: they read the same texels of A.
+  let tn = id % tilesN;
+  let rest = id / tilesN;
+  let tm = rest % tilesM;
+  let bi = rest / tilesM;
+  let m0 = tm * ${tm}u; let n0 = tn * ${tn}u;
+  let aBase = pu(6u) + bi * pu(7u); let aS = pu(8u);
+  let bBase = pu(9u) + bi * pu(10u); let bS = pu(11u);
+  // Rows past the edge are clamped (their results are not stored).
+  ${A.setup.join(" ")}
+  ${B.setup.join(" ")}
+  ${rows.map((i) => cols.map((j) => `var acc${i}_${j} = 0.0;`).join(" ")).join("\n  ")}
+  for (var kq = 0u; kq < K / 4u; kq++) {
+    ${step(false)}
+  }
+  if (K % 4u != 0u) {
+    // The last, partial k quad ("k4" operands are zero-padded there).
+    let kq = K / 4u;
+    ${step(true)}
+  }
+  if (!live) { return; }
+  ${storeCode(tm, tn, bias, (i) => `(m0 + ${i}u)`, (j) => `(n0 + ${j}u)`)}
+}`;
+}
+
+interface TexturePlan {
+  a: TexOperand;
+  b: TexOperand;
+}
+
+function texturePlan(p: MatmulParams, maxDim: number, elements: [number, number]): TexturePlan | null {
+  const a = texOperand(
+    p.a,
+    p.M,
+    p.K,
+    p.a.rowStride,
+    p.a.colStride,
+    p.a.batchStride ? p.batch : 1,
+    elements[0],
+  );
+  const b = texOperand(
+    p.b,
+    p.N,
+    p.K,
+    p.b.colStride,
+    p.b.rowStride,
+    p.b.batchStride ? p.batch : 1,
+    elements[1],
+  );
+  const fit = (t: { width: number; height: number }) => t.width <= maxDim && t.height <= maxDim;
+  return fit(a.texture) && fit(b.texture) ? { a, b } : null;
+}
+
+/** Elements the operands' buffers must hold (the kernel only knows strides): the last element read, plus one. */
+function operandExtent(o: MatOperand, batch: number, rows: number, cols: number): number {
+  return (o.offset ?? 0) + (batch - 1) * o.batchStride + (rows - 1) * o.rowStride + (cols - 1) * o.colStride +
+    1;
+}
+
+/** The variant a dispatch of `p` runs on an adapter with `caps`. */
+export function matmulVariant(
+  p: MatmulParams,
+  caps: Pick<GpuCaps, "isCpuEmulated" | "maxTextureDimension2D">,
+): MatmulVariant {
+  const wanted = p.variant ??
+    (caps.isCpuEmulated ? (p.batch * p.M * p.N * p.K >= TEX_MIN_WORK ? "texture" : "registers") : "shared");
+  if (wanted === "texture" && !texturePlan(p, caps.maxTextureDimension2D ?? 0, extents(p))) {
+    return "registers";
+  }
+  return wanted;
+}
+
+/** The operands' buffer sizes as far as the kernel can tell (a flat copy covers at least this much). */
+function extents(p: MatmulParams): [number, number] {
+  return [operandExtent(p.a, p.batch, p.M, p.K), operandExtent(p.b, p.batch, p.K, p.N)];
+}
+
 /** Whether a dispatch of `p` declares vec4 storage arrays. */
-export function usesVectorLoads(p: MatmulParams, caps: Pick<GpuCaps, "isCpuEmulated">): boolean {
-  const variant = p.variant ?? (caps.isCpuEmulated ? "registers" : "shared");
-  if (variant !== "registers") return false;
+export function usesVectorLoads(
+  p: MatmulParams,
+  caps: Pick<GpuCaps, "isCpuEmulated" | "maxTextureDimension2D">,
+): boolean {
+  if (matmulVariant(p, caps) !== "registers") return false;
   const plan = registerPlan(p);
   return plan.aMode !== "s" || plan.bMode !== "s";
 }
@@ -307,8 +535,20 @@ export const matmul: Kernel<MatmulParams> = {
 
   gpu(p: MatmulParams, caps: GpuCaps): GpuDispatch {
     check(p);
-    const variant = p.variant ?? (caps.isCpuEmulated ? "registers" : "shared");
+    const variant = matmulVariant(p, caps);
     const bias = p.bias ?? false;
+    if (variant === "texture") {
+      const plan = texturePlan(p, caps.maxTextureDimension2D ?? 0, extents(p))!;
+      const tilesM = Math.ceil(p.M / plan.a.tile), tilesN = Math.ceil(p.N / plan.b.tile);
+      const w = new ParamWriter().u32(p.batch, p.M, p.N, p.K, tilesN, tilesM);
+      w.u32(plan.a.base, plan.a.tb, plan.a.ts, plan.b.base, plan.b.tb, plan.b.ts);
+      return {
+        source: textureSource(plan.a, plan.b, bias),
+        workgroups: grid(Math.ceil((p.batch * tilesM * tilesN) / WG_TEX), caps.maxWorkgroupsPerDimension),
+        params: w.finish(),
+        textures: [{ input: 0, ...plan.a.texture }, { input: 1, ...plan.b.texture }],
+      };
+    }
     if (variant === "registers") {
       const plan = registerPlan(p);
       const { w, tilesM, tilesN } = params(p, plan.tm, plan.tn);

@@ -10,6 +10,16 @@
  * kernel's sizes and scalars) sits at binding n+m. The WGSL source must depend only on the structure of the
  * parameters (rank, which variant), never on sizes or scalar values, so that pipelines are cached by source and a
  * new shape does not mean a recompile.
+ *
+ * Texture inputs (optional, WebGPU only): a dispatch may declare that some inputs are read as rgba32float
+ * textures (`GpuDispatch.textures`). The device then records, before the dispatch, a packing pass per such input
+ * that fills a pooled `width × height` texture from the input buffer through the kernel's own `texel(x, y)`
+ * function, and binds that texture at the input's slot as `texture_storage_2d<rgba32float, read>`. On
+ * CPU-emulated adapters (llvmpipe) a texel fetch is one vector gather of four floats, while every storage-buffer
+ * load is a per-lane scalar loop, so a kernel that reads its operands through textures in a layout made for it
+ * (four reduction values per texel, its register tile's rows next to each other) does several times fewer
+ * load instructions. Read-only storage textures rather than sampled `texture_2d`: llvmpipe treats the mip level
+ * of a sampled `textureLoad` as per-lane (wgpu clamps it), which costs as much again as the fetch itself.
  */
 
 /** The element arrays kernels compute on: float32 on the device, float64 for gradient checks on the CPU. */
@@ -24,6 +34,31 @@ export interface GpuCaps {
   maxWorkgroupsPerDimension: number;
   maxStorageBufferBindingSize: number;
   features: ReadonlySet<string>;
+  /** Largest texture side the device accepts; absent (or 0) where the backend cannot provide texture inputs. */
+  maxTextureDimension2D?: number;
+}
+
+/**
+ * An input read as an rgba32float texture (see the file comment), filled in one of two ways before the dispatch:
+ * - without `pack`: a flat copy of the start of the input buffer (a `copyBufferToTexture`, memcpy speed): texel
+ *   t holds elements 4t..4t+3 and sits at (t % width, t / width), where `width` is `FLAT_WIDTH` (wgsl.ts; see
+ *   `flatTextureSize`). Kernels address it with `flatTexel(t)`; only 4-aligned runs of elements are whole
+ *   texels, and the last texel may extend past the buffer's elements into unspecified values.
+ * - with `pack`: a packing pass writes every texel from `pack`, the WGSL of `fn texel(x: u32, y: u32) ->
+ *   vec4<f32>`, which reads the input buffer through `srcAt(i: i32) -> f32` (element i, 0 for i < 0) and its
+ *   own uniform words `params` through `pu`/`pi`/`pf`, and may use `divmod(x, d)` (cheap for x, d < 2^24). Any
+ *   layout, transposition or zero padding. The device runs it as a flat copy plus a draw into the texture (see
+ *   `packSource` in wgsl.ts): about 15 ns of CPU per texel on llvmpipe, against 2 for a plain copy.
+ * Packing pipelines are cached by source like kernels.
+ */
+export interface TextureInput {
+  /** Index of the input (0..n-1) that the kernel declares as `texture_storage_2d<rgba32float, read>`. */
+  input: number;
+  width: number;
+  height: number;
+  pack?: string;
+  /** Uniform words of the packing pass; at most `UNIFORM_WORDS`. */
+  params?: Uint32Array;
 }
 
 /** One compute dispatch: the source (cached by its text), the grid, and the uniform words. */
@@ -32,6 +67,8 @@ export interface GpuDispatch {
   workgroups: [number, number, number];
   /** Uniform words (u32, or f32 stored by bit pattern); at most `UNIFORM_WORDS`. */
   params?: Uint32Array;
+  /** Inputs the kernel reads as textures (WebGPU only; a kernel asks for them only when caps allow). */
+  textures?: TextureInput[];
 }
 
 export interface Kernel<P> {

@@ -1,9 +1,10 @@
 /**
  * @file Tests of the convolution kernels and of `conv2d` / `convTranspose2d`: hand-computed cases, the three
- * WebGPU kernels against their CPU references over random geometries (k 1–5, stride 1–3, padding 0–2, sizes
- * with 1s and primes, bias, split weight gradients), the ops on the GPU against the CPU backend (values and
- * gradients), the adjoint identity between conv2d and convTranspose2d, finite-difference gradient checks, and
- * shape errors.
+ * WebGPU kernels in both variants (registers, texture) against their CPU references over random geometries
+ * (k 1–5, stride 1–3, padding 0–2, sizes with 1s and primes, bias, split weight gradients, weight layouts),
+ * 2-D grids, the variant choice, the ops on the GPU against the CPU backend (values and gradients, also at sizes
+ * where the texture variant is the default), the adjoint identity between conv2d and convTranspose2d,
+ * finite-difference gradient checks, and shape errors.
  */
 
 import fc from "fast-check";
@@ -12,6 +13,8 @@ import {
   conv2dInputGrad,
   conv2dWeightGrad,
   type ConvGeometry,
+  type ConvVariant,
+  convVariant,
   oihwStrides,
   weightGradSplits,
   type WeightStrides,
@@ -151,9 +154,11 @@ test("conv kernels: forward, input gradient and weight gradient on WebGPU match 
       fc.boolean(),
       fc.integer({ min: 1, max: 4 }),
       fc.constantFrom("oihw", "co", "ci") as fc.Arbitrary<"oihw" | "co" | "ci">,
+      fc.constantFrom("registers", "texture") as fc.Arbitrary<ConvVariant>,
       scaleArb,
       seedArb,
-      async (g, bias, splits, layout, scale, seed) => {
+      async (g0, bias, splits, layout, variant, scale, seed) => {
+        const g = { ...g0, variant };
         // The weight buffer is random in any layout; both backends read it through the same strides.
         const weightStrides = layoutStrides(layout, g);
         const xLen = g.N * g.Cin * g.H * g.W,
@@ -161,7 +166,7 @@ test("conv kernels: forward, input gradient and weight gradient on WebGPU match 
           wLen = g.Cout * g.Cin * g.kH * g.kW;
         const x = seededValues(xLen, seed, -scale, scale), dy = seededValues(yLen, seed + 1, -scale, scale);
         const w = seededValues(wLen, seed + 2, -1, 1);
-        const what = `${JSON.stringify(g)} weights ${layout}`;
+        const what = `${JSON.stringify(g)} weights ${layout}`; // names the variant too
         // Sums of up to Cin·kH·kW (or N·Ho·Wo) products of magnitude ≤ scale (scale² for the weight gradient).
         const tol = (terms: number, mag: number) => ({ rtol: 1e-4, atol: 2e-6 * terms * mag });
 
@@ -186,7 +191,7 @@ test("conv kernels: forward, input gradient and weight gradient on WebGPU match 
         );
       },
     ),
-    { numRuns: RUNS * 2 },
+    { numRuns: RUNS * 3 },
   );
 });
 
@@ -214,9 +219,13 @@ test("conv kernels: grids folded into 2-D (more workgroups than one dimension al
     const want = await runKernel(cpu, kernel, p, inputs, len);
     assertClose(await runKernel(small, kernel, p, inputs, len), want, { rtol: 1e-4, atol: 1e-4 }, name);
   };
-  await check("conv2d", conv2dKernel, g, [x, w], yLen);
-  await check("conv2dInputGrad", conv2dInputGrad, g, [dy, w], xLen);
-  await check("conv2dWeightGrad", conv2dWeightGrad, { ...g, splits: 40 }, [x, dy], 40 * wLen);
+  for (const variant of ["registers", "texture"] as const) {
+    // Texture variant: 30 (forward), 20 (input gradient) and 34 (weight gradient) workgroups.
+    await check(`conv2d ${variant}`, conv2dKernel, { ...g, variant }, [x, w], yLen);
+    await check(`conv2dInputGrad ${variant}`, conv2dInputGrad, { ...g, variant }, [dy, w], xLen);
+    const wg = { ...g, variant, splits: 40 };
+    await check(`conv2dWeightGrad ${variant}`, conv2dWeightGrad, wg, [x, dy], 40 * wLen);
+  }
 });
 
 test("conv kernels: the weight-gradient splits add up to the unsplit gradient", async () => {
@@ -268,6 +277,42 @@ test("conv kernels: the weight-gradient splits add up to the unsplit gradient", 
     strideW: 1,
   };
   assertEquals([weightGradSplits(big, emulated), weightGradSplits(big, gpuCaps)], [1, 64], "64→64 conv");
+  // With texture inputs (the texture variant): 4 × 4 channel tiles × 9 taps = 144 invocations per split, split
+  // 7 ways for about 16 workgroups.
+  const textured = { isCpuEmulated: true, maxTextureDimension2D: 16384 };
+  assertEquals(weightGradSplits(big, textured), 7, "64→64 conv, texture variant");
+});
+
+test("conv kernels: variant choice (texture on CPU-emulated adapters for convolutions that are not tiny)", () => {
+  const emulated = { isCpuEmulated: true, maxTextureDimension2D: 16384 };
+  const big: ConvGeometry = {
+    N: 8,
+    Cin: 64,
+    H: 32,
+    W: 32,
+    Cout: 64,
+    Ho: 32,
+    Wo: 32,
+    kH: 3,
+    kW: 3,
+    strideH: 1,
+    strideW: 1,
+    padH: 1,
+    padW: 1,
+  };
+  const tiny = { ...big, N: 1, Cin: 2, Cout: 2, H: 4, W: 4, Ho: 4, Wo: 4 };
+  for (const kernel of ["conv2d", "conv2dInputGrad", "conv2dWeightGrad"] as const) {
+    assertEquals(convVariant(kernel, big, emulated), "texture", `${kernel} big`);
+    assertEquals(convVariant(kernel, tiny, emulated), "registers", `${kernel} tiny`);
+    assertEquals(
+      convVariant(kernel, { ...tiny, variant: "texture" }, emulated),
+      "texture",
+      `${kernel} forced`,
+    );
+    assertEquals(convVariant(kernel, big, { isCpuEmulated: false }), "registers", `${kernel} GPU`);
+    // Textures over the adapter's limit (channel quads × padded width = 16 × 34 > 256): registers.
+    assertEquals(convVariant(kernel, big, { ...emulated, maxTextureDimension2D: 256 }), "registers", kernel);
+  }
 });
 
 async function opAndGrads(device: Device, f: (...t: Tensor[]) => Tensor, shapes: number[][], seed: number) {
@@ -326,6 +371,36 @@ test("conv2d / convTranspose2d ops: GPU matches the CPU backend in values and al
     ),
     { numRuns: RUNS },
   );
+});
+
+test("conv2d / convTranspose2d ops: sizes where the texture variant is the default match the CPU backend", async () => {
+  const gpu = await gpuDevice(), cpu = await cpuDevice();
+  const filled = gpu.counters().textures;
+  // Every kernel at over 2^18 multiply-adds (the weight gradients split and summed), odd sizes and strides.
+  const cases: [string, (...t: Tensor[]) => Tensor, number[][]][] = [
+    ["conv2d", (x, w, b) => conv2d(x, w, b, { padding: 1 }), [[2, 12, 9, 14], [20, 12, 3, 3], [20]]],
+    ["conv2d strided", (x, w) => conv2d(x, w, null, { stride: [2, 1], padding: [0, 2] }), [[3, 9, 15, 11], [
+      17,
+      9,
+      3,
+      4,
+    ]]],
+    [
+      "convTranspose2d",
+      (x, w, b) => convTranspose2d(x, w, b, { stride: 2, padding: 1, outputPadding: 1 }),
+      [[2, 16, 10, 9], [16, 12, 3, 3], [12]],
+    ],
+  ];
+  for (const [name, f, shapes] of cases) {
+    const got = await opAndGrads(gpu, f, shapes, 3);
+    const want = await opAndGrads(cpu, f, shapes, 3);
+    assertEquals(got.shape, want.shape, name);
+    assertClose(got.out, want.out, { rtol: 1e-4, atol: 1e-4 }, name);
+    got.grads.forEach((d, i) =>
+      assertClose(d, want.grads[i], { rtol: 1e-4, atol: 5e-4 }, `${name} grad ${i}`)
+    );
+  }
+  if (gpu.counters().textures === filled) throw new Error("no convolution used the texture variant");
 });
 
 test("conv2d and convTranspose2d are adjoint: <conv(x), y> = <x, convT(y)>", async () => {

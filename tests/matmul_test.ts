@@ -1,12 +1,22 @@
 /**
  * @file Tests of the batched GEMM kernel and of `matmul` / `linear`: hand-computed products, the WebGPU kernel
- * against its CPU reference over random sizes and layouts (transposed, batch-broadcast, offset, both variants,
- * every vector-load mode), the ops on the GPU against the CPU backend (values and gradients, including the
- * folded and materialised batch paths), finite-difference gradient checks, and shape errors.
+ * against its CPU reference over random sizes and layouts (transposed, batch-broadcast, offset, every variant,
+ * every vector-load and texture-operand mode, texture padding), the texture-input contract of the device (flat
+ * copies, packing passes, size limits), the variant choice, the ops on the GPU against the CPU backend (values and
+ * gradients, including the folded and materialised batch paths and products large enough for the texture
+ * variant by default), finite-difference gradient checks, and shape errors.
  */
 
 import fc from "fast-check";
-import { matmul as matmulKernel, type MatmulParams, type MatOperand } from "../kernels/matmul.ts";
+import {
+  matmul as matmulKernel,
+  type MatmulParams,
+  type MatmulVariant,
+  matmulVariant,
+  type MatOperand,
+} from "../kernels/matmul.ts";
+import type { FloatArray, GpuDispatch, Kernel } from "../kernels/types.ts";
+import { FLAT_TEXEL_WGSL, flatTextureSize, header } from "../kernels/wgsl.ts";
 import { linear, matmul } from "../engine/ops/matmul.ts";
 import { tensor } from "../engine/creation.ts";
 import { map } from "../engine/ops/core.ts";
@@ -119,7 +129,7 @@ test("matmul kernel: WebGPU matches the CPU reference over sizes, strides, broad
         la: layoutArb,
         lb: layoutArb,
         bias: fc.boolean(),
-        variant: fc.constantFrom("registers", "shared") as fc.Arbitrary<"registers" | "shared">,
+        variant: fc.constantFrom("registers", "shared", "texture") as fc.Arbitrary<MatmulVariant>,
         scale: scaleArb,
         seed: seedArb,
       }),
@@ -140,13 +150,15 @@ test("matmul kernel: WebGPU matches the CPU reference over sizes, strides, broad
         assertClose(got, want, { rtol: 1e-4, atol: 1e-5 * K * scale * scale }, `matmul ${JSON.stringify(p)}`);
       },
     ),
-    { numRuns: RUNS * 2 },
+    { numRuns: RUNS * 3 },
   );
 });
 
-test("matmul kernel: vector-load modes agree with the reference on aligned layouts", async () => {
+test("matmul kernel: vector-load and texture-operand modes agree with the reference on aligned layouts", async () => {
   // Every combination of A ∈ {row-major, column-major} and B ∈ {row-major, column-major} with sizes divisible by
-  // four (vector loads) and a K with a tail, in both variants.
+  // four (vector loads; texture operands read straight from flat copies, along k or along rows) and a K with a
+  // tail (texture variant: the k-contiguous operand is then packed and the other one masked past K), in every
+  // variant.
   const gpu = await gpuDevice(), cpu = await cpuDevice();
   for (const [M, N, K] of [[8, 8, 8], [12, 16, 20], [16, 4, 7], [4, 24, 9]]) {
     for (const ta of [false, true]) {
@@ -156,7 +168,7 @@ test("matmul kernel: vector-load modes agree with the reference on aligned layou
         const p: MatmulParams = { batch: 2, M, N, K, a, b };
         const inputs = [seededValues(2 * M * K, M + K), seededValues(K * N, N)];
         const want = await runKernel(cpu, p, inputs, 2 * M * N);
-        for (const variant of ["registers", "shared"] as const) {
+        for (const variant of ["registers", "shared", "texture"] as const) {
           const got = await runKernel(gpu, { ...p, variant }, inputs, 2 * M * N);
           assertClose(
             got,
@@ -172,8 +184,9 @@ test("matmul kernel: vector-load modes agree with the reference on aligned layou
 
 test("matmul kernel: grids folded into 2-D (more workgroups than one dimension allows) give the same result", async () => {
   const small = await smallGridDevice(), cpu = await cpuDevice();
-  // 5 × (128×128) outputs: 1280 register blocks (20 workgroups) or 20 shared 64×64 tiles, over a 16-wide grid.
-  const [batch, M, N, K] = [5, 128, 128, 5];
+  // 20 × (128×128) outputs: 5120 register blocks (80 workgroups), 80 shared 64×64 tiles or 1280 texture tiles
+  // (20 workgroups), over a 16-wide grid. K = 5: the texture variant packs A and masks B's tail.
+  const [batch, M, N, K] = [20, 128, 128, 5];
   const p: MatmulParams = {
     batch,
     M,
@@ -184,11 +197,146 @@ test("matmul kernel: grids folded into 2-D (more workgroups than one dimension a
   };
   const inputs = [seededValues(batch * M * K, 1), seededValues(K * N, 2)];
   const want = await runKernel(cpu, p, inputs, batch * M * N);
-  for (const variant of ["registers", "shared"] as const) {
+  for (const variant of ["registers", "shared", "texture"] as const) {
     assertClose(await runKernel(small, { ...p, variant }, inputs, batch * M * N), want, {
       rtol: 1e-5,
       atol: 1e-5,
     }, variant);
+  }
+});
+
+/**
+ * A kernel that exercises the texture-input contract: input 0 is read from a flat copy, input 1 (the same data)
+ * through a packing pass that stores each quad of elements reversed, three texels per row, zero past the end.
+ * out[i] = flat read of element i, out[n + i] = packed read of element i, out[2n + c] = the first padding texel.
+ */
+const textureProbe: Kernel<{ n: number; width?: number }> = {
+  name: "textureProbe",
+  gpu(p: { n: number; width?: number }): GpuDispatch {
+    const quads = Math.ceil(p.n / 4), rows = Math.ceil((quads + 1) / 3);
+    return {
+      source: header(["flat", "packed"], ["out"], "f32", [0, 1]) + FLAT_TEXEL_WGSL + `
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+  let n = pu(0u); let i = gid.x;
+  if (i < n) {
+    out[i] = textureLoad(flat, flatTexel(i / 4u))[i % 4u];
+    let t = i / 4u;
+    out[n + i] = textureLoad(packed, vec2<u32>(t % 3u, t / 3u))[3u - i % 4u];
+  }
+  if (i < 4u) {
+    let t = (n + 3u) / 4u;
+    out[2u * n + i] = textureLoad(packed, vec2<u32>(t % 3u, t / 3u))[i];
+  }
+}`,
+      workgroups: [Math.ceil(Math.max(p.n, 4) / 64), 1, 1],
+      params: Uint32Array.of(p.n, 0, 0, 0),
+      textures: [
+        { input: 0, ...flatTextureSize(p.n) },
+        {
+          input: 1,
+          width: p.width ?? 3,
+          height: rows,
+          pack: `fn texel(x: u32, y: u32) -> vec4<f32> {
+  let q = (y * 3u + x) * 4u;
+  let n = i32(pu(0u));
+  let i = vec4<i32>(vec4<u32>(q + 3u, q + 2u, q + 1u, q)) ;
+  return vec4<f32>(srcAt(select(-1, i.x, i.x < n)), srcAt(select(-1, i.y, i.y < n)),
+    srcAt(select(-1, i.z, i.z < n)), srcAt(select(-1, i.w, i.w < n)));
+}`,
+          params: Uint32Array.of(p.n, 0, 0, 0),
+        },
+      ],
+    };
+  },
+  cpu(p: { n: number }, [x]: FloatArray[], [out]: FloatArray[]): void {
+    out.fill(0);
+    for (let i = 0; i < p.n; i++) out[i] = out[p.n + i] = x[i];
+  },
+};
+
+test("texture inputs: flat copies and packing passes deliver the data, zero-padded, and sizes are checked", async () => {
+  const gpu = await gpuDevice(), cpu = await cpuDevice();
+  if (!gpu.info.textureInputs) throw new Error(`this adapter has no texture inputs (${gpu.info.api})`);
+  // Sizes around the flat texture's 4096-element rows (partial last row, partial last texel).
+  for (const n of [1, 5, 12, 4095, 4096, 4101, 9000]) {
+    const x = seededValues(n, n);
+    const want = await runProbe(cpu, { n }, x);
+    const got = await runProbe(gpu, { n }, x);
+    assertClose(got, want, { rtol: 0, atol: 0 }, `texture probe n=${n}`);
+  }
+  const max = gpu.info.limits.maxTextureDimension2D;
+  let message = "";
+  try {
+    await runProbe(gpu, { n: 8, width: max + 1 }, seededValues(8, 1));
+  } catch (e) {
+    message = (e as Error).message;
+  }
+  if (!message.includes(`${max + 1}`) || !message.includes(`${max}`)) {
+    throw new Error(`an oversized texture input gave "${message}"`);
+  }
+});
+
+async function runProbe(device: Device, p: { n: number; width?: number }, x: Float32Array) {
+  const a = device.alloc(x.length), b = device.alloc(x.length), out = device.alloc(2 * p.n + 4);
+  device.write(a, x);
+  device.write(b, x);
+  device.write(out, new Float32Array(2 * p.n + 4).fill(NaN));
+  try {
+    device.run(textureProbe, p, [a, b], [out]);
+    return await device.read(out);
+  } finally {
+    for (const s of [a, b, out]) device.release(s);
+  }
+}
+
+test("matmul kernel: variant choice (texture on CPU-emulated adapters for large products that fit)", () => {
+  const op = (M: number, K: number): MatOperand => ({ batchStride: M * K, rowStride: K, colStride: 1 });
+  const p = (M: number, N: number, K: number): MatmulParams => ({
+    batch: 1,
+    M,
+    N,
+    K,
+    a: op(M, K),
+    b: op(K, N),
+  });
+  const emulated = { isCpuEmulated: true, maxTextureDimension2D: 16384 };
+  assertEquals(matmulVariant(p(8, 8, 8), emulated), "registers", "small product");
+  assertEquals(matmulVariant(p(64, 64, 64), emulated), "texture", "64³");
+  assertEquals(
+    matmulVariant(p(64, 64, 64), { isCpuEmulated: false, maxTextureDimension2D: 16384 }),
+    "shared",
+  );
+  // Operands whose flat copies exceed the texture size, or no texture inputs at all: registers.
+  assertEquals(
+    matmulVariant(p(64, 64, 64), { ...emulated, maxTextureDimension2D: 1 }),
+    "registers",
+    "too big",
+  );
+  assertEquals(matmulVariant({ ...p(8, 8, 8), variant: "texture" }, { isCpuEmulated: true }), "registers");
+  assertEquals(matmulVariant({ ...p(8, 8, 8), variant: "texture" }, emulated), "texture", "forced");
+});
+
+test("matmul / linear ops: products large enough for the texture variant match the CPU backend", async () => {
+  const gpu = await gpuDevice(), cpu = await cpuDevice();
+  const filled = gpu.counters().textures;
+  // Folded batch (A row-major, B row-major), and linear (weight read transposed); the gradients read the stored
+  // operands transposed, so all four texture-operand modes and the packed (K % 4 ≠ 0) path occur.
+  const cases: [(...t: Tensor[]) => Tensor, number[][]][] = [
+    [matmul, [[3, 40, 72], [72, 48]]],
+    [(x, w, b) => linear(x, w, b), [[100, 66], [52, 66], [52]]],
+  ];
+  for (const [f, shapes] of cases) {
+    const got = await opAndGrads(gpu, f, shapes, 5);
+    const want = await opAndGrads(cpu, f, shapes, 5);
+    const what = JSON.stringify(shapes);
+    assertClose(got.out, want.out, { rtol: 1e-4, atol: 1e-4 }, what);
+    got.grads.forEach((g, i) =>
+      assertClose(g, want.grads[i], { rtol: 1e-4, atol: 1e-4 }, `${what} grad ${i}`)
+    );
+  }
+  if (gpu.counters().textures === filled) {
+    throw new Error("the large products did not use the texture variant");
   }
 });
 

@@ -80,11 +80,20 @@ function checkWeightAndBias(
   }
 }
 
+/** What the kernels' variant choice needs to know about a device. */
+function capsOf(device: Device) {
+  return {
+    isCpuEmulated: device.info.isCpuEmulated,
+    maxTextureDimension2D: device.info.textureInputs ? device.info.limits.maxTextureDimension2D : 0,
+  };
+}
+
 /**
  * Runs the conv2d or input-gradient kernel for geometry `g` (roles as in conv2d; `weight` is laid out
  * [g.Cout, g.Cin, kH, kW]) into `out`. On WebGPU the weight is first copied with the channel dimension that the
  * kernel tiles made contiguous ([kH, kW, Cin, Cout] for conv2d, [kH, kW, Cout, Cin] for the input gradient)
- * when that lets the kernel load four channels at once; the copy is tiny next to the convolution.
+ * when that lets the registers variant load four channels at once; the copy is tiny next to the convolution.
+ * (The texture variant packs the weight itself.)
  */
 function runConv(
   kind: "conv2d" | "conv2dInputGrad",
@@ -102,7 +111,7 @@ function runConv(
     const strides: WeightStrides = forward
       ? { co: 1, ci: Cout, k: Cin * Cout }
       : { co: Cin, ci: 1, k: Cin * Cout };
-    if (convUsesVectorLoads(kind, { ...g, weightStrides: strides }, device.info)) {
+    if (convUsesVectorLoads(kind, { ...g, weightStrides: strides }, capsOf(device))) {
       const [sCo, sCi, sKh, sKw] = contiguousStrides([Cout, Cin, kH, kW]);
       copy = forward
         ? gather(weight, [kH, kW, Cin, Cout], [sKh, sKw, sCi, sCo])
@@ -125,7 +134,7 @@ function runConv(
 /** Weight-gradient split count: enough invocations to fill the adapter, none on the (serial) CPU backend. */
 function splitsFor(device: Device, g: ConvGeometry): number {
   if (device.kind === "cpu") return 1;
-  return weightGradSplits(g, device.info);
+  return weightGradSplits(g, capsOf(device));
 }
 
 /** Runs the weight-gradient kernel for geometry `g` (inputs in conv2d's roles) into a tensor of `shape`. */

@@ -11,11 +11,7 @@
  * followed by a reduction.
  */
 
-import {
-  matmul as matmulKernel,
-  type MatmulParams,
-  type MatOperand,
-} from "../../kernels/matmul.ts";
+import { matmul as matmulKernel, type MatmulParams, type MatOperand } from "../../kernels/matmul.ts";
 import { record, sameDevice, type Shape, sizeOf, Tensor } from "../tensor.ts";
 import { broadcastShapes, fmt, sameShape } from "../shape.ts";
 import { expandTo, reduceRaw, sumTo, view } from "./core.ts";
