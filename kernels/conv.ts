@@ -361,6 +361,30 @@ function inputGradPlan(p: ConvParams, caps: Caps): ForwardPlan {
   return { tc, tp, vec, colTiles: Math.ceil(perPhase / tp), chTiles: Math.ceil(p.Cin / tc) };
 }
 
+/**
+ * WGSL that stores the input-gradient tile `acc{i}_{j}` (rows = input channels from `ct·rows`, cols = positions
+ * of one stride phase from `c0`) into dx, with the optional per-channel bias; shared by both input-grad variants.
+ */
+function inputGradStore(rows: number, cols: number, bias: boolean): string {
+  return each(
+    rows,
+    (i) =>
+      `{ let ci = ct * ${rows}u + ${i}u;
+    if (ci < Cin) {
+      let o = (n * Cin + ci) * HW + ih * W;
+      ${bias ? "let b = bias[ci];" : ""}
+      ${
+        each(cols, (j) =>
+          `{ let iw = phase + (c0 + ${j}u) * sW; if (iw < W) { dx[o + iw] = acc${i}_${j}${
+            bias ? " + b" : ""
+          }; } }`, "\n      ")
+      }
+    }
+  }`,
+    "\n  ",
+  );
+}
+
 function inputGradSource({ tc, tp, vec }: ForwardPlan, bias: boolean): string {
   const wa = weightAccess(tc, vec, "ci", "Cin");
   return sourceHeader(bias ? ["dy", "w", "bias"] : ["dy", "w"], "dx", vec) + `
@@ -406,25 +430,7 @@ ${ENTRY} {
     }
   }
   if (!live) { return; }
-  ${
-    each(
-      tc,
-      (i) =>
-        `{ let ci = ct * ${tc}u + ${i}u;
-    if (ci < Cin) {
-      let o = (n * Cin + ci) * HW + ih * W;
-      ${bias ? "let b = bias[ci];" : ""}
-      ${
-          each(tp, (j) =>
-            `{ let iw = phase + (c0 + ${j}u) * sW; if (iw < W) { dx[o + iw] = acc${i}_${j}${
-              bias ? " + b" : ""
-            }; } }`, "\n      ")
-        }
-    }
-  }`,
-      "\n  ",
-    )
-  }
+  ${inputGradStore(tc, tp, bias)}
 }`;
 }
 
@@ -909,25 +915,7 @@ ${ENTRY} {
     }
   }
   if (!live) { return; }
-  ${
-    each(
-      tm,
-      (i) =>
-        `{ let ci = ct * ${tm}u + ${i}u;
-    if (ci < Cin) {
-      let o = (n * Cin + ci) * HW + ih * W;
-      ${bias ? "let b = bias[ci];" : ""}
-      ${
-          each(tn, (j) =>
-            `{ let iw = phase + (c0 + ${j}u) * sW; if (iw < W) { dx[o + iw] = acc${i}_${j}${
-              bias ? " + b" : ""
-            }; } }`, "\n      ")
-        }
-    }
-  }`,
-      "\n  ",
-    )
-  }
+  ${inputGradStore(tm, tn, bias)}
 }`;
 }
 
