@@ -66,17 +66,13 @@ function checkPool(op: string, p: PoolGeometry) {
 /** Outputs per thread along a row in the forward, input pixels per thread along a row in the backward. */
 const RUN = 4;
 
-export const avgPool2d: Kernel<AvgPool2dParams> = {
-  name: "avgPool2d",
-
-  gpu(p: AvgPool2dParams, caps: GpuCaps): GpuDispatch {
-    const { Ho, Wo } = checkPool("avgPool2d", p);
-    const runs = Math.ceil(Wo / RUN);
-    const total = p.planes * Ho * runs;
-    const w = new ParamWriter().u32(total, p.H, p.W, Ho, Wo, runs, p.kh, p.kw, p.sh, p.sw, p.ph, p.pw)
-      .f32(1 / (p.kh * p.kw)).u32(p.countIncludePad === false ? 0 : 1);
-    const source = header(["x"], ["y"]) + `
-${ENTRY_1D} {
+/**
+ * The forward pooling entry point shared by avgPool2d and maxPool2d: an invocation owns `RUN` neighbouring
+ * outputs of one row of one plane and, for each, clips its window to the plane (hLo..hHi, wLo..wHi) before
+ * running `body`. Uniform words follow `poolWindowWords`.
+ */
+function poolWindowLoop(body: string): string {
+  return `${ENTRY_1D} {
   let id = linearId(wid, nwg, lid, 256u);
   if (id >= pu(0u)) { return; }
   let H = pu(1u); let W = pu(2u); let Ho = pu(3u); let Wo = pu(4u); let runs = pu(5u);
@@ -95,15 +91,27 @@ ${ENTRY_1D} {
     let w0 = i32(ow * sw) - pi(11u);
     let wLo = u32(max(w0, 0));
     let wHi = u32(min(w0 + i32(kw), i32(W)));
-    var acc = 0.0;
+${body}  }
+}`;
+}
+
+export const avgPool2d: Kernel<AvgPool2dParams> = {
+  name: "avgPool2d",
+
+  gpu(p: AvgPool2dParams, caps: GpuCaps): GpuDispatch {
+    const { Ho, Wo } = checkPool("avgPool2d", p);
+    const runs = Math.ceil(Wo / RUN);
+    const total = p.planes * Ho * runs;
+    const w = new ParamWriter().u32(total, p.H, p.W, Ho, Wo, runs, p.kh, p.kw, p.sh, p.sw, p.ph, p.pw)
+      .f32(1 / (p.kh * p.kw)).u32(p.countIncludePad === false ? 0 : 1);
+    const source = header(["x"], ["y"]) + poolWindowLoop(`    var acc = 0.0;
     for (var h = hLo; h < hHi; h++) {
       let rowBase = xPlane + h * W;
       for (var ww = wLo; ww < wHi; ww++) { acc += x[rowBase + ww]; }
     }
     let inside = f32((hHi - hLo) * (wHi - wLo));
     y[(plane * Ho + oh) * Wo + ow] = select(acc / inside, acc * pf(12u), pu(13u) == 1u);
-  }
-}`;
+`);
     return { source, workgroups: grid1d(total, caps.maxWorkgroupsPerDimension), params: w.finish() };
   },
 
@@ -232,27 +240,8 @@ export const maxPool2d: Kernel<MaxPool2dParams> = {
     const w = new ParamWriter().u32(total, p.H, p.W, Ho, Wo, runs, p.kh, p.kw, p.sh, p.sw, p.ph, p.pw);
     const store = p.withIndices ? "idx[o] = f32(best);" : "";
     // The window is clipped to the plane (padding is −∞ and, with pad ≤ k/2, never the whole window).
-    const source = header(["x"], p.withIndices ? ["y", "idx"] : ["y"]) + `
-${ENTRY_1D} {
-  let id = linearId(wid, nwg, lid, 256u);
-  if (id >= pu(0u)) { return; }
-  let H = pu(1u); let W = pu(2u); let Ho = pu(3u); let Wo = pu(4u); let runs = pu(5u);
-  let kh = pu(6u); let kw = pu(7u); let sh = pu(8u); let sw = pu(9u);
-  let r = id % runs;
-  let rest = id / runs;
-  let oh = rest % Ho;
-  let plane = rest / Ho;
-  let xPlane = plane * H * W;
-  let h0 = i32(oh * sh) - pi(10u);
-  let hLo = u32(max(h0, 0));
-  let hHi = u32(min(h0 + i32(kh), i32(H)));
-  let ow0 = r * ${RUN}u;
-  let owEnd = min(ow0 + ${RUN}u, Wo);
-  for (var ow = ow0; ow < owEnd; ow++) {
-    let w0 = i32(ow * sw) - pi(11u);
-    let wLo = u32(max(w0, 0));
-    let wHi = u32(min(w0 + i32(kw), i32(W)));
-    var best = hLo * W + wLo;
+    const source = header(["x"], p.withIndices ? ["y", "idx"] : ["y"]) +
+      poolWindowLoop(`    var best = hLo * W + wLo;
     var m = x[xPlane + best];
     for (var h = hLo; h < hHi; h++) {
       for (var ww = wLo; ww < wHi; ww++) {
@@ -264,8 +253,7 @@ ${ENTRY_1D} {
     let o = (plane * Ho + oh) * Wo + ow;
     y[o] = m;
     ${store}
-  }
-}`;
+`);
     return { source, workgroups: grid1d(total, caps.maxWorkgroupsPerDimension), params: w.finish() };
   },
 
