@@ -156,6 +156,27 @@ function integrate(
 }
 
 /**
+ * One step of Algorithm 1 (lines 4–8; Algorithm 2's lines 7–11) from x at t to tNext: an Euler step with
+ * dx/dt = (x − D(x; t))/t, then the 2nd-order correction averaging the slopes at both ends, skipped when tNext = 0.
+ */
+function heunStep(
+  denoise: Denoiser,
+  x: Tensor,
+  t: number,
+  tNext: number,
+  step: number,
+  steps: number,
+): { x: Tensor; evaluations: number } {
+  const D = denoise(x, t, { step, steps, stage: "euler" });
+  const d = mul(sub(x, D), 1 / t);
+  const xEuler = add(x, mul(d, tNext - t));
+  if (tNext === 0) return { x: xEuler, evaluations: 1 };
+  const D2 = denoise(xEuler, tNext, { step, steps, stage: "correction" });
+  const d2 = mul(sub(xEuler, D2), 1 / tNext);
+  return { x: add(x, mul(add(d, d2), 0.5 * (tNext - t))), evaluations: 2 };
+}
+
+/**
  * Algorithm 1: Heun's second-order method on the probability-flow ODE. NFE = 2N − 1 (the last step, to
  * t_N = 0, is Euler).
  */
@@ -167,18 +188,9 @@ export function heunSampler(denoise: Denoiser, latents: Tensor, opts: ODESampler
   return noGrad(() =>
     integrate(mul(latents, t[0]), N, o.onStep, (x, i) => {
       const tCur = t[i], tNext = t[i + 1];
-      // Evaluate dx/dt at t_i and take an Euler step to t_{i+1} (lines 4–5).
-      const D = denoise(x, tCur, { step: i, steps: N, stage: "euler" });
-      nfe++;
-      const d = mul(sub(x, D), 1 / tCur);
-      let xNext = add(x, mul(d, tNext - tCur));
-      // Apply the 2nd-order correction unless σ is going to 0 (lines 6–8).
-      if (tNext !== 0) {
-        const D2 = denoise(xNext, tNext, { step: i, steps: N, stage: "correction" });
-        nfe++;
-        const d2 = mul(sub(xNext, D2), 1 / tNext);
-        xNext = add(x, mul(add(d, d2), 0.5 * (tNext - tCur)));
-      }
+      const step = heunStep(denoise, x, tCur, tNext, i, N);
+      nfe += step.evaluations;
+      const xNext = step.x;
       return { x: xNext, info: { step: i, steps: N, sigma: tCur, sigmaHat: tCur, sigmaNext: tNext, nfe } };
     })
   );
@@ -225,18 +237,10 @@ export function stochasticSampler(
       const xHat = gamma > 0
         ? add(x, mul(noise(x.shape, x.device), Math.sqrt(tHat * tHat - tCur * tCur) * o.sNoise))
         : x;
-      // Euler step from t̂_i to t_{i+1} (lines 7–8).
-      const D = denoise(xHat, tHat, { step: i, steps: N, stage: "euler" });
-      nfe++;
-      const d = mul(sub(xHat, D), 1 / tHat);
-      let xNext = add(xHat, mul(d, tNext - tHat));
-      // Apply the 2nd-order correction (lines 9–11).
-      if (tNext !== 0) {
-        const D2 = denoise(xNext, tNext, { step: i, steps: N, stage: "correction" });
-        nfe++;
-        const d2 = mul(sub(xNext, D2), 1 / tNext);
-        xNext = add(xHat, mul(add(d, d2), 0.5 * (tNext - tHat)));
-      }
+      // Heun step from t̂_i to t_{i+1} (lines 7–11).
+      const step = heunStep(denoise, xHat, tHat, tNext, i, N);
+      nfe += step.evaluations;
+      const xNext = step.x;
       return { x: xNext, info: { step: i, steps: N, sigma: tCur, sigmaHat: tHat, sigmaNext: tNext, nfe } };
     })
   );
