@@ -279,26 +279,7 @@ ${ENTRY} {
     }
   }
   if (!live) { return; }
-  ${
-    each(
-      tc,
-      (i) =>
-        `{ let co = ct * ${tc}u + ${i}u;
-    if (co < Cout) {
-      let o = (n * Cout + co) * HoWo + oh * Wo + ow0;
-      ${bias ? "let b = bias[co];" : ""}
-      ${
-          each(
-            tp,
-            (j) => `if (ow0 + ${j}u < Wo) { y[o + ${j}u] = acc${i}_${j}${bias ? " + b" : ""}; }`,
-            "\n      ",
-          )
-        }
-    }
-  }`,
-      "\n  ",
-    )
-  }
+  ${forwardStore(tc, tp, bias)}
 }`;
 }
 
@@ -359,6 +340,31 @@ function inputGradPlan(p: ConvParams, caps: Caps): ForwardPlan {
   const tc = tileFor(p.Cin, lim.ch), tp = tileFor(perPhase, lim.pos);
   const vec = vectorWeights(weightStridesOf("conv2dInputGrad kernel", p), "ci", p.Cin, tc);
   return { tc, tp, vec, colTiles: Math.ceil(perPhase / tp), chTiles: Math.ceil(p.Cin / tc) };
+}
+
+/**
+ * WGSL that stores the forward output tile `acc{i}_{j}` (rows = output channels from `ct·rows`, cols =
+ * consecutive output positions from `ow0`) into y, with the optional bias; shared by both forward variants.
+ */
+function forwardStore(rows: number, cols: number, bias: boolean): string {
+  return each(
+    rows,
+    (i) =>
+      `{ let co = ct * ${rows}u + ${i}u;
+    if (co < Cout) {
+      let o = (n * Cout + co) * HoWo + oh * Wo + ow0;
+      ${bias ? "let b = bias[co];" : ""}
+      ${
+        each(
+          cols,
+          (j) => `if (ow0 + ${j}u < Wo) { y[o + ${j}u] = acc${i}_${j}${bias ? " + b" : ""}; }`,
+          "\n      ",
+        )
+      }
+    }
+  }`,
+    "\n  ",
+  );
 }
 
 /**
@@ -825,26 +831,7 @@ ${ENTRY} {
     ${taps}
   }
   if (!live) { return; }
-  ${
-    each(
-      tm,
-      (i) =>
-        `{ let co = ct * ${tm}u + ${i}u;
-    if (co < Cout) {
-      let o = (n * Cout + co) * HoWo + oh * Wo + ow0;
-      ${bias ? "let b = bias[co];" : ""}
-      ${
-          each(
-            tn,
-            (j) => `if (ow0 + ${j}u < Wo) { y[o + ${j}u] = acc${i}_${j}${bias ? " + b" : ""}; }`,
-            "\n      ",
-          )
-        }
-    }
-  }`,
-      "\n  ",
-    )
-  }
+  ${forwardStore(tm, tn, bias)}
 }`;
 }
 
