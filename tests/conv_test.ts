@@ -28,6 +28,7 @@ import type { Device } from "../engine/device.ts";
 import type { Tensor } from "../engine/tensor.ts";
 import {
   assertClose,
+  assertEquals,
   cpuDevice,
   gpuDevice,
   gradCheck,
@@ -39,11 +40,6 @@ import {
   test,
   values,
 } from "./util.ts";
-
-function assertEquals(got: unknown, want: unknown, what = "value"): void {
-  const g = JSON.stringify(got), w = JSON.stringify(want);
-  if (g !== w) throw new Error(`${what}: got ${g}, expected ${w}`);
-}
 
 const prod = (s: readonly number[]) => s.reduce((p, d) => p * d, 1);
 

@@ -20,20 +20,7 @@ import {
 } from "../models/data.ts";
 import { decodePng, encodeImageGrid, encodePng, fromByte, saveImageGrid, toByte } from "../models/images.ts";
 import { tensor } from "../engine/mod.ts";
-import { cpuDevice, test } from "./util.ts";
-
-async function assertRejects(fn: () => Promise<unknown>, ...parts: string[]) {
-  try {
-    await fn();
-  } catch (e) {
-    const msg = (e as Error).message;
-    for (const p of parts) {
-      if (!msg.includes(p)) throw new Error(`expected an error containing "${p}", got "${msg}"`);
-    }
-    return;
-  }
-  throw new Error(`expected an error containing "${parts.join(", ")}", but nothing was thrown`);
-}
+import { assertRejects, cpuDevice, test } from "./util.ts";
 
 function fnv1a(parts: Uint8Array[]): string {
   let h = 0x811c9dc5;

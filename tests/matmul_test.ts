@@ -25,6 +25,8 @@ import type { Device } from "../engine/device.ts";
 import type { Tensor } from "../engine/tensor.ts";
 import {
   assertClose,
+  assertEquals,
+  assertThrows,
   cpuDevice,
   gpuDevice,
   gradCheck,
@@ -36,21 +38,6 @@ import {
   test,
   values,
 } from "./util.ts";
-
-function assertEquals(got: unknown, want: unknown, what = "value"): void {
-  const g = JSON.stringify(got), w = JSON.stringify(want);
-  if (g !== w) throw new Error(`${what}: got ${g}, expected ${w}`);
-}
-
-function assertThrows(f: () => unknown): Error {
-  try {
-    f();
-  } catch (e) {
-    if (e instanceof Error) return e;
-    throw new Error(`expected an Error, got ${e}`);
-  }
-  throw new Error("expected an error, but none was thrown");
-}
 
 /** Runs a kernel on raw buffers and reads its single output back. */
 async function runKernel(device: Device, p: MatmulParams, inputs: Float32Array[], outLen: number) {

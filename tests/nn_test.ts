@@ -24,18 +24,17 @@ import { noGrad, type Tensor } from "../engine/tensor.ts";
 import { copyInto } from "../engine/ops/core.ts";
 import { sum } from "../engine/ops/reduce.ts";
 import type { Device } from "../engine/device.ts";
-import { assertClose, cpuDevice, f64Device, gpuDevice, gradCheck, RUNS, seededValues, test } from "./util.ts";
-
-function assertThrows(fn: () => unknown, part: string) {
-  try {
-    fn();
-  } catch (e) {
-    const msg = (e as Error).message;
-    if (!msg.includes(part)) throw new Error(`expected an error containing "${part}", got "${msg}"`);
-    return;
-  }
-  throw new Error(`expected an error containing "${part}", but nothing was thrown`);
-}
+import {
+  assertClose,
+  assertThrows,
+  cpuDevice,
+  f64Device,
+  gpuDevice,
+  gradCheck,
+  RUNS,
+  seededValues,
+  test,
+} from "./util.ts";
 
 async function backends(): Promise<[string, Device][]> {
   return [["webgpu", await gpuDevice()], ["cpu", await cpuDevice()]];

@@ -21,18 +21,17 @@ import { tensor } from "../engine/creation.ts";
 import { copyInto } from "../engine/ops/core.ts";
 import { Device } from "../engine/device.ts";
 import type { Tensor } from "../engine/tensor.ts";
-import { assertClose, cpuDevice, gpuDevice, RUNS, scaleArb, seededValues, shapeArb, test } from "./util.ts";
-
-function assertThrows(fn: () => unknown, part: string) {
-  try {
-    fn();
-  } catch (e) {
-    const msg = (e as Error).message;
-    if (!msg.includes(part)) throw new Error(`expected an error containing "${part}", got "${msg}"`);
-    return;
-  }
-  throw new Error(`expected an error containing "${part}", but nothing was thrown`);
-}
+import {
+  assertClose,
+  assertThrows,
+  cpuDevice,
+  gpuDevice,
+  RUNS,
+  scaleArb,
+  seededValues,
+  shapeArb,
+  test,
+} from "./util.ts";
 
 async function backends(): Promise<[string, Device][]> {
   return [["webgpu", await gpuDevice()], ["cpu", await cpuDevice()]];

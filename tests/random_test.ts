@@ -21,6 +21,7 @@ import { tensor } from "../engine/creation.ts";
 import { Device } from "../engine/device.ts";
 import {
   assertClose,
+  assertThrows,
   cpuDevice,
   f64Device,
   gpuDevice,
@@ -52,18 +53,6 @@ async function words(t: { toArray(): Promise<Float32Array> }): Promise<number[]>
   const out: number[] = [];
   for (let i = 0; i < v.length; i += 2) out.push(((v[i] * 65536) + v[i + 1]) >>> 0);
   return out;
-}
-
-/** Asserts that `fn` throws an error whose message contains `part`. */
-function assertThrows(fn: () => unknown, part: string) {
-  try {
-    fn();
-  } catch (e) {
-    const msg = (e as Error).message;
-    if (!msg.includes(part)) throw new Error(`expected an error containing "${part}", got "${msg}"`);
-    return;
-  }
-  throw new Error(`expected an error containing "${part}", but nothing was thrown`);
 }
 
 const hex = (ws: number[]) => ws.map((w) => w.toString(16).padStart(8, "0")).join(" ");

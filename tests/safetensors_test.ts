@@ -15,33 +15,16 @@ import {
 } from "../engine/safetensors.ts";
 import { tensor } from "../engine/creation.ts";
 import type { Tensor } from "../engine/tensor.ts";
-import { cpuDevice, gpuDevice, RUNS, seededValues, shapeArb, test } from "./util.ts";
-
-function assertThrows(fn: () => unknown, ...parts: string[]) {
-  try {
-    fn();
-  } catch (e) {
-    const msg = (e as Error).message;
-    for (const part of parts) {
-      if (!msg.includes(part)) throw new Error(`expected an error containing "${part}", got "${msg}"`);
-    }
-    return;
-  }
-  throw new Error(`expected an error containing "${parts.join('", "')}", but nothing was thrown`);
-}
-
-async function assertRejects(fn: () => Promise<unknown>, ...parts: string[]) {
-  try {
-    await fn();
-  } catch (e) {
-    const msg = (e as Error).message;
-    for (const part of parts) {
-      if (!msg.includes(part)) throw new Error(`expected an error containing "${part}", got "${msg}"`);
-    }
-    return;
-  }
-  throw new Error(`expected an error containing "${parts.join('", "')}", but nothing was thrown`);
-}
+import {
+  assertRejects,
+  assertThrows,
+  cpuDevice,
+  gpuDevice,
+  RUNS,
+  seededValues,
+  shapeArb,
+  test,
+} from "./util.ts";
 
 const ascii = (s: string) => Array.from(s, (c) => c.charCodeAt(0));
 

@@ -32,20 +32,7 @@ import {
   vpLinearSchedule,
   vpSigma,
 } from "../models/samplers.ts";
-import { assertClose, f64Device, gpuDevice, seededValues, test } from "./util.ts";
-
-function assertThrows(fn: () => unknown, ...parts: string[]) {
-  try {
-    fn();
-  } catch (e) {
-    const msg = (e as Error).message;
-    for (const p of parts) {
-      if (!msg.includes(p)) throw new Error(`expected an error containing "${p}", got "${msg}"`);
-    }
-    return;
-  }
-  throw new Error(`expected an error containing "${parts.join(", ")}", but nothing was thrown`);
-}
+import { assertClose, assertThrows, f64Device, gpuDevice, seededValues, test } from "./util.ts";
 
 // ---------------------------------------------------------------------------------------------------------------
 // The time grid.

@@ -9,18 +9,7 @@
 
 import fc from "fast-check";
 import { deepStrictEqual as assertEquals } from "node:assert";
-import {
-  cat,
-  type Device,
-  mul,
-  noGrad,
-  randn,
-  reshape,
-  scope,
-  sum,
-  type Tensor,
-  tensor,
-} from "../engine/mod.ts";
+import { type Device, mul, noGrad, randn, scope, sum, type Tensor, tensor } from "../engine/mod.ts";
 import { planLayers, type PlannedLayer, SONG_INIT, UNet, type UNetSpecInput } from "../models/unet.ts";
 import { admImagenet64, ddpmppCifar10, ddsmCifar10 } from "../models/presets.ts";
 import {
@@ -33,31 +22,16 @@ import {
   StepAwareUNet,
   widthAt,
 } from "../models/slimmable.ts";
-import { assertClose, cpuDevice, gpuDevice, RUNS, seededValues, test } from "./util.ts";
-
-function assertThrows(fn: () => unknown, ...parts: string[]) {
-  let msg: string | null = null;
-  try {
-    fn();
-  } catch (e) {
-    msg = (e as Error).message;
-  }
-  if (msg === null) {
-    throw new Error(`expected an error containing ${parts.join(", ")}, but nothing was thrown`);
-  }
-  for (const p of parts) {
-    if (!msg.includes(p)) throw new Error(`expected an error containing "${p}", got "${msg}"`);
-  }
-}
-
-/** All tensors' values with one readback. */
-async function readAll(ts: Tensor[]): Promise<Float32Array[]> {
-  const flat = noGrad(() => cat(ts.map((t) => reshape(t, [t.size])), 0));
-  const all = await flat.toArray();
-  flat.dispose();
-  let at = 0;
-  return ts.map((t) => all.subarray(at, at += t.size));
-}
+import {
+  assertClose,
+  assertThrows,
+  cpuDevice,
+  gpuDevice,
+  readAll,
+  RUNS,
+  seededValues,
+  test,
+} from "./util.ts";
 
 const LIVE_INIT = { ...SONG_INIT, zero: 1, proj: 1 };
 

@@ -8,18 +8,7 @@
  */
 
 import { deepStrictEqual as assertEquals } from "node:assert";
-import {
-  cat,
-  type Device,
-  mul,
-  noGrad,
-  randn,
-  reshape,
-  scope,
-  sum,
-  type Tensor,
-  tensor,
-} from "../engine/mod.ts";
+import { type Device, mul, noGrad, randn, reshape, scope, sum, tensor } from "../engine/mod.ts";
 import {
   countParameters,
   parameterShapes,
@@ -31,36 +20,17 @@ import {
 } from "../models/unet.ts";
 import { PositionalEmbedding, UNetBlock } from "../models/unet_blocks.ts";
 import { admImagenet64, ddpmppCifar10, ddsmCifar10, PRESETS } from "../models/presets.ts";
-import { assertClose, cpuDevice, f64Device, gpuDevice, gradCheck, seededValues, test } from "./util.ts";
-
-function assertThrows(fn: () => unknown, ...parts: string[]) {
-  let msg: string | null = null;
-  try {
-    fn();
-  } catch (e) {
-    msg = (e as Error).message;
-  }
-  if (msg === null) {
-    throw new Error(`expected an error containing ${parts.join(", ")}, but nothing was thrown`);
-  }
-  for (const p of parts) {
-    if (!msg.includes(p)) throw new Error(`expected an error containing "${p}", got "${msg}"`);
-  }
-}
-
-/** All tensors' values with one readback (a sync costs ~11 ms whatever its size). */
-async function readAll(ts: Tensor[]): Promise<Float32Array[]> {
-  const flat = noGrad(() => cat(ts.map((t) => reshape(t, [t.size])), 0));
-  const all = await flat.toArray();
-  flat.dispose();
-  const out: Float32Array[] = [];
-  let at = 0;
-  for (const t of ts) {
-    out.push(all.subarray(at, at + t.size));
-    at += t.size;
-  }
-  return out;
-}
+import {
+  assertClose,
+  assertThrows,
+  cpuDevice,
+  f64Device,
+  gpuDevice,
+  gradCheck,
+  readAll,
+  seededValues,
+  test,
+} from "./util.ts";
 
 /** Initialisation with every "zero" layer at full scale, so that gradients flow everywhere from the start. */
 const LIVE_INIT = { ...SONG_INIT, zero: 1, proj: 1 };

@@ -9,6 +9,7 @@ import { Device } from "../engine/device.ts";
 import "../engine/autograd.ts";
 import { tensor } from "../engine/creation.ts";
 import { noGrad, type Tensor } from "../engine/tensor.ts";
+import { cat, reshape } from "../engine/ops/shape.ts";
 
 let gpu: Promise<Device> | null = null;
 let cpu32: Promise<Device> | null = null;
@@ -163,4 +164,53 @@ export function values(t: Tensor): Promise<Float64Array> {
 /** Deno.test with resource sanitizers off: the WebGPU device deliberately outlives each test. */
 export function test(name: string, fn: () => Promise<void> | void): void {
   Deno.test({ name, fn, sanitizeResources: false, sanitizeOps: false });
+}
+
+/** Every tensor's values with one readback (a sync costs ~11 ms whatever its size). */
+export async function readAll(ts: Tensor[]): Promise<Float32Array[]> {
+  const flat = noGrad(() => cat(ts.map((t) => reshape(t, [t.size])), 0));
+  const all = await flat.toArray();
+  flat.dispose();
+  let at = 0;
+  return ts.map((t) => all.subarray(at, at += t.size));
+}
+
+/** Runs `fn`, which must throw an Error whose message contains every one of `parts`; returns the error. */
+export function assertThrows(fn: () => unknown, ...parts: string[]): Error {
+  let err: unknown = undefined, threw = false;
+  try {
+    fn();
+  } catch (e) {
+    err = e;
+    threw = true;
+  }
+  return checkError(threw, err, parts);
+}
+
+/** The async form of `assertThrows`. */
+export async function assertRejects(fn: () => Promise<unknown>, ...parts: string[]): Promise<Error> {
+  let err: unknown = undefined, threw = false;
+  try {
+    await fn();
+  } catch (e) {
+    err = e;
+    threw = true;
+  }
+  return checkError(threw, err, parts);
+}
+
+function checkError(threw: boolean, err: unknown, parts: string[]): Error {
+  const want = parts.length ? `an error containing ${parts.map((p) => `"${p}"`).join(", ")}` : "an error";
+  if (!threw) throw new Error(`expected ${want}, but nothing was thrown`);
+  if (!(err instanceof Error)) throw new Error(`expected ${want}, got ${String(err)}`);
+  for (const p of parts) {
+    if (!err.message.includes(p)) throw new Error(`expected ${want}, got "${err.message}"`);
+  }
+  return err;
+}
+
+/** Deep equality by JSON form, for shapes and small integer arrays. */
+export function assertEquals(got: unknown, want: unknown, what = "value"): void {
+  const g = JSON.stringify(got), w = JSON.stringify(want);
+  if (g !== w) throw new Error(`${what}: got ${g}, expected ${w}`);
 }
