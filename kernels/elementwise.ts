@@ -185,11 +185,6 @@ export function compileJs(e: Expr, consts: number[]): (x: number[]) => number {
   return (x) => f(a(x), b(x));
 }
 
-/** Structural key of an expression (no constant values), for caching and tests. */
-export function exprKey(e: Expr): string {
-  return toWgsl(e, 0, new Set());
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 // Shapes and strides.
 

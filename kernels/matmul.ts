@@ -520,16 +520,6 @@ function extents(p: MatmulParams): [number, number] {
   return [operandExtent(p.a, p.batch, p.M, p.K), operandExtent(p.b, p.batch, p.K, p.N)];
 }
 
-/** Whether a dispatch of `p` declares vec4 storage arrays. */
-export function usesVectorLoads(
-  p: MatmulParams,
-  caps: Pick<GpuCaps, "isCpuEmulated" | "maxTextureDimension2D">,
-): boolean {
-  if (matmulVariant(p, caps) !== "registers") return false;
-  const plan = registerPlan(p);
-  return plan.aMode !== "s" || plan.bMode !== "s";
-}
-
 export const matmul: Kernel<MatmulParams> = {
   name: "matmul",
 
