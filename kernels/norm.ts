@@ -7,11 +7,23 @@
  * row is normalized by its own mean and biased variance, then scaled and shifted per channel, where the channel
  * of element (row, col) is (row % groups) · channelsPerGroup + floor(col / spatial).
  *
- * The row kernels give each row a segment of T threads (a power of two, 256/T rows per workgroup):
+ * Two ways to map rows to threads (`RowNormVariant`):
  *
- * - forward: each thread runs Welford's update over its strided share of the row (one read of x), the segment
- *   merges the partial (count, mean, M2) triples in workgroup memory with Chan's formula, then every thread
- *   writes its share of y = (x − μ)·rstd·w[c] + b[c] (second read). Welford keeps the variance right when
+ * - "tree" (real GPUs): each row gets a segment of T threads (a power of two, 256/T rows per workgroup), each
+ *   thread a strided share of the row, merged by tree reductions in workgroup memory.
+ * - "lanes" (CPU-emulated adapters): llvmpipe runs a workgroup 8 invocations to a vector, turns every storage
+ *   load into a per-lane loop and every barrier into a coroutine switch, so throughput comes from few
+ *   instructions per element, not from many threads. A row gets one lane (or a few, when rows are scarce, merged
+ *   with one barrier), and each lane owns a contiguous run of whole channels, read as vec4 units where rows start
+ *   4-aligned and a unit stays in one channel, so weight and bias are loaded once per channel. "lanesTexture"
+ *   reads x (and g) through flat textures: a texel fetch is one vector gather. On the [8,64,32,32] G=32 bench
+ *   (one lane per row): forward 4.1 → 1.0 ms with vec4 buffer loads, 0.69 ms with the texture; dx 1.5 / 1.1 ms.
+ *
+ * The statistics, in both variants:
+ *
+ * - forward: each thread runs Welford's update over its share of the row (one read of x), the partial (count,
+ *   mean, M2) triples are merged with Chan's formula, then every thread writes its share of
+ *   y = (x − μ)·rstd·w[c] + b[c] (second read). Welford keeps the variance right when
  *   |mean| ≫ std, where the one-pass E[x²] − E[x]² loses every digit in float32. Both directions also work on
  *   x − K with K = the row's first element: near 1000, a float32 μ is only good to ~3e-5, which would show up
  *   in every x − μ, while x − K is exact for values within a factor of two of K and its mean keeps the low
@@ -19,18 +31,20 @@
  * - backward (dx): with ĝ = g·w[c] and x̂ = ((x − K) − (μ − K))·rstd, one pass sums ĝ and ĝ·x̂ over the row,
  *   the second writes dx = rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)).
  *
- * The channel is tracked incrementally along the thread's stride (T/spatial and T%spatial travel as uniforms),
- * so there is no integer division per element.
+ * In the tree variant the channel is tracked incrementally along the thread's stride (T/spatial and T%spatial
+ * travel as uniforms), so there is no integer division per element.
  *
- * dweight = Σ g·x̂ and dbias = Σ g run over outer and spatial, across rows. `rowNormParamGrad` gives a
+ * dweight = Σ g·x̂ and dbias = Σ g run over outer and spatial, across rows. On CPU-emulated adapters the dx
+ * kernel's first pass also writes them per (sample, channel) (`paramPartials`), since it sums g and g·x̂ per
+ * channel anyway, and `rowNormParamSum` adds the samples up: no third pass over x and g. Elsewhere `rowNormParamGrad` gives a
  * workgroup to each (chunk of samples, channel), walks its elements with a (sample, spatial) cursor that reloads
  * the row statistics only when the sample changes, and tree-sums both in workgroup memory. The samples are
- * split into chunks only when there are too few channels to fill the device; the op sums the [chunks, C]
- * partials with the reduce kernel.
+ * split into chunks only when there are too few channels to fill the device; `rowNormParamSum` sums the
+ * [chunks, C] partials.
  */
 
 import { type FloatArray, type GpuCaps, type GpuDispatch, type Kernel, ParamWriter } from "./types.ts";
-import { grid, header, WG } from "./wgsl.ts";
+import { ENTRY_1D, FLAT_TEXEL_WGSL, flatTextureSize, grid, grid1d, header, WG } from "./wgsl.ts";
 
 export interface RowLayout {
   /** Number of rows: outer · groups. */
@@ -68,19 +82,44 @@ export function paramGradChunkRows(p: RowLayout, isCpuEmulated: boolean): number
   return Math.ceil(outer / chunks);
 }
 
+/**
+ * Whether the backward should write the per-sample parameter-gradient partials from its dx pass
+ * (`paramPartials`) instead of running `rowNormParamGrad`, a third pass over x and g: on CPU-emulated
+ * adapters, where a pass costs far more than the [N, C] partials do once spatial is long.
+ */
+export function fusedParamPartials(p: RowLayout, isCpuEmulated: boolean): boolean {
+  return isCpuEmulated && p.spatial >= 16;
+}
+
 /** Number of chunks (the leading dim of the partial sums). */
 export function paramGradChunks(p: RowNormParamGradParams): number {
   return Math.ceil(p.rows / p.groups / p.chunkRows);
 }
 
+/**
+ * How the row kernels map rows to threads (see the file comment): "tree" (segments of threads per row, tree
+ * merges; for real GPUs), "lanes" (a few threads per row, each owning a contiguous run of whole channels, vec4
+ * where the layout allows; for CPU-emulated adapters) and "lanesTexture" (lanes reading x and g as textures).
+ * Absent: chosen from the adapter. A variant a layout cannot run falls back to the next one that can.
+ */
+export type RowNormVariant = "tree" | "lanes" | "lanesTexture";
+
 export interface RowNormParams extends RowLayout {
   hasWeight: boolean;
   hasBias: boolean;
   eps: number;
+  variant?: RowNormVariant;
 }
 
 export interface RowNormBackwardParams extends RowLayout {
   hasWeight: boolean;
+  /**
+   * Also write the per-sample parameter-gradient partials Σ g·x̂ and Σ g, each [rows / groups, C] (those of
+   * `rowNormParamGrad` with chunkRows 1), from the same pass over x and g. Runs a lanes variant; needs
+   * `spatial` > 1 or a row length that is not a multiple of 4 (see `lanePlan`).
+   */
+  paramPartials?: boolean;
+  variant?: RowNormVariant;
 }
 
 /**
@@ -187,12 +226,312 @@ function segmentTree(T: number, merge: string): string {
   }`;
 }
 
+// --- lanes variants (CPU-emulated adapters) ---------------------------------------------------------------------
+
+/** Threads per workgroup of the lanes variants; lanes per row divide it. */
+const LANE_WG = 64;
+
+/** How a lanes dispatch walks its rows. */
+export interface LanePlan {
+  /** Elements per unit: 4 (vec4 loads and stores) where rows start 4-aligned and a unit stays in one channel, or 1. */
+  V: 1 | 4;
+  /** A unit spans four channels (spatial 1, V 4): weight and bias are read as vec4, one segment per unit. */
+  vectorWeights: boolean;
+  /** Lanes (threads) per row. */
+  T: number;
+  /** A row is `segments` segments of `unitsPerSegment` units; a segment is one channel (or, vectorWeights, one unit). */
+  segments: number;
+  unitsPerSegment: number;
+  /** Segments per lane: lane t owns segments t·segmentsPerLane .. (t+1)·segmentsPerLane − 1 of its row. */
+  segmentsPerLane: number;
+  /** x (and g) are read as flat textures. */
+  texture: boolean;
+}
+
+/**
+ * Lanes per row: one while there are enough rows to give the adapter's threads many 8-wide vectors, otherwise
+ * more (whole segments each, at least 32 units each), merged through workgroup memory with one barrier.
+ */
+function lanesPerRow(rows: number, segments: number, unitsPerSegment: number): number {
+  const WANT_LANES = 128, MIN_UNITS = 32;
+  let T = 1;
+  while (
+    T < LANE_WG && rows * T < WANT_LANES && 2 * T <= segments &&
+    Math.floor(segments / (2 * T)) * unitsPerSegment >= MIN_UNITS
+  ) T *= 2;
+  return T;
+}
+
+/**
+ * The lanes plan for `p`. `channelSegments` asks for segments that are whole channels (the parameter-gradient
+ * partials need them), which rules out vectorWeights. Textures only when the variant asks for them, the adapter
+ * has texture inputs, the rows are vec4 and the flat texture fits.
+ */
+export function lanePlan(
+  p: RowLayout,
+  caps: Pick<GpuCaps, "maxTextureDimension2D">,
+  variant: "lanes" | "lanesTexture",
+  channelSegments: boolean,
+): LanePlan {
+  const L = rowLength(p);
+  const vec = L % 4 === 0 && (p.spatial % 4 === 0 || (p.spatial === 1 && !channelSegments));
+  const V = vec ? 4 : 1;
+  const vectorWeights = vec && p.spatial === 1;
+  const unitsPerSegment = vectorWeights ? 1 : p.spatial / V;
+  const segments = vectorWeights ? L / 4 : p.channelsPerGroup;
+  const T = lanesPerRow(p.rows, segments, unitsPerSegment);
+  const max = caps.maxTextureDimension2D ?? 0;
+  const tex = flatTextureSize(p.rows * L);
+  const texture = variant === "lanesTexture" && V === 4 && tex.height <= max && tex.width <= max;
+  return {
+    V,
+    vectorWeights,
+    T,
+    segments,
+    unitsPerSegment,
+    segmentsPerLane: Math.ceil(segments / T),
+    texture,
+  };
+}
+
+/** The variant a dispatch runs: as asked, else lanesTexture on CPU-emulated adapters (or for partials), else tree. */
+function pickVariant(asked: RowNormVariant | undefined, caps: GpuCaps, needsLanes: boolean): RowNormVariant {
+  const v = asked ?? (caps.isCpuEmulated ? "lanesTexture" : "tree");
+  return v === "tree" && needsLanes ? "lanes" : v;
+}
+
+/**
+ * Uniform words of the lanes variants: rows, L, groups, parameter entries per group (channelsPerGroup, or a
+ * quarter of it for vectorWeights), unitsPerSegment, segments, segmentsPerLane, units per row, C, then eps.
+ */
+function laneWords(p: RowLayout, plan: LanePlan): ParamWriter {
+  const L = rowLength(p);
+  return new ParamWriter().u32(
+    p.rows,
+    L,
+    p.groups,
+    plan.vectorWeights ? p.channelsPerGroup / 4 : p.channelsPerGroup,
+    plan.unitsPerSegment,
+    plan.segments,
+    plan.segmentsPerLane,
+    L / plan.V,
+    p.groups * p.channelsPerGroup,
+  );
+}
+
+/**
+ * Bindings, helpers and prologue of a lanes kernel. `U` is the unit type (vec4<f32> or f32); `ld_<name>(i)`
+ * reads unit i of a row-major input from its buffer or texture; `hsum` adds a unit's elements. The prologue
+ * defines the lane's row, `valid`, `base` (the row's first unit), its segments `seg0 .. seg1`, `SU` and `K`
+ * (the row's first element).
+ */
+function laneHeader(
+  plan: LanePlan,
+  inputs: string[],
+  outputs: string[],
+  unitArrays: string[],
+  vecParams: string[],
+  texInputs: number[],
+): { decls: string; prologue: string } {
+  const U = plan.V === 4 ? "vec4<f32>" : "f32";
+  let decls = header(inputs, outputs, "f32", plan.texture ? texInputs : []);
+  for (const name of [...unitArrays, ...vecParams]) {
+    const type = unitArrays.includes(name) ? U : "vec4<f32>";
+    decls = decls.replace(
+      new RegExp(`(var<storage, read(_write)?> ${name}): array<f32>;`),
+      `$1: array<${type}>;`,
+    );
+  }
+  const loads = texInputs.map((i) => inputs[i]).map((name) =>
+    plan.texture
+      ? `fn ld_${name}(i: u32) -> U { return textureLoad(${name}, flatTexel(i)); }`
+      : `fn ld_${name}(i: u32) -> U { return ${name}[i]; }`
+  );
+  decls += `alias U = ${U};
+${plan.texture ? FLAT_TEXEL_WGSL : ""}
+${loads.join("\n")}
+fn hsum(v: U) -> f32 { return ${plan.V === 4 ? "v.x + v.y + v.z + v.w" : "v"}; }
+`;
+  const prologue = `
+  let lane = lid % ${plan.T}u;
+  let row = (wid.x + wid.y * nwg.x) * ${LANE_WG / plan.T}u + lid / ${plan.T}u;
+  let valid = row < pu(0u);
+  let SU = pu(4u);
+  let seg0 = min(lane * pu(6u), pu(5u));
+  let seg1 = min(seg0 + pu(6u), pu(5u));
+  let base = row * pu(7u);
+  let c0 = (row % pu(2u)) * pu(3u) + seg0;
+  var K = 0.0;
+  if (valid) { K = ld_x(base)${plan.V === 4 ? ".x" : ""}; }`;
+  return { decls, prologue };
+}
+
+/**
+ * WGSL that walks the lane's segments: `before` and `after` run once per segment with `c` its parameter index,
+ * `unit` once per unit `j` of it.
+ */
+function laneSegments(before: string, unit: string, after: string): string {
+  return `{
+    var c = c0;
+    var j = seg0 * SU;
+    for (var sgi = seg0; sgi < seg1; sgi++) {
+      ${before}
+      let e = j + SU;
+      for (; j < e; j++) { ${unit} }
+      ${after}
+      c++;
+    }
+  }`;
+}
+
+function lanesForward(p: RowNormParams, caps: GpuCaps, variant: "lanes" | "lanesTexture"): GpuDispatch {
+  const plan = lanePlan(p, caps, variant, false);
+  const inputs = ["x", ...(p.hasWeight ? ["weight"] : []), ...(p.hasBias ? ["bias"] : [])];
+  const vecParams = plan.vectorWeights ? inputs.slice(1) : [];
+  const { decls, prologue } = laneHeader(plan, inputs, ["y", "meanOut", "rstdOut"], ["x", "y"], vecParams, [
+    0,
+  ]);
+  const T = plan.T;
+  // Chan et al. over the T lanes of the row, in lane order (every lane gets the same result).
+  const merge = T === 1 ? "" : `
+  shN[lid] = n;
+  shM[lid] = mu;
+  shQ[lid] = m2;
+  workgroupBarrier();
+  n = 0.0;
+  mu = 0.0;
+  m2 = 0.0;
+  for (var k = lid - lane; k < lid - lane + ${T}u; k++) {
+    let nb = shN[k];
+    if (nb > 0.0) {
+      let nn = n + nb;
+      let d = shM[k] - mu;
+      let f = nb / nn;
+      mu += d * f;
+      m2 += shQ[k] + d * d * n * f;
+      n = nn;
+    }
+  }`;
+  const shared = T === 1 ? "" : `var<workgroup> shN: array<f32, ${LANE_WG}>;
+var<workgroup> shM: array<f32, ${LANE_WG}>;
+var<workgroup> shQ: array<f32, ${LANE_WG}>;
+`;
+  const scale = p.hasWeight ? "rstd * weight[c]" : "rstd";
+  const shift = p.hasBias ? " + bias[c]" : "";
+  const source = decls + shared + `
+@compute @workgroup_size(${LANE_WG})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+  ${prologue}
+  // Welford per element position of the unit (one division per unit), then the positions folded together.
+  var cnt = 0.0;
+  var mean = U(0.0);
+  var q = U(0.0);
+  if (valid) {
+    for (var j = seg0 * SU; j < seg1 * SU; j++) {
+      let v = ld_x(base + j) - K;
+      cnt += 1.0;
+      let d = v - mean;
+      mean += d / cnt;
+      q += d * (v - mean);
+    }
+  }
+  var n = cnt * ${plan.V}.0;
+  var mu = hsum(mean) * ${1 / plan.V};
+  let dm = mean - mu;
+  var m2 = hsum(q) + cnt * hsum(dm * dm);${merge}
+  if (!valid) { return; }
+  let rstd = inverseSqrt(max(m2 / f32(pu(1u)), 0.0) + pf(9u));
+  if (lane == 0u) {
+    meanOut[row] = mu;
+    rstdOut[row] = rstd;
+  }
+  ${laneSegments(`let a = ${scale};`, `y[base + j] = ((ld_x(base + j) - K) - mu) * a${shift};`, "")}
+}`;
+  return {
+    source,
+    workgroups: grid(Math.ceil((p.rows * T) / LANE_WG), caps.maxWorkgroupsPerDimension),
+    params: laneWords(p, plan).f32(p.eps).finish(),
+    textures: plan.texture ? [{ input: 0, ...flatTextureSize(p.rows * rowLength(p)) }] : undefined,
+  };
+}
+
+function lanesBackward(
+  p: RowNormBackwardParams,
+  caps: GpuCaps,
+  variant: "lanes" | "lanesTexture",
+): GpuDispatch {
+  const partials = p.paramPartials ?? false;
+  const plan = lanePlan(p, caps, variant, partials);
+  const inputs = ["x", "g", "meanIn", "rstdIn", ...(p.hasWeight ? ["weight"] : [])];
+  const outputs = ["dx", ...(partials ? ["pW", "pB"] : [])];
+  const vecParams = plan.vectorWeights && p.hasWeight ? ["weight"] : [];
+  const { decls, prologue } = laneHeader(plan, inputs, outputs, ["x", "g", "dx"], vecParams, [0, 1]);
+  const T = plan.T;
+  const merge = T === 1 ? "" : `
+  shA[lid] = sa;
+  shB[lid] = sb;
+  workgroupBarrier();
+  sa = 0.0;
+  sb = 0.0;
+  for (var k = lid - lane; k < lid - lane + ${T}u; k++) {
+    sa += shA[k];
+    sb += shB[k];
+  }`;
+  const shared = T === 1 ? "" : `var<workgroup> shA: array<f32, ${LANE_WG}>;
+var<workgroup> shB: array<f32, ${LANE_WG}>;
+`;
+  const w = p.hasWeight ? " * weight[c]" : "";
+  const sums = laneSegments(
+    "var sg = U(0.0);\n      var sgx = U(0.0);",
+    "let gv = ld_g(base + j);\n        sg += gv;\n        sgx += gv * ((ld_x(base + j) - K) - mu);",
+    `sa += hsum(sg${w});
+      sb += hsum(sgx${w});${
+      partials ? `\n      pB[pbase + c] = hsum(sg);\n      pW[pbase + c] = hsum(sgx) * rstd;` : ""
+    }`,
+  );
+  const source = decls + shared + `
+@compute @workgroup_size(${LANE_WG})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+  ${prologue}
+  var mu = 0.0;
+  var rstd = 0.0;
+  var sa = 0.0;
+  var sb = 0.0;
+  if (valid) {
+    mu = meanIn[row];
+    rstd = rstdIn[row];${partials ? "\n    let pbase = (row / pu(2u)) * pu(8u);" : ""}
+    ${sums}
+  }${merge}
+  if (!valid) { return; }
+  let invL = 1.0 / f32(pu(1u));
+  let meanG = sa * invL;
+  let meanGX = sb * rstd * invL;
+  ${
+    laneSegments(
+      p.hasWeight ? "let wc = weight[c];" : "",
+      `let xh = ((ld_x(base + j) - K) - mu) * rstd;
+        dx[base + j] = rstd * (ld_g(base + j)${p.hasWeight ? " * wc" : ""} - meanG - xh * meanGX);`,
+      "",
+    )
+  }
+}`;
+  const tex = flatTextureSize(p.rows * rowLength(p));
+  return {
+    source,
+    workgroups: grid(Math.ceil((p.rows * T) / LANE_WG), caps.maxWorkgroupsPerDimension),
+    params: laneWords(p, plan).finish(),
+    textures: plan.texture ? [{ input: 0, ...tex }, { input: 1, ...tex }] : undefined,
+  };
+}
+
 /** Inputs: x, [weight], [bias]; outputs: y, shifted mean (μ − x[row, 0]) and rstd per row. */
 export const rowNorm: Kernel<RowNormParams> = {
   name: "rowNorm",
 
   gpu(p: RowNormParams, caps: GpuCaps): GpuDispatch {
     const cols = checkLayout("rowNorm", p);
+    const variant = pickVariant(p.variant, caps, false);
+    if (variant !== "tree") return lanesForward(p, caps, variant);
     const T = pickThreadsPerRow(p.rows, cols, caps);
     const w = layoutWords(new ParamWriter(), p, T).f32(p.eps);
     const inputs = ["x", ...(p.hasWeight ? ["weight"] : []), ...(p.hasBias ? ["bias"] : [])];
@@ -299,6 +638,8 @@ export const rowNormBackward: Kernel<RowNormBackwardParams> = {
 
   gpu(p: RowNormBackwardParams, caps: GpuCaps): GpuDispatch {
     const cols = checkLayout("rowNormBackward", p);
+    const variant = pickVariant(p.variant, caps, p.paramPartials ?? false);
+    if (variant !== "tree") return lanesBackward(p, caps, variant);
     const T = pickThreadsPerRow(p.rows, cols, caps);
     const w = layoutWords(new ParamWriter(), p, T);
     const inputs = ["x", "g", "meanIn", "rstdIn", ...(p.hasWeight ? ["weight"] : [])];
@@ -358,9 +699,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     };
   },
 
-  cpu(p: RowNormBackwardParams, inputs: FloatArray[], [dx]: FloatArray[]): void {
+  cpu(p: RowNormBackwardParams, inputs: FloatArray[], [dx, pW, pB]: FloatArray[]): void {
     const L = checkLayout("rowNormBackward", p);
     const [x, g, meanIn, rstdIn] = inputs;
+    if (p.paramPartials) rowNormParamGrad.cpu({ ...p, chunkRows: 1 }, inputs.slice(0, 4), [pW, pB]);
     const weight = p.hasWeight ? inputs[4] : null;
     for (let r = 0; r < p.rows; r++) {
       const base = r * L, K = x[base], mu = meanIn[r], rstd = rstdIn[r];
@@ -459,6 +801,53 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         dW[out] += gv * (x[base + j] - K - meanIn[r]) * rstdIn[r];
         dB[out] += gv;
       }
+    }
+  },
+};
+
+export interface RowNormParamSumParams {
+  /** Leading dim of the partials. */
+  chunks: number;
+  channels: number;
+}
+
+/**
+ * dweight and dbias from their partials: inputs Σ g·x̂ and Σ g partials, each [chunks, C]; outputs their sums
+ * over the chunks, each [C]. One small dispatch for both (two reduce dispatches cost twice the ~25 µs floor).
+ */
+export const rowNormParamSum: Kernel<RowNormParamSumParams> = {
+  name: "rowNormParamSum",
+
+  gpu(p: RowNormParamSumParams, caps: GpuCaps): GpuDispatch {
+    return {
+      source: header(["pW", "pB"], ["dW", "dB"]) + `
+${ENTRY_1D} {
+  let c = linearId(wid, nwg, lid, ${WG}u);
+  let C = pu(1u);
+  if (c >= C) { return; }
+  var sw = 0.0;
+  var sb = 0.0;
+  for (var k = 0u; k < pu(0u); k++) {
+    sw += pW[k * C + c];
+    sb += pB[k * C + c];
+  }
+  dW[c] = sw;
+  dB[c] = sb;
+}`,
+      workgroups: grid1d(p.channels, caps.maxWorkgroupsPerDimension),
+      params: new ParamWriter().u32(p.chunks, p.channels).finish(),
+    };
+  },
+
+  cpu(p: RowNormParamSumParams, [pW, pB]: FloatArray[], [dW, dB]: FloatArray[]): void {
+    for (let c = 0; c < p.channels; c++) {
+      let sw = 0, sb = 0;
+      for (let k = 0; k < p.chunks; k++) {
+        sw += pW[k * p.channels + c];
+        sb += pB[k * p.channels + c];
+      }
+      dW[c] = sw;
+      dB[c] = sb;
     }
   },
 };

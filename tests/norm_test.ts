@@ -1,8 +1,9 @@
 /**
  * @file groupNorm and layerNorm: the row-normalization kernels (forward with its saved mean/rstd, and the dx
  * backward) on WebGPU against the CPU reference over random shapes, including rows of length 1, groups = 1 and
- * groups = C, long rows that take the workgroup-tree path, and values offset far from zero (where a one-pass
- * variance fails); the ops' full backward (dx, dweight, dbias) on both backends; finite-difference gradient
+ * groups = C, long rows that take the workgroup-tree path or several lanes per row, every kernel variant
+ * (tree, lanes, lanes with texture inputs; vec4 and scalar units), and values offset far from zero (where a
+ * one-pass variance fails); the ops' full backward (dx, dweight, dbias) on both backends; finite-difference gradient
  * checks; and shape errors.
  */
 
@@ -17,6 +18,8 @@ import {
   rowNormBackward,
   rowNormParamGrad,
   type RowNormParams,
+  rowNormParamSum,
+  type RowNormVariant,
 } from "../kernels/norm.ts";
 import type { Kernel } from "../kernels/types.ts";
 import {
@@ -175,9 +178,10 @@ const kernelCase = fc.record({
   hasBias: fc.boolean(),
   eps: fc.constantFrom(1e-5, 1e-3, 0.1),
   chunkRows: fc.integer({ min: 1, max: 9 }),
+  variant: fc.constantFrom<RowNormVariant | undefined>(undefined, "tree", "lanes", "lanesTexture"),
 });
 
-test("rowNorm kernels (y, stats, dx, dweight/dbias partials): WebGPU matches CPU reference, also on a 2-D grid", async () => {
+test("rowNorm kernels (y, stats, dx, dweight/dbias partials) in every variant: WebGPU matches CPU reference, also on a 2-D grid", async () => {
   await fc.assert(
     fc.asyncProperty(
       kernelCase,
@@ -209,6 +213,26 @@ test("rowNorm kernels (y, stats, dx, dweight/dbias partials): WebGPU matches CPU
         const [dxGot] = await runKernel(gpu, rowNormBackward, p, bins, [n]);
         const [dxWant] = await runKernel(ref, rowNormBackward, p, bins, [n]);
         assertClose(dxGot, dxWant, { rtol: 1e-3, atol: rel * (1 + maxAbs(dxWant)) }, "dx");
+        // dx with the per-sample partials from the same pass, and their sum over the samples.
+        const fp = { ...p, paramPartials: true };
+        const fused = [n, outer * C, outer * C];
+        const fGot = await runKernel(gpu, rowNormBackward, fp, bins, fused);
+        const fWant = await runKernel(ref, rowNormBackward, fp, bins, fused);
+        assertClose(fGot[0], dxWant, { rtol: 1e-3, atol: rel * (1 + maxAbs(dxWant)) }, "dx (with partials)");
+        assertClose(
+          fGot[1],
+          fWant[1],
+          { rtol: 1e-3, atol: 1e-5 * (1 + maxAbs(fWant[1])) },
+          "Σ g·x̂ per sample",
+        );
+        assertClose(fGot[2], fWant[2], { rtol: 1e-4, atol: 1e-5 * (1 + maxAbs(fWant[2])) }, "Σ g per sample");
+        const sums = [Float32Array.from(fWant[1]), Float32Array.from(fWant[2])];
+        const sp = { chunks: outer, channels: C };
+        const sGot = await runKernel(gpu, rowNormParamSum, sp, sums, [C, C]);
+        const sWant = await runKernel(ref, rowNormParamSum, sp, sums, [C, C]);
+        sGot.forEach((v, i) =>
+          assertClose(v, sWant[i], { rtol: 1e-5, atol: 1e-5 * (1 + maxAbs(sWant[i])) }, "sums")
+        );
         // The small-grid device has 16×16 workgroups: one per (chunk, channel) must fit.
         const pp = { ...p, chunkRows: Math.max(chunkRows, Math.ceil((outer * C) / 256)) };
         const partial = paramGradChunks(pp) * C;

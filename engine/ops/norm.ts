@@ -5,16 +5,19 @@
  *
  * The forward saves per-row statistics for the backward (the mean relative to the row's first element, and rstd;
  * see the kernel file for why). dx is one fused kernel; dweight and dbias (Σ g·x̂ and Σ g over everything but the
- * channel) come from one partial-sum kernel and the reduce kernel.
+ * channel) come as [chunks, C] partial sums, either from that same dx kernel (per sample, on CPU-emulated
+ * adapters: no extra pass over x and g) or from a partial-sum kernel, then one small kernel sums the chunks.
  */
 
 import {
+  fusedParamPartials,
   paramGradChunkRows,
   paramGradChunks,
   type RowLayout,
   rowNorm,
   rowNormBackward,
   rowNormParamGrad,
+  rowNormParamSum,
 } from "../../kernels/norm.ts";
 import { record, sameDevice, type Shape, sizeOf, Tensor } from "../tensor.ts";
 import { fmt, sameShape } from "../shape.ts";
@@ -58,15 +61,20 @@ function rowNormOp(op: string, x: Tensor, plan: NormPlan, weight: Maybe, bias: M
     [y.storage, shiftedMean.storage, rstd.storage],
   );
   const out = record(y, op, [x, ...params], (g) => {
-    const grads: (Tensor | null)[] = [];
-    grads.push(
-      x.requiresGrad ? normInputGrad(x, g, shiftedMean, rstd, w, layout) : null,
-    );
     const needW = w?.requiresGrad ?? false, needB = b?.requiresGrad ?? false;
-    // dbias alone is a plain sum of g; with dweight it comes from the same pass.
-    const [dw, db] = needW
-      ? paramGrads(x, g, shiftedMean, rstd, plan, needB)
-      : [null, needB ? channelSum(g, plan) : null];
+    let dx: Tensor | null = null, dw: Tensor | null = null, db: Tensor | null = null;
+    if (x.requiresGrad && (needW || needB) && fusedParamPartials(layout, device.info.isCpuEmulated)) {
+      [dx, dw, db] = fusedGrads(x, g, shiftedMean, rstd, w, plan);
+      if (!needW) dw = disposed(dw);
+      if (!needB) db = disposed(db);
+    } else {
+      dx = x.requiresGrad ? normInputGrad(x, g, shiftedMean, rstd, w, layout) : null;
+      // dbias alone is a plain sum of g; with dweight it comes from the same pass.
+      [dw, db] = needW
+        ? paramGrads(x, g, shiftedMean, rstd, plan, needB)
+        : [null, needB ? channelSum(g, plan) : null];
+    }
+    const grads: (Tensor | null)[] = [dx];
     if (w) grads.push(dw);
     if (b) grads.push(db);
     shiftedMean.dispose();
@@ -78,6 +86,11 @@ function rowNormOp(op: string, x: Tensor, plan: NormPlan, weight: Maybe, bias: M
     rstd.dispose();
   }
   return out;
+}
+
+function disposed(t: Tensor): null {
+  t.dispose();
+  return null;
 }
 
 function normInputGrad(
@@ -124,10 +137,50 @@ function paramGrads(
     pw.storage,
     pb.storage,
   ]);
-  const finish = (partial: Tensor) =>
-    chunks === 1 ? view(partial, plan.paramShape) : reduceRaw("sum", partial, [0], plan.paramShape);
-  const dw = finish(pw);
-  const db = wantBias ? finish(pb) : null;
+  const [dw, db] = sumPartials(pw, pb, chunks, plan);
+  return [dw, wantBias ? db : disposed(db)];
+}
+
+/**
+ * dx, dweight and dbias from one pass over x and g that also writes per-sample partials [N, C] of Σ g·x̂ and
+ * Σ g, then one small dispatch that sums them over the samples.
+ */
+function fusedGrads(
+  x: Tensor,
+  g: Tensor,
+  shiftedMean: Tensor,
+  rstd: Tensor,
+  w: Tensor | null,
+  plan: NormPlan,
+): [Tensor, Tensor, Tensor] {
+  const { layout } = plan;
+  const outer = layout.rows / layout.groups, partialShape = [outer, plan.channelView[1]];
+  const dx = Tensor.empty(x.shape, x.device);
+  const pw = Tensor.empty(partialShape, x.device), pb = Tensor.empty(partialShape, x.device);
+  const inputs = [x, g, shiftedMean, rstd, ...(w ? [w] : [])];
+  x.device.run(
+    rowNormBackward,
+    { ...layout, hasWeight: w !== null, paramPartials: true },
+    inputs.map((t) => t.storage),
+    [dx, pw, pb].map((t) => t.storage),
+  );
+  return [dx, ...sumPartials(pw, pb, outer, plan)];
+}
+
+/** Sums [chunks, C] partials of dweight and dbias over the chunks (one dispatch), consuming the partials. */
+function sumPartials(pw: Tensor, pb: Tensor, chunks: number, plan: NormPlan): [Tensor, Tensor] {
+  let dw: Tensor, db: Tensor;
+  if (chunks === 1) {
+    dw = view(pw, plan.paramShape);
+    db = view(pb, plan.paramShape);
+  } else {
+    dw = Tensor.empty(plan.paramShape, pw.device);
+    db = Tensor.empty(plan.paramShape, pw.device);
+    pw.device.run(rowNormParamSum, { chunks, channels: plan.channelView[1] }, [pw.storage, pb.storage], [
+      dw.storage,
+      db.storage,
+    ]);
+  }
   pw.dispose();
   pb.dispose();
   return [dw, db];
