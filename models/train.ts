@@ -31,20 +31,19 @@ import {
   cat,
   Device,
   encodeSafetensors,
-  narrow,
   noGrad,
   optim,
   randn,
   reshape,
   scope,
   type Tensor,
-  tensor,
 } from "../engine/mod.ts";
 import { parseUNetSpec, UNet, type UNetSpec, type UNetSpecInput } from "./unet.ts";
 import { PRESETS } from "./presets.ts";
 import { DEFAULT_SIGMA_EDGES, edmLoss, EDMPrecond, lossBySigmaBucket, type SigmaBucket } from "./edm.ts";
 import { BatchIterator, DataConfig, type Dataset, hash2, openDataset, Rng } from "./data.ts";
-import { eulerSampler, heunSampler, type StepInfo, stochasticSampler } from "./samplers.ts";
+import { heunSampler, type StepInfo } from "./samplers.ts";
+import { CheckpointGenerator, classLabels, SamplerSettingsSchema } from "./generate.ts";
 import { saveImageGrid, writeFileAtomic } from "./images.ts";
 import {
   checkpointName,
@@ -443,14 +442,6 @@ function checkData(cfg: TrainConfig, ds: Dataset) {
   }
 }
 
-/** One-hot labels cycling through the classes (for sample grids of class-conditional networks). */
-function classLabels(n: number, labelDim: number, device: Device, only?: number): Tensor | undefined {
-  if (!labelDim) return undefined;
-  const data = new Float32Array(n * labelDim);
-  for (let i = 0; i < n; i++) data[i * labelDim + (only ?? i % labelDim)] = 1;
-  return tensor(data, [n, labelDim], { device });
-}
-
 /**
  * Trains (or resumes) the run in `config.out`. Returns when `kimg` thousand images have been seen or the signal
  * stopped it; throws `NonFiniteLossError` when the loss or the weights stop being finite (the newest checkpoint is
@@ -761,7 +752,7 @@ interface GridOptions {
 async function sampleGrid(net: UNet, path: string, o: GridOptions): Promise<void> {
   const device = net.device, s = net.spec;
   const latents = randn([o.n, s.inChannels, s.imgResolution, s.imgResolution], { device, seed: o.seed });
-  const labels = classLabels(o.n, s.labelDim, device);
+  const labels = classLabels(0, o.n, s.labelDim, device);
   const precond = new EDMPrecond((x, c, l) => net.forward(x, c, l ?? null, { width: o.width }), {
     sigmaData: o.sigmaData,
   });
@@ -775,32 +766,14 @@ async function sampleGrid(net: UNet, path: string, o: GridOptions): Promise<void
   }
 }
 
-/** Options of `sample` (`deno task sample`). */
-export const SampleConfigSchema = z.object({
+/** Options of `sample` (`deno task sample`): the sampler settings plus what to sample and where to write it. */
+export const SampleConfigSchema = SamplerSettingsSchema.extend({
   // The run directory to sample from (its newest checkpoint).
   run: z.string().min(1),
   // A checkpoint folder to use instead of the run's newest.
   checkpoint: z.string().min(1).optional(),
   // Number of images.
   n: z.number().int().positive().default(64),
-  // Sampler steps N (EDM: 18; Heun and Algorithm 2 use 2N − 1 network evaluations, Euler N).
-  steps: z.number().int().min(2).default(18),
-  // "heun" (Algorithm 1), "euler", or "stochastic" (Algorithm 2).
-  sampler: z.enum(["heun", "euler", "stochastic"]).default("heun"),
-  // Algorithm 2's S_churn (0 makes it Algorithm 1).
-  sChurn: nonNeg.default(0),
-  // Algorithm 2's S_min: noise is added only where t_i ≥ S_min.
-  sMin: nonNeg.default(0),
-  // Algorithm 2's S_max: noise is added only where t_i ≤ S_max (default: no limit).
-  sMax: positive.optional(),
-  // Algorithm 2's S_noise.
-  sNoise: nonNeg.default(1),
-  // σ_min of the time grid (EDM: 0.002).
-  sigmaMin: positive.default(0.002),
-  // σ_max of the time grid (EDM: 80).
-  sigmaMax: positive.default(80),
-  // ρ of the time grid (EDM: 7).
-  rho: positive.default(7),
   // Sample with the EMA weights (as EDM does) rather than the raw network weights.
   ema: z.boolean().default(true),
   // DDSM width multiplier to run the network at.
@@ -866,57 +839,32 @@ export async function sample(
   }
   const device = opts.device ?? await Device.create({ backend: o.backend });
   const t0 = performance.now();
-  const net = new UNet(spec, { device }).eval();
+  let gen: CheckpointGenerator | undefined;
   try {
-    const ck = await loadCheckpoint(dir, device, { model: true, ema: o.ema });
-    try {
-      // The EMA file holds the parameters; buffers (e.g. Fourier frequencies) come from the model file.
-      net.loadStateDict(o.ema ? { ...ck.model, ...ck.ema } : ck.model);
-    } finally {
-      disposeCheckpoint(ck);
-    }
-    device.manualSeed(o.seed);
-    const R = spec.imgResolution, C = spec.inChannels;
-    const latents = randn([o.n, C, R, R], { device });
-    const labels = classLabels(o.n, spec.labelDim, device, o.classLabel);
-    const batch = o.batch ?? o.n, batches = Math.ceil(o.n / batch);
-    const precond = new EDMPrecond((x, c, l) => net.forward(x, c, l ?? null, { width: o.width }), {
+    gen = await CheckpointGenerator.open(dir, spec, {
+      device,
+      ema: o.ema,
+      width: o.width,
       sigmaData: cfg.sigmaData,
     });
-    const grid = { steps: o.steps, sigmaMin: o.sigmaMin, sigmaMax: o.sigmaMax, rho: o.rho };
-    const chunks: Tensor[] = [];
+    const [C, R] = [spec.inChannels, spec.imgResolution], per = C * R * R;
+    const batch = o.batch ?? o.n, batches = Math.ceil(o.n / batch);
+    const host = new Float32Array(o.n * per);
     let nfe = 0;
     for (let b = 0; b < batches; b++) {
       const start = b * batch, len = Math.min(batch, o.n - start);
-      const lat = batches === 1 ? latents : narrow(latents, 0, start, len);
-      const lab = labels && (batches === 1 ? labels : narrow(labels, 0, start, len));
-      const onStep = (info: StepInfo) => {
-        nfe = info.nfe;
-        opts.onStep?.({ ...info, batch: b, batches });
-      };
-      const D = precond.denoiser(lab);
-      const x = o.sampler === "heun"
-        ? heunSampler(D, lat, { ...grid, onStep })
-        : o.sampler === "euler"
-        ? eulerSampler(D, lat, { ...grid, onStep })
-        : stochasticSampler(D, lat, {
-          ...grid,
-          onStep,
-          sChurn: o.sChurn,
-          sMin: o.sMin,
-          sMax: o.sMax ?? Infinity,
-          sNoise: o.sNoise,
-        });
-      chunks.push(x);
-      if (lat !== latents) lat.dispose();
-      if (lab && lab !== labels) lab.dispose();
+      const x = gen.generate(start, len, {
+        seed: o.seed,
+        settings: o,
+        classLabel: o.classLabel,
+        onStep: (info) => {
+          nfe = info.nfe;
+          opts.onStep?.({ ...info, batch: b, batches });
+        },
+      });
+      host.set(await x.toArray(), start * per);
+      x.dispose();
     }
-    latents.dispose();
-    labels?.dispose();
-    const images = chunks.length === 1 ? chunks[0] : noGrad(() => cat(chunks));
-    if (images !== chunks[0]) chunks.forEach((c) => c.dispose());
-    const host = await images.toArray();
-    images.dispose();
     const shape = [o.n, C, R, R];
     const path = o.out ?? `${o.run}/samples/sample-${dir.split("/").pop()}.png`;
     await Deno.mkdir(path.split("/").slice(0, -1).join("/") || ".", { recursive: true });
@@ -942,7 +890,7 @@ export async function sample(
       seconds: (performance.now() - t0) / 1000,
     };
   } finally {
-    net.dispose();
+    gen?.dispose();
     if (!opts.device) device.destroy();
   }
 }
