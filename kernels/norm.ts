@@ -114,9 +114,10 @@ export interface RowNormParams extends RowLayout {
 export interface RowNormBackwardParams extends RowLayout {
   hasWeight: boolean;
   /**
-   * Also write the per-sample parameter-gradient partials Σ g·x̂ and Σ g, each [rows / groups, C] (those of
-   * `rowNormParamGrad` with chunkRows 1), from the same pass over x and g. Runs a lanes variant; needs
-   * `spatial` > 1 or a row length that is not a multiple of 4 (see `lanePlan`).
+   * Also compute the parameter gradients from the same pass over x and g: outputs dx, then the per-sample
+   * partials Σ g·x̂ and Σ g, each [rows / groups, C] (those of `rowNormParamGrad` with chunkRows 1), then their
+   * sums over the samples dW and dB, each [C], which are written only where `samplesSummedInKernel` (otherwise
+   * sum the partials with `rowNormParamSum`). Runs a lanes variant.
    */
   paramPartials?: boolean;
   variant?: RowNormVariant;
@@ -294,6 +295,15 @@ export function lanePlan(
   };
 }
 
+/**
+ * Whether the backward with `paramPartials` also sums them over the samples itself (dW, dB): when every sample
+ * of a group fits in one workgroup of the channel-segment plan. Otherwise `rowNormParamSum` does it (one more
+ * dispatch, ~0.1 ms on lavapipe against a ~1.6 ms fwd+bwd at [8,64,32,32]).
+ */
+export function samplesSummedInKernel(p: RowLayout): boolean {
+  return p.rows / p.groups <= LANE_WG / lanePlan(p, {}, "lanes", true).T;
+}
+
 /** The variant a dispatch runs: as asked, else lanesTexture on CPU-emulated adapters (or for partials), else tree. */
 function pickVariant(asked: RowNormVariant | undefined, caps: GpuCaps, needsLanes: boolean): RowNormVariant {
   const v = asked ?? (caps.isCpuEmulated ? "lanesTexture" : "tree");
@@ -332,6 +342,7 @@ function laneHeader(
   unitArrays: string[],
   vecParams: string[],
   texInputs: number[],
+  sampleMajor = false,
 ): { decls: string; prologue: string } {
   const U = plan.V === 4 ? "vec4<f32>" : "f32";
   let decls = header(inputs, outputs, "f32", plan.texture ? texInputs : []);
@@ -352,10 +363,19 @@ ${plan.texture ? FLAT_TEXEL_WGSL : ""}
 ${loads.join("\n")}
 fn hsum(v: U) -> f32 { return ${plan.V === 4 ? "v.x + v.y + v.z + v.w" : "v"}; }
 `;
+  // Row-major: consecutive rows per workgroup. Sample-major: every sample of pu(10) groups per workgroup, so
+  // one workgroup sees all the partial sums of a channel (uniform word 9 is the number of samples).
+  const rows = sampleMajor
+    ? `let local = lid / ${plan.T}u;
+  let sample = local % pu(9u);
+  let grp = (wid.x + wid.y * nwg.x) * pu(10u) + local / pu(9u);
+  let valid = local / pu(9u) < pu(10u) && grp < pu(2u);
+  let row = sample * pu(2u) + grp;`
+    : `let row = (wid.x + wid.y * nwg.x) * ${LANE_WG / plan.T}u + lid / ${plan.T}u;
+  let valid = row < pu(0u);`;
   const prologue = `
   let lane = lid % ${plan.T}u;
-  let row = (wid.x + wid.y * nwg.x) * ${LANE_WG / plan.T}u + lid / ${plan.T}u;
-  let valid = row < pu(0u);
+  ${rows}
   let SU = pu(4u);
   let seg0 = min(lane * pu(6u), pu(5u));
   let seg1 = min(seg0 + pu(6u), pu(5u));
@@ -462,11 +482,36 @@ function lanesBackward(
 ): GpuDispatch {
   const partials = p.paramPartials ?? false;
   const plan = lanePlan(p, caps, variant, partials);
+  const sumSamples = partials && samplesSummedInKernel(p);
   const inputs = ["x", "g", "meanIn", "rstdIn", ...(p.hasWeight ? ["weight"] : [])];
-  const outputs = ["dx", ...(partials ? ["pW", "pB"] : [])];
+  const outputs = ["dx", ...(partials ? ["pW", "pB", "dW", "dB"] : [])];
   const vecParams = plan.vectorWeights && p.hasWeight ? ["weight"] : [];
-  const { decls, prologue } = laneHeader(plan, inputs, outputs, ["x", "g", "dx"], vecParams, [0, 1]);
+  const { decls, prologue } = laneHeader(
+    plan,
+    inputs,
+    outputs,
+    ["x", "g", "dx"],
+    vecParams,
+    [0, 1],
+    sumSamples,
+  );
   const T = plan.T;
+  // The partials of a channel were written by the lanes of its group, all in this workgroup; the sample-0 lane
+  // adds them up in sample order (as rowNormParamSum does).
+  const sampleSum = !sumSamples ? "" : `
+  storageBarrier();
+  if (valid && sample == 0u) {
+    for (var c = c0; c < c0 + seg1 - seg0; c++) {
+      var sw = 0.0;
+      var sg = 0.0;
+      for (var k = 0u; k < pu(9u); k++) {
+        sw += pW[k * pu(8u) + c];
+        sg += pB[k * pu(8u) + c];
+      }
+      dW[c] = sw;
+      dB[c] = sg;
+    }
+  }`;
   const merge = T === 1 ? "" : `
   shA[lid] = sa;
   shB[lid] = sb;
@@ -501,7 +546,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     mu = meanIn[row];
     rstd = rstdIn[row];${partials ? "\n    let pbase = (row / pu(2u)) * pu(8u);" : ""}
     ${sums}
-  }${merge}
+  }${merge}${sampleSum}
   if (!valid) { return; }
   let invL = 1.0 / f32(pu(1u));
   let meanG = sa * invL;
@@ -516,10 +561,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   }
 }`;
   const tex = flatTextureSize(p.rows * rowLength(p));
+  const samples = p.rows / p.groups, groupsPerWorkgroup = Math.floor(LANE_WG / T / samples);
+  const workgroups = sumSamples
+    ? Math.ceil(p.groups / groupsPerWorkgroup)
+    : Math.ceil((p.rows * T) / LANE_WG);
   return {
     source,
-    workgroups: grid(Math.ceil((p.rows * T) / LANE_WG), caps.maxWorkgroupsPerDimension),
-    params: laneWords(p, plan).finish(),
+    workgroups: grid(workgroups, caps.maxWorkgroupsPerDimension),
+    params: laneWords(p, plan).u32(samples, groupsPerWorkgroup).finish(),
     textures: plan.texture ? [{ input: 0, ...tex }, { input: 1, ...tex }] : undefined,
   };
 }
@@ -699,10 +748,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     };
   },
 
-  cpu(p: RowNormBackwardParams, inputs: FloatArray[], [dx, pW, pB]: FloatArray[]): void {
+  cpu(p: RowNormBackwardParams, inputs: FloatArray[], [dx, pW, pB, dW, dB]: FloatArray[]): void {
     const L = checkLayout("rowNormBackward", p);
     const [x, g, meanIn, rstdIn] = inputs;
-    if (p.paramPartials) rowNormParamGrad.cpu({ ...p, chunkRows: 1 }, inputs.slice(0, 4), [pW, pB]);
+    if (p.paramPartials) {
+      rowNormParamGrad.cpu({ ...p, chunkRows: 1 }, inputs.slice(0, 4), [pW, pB]);
+      const channels = p.groups * p.channelsPerGroup;
+      rowNormParamSum.cpu({ chunks: p.rows / p.groups, channels }, [pW, pB], [dW, dB]);
+    }
     const weight = p.hasWeight ? inputs[4] : null;
     for (let r = 0; r < p.rows; r++) {
       const base = r * L, K = x[base], mu = meanIn[r], rstd = rstdIn[r];

@@ -18,6 +18,7 @@ import {
   rowNormBackward,
   rowNormParamGrad,
   rowNormParamSum,
+  samplesSummedInKernel,
 } from "../../kernels/norm.ts";
 import { record, sameDevice, type Shape, sizeOf, Tensor } from "../tensor.ts";
 import { fmt, sameShape } from "../shape.ts";
@@ -143,7 +144,7 @@ function paramGrads(
 
 /**
  * dx, dweight and dbias from one pass over x and g that also writes per-sample partials [N, C] of Σ g·x̂ and
- * Σ g, then one small dispatch that sums them over the samples.
+ * Σ g and, where all samples of a group share a workgroup, their sums; otherwise one small dispatch sums them.
  */
 function fusedGrads(
   x: Tensor,
@@ -157,17 +158,29 @@ function fusedGrads(
   const outer = layout.rows / layout.groups, partialShape = [outer, plan.channelView[1]];
   const dx = Tensor.empty(x.shape, x.device);
   const pw = Tensor.empty(partialShape, x.device), pb = Tensor.empty(partialShape, x.device);
+  const dw = Tensor.empty(plan.paramShape, x.device), db = Tensor.empty(plan.paramShape, x.device);
   const inputs = [x, g, shiftedMean, rstd, ...(w ? [w] : [])];
   x.device.run(
     rowNormBackward,
     { ...layout, hasWeight: w !== null, paramPartials: true },
     inputs.map((t) => t.storage),
-    [dx, pw, pb].map((t) => t.storage),
+    [dx, pw, pb, dw, db].map((t) => t.storage),
   );
-  return [dx, ...sumPartials(pw, pb, outer, plan)];
+  if (!samplesSummedInKernel(layout)) runParamSum(pw, pb, outer, dw, db);
+  pw.dispose();
+  pb.dispose();
+  return [dx, dw, db];
 }
 
-/** Sums [chunks, C] partials of dweight and dbias over the chunks (one dispatch), consuming the partials. */
+/** dw, db = the sums over the chunks of [chunks, C] partials (one dispatch for both). */
+function runParamSum(pw: Tensor, pb: Tensor, chunks: number, dw: Tensor, db: Tensor) {
+  pw.device.run(rowNormParamSum, { chunks, channels: dw.size }, [pw.storage, pb.storage], [
+    dw.storage,
+    db.storage,
+  ]);
+}
+
+/** Sums [chunks, C] partials of dweight and dbias over the chunks, consuming the partials. */
 function sumPartials(pw: Tensor, pb: Tensor, chunks: number, plan: NormPlan): [Tensor, Tensor] {
   let dw: Tensor, db: Tensor;
   if (chunks === 1) {
@@ -176,10 +189,7 @@ function sumPartials(pw: Tensor, pb: Tensor, chunks: number, plan: NormPlan): [T
   } else {
     dw = Tensor.empty(plan.paramShape, pw.device);
     db = Tensor.empty(plan.paramShape, pw.device);
-    pw.device.run(rowNormParamSum, { chunks, channels: plan.channelView[1] }, [pw.storage, pb.storage], [
-      dw.storage,
-      db.storage,
-    ]);
+    runParamSum(pw, pb, chunks, dw, db);
   }
   pw.dispose();
   pb.dispose();
