@@ -305,8 +305,14 @@ function detectApi(): string {
 class WebGpuBackend implements Backend {
   readonly info: DeviceInfo;
   private readonly caps: GpuCaps;
-  private readonly pipelines = new Map<string, GPUComputePipeline>();
+  /**
+   * Compute pipelines by binding kinds, then by source. Nested rather than keyed by a concatenation: kernels hand
+   * over the same (memoized) source string every time, whose hash V8 computes once, while a concatenated key
+   * is a new string, up to 80 KB, hashed again on every dispatch.
+   */
+  private readonly pipelines = new Map<BindingKinds, Map<string, GPUComputePipeline>>();
   private readonly layouts = new Map<string, { group: GPUBindGroupLayout; pipeline: GPUPipelineLayout }>();
+  /** Packing pipelines by the kernel's `texel` function (the packing source is built only on a miss). */
   private readonly renderPipelines = new Map<string, GPURenderPipeline>();
   private readonly textures = new Map<string, PooledTexture[]>();
   private textureBytes = 0;
@@ -556,8 +562,9 @@ class WebGpuBackend implements Backend {
   }
 
   private pipelineFor(name: string, source: string, kinds: BindingKinds): GPUComputePipeline {
-    const key = `${kinds}:${source}`;
-    let p = this.pipelines.get(key);
+    let bySource = this.pipelines.get(kinds);
+    if (!bySource) this.pipelines.set(kinds, bySource = new Map());
+    let p = bySource.get(source);
     if (!p) {
       const layout = this.layoutFor(kinds).pipeline;
       this.device.pushErrorScope("validation");
@@ -566,7 +573,7 @@ class WebGpuBackend implements Backend {
       this.device.popErrorScope().then((e) => {
         if (e) this.error ??= `kernel "${name}" failed to compile: ${e.message}\n--- source ---\n${source}`;
       });
-      this.pipelines.set(key, p);
+      bySource.set(source, p);
       this.stats.pipelines++;
     }
     return p;
@@ -711,9 +718,10 @@ class WebGpuBackend implements Backend {
     }
   }
 
-  private renderPipelineFor(name: string, source: string): GPURenderPipeline {
-    let p = this.renderPipelines.get(source);
+  private renderPipelineFor(name: string, texelFn: string): GPURenderPipeline {
+    let p = this.renderPipelines.get(texelFn);
     if (!p) {
+      const source = packSource(texelFn);
       const layout = this.layoutFor("tu", GPUShaderStage.FRAGMENT).pipeline;
       this.device.pushErrorScope("validation");
       const module = this.device.createShaderModule({ code: source, label: name });
@@ -729,7 +737,7 @@ class WebGpuBackend implements Backend {
           this.error ??= `packing pass "${name}" failed to compile: ${e.message}\n--- source ---\n${source}`;
         }
       });
-      this.renderPipelines.set(source, p);
+      this.renderPipelines.set(texelFn, p);
       this.stats.pipelines++;
     }
     return p;
@@ -746,7 +754,7 @@ class WebGpuBackend implements Backend {
     src: Storage,
     tex: PooledTexture,
   ) {
-    const pipeline = this.renderPipelineFor(`${kernelName} (pack)`, packSource(texelFn));
+    const pipeline = this.renderPipelineFor(`${kernelName} (pack)`, texelFn);
     const size = flatTextureSize(src.elements);
     const flat = this.takeTexture(size.width, size.height);
     this.copyFlat(src, flat);

@@ -40,6 +40,7 @@ import {
   ParamWriter,
   type TextureInput,
 } from "./types.ts";
+import { cachedSource } from "./source_cache.ts";
 import { FLAT_TEXEL_WGSL, flatTextureSize, grid, header } from "./wgsl.ts";
 
 /** Sizes of one convolution: x is [N, Cin, H, W], y is [N, Cout, Ho, Wo], w is [Cout, Cin, kH, kW]. */
@@ -295,7 +296,10 @@ export const conv2d: Kernel<ConvParams> = {
     const w = geometryWords(p).u32(s.co, s.ci, s.k, plan.colTiles, plan.chTiles);
     const groups = Math.ceil((p.N * p.Ho * plan.colTiles) / WG) * plan.chTiles;
     return {
-      source: forwardSource(plan, p.bias ?? false),
+      source: cachedSource(
+        `conv2d/registers/${plan.tc}x${plan.tp}/${plan.vec}/${plan.unitStride}/${p.bias ?? false}`,
+        () => forwardSource(plan, p.bias ?? false),
+      ),
       workgroups: grid(groups, caps.maxWorkgroupsPerDimension),
       params: w.finish(),
     };
@@ -452,7 +456,10 @@ export const conv2dInputGrad: Kernel<ConvParams> = {
     const w = geometryWords(p).u32(s.co, s.ci, s.k, plan.colTiles, plan.chTiles);
     const groups = Math.ceil((p.N * p.H * p.strideW * plan.colTiles) / WG) * plan.chTiles;
     return {
-      source: inputGradSource(plan, p.bias ?? false),
+      source: cachedSource(
+        `conv2dInputGrad/registers/${plan.tc}x${plan.tp}/${plan.vec}/${p.bias ?? false}`,
+        () => inputGradSource(plan, p.bias ?? false),
+      ),
       workgroups: grid(groups, caps.maxWorkgroupsPerDimension),
       params: w.finish(),
     };
@@ -629,7 +636,7 @@ export const conv2dWeightGrad: Kernel<ConvWeightGradParams> = {
     const qTiles = Math.ceil(Q / tq), coTiles = Math.ceil(p.Cout / tc);
     const w = geometryWords(p).u32(qTiles, coTiles, splits, rowsPerSplit);
     return {
-      source: weightGradSource(tc, tq),
+      source: cachedSource(`conv2dWeightGrad/registers/${tc}x${tq}`, () => weightGradSource(tc, tq)),
       workgroups: grid(Math.ceil((qTiles * coTiles * splits) / WG), caps.maxWorkgroupsPerDimension),
       params: w.finish(),
     };
@@ -743,7 +750,7 @@ function panelTexture(input: number, p: ConvParams, rowsAlong: "co" | "ci", tile
     input,
     width: Math.ceil(quads / 4) * tile,
     height: Math.ceil(rows / tile) * KK,
-    pack: panelPackSource(tile),
+    pack: cachedSource(`conv/panelPack/${tile}`, () => panelPackSource(tile)),
     params,
   };
 }
@@ -842,7 +849,10 @@ function texForwardDispatch(p: ConvParams, caps: GpuCaps): GpuDispatch | null {
   const w = geometryWords(p).u32(plan.colTiles, plan.chTiles, plan.x.Hp, plan.x.Wp);
   const groups = Math.ceil((p.N * p.Ho * plan.colTiles) / WG) * plan.chTiles;
   return {
-    source: texForwardSource(plan, p.bias ?? false),
+    source: cachedSource(
+      `conv2d/texture/${plan.tm}x${plan.tn}/${p.bias ?? false}`,
+      () => texForwardSource(plan, p.bias ?? false),
+    ),
     workgroups: grid(groups, caps.maxWorkgroupsPerDimension),
     params: w.finish(),
     textures,
@@ -920,7 +930,10 @@ function texInputGradDispatch(p: ConvParams, caps: GpuCaps): GpuDispatch | null 
   );
   const groups = Math.ceil((p.N * p.H * p.strideW * plan.colTiles) / WG) * plan.chTiles;
   return {
-    source: texInputGradSource(plan.tm, plan.tn, p.bias ?? false),
+    source: cachedSource(
+      `conv2dInputGrad/texture/${plan.tm}x${plan.tn}/${p.bias ?? false}`,
+      () => texInputGradSource(plan.tm, plan.tn, p.bias ?? false),
+    ),
     workgroups: grid(groups, caps.maxWorkgroupsPerDimension),
     params: w.finish(),
     textures,
@@ -1059,7 +1072,10 @@ function texWeightGradDispatch(p: ConvWeightGradParams, caps: GpuCaps): GpuDispa
   w.u32(splits, rowsPerSplit);
   const lanes = plan.ciTiles * p.kH * p.kW * plan.coTiles * splits;
   return {
-    source: texWeightGradSource(plan.tm, plan.tn, flatDy),
+    source: cachedSource(
+      `conv2dWeightGrad/texture/${plan.tm}x${plan.tn}/${flatDy}`,
+      () => texWeightGradSource(plan.tm, plan.tn, flatDy),
+    ),
     workgroups: grid(Math.ceil(lanes / WG), caps.maxWorkgroupsPerDimension),
     params: w.finish(),
     textures,

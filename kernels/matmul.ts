@@ -35,6 +35,7 @@ import {
   ParamWriter,
   type TextureInput,
 } from "./types.ts";
+import { cachedSource } from "./source_cache.ts";
 import { FLAT_TEXEL_WGSL, FLAT_WIDTH, flatTextureSize, grid, header } from "./wgsl.ts";
 
 /** How one operand's matrices are laid out in its buffer, in elements. */
@@ -538,7 +539,10 @@ export const matmul: Kernel<MatmulParams> = {
       const w = new ParamWriter().u32(p.batch, p.M, p.N, p.K, tilesN, tilesM);
       w.u32(plan.a.base, plan.a.tb, plan.a.ts, plan.b.base, plan.b.tb, plan.b.ts);
       return {
-        source: textureSource(plan.a, plan.b, bias),
+        source: cachedSource(
+          `matmul/texture/${plan.a.mode}${plan.a.tile}/${plan.b.mode}${plan.b.tile}/${bias}`,
+          () => textureSource(plan.a, plan.b, bias),
+        ),
         workgroups: grid(Math.ceil((p.batch * tilesM * tilesN) / WG_TEX), caps.maxWorkgroupsPerDimension),
         params: w.finish(),
         textures: [{ input: 0, ...plan.a.texture }, { input: 1, ...plan.b.texture }],
@@ -549,14 +553,17 @@ export const matmul: Kernel<MatmulParams> = {
       const { w, tilesM, tilesN } = params(p, plan.tm, plan.tn);
       const groups = Math.ceil((p.batch * tilesM * tilesN) / WG_REG);
       return {
-        source: registersSource(plan, bias),
+        source: cachedSource(
+          `matmul/registers/${plan.tm}x${plan.tn}/${plan.aMode}/${plan.bMode}/${bias}`,
+          () => registersSource(plan, bias),
+        ),
         workgroups: grid(groups, caps.maxWorkgroupsPerDimension),
         params: w.finish(),
       };
     }
     const { w, tilesM, tilesN } = params(p, TILE, TILE);
     return {
-      source: sharedSource(bias),
+      source: cachedSource(`matmul/shared/${bias}`, () => sharedSource(bias)),
       workgroups: grid(p.batch * tilesM * tilesN, caps.maxWorkgroupsPerDimension),
       params: w.finish(),
     };

@@ -304,6 +304,37 @@ test("matmul kernel: variant choice (texture on CPU-emulated adapters for large 
   assertEquals(matmulVariant({ ...p(8, 8, 8), variant: "texture" }, emulated), "texture", "forced");
 });
 
+test("matmul kernel: sources are built once per structure, never per size", () => {
+  const caps = {
+    description: "llvmpipe",
+    isCpuEmulated: true,
+    maxWorkgroupsPerDimension: 65535,
+    maxStorageBufferBindingSize: 1 << 30,
+    features: new Set<string>(),
+    maxTextureDimension2D: 16384,
+  };
+  const p = (M: number, N: number, K: number, bias = false): MatmulParams => ({
+    batch: 1,
+    M,
+    N,
+    K,
+    a: { batchStride: 0, rowStride: K, colStride: 1 },
+    b: { batchStride: 0, rowStride: N, colStride: 1 },
+    bias,
+  });
+  const source = (q: MatmulParams) => matmulKernel.gpu(q, caps).source;
+  // Same structure (16×16 tiles, k-quad A, row-quad B), other sizes: the very same string object.
+  assertEquals(source(p(64, 64, 64)) === source(p(96, 80, 128)), true, "same structure");
+  assertEquals(source(p(64, 64, 64)) === source(p(64, 64, 64, true)), false, "bias changes the source");
+  const aByRows: MatmulParams = { ...p(64, 64, 64), a: { batchStride: 0, rowStride: 1, colStride: 64 } };
+  assertEquals(source(p(64, 64, 64)) === source(aByRows), false, "A read by row quads");
+  // Packing A (K not a multiple of four) keeps its k-quad layout: the same kernel.
+  assertEquals(source(p(64, 64, 64)) === source(p(64, 64, 66)), true, "packed A");
+  for (const variant of ["registers", "shared"] as const) {
+    assertEquals(source({ ...p(8, 8, 8), variant }) === source({ ...p(8, 16, 12), variant }), true, variant);
+  }
+});
+
 test("matmul / linear ops: products large enough for the texture variant match the CPU backend", async () => {
   const gpu = await gpuDevice(), cpu = await cpuDevice();
   const filled = gpu.counters().textures;
