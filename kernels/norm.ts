@@ -497,7 +497,8 @@ function lanesBackward(
   );
   const T = plan.T;
   // The partials of a channel were written by the lanes of its group, all in this workgroup; the sample-0 lane
-  // adds them up in sample order (as rowNormParamSum does).
+  // adds them up in sample order (as rowNormParamSum does). After the dx pass: a barrier between the two passes
+  // over a row would run every lane's first pass before any second one, and the rows would leave the cache.
   const sampleSum = !sumSamples ? "" : `
   storageBarrier();
   if (valid && sample == 0u) {
@@ -546,19 +547,22 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     mu = meanIn[row];
     rstd = rstdIn[row];${partials ? "\n    let pbase = (row / pu(2u)) * pu(8u);" : ""}
     ${sums}
-  }${merge}${sampleSum}
-  if (!valid) { return; }
-  let invL = 1.0 / f32(pu(1u));
-  let meanG = sa * invL;
-  let meanGX = sb * rstd * invL;
-  ${
+  }${merge}
+  if (valid) {
+    // dx = rstd·(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)); ĝ − mean(ĝ) first, so a row of equal ĝ gives exactly 0.
+    let invL = 1.0 / f32(pu(1u));
+    let meanG = sa * invL;
+    let xm = rstd * sb * rstd * invL;
+    ${
     laneSegments(
       p.hasWeight ? "let wc = weight[c];" : "",
-      `let xh = ((ld_x(base + j) - K) - mu) * rstd;
-        dx[base + j] = rstd * (ld_g(base + j)${p.hasWeight ? " * wc" : ""} - meanG - xh * meanGX);`,
+      `dx[base + j] = rstd * (ld_g(base + j)${
+        p.hasWeight ? " * wc" : ""
+      } - meanG - ((ld_x(base + j) - K) - mu) * xm);`,
       "",
     )
   }
+  }${sampleSum}
 }`;
   const tex = flatTextureSize(p.rows * rowLength(p));
   const samples = p.rows / p.groups, groupsPerWorkgroup = Math.floor(LANE_WG / T / samples);
