@@ -17,8 +17,9 @@ import {
 } from "../kernels/matmul.ts";
 import type { FloatArray, GpuDispatch, Kernel } from "../kernels/types.ts";
 import { FLAT_TEXEL_WGSL, flatTextureSize, header } from "../kernels/wgsl.ts";
-import { linear, matmul } from "../engine/ops/matmul.ts";
+import { linear, matmul, matmulTransposed } from "../engine/ops/matmul.ts";
 import { tensor } from "../engine/creation.ts";
+import { transpose } from "../engine/ops/shape.ts";
 import { map } from "../engine/ops/core.ts";
 import { bin, inp } from "../kernels/elementwise.ts";
 import type { Device } from "../engine/device.ts";
@@ -408,6 +409,49 @@ test("matmul op: GPU matches the CPU backend in values and gradients (broadcast,
   );
 });
 
+test("matmulTransposed: transposeA / transposeB equal torch.matmul(a.mT, b.mT), values and gradients", async () => {
+  const gpu = await gpuDevice(), cpu = await cpuDevice();
+  const arb = fc.record({ shapes: matmulShapesArb, ta: fc.boolean(), tb: fc.boolean() });
+  await fc.assert(
+    fc.asyncProperty(arb, seedArb, async ({ shapes: { a, b }, ta, tb }, seed) => {
+      // Only operands of rank ≥ 2 can be transposed; their stored shape swaps the last two dims.
+      ta &&= a.length >= 2;
+      tb &&= b.length >= 2;
+      const mT = (s: number[]) => [...s.slice(0, -2), s[s.length - 1], s[s.length - 2]];
+      const shapes = [ta ? mT(a) : a, tb ? mT(b) : b];
+      const got = await opAndGrads(
+        gpu,
+        (x, y) => matmulTransposed(x, y, { transposeA: ta, transposeB: tb }),
+        shapes,
+        seed,
+      );
+      // The reference: the CPU backend with the transposes materialised.
+      const want = await opAndGrads(
+        cpu,
+        (x, y) => matmul(ta ? transpose(x, -2, -1) : x, tb ? transpose(y, -2, -1) : y),
+        shapes,
+        seed,
+      );
+      const what = `matmul ${JSON.stringify(shapes[0])}${ta ? "ᵀ" : ""} · ${JSON.stringify(shapes[1])}${
+        tb ? "ᵀ" : ""
+      }`;
+      assertEquals(got.shape, want.shape, what);
+      assertClose(got.out, want.out, { rtol: 1e-4, atol: 1e-4 }, what);
+      got.grads.forEach((g, i) =>
+        assertClose(g, want.grads[i], { rtol: 1e-4, atol: 1e-4 }, `${what} grad ${i}`)
+      );
+    }),
+    { numRuns: RUNS },
+  );
+  assertThrows(
+    () =>
+      matmulTransposed(tensor([1, 2], [2], { device: cpu }), tensor([1, 2], [2, 1], { device: cpu }), {
+        transposeA: true,
+      }),
+    "rank ≥ 2",
+  );
+});
+
 test("matmul op: result shapes follow torch.matmul", async () => {
   const device = await cpuDevice();
   const cases: [number[], number[], number[]][] = [
@@ -463,6 +507,20 @@ test("matmul / linear: finite-difference gradient checks", async () => {
     [[3], [2, 3, 2]],
   ];
   for (const [sa, sb] of pairs) await gradCheck(matmul, [data(sa, 1), data(sb, 2)]);
+  // Transposed operands (stored shapes), including the folded single-B gradient read transposed.
+  const transposed: [number[], number[], boolean, boolean][] = [
+    [[3, 2], [3, 4], true, false],
+    [[2, 3], [4, 3], false, true],
+    [[3, 2], [4, 3], true, true],
+    [[2, 2, 3], [5, 3], false, true],
+    [[2, 3, 2], [3, 4], true, false],
+  ];
+  for (const [sa, sb, transposeA, transposeB] of transposed) {
+    await gradCheck((x, y) => matmulTransposed(x, y, { transposeA, transposeB }), [
+      data(sa, 11),
+      data(sb, 12),
+    ]);
+  }
   await gradCheck((x, w, b) => linear(x, w, b), [data([2, 3, 4], 3), data([5, 4], 4), data([5], 5)]);
   await gradCheck((x, w) => linear(x, w), [data([4], 6), data([3, 4], 7)]);
   await gradCheck((x, w, b) => linear(x, w, b), [data([4], 8), data([2, 4], 9), data([2], 10)]);

@@ -1,6 +1,6 @@
 /**
- * @file Differentiable `matmul` (torch.matmul semantics) and `linear` (F.linear), both on the strided batched
- * GEMM kernel.
+ * @file Differentiable `matmul` (torch.matmul semantics), `matmulTransposed` (the same with either operand read
+ * as its transpose, as attention's q·kᵀ wants) and `linear` (F.linear), all on the strided batched GEMM kernel.
  *
  * Every operand is "a stack of matrices read through strides": the backward products `dA = g·Bᵀ` and
  * `dB = Aᵀ·g` read the stored A and B with swapped row/column strides, so no transpose is ever materialised.
@@ -82,23 +82,49 @@ function reduceTo(full: Tensor, stackShape: readonly number[], target: Shape): T
   return v;
 }
 
+/** Which operands `matmulTransposed` reads transposed. */
+export interface TransposeOptions {
+  /** Multiply by the transpose of a's last two dims (torch's `a.mT`), read through swapped strides: no copy. */
+  transposeA?: boolean;
+  /** The same for b: `matmulTransposed(q, k, { transposeB: true })` is q·kᵀ without materialising kᵀ. */
+  transposeB?: boolean;
+}
+
 /**
  * Matrix product with torch.matmul semantics: 1-D operands are a row (left) or column (right) vector whose
  * dimension is dropped from the result; operands of rank ≥ 3 are stacks of matrices whose batch dims broadcast.
  */
 export function matmul(a: Tensor, b: Tensor): Tensor {
+  return matmulTransposed(a, b);
+}
+
+/**
+ * torch.matmul(a.mT, b.mT) for the operands `opts` names (which must have rank ≥ 2): the kernel reads them
+ * through swapped strides, so neither the product nor its gradients copy a transposed operand.
+ */
+export function matmulTransposed(a: Tensor, b: Tensor, opts: TransposeOptions = {}): Tensor {
   sameDevice("matmul", a, b);
   if (a.rank === 0 || b.rank === 0) {
     throw new Error(
       `matmul: both arguments need at least one dimension, got shapes ${fmt(a.shape)} and ${fmt(b.shape)}`,
     );
   }
+  const ta = opts.transposeA ?? false, tb = opts.transposeB ?? false;
+  if ((ta && a.rank < 2) || (tb && b.rank < 2)) {
+    throw new Error(
+      `matmul: transposeA/transposeB need operands of rank ≥ 2, got shapes ${fmt(a.shape)} and ${
+        fmt(b.shape)
+      }`,
+    );
+  }
   const aStack = a.rank === 1 ? [1, a.shape[0]] : [...a.shape];
   const bStack = b.rank === 1 ? [b.shape[0], 1] : [...b.shape];
-  const M = aStack[aStack.length - 2], K = aStack[aStack.length - 1];
-  const Kb = bStack[bStack.length - 2], N = bStack[bStack.length - 1];
+  const A: MatView = { t: a, shape: aStack, trans: ta },
+    B: MatView = { t: b, shape: bStack, trans: tb };
+  const [M, K] = readDims(A), [Kb, N] = readDims(B);
   if (K !== Kb) {
-    throw new Error(`matmul: shapes ${fmt(a.shape)} and ${fmt(b.shape)} cannot be multiplied (${K} ≠ ${Kb})`);
+    const as = `${fmt(a.shape)}${ta ? "ᵀ" : ""}`, bs = `${fmt(b.shape)}${tb ? "ᵀ" : ""}`;
+    throw new Error(`matmul: shapes ${as} and ${bs} cannot be multiplied (${K} ≠ ${Kb})`);
   }
   let batch: number[];
   try {
@@ -109,33 +135,33 @@ export function matmul(a: Tensor, b: Tensor): Tensor {
     );
   }
   const outShape = [...batch, ...(a.rank === 1 ? [] : [M]), ...(b.rank === 1 ? [] : [N])];
-  const A: MatView = { t: a, shape: aStack, trans: false },
-    B: MatView = { t: b, shape: bStack, trans: false };
   const out = bmm(A, B, batch, outShape);
 
   return record(out, "matmul", [a, b], (g) => {
     const G: MatView = { t: g, shape: [...batch, M, N], trans: false };
+    const Gt: MatView = { ...G, trans: true };
     const nb = sizeOf(batch);
     let da: Tensor | null = null, db: Tensor | null = null;
     if (a.requiresGrad) {
-      const Bt: MatView = { ...B, trans: true };
+      // As read, dA = g·op(B)ᵀ; a stored transposed gets its transpose op(B)·gᵀ.
+      const [x, y] = ta ? [B, Gt] : [G, { ...B, trans: !tb }];
       da = sizeOf(batchOf(A)) === nb
-        ? bmm(G, Bt, batch, a.shape)
-        : reduceTo(bmm(G, Bt, batch, [...batch, M, K]), aStack, a.shape);
+        ? bmm(x, y, batch, a.shape)
+        : reduceTo(bmm(x, y, batch, [...batch, ...aStack.slice(-2)]), aStack, a.shape);
     }
     if (b.requiresGrad) {
-      const At: MatView = { ...A, trans: true };
+      // As read, dB = op(A)ᵀ·g; b stored transposed gets its transpose gᵀ·op(A).
+      const [x, y] = tb ? [Gt, A] : [{ ...A, trans: !ta }, G];
       const nbA = sizeOf(batchOf(A)), nbB = sizeOf(batchOf(B));
-      if (nbB === nb) db = bmm(At, G, batch, b.shape);
-      else if (nbB === 1 && nbA === nb) {
-        // One B for the whole batch: dB = A_flatᵀ · g_flat, the batch summed inside the K loop.
-        db = bmm(
-          { t: a, shape: [nb * M, K], trans: true },
-          { t: g, shape: [nb * M, N], trans: false },
-          [],
-          b.shape,
-        );
-      } else db = reduceTo(bmm(At, G, batch, [...batch, K, N]), bStack, b.shape);
+      if (nbB === nb) db = bmm(x, y, batch, b.shape);
+      else if (nbB === 1 && nbA === nb && !ta) {
+        // One B for the whole batch: dB = A_flatᵀ · g_flat (or its transpose), the batch summed inside the K loop.
+        const aFlat: MatView = { t: a, shape: [nb * M, K], trans: false };
+        const gFlat: MatView = { t: g, shape: [nb * M, N], trans: false };
+        db = tb
+          ? bmm({ ...gFlat, trans: true }, aFlat, [], b.shape)
+          : bmm({ ...aFlat, trans: true }, gFlat, [], b.shape);
+      } else db = reduceTo(bmm(x, y, batch, [...batch, ...bStack.slice(-2)]), bStack, b.shape);
     }
     return [da, db];
   });
