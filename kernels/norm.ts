@@ -229,8 +229,8 @@ function segmentTree(T: number, merge: string): string {
 
 // --- lanes variants (CPU-emulated adapters) ---------------------------------------------------------------------
 
-/** Threads per workgroup of the lanes variants; lanes per row divide it. */
-const LANE_WG = 64;
+/** Threads per workgroup of the lanes variants; lanes per row divide it (16 and 32 measured no better). */
+export const LANE_WG = 64;
 
 /** How a lanes dispatch walks its rows. */
 export interface LanePlan {
@@ -251,9 +251,10 @@ export interface LanePlan {
 
 /**
  * Lanes per row: one while there are enough rows to give the adapter's threads many 8-wide vectors, otherwise
- * more (whole segments each, at least 32 units each), merged through workgroup memory with one barrier.
+ * more (whole segments each, at least 32 units each), merged through workgroup memory with one barrier. More
+ * lanes than that measured slower at [8,64,32,32] (WANT_LANES 512: 2.2 against 1.8 ms fwd+bwd).
  */
-function lanesPerRow(rows: number, segments: number, unitsPerSegment: number): number {
+export function lanesPerRow(rows: number, segments: number, unitsPerSegment: number): number {
   const WANT_LANES = 128, MIN_UNITS = 32;
   let T = 1;
   while (
@@ -335,6 +336,43 @@ function laneWords(p: RowLayout, plan: LanePlan): ParamWriter {
  * defines the lane's row, `valid`, `base` (the row's first unit), its segments `seg0 .. seg1`, `SU` and `K`
  * (the row's first element).
  */
+/**
+ * Declarations of a kernel that walks contiguous rows in units of V elements (the lanes variants here and in
+ * softmax.ts): the bindings from `header`, with `unitArrays` declared as arrays of the unit type `U` (vec4<f32>
+ * or f32) and `vec4Arrays` as vec4 arrays; `ld_<name>(i)`, unit i of each input in `unitInputs` (indices into
+ * `inputs`), from its flat texture where `texture` (flat copies: V must be 4) or else its buffer; and
+ * `hsum(U) -> f32`, the sum of a unit's elements.
+ */
+export function unitDecls(
+  V: 1 | 4,
+  texture: boolean,
+  inputs: string[],
+  outputs: string[],
+  unitInputs: number[],
+  unitArrays: string[],
+  vec4Arrays: string[] = [],
+): string {
+  const U = V === 4 ? "vec4<f32>" : "f32";
+  let decls = header(inputs, outputs, "f32", texture ? unitInputs : []);
+  for (const name of [...unitArrays, ...vec4Arrays]) {
+    const type = unitArrays.includes(name) ? U : "vec4<f32>";
+    decls = decls.replace(
+      new RegExp(`(var<storage, read(_write)?> ${name}): array<f32>;`),
+      `$1: array<${type}>;`,
+    );
+  }
+  const loads = unitInputs.map((i) => inputs[i]).map((name) =>
+    texture
+      ? `fn ld_${name}(i: u32) -> U { return textureLoad(${name}, flatTexel(i)); }`
+      : `fn ld_${name}(i: u32) -> U { return ${name}[i]; }`
+  );
+  return decls + `alias U = ${U};
+${texture ? FLAT_TEXEL_WGSL : ""}
+${loads.join("\n")}
+fn hsum(v: U) -> f32 { return ${V === 4 ? "v.x + v.y + v.z + v.w" : "v"}; }
+`;
+}
+
 function laneHeader(
   plan: LanePlan,
   inputs: string[],
@@ -344,25 +382,7 @@ function laneHeader(
   texInputs: number[],
   sampleMajor = false,
 ): { decls: string; prologue: string } {
-  const U = plan.V === 4 ? "vec4<f32>" : "f32";
-  let decls = header(inputs, outputs, "f32", plan.texture ? texInputs : []);
-  for (const name of [...unitArrays, ...vecParams]) {
-    const type = unitArrays.includes(name) ? U : "vec4<f32>";
-    decls = decls.replace(
-      new RegExp(`(var<storage, read(_write)?> ${name}): array<f32>;`),
-      `$1: array<${type}>;`,
-    );
-  }
-  const loads = texInputs.map((i) => inputs[i]).map((name) =>
-    plan.texture
-      ? `fn ld_${name}(i: u32) -> U { return textureLoad(${name}, flatTexel(i)); }`
-      : `fn ld_${name}(i: u32) -> U { return ${name}[i]; }`
-  );
-  decls += `alias U = ${U};
-${plan.texture ? FLAT_TEXEL_WGSL : ""}
-${loads.join("\n")}
-fn hsum(v: U) -> f32 { return ${plan.V === 4 ? "v.x + v.y + v.z + v.w" : "v"}; }
-`;
+  const decls = unitDecls(plan.V, plan.texture, inputs, outputs, texInputs, unitArrays, vecParams);
   // Row-major: consecutive rows per workgroup. Sample-major: every sample of pu(10) groups per workgroup, so
   // one workgroup sees all the partial sums of a channel (uniform word 9 is the number of samples).
   const rows = sampleMajor

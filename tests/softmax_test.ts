@@ -1,7 +1,8 @@
 /**
  * @file softmax and logSoftmax: forward and backward on WebGPU against the CPU reference for random shapes and
- * any dim (short rows: thread per row; long rows: the workgroup tree, contiguous and interleaved), large and
- * tiny values, −inf entries, hand-computed values, finite-difference gradient checks on dim 0, a middle dim and
+ * any dim (short rows: thread per row; long rows: the workgroup tree, contiguous and interleaved), the kernels in
+ * every variant (tree; lanes with vec4 or scalar units, one or several lanes per row, buffer or texture inputs)
+ * with masked entries, large and tiny values, −inf entries, hand-computed values, finite-difference gradient checks on dim 0, a middle dim and
  * the last dim, and dim errors.
  */
 
@@ -9,9 +10,11 @@ import fc from "fast-check";
 import { tensor } from "../engine/creation.ts";
 import type { Device } from "../engine/device.ts";
 import { logSoftmax, softmax } from "../engine/ops/softmax.ts";
+import { softmax as softmaxKernel, softmaxBackward, type SoftmaxParams } from "../kernels/softmax.ts";
 import {
   assertClose,
   cpuDevice,
+  f64Device,
   gpuDevice,
   gradCheck,
   RUNS,
@@ -79,6 +82,69 @@ test("softmax/logSoftmax forward and backward over any dim: WebGPU matches CPU r
         assertClose(dx, dxWant, { rtol: 1e-3, atol: 1e-5 }, `${op} dx ${JSON.stringify(shape)} dim ${dim}`);
       },
     ),
+    { numRuns: RUNS },
+  );
+});
+
+/** Runs one kernel with host inputs; returns its output as float64. */
+async function runKernel(
+  device: Device,
+  kernel: typeof softmaxKernel,
+  p: SoftmaxParams,
+  inputs: ArrayLike<number>[],
+) {
+  const ins = inputs.map((data) => {
+    const s = device.alloc(data.length);
+    device.write(s, data);
+    return s;
+  });
+  const out = device.alloc(inputs[0].length);
+  device.run(kernel, p, ins, [out]);
+  const res = Float64Array.from(await device.read(out));
+  for (const s of [...ins, out]) device.release(s);
+  return res;
+}
+
+const kernelCase = fc.record({
+  outer: fc.oneof(fc.constant(1), fc.integer({ min: 1, max: 20 }), fc.constantFrom(70, 129)),
+  // Multiples of 4 take vec4 units in the lanes variants; long rows with few of them take several lanes.
+  L: fc.oneof(
+    fc.constant(1),
+    fc.integer({ min: 1, max: 9 }),
+    fc.constantFrom(4, 64, 129, 260),
+    fc.integer({ min: 30, max: 700 }),
+  ),
+  inner: fc.constantFrom(1, 1, 1, 2, 3),
+  log: fc.boolean(),
+  variant: fc.constantFrom<SoftmaxParams["variant"]>(undefined, "tree", "lanes", "lanesTexture"),
+  masked: fc.boolean(),
+  small: fc.boolean(),
+});
+
+test("softmax kernels in every variant (tree, lanes, lanes with textures): WebGPU matches CPU reference", async () => {
+  await fc.assert(
+    fc.asyncProperty(kernelCase, scaleArb, seedArb, async (k, scale, seed) => {
+      const { outer, L, inner, log, variant, masked, small } = k;
+      const n = outer * L * inner;
+      if (n > 60000) return;
+      const p: SoftmaxParams = { outer, L, inner, log, variant };
+      // Masked: every third element −inf, as attention masks do (never a whole row when L > 1).
+      const x = seededValues(n, seed, -scale, scale).map((
+        v,
+        i,
+      ) => (masked && L > 1 && i % 3 === 1 ? -Infinity : v));
+      const g = seededValues(n, seed + 1);
+      const gpu = small ? await smallGridDevice() : await gpuDevice(), ref = await f64Device();
+      const y = await runKernel(gpu, softmaxKernel, p, [x]);
+      const yWant = await runKernel(ref, softmaxKernel, p, [x]);
+      const yTol = log ? { rtol: 1e-5, atol: 1e-5 } : { rtol: 1e-4, atol: 1e-6 };
+      assertClose(y, yWant, yTol, `y ${JSON.stringify(k)}`);
+      // The backward from the reference output, so only it is under test.
+      const y32 = Float32Array.from(yWant);
+      const dx = await runKernel(gpu, softmaxBackward, p, [y32, g]);
+      const dxWant = await runKernel(ref, softmaxBackward, p, [y32, g]);
+      assertClose(dx, dxWant, { rtol: 1e-3, atol: 1e-5 }, `dx ${JSON.stringify(k)}`);
+    }),
     { numRuns: RUNS },
   );
 });
