@@ -229,11 +229,14 @@ function segmentTree(T: number, merge: string): string {
 
 // --- lanes variants (CPU-emulated adapters) ---------------------------------------------------------------------
 
-/** Threads per workgroup of the lanes variants; lanes per row divide it (16 and 32 measured no better). */
+/**
+ * Threads per workgroup of the lanes variants; lanes per row divide it. 16, 32 and 128 measured no better at
+ * [8,64,32,32], 256 slower (2 workgroups for 2 threads: 2.0 against 1.8 ms fwd+bwd).
+ */
 export const LANE_WG = 64;
 
 /** How a lanes dispatch walks its rows. */
-export interface LanePlan {
+interface LanePlan {
   /** Elements per unit: 4 (vec4 loads and stores) where rows start 4-aligned and a unit stays in one channel, or 1. */
   V: 1 | 4;
   /** A unit spans four channels (spatial 1, V 4): weight and bias are read as vec4, one segment per unit. */
@@ -269,7 +272,7 @@ export function lanesPerRow(rows: number, segments: number, unitsPerSegment: num
  * partials need them), which rules out vectorWeights. Textures only when the variant asks for them, the adapter
  * has texture inputs, the rows are vec4 and the flat texture fits.
  */
-export function lanePlan(
+function lanePlan(
   p: RowLayout,
   caps: Pick<GpuCaps, "maxTextureDimension2D">,
   variant: "lanes" | "lanesTexture",
@@ -312,8 +315,9 @@ function pickVariant(asked: RowNormVariant | undefined, caps: GpuCaps, needsLane
 }
 
 /**
- * Uniform words of the lanes variants: rows, L, groups, parameter entries per group (channelsPerGroup, or a
- * quarter of it for vectorWeights), unitsPerSegment, segments, segmentsPerLane, units per row, C, then eps.
+ * Uniform words 0..8 of the lanes variants: rows, L, groups, parameter entries per group (channelsPerGroup, or
+ * a quarter of it for vectorWeights), unitsPerSegment, segments, segmentsPerLane, units per row, C. The forward
+ * adds eps; the backward the number of samples and the groups per workgroup of its sample-major mapping.
  */
 function laneWords(p: RowLayout, plan: LanePlan): ParamWriter {
   const L = rowLength(p);
