@@ -220,6 +220,15 @@ function applySweep(z: Float64Array, n: number, hi: number, lo: number, cs: Floa
  */
 function tridiagonalQL(d: Float64Array, e: Float64Array, n: number, z: Float64Array | null): void {
   const cs = new Float64Array(n), sn = new Float64Array(n);
+  // ‖T‖ (max row sum). An entry is negligible at eps·‖T‖ as well as at eps relative to its neighbours: in the
+  // null space of a singular covariance d and e are all round-off (~eps·‖T‖), and every sweep's rotations
+  // against the large eigenvalues put that much back into e, so a purely relative test never splits the block
+  // (measured: a rank-31 covariance of 240 features did not converge). Tridiagonalisation itself is only
+  // accurate to eps·‖T‖, so nothing is lost.
+  let norm = 0;
+  for (let i = 0; i < n; i++) {
+    norm = Math.max(norm, Math.abs(d[i]) + Math.abs(e[i]) + (i > 0 ? Math.abs(e[i - 1]) : 0));
+  }
   for (let l = 0; l < n; l++) {
     let iterations = 0;
     for (;;) {
@@ -227,7 +236,7 @@ function tridiagonalQL(d: Float64Array, e: Float64Array, n: number, z: Float64Ar
       let m = l;
       for (; m < n - 1; m++) {
         const dd = Math.abs(d[m]) + Math.abs(d[m + 1]);
-        if (Math.abs(e[m]) <= EPS * dd) break;
+        if (Math.abs(e[m]) <= EPS * Math.max(dd, norm)) break;
       }
       if (m === l) break;
       if (++iterations > 60) throw new Error(`symmetricEigen: QL did not converge for eigenvalue ${l}`);
