@@ -18,6 +18,9 @@ import {
   type TrainEvent,
   UsageError,
 } from "./models/train.ts";
+import { type CheckpointEval, type EvalConfigInput, type EvalReport, evaluate } from "./eval/evaluate.ts";
+import { buildShapesNet, SHAPES_NET_FILE } from "./eval/features.ts";
+import { writeTextAtomic } from "./models/checkpoint.ts";
 
 const program = new Command("deno task")
   .description("WebGPU tensor engine and architecture search for diffusion models")
@@ -58,7 +61,6 @@ program
 for (
   const [name, what] of [
     ["search", "architecture search (DiffNAS, DDSM)"],
-    ["eval", "FID and model cost"],
   ] as const
 ) {
   program
@@ -233,6 +235,156 @@ program
       console.log(
         `${r.shape[0]} images (${r.nfe} network evaluations each) from ${r.checkpoint} in ` +
           `${r.seconds.toFixed(1)} s → ${r.path}${r.rawPath ? ` and ${r.rawPath}` : ""}`,
+      );
+    } catch (e) {
+      p.stop();
+      fail(e);
+    }
+  });
+
+// ---------------------------------------------------------------------------------------------------------------
+// eval / features.
+
+const fmtMacs = (m: number) => `${(m / 1e6).toFixed(1)} M`;
+
+/** One row of the evaluation table. */
+function evalRow(r: CheckpointEval): string[] {
+  return [
+    r.checkpoint,
+    String(r.nimg / 1000),
+    r.cost.parameters.toLocaleString("en"),
+    fmtMacs(r.cost.macs),
+    fmtMacs(r.cost.breakdown.attention),
+    r.latency ? `${r.latency.medianMs.toFixed(1)} ms` : "-",
+    r.fid ? `${r.fid.value.toFixed(3)} (${r.fid.seconds.toFixed(0)} s)` : "-",
+    r.rfid ? `${r.rfid.value.toFixed(3)} (${r.rfid.seconds.toFixed(0)} s)` : "-",
+    ...(r.kid ? [`${r.kid.mean.toExponential(3)} ± ${r.kid.std.toExponential(1)}`] : []),
+  ];
+}
+
+function printEvalReport(report: EvalReport): void {
+  const first = report.checkpoints[0];
+  const head = [
+    "checkpoint",
+    "kimg",
+    "params",
+    "MACs",
+    "attn MACs",
+    "latency",
+    first?.fid ? `${first.fid.name} (NFE ${first.fid.nfe})` : "FID",
+    first?.rfid ? `${first.rfid.name} (NFE ${first.rfid.nfe})` : "RFID",
+    ...(first?.kid ? [first.kid.name] : []),
+  ];
+  const rows = [head, ...report.checkpoints.map(evalRow)];
+  const widths = head.map((_, j) => Math.max(...rows.map((r) => (r[j] ?? "").length)));
+  console.log(
+    `features ${report.features.name} (${report.features.fingerprint}); reference ${report.reference.dataset}, ` +
+      `${report.reference.n} images${report.reference.cached ? " (cached)" : ""}`,
+  );
+  for (const r of rows) console.log(r.map((c, j) => c.padEnd(widths[j])).join("  "));
+  const rc = report.rankCorrelation;
+  if (rc) {
+    console.log(`Spearman ρ(${rc.rfid}, ${rc.fid}) over ${rc.count} checkpoints = ${rc.rho.toFixed(3)}`);
+  }
+}
+
+program
+  .command("eval")
+  .description(
+    "evaluate checkpoints: parameters, MACs, latency, FID and the proxy RFID against the training data " +
+      "(embedded ShapesNet features unless --inception is given); with 3+ checkpoints also the RFID-FID " +
+      "rank correlation",
+  )
+  .argument("[runs...]", "run directories (default: runs/default)")
+  .option("--checkpoints <dirs...>", "evaluate these checkpoint folders instead")
+  .option("--all-checkpoints", "every checkpoint of every run, not only the newest")
+  .option("--n <count>", "generated images for the full FID (default 2048)", num)
+  .option("--steps <n>", "Heun steps for the full FID (default 18, NFE 35)", num)
+  .option("--proxy-n <count>", "generated images for the proxy RFID (default 256; 0 skips it)", num)
+  .option("--proxy-steps <n>", "Heun steps for the proxy (default 6, NFE 11)", num)
+  .option("--proxy-only", "skip the full FID")
+  .option("--ref-n <count>", "real images for the reference statistics (default min(10000, dataset))", num)
+  .option("--seed <n>", "seed of the latents", num)
+  .option("--inception <file>", "Inception-v3 weights (safetensors with PyTorch names) for the true FID")
+  .option("--kid", "also compute KID on the full metric's samples")
+  .option("--no-latency", "skip the latency measurement")
+  .option("--batch <n>", "images per network batch (default 256)", num)
+  .option("--cache-dir <dir>", "where reference statistics are cached (default .cache/fid)")
+  .option("--force", "recompute results that were saved with the same settings")
+  .option("--json <file>", "also write the report as JSON")
+  .option("--backend <name>", "webgpu or cpu")
+  .exitOverride(usageExit)
+  .action(async (runs: string[], opts: Record<string, unknown> & { json?: string }) => {
+    const { json, latency, ...rest } = opts;
+    const input: EvalConfigInput = {
+      ...(rest as Omit<EvalConfigInput, "runs">),
+      runs: runs.length ? runs : ["runs/default"],
+      ...(latency === false ? { latency: false } : {}),
+    };
+    const p = progressPrinter("images");
+    let current = "";
+    try {
+      const report = await evaluate(
+        Object.fromEntries(Object.entries(input).filter(([, v]) => v !== undefined)),
+        {
+          onEvent: (e) => {
+            if (e.type === "reference" || e.type === "metric") {
+              const name = e.type === "reference" ? "reference statistics" : e.name;
+              if (name !== current) {
+                current = name;
+                p.start(e.total);
+              }
+              p.update(e.done, name);
+            } else if (e.type === "checkpoint") {
+              p.log(`[${e.index + 1}/${e.total}] ${e.dir}`);
+            } else if (e.type === "result" && e.result.reused) {
+              p.log(`  ${e.result.reused} measurement(s) read from ${e.result.run}/eval/`);
+            }
+          },
+        },
+      );
+      p.stop();
+      printEvalReport(report);
+      if (json) await writeTextAtomic(json, JSON.stringify(report, null, 2) + "\n");
+    } catch (e) {
+      p.stop();
+      fail(e);
+    }
+  });
+
+program
+  .command("features")
+  .description(
+    "rebuild the embedded ShapesNet feature network from its seed (trains it on procedural shapes)",
+  )
+  .option("--out <file>", `weights to write (default ${SHAPES_NET_FILE.pathname})`)
+  .option("--steps <n>", "optimizer steps (default 2000)", num)
+  .option("--seed <n>", "seed of the initialisation and batch order", num)
+  .option("--backend <name>", "webgpu or cpu", "webgpu")
+  .exitOverride(usageExit)
+  .action(async (opts: { out?: string; steps?: number; seed?: number; backend: "webgpu" | "cpu" }) => {
+    const p = progressPrinter("steps");
+    try {
+      const device = await Device.create({ backend: opts.backend });
+      const out = opts.out ?? SHAPES_NET_FILE.pathname;
+      const options = Object.fromEntries(
+        Object.entries({ steps: opts.steps, seed: opts.seed }).filter(([, v]) => v !== undefined),
+      );
+      let started = false;
+      const r = await buildShapesNet(out, options, {
+        device,
+        onProgress: (step, steps, loss) => {
+          if (!started) p.start(steps), started = true;
+          p.update(step, `loss ${loss.toFixed(3)}`);
+          if (!Deno.stdout.isTerminal()) p.log(`step ${step}/${steps} loss ${loss.toFixed(4)}`);
+        },
+      });
+      p.stop();
+      console.log(
+        `ShapesNet: final loss ${r.finalLoss.toFixed(4)}, held-out accuracy ${
+          (r.accuracy.r16 * 100).toFixed(1)
+        }% ` +
+          `(16x16) / ${(r.accuracy.r32 * 100).toFixed(1)}% (32x32), ${r.seconds.toFixed(0)} s → ${out}`,
       );
     } catch (e) {
       p.stop();
