@@ -18,6 +18,7 @@ import {
   randn,
   scope,
   silu,
+  softmax,
   Tensor,
   tensor,
 } from "../engine/mod.ts";
@@ -32,6 +33,10 @@ const only = onlyAt >= 0 ? Deno.args[onlyAt + 1] : undefined;
 const timing: TimingOptions = quick ? { minMs: 100, repeats: 3 } : { minMs: 300, repeats: 5 };
 
 const device = await Device.create();
+// Figures on this 2-core machine move with its load (groupNorm: 7.9 GB/s at load 2.5, 5.8 at 5.3), so the load
+// average is printed beside them (stderr in --json mode).
+const loadAverage = () => Deno.loadavg().map((v) => v.toFixed(2)).join(" ");
+const loadAtStart = loadAverage();
 const records: BenchRecord[] = [];
 const log = (s: string) => json || console.error(s);
 
@@ -136,6 +141,17 @@ if (want("groupNorm")) {
   [x, g, wt, bs].forEach((t) => t.dispose());
 }
 
+// --- softmax forward + backward over the last dim (attention's rows) -----------------------------------------------
+if (want("softmax")) {
+  const shape = [4096, 256];
+  const n = shape[0] * shape[1];
+  const x = randn(shape, { requiresGrad: true }), g = randn(shape);
+  const ms = await timeOurs(() => softmax(x, -1).node!.vjp(g));
+  // Forward reads x and writes y; backward reads y and g and writes dx.
+  report("softmax fwd+bwd [4096,256] dim -1", "GB/s", 5 * 4 * n, ms, undefined, "bytes = 5·numel·4");
+  [x, g].forEach((t) => t.dispose());
+}
+
 // --- elementwise chains -------------------------------------------------------------------------------------------
 if (want("elementwise")) {
   // EDM preconditioning output D = c_skip·x + c_out·F with per-sample coefficients, and a ResBlock's
@@ -221,4 +237,5 @@ const c = device.counters();
 log(
   `device: ${device.info.adapter} via ${device.info.api}; ${c.dispatches} dispatches, ${c.submits} submits`,
 );
+console.error(`load average (1, 5, 15 min): ${loadAtStart} at start, ${loadAverage()} at end`);
 Deno.exit(0); // tfjs keeps its own device alive
