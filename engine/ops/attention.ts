@@ -6,9 +6,8 @@
 import type { Tensor } from "../tensor.ts";
 import { fmt } from "../shape.ts";
 import { mul } from "./elementwise.ts";
-import { matmul } from "./matmul.ts";
+import { matmul, matmulTransposed } from "./matmul.ts";
 import { softmax } from "./softmax.ts";
-import { transpose } from "./shape.ts";
 
 export interface AttentionOptions {
   /** Multiplier of q·kᵀ; defaults to 1/√E with E the last dim of q. */
@@ -33,12 +32,12 @@ export function scaledDotProductAttention(
     );
   }
   const scale = opts.scale ?? 1 / Math.sqrt(E);
-  const kT = transpose(k, -2, -1);
-  const scores = matmul(q, kT);
+  // kᵀ is read through swapped strides: no transposed copy of k, forward or backward.
+  const scores = matmulTransposed(q, k, { transposeB: true });
   const scaled = mul(scores, scale);
   const p = softmax(scaled, -1);
   const out = matmul(p, v);
   // Without a tape the intermediates are garbage now; with one, the tape holds them until backward.
-  if (!out.requiresGrad) { for (const t of [kT, scores, scaled, p]) t.dispose(); }
+  if (!out.requiresGrad) { for (const t of [scores, scaled, p]) t.dispose(); }
   return out;
 }
