@@ -260,7 +260,26 @@ interface GpuStorage extends Storage {
   buffer: GPUBuffer;
   /** Pool bucket the buffer belongs to. */
   bucket: number;
+  /** Bumped by every recorded write (a queue write, or a kernel's output): textures filled before are stale. */
+  version: number;
 }
+
+/** A texture input filled from a buffer at one version, kept for reuse while the buffer is unchanged. */
+interface FilledTexture {
+  version: number;
+  width: number;
+  height: number;
+  /** The packing function (memoized by the kernels, so usually the same string object), or none: a flat copy. */
+  pack: string | undefined;
+  params: Uint32Array | undefined;
+  tex: PooledTexture;
+}
+
+/** Filled textures kept per buffer: a weight is read in two layouts (forward and input gradient), plus spares. */
+const FILLED_PER_BUFFER = 4;
+
+const sameWords = (a: Uint32Array | undefined, b: Uint32Array | undefined) =>
+  a === b || (a !== undefined && b !== undefined && a.length === b.length && a.every((v, i) => v === b[i]));
 
 /** A pooled rgba32float texture for texture inputs, with its one view. */
 interface PooledTexture {
@@ -328,8 +347,25 @@ class WebGpuBackend implements Backend {
   private slot = 0;
   private recorded = 0;
   private error: string | null = null;
-  /** `textures`: texture inputs filled (flat copies and packing passes). */
-  private readonly stats = { dispatches: 0, submits: 0, pipelines: 0, reads: 0, textures: 0 };
+  /**
+   * Texture inputs kept while their source buffer is unchanged, by buffer (in the order they were first kept):
+   * a training step packs a conv's input for the forward and again, identically, for the weight gradient, and
+   * the second pack (about 15 ns of llvmpipe time per texel, some 15% of the conv) is then skipped. At most a
+   * quarter of the texture pool limit is kept; past that the oldest go back to the pool.
+   */
+  private readonly filled = new Map<GpuStorage, FilledTexture[]>();
+  private keptBytes = 0;
+  /** Kept textures the dispatch being recorded uses: a trim or an eviction must not hand them out. */
+  private readonly pinned = new Set<PooledTexture>();
+  /** `textures`: texture inputs filled (flat copies and packing passes); `textureReuses`: kept ones reused. */
+  private readonly stats = {
+    dispatches: 0,
+    submits: 0,
+    pipelines: 0,
+    reads: 0,
+    textures: 0,
+    textureReuses: 0,
+  };
 
   private constructor(
     private readonly device: GPUDevice,
@@ -474,10 +510,11 @@ class WebGpuBackend implements Backend {
         usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST,
       });
     }
-    return { elements, bytes: elements * 4, buffer, bucket };
+    return { elements, bytes: elements * 4, buffer, bucket, version: 0 };
   }
 
   release(s: Storage): void {
+    this.dropFilled(s as GpuStorage);
     // Recorded but unsubmitted dispatches may still read it: it becomes reusable at the next submit.
     this.pendingRelease.push(s as GpuStorage);
     if (!this.encoder) this.recycle();
@@ -502,6 +539,7 @@ class WebGpuBackend implements Backend {
     // Queue writes run before recorded-but-unsubmitted dispatches: submit those first so that a write into a
     // live buffer cannot overtake the kernels recorded before it.
     this.flush();
+    this.changed(s as GpuStorage);
     const f = data instanceof Float32Array ? data : Float32Array.from(data);
     this.device.queue.writeBuffer((s as GpuStorage).buffer, 0, f as Float32Array<ArrayBuffer>);
   }
@@ -619,19 +657,41 @@ class WebGpuBackend implements Backend {
     const kinds = this.kindsOf(inputs.length, outputs.length, d.textures);
     const pipeline = this.pipelineFor(kernel.name, d.source, kinds);
     // Texture inputs: fill a pooled texture per input (flat copy or packing pass), recorded just before the
-    // kernel; WebGPU orders those writes before the kernel's reads.
+    // kernel (WebGPU orders those writes before the kernel's reads), unless one filled the same way from the
+    // same, unchanged buffer is kept.
     const views = new Map<number, GPUTextureView>();
     const taken: PooledTexture[] = [];
+    this.pinned.clear();
     for (const t of d.textures ?? []) {
       if (!Number.isInteger(t.input) || t.input < 0 || t.input >= inputs.length || views.has(t.input)) {
         throw new Error(`kernel "${kernel.name}": bad texture input ${t.input} (of ${inputs.length} inputs)`);
       }
+      const src = inputs[t.input] as GpuStorage;
+      const kept = this.filled.get(src)?.find((f) =>
+        f.version === src.version && f.width === t.width && f.height === t.height && f.pack === t.pack &&
+        sameWords(f.params, t.params)
+      );
+      if (kept) {
+        this.pinned.add(kept.tex);
+        views.set(t.input, kept.tex.view);
+        this.stats.textureReuses++;
+        continue;
+      }
       const tex = this.takeTexture(t.width, t.height);
-      if (t.pack) this.pack(kernel.name, t.pack, t.params, inputs[t.input], tex);
-      else this.copyFlat(inputs[t.input], tex);
-      taken.push(tex);
+      if (t.pack) this.pack(kernel.name, t.pack, t.params, src, tex);
+      else this.copyFlat(src, tex);
       views.set(t.input, tex.view);
       this.stats.textures++;
+      // An output of this dispatch is about to change: its texture is not worth keeping.
+      const fill = {
+        version: src.version,
+        width: t.width,
+        height: t.height,
+        pack: t.pack,
+        params: t.params,
+        tex,
+      };
+      if (outputs.includes(src) || !this.keepFilled(src, fill)) taken.push(tex);
     }
     const entries: GPUBindGroupEntry[] = [...inputs, ...outputs].map((s, i) =>
       views.has(i) ? { binding: i, resource: views.get(i)! } : WebGpuBackend.bufferEntry(i, s)
@@ -641,8 +701,57 @@ class WebGpuBackend implements Backend {
     this.record(pipeline, bindGroup, d.workgroups);
     // Free for the next dispatch at once: whatever writes them next is recorded after this dispatch's reads.
     for (const tex of taken) this.giveBackTexture(tex);
+    this.pinned.clear();
+    for (const o of outputs) this.changed(o as GpuStorage);
     this.stats.dispatches++;
     if (++this.recorded >= this.batchSize) this.flush();
+  }
+
+  /** Records that `s` is being written: its kept textures are stale and go back to the pool. */
+  private changed(s: GpuStorage) {
+    s.version++;
+    this.dropFilled(s);
+  }
+
+  private dropFilled(s: GpuStorage) {
+    const list = this.filled.get(s);
+    if (!list) return;
+    for (const f of list) this.unkeep(f);
+    this.filled.delete(s);
+  }
+
+  private unkeep(f: FilledTexture) {
+    this.keptBytes -= f.tex.bytes;
+    this.giveBackTexture(f.tex);
+  }
+
+  /** Gives back the kept textures of `s` (all, or the oldest until `enough`) that no dispatch being recorded uses. */
+  private evictFilled(s: GpuStorage, enough: () => boolean) {
+    const list = this.filled.get(s)!;
+    for (let i = 0; i < list.length && !enough();) {
+      if (this.pinned.has(list[i].tex)) i++;
+      else this.unkeep(list.splice(i, 1)[0]);
+    }
+    if (!list.length) this.filled.delete(s);
+  }
+
+  /** Keeps `f` for reuse (pinned until the dispatch is recorded); false when there is no room for it. */
+  private keepFilled(s: GpuStorage, f: FilledTexture): boolean {
+    if (this.filled.get(s)?.length === FILLED_PER_BUFFER) {
+      this.evictFilled(s, () => this.filled.get(s)!.length < FILLED_PER_BUFFER);
+    }
+    const fits = () => this.keptBytes + f.tex.bytes <= this.texturePoolLimit / 4;
+    for (const other of [...this.filled.keys()]) {
+      if (fits()) break;
+      this.evictFilled(other, fits);
+    }
+    if (!fits() || (this.filled.get(s)?.length ?? 0) >= FILLED_PER_BUFFER) return false;
+    let list = this.filled.get(s);
+    if (!list) this.filled.set(s, list = []);
+    list.push(f);
+    this.keptBytes += f.tex.bytes;
+    this.pinned.add(f.tex);
+    return true;
   }
 
   /** A pooled `width × height` rgba32float texture (not handed to anyone else until given back). */
@@ -674,9 +783,10 @@ class WebGpuBackend implements Backend {
     free.push(tex);
   }
 
-  /** Destroys the idle pooled textures, after submitting the work that may still use them. */
+  /** Destroys the idle pooled textures and the kept ones, after submitting the work that may still use them. */
   private trimTextures() {
     this.flush();
+    for (const s of [...this.filled.keys()]) this.evictFilled(s, () => false);
     for (const list of this.textures.values()) {
       for (const t of list) {
         t.texture.destroy();

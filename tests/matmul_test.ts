@@ -21,8 +21,8 @@ import { linear, matmul, matmulTransposed } from "../engine/ops/matmul.ts";
 import { tensor } from "../engine/creation.ts";
 import { transpose } from "../engine/ops/shape.ts";
 import { map } from "../engine/ops/core.ts";
-import { bin, inp } from "../kernels/elementwise.ts";
-import type { Device } from "../engine/device.ts";
+import { bin, elementwise, inp } from "../kernels/elementwise.ts";
+import { Device } from "../engine/device.ts";
 import type { Tensor } from "../engine/tensor.ts";
 import {
   assertClose,
@@ -262,6 +262,56 @@ test("texture inputs: flat copies and packing passes deliver the data, zero-padd
   }
   if (!message.includes(`${max + 1}`) || !message.includes(`${max}`)) {
     throw new Error(`an oversized texture input gave "${message}"`);
+  }
+});
+
+test("texture inputs: kept while their buffer is unchanged, refilled after a queue write or a kernel output", async () => {
+  const gpu = await gpuDevice();
+  for (const n of [5, 4101]) {
+    const x0 = seededValues(n, 1), x1 = seededValues(n, 2), x2 = seededValues(n, 3);
+    const a = gpu.alloc(n), b = gpu.alloc(n), c = gpu.alloc(n), zero = gpu.alloc(n);
+    const outs = [0, 1, 2, 3].map(() => gpu.alloc(2 * n + 4));
+    gpu.write(a, x0);
+    gpu.write(b, x0);
+    gpu.write(c, x2);
+    gpu.write(zero, new Float32Array(n));
+    const reused = gpu.counters().textureReuses;
+    gpu.run(textureProbe, { n }, [a, b], [outs[0]]);
+    gpu.run(textureProbe, { n }, [a, b], [outs[1]]); // both textures kept from the first run
+    assertEquals(gpu.counters().textureReuses - reused, 2, "unchanged buffers");
+    gpu.write(a, x1); // a queue write: a's flat copy is stale
+    gpu.run(textureProbe, { n }, [a, b], [outs[2]]);
+    // b becomes x2 through a kernel output recorded in the same batch as the reads around it.
+    const add = { expr: bin("add", inp(0), inp(1)), consts: [], shape: [n], strides: [[1], [1]] };
+    gpu.run(elementwise, add, [c, zero], [b]);
+    gpu.run(textureProbe, { n }, [a, b], [outs[3]]);
+    const got = [];
+    for (const o of outs) got.push(await gpu.read(o));
+    const expect = (flat: Float32Array, packed: Float32Array) => [...flat, ...packed];
+    const wants = [expect(x0, x0), expect(x0, x0), expect(x1, x0), expect(x1, x2)];
+    got.forEach((g, i) => assertClose(g.slice(0, 2 * n), wants[i], { rtol: 0, atol: 0 }, `n=${n} run ${i}`));
+    for (const s of [a, b, c, zero, ...outs]) gpu.release(s);
+  }
+  // A texture pool of 128 KiB keeps at most 32 KiB: one flat copy of 4101 elements. Rotating over four buffers
+  // evicts kept textures all the time; every result must still be right.
+  const small = await Device.create({ backend: "webgpu", texturePoolLimitBytes: 128 * 1024 });
+  try {
+    const n = 4101, xs = [1, 2, 3, 4].map((k) => seededValues(n, 10 + k));
+    const bufs = xs.map((x) => {
+      const s = small.alloc(n);
+      small.write(s, x);
+      return s;
+    });
+    const order = [0, 1, 0, 2, 3, 3, 1, 0, 2, 2];
+    const outs = order.map(() => small.alloc(2 * n + 4));
+    order.forEach((k, i) => small.run(textureProbe, { n }, [bufs[k], bufs[(k + 1) % 4]], [outs[i]]));
+    for (const [i, k] of order.entries()) {
+      const got = (await small.read(outs[i])).slice(0, 2 * n);
+      assertClose(got, [...xs[k], ...xs[(k + 1) % 4]], { rtol: 0, atol: 0 }, `small pool, run ${i}`);
+    }
+    if (small.counters().textureReuses === 0) throw new Error("the small pool never reused a texture");
+  } finally {
+    small.destroy();
   }
 });
 
