@@ -28,6 +28,7 @@ import { linear } from "./ops/matmul.ts";
 import { conv2d, type Pair } from "./ops/conv.ts";
 import { groupNorm } from "./ops/norm.ts";
 import { scaledDotProductAttention } from "./ops/attention.ts";
+import { loadSafetensors } from "./safetensors.ts";
 
 const VALID_NAME = /^[^.]+$/;
 
@@ -177,6 +178,22 @@ export class Module {
     }
     for (const [dst, src] of pairs) if (dst !== src) copyInto(dst, src, dst.shape.map(() => 0));
     return { missingKeys, unexpectedKeys };
+  }
+
+  /**
+   * Loads parameters and buffers by name from a safetensors file onto the module's device, with
+   * `loadStateDict`'s strict rules over the keys `select` keeps (default: all). The file's tensors are freed
+   * afterwards, also when the load fails.
+   */
+  async loadSafetensors(path: string, select: (key: string) => boolean = () => true): Promise<void> {
+    const own = Object.values(this.stateDict());
+    if (!own.length) throw new Error(`${this.constructor.name}.loadSafetensors: the module has no tensors`);
+    const tensors = await loadSafetensors(path, { device: own[0].device });
+    try {
+      this.loadStateDict(Object.fromEntries(Object.entries(tensors).filter(([k]) => select(k))));
+    } finally {
+      for (const t of Object.values(tensors)) t.dispose();
+    }
   }
 
   /** Sets training mode on this module and all descendants; returns this. */

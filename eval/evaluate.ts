@@ -19,14 +19,13 @@ import { listCheckpoints, readTrainState, type TrainState, writeTextAtomic } fro
 import { networkSpec, parseTrainConfig, type TrainConfig, UsageError } from "../models/train.ts";
 import type { UNetSpec } from "../models/unet.ts";
 import { measureLatency, type UNetCost, unetCost } from "./cost.ts";
-import { fidFromStatistics, kernelInceptionDistance } from "./fid.ts";
+import { kernelInceptionDistance } from "./fid.ts";
 import { type FeatureExtractor, openFeatureExtractor } from "./features.ts";
 import {
   datasetStatistics,
   type FidMeasurement,
   type FidProtocol,
   FULL_FID,
-  generatorStatistics,
   measureFid,
   metricName,
   PROXY_FID,
@@ -231,51 +230,35 @@ export async function evaluate(
             return { medianMs: l.medianMs, adapter: l.adapter };
           }, onReuse);
         }
-        if (cfg.proxyN > 0) {
-          const name = metricName("RFID", proxy.n);
-          result.rfid = await cache.get(fidKey(name, proxy), async () => {
-            const { stats: _, ...m } = await measureFid("RFID", gen, features!, ref.stats, proxy, {
-              batch: cfg.batch,
-              onProgress: progress(name),
-            });
+        /** One Fréchet measurement, read from the cache or made (with the features kept when asked). */
+        const fid = (kind: "FID" | "RFID", p: FidProtocol, keepFeatures = false) => {
+          const name = metricName(kind, p.n);
+          return measureFid(kind, gen, features!, ref.stats, p, {
+            batch: cfg.batch,
+            keepFeatures,
+            onProgress: progress(name),
+          });
+        };
+        const cachedFid = (kind: "FID" | "RFID", p: FidProtocol) =>
+          cache.get(fidKey(metricName(kind, p.n), p), async () => {
+            const { stats: _, features: __, ...m } = await fid(kind, p);
             return m;
           }, onReuse);
-        }
-        if (!cfg.proxyOnly) {
-          const name = metricName("FID", full.n);
-          if (cfg.kid) {
-            // KID needs the features themselves; the FID comes from the same pass.
-            const both = await cache.get(`${fidKey(name, full)} +KID`, async () => {
-              const r = await generatorStatistics(gen, features!, full, {
-                batch: cfg.batch,
-                keepFeatures: true,
-                onProgress: progress(name),
-              });
-              const real = await referenceFeatures(dataset, features!, Math.min(refN, full.n), cfg.batch);
-              const kid = await kernelInceptionDistance(r.features!, real, features!.dim, {
-                subsets: 20,
-                subsetSize: Math.min(1000, full.n),
-              });
-              const fid: FidMeasurement = {
-                name,
-                value: fidFromStatistics(r.stats, ref.stats),
-                protocol: full,
-                nfe: 2 * full.steps - 1,
-                seconds: r.seconds,
-              };
-              return { fid, kid: { name: `KID-${full.n}`, mean: kid.mean, std: kid.std } };
-            }, onReuse);
-            result.fid = both.fid;
-            result.kid = both.kid;
-          } else {
-            result.fid = await cache.get(fidKey(name, full), async () => {
-              const { stats: _, ...m } = await measureFid("FID", gen, features!, ref.stats, full, {
-                batch: cfg.batch,
-                onProgress: progress(name),
-              });
-              return m;
-            }, onReuse);
-          }
+        if (cfg.proxyN > 0) result.rfid = await cachedFid("RFID", proxy);
+        if (!cfg.proxyOnly && !cfg.kid) result.fid = await cachedFid("FID", full);
+        if (!cfg.proxyOnly && cfg.kid) {
+          // KID needs the features themselves: FID and KID come from one pass, saved together.
+          const both = await cache.get(`${fidKey(metricName("FID", full.n), full)} +KID`, async () => {
+            const { stats: _, features: generated, ...m } = await fid("FID", full, true);
+            const real = await referenceFeatures(dataset, features!, Math.min(refN, full.n), cfg.batch);
+            const kid = await kernelInceptionDistance(generated!, real, features!.dim, {
+              subsets: 20,
+              subsetSize: Math.min(1000, full.n),
+            });
+            return { fid: m, kid: { name: `KID-${full.n}`, mean: kid.mean, std: kid.std } };
+          }, onReuse);
+          result.fid = both.fid;
+          result.kid = both.kid;
         }
       } finally {
         gen.dispose();

@@ -23,7 +23,6 @@ import {
   Device,
   getDefaultDevice,
   interpolateBilinear,
-  loadSafetensorsWithMetadata,
   logSoftmax,
   mean,
   mul,
@@ -153,12 +152,7 @@ export class ShapesNet extends nn.Module implements FeatureExtractor {
     try {
       const file = path instanceof URL ? path.pathname : path;
       net.fingerprint = await fileFingerprint(file);
-      const { tensors } = await loadSafetensorsWithMetadata(file, { device: net.device });
-      try {
-        net.loadStateDict(tensors);
-      } finally {
-        for (const t of Object.values(tensors)) t.dispose();
-      }
+      await net.loadSafetensors(file);
     } catch (e) {
       net.dispose();
       throw new Error(`ShapesNet.load ${path}: ${(e as Error).message}`);

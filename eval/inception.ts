@@ -52,7 +52,6 @@ import {
   full,
   getDefaultDevice,
   linear,
-  loadSafetensors,
   maxPool2d,
   mean,
   mul,
@@ -395,12 +394,7 @@ export class InceptionV3 extends nn.Module {
   static async load(path: string, opts: InceptionOptions = {}): Promise<InceptionV3> {
     const net = new InceptionV3(opts);
     try {
-      const tensors = await loadSafetensors(path, { device: net.device });
-      try {
-        net.loadWeights(tensors);
-      } finally {
-        for (const t of Object.values(tensors)) t.dispose();
-      }
+      await net.loadSafetensors(path, (key) => !ignoredKey(key, net.fc !== null));
     } catch (e) {
       net.dispose();
       throw new Error(`InceptionV3.load ${path}: ${(e as Error).message}`);

@@ -200,15 +200,15 @@ export interface FidMeasurement {
   seconds: number;
 }
 
-/** FID (or RFID) of a generator against reference statistics, under protocol `p`. */
+/** FID (or RFID) of a generator against reference statistics, under protocol `p` (with its features if kept). */
 export async function measureFid(
   kind: "FID" | "RFID",
   gen: CheckpointGenerator,
   extractor: FeatureExtractor,
   reference: FidStatistics,
   p: FidProtocol,
-  opts: { batch?: number; onProgress?: ProgressFn } = {},
-): Promise<FidMeasurement & { stats: FidStatistics }> {
+  opts: { batch?: number; keepFeatures?: boolean; onProgress?: ProgressFn } = {},
+): Promise<FidMeasurement & { stats: FidStatistics; features?: Float32Array }> {
   const r = await generatorStatistics(gen, extractor, p, opts);
   const t0 = performance.now();
   const value = fidFromStatistics(r.stats, reference);
@@ -219,6 +219,7 @@ export async function measureFid(
     nfe: samplerNfe(protocolSettings(p)),
     seconds: r.seconds + (performance.now() - t0) / 1000,
     stats: r.stats,
+    features: r.features,
   };
 }
 

@@ -15,7 +15,7 @@ import { FeatureStatistics } from "../eval/fid.ts";
 import { type FeatureExtractor, quantize } from "../eval/features.ts";
 import { averageRanks, datasetStatistics, metricName, spearman } from "../eval/proxy.ts";
 import { type EvalEvent, evaluate } from "../eval/evaluate.ts";
-import { assertClose, assertEquals, assertThrows, gpuDevice, readAll, test } from "./util.ts";
+import { assertClose, assertEquals, assertThrows, gpuDevice, MICRO_UNET, readAll, test } from "./util.ts";
 
 test("averageRanks gives ties their mean rank; spearman matches hand-computed values", () => {
   assertEquals(averageRanks([10, 20, 20, 5]), [2, 3.5, 3.5, 1]);
@@ -92,17 +92,7 @@ test("seeded latents: image i is the same whatever the batch it is drawn in", as
 
 /** A micro UNet (8×8) trained for a few steps with a checkpoint every 16 images. */
 const MICRO_RUN: TrainConfigInput = {
-  network: {
-    imgResolution: 8,
-    inChannels: 3,
-    outChannels: 3,
-    modelChannels: 8,
-    channelMult: [1, 2],
-    numBlocks: 1,
-    attnResolutions: [4],
-    numHeads: 1,
-    dropout: 0,
-  },
+  network: MICRO_UNET,
   data: { kind: "procedural", resolution: 8, length: 64 },
   batch: 4,
   lr: 2e-3,
@@ -173,6 +163,12 @@ test("deno task eval: cost, latency, FID and RFID per checkpoint; saved, reused,
     // `force` measures everything again.
     const forced = await evaluate({ ...settings, allCheckpoints: false, force: true }, { device });
     assertEquals(forced.checkpoints[0].reused, 0);
+    // KID comes from the full metric's own samples: the FID beside it is the same number.
+    const kid = await evaluate({ ...settings, allCheckpoints: false, latency: false, kid: true }, { device });
+    const k = kid.checkpoints[0];
+    assertEquals(k.kid!.name, "KID-24");
+    assert(Number.isFinite(k.kid!.mean) && k.kid!.std >= 0, `KID ${k.kid!.mean} ± ${k.kid!.std}`);
+    assertEquals(k.fid!.value, report.checkpoints[2].fid!.value);
   } finally {
     await Deno.remove(run, { recursive: true });
   }

@@ -14,6 +14,7 @@ import {
   saveSafetensors,
 } from "../engine/safetensors.ts";
 import { tensor } from "../engine/creation.ts";
+import * as nn from "../engine/nn.ts";
 import type { Tensor } from "../engine/tensor.ts";
 import {
   assertRejects,
@@ -184,6 +185,25 @@ test("save/load round trip on both backends; writes are atomic and overwrite", a
     for await (const e of Deno.readDir(dir)) names.push(e.name);
     assertEquals(names.sort(), ["model-cpu.safetensors", "model-webgpu.safetensors"]);
   } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+test("Module.loadSafetensors: weights by name onto the module's device, select drops keys, errors name keys", async () => {
+  const device = await gpuDevice();
+  const dir = await Deno.makeTempDir();
+  const a = new nn.Linear(3, 2, { device }), b = new nn.Linear(3, 2, { device });
+  try {
+    const path = `${dir}/linear.safetensors`;
+    await saveSafetensors(path, { ...a.stateDict(), "extra.weight": tensor([1], [1], { device }) });
+    await assertRejects(() => b.loadSafetensors(path), 'unexpected key(s): "extra.weight"');
+    await b.loadSafetensors(path, (key) => !key.startsWith("extra."));
+    assertEquals(Array.from(await b.weight.toArray()), Array.from(await a.weight.toArray()));
+    assertEquals(Array.from(await b.bias!.toArray()), Array.from(await a.bias!.toArray()));
+    await assertRejects(() => b.loadSafetensors(path, (key) => key !== "bias"), 'missing key(s): "bias"');
+  } finally {
+    a.dispose();
+    b.dispose();
     await Deno.remove(dir, { recursive: true });
   }
 });

@@ -35,20 +35,10 @@ import {
   readTrainState,
   saveCheckpoint,
 } from "../models/checkpoint.ts";
-import { assertClose, cpuDevice, f64Device, gpuDevice, test } from "./util.ts";
+import { assertClose, cpuDevice, f64Device, gpuDevice, MICRO_UNET, test } from "./util.ts";
 
 /** A micro DDPM++-style UNet for 8×8 RGB (49 k parameters). */
-const MICRO: UNetSpecInput = {
-  imgResolution: 8,
-  inChannels: 3,
-  outChannels: 3,
-  modelChannels: 8,
-  channelMult: [1, 2],
-  numBlocks: 1,
-  attnResolutions: [4],
-  numHeads: 1,
-  dropout: 0,
-};
+const MICRO: UNetSpecInput = MICRO_UNET;
 
 /** Options shared by the runs: the micro network, 4-image batches, no grids, no periodic checkpoints. */
 const BASE: TrainConfigInput = {

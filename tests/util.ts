@@ -5,6 +5,7 @@
  */
 
 import fc from "fast-check";
+import type { UNetSpecInput } from "../models/unet.ts";
 import { Device } from "../engine/device.ts";
 import "../engine/autograd.ts";
 import { tensor } from "../engine/creation.ts";
@@ -214,3 +215,16 @@ export function assertEquals(got: unknown, want: unknown, what = "value"): void 
   const g = JSON.stringify(got), w = JSON.stringify(want);
   if (g !== w) throw new Error(`${what}: got ${g}, expected ${w}`);
 }
+
+/** A micro DDPM++-style UNet for 8×8 RGB (49 k parameters): the network of the training and evaluation tests. */
+export const MICRO_UNET: UNetSpecInput = Object.freeze({
+  imgResolution: 8,
+  inChannels: 3,
+  outChannels: 3,
+  modelChannels: 8,
+  channelMult: [1, 2],
+  numBlocks: 1,
+  attnResolutions: [4],
+  numHeads: 1,
+  dropout: 0,
+});
