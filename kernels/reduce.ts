@@ -4,14 +4,35 @@
  * The input is split into kept and reduced dimensions, each group coalesced; the output is the kept dimensions
  * in order, contiguous. Short reductions run one thread per output; long ones (the bias gradient of a conv sums
  * N·H·W values per channel) give each output a workgroup that strides over the reduced elements and finishes
- * with a tree in workgroup memory, which is also more accurate than a serial float32 sum.
+ * with a tree in workgroup memory, which is also more accurate than a serial float32 sum ("generic").
+ *
+ * On CPU-emulated adapters (llvmpipe) that kernel runs at about 0.2 GB/s: every element costs an integer
+ * division per reduced dim (llvmpipe has no vector integer division, so each one is a per-lane loop), a
+ * per-lane scalar storage load, and a barrier per tree level. The "lanes" variants (the idea of the norm
+ * kernels' lanes variants, kernels/norm.ts) cover the layouts a training step produces, all views of the input
+ * as [P, K, Q] with out[k] = reduce over (p, q) of x[(p·K + k)·Q + q]: rows (P = 1: sums over the last dims,
+ * full sums), columns (Q = 1: sums over leading dims, e.g. the split-K partials of conv weight gradients) and
+ * both (bias gradients, [N, C, H·W] → [C]). A lane owns a contiguous stretch of the elements of one output
+ * unit, read as vec4 units where they are 4-aligned (rows: along q, Q % 4 = 0; columns: four neighbouring
+ * outputs, K % 4 = 0), with no division in the loop; when outputs are too few to keep the adapter's threads
+ * busy, up to 64 lanes share one and are merged in workgroup memory with one barrier. "lanesTexture" reads x
+ * as a flat rgba32float texture, a vector gather per unit. Each lane adds its units in blocks of `BLOCK` and
+ * then the block sums, so a float32 sum's error grows with BLOCK + n/BLOCK rather than n.
  */
 
 import { contiguousStrides } from "./elementwise.ts";
+import { LANE_WG, lanesPerRow, unitDecls } from "./norm.ts";
 import { type FloatArray, type GpuCaps, type GpuDispatch, type Kernel, ParamWriter } from "./types.ts";
-import { grid, header } from "./wgsl.ts";
+import { flatTextureSize, grid, header } from "./wgsl.ts";
 
 export type ReduceOp = "sum" | "max";
+
+/**
+ * "generic" (any layout; a workgroup tree per output for long reductions: for real GPUs), "lanes" and
+ * "lanesTexture" (see the file comment; for CPU-emulated adapters, [P, K, Q] layouts only: others run generic).
+ * Absent: lanesTexture on CPU-emulated adapters, else generic.
+ */
+export type ReduceVariant = "generic" | "lanes" | "lanesTexture";
 
 export interface ReduceParams {
   op: ReduceOp;
@@ -19,6 +40,7 @@ export interface ReduceParams {
   shape: readonly number[];
   /** Axes to reduce, each in [0, rank). */
   axes: readonly number[];
+  variant?: ReduceVariant;
 }
 
 /** Merges neighbouring dimensions of one (shape, strides) group that are contiguous with each other. */
@@ -64,6 +86,136 @@ export function reduceLayout(p: ReduceParams) {
   return { kept, reduced, nOut, L };
 }
 
+/** The input seen as [P, K, Q], reducing P and Q (see the file comment). */
+export interface PkqLayout {
+  P: number;
+  K: number;
+  Q: number;
+}
+
+/** The [P, K, Q] view of a reduction, or null where its layout is not one (e.g. kept dims on both sides of it). */
+export function pkqLayout(p: ReduceParams): PkqLayout | null {
+  const { kept, reduced, nOut: K, L } = reduceLayout(p);
+  if (kept.shape.length !== 1) return null;
+  const keptStride = kept.strides[0];
+  if (L === 1) return { P: 1, K, Q: 1 };
+  if (reduced.shape.length === 1) {
+    const [R] = reduced.shape, [r] = reduced.strides;
+    if (r === 1 && (K === 1 || keptStride === R)) return { P: 1, K, Q: R };
+    if (keptStride === 1 && r === K) return { P: R, K, Q: 1 };
+    return null;
+  }
+  if (reduced.shape.length === 2) {
+    const [A, B] = reduced.shape, [a, b] = reduced.strides;
+    if (b === 1 && keptStride === B && a === K * B) return { P: A, K, Q: B };
+  }
+  return null;
+}
+
+/**
+ * Units a lane adds into a block sum before adding the block to its total: the float32 error then grows with
+ * BLOCK + n/BLOCK instead of n.
+ */
+const BLOCK = 64;
+
+/** How a lanes reduction maps outputs to lanes. */
+interface LaneReducePlan {
+  /** Rows (along q, Q > 1) or columns (along k, Q = 1: a unit is V neighbouring outputs). */
+  columns: boolean;
+  V: 1 | 4;
+  /** Output units (outputs / V for columns) and input units per output unit (P · Q / V, or P for columns). */
+  outUnits: number;
+  work: number;
+  /** Lanes per output unit. */
+  T: number;
+  texture: boolean;
+}
+
+function laneReducePlan(l: PkqLayout, caps: GpuCaps, variant: "lanes" | "lanesTexture"): LaneReducePlan {
+  const columns = l.Q === 1;
+  const V = (columns ? l.K : l.Q) % 4 === 0 ? 4 : 1;
+  const outUnits = columns ? l.K / V : l.K;
+  const work = columns ? l.P : (l.P * l.Q) / V;
+  const T = lanesPerRow(outUnits, work, 1);
+  const tex = flatTextureSize(l.P * l.K * l.Q), max = caps.maxTextureDimension2D ?? 0;
+  const texture = variant === "lanesTexture" && V === 4 && work > 0 && tex.width <= max && tex.height <= max;
+  return { columns, V, outUnits, work, T, texture };
+}
+
+function lanesReduce(
+  p: ReduceParams,
+  l: PkqLayout,
+  caps: GpuCaps,
+  variant: "lanes" | "lanesTexture",
+): GpuDispatch {
+  const plan = laneReducePlan(l, caps, variant);
+  const { V, T } = plan;
+  const sum = p.op === "sum";
+  const init = sum ? "U(0.0)" : "U(bitcast<f32>(0xff800000u))";
+  const combine = (a: string, b: string) => (sum ? `${a} + ${b}` : `max(${a}, ${b})`);
+  const horizontal = V === 1 ? "v" : sum ? "v.x + v.y + v.z + v.w" : "max(max(v.x, v.y), max(v.z, v.w))";
+  // Unit (p, o, u) sits at (p·KU + o)·QU + u: rows have KU = K, QU = Q / V; columns KU = K / V, QU = 1.
+  const KU = plan.columns ? plan.outUnits : l.K, QU = plan.columns ? 1 : l.Q / V;
+  const chunk = Math.ceil(plan.work / T);
+  const w = new ParamWriter().u32(plan.outUnits, KU, QU, plan.work, chunk);
+  // Rows: a lane's stretch [i0, i1) of the (p, u) units of output o, in blocks that stay within one p.
+  // Columns: p = i0 .. i1 − 1 of output unit o, in blocks.
+  const walk = plan.columns
+    ? `var q = i0;
+    while (q < i1) {
+      let n = min(i1 - q, ${BLOCK}u);
+      var b = ${init};
+      for (var e = q * KU + o; e < (q + n) * KU + o; e += KU) { b = ${combine("b", "ld_x(e)")}; }
+      acc = ${combine("acc", "b")};
+      q += n;
+    }`
+    : `var q = i0 / QU;
+    var u = i0 - q * QU;
+    var i = i0;
+    while (i < i1) {
+      let n = min(min(QU - u, i1 - i), ${BLOCK}u);
+      let e0 = (q * KU + o) * QU + u;
+      var b = ${init};
+      for (var e = e0; e < e0 + n; e++) { b = ${combine("b", "ld_x(e)")}; }
+      acc = ${combine("acc", "b")};
+      i += n;
+      u += n;
+      if (u == QU) { u = 0u; q++; }
+    }`;
+  const merge = T === 1 ? "" : `
+  sh[lid] = acc;
+  workgroupBarrier();
+  if (lane == 0u) {
+    for (var k = lid + 1u; k < lid + ${T}u; k++) { acc = ${combine("acc", "sh[k]")}; }
+  }`;
+  const source = unitDecls(V, plan.texture, ["x"], ["out"], [0], plan.columns ? ["x", "out"] : ["x"]) +
+    (T === 1 ? "" : `var<workgroup> sh: array<U, ${LANE_WG}>;
+`) + `
+fn horizontal(v: U) -> f32 { return ${horizontal}; }
+@compute @workgroup_size(${LANE_WG})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+  let id = (wid.x + wid.y * nwg.x) * ${LANE_WG}u + lid;
+  let o = id / ${T}u;
+  let lane = id % ${T}u;
+  let valid = o < pu(0u);
+  let KU = pu(1u);
+  let QU = pu(2u);
+  var acc = ${init};
+  if (valid) {
+    let i0 = min(lane * pu(4u), pu(3u));
+    let i1 = min(i0 + pu(4u), pu(3u));
+    ${walk}
+  }${merge}
+  if (valid && lane == 0u) { out[o] = ${plan.columns ? "acc" : "horizontal(acc)"}; }
+}`;
+  return {
+    source,
+    workgroups: grid(Math.ceil((plan.outUnits * T) / LANE_WG), caps.maxWorkgroupsPerDimension),
+    params: w.finish(),
+    textures: plan.texture ? [{ input: 0, ...flatTextureSize(l.P * l.K * l.Q) }] : undefined,
+  };
+}
+
 const WG_REDUCE = 256;
 
 /** WGSL that sets `name` to the input offset of linear index `j` over a group of dimensions. */
@@ -84,6 +236,9 @@ export const reduce: Kernel<ReduceParams> = {
   name: "reduce",
 
   gpu(p: ReduceParams, caps: GpuCaps): GpuDispatch {
+    const variant = p.variant ?? (caps.isCpuEmulated ? "lanesTexture" : "generic");
+    const pkq = variant === "generic" ? null : pkqLayout(p);
+    if (pkq && variant !== "generic") return lanesReduce(p, pkq, caps, variant);
     const { kept, reduced, nOut, L } = reduceLayout(p);
     const kr = kept.shape.length, rr = reduced.shape.length;
     const w = new ParamWriter().u32(nOut, L).u32(

@@ -1,16 +1,25 @@
 /**
- * @file Reductions (sum, mean, amax over any dims, keepdim; both kernel variants) and shape ops (reshape,
- * permute, transpose, narrow, cat, expand) on WebGPU against the CPU reference, with gradient checks.
+ * @file Reductions (sum, mean, amax over any dims, keepdim; every kernel variant: generic, lanes,
+ * lanesTexture, rows and columns, vec4 and scalar units) and shape ops (reshape, permute, transpose, narrow, cat,
+ * expand) on WebGPU against the CPU reference, with gradient checks.
  */
 
 import fc from "fast-check";
 import { tensor } from "../engine/creation.ts";
 import * as R from "../engine/ops/reduce.ts";
+import {
+  pkqLayout,
+  reduce,
+  type ReduceOp,
+  type ReduceParams,
+  type ReduceVariant,
+} from "../kernels/reduce.ts";
 import * as S from "../engine/ops/shape.ts";
 import type { Tensor } from "../engine/tensor.ts";
 import type { Device } from "../engine/device.ts";
 import {
   assertClose,
+  assertEquals,
   cpuDevice,
   gpuDevice,
   gradCheck,
@@ -24,6 +33,33 @@ import {
 } from "./util.ts";
 
 const size = (s: readonly number[]) => s.reduce((a, b) => a * b, 1);
+
+const VARIANTS: ReduceVariant[] = ["generic", "lanes", "lanesTexture"];
+
+/** The reduce kernel run directly with a chosen variant on `device`, and its CPU reference. */
+async function kernelBoth(
+  device: Device,
+  p: ReduceParams,
+  data: Float32Array,
+): Promise<[Float32Array, Float32Array]> {
+  const nOut = p.shape.reduce((acc, d, i) => (p.axes.includes(i) ? acc : acc * d), 1);
+  const x = device.alloc(data.length), out = device.alloc(nOut);
+  device.write(x, data);
+  device.run(reduce, p, [x], [out]);
+  const got = Float32Array.from(await device.read(out));
+  device.release(x);
+  device.release(out);
+  const want = new Float32Array(nOut);
+  reduce.cpu(p, [data], [want]);
+  return [got, want];
+}
+
+/** A dim of a [P, K, Q] reduction: 1, below a vec4, odd, prime, or a multiple of 4 (vec4 units). */
+const pkqDim = fc.oneof(
+  fc.constantFrom(1, 2, 3, 5, 13),
+  fc.integer({ min: 1, max: 40 }),
+  fc.integer({ min: 1, max: 12 }).map((d) => 4 * d),
+);
 
 async function both(
   shape: number[],
@@ -79,7 +115,47 @@ for (const op of ["sum", "mean", "amax"] as const) {
   });
 }
 
-test("long reductions use the workgroup tree and stay accurate", async () => {
+test("[P, K, Q] layouts: every variant matches the CPU reference (rows, columns, both, full; vec4 and scalar units)", async () => {
+  const device = await gpuDevice();
+  await fc.assert(
+    fc.asyncProperty(
+      pkqDim,
+      pkqDim,
+      pkqDim,
+      fc.constantFrom<ReduceOp>("sum", "max"),
+      seedArb,
+      fc.constantFrom(1, 1e-3, 30, 1e-30, 1e30),
+      async (P, K, Q, op, seed, scale) => {
+        const data = seededValues(P * K * Q, seed, -scale, scale);
+        for (const axes of [[0, 2], [2], [0], [0, 1, 2]]) {
+          for (const variant of VARIANTS) {
+            const [g, c] = await kernelBoth(device, { op, shape: [P, K, Q], axes, variant }, data);
+            const tol = op === "max" ? { rtol: 0, atol: 0 } : { rtol: 1e-5, atol: 1e-5 * scale };
+            assertClose(g, c, tol, `${op} of [${P}, ${K}, ${Q}] over [${axes}], ${variant}`);
+          }
+        }
+      },
+    ),
+    { numRuns: RUNS },
+  );
+});
+
+test("pkqLayout: which reductions are [P, K, Q] views", () => {
+  const view = (shape: number[], axes: number[]) => JSON.stringify(pkqLayout({ op: "sum", shape, axes }));
+  const cases: [number[], number[], string][] = [
+    [[8, 64, 32, 32], [0, 2, 3], `{"P":8,"K":64,"Q":1024}`], // bias gradient
+    [[8, 64, 32, 32], [2, 3], `{"P":1,"K":512,"Q":1024}`], // rows
+    [[7, 64, 64, 3, 3], [0], `{"P":7,"K":36864,"Q":1}`], // columns
+    [[8, 3, 32, 32], [0, 1, 2, 3], `{"P":1,"K":1,"Q":24576}`], // full
+    [[5, 1, 3], [1], `{"P":1,"K":15,"Q":1}`], // a size-1 reduction
+    [[2, 3, 4], [1], "null"], // kept dims on both sides
+    [[2, 3, 4, 5], [0, 2], "null"],
+  ];
+  for (const [shape, axes, want] of cases) assertEquals(view(shape, axes), want, `[${shape}] over [${axes}]`);
+});
+
+test("long reductions stay accurate in every variant", async () => {
+  const device = await gpuDevice();
   await fc.assert(
     fc.asyncProperty(
       fc.integer({ min: 64, max: 20000 }),
@@ -87,11 +163,14 @@ test("long reductions use the workgroup tree and stay accurate", async () => {
       seedArb,
       async (L, rows, seed) => {
         const data = seededValues(L * rows, seed, 0, 1);
-        for (const dims of [[1], [0, 1]]) {
-          const [g, c] = await both([rows, L], data, (x) => R.sum(x, dims));
-          assertClose(g, c, { rtol: 2e-6, atol: 0 }, `sum of ${L}`);
-          const [gm, cm] = await both([rows, L], data, (x) => R.amax(x, dims));
-          assertClose(gm, cm, { rtol: 0, atol: 0 }, "amax");
+        for (const axes of [[1], [0, 1], [0]]) {
+          const shape = axes.length === 1 && axes[0] === 0 ? [L, rows] : [rows, L];
+          for (const variant of VARIANTS) {
+            const [g, c] = await kernelBoth(device, { op: "sum", shape, axes, variant }, data);
+            assertClose(g, c, { rtol: 2e-6, atol: 0 }, `sum of ${L}, ${variant}`);
+            const [gm, cm] = await kernelBoth(device, { op: "max", shape, axes, variant }, data);
+            assertClose(gm, cm, { rtol: 0, atol: 0 }, `max, ${variant}`);
+          }
         }
       },
     ),
@@ -101,10 +180,14 @@ test("long reductions use the workgroup tree and stay accurate", async () => {
 
 test("reductions on 2-D grids", async () => {
   const small = await smallGridDevice();
-  const data = seededValues(3 * 5000, 4);
-  for (const dims of [[0], [1]]) {
-    const [g, c] = await both([3, 5000], data, (x) => R.sum(x, dims), small);
-    assertClose(g, c, { rtol: 1e-5, atol: 1e-4 }, `sum dims ${dims}`);
+  for (const L of [5000, 4999]) {
+    const data = seededValues(3 * L, 4);
+    for (const axes of [[0], [1]]) {
+      for (const variant of VARIANTS) {
+        const [g, c] = await kernelBoth(small, { op: "sum", shape: [3, L], axes, variant }, data);
+        assertClose(g, c, { rtol: 1e-5, atol: 1e-4 }, `sum of [3, ${L}] over ${axes}, ${variant}`);
+      }
+    }
   }
 });
 
