@@ -425,9 +425,11 @@ function textureSource(a: TexOperand, b: TexOperand, bias: boolean): string {
   const tm = a.tile, tn = b.tile;
   const rows = range(tm), cols = range(tn);
   const A = operandCode("A", "a", a, "m", "M"), B = operandCode("B", "b", b, "n", "N");
-  // A chain of fma() per accumulator: written as a sum of four products (which llvmpipe compiles to separate
-  // multiplies and adds) it measured 10-20% slower at 1024³ (median of interleaved runs, process CPU time).
-  // dot() of two texels is as fast as the chain (measured on conv), so it stays where both are k quads.
+  // A chain of fma() per accumulator. llvmpipe (Mesa 22.3) lowers ffma and fdot to separate multiplies and
+  // adds (`lower_ffma32`, `lower_fdot`), so this, a sum of four products and dot() all compile to the same
+  // operations; interleaved A/B runs against the sum of products gave +20%, +20%, +3% and -5% process CPU
+  // rate at 1024³, i.e. no reliable difference. The loop is bound by instruction count (about five per
+  // multiply-add: spills of the 256 accumulators and the texel fetches' address, gather and transpose code).
   const dots = rows.map((i) =>
     cols.map((j) =>
       a.mode === "k4" && b.mode === "k4"
