@@ -30,14 +30,39 @@ const median = (xs: number[]) => {
 };
 
 /**
- * Milliseconds per iteration of `step` (which records work without waiting), where `sync` waits for all
- * recorded work. Median of `repeats` repeats of K iterations plus one sync.
+ * CPU time of this process (all threads: lavapipe's workers are ours) in ms, from /proc/self/stat's utime and
+ * stime (clock ticks of 10 ms); NaN where /proc is not readable.
+ */
+export function processCpuMs(): number {
+  try {
+    const stat = Deno.readTextFileSync("/proc/self/stat");
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    return (Number(f[11]) + Number(f[12])) * 10;
+  } catch {
+    return NaN;
+  }
+}
+
+/** A timing: wall-clock ms per iteration (the median repeat) and this process's CPU ms per iteration. */
+export interface Timing {
+  ms: number;
+  /**
+   * CPU ms per iteration over all repeats. On this shared 2-core machine wall time ≈ CPU time ÷ the cores we
+   * actually get, so work ÷ CPU time is the steadier figure when other processes load the machine.
+   */
+  cpuMs: number;
+}
+
+/**
+ * Time per iteration of `step` (which records work without waiting), where `sync` waits for all recorded work:
+ * the median of `repeats` repeats of K iterations plus one sync, and the CPU time they took.
  */
 export async function timePerIteration(
   step: () => void,
   sync: () => Promise<void>,
   opts: TimingOptions = {},
-): Promise<number> {
+): Promise<Timing> {
   const minMs = opts.minMs ?? 250, repeats = opts.repeats ?? 5, maxIt = opts.maxIterations ?? 4096;
   step();
   await sync(); // compile pipelines, fill pools
@@ -51,13 +76,14 @@ export async function timePerIteration(
     K = Math.min(maxIt, K * 2);
   }
   const times: number[] = [];
+  const cpu0 = processCpuMs();
   for (let r = 0; r < repeats; r++) {
     const t0 = performance.now();
     for (let k = 0; k < K; k++) step();
     await sync();
     times.push((performance.now() - t0) / K);
   }
-  return median(times);
+  return { ms: median(times), cpuMs: (processCpuMs() - cpu0) / (repeats * K) };
 }
 
 export function printTable(records: BenchRecord[]): void {

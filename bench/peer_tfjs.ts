@@ -21,7 +21,7 @@ async function init() {
 /** Times `make()` (which returns the op's output) with tfjs's own memory management. */
 async function timeTf(make: () => tf.Tensor, opts?: TimingOptions): Promise<number> {
   let last: tf.Tensor | null = null;
-  return await timePerIteration(
+  const { ms } = await timePerIteration(
     () => {
       last?.dispose();
       last = make();
@@ -31,6 +31,7 @@ async function timeTf(make: () => tf.Tensor, opts?: TimingOptions): Promise<numb
     },
     opts,
   );
+  return ms;
 }
 
 /** ms per n×n×n matmul. */
