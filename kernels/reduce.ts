@@ -10,9 +10,9 @@
  * division per reduced dim (llvmpipe has no vector integer division, so each one is a per-lane loop), a
  * per-lane scalar storage load, and a barrier per tree level. The "lanes" variants (the idea of the norm
  * kernels' lanes variants, kernels/norm.ts) cover the layouts a training step produces, all views of the input
- * as [P, K, Q] with out[k] = reduce over (p, q) of x[(p·K + k)·Q + q]: rows (P = 1: sums over the last dims,
- * full sums), columns (Q = 1: sums over leading dims, e.g. the split-K partials of conv weight gradients) and
- * both (bias gradients, [N, C, H·W] → [C]). A lane owns a contiguous stretch of the elements of one output
+ * as [A, P, K, Q] with out[a, k] = reduce over (p, q) of x[((a·P + p)·K + k)·Q + q]: rows (P = 1: sums over the
+ * last dims, full sums), columns (Q = 1: sums over leading dims, e.g. the split-K partials of conv weight
+ * gradients; with A > 1, over middle dims), and both (bias gradients, [N, C, H·W] → [C]). A lane owns a contiguous stretch of the elements of one output
  * unit, read as vec4 units where they are 4-aligned (rows: along q, Q % 4 = 0; columns: four neighbouring
  * outputs, K % 4 = 0), with no division in the loop; when outputs are too few to keep the adapter's threads
  * busy, up to 64 lanes share one and are merged in workgroup memory with one barrier. "lanesTexture" reads x
@@ -29,7 +29,7 @@ export type ReduceOp = "sum" | "max";
 
 /**
  * "generic" (any layout; a workgroup tree per output for long reductions: for real GPUs), "lanes" and
- * "lanesTexture" (see the file comment; for CPU-emulated adapters, [P, K, Q] layouts only: others run generic).
+ * "lanesTexture" (see the file comment; for CPU-emulated adapters; [A, P, K, Q] layouts only, others run generic).
  * Absent: on CPU-emulated adapters lanesTexture for large inputs and lanes for small ones, else generic.
  */
 export type ReduceVariant = "generic" | "lanes" | "lanesTexture";
@@ -86,28 +86,35 @@ export function reduceLayout(p: ReduceParams) {
   return { kept, reduced, nOut, L };
 }
 
-/** The input seen as [P, K, Q], reducing P and Q (see the file comment). */
-export interface PkqLayout {
+/** The input seen as [A, P, K, Q], reducing P and Q: out[a, k] = reduce over (p, q) of x[((a·P + p)·K + k)·Q + q]. */
+export interface LaneLayout {
+  A: number;
   P: number;
   K: number;
   Q: number;
 }
 
-/** The [P, K, Q] view of a reduction, or null where its layout is not one (e.g. kept dims on both sides of it). */
-export function pkqLayout(p: ReduceParams): PkqLayout | null {
-  const { kept, reduced, nOut: K, L } = reduceLayout(p);
-  if (kept.shape.length !== 1) return null;
-  const keptStride = kept.strides[0];
-  if (L === 1) return { P: 1, K, Q: 1 };
-  if (reduced.shape.length === 1) {
-    const [R] = reduced.shape, [r] = reduced.strides;
-    if (r === 1 && (K === 1 || keptStride === R)) return { P: 1, K, Q: R };
-    if (keptStride === 1 && r === K) return { P: R, K, Q: 1 };
-    return null;
-  }
-  if (reduced.shape.length === 2) {
-    const [A, B] = reduced.shape, [a, b] = reduced.strides;
-    if (b === 1 && keptStride === B && a === K * B) return { P: A, K, Q: B };
+/**
+ * The [A, P, K, Q] view of a reduction, or null where its layout is not one (e.g. reduced and kept dims
+ * alternating twice). Candidates come from the coalesced groups; one is right when the 4-D shape coalesces to the
+ * same groups.
+ */
+export function laneLayout(p: ReduceParams): LaneLayout | null {
+  const { kept, reduced, L } = reduceLayout(p);
+  if (kept.shape.length > 2 || reduced.shape.length > 2) return null;
+  const [A, K] = kept.shape.length === 2 ? kept.shape : [1, kept.shape[0]];
+  const pq: [number, number][] = L === 1
+    ? [[1, 1]]
+    : reduced.shape.length === 2
+    ? [[reduced.shape[0], reduced.shape[1]]]
+    : [[1, L], [L, 1]];
+  const key = (q: ReduceParams) => {
+    const l = reduceLayout(q);
+    return JSON.stringify([l.kept, l.reduced]);
+  };
+  const want = key(p);
+  for (const [P, Q] of pq) {
+    if (key({ op: p.op, shape: [A, P, K, Q], axes: [1, 3] }) === want) return { A, P, K, Q };
   }
   return null;
 }
@@ -123,7 +130,11 @@ interface LaneReducePlan {
   /** Rows (along q, Q > 1) or columns (along k, Q = 1: a unit is V neighbouring outputs). */
   columns: boolean;
   V: 1 | 4;
-  /** Output units (outputs / V for columns) and input units per output unit (P · Q / V, or P for columns). */
+  /**
+   * Output units per block of A (K / V for columns, else K), in all (A of those), and input units per output
+   * unit (P · Q / V, or P for columns).
+   */
+  blockOutUnits: number;
   outUnits: number;
   work: number;
   /** Lanes per output unit. */
@@ -131,16 +142,17 @@ interface LaneReducePlan {
   texture: boolean;
 }
 
-function laneReducePlan(l: PkqLayout, caps: GpuCaps, variant: "lanes" | "lanesTexture"): LaneReducePlan {
+function laneReducePlan(l: LaneLayout, caps: GpuCaps, variant: "lanes" | "lanesTexture"): LaneReducePlan {
   const columns = l.Q === 1;
   const V = (columns ? l.K : l.Q) % 4 === 0 ? 4 : 1;
-  const outUnits = columns ? l.K / V : l.K;
+  const blockOutUnits = columns ? l.K / V : l.K;
+  const outUnits = l.A * blockOutUnits;
   const work = columns ? l.P : (l.P * l.Q) / V;
   // lanesPerRow's 128 lanes in all: 512 and 2048 measured no better on bias gradients ([8,64,1024] over [0,2]).
   const T = lanesPerRow(outUnits, work, 1);
-  const tex = flatTextureSize(l.P * l.K * l.Q), max = caps.maxTextureDimension2D ?? 0;
+  const tex = flatTextureSize(l.A * l.P * l.K * l.Q), max = caps.maxTextureDimension2D ?? 0;
   const texture = variant === "lanesTexture" && V === 4 && work > 0 && tex.width <= max && tex.height <= max;
-  return { columns, V, outUnits, work, T, texture };
+  return { columns, V, blockOutUnits, outUnits, work, T, texture };
 }
 
 /**
@@ -157,7 +169,7 @@ function defaultVariant(p: ReduceParams, caps: GpuCaps): ReduceVariant {
 
 function lanesReduce(
   p: ReduceParams,
-  l: PkqLayout,
+  l: LaneLayout,
   caps: GpuCaps,
   variant: "lanes" | "lanesTexture",
 ): GpuDispatch {
@@ -167,18 +179,19 @@ function lanesReduce(
   const init = sum ? "U(0.0)" : "U(bitcast<f32>(0xff800000u))";
   const combine = (a: string, b: string) => (sum ? `${a} + ${b}` : `max(${a}, ${b})`);
   const horizontal = V === 1 ? "v" : sum ? "v.x + v.y + v.z + v.w" : "max(max(v.x, v.y), max(v.z, v.w))";
-  // Unit (p, o, u) sits at (p·KU + o)·QU + u: rows have KU = K, QU = Q / V; columns KU = K / V, QU = 1.
-  const KU = plan.columns ? plan.outUnits : l.K, QU = plan.columns ? 1 : l.Q / V;
+  // Unit (a, p, k, u) sits at ((a·P + p)·KU + k)·QU + u: rows have KU = K, QU = Q / V; columns KU = K / V,
+  // QU = 1. Output unit o is (a, k) = (o / KU, o % KU).
+  const KU = plan.blockOutUnits, QU = plan.columns ? 1 : l.Q / V;
   const chunk = Math.ceil(plan.work / T);
-  const w = new ParamWriter().u32(plan.outUnits, KU, QU, plan.work, chunk);
-  // Rows: a lane's stretch [i0, i1) of the (p, u) units of output o, in blocks that stay within one p.
+  const w = new ParamWriter().u32(plan.outUnits, KU, QU, plan.work, chunk, l.P * KU * QU);
+  // Rows: a lane's stretch [i0, i1) of the (p, u) units of output unit o, in blocks that stay within one p.
   // Columns: p = i0 .. i1 − 1 of output unit o, in blocks.
   const walk = plan.columns
     ? `var q = i0;
     while (q < i1) {
       let n = min(i1 - q, ${BLOCK}u);
       var b = ${init};
-      for (var e = q * KU + o; e < (q + n) * KU + o; e += KU) { b = ${combine("b", "ld_x(e)")}; }
+      for (var e = base + q * KU; e < base + (q + n) * KU; e += KU) { b = ${combine("b", "ld_x(e)")}; }
       acc = ${combine("acc", "b")};
       q += n;
     }`
@@ -187,7 +200,7 @@ function lanesReduce(
     var i = i0;
     while (i < i1) {
       let n = min(min(QU - u, i1 - i), ${BLOCK}u);
-      let e0 = (q * KU + o) * QU + u;
+      let e0 = base + q * KU * QU + u;
       var b = ${init};
       for (var e = e0; e < e0 + n; e++) { b = ${combine("b", "ld_x(e)")}; }
       acc = ${combine("acc", "b")};
@@ -217,6 +230,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   if (valid) {
     let i0 = min(lane * pu(4u), pu(3u));
     let i1 = min(i0 + pu(4u), pu(3u));
+    let a = o / KU;
+    let base = a * pu(5u) + (o - a * KU) * QU;
     ${walk}
   }${merge}
   if (valid && lane == 0u) { out[o] = ${plan.columns ? "acc" : "horizontal(acc)"}; }
@@ -225,7 +240,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     source,
     workgroups: grid(Math.ceil((plan.outUnits * T) / LANE_WG), caps.maxWorkgroupsPerDimension),
     params: w.finish(),
-    textures: plan.texture ? [{ input: 0, ...flatTextureSize(l.P * l.K * l.Q) }] : undefined,
+    textures: plan.texture ? [{ input: 0, ...flatTextureSize(l.A * l.P * l.K * l.Q) }] : undefined,
   };
 }
 
@@ -250,8 +265,8 @@ export const reduce: Kernel<ReduceParams> = {
 
   gpu(p: ReduceParams, caps: GpuCaps): GpuDispatch {
     const variant = p.variant ?? defaultVariant(p, caps);
-    const pkq = variant === "generic" ? null : pkqLayout(p);
-    if (pkq && variant !== "generic") return lanesReduce(p, pkq, caps, variant);
+    const lanes = variant === "generic" ? null : laneLayout(p);
+    if (lanes && variant !== "generic") return lanesReduce(p, lanes, caps, variant);
     const { kept, reduced, nOut, L } = reduceLayout(p);
     const kr = kept.shape.length, rr = reduced.shape.length;
     const w = new ParamWriter().u32(nOut, L).u32(

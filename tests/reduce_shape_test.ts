@@ -8,7 +8,7 @@ import fc from "fast-check";
 import { tensor } from "../engine/creation.ts";
 import * as R from "../engine/ops/reduce.ts";
 import {
-  pkqLayout,
+  laneLayout,
   reduce,
   type ReduceOp,
   type ReduceParams,
@@ -54,7 +54,7 @@ async function kernelBoth(
   return [got, want];
 }
 
-/** A dim of a [P, K, Q] reduction: 1, below a vec4, odd, prime, or a multiple of 4 (vec4 units). */
+/** A dim of an [A, P, K, Q] reduction: 1, below a vec4, odd, prime, or a multiple of 4 (vec4 units). */
 const pkqDim = fc.oneof(
   fc.constantFrom(1, 2, 3, 5, 13),
   fc.integer({ min: 1, max: 40 }),
@@ -115,7 +115,7 @@ for (const op of ["sum", "mean", "amax"] as const) {
   });
 }
 
-test("[P, K, Q] layouts: every variant matches the CPU reference (rows, columns, both, full; vec4 and scalar units)", async () => {
+test("[A, P, K, Q] layouts: every variant matches the CPU reference (rows, columns, both, full, middle dims; vec4 and scalar units)", async () => {
   const device = await gpuDevice();
   await fc.assert(
     fc.asyncProperty(
@@ -125,13 +125,14 @@ test("[P, K, Q] layouts: every variant matches the CPU reference (rows, columns,
       fc.constantFrom<ReduceOp>("sum", "max"),
       seedArb,
       fc.constantFrom(1, 1e-3, 30, 1e-30, 1e30),
-      async (P, K, Q, op, seed, scale) => {
-        const data = seededValues(P * K * Q, seed, -scale, scale);
-        for (const axes of [[0, 2], [2], [0], [0, 1, 2]]) {
+      fc.constantFrom(1, 2, 3),
+      async (P, K, Q, op, seed, scale, A) => {
+        const data = seededValues(A * P * K * Q, seed, -scale, scale);
+        for (const axes of [[1, 3], [3], [1], [0, 1, 2, 3]]) {
           for (const variant of VARIANTS) {
-            const [g, c] = await kernelBoth(device, { op, shape: [P, K, Q], axes, variant }, data);
+            const [g, c] = await kernelBoth(device, { op, shape: [A, P, K, Q], axes, variant }, data);
             const tol = op === "max" ? { rtol: 0, atol: 0 } : { rtol: 1e-5, atol: 1e-5 * scale };
-            assertClose(g, c, tol, `${op} of [${P}, ${K}, ${Q}] over [${axes}], ${variant}`);
+            assertClose(g, c, tol, `${op} of [${A}, ${P}, ${K}, ${Q}] over [${axes}], ${variant}`);
           }
         }
       },
@@ -140,16 +141,18 @@ test("[P, K, Q] layouts: every variant matches the CPU reference (rows, columns,
   );
 });
 
-test("pkqLayout: which reductions are [P, K, Q] views", () => {
-  const view = (shape: number[], axes: number[]) => JSON.stringify(pkqLayout({ op: "sum", shape, axes }));
+test("laneLayout: which reductions are [A, P, K, Q] views", () => {
+  const view = (shape: number[], axes: number[]) => JSON.stringify(laneLayout({ op: "sum", shape, axes }));
   const cases: [number[], number[], string][] = [
-    [[8, 64, 32, 32], [0, 2, 3], `{"P":8,"K":64,"Q":1024}`], // bias gradient
-    [[8, 64, 32, 32], [2, 3], `{"P":1,"K":512,"Q":1024}`], // rows
-    [[7, 64, 64, 3, 3], [0], `{"P":7,"K":36864,"Q":1}`], // columns
-    [[8, 3, 32, 32], [0, 1, 2, 3], `{"P":1,"K":1,"Q":24576}`], // full
-    [[5, 1, 3], [1], `{"P":1,"K":15,"Q":1}`], // a size-1 reduction
-    [[2, 3, 4], [1], "null"], // kept dims on both sides
-    [[2, 3, 4, 5], [0, 2], "null"],
+    [[8, 64, 32, 32], [0, 2, 3], `{"A":1,"P":8,"K":64,"Q":1024}`], // bias gradient
+    [[8, 64, 32, 32], [2, 3], `{"A":1,"P":1,"K":512,"Q":1024}`], // rows
+    [[7, 64, 64, 3, 3], [0], `{"A":1,"P":7,"K":36864,"Q":1}`], // columns
+    [[8, 3, 32, 32], [0, 1, 2, 3], `{"A":1,"P":1,"K":1,"Q":24576}`], // full
+    [[5, 1, 3], [1], `{"A":1,"P":1,"K":15,"Q":1}`], // a size-1 reduction
+    [[2, 3, 4], [1], `{"A":2,"P":3,"K":4,"Q":1}`], // a middle dim
+    [[2, 3, 4, 5], [1, 3], `{"A":2,"P":3,"K":4,"Q":5}`],
+    [[2, 3, 4, 5], [0, 2], "null"], // reduced and kept alternate twice
+    [[2, 3, 4, 5, 6], [1, 3], "null"],
   ];
   for (const [shape, axes, want] of cases) assertEquals(view(shape, axes), want, `[${shape}] over [${axes}]`);
 });
