@@ -151,7 +151,7 @@ function laneReducePlan(l: LaneLayout, caps: GpuCaps, variant: "lanes" | "lanesT
   // lanesPerRow's 128 lanes in all: 512 and 2048 measured no better on bias gradients ([8,64,1024] over [0,2]).
   const T = lanesPerRow(outUnits, work, 1);
   const tex = flatTextureSize(l.A * l.P * l.K * l.Q), max = caps.maxTextureDimension2D ?? 0;
-  const texture = variant === "lanesTexture" && V === 4 && work > 0 && tex.width <= max && tex.height <= max;
+  const texture = variant === "lanesTexture" && V === 4 && tex.width <= max && tex.height <= max;
   return { columns, V, blockOutUnits, outUnits, work, T, texture };
 }
 
