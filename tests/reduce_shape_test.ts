@@ -115,6 +115,27 @@ for (const op of ["sum", "mean", "amax"] as const) {
   });
 }
 
+test("every kernel variant over random dims matches the CPU reference (others fall back to generic)", async () => {
+  const device = await gpuDevice();
+  await fc.assert(
+    fc.asyncProperty(
+      reduceCase,
+      fc.constantFrom<ReduceOp>("sum", "max"),
+      seedArb,
+      scaleArb,
+      async ([shape, axes], op, seed, scale) => {
+        const data = seededValues(size(shape), seed, -scale, scale);
+        for (const variant of VARIANTS) {
+          const [g, c] = await kernelBoth(device, { op, shape, axes, variant }, data);
+          const tol = op === "max" ? { rtol: 0, atol: 0 } : { rtol: 1e-5, atol: 1e-5 * scale };
+          assertClose(g, c, tol, `${op} of [${shape}] over [${axes}], ${variant}`);
+        }
+      },
+    ),
+    { numRuns: RUNS },
+  );
+});
+
 test("[A, P, K, Q] layouts: every variant matches the CPU reference (rows, columns, both, full, middle dims; vec4 and scalar units)", async () => {
   const device = await gpuDevice();
   await fc.assert(
