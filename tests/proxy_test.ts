@@ -15,7 +15,7 @@ import { FeatureStatistics } from "../eval/fid.ts";
 import { type FeatureExtractor, quantize } from "../eval/features.ts";
 import { averageRanks, datasetStatistics, metricName, spearman } from "../eval/proxy.ts";
 import { type EvalEvent, evaluate } from "../eval/evaluate.ts";
-import { assertClose, assertEquals, assertThrows, gpuDevice, MICRO_UNET, readAll, test } from "./util.ts";
+import { assertClose, assertEquals, assertThrows, gpuDevice, MICRO_TRAINING, readAll, test } from "./util.ts";
 
 test("averageRanks gives ties their mean rank; spearman matches hand-computed values", () => {
   assertEquals(averageRanks([10, 20, 20, 5]), [2, 3.5, 3.5, 1]);
@@ -92,17 +92,10 @@ test("seeded latents: image i is the same whatever the batch it is drawn in", as
 
 /** A micro UNet (8×8) trained for a few steps with a checkpoint every 16 images. */
 const MICRO_RUN: TrainConfigInput = {
-  network: MICRO_UNET,
-  data: { kind: "procedural", resolution: 8, length: 64 },
-  batch: 4,
-  lr: 2e-3,
-  lrRampupKimg: 0.008,
-  emaHalfLifeKimg: 0.02,
-  logEvery: 4,
+  ...MICRO_TRAINING,
   kimg: 0.048,
   checkpointKimg: 0.016,
   keepCheckpoints: 10,
-  sampleCount: 0,
 };
 
 test("deno task eval: cost, latency, FID and RFID per checkpoint; saved, reused, rank correlation", async () => {

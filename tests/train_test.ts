@@ -35,23 +35,13 @@ import {
   readTrainState,
   saveCheckpoint,
 } from "../models/checkpoint.ts";
-import { assertClose, cpuDevice, f64Device, gpuDevice, MICRO_UNET, test } from "./util.ts";
+import { assertClose, cpuDevice, f64Device, gpuDevice, MICRO_TRAINING, MICRO_UNET, test } from "./util.ts";
 
 /** A micro DDPM++-style UNet for 8×8 RGB (49 k parameters). */
 const MICRO: UNetSpecInput = MICRO_UNET;
 
 /** Options shared by the runs: the micro network, 4-image batches, no grids, no periodic checkpoints. */
-const BASE: TrainConfigInput = {
-  network: MICRO,
-  data: { kind: "procedural", resolution: 8, length: 64 },
-  batch: 4,
-  lr: 2e-3,
-  lrRampupKimg: 0.008,
-  emaHalfLifeKimg: 0.02,
-  logEvery: 4,
-  checkpointKimg: 0,
-  sampleCount: 0,
-};
+const BASE: TrainConfigInput = { ...MICRO_TRAINING, checkpointKimg: 0 };
 
 async function tempDir(): Promise<string> {
   return await Deno.makeTempDir({ prefix: "train_test_" });

@@ -6,6 +6,7 @@
 
 import fc from "fast-check";
 import type { UNetSpecInput } from "../models/unet.ts";
+import type { TrainConfigInput } from "../models/train.ts";
 import { Device } from "../engine/device.ts";
 import "../engine/autograd.ts";
 import { tensor } from "../engine/creation.ts";
@@ -227,4 +228,16 @@ export const MICRO_UNET: UNetSpecInput = Object.freeze({
   attnResolutions: [4],
   numHeads: 1,
   dropout: 0,
+});
+
+/** Training settings of the micro runs: 8×8 procedural images, 4-image batches, no sample grids. */
+export const MICRO_TRAINING: TrainConfigInput = Object.freeze({
+  network: MICRO_UNET,
+  data: { kind: "procedural" as const, resolution: 8, length: 64 },
+  batch: 4,
+  lr: 2e-3,
+  lrRampupKimg: 0.008,
+  emaHalfLifeKimg: 0.02,
+  logEvery: 4,
+  sampleCount: 0,
 });
