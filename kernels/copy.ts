@@ -4,9 +4,16 @@
  * One primitive covers permute (permuted source strides), narrow (a source offset), cat (a destination offset
  * into a wider tensor), the backward of narrow (a write into a zeroed tensor) and expand (source stride 0).
  * The destination is bound read-write, so copies into part of an existing tensor leave the rest untouched.
+ *
+ * Dimensions are coalesced first (see `coalesce` in elementwise.ts). When the destination's innermost run is
+ * contiguous and 4-aligned, each invocation moves four elements: one vec4 store, and one vec4 load when the
+ * source is aligned the same way (else four scalar loads along the source's innermost stride). llvmpipe runs
+ * every storage access as a per-lane loop and the u32 div/mod index math is not vectorised, so doing both once
+ * per four elements matters.
  */
 
 import { coalesce } from "./elementwise.ts";
+import { cachedSource } from "./source_cache.ts";
 import { type FloatArray, type GpuCaps, type GpuDispatch, type Kernel, ParamWriter } from "./types.ts";
 import { ENTRY_1D, grid1d, header } from "./wgsl.ts";
 
@@ -18,30 +25,68 @@ export interface CopyParams {
   dstStrides: readonly number[];
 }
 
-export const copy: Kernel<CopyParams> = {
-  name: "copy",
+/** Whether a side can be read or written as whole vec4s: innermost stride 1 and every offset 4-aligned. */
+function vec4Aligned(strides: readonly number[], offset: number): boolean {
+  const rank = strides.length;
+  return strides[rank - 1] === 1 && offset % 4 === 0 && strides.slice(0, rank - 1).every((s) => s % 4 === 0);
+}
 
-  gpu(p: CopyParams, caps: GpuCaps): GpuDispatch {
-    const c = coalesce(p.shape, [p.srcStrides, p.dstStrides]);
-    const rank = c.shape.length;
-    const n = c.shape.reduce((a, b) => a * b, 1);
-    const w = new ParamWriter().u32(
-      n,
-      p.srcOffset,
-      p.dstOffset,
-      ...c.shape,
-      ...c.strides[0],
-      ...c.strides[1],
+/**
+ * How a copy runs: elements per invocation `V` (4: vec4 stores), whether the source is read as vec4s, and the
+ * index words (shape, offsets and strides in the units each side is indexed in).
+ */
+export function copyPlan(p: CopyParams) {
+  const c = coalesce(p.shape, [p.srcStrides, p.dstStrides]);
+  const rank = c.shape.length;
+  const [ss, ds] = c.strides;
+  const V = c.shape[rank - 1] % 4 === 0 && vec4Aligned(ds, p.dstOffset) ? 4 : 1;
+  const srcVec = V === 4 && vec4Aligned(ss, p.srcOffset);
+  const shape = [...c.shape.slice(0, rank - 1), c.shape[rank - 1] / V];
+  // In vec4 units a vec4-indexed side steps one vec4 per innermost coordinate and stride/4 elsewhere.
+  const vec4Strides = (st: number[]) => [...st.slice(0, rank - 1).map((s) => s / 4), 1];
+  const dstStrides = V === 4 ? vec4Strides(ds) : ds;
+  // A scalar-read source steps V elements along its innermost stride per invocation.
+  const srcStrides = srcVec ? vec4Strides(ss) : [...ss.slice(0, rank - 1), ss[rank - 1] * V];
+  return {
+    V,
+    srcVec,
+    rank,
+    n: shape.reduce((a, b) => a * b, 1),
+    shape,
+    srcOffset: srcVec ? p.srcOffset / 4 : p.srcOffset,
+    dstOffset: p.dstOffset / V,
+    srcStrides,
+    dstStrides,
+    /** Element stride between the four scalar loads of a gathered vec4. */
+    srcInner: ss[rank - 1],
+  };
+}
+
+function copySource(rank: number, V: number, srcVec: boolean): string {
+  const lines: string[] = [];
+  for (let d = rank - 1; d >= 0; d--) {
+    lines.push(
+      `{ let c = rem % pu(${4 + d}u); rem = rem / pu(${4 + d}u); s += c * pu(${4 + rank + d}u); t += c * pu(${
+        4 + 2 * rank + d
+      }u); }`,
     );
-    const lines: string[] = [];
-    for (let d = rank - 1; d >= 0; d--) {
-      lines.push(
-        `{ let c = rem % pu(${3 + d}u); rem = rem / pu(${3 + d}u); s += c * pu(${
-          3 + rank + d
-        }u); t += c * pu(${3 + 2 * rank + d}u); }`,
-      );
-    }
-    const source = header(["src"], ["dst"]) + `
+  }
+  let store = `dst[t] = src[s];`;
+  if (V === 4 && !srcVec) {
+    store = `let k = pu(3u);
+  dst[t] = vec4<f32>(src[s], src[s + k], src[s + 2u * k], src[s + 3u * k]);`;
+  }
+  let head = header(["src"], ["dst"]);
+  if (V === 4) {
+    head = head.replace(
+      `var<storage, read_write> dst: array<f32>;`,
+      `var<storage, read_write> dst: array<vec4<f32>>;`,
+    );
+  }
+  if (srcVec) {
+    head = head.replace(`var<storage, read> src: array<f32>;`, `var<storage, read> src: array<vec4<f32>>;`);
+  }
+  return head + `
 ${ENTRY_1D} {
   let i = linearId(wid, nwg, lid, 256u);
   if (i >= pu(0u)) { return; }
@@ -49,9 +94,27 @@ ${ENTRY_1D} {
   var s = pu(1u);
   var t = pu(2u);
   ${lines.join("\n  ")}
-  dst[t] = src[s];
+  ${store}
 }`;
-    return { source, workgroups: grid1d(n, caps.maxWorkgroupsPerDimension), params: w.finish() };
+}
+
+export const copy: Kernel<CopyParams> = {
+  name: "copy",
+
+  gpu(p: CopyParams, caps: GpuCaps): GpuDispatch {
+    const plan = copyPlan(p);
+    const w = new ParamWriter().u32(
+      plan.n,
+      plan.srcOffset,
+      plan.dstOffset,
+      plan.srcInner,
+      ...plan.shape,
+      ...plan.srcStrides,
+      ...plan.dstStrides,
+    );
+    const { rank, V, srcVec } = plan;
+    const source = cachedSource(`copy:${rank}:${V}:${srcVec}`, () => copySource(rank, V, srcVec));
+    return { source, workgroups: grid1d(plan.n, caps.maxWorkgroupsPerDimension), params: w.finish() };
   },
 
   cpu(p: CopyParams, [src]: FloatArray[], [dst]: FloatArray[]): void {
