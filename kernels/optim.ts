@@ -7,7 +7,7 @@
  * the step count the host already knows) travel as uniforms, and a gradient scale that is only known on the
  * device (the clipping coefficient) is read from a one-element buffer.
  *
- * - `adam`: one thread per element, PyTorch's `torch.optim.Adam`/`AdamW` arithmetic (see `adamStepJs`);
+ * - `adam`: one thread per element (four, as vec4s, when the size allows), PyTorch's `torch.optim.Adam`/`AdamW` arithmetic (see `adamStepJs`);
  * - `sumSquares`: partial sums of x² over chunks of `SUMSQ_CHUNK` elements, one workgroup per chunk with a tree
  *   in workgroup memory, written at an offset into one partials buffer shared by all parameters;
  * - `clipFinish`: one workgroup sums the partials and writes the norm √Σ and the clip coefficient
@@ -17,7 +17,21 @@
  */
 
 import { type FloatArray, type GpuCaps, type GpuDispatch, type Kernel, ParamWriter } from "./types.ts";
+import { cachedSource } from "./source_cache.ts";
 import { ENTRY_1D, grid, grid1d, header, WG } from "./wgsl.ts";
+
+/**
+ * Elements per thread of the one-thread-per-element kernels: 4 (vec4 loads and stores) when `n` is a multiple
+ * of 4. llvmpipe runs every storage access as a per-lane loop, so a vec4 access moves four times the data for
+ * about the cost of a scalar one.
+ */
+function elementsPerThread(n: number): 1 | 4 {
+  return n % 4 === 0 ? 4 : 1;
+}
+
+function elementType(V: 1 | 4): string {
+  return V === 4 ? "vec4<f32>" : "f32";
+}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Adam / AdamW.
@@ -74,15 +88,26 @@ export const adam: Kernel<AdamParams> = {
 
   gpu(p: AdamParams, caps: GpuCaps): GpuDispatch {
     const { stepSize, bc2Sqrt } = adamConstants(p);
+    const V = elementsPerThread(p.n);
     // 1−β is computed in double: 1 − f32(0.999) would be off by 5e-5 relative (PyTorch passes it as a scalar too).
-    const w = new ParamWriter().u32(p.n).f32(p.lr, 1 - p.beta1, p.beta2, 1 - p.beta2, p.eps, p.weightDecay);
+    const w = new ParamWriter().u32(p.n / V).f32(
+      p.lr,
+      1 - p.beta1,
+      p.beta2,
+      1 - p.beta2,
+      p.eps,
+      p.weightDecay,
+    );
     w.f32(stepSize, bc2Sqrt);
-    const decay = p.decoupled ? `pr = pr * (1.0 - pf(1u) * pf(6u));` : `g = g + pf(6u) * pr;`;
-    const source = header(p.scaled ? ["grad", "scale"] : ["grad"], ["param", "m", "v"]) + `
+    const source = cachedSource(`adam:${V}:${p.decoupled}:${p.scaled}`, () => {
+      const decay = p.decoupled ? `pr = pr * (1.0 - pf(1u) * pf(6u));` : `g = g + pf(6u) * pr;`;
+      // The scale buffer binds at least 16 bytes (see bufferEntry in engine/device.ts), so a vec4 read is in range.
+      const scale = p.scaled ? ` * scale[0]${V === 4 ? ".x" : ""}` : "";
+      return header(p.scaled ? ["grad", "scale"] : ["grad"], ["param", "m", "v"], elementType(V)) + `
 ${ENTRY_1D} {
   let i = linearId(wid, nwg, lid, ${WG}u);
   if (i >= pu(0u)) { return; }
-  var g = grad[i]${p.scaled ? " * scale[0]" : ""};
+  var g = grad[i]${scale};
   var pr = param[i];
   ${decay}
   let mi = m[i] + pf(2u) * (g - m[i]);
@@ -91,7 +116,8 @@ ${ENTRY_1D} {
   v[i] = vi;
   param[i] = pr - pf(7u) * mi / (sqrt(vi) / pf(8u) + pf(5u));
 }`;
-    return { source, workgroups: grid1d(p.n, caps.maxWorkgroupsPerDimension), params: w.finish() };
+    });
+    return { source, workgroups: grid1d(p.n / V, caps.maxWorkgroupsPerDimension), params: w.finish() };
   },
 
   cpu(p: AdamParams, inputs: FloatArray[], [param, m, v]: FloatArray[]): void {

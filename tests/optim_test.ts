@@ -30,6 +30,7 @@ import {
   scaleArb,
   seededValues,
   shapeArb,
+  smallGridDevice,
   test,
 } from "./util.ts";
 
@@ -165,6 +166,44 @@ test("step({ gradScale }) equals stepping on pre-scaled gradients", async () => 
       "gradScale must have one element",
     );
   }
+});
+
+test("property: Adam/AdamW with a device gradient scale agree across backends, vec4 sizes or not, 2-D grids", async () => {
+  // Multiples of 4 take the vec4 kernel; past 16·256·4 elements the small-grid device folds it into 2-D.
+  const sizeArb = fc.oneof(
+    fc.integer({ min: 1, max: 70 }),
+    fc.integer({ min: 1, max: 40 }).map((k) => 4 * k),
+    fc.integer({ min: 4097, max: 5200 }).map((k) => 4 * k),
+    fc.integer({ min: 16385, max: 20000 }),
+  );
+  const gpus = [await gpuDevice(), await smallGridDevice()];
+  await fc.assert(
+    fc.asyncProperty(
+      sizeArb,
+      hyperArb,
+      fc.boolean(),
+      fc.nat(),
+      scaleArb,
+      async (n, h, decoupled, seed, scale) => {
+        const results: Float32Array[] = [];
+        for (const dev of [await cpuDevice(), gpus[seed % 2]]) {
+          const p = tensor(seededValues(n, seed), [n], { device: dev, requiresGrad: true });
+          const opt = new (decoupled ? AdamW : Adam)([p], h);
+          const s = tensor([0.37], [], { device: dev });
+          for (let k = 1; k <= 3; k++) {
+            p.grad?.dispose();
+            p.grad = tensor(seededValues(n, seed + k, -scale, scale), [n], { device: dev });
+            opt.step({ gradScale: s });
+          }
+          results.push(await p.toArray());
+          opt.dispose();
+          [p, s].forEach((t) => t.dispose());
+        }
+        assertClose(results[1], results[0], { rtol: 1e-5, atol: 1e-6 }, `n ${n}`);
+      },
+    ),
+    { numRuns: RUNS },
+  );
 });
 
 test("property: clipGradNorm computes the global L2 norm on the device and scales like PyTorch", async () => {
