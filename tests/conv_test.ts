@@ -27,6 +27,7 @@ import { bin, inp } from "../kernels/elementwise.ts";
 import type { Device } from "../engine/device.ts";
 import type { Tensor } from "../engine/tensor.ts";
 import {
+  assertBackendsAgree,
   assertClose,
   assertEquals,
   cpuDevice,
@@ -311,17 +312,6 @@ test("conv kernels: variant choice (texture on CPU-emulated adapters for convolu
   }
 });
 
-async function opAndGrads(device: Device, f: (...t: Tensor[]) => Tensor, shapes: number[][], seed: number) {
-  const xs = shapes.map((s, i) => tensor(seededValues(prod(s), seed + i), s, { device, requiresGrad: true }));
-  const y = f(...xs);
-  const cot = tensor(seededValues(y.size, seed + 99), y.shape, { device });
-  const out = await values(y);
-  y.backward(cot);
-  const grads = [];
-  for (const x of xs) grads.push(await values(x.grad!));
-  return { shape: y.shape, out, grads };
-}
-
 test("conv2d / convTranspose2d ops: GPU matches the CPU backend in values and all gradients", async () => {
   const gpu = await gpuDevice(), cpu = await cpuDevice();
   await fc.assert(
@@ -354,14 +344,8 @@ test("conv2d / convTranspose2d ops: GPU matches the CPU backend in values and al
         for (
           const [name, f, shapes] of [["conv2d", fwd, cShapes], ["convTranspose2d", tr, tShapes]] as const
         ) {
-          const got = await opAndGrads(gpu, f, shapes, seed);
-          const want = await opAndGrads(cpu, f, shapes, seed);
           const what = `${name} ${JSON.stringify(shapes)} stride ${stride} padding ${padding}`;
-          assertEquals(got.shape, want.shape, what);
-          assertClose(got.out, want.out, { rtol: 1e-4, atol: 1e-4 }, what);
-          got.grads.forEach((d, i) =>
-            assertClose(d, want.grads[i], { rtol: 1e-4, atol: 2e-4 }, `${what} grad ${i}`)
-          );
+          await assertBackendsAgree([gpu, cpu], f, shapes, seed, what, 2e-4);
         }
       },
     ),
@@ -388,13 +372,7 @@ test("conv2d / convTranspose2d ops: sizes where the texture variant is the defau
     ],
   ];
   for (const [name, f, shapes] of cases) {
-    const got = await opAndGrads(gpu, f, shapes, 3);
-    const want = await opAndGrads(cpu, f, shapes, 3);
-    assertEquals(got.shape, want.shape, name);
-    assertClose(got.out, want.out, { rtol: 1e-4, atol: 1e-4 }, name);
-    got.grads.forEach((d, i) =>
-      assertClose(d, want.grads[i], { rtol: 1e-4, atol: 5e-4 }, `${name} grad ${i}`)
-    );
+    await assertBackendsAgree([gpu, cpu], f, shapes, 3, name, 5e-4);
   }
   if (gpu.counters().textures === filled) throw new Error("no convolution used the texture variant");
 });

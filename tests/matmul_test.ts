@@ -25,12 +25,14 @@ import { bin, elementwise, inp } from "../kernels/elementwise.ts";
 import { Device } from "../engine/device.ts";
 import type { Tensor } from "../engine/tensor.ts";
 import {
+  assertBackendsAgree,
   assertClose,
   assertEquals,
   assertThrows,
   cpuDevice,
   gpuDevice,
   gradCheck,
+  opAndGrads,
   RUNS,
   scaleArb,
   seedArb,
@@ -396,13 +398,7 @@ test("matmul / linear ops: products large enough for the texture variant match t
     [(x, w, b) => linear(x, w, b), [[100, 66], [52, 66], [52]]],
   ];
   for (const [f, shapes] of cases) {
-    const got = await opAndGrads(gpu, f, shapes, 5);
-    const want = await opAndGrads(cpu, f, shapes, 5);
-    const what = JSON.stringify(shapes);
-    assertClose(got.out, want.out, { rtol: 1e-4, atol: 1e-4 }, what);
-    got.grads.forEach((g, i) =>
-      assertClose(g, want.grads[i], { rtol: 1e-4, atol: 1e-4 }, `${what} grad ${i}`)
-    );
+    await assertBackendsAgree([gpu, cpu], f, shapes, 5, JSON.stringify(shapes));
   }
   if (gpu.counters().textures === filled) {
     throw new Error("the large products did not use the texture variant");
@@ -429,31 +425,12 @@ const matmulShapesArb = fc.record({
   return { a, b };
 });
 
-async function opAndGrads(device: Device, f: (...t: Tensor[]) => Tensor, shapes: number[][], seed: number) {
-  const xs = shapes.map((s, i) =>
-    tensor(seededValues(s.reduce((p, d) => p * d, 1), seed + i), s, { device, requiresGrad: true })
-  );
-  const y = f(...xs);
-  const cot = tensor(seededValues(y.size, seed + 99), y.shape, { device });
-  const out = await values(y);
-  y.backward(cot);
-  const grads = [];
-  for (const x of xs) grads.push(await values(x.grad!));
-  return { shape: y.shape, out, grads };
-}
-
 test("matmul op: GPU matches the CPU backend in values and gradients (broadcast, 1-D, folded batches)", async () => {
   const gpu = await gpuDevice(), cpu = await cpuDevice();
   await fc.assert(
     fc.asyncProperty(matmulShapesArb, seedArb, async ({ a, b }, seed) => {
-      const got = await opAndGrads(gpu, matmul, [a, b], seed);
-      const want = await opAndGrads(cpu, matmul, [a, b], seed);
       const what = `matmul ${JSON.stringify(a)} · ${JSON.stringify(b)}`;
-      assertEquals(got.shape, want.shape, what);
-      assertClose(got.out, want.out, { rtol: 1e-4, atol: 1e-4 }, what);
-      got.grads.forEach((g, i) =>
-        assertClose(g, want.grads[i], { rtol: 1e-4, atol: 1e-4 }, `${what} grad ${i}`)
-      );
+      await assertBackendsAgree([gpu, cpu], matmul, [a, b], seed, what);
     }),
     { numRuns: RUNS },
   );
@@ -588,12 +565,7 @@ test("linear: GPU matches the CPU backend (values and gradients)", async () => {
       async (lead, inF, outF, withBias, seed) => {
         const shapes = [[...lead, inF], [outF, inF], ...(withBias ? [[outF]] : [])];
         const f = (x: Tensor, w: Tensor, b?: Tensor) => linear(x, w, b);
-        const got = await opAndGrads(gpu, f, shapes, seed);
-        const want = await opAndGrads(cpu, f, shapes, seed);
-        assertClose(got.out, want.out, { rtol: 1e-4, atol: 1e-4 }, `linear ${JSON.stringify(shapes)}`);
-        got.grads.forEach((g, i) =>
-          assertClose(g, want.grads[i], { rtol: 1e-4, atol: 1e-4 }, `linear grad ${i}`)
-        );
+        await assertBackendsAgree([gpu, cpu], f, shapes, seed, `linear ${JSON.stringify(shapes)}`);
       },
     ),
     { numRuns: RUNS },

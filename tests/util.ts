@@ -241,3 +241,45 @@ export const MICRO_TRAINING: TrainConfigInput = Object.freeze({
   logEvery: 4,
   sampleCount: 0,
 });
+
+/**
+ * `f` on seeded inputs of `shapes` (requiring grad) on `device`, then backward with a seeded cotangent: the
+ * output's shape and values and every input's gradient, read back in float64.
+ */
+export async function opAndGrads(
+  device: Device,
+  f: (...t: Tensor[]) => Tensor,
+  shapes: number[][],
+  seed: number,
+): Promise<{ shape: readonly number[]; out: Float64Array; grads: Float64Array[] }> {
+  const xs = shapes.map((s, i) =>
+    tensor(seededValues(s.reduce((p, d) => p * d, 1), seed + i), s, { device, requiresGrad: true })
+  );
+  const y = f(...xs);
+  const cot = tensor(seededValues(y.size, seed + 99), y.shape, { device });
+  const out = await values(y);
+  y.backward(cot);
+  const grads = [];
+  for (const x of xs) grads.push(await values(x.grad!));
+  return { shape: y.shape, out, grads };
+}
+
+/**
+ * Asserts that `f` gives the same output shape, values (rtol = atol = 1e-4) and input gradients (rtol 1e-4,
+ * atol `gradAtol`) on device `a` as on device `b` (`opAndGrads` on each).
+ */
+export async function assertBackendsAgree(
+  [a, b]: [Device, Device],
+  f: (...t: Tensor[]) => Tensor,
+  shapes: number[][],
+  seed: number,
+  what: string,
+  gradAtol = 1e-4,
+): Promise<void> {
+  const got = await opAndGrads(a, f, shapes, seed), want = await opAndGrads(b, f, shapes, seed);
+  assertEquals(got.shape, want.shape, what);
+  assertClose(got.out, want.out, { rtol: 1e-4, atol: 1e-4 }, what);
+  got.grads.forEach((g, i) =>
+    assertClose(g, want.grads[i], { rtol: 1e-4, atol: gradAtol }, `${what} grad ${i}`)
+  );
+}
