@@ -139,27 +139,26 @@ export const avgPool2d: Kernel<AvgPool2dParams> = {
   },
 };
 
-/** Inputs: g (the output gradient, [planes, Ho, Wo]); output: dx ([planes, H, W]). */
-export const avgPool2dBackward: Kernel<AvgPool2dParams> = {
-  name: "avgPool2dBackward",
+/** Uniform words 0–11 of the backward gathers (see `gatherSource`), and the invocation count. */
+function gatherWords(op: string, p: PoolGeometry): { w: ParamWriter; total: number } {
+  const { Ho, Wo } = checkPool(op, p);
+  const runs = Math.ceil(p.W / RUN);
+  const total = p.planes * p.H * runs;
+  const w = new ParamWriter().u32(total, p.H, p.W, Ho, Wo, runs, p.kh, p.kw, p.sh, p.sw, p.ph, p.pw);
+  return { w, total };
+}
 
-  gpu(p: AvgPool2dParams, caps: GpuCaps): GpuDispatch {
-    const { Ho, Wo } = checkPool("avgPool2dBackward", p);
-    const runs = Math.ceil(p.W / RUN);
-    const total = p.planes * p.H * runs;
-    const w = new ParamWriter().u32(total, p.H, p.W, Ho, Wo, runs, p.kh, p.kw, p.sh, p.sw, p.ph, p.pw)
-      .f32(1 / (p.kh * p.kw)).u32(p.countIncludePad === false ? 0 : 1);
-    // First output index whose window reaches pixel a (with padding pad, kernel k, stride s): ceil((a+pad−k+1)/s).
-    // inside(o, …): how many of output o's window positions fall inside a side of length n.
-    const source = header(["g"], ["dx"]) + `
+/**
+ * The backward passes gather rather than scatter: an invocation walks a run of RUN pixels (h, w) of one plane's
+ * row of dx, and for each the outputs whose windows reach it, oh ∈ [ohLo, ohEnd) and ow ∈ [owLo, owEnd) (the
+ * first is ceil((a + pad − k + 1)/s)). `body` adds into `acc` for one pixel; `helpers` are extra WGSL functions.
+ */
+function gatherSource(inputs: string[], helpers: string, body: string): string {
+  return header(inputs, ["dx"]) + `
 fn firstOut(a: u32, pad: u32, k: u32, s: u32) -> u32 {
   let num = i32(a + pad) - i32(k) + 1;
   return select(0u, (u32(num) + s - 1u) / s, num > 0);
-}
-fn inside(o: u32, pad: u32, k: u32, s: u32, n: u32) -> f32 {
-  let a0 = i32(o * s) - i32(pad);
-  return f32(min(a0 + i32(k), i32(n)) - max(a0, 0));
-}
+}${helpers}
 ${ENTRY_1D} {
   let id = linearId(wid, nwg, lid, 256u);
   if (id >= pu(0u)) { return; }
@@ -177,7 +176,28 @@ ${ENTRY_1D} {
   for (var w = w0; w < wEnd; w++) {
     let owLo = firstOut(w, pw, kw, sw);
     let owEnd = min((w + pw) / sw + 1u, Wo);
-    var acc = 0.0;
+    var acc = 0.0;${body}
+    dx[(plane * H + h) * W + w] = acc;
+  }
+}`;
+}
+
+/** Inputs: g (the output gradient, [planes, Ho, Wo]); output: dx ([planes, H, W]). */
+export const avgPool2dBackward: Kernel<AvgPool2dParams> = {
+  name: "avgPool2dBackward",
+
+  gpu(p: AvgPool2dParams, caps: GpuCaps): GpuDispatch {
+    const { w, total } = gatherWords("avgPool2dBackward", p);
+    w.f32(1 / (p.kh * p.kw)).u32(p.countIncludePad === false ? 0 : 1);
+    // inside(o, …): how many of output o's window positions fall inside a side of length n.
+    const source = gatherSource(
+      ["g"],
+      `
+fn inside(o: u32, pad: u32, k: u32, s: u32, n: u32) -> f32 {
+  let a0 = i32(o * s) - i32(pad);
+  return f32(min(a0 + i32(k), i32(n)) - max(a0, 0));
+}`,
+      `
     if (pu(13u) == 1u) {
       for (var oh = ohLo; oh < ohEnd; oh++) {
         let rowBase = gPlane + oh * Wo;
@@ -190,10 +210,8 @@ ${ENTRY_1D} {
         let rows = inside(oh, ph, kh, sh, H);
         for (var ow = owLo; ow < owEnd; ow++) { acc += g[rowBase + ow] / (rows * inside(ow, pw, kw, sw, W)); }
       }
-    }
-    dx[(plane * H + h) * W + w] = acc;
-  }
-}`;
+    }`,
+    );
     return { source, workgroups: grid1d(total, caps.maxWorkgroupsPerDimension), params: w.finish() };
   },
 
@@ -291,43 +309,19 @@ export const maxPool2dBackward: Kernel<PoolGeometry> = {
   name: "maxPool2dBackward",
 
   gpu(p: PoolGeometry, caps: GpuCaps): GpuDispatch {
-    const { Ho, Wo } = checkPool("maxPool2dBackward", p);
-    const runs = Math.ceil(p.W / RUN);
-    const total = p.planes * p.H * runs;
-    const w = new ParamWriter().u32(total, p.H, p.W, Ho, Wo, runs, p.kh, p.kw, p.sh, p.sw, p.ph, p.pw);
-    const source = header(["g", "idx"], ["dx"]) + `
-fn firstOut(a: u32, pad: u32, k: u32, s: u32) -> u32 {
-  let num = i32(a + pad) - i32(k) + 1;
-  return select(0u, (u32(num) + s - 1u) / s, num > 0);
-}
-${ENTRY_1D} {
-  let id = linearId(wid, nwg, lid, 256u);
-  if (id >= pu(0u)) { return; }
-  let H = pu(1u); let W = pu(2u); let Ho = pu(3u); let Wo = pu(4u); let runs = pu(5u);
-  let kh = pu(6u); let kw = pu(7u); let sh = pu(8u); let sw = pu(9u); let ph = pu(10u); let pw = pu(11u);
-  let r = id % runs;
-  let rest = id / runs;
-  let h = rest % H;
-  let plane = rest / H;
-  let gPlane = plane * Ho * Wo;
-  let ohLo = firstOut(h, ph, kh, sh);
-  let ohEnd = min((h + ph) / sh + 1u, Ho);
-  let w0 = r * ${RUN}u;
-  let wEnd = min(w0 + ${RUN}u, W);
-  for (var w = w0; w < wEnd; w++) {
-    let owLo = firstOut(w, pw, kw, sw);
-    let owEnd = min((w + pw) / sw + 1u, Wo);
+    const { w, total } = gatherWords("maxPool2dBackward", p);
+    const source = gatherSource(
+      ["g", "idx"],
+      "",
+      `
     let here = f32(h * W + w);
-    var acc = 0.0;
     for (var oh = ohLo; oh < ohEnd; oh++) {
       let rowBase = gPlane + oh * Wo;
       for (var ow = owLo; ow < owEnd; ow++) {
         if (idx[rowBase + ow] == here) { acc += g[rowBase + ow]; }
       }
-    }
-    dx[(plane * H + h) * W + w] = acc;
-  }
-}`;
+    }`,
+    );
     return { source, workgroups: grid1d(total, caps.maxWorkgroupsPerDimension), params: w.finish() };
   },
 
