@@ -37,12 +37,11 @@ import {
   scaleArb,
   seedArb,
   seededValues,
+  size,
   smallGridDevice,
   test,
   values,
 } from "./util.ts";
-
-const prod = (s: readonly number[]) => s.reduce((p, d) => p * d, 1);
 
 async function runKernel<P>(device: Device, kernel: Kernel<P>, p: P, inputs: Float32Array[], outLen: number) {
   const bufs = inputs.map((v) => {
@@ -422,7 +421,7 @@ test("conv2d with vector weight loads does not break later small kernels in the 
 });
 
 test("conv2d / convTranspose2d: finite-difference gradient checks", async () => {
-  const data = (shape: number[], seed: number) => ({ shape, data: seededValues(prod(shape), seed) });
+  const data = (shape: number[], seed: number) => ({ shape, data: seededValues(size(shape), seed) });
   await gradCheck((x, w, b) => conv2d(x, w, b, { stride: 2, padding: 1 }), [
     data([2, 2, 5, 4], 1),
     data([3, 2, 3, 3], 2),
@@ -466,7 +465,7 @@ test("conv2d: padding 'same' keeps the size (odd and even kernels) and 'valid' m
 
 test("conv2d / convTranspose2d: shape errors name the op and the shapes", async () => {
   const device = await cpuDevice();
-  const z = (...s: number[]) => tensor(new Float32Array(prod(s)), s, { device });
+  const z = (...s: number[]) => tensor(new Float32Array(size(s)), s, { device });
   const expectError = (f: () => unknown, ...parts: string[]) => {
     let message = "";
     try {

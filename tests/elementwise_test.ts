@@ -21,11 +21,10 @@ import {
   seedArb,
   seededValues,
   shapeArb,
+  size,
   smallGridDevice,
   test,
 } from "./util.ts";
-
-const size = (s: number[]) => s.reduce((a, b) => a * b, 1);
 
 /** Input values for an op: positive where the op needs it. */
 function domainValues(op: string, n: number, seed: number, scale: number): Float32Array {

@@ -33,11 +33,11 @@ import {
   scaleArb,
   seedArb,
   seededValues,
+  size,
   smallGridDevice,
   test,
 } from "./util.ts";
 
-const size = (s: readonly number[]) => s.reduce((a, b) => a * b, 1);
 function maxAbs(a: ArrayLike<number>): number {
   let m = 0;
   for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i]));

@@ -7,7 +7,6 @@
 
 import fc from "fast-check";
 import { tensor } from "../engine/creation.ts";
-import type { Device } from "../engine/device.ts";
 import { avgPool2d, interpolateNearest, maxPool2d } from "../engine/ops/pool.ts";
 import { noGrad } from "../engine/tensor.ts";
 import type { Tensor } from "../engine/tensor.ts";
@@ -20,28 +19,11 @@ import {
   scaleArb,
   seedArb,
   seededValues,
+  size,
   smallGridDevice,
   test,
+  valueAndGrad,
 } from "./util.ts";
-
-const size = (s: readonly number[]) => s.reduce((a, b) => a * b, 1);
-
-/** Output shape, y and dx (for a seeded cotangent) on one device. */
-async function onDevice(
-  device: Device,
-  f: (x: Tensor) => Tensor,
-  shape: number[],
-  x: ArrayLike<number>,
-  seed: number,
-): Promise<{ shape: readonly number[]; y: Float64Array; dx: Float64Array }> {
-  const xt = tensor(x, shape, { device, requiresGrad: true });
-  const y = f(xt);
-  const c = tensor(seededValues(y.size, seed), y.shape, { device });
-  y.backward(c);
-  const res = { shape: y.shape, y: await y.toFloat64Array(), dx: await xt.grad!.toFloat64Array() };
-  for (const t of [xt, y, c, xt.grad]) t?.dispose();
-  return res;
-}
 
 async function compare(
   f: (x: Tensor) => Tensor,
@@ -51,8 +33,8 @@ async function compare(
   small: boolean,
 ) {
   const gpu = small ? await smallGridDevice() : await gpuDevice();
-  const got = await onDevice(gpu, f, shape, x, seed);
-  const want = await onDevice(await cpuDevice(), f, shape, x, seed);
+  const got = await valueAndGrad(gpu, f, shape, x, seed);
+  const want = await valueAndGrad(await cpuDevice(), f, shape, x, seed);
   if (got.shape.join() !== want.shape.join()) throw new Error(`shape [${got.shape}] vs [${want.shape}]`);
   assertClose(got.y, want.y, { rtol: 1e-5, atol: 1e-6 }, "y");
   assertClose(got.dx, want.dx, { rtol: 1e-5, atol: 1e-6 }, "dx");

@@ -28,11 +28,10 @@ import {
   seedArb,
   seededValues,
   shapeArb,
+  size,
   smallGridDevice,
   test,
 } from "./util.ts";
-
-const size = (s: readonly number[]) => s.reduce((a, b) => a * b, 1);
 
 const VARIANTS: ReduceVariant[] = ["generic", "lanes", "lanesTexture"];
 

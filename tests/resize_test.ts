@@ -7,7 +7,6 @@
 
 import fc from "fast-check";
 import { tensor } from "../engine/creation.ts";
-import type { Device } from "../engine/device.ts";
 import { interpolateBilinear } from "../engine/ops/resize.ts";
 import type { Tensor } from "../engine/tensor.ts";
 import {
@@ -19,27 +18,11 @@ import {
   scaleArb,
   seedArb,
   seededValues,
+  size,
   smallGridDevice,
   test,
+  valueAndGrad,
 } from "./util.ts";
-
-const size = (s: readonly number[]) => s.reduce((a, b) => a * b, 1);
-
-async function onDevice(
-  device: Device,
-  f: (x: Tensor) => Tensor,
-  shape: number[],
-  x: ArrayLike<number>,
-  seed: number,
-) {
-  const xt = tensor(x, shape, { device, requiresGrad: true });
-  const y = f(xt);
-  const c = tensor(seededValues(y.size, seed), y.shape, { device });
-  y.backward(c);
-  const res = { shape: y.shape, y: await y.toFloat64Array(), dx: await xt.grad!.toFloat64Array() };
-  for (const t of [xt, y, c, xt.grad]) t?.dispose();
-  return res;
-}
 
 const dim = fc.oneof(fc.integer({ min: 1, max: 9 }), fc.constantFrom(13, 17, 23));
 
@@ -61,8 +44,14 @@ test("interpolateBilinear forward and backward: WebGPU matches CPU reference", a
         ? { alignCorners: true }
         : { halfPixelCenters: c.mode === "half-pixel" };
       const f = (t: Tensor) => interpolateBilinear(t, [c.Ho, c.Wo], opts);
-      const got = await onDevice(small ? await smallGridDevice() : await gpuDevice(), f, shape, x, seed + 1);
-      const want = await onDevice(await cpuDevice(), f, shape, x, seed + 1);
+      const got = await valueAndGrad(
+        small ? await smallGridDevice() : await gpuDevice(),
+        f,
+        shape,
+        x,
+        seed + 1,
+      );
+      const want = await valueAndGrad(await cpuDevice(), f, shape, x, seed + 1);
       if (got.shape.join() !== [c.N, c.C, c.Ho, c.Wo].join()) throw new Error(`shape [${got.shape}]`);
       // The GPU's source coordinates are float32 (like PyTorch's), the reference's float64: a coordinate off by
       // δ ≈ 2⁻²³·max(n, m) moves a value by δ·|x₁ − x₀| ≤ 2δ·scale, and a gradient by δ per output feeding it.

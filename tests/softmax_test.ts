@@ -21,11 +21,11 @@ import {
   scaleArb,
   seedArb,
   seededValues,
+  size,
   smallGridDevice,
   test,
 } from "./util.ts";
 
-const size = (s: readonly number[]) => s.reduce((a, b) => a * b, 1);
 const OPS = { softmax, logSoftmax };
 
 /** y and dx (for a fixed cotangent) on one device. */

@@ -242,6 +242,29 @@ export const MICRO_TRAINING: TrainConfigInput = Object.freeze({
   sampleCount: 0,
 });
 
+/** Elements of a shape. */
+export const size = (s: readonly number[]): number => s.reduce((a, b) => a * b, 1);
+
+/**
+ * `f` of one input [shape] holding `x`, then backward with a seeded cotangent: the output's shape, its values y
+ * and the input gradient dx, read back in float64 (every tensor made here is freed).
+ */
+export async function valueAndGrad(
+  device: Device,
+  f: (x: Tensor) => Tensor,
+  shape: number[],
+  x: ArrayLike<number>,
+  seed: number,
+): Promise<{ shape: readonly number[]; y: Float64Array; dx: Float64Array }> {
+  const xt = tensor(x, shape, { device, requiresGrad: true });
+  const y = f(xt);
+  const c = tensor(seededValues(y.size, seed), y.shape, { device });
+  y.backward(c);
+  const res = { shape: y.shape, y: await y.toFloat64Array(), dx: await xt.grad!.toFloat64Array() };
+  for (const t of [xt, y, c, xt.grad]) t?.dispose();
+  return res;
+}
+
 /**
  * `f` on seeded inputs of `shapes` (requiring grad) on `device`, then backward with a seeded cotangent: the
  * output's shape and values and every input's gradient, read back in float64.
@@ -252,9 +275,7 @@ export async function opAndGrads(
   shapes: number[][],
   seed: number,
 ): Promise<{ shape: readonly number[]; out: Float64Array; grads: Float64Array[] }> {
-  const xs = shapes.map((s, i) =>
-    tensor(seededValues(s.reduce((p, d) => p * d, 1), seed + i), s, { device, requiresGrad: true })
-  );
+  const xs = shapes.map((s, i) => tensor(seededValues(size(s), seed + i), s, { device, requiresGrad: true }));
   const y = f(...xs);
   const cot = tensor(seededValues(y.size, seed + 99), y.shape, { device });
   const out = await values(y);
