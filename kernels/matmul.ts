@@ -428,8 +428,15 @@ function textureSource(a: TexOperand, b: TexOperand, bias: boolean): string {
   // A chain of fma() per accumulator. llvmpipe (Mesa 22.3) lowers ffma and fdot to separate multiplies and
   // adds (`lower_ffma32`, `lower_fdot`), so this, a sum of four products and dot() all compile to the same
   // operations; interleaved A/B runs against the sum of products gave +20%, +20%, +3% and -5% process CPU
-  // rate at 1024³, i.e. no reliable difference. The loop is bound by instruction count (about five per
-  // multiply-add: spills of the 256 accumulators and the texel fetches' address, gather and transpose code).
+  // rate at 1024³, i.e. no reliable difference. The JIT's loop body (perf samples + a dump of the code) is
+  // 4869 instructions per k quad, 4.75 per multiply-add: 2 for the multiply and add, 0.75 for each
+  // accumulator's reload, execution-mask blend and spill, 1.5 for 32 texel fetches (~48 each: address, bounds
+  // mask, 8 per-lane loads, transpose). It runs at only ~3 instructions per cycle (4.15 GHz), and fewer
+  // instructions did not make it faster: two k quads per iteration (-11% instructions) measured 7-25% slower,
+  // fetching each B column just before its products (-4%) the same, and 16 lanes (LP_NATIVE_VECTOR_WIDTH=512)
+  // the same. A probe that read B from one fixed texel (wrong results) ran 7-21% faster, so part of the time
+  // is B's memory access, but padded rows, dense k4 packing of both operands and 2-D workgroup tile maps did
+  // not recover it (interleaved runs in one process, Zen 5 host, Mesa 22.3).
   const dots = rows.map((i) =>
     cols.map((j) =>
       a.mode === "k4" && b.mode === "k4"
