@@ -35,6 +35,7 @@ import {
 } from "../engine/mod.ts";
 import { gemmABt, psdSqrtFactor, traceSqrtFromFactor, type TraceSqrtTimings } from "./linalg.ts";
 import { encodeNpz, readNpz } from "./npz.ts";
+import { Rng } from "../models/data.ts";
 
 /** Feature statistics: mean μ [d] and unbiased covariance Σ [d·d], row-major, and the sample count if known. */
 export interface FidStatistics {
@@ -281,22 +282,10 @@ export interface KidResult {
   subsetSize: number;
 }
 
-/** A small counter-based generator (mulberry32) for reproducible subsets. */
-function mulberry32(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 /** The first m entries of `perm` become a uniformly random m-subset (partial Fisher–Yates, any start order). */
-function drawSubset(perm: Int32Array, m: number, rand: () => number): Int32Array {
+function drawSubset(perm: Int32Array, m: number, rng: Rng): Int32Array {
   for (let i = 0; i < m; i++) {
-    const j = i + Math.floor(rand() * (perm.length - i));
+    const j = i + rng.int(perm.length - i);
     const t = perm[i];
     perm[i] = perm[j];
     perm[j] = t;
@@ -382,7 +371,7 @@ export async function kernelInceptionDistance(
   }
   const m = Math.min(opts.subsetSize, nx, ny);
   if (m < 2) throw new Error(`kernelInceptionDistance: needs ≥ 2 samples per set, have ${nx} and ${ny}`);
-  const rand = mulberry32(opts.seed);
+  const rng = new Rng(opts.seed);
   const px = Int32Array.from({ length: nx }, (_, i) => i), py = Int32Array.from({ length: ny }, (_, i) => i);
   const sums = opts.device ? deviceKernelSums(opts.device, dim) : hostKernelSums(dim);
   const gather = (src: ArrayLike<number>, rows: Int32Array) => {
@@ -394,7 +383,7 @@ export async function kernelInceptionDistance(
   };
   const values = new Float64Array(opts.subsets);
   for (let s = 0; s < opts.subsets; s++) {
-    const xs = gather(x, drawSubset(px, m, rand)), ys = gather(y, drawSubset(py, m, rand));
+    const xs = gather(x, drawSubset(px, m, rng)), ys = gather(y, drawSubset(py, m, rng));
     const [kxx, kyy, kxy] = await sums(xs, ys, m);
     values[s] = (kxx + kyy) / (m * (m - 1)) - (2 * kxy) / (m * m);
   }

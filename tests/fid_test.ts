@@ -23,26 +23,14 @@ import {
 } from "../eval/fid.ts";
 import { gemmABt, sqrtPsd, symmetricEigen, traceSqrtProduct } from "../eval/linalg.ts";
 import { crc32, encodeNpz, parseNpy, readNpz } from "../eval/npz.ts";
-import { assertClose, gpuDevice, RUNS, seedArb, test } from "./util.ts";
+import { assertClose, assertRejects, gpuDevice, RUNS, seedArb, test, uniformStream } from "./util.ts";
 
 // ---------------------------------------------------------------------------------------------------------------
 // Independent float64 references.
 
-/** Deterministic uniform values in [−0.5, 0.5) (mulberry32). */
-function rng(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296 - 0.5;
-  };
-}
-
 /** Standard normal draws (Box–Muller). */
 function gaussian(seed: number): () => number {
-  const u = rng(seed);
+  const u = uniformStream(seed, -0.5, 0.5);
   return () => Math.sqrt(-2 * Math.log(u() + 0.5 + 1e-300)) * Math.cos(2 * Math.PI * (u() + 0.5));
 }
 
@@ -211,17 +199,6 @@ function randomSpd(seed: number, d: number, scale: number, eps = 0.05): Float64A
   return s;
 }
 
-const expectThrow = async (f: () => unknown, ...parts: string[]) => {
-  try {
-    await f();
-  } catch (e) {
-    const msg = (e as Error).message;
-    for (const p of parts) if (!msg.includes(p)) throw new Error(`error "${msg}" does not mention "${p}"`);
-    return;
-  }
-  throw new Error(`expected an error mentioning ${parts.join(", ")}`);
-};
-
 // ---------------------------------------------------------------------------------------------------------------
 // Eigensolver.
 
@@ -233,7 +210,7 @@ test("symmetricEigen matches cyclic Jacobi; eigenvectors are orthonormal with sm
       fc.constantFrom(1, 1e-6, 1e6),
       fc.constantFrom("dense", "low-rank", "repeated"),
       (n, seed, scale, kind) => {
-        const u = rng(seed);
+        const u = uniformStream(seed, -0.5, 0.5);
         let a: Float64Array = new Float64Array(n * n);
         if (kind === "dense") {
           for (let i = 0; i < n; i++) {
@@ -306,8 +283,8 @@ test("symmetricEigen reads only the lower triangle and rejects bad input", async
   const { values } = symmetricEigen(a, 2);
   const disc = Math.sqrt(1 + 4);
   assertClose(values, [(5 - disc) / 2, (5 + disc) / 2], { rtol: 1e-14, atol: 0 });
-  await expectThrow(() => symmetricEigen([1, 2, 3], 2), "symmetricEigen", "2×2");
-  await expectThrow(() => symmetricEigen([1, NaN, 0, 1], 2), "symmetricEigen", "NaN");
+  await assertRejects(() => symmetricEigen([1, 2, 3], 2), "symmetricEigen", "2×2");
+  await assertRejects(() => symmetricEigen([1, NaN, 0, 1], 2), "symmetricEigen", "NaN");
 });
 
 test("sqrtPsd squares back to the matrix, also when singular", () => {
@@ -408,10 +385,10 @@ test("FID with singular covariances (fewer samples than dimensions) matches a Ja
 
 test("frechetDistance rejects mismatched or non-finite statistics, naming what is wrong", async () => {
   const s = randomSpd(1, 3, 1);
-  await expectThrow(() => frechetDistance([0, 0, 0], s, [0, 0], s), "second", "sigma", "2×2");
-  await expectThrow(() => frechetDistance([0, 0, 0], s, [0, 0, 0], s.subarray(0, 8)), "sigma", "8 values");
-  await expectThrow(() => frechetDistance([0, NaN, 0], s, [0, 0, 0], s), "mu[1]", "NaN");
-  await expectThrow(
+  await assertRejects(() => frechetDistance([0, 0, 0], s, [0, 0], s), "second", "sigma", "2×2");
+  await assertRejects(() => frechetDistance([0, 0, 0], s, [0, 0, 0], s.subarray(0, 8)), "sigma", "8 values");
+  await assertRejects(() => frechetDistance([0, NaN, 0], s, [0, 0, 0], s), "mu[1]", "NaN");
+  await assertRejects(
     () => new FrechetReference([0, 0], randomSpd(1, 2, 1)).distance([0, 0, 0], s),
     "dimension 3",
   );
@@ -474,9 +451,13 @@ test("FeatureStatistics.addTensor (device scatter, float64 merge) matches the ho
   const scale = Math.max(...a.sigma.map(Math.abs));
   assertClose(b.sigma, a.sigma, { rtol: 0, atol: 1e-5 * scale }, "device covariance");
   assertClose(b.mu, a.mu, { rtol: 1e-6, atol: 0 }, "device mean");
-  await expectThrow(() => dev.addTensor(tensor(new Float32Array(6), [2, 3], { device })), "[N, 11]", "[2,3]");
-  await expectThrow(() => host.add(new Float64Array(10)), "rows × 11");
-  await expectThrow(() => new FeatureStatistics(3).covariance(), "≥ 2 samples");
+  await assertRejects(
+    () => dev.addTensor(tensor(new Float32Array(6), [2, 3], { device })),
+    "[N, 11]",
+    "[2,3]",
+  );
+  await assertRejects(() => host.add(new Float64Array(10)), "rows × 11");
+  await assertRejects(() => new FeatureStatistics(3).covariance(), "≥ 2 samples");
 });
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -558,14 +539,14 @@ test("KID is unbiased: ≈ 0 within its spread for one distribution, clearly pos
 
 test("KID options are validated, errors name the field", async () => {
   const x = features(1, 10, 2);
-  await expectThrow(() => kernelInceptionDistance(x, x, 2, { subsets: 0 }), "subsets");
-  await expectThrow(() => kernelInceptionDistance(x, x, 2, { subsetSize: 1.5 }), "subsetSize");
-  await expectThrow(
+  await assertRejects(() => kernelInceptionDistance(x, x, 2, { subsets: 0 }), "subsets");
+  await assertRejects(() => kernelInceptionDistance(x, x, 2, { subsetSize: 1.5 }), "subsetSize");
+  await assertRejects(
     () => kernelInceptionDistance(x, x, 2, { device: "gpu" } as unknown as { subsets: number }),
     "device",
   );
-  await expectThrow(() => kernelInceptionDistance(x, x, 3), "not rows of 3");
-  await expectThrow(() => kernelInceptionDistance(x.subarray(0, 2), x, 2), "≥ 2 samples");
+  await assertRejects(() => kernelInceptionDistance(x, x, 3), "not rows of 3");
+  await assertRejects(() => kernelInceptionDistance(x.subarray(0, 2), x, 2), "≥ 2 samples");
 });
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -642,15 +623,15 @@ test("npz reader handles a hand-built ZIP64 archive and names corrupt or unsuppo
   assertClose(got.mu.data, arr, { rtol: 0, atol: 0 }, "zip64 member");
   const bad = zip64.slice();
   bad[120] ^= 1; // inside the .npy body
-  await expectThrow(() => readNpz(bad, "bad.npz"), "bad.npz", "mu.npy", "CRC-32");
-  await expectThrow(() => readNpz(new Uint8Array(40), "junk.npz"), "junk.npz", "not a zip");
+  await assertRejects(() => readNpz(bad, "bad.npz"), "bad.npz", "mu.npy", "CRC-32");
+  await assertRejects(() => readNpz(new Uint8Array(40), "junk.npz"), "junk.npz", "not a zip");
   const objHeader = "{'descr': '|O', 'fortran_order': False, 'shape': (1,), }\n";
   const obj = Uint8Array.from([0x93, ...new TextEncoder().encode("NUMPY"), 1, 0, objHeader.length, 0]);
   const objFile = new Uint8Array(obj.length + objHeader.length + 8);
   objFile.set(obj);
   objFile.set(new TextEncoder().encode(objHeader), obj.length);
-  await expectThrow(() => parseNpy(objFile, "obj.npy"), "obj.npy", "'|O'", "not supported");
-  await expectThrow(() => parseNpy(new Uint8Array(20), "x.npy"), "x.npy", "magic");
+  await assertRejects(() => parseNpy(objFile, "obj.npy"), "obj.npy", "'|O'", "not supported");
+  await assertRejects(() => parseNpy(new Uint8Array(20), "x.npy"), "x.npy", "magic");
 });
 
 test("statistics files: safetensors F64 and npz round-trip exactly; EDM-style npz loads; errors name the file", async () => {
@@ -677,10 +658,10 @@ test("statistics files: safetensors F64 and npz round-trip exactly; EDM-style np
     const edm = await loadStatistics(`${dir}/edm.npz`);
     assertClose(edm.mu, [0.5, -1.25, 3], { rtol: 0, atol: 0 }, "edm mu");
     await Deno.writeFile(`${dir}/other.npz`, encodeNpz({ m: { data: new Float64Array(2), shape: [2] } }));
-    await expectThrow(() => loadStatistics(`${dir}/other.npz`), "other.npz", '"mu"', '"sigma"');
+    await assertRejects(() => loadStatistics(`${dir}/other.npz`), "other.npz", '"mu"', '"sigma"');
     const trunc = encodeStatistics(stats).subarray(0, 200);
-    await expectThrow(() => decodeStatistics(trunc, "t.safetensors"), "t.safetensors");
-    await expectThrow(() => loadStatistics(`${dir}/missing.npz`), "missing.npz", "cannot read");
+    await assertRejects(() => decodeStatistics(trunc, "t.safetensors"), "t.safetensors");
+    await assertRejects(() => loadStatistics(`${dir}/missing.npz`), "missing.npz", "cannot read");
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

@@ -9,29 +9,7 @@
 
 import { type Device, encodeSafetensors, type Tensor, tensor } from "../engine/mod.ts";
 import { inceptionConvs, inceptionParameterCount, InceptionV3 } from "../eval/inception.ts";
-import { assertClose, gpuDevice, test } from "./util.ts";
-
-function rng(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
-const expectThrow = async (f: () => unknown, ...parts: string[]) => {
-  try {
-    await f();
-  } catch (e) {
-    const msg = (e as Error).message;
-    for (const p of parts) if (!msg.includes(p)) throw new Error(`error "${msg}" does not mention "${p}"`);
-    return;
-  }
-  throw new Error(`expected an error mentioning ${parts.join(", ")}`);
-};
+import { assertClose, assertRejects, gpuDevice, test, uniformStream } from "./util.ts";
 
 let shared: InceptionV3 | null = null;
 /** One network on the WebGPU device for the tests that only read it. */
@@ -249,7 +227,7 @@ function referenceFeatures(W: Weights, input: Act): Float64Array {
 
 /** Weights with He-scaled convolutions and non-trivial BatchNorm statistics, so activations stay O(1). */
 function randomWeights(net: InceptionV3, seed: number): Weights {
-  const u = rng(seed);
+  const u = uniformStream(seed);
   const out: Weights = {};
   for (const [name, t] of Object.entries(net.stateDict())) {
     const n = t.size, data = new Float32Array(n);
@@ -274,7 +252,7 @@ test("the network at 107×107 (no resize; 2×2 at Mixed_7c) matches an independe
   const loaded = onDevice(W, device);
   net.loadWeights(loaded);
   Object.values(loaded).forEach((t) => t.dispose());
-  const u = rng(9);
+  const u = uniformStream(9);
   const pixels = Float32Array.from({ length: 3 * 107 * 107 }, () => Math.floor(256 * u()));
   const images = tensor(pixels, [1, 3, 107, 107], { device });
   const f = net.features(images);
@@ -297,7 +275,7 @@ test("the network at 107×107 (no resize; 2×2 at Mixed_7c) matches an independe
 test("preprocessing: NVlabs (TF1 resize, (x − 128)/128) and pytorch-fid (half-pixel, x/127.5 − 1)", async () => {
   const device = await gpuDevice();
   const H = 5, W = 7;
-  const u = rng(3);
+  const u = uniformStream(3);
   const pixels = Float32Array.from({ length: 3 * H * W }, () => 255 * u());
   const images = tensor(pixels, [1, 3, H, W], { device });
   // Source coordinate of output o along an axis of n inputs, and the bilinear blend (clamped at the border).
@@ -329,11 +307,11 @@ test("preprocessing: NVlabs (TF1 resize, (x − 128)/128) and pytorch-fid (half-
     assertClose(got, want, { rtol: 0, atol: 2e-5 }, preprocess);
   }
   images.dispose();
-  await expectThrow(
+  await assertRejects(
     () => new InceptionV3({ device }).preprocess(tensor([1, 2, 3, 4], [1, 1, 2, 2], { device })),
     "[N, 3, H, W]",
   );
-  await expectThrow(() => new InceptionV3({ device, preprocess: "tf" as "nvlabs" }), "preprocess");
+  await assertRejects(() => new InceptionV3({ device, preprocess: "tf" as "nvlabs" }), "preprocess");
 });
 
 test("loader: a safetensors file with PyTorch names round-trips; ignorable keys are skipped", async () => {
@@ -368,7 +346,7 @@ test("loader: a safetensors file with PyTorch names round-trips; ignorable keys 
       net.dispose();
     }
     // Without fc weights in the file, an fc network names them; without fc the file loads.
-    await expectThrow(
+    await assertRejects(
       () => InceptionV3.load(`${dir}/nofc.safetensors`, { device, fc: true }),
       "nofc.safetensors",
       '"fc.weight"',
@@ -380,7 +358,7 @@ test("loader: a safetensors file with PyTorch names round-trips; ignorable keys 
     const state: Record<string, Tensor> = { ...target.stateDict() };
     delete state["Mixed_6c.branch7x7dbl_4.conv.weight"];
     state["Mixed_9z.conv.weight"] = state["Conv2d_1a_3x3.conv.weight"];
-    await expectThrow(
+    await assertRejects(
       () => target.loadWeights(state),
       '"Mixed_6c.branch7x7dbl_4.conv.weight"',
       "missing",
@@ -388,14 +366,17 @@ test("loader: a safetensors file with PyTorch names round-trips; ignorable keys 
       "unexpected",
     );
     const bad = tensor(new Float32Array(191), [191], { device });
-    await expectThrow(
+    await assertRejects(
       () => target.loadWeights({ ...target.stateDict(), "Mixed_7c.branch_pool.bn.running_var": bad }),
       '"Mixed_7c.branch_pool.bn.running_var"',
       "[191]",
       "[192]",
     );
     bad.dispose();
-    await expectThrow(() => InceptionV3.load(`${dir}/absent.safetensors`, { device }), "absent.safetensors");
+    await assertRejects(
+      () => InceptionV3.load(`${dir}/absent.safetensors`, { device }),
+      "absent.safetensors",
+    );
   } finally {
     target.dispose();
     await Deno.remove(dir, { recursive: true });
@@ -413,5 +394,5 @@ test("logits need the fc layer; features are [N, 2048] for a batch", async () =>
   assertClose(v.subarray(2048), v.subarray(0, 2048), { rtol: 0, atol: 0 }, "batch rows");
   f.dispose();
   images.dispose();
-  await expectThrow(() => net.logits(images), "fc");
+  await assertRejects(() => net.logits(images), "fc");
 });

@@ -7,6 +7,7 @@
 import fc from "fast-check";
 import type { UNetSpecInput } from "../models/unet.ts";
 import type { TrainConfigInput } from "../models/train.ts";
+import { Rng } from "../models/data.ts";
 import { Device } from "../engine/device.ts";
 import "../engine/autograd.ts";
 import { tensor } from "../engine/creation.ts";
@@ -39,18 +40,15 @@ export function f64Device(): Promise<Device> {
 /** Runs per-property counts: CI's FC_RUNS overrides the default. */
 export const RUNS = Number(Deno.env.get("FC_RUNS") ?? 25);
 
+/** A deterministic stream of uniform values in [lo, hi) (mulberry32, the data generator's `Rng`). */
+export function uniformStream(seed: number, lo = 0, hi = 1): () => number {
+  const rng = new Rng(seed);
+  return () => lo + rng.next() * (hi - lo);
+}
+
 /** Deterministic pseudo-random values in [lo, hi) (mulberry32). */
 export function seededValues(n: number, seed: number, lo = -1, hi = 1): Float32Array {
-  let s = seed >>> 0;
-  const out = new Float32Array(n);
-  for (let i = 0; i < n; i++) {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    out[i] = lo + (((t ^ (t >>> 14)) >>> 0) / 4294967296) * (hi - lo);
-  }
-  return out;
+  return Float32Array.from({ length: n }, uniformStream(seed, lo, hi));
 }
 
 /**
@@ -189,8 +187,8 @@ export function assertThrows(fn: () => unknown, ...parts: string[]): Error {
   return checkError(threw, err, parts);
 }
 
-/** The async form of `assertThrows`. */
-export async function assertRejects(fn: () => Promise<unknown>, ...parts: string[]): Promise<Error> {
+/** The async form of `assertThrows` (also catches a synchronous throw). */
+export async function assertRejects(fn: () => unknown, ...parts: string[]): Promise<Error> {
   let err: unknown = undefined, threw = false;
   try {
     await fn();
