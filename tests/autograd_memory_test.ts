@@ -108,7 +108,9 @@ test("scope disposes intermediates, keeps results, kept tensors and leaf gradien
 });
 
 test("1000 training-like steps keep the pool bounded and sync only at reads", async () => {
-  const device = await gpuDevice();
+  // A device of its own: on the shared one, tensors that earlier tests left to the FinalizationRegistry can
+  // be freed during the loop and move the live-byte count either way.
+  const device = await Device.create({ backend: "webgpu" });
   const w = tensor(seededValues(4096, 5), [64, 64], { device, requiresGrad: true });
   const x = tensor(seededValues(4096, 6), [64, 64], { device });
   const startLive = device.memory().liveBytes;
@@ -134,6 +136,9 @@ test("1000 training-like steps keep the pool bounded and sync only at reads", as
   if (m.liveBytes !== startLive) throw new Error(`live bytes grew from ${startLive} to ${m.liveBytes}`);
   if (peakPool > 8 * 2 ** 20) throw new Error(`pool grew to ${peakPool} bytes for a 16 KiB model`);
   if (device.counters().reads - startReads !== 1) throw new Error("the loop read back from the device");
+  w.dispose();
+  x.dispose();
+  device.destroy();
 });
 
 test("disposing twice is harmless; reshape views keep storage alive", async () => {
