@@ -52,16 +52,17 @@ export function seededValues(n: number, seed: number, lo = -1, hi = 1): Float32A
 }
 
 /**
- * Asserts |got − want| ≤ atol + rtol·|want| elementwise (NaN matches NaN, ±Inf must match exactly); the error
- * names the first bad index, both values, and how many elements failed.
+ * Asserts |got − want| ≤ atol + rtol·|want| elementwise (NaN matches NaN, ±Inf must match exactly); `atol` is one
+ * number or one per element. The error names the first bad index, both values, and how many elements failed.
  */
 export function assertClose(
   got: ArrayLike<number>,
   want: ArrayLike<number>,
-  tol: { rtol?: number; atol?: number } = {},
+  tol: { rtol?: number; atol?: number | ArrayLike<number> } = {},
   what = "values",
 ): void {
-  const rtol = tol.rtol ?? 1e-5, atol = tol.atol ?? 1e-6;
+  const rtol = tol.rtol ?? 1e-5, atolOf = tol.atol ?? 1e-6;
+  const atol = typeof atolOf === "number" ? () => atolOf : (i: number) => atolOf[i];
   if (got.length !== want.length) throw new Error(`${what}: length ${got.length}, expected ${want.length}`);
   let bad = 0, first = -1, worst = 0;
   for (let i = 0; i < got.length; i++) {
@@ -69,7 +70,7 @@ export function assertClose(
     let ok: boolean;
     if (Number.isNaN(w)) ok = Number.isNaN(g);
     else if (!Number.isFinite(w)) ok = g === w;
-    else ok = Math.abs(g - w) <= atol + rtol * Math.abs(w);
+    else ok = Math.abs(g - w) <= atol(i) + rtol * Math.abs(w);
     if (!ok) {
       bad++;
       if (first < 0) first = i;
@@ -78,9 +79,9 @@ export function assertClose(
   }
   if (bad) {
     throw new Error(
-      `${what}: ${bad}/${got.length} elements differ (rtol ${rtol}, atol ${atol}); first at [${first}]: got ${
-        got[first]
-      }, expected ${want[first]}; largest |diff| ${worst}`,
+      `${what}: ${bad}/${got.length} elements differ (rtol ${rtol}, atol ${
+        atol(first)
+      }); first at [${first}]: got ${got[first]}, expected ${want[first]}; largest |diff| ${worst}`,
     );
   }
 }
