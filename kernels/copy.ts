@@ -15,7 +15,7 @@
 import { coalesce } from "./elementwise.ts";
 import { cachedSource } from "./source_cache.ts";
 import { type FloatArray, type GpuCaps, type GpuDispatch, type Kernel, ParamWriter } from "./types.ts";
-import { ENTRY_1D, grid1d, header } from "./wgsl.ts";
+import { ENTRY_1D, grid1d, header, splitIndexWgsl } from "./wgsl.ts";
 
 export interface CopyParams {
   shape: readonly number[];
@@ -63,14 +63,11 @@ export function copyPlan(p: CopyParams) {
 }
 
 function copySource(rank: number, V: number, srcVec: boolean): string {
-  const lines: string[] = [];
-  for (let d = rank - 1; d >= 0; d--) {
-    lines.push(
-      `{ let c = rem % pu(${4 + d}u); rem = rem / pu(${4 + d}u); s += c * pu(${4 + rank + d}u); t += c * pu(${
-        4 + 2 * rank + d
-      }u); }`,
-    );
-  }
+  const lines = splitIndexWgsl(
+    rank,
+    4,
+    (d) => [`s += c * pu(${4 + rank + d}u);`, `t += c * pu(${4 + 2 * rank + d}u);`],
+  );
   let store = `dst[t] = src[s];`;
   if (V === 4 && !srcVec) {
     store = `let k = pu(3u);

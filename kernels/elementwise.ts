@@ -12,7 +12,7 @@
  */
 
 import { type FloatArray, type GpuCaps, type GpuDispatch, type Kernel, ParamWriter } from "./types.ts";
-import { ENTRY_1D, grid1d, header } from "./wgsl.ts";
+import { ENTRY_1D, grid1d, header, splitIndexWgsl } from "./wgsl.ts";
 
 export type UnaryOp = keyof typeof UNARY;
 export type BinaryOp = keyof typeof BINARY;
@@ -260,6 +260,20 @@ function prepare(p: ElementwiseParams) {
   return { ...c, access, n };
 }
 
+/**
+ * How a strided input is read when each invocation computes four consecutive elements (V = 4), by its innermost
+ * stride: "broadcast" (0: one load serves all four), "vec4" (1, with every outer stride a multiple of 4: one
+ * vec4 load, as for a slice of a wider tensor), "gather" (four scalar loads, each a per-lane loop on llvmpipe).
+ */
+type Inner = "broadcast" | "vec4" | "gather";
+
+function innerOf(strides: readonly number[]): Inner {
+  const rank = strides.length, inner = strides[rank - 1];
+  if (inner === 0) return "broadcast";
+  if (inner === 1 && strides.slice(0, rank - 1).every((s) => s % 4 === 0)) return "vec4";
+  return "gather";
+}
+
 export const elementwise: Kernel<ElementwiseParams> = {
   name: "elementwise",
 
@@ -268,42 +282,46 @@ export const elementwise: Kernel<ElementwiseParams> = {
     const rank = shape.length;
     const anyStrided = access.includes("strided");
     // Four consecutive elements per invocation when they share every coordinate but the innermost: llvmpipe
-    // runs vec4 loads/stores as one gather each (a scalar load is a per-lane loop) and the index arithmetic
-    // (u32 div/mod, not vectorised on x86) is done once per four elements.
+    // runs vec4 loads/stores as one gather each (a scalar load is a per-lane loop) and the index arithmetic is
+    // done once per four elements.
     const V = shape[rank - 1] % 4 === 0 ? 4 : 1;
+    const inner = strides.map((s, k) => (access[k] === "strided" && V === 4 ? innerOf(s) : undefined));
+    // Uniforms: the group count; then, with strided inputs, the group shape and, per strided input, its strides
+    // in the units it is loaded in (a gathered input also its innermost element stride).
+    const groupShape = [...shape.slice(0, rank - 1), shape[rank - 1] / V];
     const w = new ParamWriter().u32(n / V);
+    const strideWord: number[] = [];
     if (anyStrided) {
-      w.u32(...shape.slice(0, rank - 1), shape[rank - 1] / V);
-      strides.forEach((s, k) => access[k] === "strided" && w.u32(...s));
+      w.u32(...groupShape);
+      strides.forEach((s, k) => {
+        if (access[k] !== "strided") return;
+        strideWord[k] = w.offset;
+        const outer = s.slice(0, rank - 1), last = s[rank - 1];
+        if (inner[k] === "vec4") w.u32(...outer.map((x) => x / 4), 1);
+        else w.u32(...outer, last * V);
+        if (inner[k] === "gather") w.u32(last);
+      });
     }
     const constBase = w.offset;
     w.f32(...p.consts);
 
     const needs = new Set<string>();
     const body = toWgsl(p.expr, constBase, needs);
-    const inputs = strides.map((_, k) => `in${k}`);
     const lines: string[] = [];
-    const strideBase: number[] = [];
     if (anyStrided) {
-      // Offsets of element i·V of each strided input, from the coordinates of group i.
-      let word = 1 + rank;
-      access.forEach((a, k) => {
-        if (a === "strided") {
-          strideBase[k] = word;
-          word += rank;
-          lines.push(`var o${k} = 0u;`);
-        }
-      });
+      // Offsets of group i's first element in each strided input, from the group's coordinates.
+      access.forEach((a, k) => a === "strided" && lines.push(`var o${k} = 0u;`));
       lines.push(`var rem = i;`);
-      for (let d = rank - 1; d >= 0; d--) {
-        const scale = d === rank - 1 && V > 1 ? ` * ${V}u` : "";
-        lines.push(`{ let c = rem % pu(${1 + d}u); rem = rem / pu(${1 + d}u);`);
-        access.forEach((a, k) =>
-          a === "strided" && lines.push(`  o${k} += c${scale} * pu(${strideBase[k] + d}u);`)
-        );
-        lines.push(`}`);
-      }
+      lines.push(
+        ...splitIndexWgsl(
+          rank,
+          1,
+          (d) =>
+            access.flatMap((a, k) => (a === "strided" ? [`o${k} += c * pu(${strideWord[k] + d}u);`] : [])),
+        ),
+      );
     }
+    const vec4Input = (k: number) => (V === 4 && access[k] === "same") || inner[k] === "vec4";
     if (V === 1) {
       access.forEach((a, k) =>
         lines.push(`let x${k} = in${k}[${a === "same" ? "i" : a === "scalar" ? "0u" : `o${k}`}];`)
@@ -312,17 +330,19 @@ export const elementwise: Kernel<ElementwiseParams> = {
     } else {
       access.forEach((a, k) => {
         if (a === "same") lines.push(`let v${k} = in${k}[i];`);
-        if (a === "scalar") lines.push(`let s${k} = in${k}[0u];`);
+        else if (a === "scalar") lines.push(`let s${k} = in${k}[0u];`);
+        else if (inner[k] === "vec4") lines.push(`let v${k} = in${k}[o${k}];`);
+        else if (inner[k] === "broadcast") lines.push(`let s${k} = in${k}[o${k}];`);
       });
       const comps: string[] = [];
       for (let j = 0; j < 4; j++) {
         lines.push(`var r${j}: f32;`, `{`);
-        access.forEach((a, k) => {
-          const src = a === "same"
+        access.forEach((_, k) => {
+          const src = vec4Input(k)
             ? `v${k}[${j}]`
-            : a === "scalar"
-            ? `s${k}`
-            : `in${k}[o${k} + ${j}u * pu(${strideBase[k] + rank - 1}u)]`;
+            : inner[k] === "gather"
+            ? `in${k}[o${k} + ${j}u * pu(${strideWord[k] + rank}u)]`
+            : `s${k}`;
           lines.push(`  let x${k} = ${src};`);
         });
         lines.push(`  r${j} = ${body};`, `}`);
@@ -330,23 +350,24 @@ export const elementwise: Kernel<ElementwiseParams> = {
       }
       lines.push(`out[i] = vec4<f32>(${comps.join(", ")});`);
     }
-    let head = header(inputs, ["out"]);
+    let head = header(strides.map((_, k) => `in${k}`), ["out"]);
+    // Inputs read whole four at a time, and a V = 4 output, are declared as vec4 arrays.
+    strides.forEach((_, k) => {
+      if (vec4Input(k)) {
+        head = head.replace(
+          `var<storage, read> in${k}: array<f32>;`,
+          `var<storage, read> in${k}: array<vec4<f32>>;`,
+        );
+      }
+    });
     if (V === 4) {
-      // Same-layout inputs and the output are read and written as vec4 arrays.
-      access.forEach((a, k) => {
-        if (a === "same") {
-          head = head.replace(
-            `var<storage, read> in${k}: array<f32>;`,
-            `var<storage, read> in${k}: array<vec4<f32>>;`,
-          );
-        }
-      });
       head = head.replace(
         `var<storage, read_write> out: array<f32>;`,
         `var<storage, read_write> out: array<vec4<f32>>;`,
       );
     }
-    const source = head + [...needs].map((k) => PRELUDE[k]).join("\n") + `
+    const helpers = [...needs].map((k) => PRELUDE[k]);
+    const source = head + helpers.join("\n") + `
 ${ENTRY_1D} {
   let i = linearId(wid, nwg, lid, 256u);
   if (i >= pu(0u)) { return; }

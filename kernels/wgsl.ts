@@ -59,6 +59,24 @@ export function header(
   return lines.join("\n") + "\n";
 }
 
+/**
+ * WGSL statements that split the linear index in the `var rem` into coordinates of a row-major shape of `rank`
+ * dimensions, innermost first: for each dimension d they bind `c` to its coordinate and emit `use(d)`. The size
+ * of dimension d is the uniform word `sizeWord + d`. The outermost coordinate is what is left of `rem`, with no
+ * division. (An f32-reciprocal divmod in place of u32 `/` and `%`, which x86 cannot vectorise, measured the same
+ * in the elementwise kernel: 3 A/B runs each of broadcast and permuted operands, V = 1 and 4.)
+ */
+export function splitIndexWgsl(rank: number, sizeWord: number, use: (d: number) => string[]): string[] {
+  const lines: string[] = [];
+  for (let d = rank - 1; d >= 0; d--) {
+    if (d > 0) {
+      lines.push(`{ let c = rem % pu(${sizeWord + d}u); rem = rem / pu(${sizeWord + d}u);`);
+    } else lines.push(`{ let c = rem;`);
+    lines.push(...use(d).map((l) => `  ${l}`), `}`);
+  }
+  return lines;
+}
+
 /** Workgroup grid for `count` independent workgroups, folded into 2-D when it exceeds the per-dimension limit. */
 export function grid(count: number, maxPerDim = 65535): [number, number, number] {
   const n = Math.max(1, count);

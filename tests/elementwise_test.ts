@@ -5,7 +5,8 @@
  */
 
 import fc from "fast-check";
-import { bin, cst, type Expr, inp, un, UNARY, type UnaryOp } from "../kernels/elementwise.ts";
+import { bin, cst, elementwise, type Expr, inp, un, UNARY, type UnaryOp } from "../kernels/elementwise.ts";
+import type { GpuCaps } from "../kernels/types.ts";
 import { tensor } from "../engine/creation.ts";
 import { map } from "../engine/ops/core.ts";
 import * as E from "../engine/ops/elementwise.ts";
@@ -174,6 +175,88 @@ test("random fused expression trees: WebGPU matches CPU reference", async () => 
     }),
     { numRuns: RUNS * 2 },
   );
+});
+
+/** One input's layout for the kernel: dims laid out outermost-first in `perm` order, padded, or broadcast. */
+interface InputLayout {
+  perm: readonly number[];
+  pad: readonly number[];
+  broadcast: boolean[];
+}
+
+/** Element strides of `layout` for `shape`, and the buffer size they need. */
+function layoutStrides(shape: number[], l: InputLayout): { strides: number[]; elements: number } {
+  const s = new Array<number>(shape.length);
+  let acc = 1;
+  for (let k = shape.length - 1; k >= 0; k--) {
+    const d = l.perm[k];
+    s[d] = l.broadcast[d] ? 0 : acc;
+    acc *= l.broadcast[d] ? 1 : shape[d] + l.pad[d];
+  }
+  return { strides: s, elements: acc };
+}
+
+const inputLayoutArb = (rank: number): fc.Arbitrary<InputLayout> =>
+  fc.record({
+    // Mostly in order, so that inner-contiguous slices (padded outer dims) and inner broadcasts are common.
+    perm: fc.oneof(
+      fc.constant<readonly number[]>([...Array(rank).keys()]),
+      fc.shuffledSubarray([...Array(rank).keys()], { minLength: rank, maxLength: rank }),
+    ),
+    pad: fc.array(fc.constantFrom(0, 0, 1, 4), { minLength: rank, maxLength: rank }),
+    broadcast: fc.array(fc.boolean(), { minLength: rank, maxLength: rank }),
+  });
+
+test("kernel: strided, sliced and broadcast input layouts match the CPU reference (one, four elements per thread)", async () => {
+  const gpu = await gpuDevice(), cpu = await cpuDevice();
+  const dimArb = fc.constantFrom(1, 2, 3, 4, 5, 8, 12);
+  const caseArb = fc.array(dimArb, { minLength: 1, maxLength: 4 }).chain((shape) =>
+    fc.record({
+      shape: fc.constant(shape),
+      layouts: fc.array(inputLayoutArb(shape.length), { minLength: 3, maxLength: 3 }),
+      expr: exprArb,
+      seed: seedArb,
+    })
+  );
+  await fc.assert(
+    fc.asyncProperty(caseArb, async ({ shape, layouts, expr, seed }) => {
+      const ins = layouts.map((l) => layoutStrides(shape, l))
+        .map((x, k) => ({ ...x, data: seededValues(x.elements, seed + k) }));
+      const params = { expr, consts: [0.5, -1.25], shape, strides: ins.map((x) => x.strides) };
+      const outs: Float32Array[] = [];
+      for (const dev of [gpu, cpu]) {
+        const bufs = ins.map((x) => {
+          const b = dev.alloc(x.elements);
+          dev.write(b, x.data);
+          return b;
+        });
+        const out = dev.alloc(size(shape));
+        dev.run(elementwise, params, bufs, [out]);
+        outs.push(Float32Array.from(await dev.read(out)));
+        [...bufs, out].forEach((b) => dev.release(b));
+      }
+      assertClose(outs[0], outs[1], { rtol: 1e-4, atol: 1e-5 }, `strides ${JSON.stringify(params.strides)}`);
+    }),
+    { numRuns: RUNS * 4 },
+  );
+});
+
+test("kernel: four-element threads load a broadcast input once and an aligned slice as one vec4", () => {
+  const caps = { maxWorkgroupsPerDimension: 65535 } as GpuCaps;
+  const expr = bin("add", bin("mul", inp(0), inp(1)), inp(2));
+  // [8, 64, 32, 32] · scale [8, 64, 1, 1] + a channel slice of a [8, 128, 32, 32] tensor.
+  const { source } = elementwise.gpu({
+    expr,
+    consts: [],
+    shape: [8, 64, 32, 32],
+    strides: [[65536, 1024, 32, 1], [64, 1, 0, 0], [131072, 1024, 32, 1]],
+  }, caps);
+  for (
+    const line of ["let s1 = in1[o1];", "let v2 = in2[o2];", "var<storage, read> in2: array<vec4<f32>>;"]
+  ) {
+    if (!source.includes(line)) throw new Error(`expected \`${line}\` in:\n${source}`);
+  }
+  if (/in[12]\[o[12] \+/.test(source)) throw new Error(`scalar gathers left in:\n${source}`);
 });
 
 test("2-D grids (more workgroups than one dimension allows) cover every element", async () => {
