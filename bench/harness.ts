@@ -4,7 +4,7 @@
  * A host-device sync costs about 11 ms in Deno whatever its size, so timing one op with one readback measures
  * the sync. Instead each figure runs K iterations back to back and syncs once at the end; K is chosen from a
  * warm-up so that one repeat lasts at least `minMs`; the reported time per iteration is the median over
- * `repeats` repeats. The same procedure times our engine and the peer library.
+ * `repeats` repeats. The same procedure times our engine and the peer library, their repeats alternating.
  */
 
 export interface BenchRecord {
@@ -54,6 +54,37 @@ export interface Timing {
   cpuMs: number;
 }
 
+/** Work to time: `step` records one iteration without waiting for it, `sync` waits for all recorded work. */
+export interface Workload {
+  step: () => void;
+  sync: () => Promise<void>;
+}
+
+/**
+ * Iterations per repeat: after one warm-up iteration (compiles pipelines, fills pools), K doubles until K
+ * iterations plus one sync last `minMs`, so that the ~11 ms sync does not dominate small ops.
+ */
+async function iterationsPerRepeat({ step, sync }: Workload, minMs: number, maxIt: number): Promise<number> {
+  step();
+  await sync();
+  let K = 1;
+  for (;;) {
+    const t0 = performance.now();
+    for (let k = 0; k < K; k++) step();
+    await sync();
+    if (performance.now() - t0 >= minMs || K >= maxIt) return K;
+    K = Math.min(maxIt, K * 2);
+  }
+}
+
+/** One repeat of K iterations and a sync: wall ms per iteration, and this process's CPU ms for the repeat. */
+async function repeat({ step, sync }: Workload, K: number): Promise<{ ms: number; cpuMs: number }> {
+  const cpu0 = processCpuMs(), t0 = performance.now();
+  for (let k = 0; k < K; k++) step();
+  await sync();
+  return { ms: (performance.now() - t0) / K, cpuMs: processCpuMs() - cpu0 };
+}
+
 /**
  * Time per iteration of `step` (which records work without waiting), where `sync` waits for all recorded work:
  * the median of `repeats` repeats of K iterations plus one sync, and the CPU time they took.
@@ -63,27 +94,29 @@ export async function timePerIteration(
   sync: () => Promise<void>,
   opts: TimingOptions = {},
 ): Promise<Timing> {
+  const [t] = await timeInterleaved([{ step, sync }], opts);
+  return t;
+}
+
+/**
+ * Times several workloads in alternating repeats (A, B, A, B, …), each the median of its own `repeats`, so
+ * that the machine's drift (other tenants, clock) falls on all of them alike: a ratio between them compares
+ * the workloads, not two moments. On this host the peer's matmul 1024³ ran at 6.6–8.3 GFLOP/s in three
+ * processes a minute apart, and ours moved with it.
+ */
+export async function timeInterleaved(workloads: Workload[], opts: TimingOptions = {}): Promise<Timing[]> {
   const minMs = opts.minMs ?? 250, repeats = opts.repeats ?? 5, maxIt = opts.maxIterations ?? 4096;
-  step();
-  await sync(); // compile pipelines, fill pools
-  // Double K until K iterations plus one sync last minMs: the ~11 ms sync must not dominate small ops.
-  let K = 1;
-  for (;;) {
-    const t0 = performance.now();
-    for (let k = 0; k < K; k++) step();
-    await sync();
-    if (performance.now() - t0 >= minMs || K >= maxIt) break;
-    K = Math.min(maxIt, K * 2);
-  }
-  const times: number[] = [];
-  const cpu0 = processCpuMs();
+  const K: number[] = [];
+  for (const w of workloads) K.push(await iterationsPerRepeat(w, minMs, maxIt));
+  const times = workloads.map(() => [] as number[]), cpu = workloads.map(() => 0);
   for (let r = 0; r < repeats; r++) {
-    const t0 = performance.now();
-    for (let k = 0; k < K; k++) step();
-    await sync();
-    times.push((performance.now() - t0) / K);
+    for (const [i, w] of workloads.entries()) {
+      const t = await repeat(w, K[i]);
+      times[i].push(t.ms);
+      cpu[i] += t.cpuMs;
+    }
   }
-  return { ms: median(times), cpuMs: (processCpuMs() - cpu0) / (repeats * K) };
+  return workloads.map((_, i) => ({ ms: median(times[i]), cpuMs: cpu[i] / (repeats * K[i]) }));
 }
 
 export function printTable(records: BenchRecord[]): void {

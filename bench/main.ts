@@ -25,10 +25,13 @@ import {
 import {
   type BenchRecord,
   printTable,
+  timeInterleaved,
   timePerIteration,
   type Timing,
   type TimingOptions,
+  type Workload,
 } from "./harness.ts";
+import type { PeerWorkload } from "./peer_tfjs.ts";
 
 const args = new Set(Deno.args);
 const json = args.has("--json");
@@ -36,6 +39,8 @@ const quick = args.has("--quick");
 const withPeer = !args.has("--no-peer");
 const onlyAt = Deno.args.indexOf("--only");
 const only = onlyAt >= 0 ? Deno.args[onlyAt + 1] : undefined;
+/** The peer library (bench/peer_tfjs.ts, imported only when it is measured). */
+const PEER = "tfjs-webgpu";
 const timing: TimingOptions = quick ? { minMs: 100, repeats: 3 } : { minMs: 300, repeats: 5 };
 
 const device = await Device.create();
@@ -58,16 +63,32 @@ function realize(v: unknown) {
   else if (Array.isArray(v)) v.forEach(realize);
 }
 
-/** ms per call of `f`, whose result is computed and whose tensors are freed each iteration. */
-const timeOurs = (f: () => unknown) => timePerIteration(() => scope(() => realize(f())), sync, timing);
+/** Our op as a workload: each step computes `f`'s result and frees its tensors. */
+const ours = (f: () => unknown): Workload => ({ step: () => scope(() => realize(f())), sync });
 
-async function peer(ms: () => Promise<number>): Promise<number | undefined> {
-  if (!withPeer) return undefined;
+/** Timing of `f` per call (see harness.ts). */
+const timeOurs = (f: () => unknown) => timePerIteration(ours(f).step, sync, timing);
+
+/**
+ * Timings of `f` and of the peer's workload for the same op, in alternating repeats; the peer's is undefined
+ * with --no-peer or when the peer fails (the failure is logged).
+ */
+async function timeWithPeer(
+  f: () => unknown,
+  peerWorkload: () => Promise<PeerWorkload>,
+): Promise<[Timing, Timing | undefined]> {
+  let p: PeerWorkload | undefined;
   try {
-    return await ms();
+    if (withPeer) p = await peerWorkload();
   } catch (e) {
     log(`peer failed: ${(e as Error).message}`);
-    return undefined;
+  }
+  if (!p) return [await timeOurs(f), undefined];
+  try {
+    const [t, tp] = await timeInterleaved([ours(f), p], timing);
+    return [t, tp];
+  } finally {
+    p.dispose();
   }
 }
 
@@ -76,7 +97,7 @@ function report(
   unit: BenchRecord["unit"],
   work: number,
   { ms, cpuMs }: Timing,
-  peerMs?: number,
+  peerTiming?: Timing,
   note?: string,
 ) {
   const value = work / ms / 1e6;
@@ -87,9 +108,9 @@ function report(
     const rate = `${perCpu.toFixed(perCpu < 10 ? 2 : 1)} ${unit.replace("/s", "")} per CPU-second`;
     note = note ? `${note}; ${rate}` : rate;
   }
-  if (peerMs !== undefined) {
-    r.peer = "tfjs-webgpu";
-    r.peer_value = work / peerMs / 1e6;
+  if (peerTiming !== undefined) {
+    r.peer = PEER;
+    r.peer_value = work / peerTiming.ms / 1e6;
     r.ratio = r.value / r.peer_value;
   }
   if (note) r.note = note;
@@ -106,8 +127,8 @@ for (const n of quick ? [256, 512] : [256, 512, 1024]) {
   const name = `matmul ${n}³`;
   if (!want(name)) continue;
   const a = randn([n, n]), b = randn([n, n]);
-  const t = await timeOurs(() => matmul(a, b));
-  report(name, "GFLOP/s", 2 * n ** 3, t, await peer(() => tf!.tfMatmul(n, timing)));
+  const [t, tp] = await timeWithPeer(() => matmul(a, b), () => tf!.tfMatmul(n));
+  report(name, "GFLOP/s", 2 * n ** 3, t, tp);
   a.dispose();
   b.dispose();
 }
@@ -122,15 +143,11 @@ const PACKED_ONCE = "operands' texture packing cached across iterations";
   const flops = 2 * N * Co * H * W * C * k * k;
   const x = randn([N, C, H, W]), w = randn([Co, C, k, k]);
   if (want("conv2d forward")) {
-    const t = await timeOurs(() => conv2d(x, w, null, { padding: 1 }));
-    report(
-      "conv2d forward",
-      "GFLOP/s",
-      flops,
-      t,
-      await peer(() => tf!.tfConv2d(N, C, H, W, Co, k, timing)),
-      PACKED_ONCE,
+    const [t, tp] = await timeWithPeer(
+      () => conv2d(x, w, null, { padding: 1 }),
+      () => tf!.tfConv2d(N, C, H, W, Co, k),
     );
+    report("conv2d forward", "GFLOP/s", flops, t, tp, PACKED_ONCE);
   }
   const g = randn([N, Co, H, W]);
   /** Times one gradient of conv2d alone: the tape node's VJP with only `wrt` requiring grad. */

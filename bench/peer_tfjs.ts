@@ -1,13 +1,12 @@
 /**
  * @file The peer library measured in the same run: TensorFlow.js's WebGPU backend, on the same adapter. Only
- * the bench imports it. Timed with the same harness; tensors are made once, outside the timed loop.
+ * the bench imports it. Each op is a `Workload` for the same harness; tensors are made once, outside the timed
+ * loop.
  */
 
 import * as tf from "@tensorflow/tfjs-core";
 import "@tensorflow/tfjs-backend-webgpu";
-import { timePerIteration, type TimingOptions } from "./harness.ts";
-
-export const PEER = "tfjs-webgpu";
+import type { Workload } from "./harness.ts";
 
 let ready: Promise<void> | null = null;
 async function init() {
@@ -18,32 +17,36 @@ async function init() {
   await ready;
 }
 
-/** Times `make()` (which returns the op's output) with tfjs's own memory management. */
-async function timeTf(make: () => tf.Tensor, opts?: TimingOptions): Promise<number> {
+/** A tfjs op as a workload: `make()` returns the op's output, which the next step disposes. */
+export interface PeerWorkload extends Workload {
+  dispose(): void;
+}
+
+function tfWorkload(make: () => tf.Tensor, inputs: tf.Tensor[]): PeerWorkload {
   let last: tf.Tensor | null = null;
-  const { ms } = await timePerIteration(
-    () => {
+  return {
+    step() {
       last?.dispose();
       last = make();
     },
-    async () => {
+    async sync() {
       await last!.data();
     },
-    opts,
-  );
-  return ms;
+    dispose() {
+      last?.dispose();
+      tf.dispose(inputs);
+    },
+  };
 }
 
-/** ms per n×n×n matmul. */
-export async function tfMatmul(n: number, opts?: TimingOptions): Promise<number> {
+/** An n×n×n matmul. */
+export async function tfMatmul(n: number): Promise<PeerWorkload> {
   await init();
   const a = tf.randomNormal([n, n]), b = tf.randomNormal([n, n]);
-  const ms = await timeTf(() => tf.matMul(a, b), opts);
-  tf.dispose([a, b]);
-  return ms;
+  return tfWorkload(() => tf.matMul(a, b), [a, b]);
 }
 
-/** ms per conv2d forward, NCHW input [N, C, H, W], 'same' padding, stride 1. */
+/** A conv2d forward, NCHW input [N, C, H, W], 'same' padding, stride 1. */
 export async function tfConv2d(
   N: number,
   C: number,
@@ -51,12 +54,9 @@ export async function tfConv2d(
   W: number,
   Cout: number,
   k: number,
-  opts?: TimingOptions,
-): Promise<number> {
+): Promise<PeerWorkload> {
   await init();
   // tfjs is fastest in its native NHWC layout; give it that.
   const x = tf.randomNormal([N, H, W, C]) as tf.Tensor4D, w = tf.randomNormal([k, k, C, Cout]) as tf.Tensor4D;
-  const ms = await timeTf(() => tf.conv2d(x, w, 1, "same"), opts);
-  tf.dispose([x, w]);
-  return ms;
+  return tfWorkload(() => tf.conv2d(x, w, 1, "same"), [x, w]);
 }
