@@ -1,7 +1,8 @@
 /**
  * @file `deno task bench [--json] [--quick] [--no-peer] [--only NAME]`: the kernels that dominate a UNet
  * training step, as GFLOP/s (compute-bound) or GB/s (memory-bound), each the median of several timed repeats
- * (see harness.ts), with TensorFlow.js's WebGPU backend measured in the same run on matmul and conv.
+ * (see harness.ts), with TensorFlow.js's WebGPU backend measured in the same run on matmul and conv, its
+ * repeats alternating with ours.
  *
  * Gradients are timed by calling the tape node's vector-Jacobian product directly, so a figure is exactly the
  * code `backward()` runs for that op and nothing else.
