@@ -9,8 +9,10 @@ import { copy, type CopyParams, copyPlan } from "../kernels/copy.ts";
 import type { Device } from "../engine/device.ts";
 import {
   assertEquals,
+  type BufferLayout,
   cpuDevice,
   gpuDevice,
+  layoutStrides,
   RUNS,
   seedArb,
   seededValues,
@@ -18,25 +20,8 @@ import {
   test,
 } from "./util.ts";
 
-/** A layout of `shape` inside a larger buffer: padded dims, a dimension order, an offset, broadcast dims. */
-interface Layout {
-  pad: number[];
-  perm: number[];
-  offset: number;
-  broadcast: boolean[];
-}
-
-/** Strides and buffer size of `layout` for `shape` (dims laid out outermost-first in `perm` order). */
-function strides(shape: number[], l: Layout): { strides: number[]; elements: number } {
-  const s = new Array<number>(shape.length);
-  let acc = 1;
-  for (let k = shape.length - 1; k >= 0; k--) {
-    const d = l.perm[k];
-    s[d] = l.broadcast[d] ? 0 : acc;
-    acc *= l.broadcast[d] ? 1 : shape[d] + l.pad[d];
-  }
-  return { strides: s, elements: l.offset + acc };
-}
+/** A source or destination layout; copies also start at an offset. */
+type Layout = BufferLayout & { offset: number };
 
 const dimArb = fc.oneof(fc.integer({ min: 1, max: 9 }), fc.constantFrom(1, 4, 8, 12, 16, 3, 5, 7));
 
@@ -84,7 +69,7 @@ async function runCopy(device: Device, p: CopyParams, src: Float32Array, dst: Fl
 }
 
 async function checkCase(gpu: Device, c: Case) {
-  const src = strides(c.shape, c.src), dst = strides(c.shape, c.dst);
+  const src = layoutStrides(c.shape, c.src), dst = layoutStrides(c.shape, c.dst);
   const p: CopyParams = {
     shape: c.shape,
     srcOffset: c.src.offset,

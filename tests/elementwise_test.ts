@@ -14,9 +14,11 @@ import type { Device } from "../engine/device.ts";
 import type { Tensor } from "../engine/tensor.ts";
 import {
   assertClose,
+  type BufferLayout,
   cpuDevice,
   gpuDevice,
   gradCheck,
+  layoutStrides,
   RUNS,
   scaleArb,
   seedArb,
@@ -177,26 +179,7 @@ test("random fused expression trees: WebGPU matches CPU reference", async () => 
   );
 });
 
-/** One input's layout for the kernel: dims laid out outermost-first in `perm` order, padded, or broadcast. */
-interface InputLayout {
-  perm: readonly number[];
-  pad: readonly number[];
-  broadcast: boolean[];
-}
-
-/** Element strides of `layout` for `shape`, and the buffer size they need. */
-function layoutStrides(shape: number[], l: InputLayout): { strides: number[]; elements: number } {
-  const s = new Array<number>(shape.length);
-  let acc = 1;
-  for (let k = shape.length - 1; k >= 0; k--) {
-    const d = l.perm[k];
-    s[d] = l.broadcast[d] ? 0 : acc;
-    acc *= l.broadcast[d] ? 1 : shape[d] + l.pad[d];
-  }
-  return { strides: s, elements: acc };
-}
-
-const inputLayoutArb = (rank: number): fc.Arbitrary<InputLayout> =>
+const inputLayoutArb = (rank: number): fc.Arbitrary<BufferLayout> =>
   fc.record({
     // Mostly in order, so that inner-contiguous slices (padded outer dims) and inner broadcasts are common.
     perm: fc.oneof(

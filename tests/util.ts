@@ -303,3 +303,29 @@ export async function assertBackendsAgree(
     assertClose(g, want.grads[i], { rtol: 1e-4, atol: gradAtol }, `${what} grad ${i}`)
   );
 }
+
+/**
+ * A layout of a tensor of some shape inside a buffer, for kernel tests: dims laid out outermost-first in `perm`
+ * order, each padded by `pad[d]` elements, broadcast dims (stride 0) taking no room, starting at `offset`.
+ */
+export interface BufferLayout {
+  perm: readonly number[];
+  pad: readonly number[];
+  broadcast: readonly boolean[];
+  offset?: number;
+}
+
+/** Element strides of `layout` for `shape`, and the buffer size they need. */
+export function layoutStrides(
+  shape: readonly number[],
+  l: BufferLayout,
+): { strides: number[]; elements: number } {
+  const s = new Array<number>(shape.length);
+  let acc = 1;
+  for (let k = shape.length - 1; k >= 0; k--) {
+    const d = l.perm[k];
+    s[d] = l.broadcast[d] ? 0 : acc;
+    acc *= l.broadcast[d] ? 1 : shape[d] + l.pad[d];
+  }
+  return { strides: s, elements: (l.offset ?? 0) + acc };
+}
