@@ -33,6 +33,7 @@ import {
   cpuDevice,
   gpuDevice,
   gradCheck,
+  runOnBuffers,
   RUNS,
   scaleArb,
   seedArb,
@@ -44,16 +45,8 @@ import {
 } from "./util.ts";
 
 async function runKernel<P>(device: Device, kernel: Kernel<P>, p: P, inputs: Float32Array[], outLen: number) {
-  const bufs = inputs.map((v) => {
-    const s = device.alloc(v.length);
-    device.write(s, v);
-    return s;
-  });
-  const out = device.alloc(outLen);
-  device.write(out, new Float32Array(outLen).fill(NaN)); // every element must be written
-  device.run(kernel, p, bufs, [out]);
-  const r = await device.read(out);
-  for (const s of [...bufs, out]) device.release(s);
+  // NaN-filled: every element must be written.
+  const [r] = await runOnBuffers(device, kernel, p, inputs, [new Float32Array(outLen).fill(NaN)]);
   return r;
 }
 

@@ -13,6 +13,7 @@ import {
   cpuDevice,
   gpuDevice,
   layoutStrides,
+  runOnBuffers,
   RUNS,
   seedArb,
   seededValues,
@@ -58,13 +59,7 @@ const caseArb: fc.Arbitrary<Case> = fc.array(dimArb, { minLength: 1, maxLength: 
 );
 
 async function runCopy(device: Device, p: CopyParams, src: Float32Array, dst: Float32Array) {
-  const s = device.alloc(src.length), d = device.alloc(dst.length);
-  device.write(s, src);
-  device.write(d, dst);
-  device.run(copy, p, [s], [d]);
-  const out = await device.read(d);
-  device.release(s);
-  device.release(d);
+  const [out] = await runOnBuffers(device, copy, p, [src], [dst]);
   return out;
 }
 

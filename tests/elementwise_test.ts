@@ -19,6 +19,7 @@ import {
   gpuDevice,
   gradCheck,
   layoutStrides,
+  runOnBuffers,
   RUNS,
   scaleArb,
   seedArb,
@@ -206,19 +207,10 @@ test("kernel: strided, sliced and broadcast input layouts match the CPU referenc
       const ins = layouts.map((l) => layoutStrides(shape, l))
         .map((x, k) => ({ ...x, data: seededValues(x.elements, seed + k) }));
       const params = { expr, consts: [0.5, -1.25], shape, strides: ins.map((x) => x.strides) };
-      const outs: Float32Array[] = [];
-      for (const dev of [gpu, cpu]) {
-        const bufs = ins.map((x) => {
-          const b = dev.alloc(x.elements);
-          dev.write(b, x.data);
-          return b;
-        });
-        const out = dev.alloc(size(shape));
-        dev.run(elementwise, params, bufs, [out]);
-        outs.push(Float32Array.from(await dev.read(out)));
-        [...bufs, out].forEach((b) => dev.release(b));
-      }
-      assertClose(outs[0], outs[1], { rtol: 1e-4, atol: 1e-5 }, `strides ${JSON.stringify(params.strides)}`);
+      const datas = ins.map((x) => x.data);
+      const [got] = await runOnBuffers(gpu, elementwise, params, datas, [size(shape)]);
+      const [want] = await runOnBuffers(cpu, elementwise, params, datas, [size(shape)]);
+      assertClose(got, want, { rtol: 1e-4, atol: 1e-5 }, `strides ${JSON.stringify(params.strides)}`);
     }),
     { numRuns: RUNS * 4 },
   );

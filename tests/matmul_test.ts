@@ -33,6 +33,7 @@ import {
   gpuDevice,
   gradCheck,
   opAndGrads,
+  runOnBuffers,
   RUNS,
   scaleArb,
   seedArb,
@@ -44,16 +45,8 @@ import {
 
 /** Runs a kernel on raw buffers and reads its single output back. */
 async function runKernel(device: Device, p: MatmulParams, inputs: Float32Array[], outLen: number) {
-  const bufs = inputs.map((v) => {
-    const s = device.alloc(v.length);
-    device.write(s, v);
-    return s;
-  });
-  const out = device.alloc(outLen);
-  device.write(out, new Float32Array(outLen).fill(NaN)); // every element must be written
-  device.run(matmulKernel, p, bufs, [out]);
-  const r = await device.read(out);
-  for (const s of [...bufs, out]) device.release(s);
+  // NaN-filled: every element must be written.
+  const [r] = await runOnBuffers(device, matmulKernel, p, inputs, [new Float32Array(outLen).fill(NaN)]);
   return r;
 }
 

@@ -29,6 +29,7 @@ import {
   f64Device,
   gpuDevice,
   gradCheck,
+  runOnBuffers,
   RUNS,
   scaleArb,
   seedArb,
@@ -52,17 +53,7 @@ async function runKernel<P>(
   inputs: ArrayLike<number>[],
   outSizes: number[],
 ): Promise<Float64Array[]> {
-  const ins = inputs.map((data) => {
-    const s = device.alloc(data.length);
-    device.write(s, data);
-    return s;
-  });
-  const outs = outSizes.map((n) => device.alloc(n));
-  device.run(kernel, params, ins, outs);
-  const res = [];
-  for (const o of outs) res.push(Float64Array.from(await device.read(o)));
-  for (const s of [...ins, ...outs]) device.release(s);
-  return res;
+  return (await runOnBuffers(device, kernel, params, inputs, outSizes)).map((o) => Float64Array.from(o));
 }
 
 /** What the ops produce on one device: y, and the gradients of x, weight, bias for a fixed cotangent. */

@@ -17,6 +17,7 @@ import {
   f64Device,
   gpuDevice,
   gradCheck,
+  runOnBuffers,
   RUNS,
   scaleArb,
   seedArb,
@@ -93,16 +94,8 @@ async function runKernel(
   p: SoftmaxParams,
   inputs: ArrayLike<number>[],
 ) {
-  const ins = inputs.map((data) => {
-    const s = device.alloc(data.length);
-    device.write(s, data);
-    return s;
-  });
-  const out = device.alloc(inputs[0].length);
-  device.run(kernel, p, ins, [out]);
-  const res = Float64Array.from(await device.read(out));
-  for (const s of [...ins, out]) device.release(s);
-  return res;
+  const [out] = await runOnBuffers(device, kernel, p, inputs, [inputs[0].length]);
+  return Float64Array.from(out);
 }
 
 const kernelCase = fc.record({

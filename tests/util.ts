@@ -9,6 +9,7 @@ import type { UNetSpecInput } from "../models/unet.ts";
 import type { TrainConfigInput } from "../models/train.ts";
 import { Rng } from "../models/data.ts";
 import { Device } from "../engine/device.ts";
+import type { FloatArray, Kernel } from "../kernels/types.ts";
 import "../engine/autograd.ts";
 import { tensor } from "../engine/creation.ts";
 import { noGrad, type Tensor } from "../engine/tensor.ts";
@@ -328,4 +329,30 @@ export function layoutStrides(
     acc *= l.broadcast[d] ? 1 : shape[d] + l.pad[d];
   }
   return { strides: s, elements: (l.offset ?? 0) + acc };
+}
+
+/**
+ * Runs one kernel on fresh device buffers and reads its outputs back. Each input buffer holds the given values;
+ * each output is either a size (a buffer as the pool hands it out) or values to start from (NaN to show an
+ * element the kernel never writes, or contents a partial write must keep).
+ */
+export async function runOnBuffers<P>(
+  device: Device,
+  kernel: Kernel<P>,
+  params: P,
+  inputs: readonly ArrayLike<number>[],
+  outputs: readonly (number | ArrayLike<number>)[],
+): Promise<FloatArray[]> {
+  const upload = (data: ArrayLike<number>) => {
+    const s = device.alloc(data.length);
+    device.write(s, data);
+    return s;
+  };
+  const ins = inputs.map(upload),
+    outs = outputs.map((o) => (typeof o === "number" ? device.alloc(o) : upload(o)));
+  device.run(kernel, params, ins, outs);
+  const res: FloatArray[] = [];
+  for (const o of outs) res.push(await device.read(o));
+  for (const s of [...ins, ...outs]) device.release(s);
+  return res;
 }
