@@ -141,3 +141,46 @@ export interface SearchStorage {
   listTrials(filter?: { status?: TrialStatus[] }): Promise<Trial[]>;
   close(): Promise<void>;
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Proposers.
+
+/** What a proposer sees when asked for candidates. */
+export interface ProposalContext {
+  /** The search memory: every trial so far, in id order (done, pruned, failed, rejected, queued, running). */
+  trials: readonly Trial[];
+  /** How many candidates are wanted now (a proposer may return fewer). */
+  count: number;
+  /** Seed for this call's random choices (derived from the search seed and the call's index). */
+  seed: number;
+}
+
+/**
+ * One proposal. `spec` is unvalidated (an LLM's reply is untrusted data): the caller checks it against the
+ * search space and the budget, and records it as queued or as rejected with the reason. A proposer that could
+ * not produce a spec at all (malformed reply, timeout) returns `spec: null` with `error`, which is recorded as a
+ * rejection too, so the memory shows the failure and the run goes on.
+ */
+export interface Proposal {
+  spec: unknown;
+  /** The trial whose weights this one should start from (weight inheritance), if the proposer has a view. */
+  parentId?: number | null;
+  prompt?: string | null;
+  rawReply?: string | null;
+  error?: string | null;
+}
+
+/** The search space as a proposer needs to know it. */
+export interface SpaceDescription {
+  /** A short human-readable statement of the space and its bounds, for prompts and logs. */
+  text: string;
+  /** The JSON Schema of one candidate spec (for `response_format` and the prompt). */
+  jsonSchema: Record<string, unknown>;
+}
+
+/** Proposes candidates from the memory: LLM, evolutionary, random, and the other searches' own. */
+export interface Proposer {
+  /** Stored with each trial ("llm", "evolutionary", "random"). */
+  readonly name: string;
+  propose(ctx: ProposalContext): Promise<Proposal[]>;
+}
