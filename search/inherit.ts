@@ -13,7 +13,7 @@
  * be saved in the run folder and survive a restart.
  */
 
-import { type nn, tensor } from "../engine/mod.ts";
+import { type Device, type nn, type Tensor, tensor } from "../engine/mod.ts";
 
 /** A state dict on the host: the tensors' shapes and float32 values by name. */
 export type HostState = Record<string, { shape: number[]; data: Float32Array }>;
@@ -78,29 +78,48 @@ export function overlayLeadingSlice(
 }
 
 /**
- * Copies into `child` every tensor of `parent` that it has by name: whole where the shapes match, else the
- * common leading slice. Runs in place through `loadStateDict`, so an optimizer built on `child` stays valid.
+ * The state a child starts from: its fresh initialisation `fresh`, with every tensor that `parent` has by name
+ * replaced whole where the shapes match, else its common leading slice overlaid. Pure (host arrays).
+ */
+export function inheritState(fresh: HostState, parent: HostState): { state: HostState; stats: InheritStats } {
+  const stats: InheritStats = { copied: 0, sliced: 0, fresh: 0 };
+  const state: HostState = {};
+  for (const [name, t] of Object.entries(fresh)) {
+    const p = parent[name];
+    if (!p || p.shape.length !== t.shape.length) {
+      stats.fresh++;
+      state[name] = t;
+    } else if (p.shape.every((n, i) => n === t.shape[i])) {
+      stats.copied++;
+      state[name] = { shape: t.shape, data: Float32Array.from(p.data) };
+    } else {
+      stats.sliced++;
+      state[name] = { shape: t.shape, data: overlayLeadingSlice(t, p) };
+    }
+  }
+  return { state, stats };
+}
+
+/** Uploads a host state to `device` as tensors (the caller disposes them). */
+export function stateTensors(state: HostState, device: Device): Record<string, Tensor> {
+  return Object.fromEntries(
+    Object.entries(state).map(([name, t]) => [name, tensor(t.data, t.shape, { device })]),
+  );
+}
+
+/**
+ * Copies into `child` every tensor of `parent` that it has by name (see `inheritState`). Runs in place through
+ * `loadStateDict`, so an optimizer built on `child` stays valid.
  */
 export async function inheritWeights(child: nn.Module, parent: HostState): Promise<InheritStats> {
-  const stats: InheritStats = { copied: 0, sliced: 0, fresh: 0 };
-  const own = child.stateDict();
-  const updates: Record<string, ReturnType<typeof tensor>> = {};
+  const { state, stats } = inheritState(await hostState(child), parent);
+  const own = Object.values(child.stateDict());
+  if (!own.length) return stats;
+  const tensors = stateTensors(state, own[0].device);
   try {
-    for (const [name, t] of Object.entries(own)) {
-      const p = parent[name];
-      if (!p || p.shape.length !== t.rank) {
-        stats.fresh++;
-        continue;
-      }
-      const same = p.shape.every((n, i) => n === t.shape[i]);
-      const data = same ? p.data : overlayLeadingSlice({ shape: t.shape, data: await t.toArray() }, p);
-      updates[name] = tensor(data, [...t.shape], { device: t.device });
-      if (same) stats.copied++;
-      else stats.sliced++;
-    }
-    child.loadStateDict(updates, { strict: false });
+    child.loadStateDict(tensors);
   } finally {
-    for (const u of Object.values(updates)) u.dispose();
+    for (const t of Object.values(tensors)) t.dispose();
   }
   return stats;
 }
