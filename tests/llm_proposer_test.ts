@@ -689,10 +689,25 @@ Deno.test("prompt: for any memory and bound the prompt fits, every memory line i
         assert(
           best.length + p.omitted.best === Math.min(bestK, trials.filter((t) => t.status === "done").length),
         );
-        // Recent and rejected keep the newest: their ids are the largest of their kind, in reading order.
-        for (const kept of [recent, rejected]) {
-          const ids = kept.map((l) => l.id);
-          assertEquals(ids, [...ids].sort((a, b) => a - b));
+        // Recent and rejected keep the newest of their kind (up to K), shown oldest first.
+        const bestSet = new Set(
+          trials.filter((t) => t.status === "done")
+            .sort((a, b) => a.scores.proxyFid! - b.scores.proxyFid! || a.id - b.id).slice(0, bestK).map((t) =>
+              t.id
+            ),
+        );
+        const kinds = [
+          [
+            recent,
+            p.omitted.recent,
+            recentK,
+            trials.filter((t) => t.status !== "rejected" && !bestSet.has(t.id)),
+          ],
+          [rejected, p.omitted.rejected, rejectedK, trials.filter((t) => t.status === "rejected")],
+        ] as const;
+        for (const [kept, omitted, k, all] of kinds) {
+          assertEquals(kept.length + omitted, Math.min(k, all.length));
+          assertEquals(kept.map((l) => l.id), all.slice(all.length - kept.length).map((t) => t.id));
         }
         assert(rejected.every((l) => trials[l.id - 1].status === "rejected"));
       },

@@ -1,8 +1,7 @@
 /**
  * @file The LLM proposer of DiffNAS (Li et al. 2023): an LLM behind any OpenAI-compatible chat-completions
  * endpoint (OpenAI, vLLM, a llama.cpp server, Ollama) proposes UNet candidates from a prompt that holds the task,
- * the space, the budget and the search memory (`search/prompt.ts`). One `propose` call is one chat request for
- * up to `candidatesPerCall` candidates.
+ * the space, the budget and the search memory (`search/prompt.ts`).
  *
  * The reply is untrusted data, handled so that nothing in it can act:
  *
@@ -18,13 +17,17 @@
  *   the user message as JSON lines, never in the system message. The reply text is kept as `rawReply` (bounded)
  *   for inspection, never fed back.
  *
+ * One `propose` call is one request for min(count, candidatesPerCall) candidates: several per request share
+ * the prompt's cost and let the model spread them over the space; the caller asks again for more.
+ *
  * Structured output. The request asks for `response_format: json_schema` with a `{ candidates: [...] }`
  * wrapper around the candidate's JSON Schema. A server that refuses it (HTTP 400/422 naming response_format or
  * JSON schema) is asked again with `json_object`, then with no `response_format` (the prompt alone asks for
  * JSON); the step down is remembered for the proposer's lifetime and costs no retry.
  *
- * Retries. Each try has `timeoutMs` for the whole exchange, body included (the client's own timeout only
- * covers it partly, so a timer aborts the request). A try that times out, fails to connect, or gets HTTP
+ * Retries. Each try has `timeoutMs` for the whole exchange, body included: a timer of ours aborts the request,
+ * so the bound does not rest on the client's timeout semantics (the client's own timeout, 1 s later, is only a
+ * backstop). A try that times out, fails to connect, or gets HTTP
  * 408/409/429/5xx is retried up to `maxRetries` times after `retryBaseMs·2^(try-1)` ms times a jitter factor in
  * [0.5, 1) (Math.random: its job is to spread workers that share a seed), or the server's Retry-After /
  * retry-after-ms, each wait capped at `retryMaxDelayMs`; no wait or try runs past `totalTimeoutMs`. A reply
@@ -196,6 +199,7 @@ export interface ParsedCandidate {
   error: string | null;
 }
 
+/** The reply's wrapper; other keys (a model's "reasoning" note) are dropped unread, the candidates are checked. */
 const ReplyWrapper = z.object({ candidates: z.array(z.unknown()).min(1) });
 
 /**
