@@ -11,16 +11,16 @@ import {
   formatBucketTable,
   formatLogEntry,
   type LogEntry,
-  readJsonFile,
   sample,
   type SampleConfigInput,
   train,
   type TrainEvent,
-  UsageError,
 } from "./models/train.ts";
 import { type CheckpointEval, type EvalConfigInput, type EvalReport, evaluate } from "./eval/evaluate.ts";
 import { buildShapesNet, SHAPES_NET_FILE } from "./eval/features.ts";
-import { writeTextAtomic } from "./models/checkpoint.ts";
+import { UsageError } from "./util/errors.ts";
+import { readJsonFile } from "./util/config.ts";
+import { writeTextAtomic } from "./util/files.ts";
 
 const program = new Command("deno task")
   .description("WebGPU tensor engine and architecture search for diffusion models")

@@ -11,13 +11,14 @@
  * tile the data area exactly, without gaps or overlaps.
  *
  * Tensors are written as F32 (the engine's type). Reading also accepts F16, BF16 and F64, converted to float32.
- * Files are written atomically: a temporary file in the same folder, then a rename, so a crash mid-write never
- * leaves a truncated checkpoint under the real name. Errors name the file and say what is wrong.
+ * Files are written atomically and durably (util/files.ts: a flushed temporary file, then a rename), so a crash
+ * or power loss mid-write never leaves a truncated checkpoint under the real name. Errors name the file and say what is wrong.
  */
 
 import { getDefaultDevice } from "./device.ts";
 import { tensor } from "./creation.ts";
 import type { Tensor, TensorOptions } from "./tensor.ts";
+import { writeFileAtomic } from "../util/files.ts";
 
 /** A tensor on the host: shape and row-major float32 values. */
 export interface HostTensor {
@@ -255,7 +256,7 @@ export function decodeSafetensors(
 
 /**
  * Writes `tensors` (read back from their devices, as F32) and optional string `metadata` to `path`,
- * atomically: a temporary file next to it, then a rename.
+ * atomically (util/files.ts).
  */
 export async function saveSafetensors(
   path: string,
@@ -273,13 +274,11 @@ export async function saveSafetensors(
   } catch (e) {
     throw new Error(`saveSafetensors ${path}: ${(e as Error).message}`);
   }
-  const tmp = `${path}.tmp-${Deno.pid}-${crypto.randomUUID().slice(0, 8)}`;
   try {
-    await Deno.writeFile(tmp, bytes);
-    await Deno.rename(tmp, path);
+    await writeFileAtomic(path, bytes);
   } catch (e) {
-    await Deno.remove(tmp).catch(() => {});
-    throw new Error(`saveSafetensors ${path}: cannot write the file: ${(e as Error).message}`);
+    // The message is "cannot write <path>: <reason>".
+    throw new Error(`saveSafetensors ${path}: ${(e as Error).message}`);
   }
 }
 

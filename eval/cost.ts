@@ -31,6 +31,7 @@ import {
   type UNetSpec,
   type UNetSpecInput,
 } from "../models/unet.ts";
+import { parseConfig } from "../util/config.ts";
 
 /** What counts as a MAC beyond the convolution and linear products (see the file comment). */
 export const MacConventionSchema = z.strictObject({
@@ -55,12 +56,7 @@ export interface UNetCost {
 }
 
 function parseConvention(c: MacConvention): z.output<typeof MacConventionSchema> {
-  const r = MacConventionSchema.safeParse(c);
-  if (!r.success) {
-    const i = r.error.issues[0];
-    throw new Error(`MacConvention: ${i.path.join(".") || "(root)"}: ${i.message}`);
-  }
-  return r.data;
+  return parseConfig(MacConventionSchema, c, "MacConvention");
 }
 
 /** Parameters a planned layer uses at its width. */
@@ -131,12 +127,7 @@ export interface Latency {
  * ends when its output has been read back, so it includes one host-device sync, as a sampler step does.
  */
 export async function measureLatency(model: UNet, options: LatencyOptions = {}): Promise<Latency> {
-  const r = LatencyOptionsSchema.safeParse(options);
-  if (!r.success) {
-    const i = r.error.issues[0];
-    throw new Error(`measureLatency: option ${i.path.join(".") || "(root)"}: ${i.message}`);
-  }
-  const opts = r.data;
+  const opts = parseConfig(LatencyOptionsSchema, options, "measureLatency");
   const s = model.spec, device: Device = model.device, N = opts.batch;
   const x = randn([N, s.inChannels, s.imgResolution, s.imgResolution], { device });
   const cNoise = tensor(new Array(N).fill(0), [N], { device });

@@ -15,8 +15,8 @@ import { z } from "zod";
 import { Device } from "../engine/mod.ts";
 import { type Dataset, openDataset } from "../models/data.ts";
 import { CheckpointGenerator } from "../models/generate.ts";
-import { listCheckpoints, readTrainState, type TrainState, writeTextAtomic } from "../models/checkpoint.ts";
-import { networkSpec, parseTrainConfig, type TrainConfig, UsageError } from "../models/train.ts";
+import { listCheckpoints, readTrainState, type TrainState } from "../models/checkpoint.ts";
+import { networkSpec, parseTrainConfig, type TrainConfig } from "../models/train.ts";
 import type { UNetSpec } from "../models/unet.ts";
 import { measureLatency, type UNetCost, unetCost } from "./cost.ts";
 import { kernelInceptionDistance } from "./fid.ts";
@@ -32,6 +32,9 @@ import {
   referenceStatistics,
   spearman,
 } from "./proxy.ts";
+import { UsageError } from "../util/errors.ts";
+import { parseUsage } from "../util/config.ts";
+import { writeTextAtomic } from "../util/files.ts";
 
 /** Options of `evaluate` (`deno task eval`). */
 export const EvalConfigSchema = z.strictObject({
@@ -104,15 +107,6 @@ export type EvalEvent =
   | { type: "metric"; name: string; done: number; total: number }
   | { type: "result"; result: CheckpointEval };
 
-function parseConfig(input: unknown): EvalConfig {
-  const r = EvalConfigSchema.safeParse(input);
-  if (!r.success) {
-    const i = r.error.issues[0];
-    throw new UsageError(`eval: ${i.path.join(".") || "(root)"}: ${i.message}`);
-  }
-  return r.data;
-}
-
 /** The checkpoints to evaluate, with their run directories, oldest first within a run. */
 async function selectCheckpoints(cfg: EvalConfig): Promise<{ run: string; dir: string }[]> {
   if (cfg.checkpoints) {
@@ -171,7 +165,7 @@ export async function evaluate(
   input: EvalConfigInput | Record<string, unknown>,
   opts: { device?: Device; onEvent?: (e: EvalEvent) => void } = {},
 ): Promise<EvalReport> {
-  const cfg = parseConfig(input);
+  const cfg: EvalConfig = parseUsage(EvalConfigSchema, input, "eval");
   const emit = opts.onEvent ?? (() => {});
   const targets = await selectCheckpoints(cfg);
   // Every checkpoint's training configuration; they must share the data.

@@ -41,6 +41,7 @@ import {
 } from "../engine/mod.ts";
 import { BatchIterator, PROCEDURAL_CLASSES, ProceduralShapes } from "../models/data.ts";
 import { INCEPTION_FEATURES, InceptionV3 } from "./inception.ts";
+import { parseConfig } from "../util/config.ts";
 
 /** A network whose features a Fréchet distance compares. */
 export interface FeatureExtractor {
@@ -263,12 +264,7 @@ export async function trainShapesNet(
   options: ShapesNetTrainOptions = {},
   ctx: { device?: Device; onProgress?: (step: number, steps: number, loss: number) => void } = {},
 ): Promise<ShapesNetBuild> {
-  const parsed = ShapesNetTrainSchema.safeParse(options);
-  if (!parsed.success) {
-    const i = parsed.error.issues[0];
-    throw new Error(`trainShapesNet: ${i.path.join(".") || "(root)"}: ${i.message}`);
-  }
-  const o = parsed.data;
+  const o = parseConfig(ShapesNetTrainSchema, options, "trainShapesNet");
   const device = ctx.device ?? getDefaultDevice();
   const t0 = performance.now();
   device.manualSeed(o.seed);

@@ -35,7 +35,9 @@ import {
 } from "../engine/mod.ts";
 import { gemmABt, psdSqrtFactor, traceSqrtFromFactor, type TraceSqrtTimings } from "./linalg.ts";
 import { encodeNpz, readNpz } from "./npz.ts";
-import { Rng } from "../models/data.ts";
+import { Rng } from "../util/random.ts";
+import { parseConfig } from "../util/config.ts";
+import { writeFileAtomic } from "../util/files.ts";
 
 /** Feature statistics: mean μ [d] and unbiased covariance Σ [d·d], row-major, and the sample count if known. */
 export interface FidStatistics {
@@ -356,12 +358,7 @@ export async function kernelInceptionDistance(
   dim: number,
   options: KidOptions = {},
 ): Promise<KidResult> {
-  const parsed = KidOptionsSchema.safeParse(options);
-  if (!parsed.success) {
-    const issue = parsed.error.issues[0];
-    throw new Error(`kernelInceptionDistance: option ${issue.path.join(".") || "(root)"}: ${issue.message}`);
-  }
-  const opts = parsed.data;
+  const opts = parseConfig(KidOptionsSchema, options, "kernelInceptionDistance");
   if (!Number.isInteger(dim) || dim < 1) {
     throw new Error(`kernelInceptionDistance: dim must be ≥ 1, got ${dim}`);
   }
@@ -480,7 +477,7 @@ export function decodeStatistics(
 
 /**
  * Writes statistics to `path`: as `.npz` (arrays `mu`, `sigma` in float64, readable by NVlabs/edm's fid.py) when
- * the name ends in ".npz", else as our safetensors format. Written atomically (temporary file, then rename).
+ * the name ends in ".npz", else as our safetensors format. Written atomically and durably (util/files.ts).
  */
 export async function saveStatistics(
   path: string,
@@ -494,13 +491,11 @@ export async function saveStatistics(
         sigma: { data: Float64Array.from(stats.sigma), shape: [stats.mu.length, stats.mu.length] },
       }))
     : encodeStatistics(stats, metadata);
-  const tmp = `${path}.tmp-${Deno.pid}-${crypto.randomUUID().slice(0, 8)}`;
   try {
-    await Deno.writeFile(tmp, bytes);
-    await Deno.rename(tmp, path);
+    await writeFileAtomic(path, bytes);
   } catch (e) {
-    await Deno.remove(tmp).catch(() => {});
-    throw new Error(`saveStatistics ${path}: cannot write the file: ${(e as Error).message}`);
+    // The message is "cannot write <path>: <reason>".
+    throw new Error(`saveStatistics ${path}: ${(e as Error).message}`);
   }
 }
 

@@ -65,6 +65,7 @@ import {
   type Tensor,
 } from "../engine/mod.ts";
 import { interpolateBilinear } from "../engine/ops/resize.ts";
+import { parseConfig } from "../util/config.ts";
 
 /** BatchNorm epsilon of the TF graph (and of torchvision's BasicConv2d). */
 export const INCEPTION_BN_EPS = 0.001;
@@ -324,12 +325,7 @@ export const InceptionOptionsSchema = z.strictObject({
 export type InceptionOptions = z.input<typeof InceptionOptionsSchema>;
 
 function parseOptions(opts: InceptionOptions): z.output<typeof InceptionOptionsSchema> {
-  const r = InceptionOptionsSchema.safeParse(opts);
-  if (!r.success) {
-    const i = r.error.issues[0];
-    throw new Error(`InceptionV3 options: ${i.path.join(".") || "(root)"}: ${i.message}`);
-  }
-  return r.data;
+  return parseConfig(InceptionOptionsSchema, opts, "InceptionV3");
 }
 
 /** Keys of a PyTorch checkpoint that the FID network does not use. */

@@ -13,7 +13,8 @@
  *
  * The folder is written under a temporary name next to its final one and renamed when complete, so a crash
  * mid-save leaves either the previous checkpoints or the new one, never a half-written one (a rename of a folder
- * is atomic on one file system). Before anything is written, every tensor is read back (a few batched reads, not
+ * is atomic on one file system). Each file is flushed to disk before the rename and the folders after it, so a
+ * power loss cannot leave a checkpoint folder whose files are empty or a rename that is undone. Before anything is written, every tensor is read back (a few batched reads, not
  * one per tensor) and checked to be finite: a diverged run cannot overwrite good checkpoints with NaNs.
  * The newest `keep` checkpoints are kept; older ones are deleted after the new one is in place.
  */
@@ -30,8 +31,8 @@ import {
   reshape,
   type Tensor,
 } from "../engine/mod.ts";
-import { writeFileAtomic } from "./images.ts";
-import { zodMessage } from "./slimmable.ts";
+import { zodMessage } from "../util/config.ts";
+import { syncDir, writeNewFileSynced } from "../util/files.ts";
 
 // ---------------------------------------------------------------------------------------------------------------
 // The state file.
@@ -213,8 +214,10 @@ export async function saveCheckpoint(
   const tmp = `${root}/.tmp-${checkpointName(step)}-${crypto.randomUUID().slice(0, 8)}`;
   try {
     await Deno.mkdir(tmp);
-    for (const [file, bytes] of encoded) await Deno.writeFile(`${tmp}/${file}`, bytes);
-    await Deno.writeTextFile(`${tmp}/state.json`, JSON.stringify(state, null, 1) + "\n");
+    for (const [file, bytes] of encoded) await writeNewFileSynced(`${tmp}/${file}`, bytes);
+    await writeNewFileSynced(`${tmp}/state.json`, JSON.stringify(state, null, 1) + "\n");
+    // The folder's entries reach the disk before the folder gets its real name.
+    await syncDir(tmp);
     // Re-saving the same step (a resumed run that stops again at once) replaces the old folder.
     await Deno.remove(final, { recursive: true }).catch(() => {});
     await Deno.rename(tmp, final);
@@ -222,6 +225,8 @@ export async function saveCheckpoint(
     await Deno.remove(tmp, { recursive: true }).catch(() => {});
     throw new Error(`cannot write checkpoint ${final}: ${(e as Error).message}`);
   }
+  // The rename itself survives a power loss only once the checkpoints folder is flushed.
+  await syncDir(root);
   const all = await listCheckpoints(runDir);
   for (const old of all.slice(0, Math.max(0, all.length - keepN))) {
     await Deno.remove(old.dir, { recursive: true }).catch(() => {});
@@ -335,9 +340,4 @@ export function disposeCheckpoint(c: LoadedCheckpoint): void {
   ) {
     t.dispose();
   }
-}
-
-/** Writes text to a file atomically (temporary sibling, then rename). */
-export function writeTextAtomic(path: string, text: string): Promise<void> {
-  return writeFileAtomic(path, new TextEncoder().encode(text));
 }

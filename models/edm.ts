@@ -41,17 +41,10 @@ import {
   type Shape,
   Tensor,
 } from "../engine/mod.ts";
+import { parseConfig } from "../util/config.ts";
 
 // ---------------------------------------------------------------------------------------------------------------
 // Configuration.
-
-/** Parses `value` with `schema`; the error names `what` and every bad field (`sigmaData: Too small: …`). */
-export function parseConfig<S extends z.ZodType>(schema: S, value: unknown, what: string): z.output<S> {
-  const r = schema.safeParse(value ?? {});
-  if (r.success) return r.data;
-  const issues = r.error.issues.map((i) => `${i.path.length ? i.path.join(".") : "(options)"}: ${i.message}`);
-  throw new Error(`${what}: invalid options: ${issues.join("; ")}`);
-}
 
 /** Options of `EDMPrecond`. */
 export const EDMPrecondConfig = z.object({

@@ -12,7 +12,7 @@ import { z } from "zod";
 import { cat, type Device, randn, type Tensor, tensor } from "../engine/mod.ts";
 import { UNet, type UNetSpec } from "./unet.ts";
 import { EDMPrecond } from "./edm.ts";
-import { hash2 } from "./data.ts";
+import { hash2 } from "../util/random.ts";
 import { eulerSampler, heunSampler, type StepInfo, stochasticSampler } from "./samplers.ts";
 import { disposeCheckpoint, loadCheckpoint, readTrainState, type TrainState } from "./checkpoint.ts";
 

@@ -11,7 +11,8 @@
 import { z } from "zod";
 import { convertIndexedToRgb, decode as decodePngRaw, encode as encodePngRaw } from "fast-png";
 import { Tensor } from "../engine/mod.ts";
-import { parseConfig } from "./edm.ts";
+import { parseConfig } from "../util/config.ts";
+import { writeFileAtomic } from "../util/files.ts";
 
 /** Options of `saveImageGrid` / `encodeImageGrid`. */
 export const ImageGridConfig = z.object({
@@ -83,18 +84,6 @@ export async function saveImageGrid(
 ): Promise<void> {
   const host = images instanceof Tensor ? { data: await images.toArray(), shape: images.shape } : images;
   await writeFileAtomic(path, encodeImageGrid(host, opts));
-}
-
-/** Writes `bytes` to `path` through a temporary sibling and a rename. */
-export async function writeFileAtomic(path: string, bytes: Uint8Array): Promise<void> {
-  const tmp = `${path}.${Deno.pid}.${crypto.randomUUID().slice(0, 8)}.tmp`;
-  try {
-    await Deno.writeFile(tmp, bytes);
-    await Deno.rename(tmp, path);
-  } catch (e) {
-    await Deno.remove(tmp).catch(() => {});
-    throw e;
-  }
 }
 
 /** A decoded PNG as 8-bit interleaved pixels with 1 (grey) or 3 (RGB) channels. */

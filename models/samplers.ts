@@ -23,7 +23,7 @@
 
 import { z } from "zod";
 import { add, type Device, mul, noGrad, randn, scope, type Shape, sub, Tensor } from "../engine/mod.ts";
-import { parseConfig } from "./edm.ts";
+import { parseConfig } from "../util/config.ts";
 
 // ---------------------------------------------------------------------------------------------------------------
 // Types.

@@ -41,10 +41,10 @@ import {
 import { parseUNetSpec, UNet, type UNetSpec, type UNetSpecInput } from "./unet.ts";
 import { PRESETS } from "./presets.ts";
 import { DEFAULT_SIGMA_EDGES, edmLoss, EDMPrecond, lossBySigmaBucket, type SigmaBucket } from "./edm.ts";
-import { BatchIterator, DataConfig, type Dataset, hash2, openDataset, Rng } from "./data.ts";
+import { BatchIterator, DataConfig, type Dataset, openDataset } from "./data.ts";
 import { heunSampler, type StepInfo } from "./samplers.ts";
 import { CheckpointGenerator, classLabels, SamplerSettingsSchema } from "./generate.ts";
-import { saveImageGrid, writeFileAtomic } from "./images.ts";
+import { saveImageGrid } from "./images.ts";
 import {
   checkpointName,
   checkpointsDir,
@@ -57,46 +57,21 @@ import {
   readTrainState,
   removeStaleTemporaries,
   saveCheckpoint,
-  writeTextAtomic,
 } from "./checkpoint.ts";
 import { DDSM_WIDTHS } from "./slimmable.ts";
+import { UsageError } from "../util/errors.ts";
+import { parseUsage, readJsonFile } from "../util/config.ts";
+import { writeFileAtomic, writeTextAtomic } from "../util/files.ts";
+import { hash2, Rng } from "../util/random.ts";
 
 // ---------------------------------------------------------------------------------------------------------------
 // Errors.
-
-/** A problem with what the user asked for (bad option, missing run directory): the CLI exits with 2. */
-export class UsageError extends Error {
-  override name = "UsageError";
-}
 
 /** The logged loss (or a weight) became NaN or ±Inf; nothing was saved after the last good checkpoint. */
 export class NonFiniteLossError extends Error {
   override name = "NonFiniteLossError";
   constructor(message: string, readonly step: number) {
     super(message);
-  }
-}
-
-/** Parses with zod; a failure is a `UsageError` naming every bad field. */
-function parseOrThrow<S extends z.ZodType>(schema: S, value: unknown, what: string): z.output<S> {
-  const r = schema.safeParse(value ?? {});
-  if (r.success) return r.data;
-  const issues = r.error.issues.map((i) => `${i.path.length ? i.path.join(".") : "(options)"}: ${i.message}`);
-  throw new UsageError(`${what}: ${issues.join("; ")}`);
-}
-
-/** Reads a JSON file for a configuration; errors name the file. */
-export async function readJsonFile(path: string): Promise<unknown> {
-  let text: string;
-  try {
-    text = await Deno.readTextFile(path);
-  } catch (e) {
-    throw new UsageError(`cannot read ${path}: ${(e as Error).message}`);
-  }
-  try {
-    return JSON.parse(text);
-  } catch (e) {
-    throw new UsageError(`${path} is not valid JSON: ${(e as Error).message}`);
   }
 }
 
@@ -224,10 +199,10 @@ async function resolveNetwork(network: string | Record<string, unknown>): Promis
 
 /** Validates a training configuration and fills in the network spec and the data source. */
 export async function parseTrainConfig(input: unknown): Promise<TrainConfig> {
-  const o = parseOrThrow(TrainConfigSchema, input, "train config");
+  const o = parseUsage(TrainConfigSchema, input, "train config");
   const network = await resolveNetwork(o.network);
   const data = o.data ??
-    parseOrThrow(DataConfig, { kind: "procedural", resolution: network.imgResolution }, "data");
+    parseUsage(DataConfig, { kind: "procedural", resolution: network.imgResolution }, "data");
   return { ...o, network, data };
 }
 
@@ -819,7 +794,7 @@ export async function sample(
   input: SampleConfigInput | Record<string, unknown>,
   opts: { device?: Device; onStep?: (info: StepInfo & { batch: number; batches: number }) => void } = {},
 ): Promise<SampleResult> {
-  const o = parseOrThrow(SampleConfigSchema, input, "sample config");
+  const o = parseUsage(SampleConfigSchema, input, "sample config");
   try {
     if (!(await Deno.stat(o.run)).isDirectory) throw new Error();
   } catch {

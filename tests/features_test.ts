@@ -7,7 +7,8 @@
 
 import { ok as assert } from "node:assert";
 import { type Device, tensor } from "../engine/mod.ts";
-import { ProceduralShapes, Rng } from "../models/data.ts";
+import { ProceduralShapes } from "../models/data.ts";
+import { Rng } from "../util/random.ts";
 import { FeatureStatistics, fidFromStatistics } from "../eval/fid.ts";
 import {
   quantizedTensor,

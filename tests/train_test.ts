@@ -23,8 +23,8 @@ import {
   train,
   type TrainConfigInput,
   type TrainEvent,
-  UsageError,
 } from "../models/train.ts";
+import { UsageError } from "../util/errors.ts";
 import {
   disposeCheckpoint,
   latestCheckpoint,

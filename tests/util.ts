@@ -7,7 +7,7 @@
 import fc from "fast-check";
 import type { UNetSpecInput } from "../models/unet.ts";
 import type { TrainConfigInput } from "../models/train.ts";
-import { Rng } from "../models/data.ts";
+import { Rng } from "../util/random.ts";
 import { Device } from "../engine/device.ts";
 import type { FloatArray, Kernel } from "../kernels/types.ts";
 import "../engine/autograd.ts";

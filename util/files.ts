@@ -14,17 +14,9 @@
 /** Writes `data` to `path` atomically and durably (see the file comment). */
 export async function writeFileAtomic(path: string, data: Uint8Array | string): Promise<void> {
   const target = await resolveTarget(path);
-  const bytes = typeof data === "string" ? new TextEncoder().encode(data) : data;
   const tmp = `${target}.${Deno.pid}.${crypto.randomUUID().slice(0, 8)}.tmp`;
   try {
-    const f = await Deno.open(tmp, { write: true, createNew: true });
-    try {
-      let off = 0;
-      while (off < bytes.length) off += await f.write(bytes.subarray(off));
-      await f.syncData();
-    } finally {
-      f.close();
-    }
+    await writeNewFileSynced(tmp, data);
     await Deno.rename(tmp, target);
   } catch (e) {
     await Deno.remove(tmp).catch(() => {});
@@ -36,6 +28,22 @@ export async function writeFileAtomic(path: string, data: Uint8Array | string): 
 /** `writeFileAtomic` for text. */
 export function writeTextAtomic(path: string, text: string): Promise<void> {
   return writeFileAtomic(path, text);
+}
+
+/**
+ * Creates `path` (it must not exist), writes all of `data` and flushes it to disk before returning: the building
+ * block of the atomic writes, and of writers that fill a temporary folder and rename the folder.
+ */
+export async function writeNewFileSynced(path: string, data: Uint8Array | string): Promise<void> {
+  const bytes = typeof data === "string" ? new TextEncoder().encode(data) : data;
+  const f = await Deno.open(path, { write: true, createNew: true });
+  try {
+    let off = 0;
+    while (off < bytes.length) off += await f.write(bytes.subarray(off));
+    await f.syncData();
+  } finally {
+    f.close();
+  }
 }
 
 /** Flushes a folder's entries (a rename or a new file in it) to disk; a no-op where the OS does not allow it. */
