@@ -223,8 +223,7 @@ export function createSearchSpace(
 function architectureSchema(s: Omit<SearchSpace, "schema">): z.ZodType<Architecture> {
   const c = s.config;
   const ints = (lo: number, hi: number) => int.min(lo).max(hi);
-  const choice = <T extends boolean>(xs: readonly T[]) =>
-    xs.length === 2 ? z.boolean() : z.literal(xs[0] as boolean);
+  const choice = (xs: readonly boolean[]) => (xs.length === 2 ? z.boolean() : z.literal(xs[0]));
   const levels = (a: { channelMult: number[] }) => a.channelMult.map((_, l) => s.base.imgResolution >> l);
   return z.strictObject({
     modelChannels: ints(s.channelChoices[0], s.channelChoices[s.channelChoices.length - 1])
@@ -414,11 +413,13 @@ export function describeSpace(space: SearchSpace, budget: Budget = {}): SpaceDes
       list(space.levelResolutions)
     } (each level after the first halves the resolution).`,
     `- numBlocks: residual blocks per level, from ${c.minBlocks} to ${c.maxBlocks} (the decoder has one more).`,
-    `- attnResolutions: resolutions whose blocks get self-attention, each one of ${
-      list(space.attnChoices)
-    } and ` +
-    `a level resolution of this network; may be empty (the middle block at the lowest level always has ` +
-    `attention).`,
+    space.attnChoices.length
+      ? `- attnResolutions: resolutions whose blocks get self-attention, each one of ${
+        list(space.attnChoices)
+      } ` +
+        `and a level resolution of this network; may be empty (the middle block at the lowest level always has ` +
+        `attention).`
+      : `- attnResolutions: must be empty (only the middle block at the lowest level has attention).`,
     `- numHeads: attention heads, one of ${list(space.headChoices)}.`,
     `- dropout: from ${c.dropout[0]} to ${c.dropout[1]} (rounded to ${DROPOUT_STEP}).`,
     `- embedding: noise embedding, one of ${list(space.embeddingChoices)}.`,

@@ -28,6 +28,7 @@ import { Rng } from "../../util/random.ts";
 import { bestTrials } from "../memory.ts";
 import {
   type Architecture,
+  ARCHITECTURE_FIELDS,
   architectureKey,
   canonicalArchitecture,
   distance,
@@ -93,7 +94,9 @@ export class EvolutionaryProposer implements Proposer {
         const key = architectureKey(child);
         if (seen.has(key) || !parseArchitecture(child, this.space).ok) continue;
         seen.add(key);
-        out.push({ spec: child, parentId: closest(child, p2 ? [p1, p2] : [p1]).trial.id });
+        // Parents best first, so that a tie in distance goes to the better one.
+        const parents = p2 ? [p1, p2].sort((x, y) => pool.indexOf(x) - pool.indexOf(y)) : [p1];
+        out.push({ spec: child, parentId: closest(child, parents).trial.id });
         break;
       }
     }
@@ -101,7 +104,7 @@ export class EvolutionaryProposer implements Proposer {
   }
 }
 
-/** The member closest to `a` (ties: the earlier in the list, i.e. the better one). */
+/** The member closest to `a` (ties: the earlier in the list). */
 function closest(a: Architecture, members: Member[]): Member {
   let best = members[0], bestD = distance(a, best.arch);
   for (const m of members.slice(1)) {
@@ -120,7 +123,7 @@ function fitAttention(a: Architecture, space: SearchSpace): Architecture {
 /** Uniform crossover: every field from `a` or `b` with probability ½. */
 export function crossover(a: Architecture, b: Architecture, rng: Rng): Architecture {
   const child: Record<string, unknown> = {};
-  for (const k of Object.keys(a) as (keyof Architecture)[]) child[k] = rng.next() < 0.5 ? a[k] : b[k];
+  for (const k of ARCHITECTURE_FIELDS) child[k] = rng.next() < 0.5 ? a[k] : b[k];
   return child as unknown as Architecture;
 }
 
