@@ -24,6 +24,11 @@ export interface TrialAttempt {
   end: number | null;
   /** Why the attempt ended without a result ("heartbeat lost after 60 s", an exception's message). */
   error: string | null;
+  /**
+   * A result the worker committed after the attempt was closed (it was presumed dead and the trial re-queued):
+   * recorded here for the record, never applied to the trial.
+   */
+  lateResult?: TrialResult;
 }
 
 /** One logged point of a training run. */
