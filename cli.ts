@@ -7,20 +7,14 @@ import { Command, type CommanderError } from "commander";
 // @ts-types="@types/cli-progress"
 import cliProgress from "cli-progress";
 import { Device } from "./engine/mod.ts";
-import {
-  formatBucketTable,
-  formatLogEntry,
-  type LogEntry,
-  sample,
-  type SampleConfigInput,
-  train,
-  type TrainEvent,
-} from "./models/train.ts";
-import { type CheckpointEval, type EvalConfigInput, type EvalReport, evaluate } from "./eval/evaluate.ts";
-import { buildShapesNet, SHAPES_NET_FILE } from "./eval/features.ts";
+import { train, type TrainEvent } from "./models/train.ts";
+import { formatBucketTable, formatLogEntry, type LogEntry } from "./models/trainer.ts";
+import { sample, type SampleConfigInput } from "./models/sample.ts";
 import { UsageError } from "./util/errors.ts";
 import { readJsonFile } from "./util/config.ts";
 import { writeTextAtomic } from "./util/files.ts";
+import { type CheckpointEval, type EvalConfigInput, type EvalReport, evaluate } from "./eval/evaluate.ts";
+import { buildShapesNet, SHAPES_NET_FILE } from "./eval/features.ts";
 
 const program = new Command("deno task")
   .description("WebGPU tensor engine and architecture search for diffusion models")

@@ -25,7 +25,7 @@
 import { z } from "zod";
 import type { Tensor } from "../engine/mod.ts";
 import type { Dataset } from "../models/data.ts";
-import { type CheckpointGenerator, samplerNfe, type SamplerSettings } from "../models/generate.ts";
+import { type ImageGenerator, samplerNfe, type SamplerSettings } from "../models/generate.ts";
 import {
   FeatureStatistics,
   fidFromStatistics,
@@ -176,9 +176,9 @@ export async function referenceStatistics(
   return { stats, cached: false, path, seconds: (performance.now() - t0) / 1000 };
 }
 
-/** Statistics of `p.n` images of a checkpoint's generator under protocol `p`. */
+/** Statistics of `p.n` images of a generator (a checkpoint's, or an in-memory network's) under protocol `p`. */
 export function generatorStatistics(
-  gen: CheckpointGenerator,
+  gen: ImageGenerator,
   extractor: FeatureExtractor,
   p: FidProtocol,
   opts: { batch?: number; keepFeatures?: boolean; onProgress?: ProgressFn } = {},
@@ -210,7 +210,7 @@ export interface FidMeasurement {
 /** FID (or RFID) of a generator against reference statistics, under protocol `p` (with its features if kept). */
 export async function measureFid(
   kind: "FID" | "RFID",
-  gen: CheckpointGenerator,
+  gen: ImageGenerator,
   extractor: FeatureExtractor,
   reference: FidStatistics,
   p: FidProtocol,

@@ -1,5 +1,5 @@
 /**
- * @file Tests of the training loop and checkpoints (models/train.ts, models/checkpoint.ts) on a micro UNet with
+ * @file Tests of the training loop and checkpoints (models/train.ts, models/trainer.ts, models/checkpoint.ts) on a micro UNet with
  * 8×8 images: a fixed batch is overfitted (its fixed-σ loss falls), checkpoints round-trip and refuse NaNs, a run
  * stopped half-way and resumed ends with exactly the weights of an uninterrupted run (bit-identical on the CPU
  * backend, float tolerance on WebGPU), a diverging run stops naming the step without writing a bad checkpoint,
@@ -12,18 +12,15 @@ import { type Device, noGrad, randn, type Tensor, tensor } from "../engine/mod.t
 import { SONG_INIT, type UNet, type UNetSpecInput } from "../models/unet.ts";
 import { edmLoss, EDMPrecond } from "../models/edm.ts";
 import { BatchIterator, openDataset } from "../models/data.ts";
+import { parseTrainConfig, train, type TrainConfigInput, type TrainEvent } from "../models/train.ts";
 import {
   accumulateGradients,
   buildNetworks,
   learningRate,
   NonFiniteLossError,
-  parseTrainConfig,
-  sample,
   sandwichWidths,
-  train,
-  type TrainConfigInput,
-  type TrainEvent,
-} from "../models/train.ts";
+} from "../models/trainer.ts";
+import { sample } from "../models/sample.ts";
 import { UsageError } from "../util/errors.ts";
 import {
   disposeCheckpoint,
