@@ -15,6 +15,8 @@ import { readJsonFile } from "./util/config.ts";
 import { writeTextAtomic } from "./util/files.ts";
 import { type CheckpointEval, type EvalConfigInput, type EvalReport, evaluate } from "./eval/evaluate.ts";
 import { buildShapesNet, SHAPES_NET_FILE } from "./eval/features.ts";
+import { runSearch } from "./search/diffnas.ts";
+import { specSummary } from "./search/report.ts";
 
 const program = new Command("deno task")
   .description("WebGPU tensor engine and architecture search for diffusion models")
@@ -51,21 +53,6 @@ program
     console.log(`self-test   known-answer kernel passed`);
     device.destroy();
   });
-
-for (
-  const [name, what] of [
-    ["search", "architecture search (DiffNAS, DDSM)"],
-  ] as const
-) {
-  program
-    .command(name)
-    .description(`${what} — not built yet`)
-    .allowUnknownOption()
-    .action(() => {
-      console.error(`'${name}' is not built yet: the engine exists; ${what} is still to come.`);
-      Deno.exit(2);
-    });
-}
 
 // ---------------------------------------------------------------------------------------------------------------
 // train / sample.
@@ -233,6 +220,203 @@ program
     } catch (e) {
       p.stop();
       fail(e);
+    }
+  });
+
+// ---------------------------------------------------------------------------------------------------------------
+// search.
+
+/** `--data`: "shapes" (the embedded procedural set), "png:DIR" or "cifar10:PATH". */
+function parseDataFlag(v: string): Record<string, unknown> {
+  if (v === "shapes" || v === "procedural") return { kind: "procedural" };
+  const m = /^(png|cifar10):(.+)$/.exec(v);
+  if (m) return { kind: m[1], path: m[2] };
+  throw new UsageError(`--data: "${v}" is not shapes, png:DIR or cifar10:PATH`);
+}
+
+/** Progress bars of a search: one for the whole search, one for the running candidate. */
+function searchPrinter() {
+  const tty = Deno.stdout.isTerminal();
+  const multi = tty
+    ? new cliProgress.MultiBar({
+      format: "{label} {bar} {percentage}% | {value}/{total} {unit} | {status}",
+      hideCursor: true,
+      clearOnComplete: true,
+    }, cliProgress.Presets.shades_classic)
+    : null;
+  let overall: cliProgress.SingleBar | null = null, candidate: cliProgress.SingleBar | null = null;
+  return {
+    overall(total: number, value: number) {
+      overall = multi?.create(total, value, { label: "search   ", unit: "trials", status: "" }) ?? null;
+    },
+    overallUpdate: (value: number, status: string) => overall?.update(value, { status }),
+    candidate(total: number, unit: string, status: string) {
+      if (!multi) return;
+      if (candidate) multi.remove(candidate);
+      candidate = multi.create(total, 0, { label: "candidate", unit, status });
+    },
+    candidateUpdate: (value: number, status?: string) =>
+      candidate?.update(value, status === undefined ? {} : { status }),
+    log: (line: string) => (multi ? multi.log(line + "\n") : console.log(line)),
+    stop: () => multi?.stop(),
+  };
+}
+
+program
+  .command("search")
+  .description(
+    "architecture search for diffusion models (DiffNAS: a proposer reads the search memory, each candidate " +
+      "trains briefly and is ranked by a proxy FID); writes memory.sqlite, report.html and report.json",
+  )
+  .option("--config <file>", "JSON file with search settings (SearchConfigSchema in search/config.ts)")
+  .option("--method <name>", "diffnas (ddsm and distill are still to come)")
+  .option("--data <name>", "shapes (default), png:DIR or cifar10:PATH")
+  .option("--out <dir>", "run folder (default runs/search)")
+  .option("--resume", "continue the search in --out (after a crash, kill or Ctrl-C)")
+  .option("--trials <n>", "candidates to train, the default network included", num)
+  .option("--minutes <n>", "wall-clock budget", num)
+  .option("--max-macs <n>", "reject candidates above this many MACs per evaluation", num)
+  .option("--max-params <n>", "reject candidates above this many parameters", num)
+  .option("--proposer <name>", "auto, llm, evolutionary or random")
+  .option("--llm-url <url>", "OpenAI-compatible API base URL (e.g. http://127.0.0.1:8080/v1)")
+  .option("--llm-model <name>", "model name at that endpoint")
+  .option("--llm-key-env <VAR>", "environment variable holding the API key (default OPENAI_API_KEY)")
+  .option("--kimg <n>", "training per candidate in thousands of images", num)
+  .option("--inherit", "start candidates from the closest finished candidate's weights")
+  .option("--no-prune", "no early stopping by the median rule")
+  .option("--proxy-n <n>", "images of the proxy FID (RFID-n)", num)
+  .option("--seed <n>", "seed", num)
+  .option("--backend <name>", "webgpu or cpu")
+  .exitOverride(usageExit)
+  .action(async (opts: Record<string, unknown>) => {
+    const controller = new AbortController();
+    const stop = () => {
+      if (controller.signal.aborted) Deno.exit(130);
+      controller.abort();
+      console.error("\nstopping after this step; the running candidate will be rerun on --resume");
+    };
+    Deno.addSignalListener("SIGINT", stop);
+    Deno.addSignalListener("SIGTERM", stop);
+    const p = searchPrinter();
+    try {
+      const file = opts.config ? await readJsonFile(opts.config as string) : {};
+      if (typeof file !== "object" || file === null || Array.isArray(file)) {
+        throw new UsageError(`${opts.config} must hold a JSON object of search settings`);
+      }
+      const f = file as Record<string, unknown>;
+      const llm = opts.llmUrl || opts.llmModel || opts.llmKeyEnv
+        ? {
+          ...(f.llm as Record<string, unknown> ?? {}),
+          ...(opts.llmUrl ? { baseUrl: opts.llmUrl } : {}),
+          ...(opts.llmModel ? { model: opts.llmModel } : {}),
+          ...(opts.llmKeyEnv ? { apiKeyEnv: opts.llmKeyEnv } : {}),
+        }
+        : undefined;
+      const training = opts.kimg !== undefined
+        ? { ...(f.training as Record<string, unknown> ?? {}), kimg: opts.kimg }
+        : undefined;
+      const pruning = opts.prune === false
+        ? { ...(f.pruning as Record<string, unknown> ?? {}), enabled: false }
+        : undefined;
+      const input = {
+        ...f,
+        method: opts.method,
+        data: opts.data ? parseDataFlag(opts.data as string) : undefined,
+        out: opts.out,
+        trials: opts.trials,
+        minutes: opts.minutes,
+        maxMacs: opts.maxMacs,
+        maxParams: opts.maxParams,
+        proposer: opts.proposer,
+        llm,
+        training,
+        pruning,
+        inherit: opts.inherit,
+        proxyN: opts.proxyN,
+        seed: opts.seed,
+        backend: opts.backend,
+      };
+      let done = 0;
+      let best: { fid: number; id: number } | null = null;
+      const r = await runSearch(input, {
+        resume: Boolean(opts.resume),
+        signal: controller.signal,
+        onEvent: (e) => {
+          switch (e.type) {
+            case "start":
+              console.log(
+                `${e.resumed ? "resuming" : "new"} search in ${e.dir}: proposer ${e.proposer}, ` +
+                  `${e.trials} trials, ${e.device}`,
+              );
+              p.overall(e.trials, 0);
+              break;
+            case "reference":
+              p.log(
+                `reference statistics ${
+                  e.cached ? "from the cache" : `computed in ${e.seconds.toFixed(0)} s`
+                }`,
+              );
+              break;
+            case "rejected":
+              p.log(`rejected  ${e.trial.proposer}: ${e.trial.error}`);
+              break;
+            case "trial-start":
+              p.candidate(100, "%", `trial ${e.trial.id} (${e.trial.proposer}) training`);
+              break;
+            case "trial-progress":
+              if (e.event.type === "train") {
+                // Training is the first 80% of a candidate's bar, the proxy FID the rest.
+                const loss = e.event.loss === undefined
+                  ? undefined
+                  : `trial ${e.trial.id} training, loss ${e.event.loss.toFixed(4)}`;
+                p.candidateUpdate(Math.round(80 * e.event.nimg / e.event.totalNimg), loss);
+              } else {
+                p.candidateUpdate(
+                  80 + Math.round(20 * e.event.done / e.event.total),
+                  `trial ${e.trial.id} proxy FID`,
+                );
+              }
+              break;
+            case "trial-end": {
+              done = e.index;
+              const t = e.trial;
+              const score = t.status === "done"
+                ? `${t.scores.proxyName} ${t.scores.proxyFid!.toFixed(3)}`
+                : `${t.status}: ${t.error}`;
+              p.log(
+                `trial ${String(t.id).padStart(3)} ${t.proposer.padEnd(12)} ${score}  ` +
+                  `MACs ${((t.costs.macs ?? 0) / 1e6).toFixed(1)} M  params ${
+                    ((t.costs.params ?? 0) / 1e3).toFixed(0)
+                  } k  ` +
+                  `${(t.costs.trainSeconds ?? 0).toFixed(0)} s + ${
+                    (t.costs.proxySeconds ?? 0).toFixed(0)
+                  } s  ${specSummary(t.spec)}`,
+              );
+              if (t.status === "done" && (best === null || t.scores.proxyFid! < best.fid)) {
+                best = { fid: t.scores.proxyFid!, id: t.id };
+              }
+              p.overallUpdate(done, best ? `best ${best.fid.toFixed(3)} (trial ${best.id})` : "");
+              break;
+            }
+            case "stop":
+              p.log(`stopped: ${e.reason}`);
+              break;
+          }
+        },
+      });
+      p.stop();
+      console.log(r.summary);
+      console.log(`report: ${r.reportHtml} (and ${r.reportJson})`);
+      if (r.stoppedBy === "interrupted") {
+        console.log(`interrupted: run the same command with --resume to continue`);
+        Deno.exit(130);
+      }
+    } catch (e) {
+      p.stop();
+      fail(e);
+    } finally {
+      Deno.removeSignalListener("SIGINT", stop);
+      Deno.removeSignalListener("SIGTERM", stop);
     }
   });
 

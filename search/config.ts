@@ -1,0 +1,120 @@
+/**
+ * @file The settings of a search (`deno task search --config file.json` holds them; flags override), parsed
+ * with zod: unknown keys are errors, every field has a bound and a one-line comment.
+ *
+ * The short training schedule is DiffNAS's "rapid convergence": each candidate trains for `training.kimg`
+ * thousand images, a fraction of the default run (`deno task train`: 6 kimg), with the learning-rate warm-up and
+ * the EMA half-life scaled by the same fraction, so a candidate sees the same shape of schedule as a full run
+ * (EDM's ramp and half-life are both proportional to the run's length in its configs).
+ */
+
+import { z } from "zod";
+import { DataConfig } from "../models/data.ts";
+import { SearchSpaceConfigSchema } from "./space.ts";
+import { LlmSettings } from "./proposers/llm.ts";
+
+/** The default run's length and the schedule lengths of `deno task train` that the short schedule scales. */
+export const FULL_RUN = Object.freeze({ kimg: 6, lrRampupKimg: 0.5, emaHalfLifeKimg: 0.5 });
+
+const positive = z.number().positive().finite();
+
+/** How each candidate is trained. */
+export const TrialTrainingSchema = z.strictObject({
+  // Thousands of training images per candidate (DiffNAS's rapid convergence: a fraction of a full run).
+  kimg: positive.max(1000).default(1),
+  // Images per optimizer step.
+  batch: z.number().int().min(1).max(4096).default(32),
+  // Adam learning rate after the warm-up (the default run's).
+  lr: positive.max(1).default(1e-2),
+  // Read back the loss every this many steps (the median pruning rule looks at these points).
+  logEvery: z.number().int().min(1).max(10000).default(5),
+  // Gradient clipping (global L2 norm); null: none.
+  gradClip: positive.nullable().default(null),
+});
+
+/** Optuna's median stopping rule, applied to the training loss. */
+export const PruningSchema = z.strictObject({
+  // Prune a candidate whose loss at a checkpoint is worse than the median of finished trials at that point.
+  enabled: z.boolean().default(true),
+  // Checkpoints as fractions of the schedule (Optuna's MedianPruner checks every reported step).
+  at: z.array(z.number().gt(0).lt(1)).max(16).default([0.5]),
+  // Finished trials needed before anything is pruned (Optuna's n_startup_trials: 5).
+  minTrials: z.number().int().min(1).max(1000).default(5),
+});
+
+/** Settings of a search. */
+export const SearchConfigSchema = z.strictObject({
+  // The search method (ddsm and distill come with their own issues).
+  method: z.enum(["diffnas"]).default("diffnas"),
+  // Training images (default: the embedded procedural shapes at the base network's resolution).
+  data: DataConfig.optional(),
+  // The run folder: memory.sqlite, weights/, report.html, report.json, grids/.
+  out: z.string().min(1).default("runs/search"),
+  // Seed of the proposals, the candidates' training and the proxy's latents.
+  seed: z.number().int().min(0).max(0xffffffff).default(0),
+  // Candidates to evaluate (trials that train; the baseline counts, rejections do not).
+  trials: z.number().int().min(1).max(100000).default(20),
+  // Wall-clock budget in minutes: no new candidate starts when it would likely end past it.
+  minutes: positive.max(100000).default(13),
+  // Ceiling on MACs per network evaluation (attention included); proposals above it are rejected.
+  maxMacs: positive.optional(),
+  // Ceiling on trainable parameters.
+  maxParams: positive.optional(),
+  // Who proposes: "auto" is "llm" when an endpoint is configured, else "evolutionary".
+  proposer: z.enum(["auto", "llm", "evolutionary", "random"]).default("auto"),
+  // The LLM proposer: endpoint (baseUrl, model, apiKeyEnv: the NAME of the key's variable), timeouts, memory
+  // sizes in the prompt (search/proposers/llm.ts LlmSettings; needed by proposer "llm").
+  llm: LlmSettings.optional(),
+  // Bounds of the search space around the base network.
+  space: SearchSpaceConfigSchema.optional(),
+  // How each candidate trains.
+  training: TrialTrainingSchema.default(TrialTrainingSchema.parse({})),
+  // Start each candidate from the weights of the closest finished one (leading slices of shared tensors).
+  inherit: z.boolean().default(false),
+  // Early stopping by the median rule.
+  pruning: PruningSchema.default(PruningSchema.parse({})),
+  // Images of the proxy FID (RFID-n) per candidate.
+  proxyN: z.number().int().min(2).max(100000).default(128),
+  // Heun steps of the proxy's sampler (NFE 2N − 1).
+  proxySteps: z.number().int().min(2).max(1000).default(18),
+  // Real images behind the reference statistics of the proxy.
+  refN: z.number().int().min(2).max(1000000).default(10000),
+  // Candidates proposed per proposer call.
+  proposeBatch: z.number().int().min(1).max(64).default(4),
+  // Device: WebGPU or the CPU reference kernels.
+  backend: z.enum(["webgpu", "cpu"]).default("webgpu"),
+});
+export type SearchConfigInput = z.input<typeof SearchConfigSchema>;
+export type SearchConfig = z.output<typeof SearchConfigSchema>;
+
+/** Settings a resumed search may change; all others must match the stored ones. */
+export const RESUMABLE_SEARCH_FIELDS: ReadonlySet<string> = new Set([
+  "trials",
+  "minutes",
+  "out",
+  "backend",
+  "llm",
+  "proposeBatch",
+]);
+
+/** The trainer settings of one candidate: the short schedule with ramp and EMA scaled to its length. */
+export function trialSchedule(t: SearchConfig["training"]): {
+  kimg: number;
+  batch: number;
+  lr: number;
+  lrRampupKimg: number;
+  emaHalfLifeKimg: number;
+  logEvery: number;
+  gradClip: number | null;
+} {
+  const fraction = t.kimg / FULL_RUN.kimg;
+  return {
+    kimg: t.kimg,
+    batch: t.batch,
+    lr: t.lr,
+    lrRampupKimg: FULL_RUN.lrRampupKimg * fraction,
+    emaHalfLifeKimg: FULL_RUN.emaHalfLifeKimg * fraction,
+    logEvery: t.logEvery,
+    gradClip: t.gradClip,
+  };
+}

@@ -1,0 +1,179 @@
+/**
+ * @file The runner: takes one claimed trial, trains it in memory with the models layer's `Trainer` (the short
+ * schedule, optionally from inherited weights, with the median pruning rule), scores it with the proxy FID
+ * through the generator interface, and commits the result. The same runner serves the search process and, in a
+ * later issue, workers on other machines.
+ *
+ * A trial's EMA weights are saved in the run folder (`weights/trial-<id>.safetensors`, written atomically)
+ * before its result is committed: a later trial may inherit them and the report draws sample grids from them,
+ * also after a restart. A trial that throws is committed as failed with the error; a `NonFiniteLossError` (the
+ * candidate diverged) is a failure of the candidate, not of the search.
+ */
+
+import { type Device, loadSafetensors, saveSafetensors, type Tensor } from "../engine/mod.ts";
+import type { Dataset } from "../models/data.ts";
+import { NetworkGenerator } from "../models/generate.ts";
+import { parseTrainerConfig, Trainer } from "../models/trainer.ts";
+import { UNet, type UNetSpec } from "../models/unet.ts";
+import type { FeatureExtractor } from "../eval/features.ts";
+import type { FidStatistics } from "../eval/fid.ts";
+import { type FidProtocol, measureFid } from "../eval/proxy.ts";
+import { type HostState, hostState, inheritState, stateTensors } from "./inherit.ts";
+import { shouldPrune } from "./memory.ts";
+import { type SearchConfig, trialSchedule } from "./config.ts";
+import type { SearchStorage, Trial, TrialResult } from "./types.ts";
+
+/** What every trial of a search shares: opened once. */
+export interface RunnerContext {
+  config: SearchConfig;
+  device: Device;
+  dataset: Dataset;
+  features: FeatureExtractor;
+  reference: FidStatistics;
+  storage: SearchStorage;
+  /** The run folder. */
+  dir: string;
+  /** This process's worker name (host:pid). */
+  worker: string;
+}
+
+/** Progress of one trial, for the progress bars. */
+export type TrialEvent =
+  | { type: "train"; nimg: number; totalNimg: number; loss?: number }
+  | { type: "proxy"; done: number; total: number };
+
+/** The file holding a trial's EMA weights. */
+export function weightsPath(dir: string, id: number): string {
+  return `${dir}/weights/trial-${id}.safetensors`;
+}
+
+/** The proxy protocol of a search. */
+export function proxyProtocol(c: SearchConfig): FidProtocol {
+  return { n: c.proxyN, steps: c.proxySteps, sampler: "heun", seed: c.seed };
+}
+
+/** Reads a saved trial's weights to the host; null when the file is missing. */
+export async function readTrialWeights(dir: string, id: number, device: Device): Promise<HostState | null> {
+  let tensors: Record<string, Tensor>;
+  try {
+    tensors = await loadSafetensors(weightsPath(dir, id), { device });
+  } catch {
+    return null;
+  }
+  try {
+    const out: HostState = {};
+    for (const [k, t] of Object.entries(tensors)) out[k] = { shape: [...t.shape], data: await t.toArray() };
+    return out;
+  } finally {
+    for (const t of Object.values(tensors)) t.dispose();
+  }
+}
+
+/** Builds a trained trial's network from its saved weights (the caller disposes it). */
+export async function loadTrialNetwork(
+  dir: string,
+  id: number,
+  spec: UNetSpec,
+  device: Device,
+): Promise<UNet> {
+  const net = new UNet(spec, { device }).eval();
+  try {
+    await net.loadSafetensors(weightsPath(dir, id));
+  } catch (e) {
+    net.dispose();
+    throw e;
+  }
+  return net;
+}
+
+/**
+ * Trains and scores `trial` (already claimed by `ctx.worker`) and commits the result. `spec` is its UNetSpec.
+ * Heartbeats go with every logged loss. Returns the committed result.
+ */
+export async function runTrial(
+  ctx: RunnerContext,
+  trial: Trial,
+  spec: UNetSpec,
+  opts: { onEvent?: (e: TrialEvent) => void; signal?: AbortSignal; memory?: readonly Trial[] } = {},
+): Promise<TrialResult> {
+  const c = ctx.config, emit = opts.onEvent ?? (() => {});
+  const schedule = trialSchedule(c.training);
+  const cfg = parseTrainerConfig({
+    network: spec,
+    data: ctx.config.data ?? { kind: "procedural", resolution: spec.imgResolution },
+    seed: trial.seed,
+    batch: schedule.batch,
+    lr: schedule.lr,
+    lrRampupKimg: schedule.lrRampupKimg,
+    emaHalfLifeKimg: schedule.emaHalfLifeKimg,
+    logEvery: schedule.logEvery,
+    gradClip: schedule.gradClip,
+  });
+  const totalNimg = Math.round(schedule.kimg * 1000);
+  let init: Record<string, Tensor> | undefined;
+  let trainer: Trainer | undefined;
+  const result: TrialResult = { status: "failed", lossHistory: [], costs: {} };
+  try {
+    if (c.inherit && trial.parentId !== null) {
+      const parent = await readTrialWeights(ctx.dir, trial.parentId, ctx.device);
+      if (parent) {
+        // The child's fresh initialisation, exactly as the Trainer would draw it, with the parent overlaid.
+        ctx.device.manualSeed(trial.seed);
+        const fresh = new UNet(spec, { device: ctx.device });
+        try {
+          init = stateTensors(inheritState(await hostState(fresh), parent).state, ctx.device);
+        } finally {
+          fresh.dispose();
+        }
+      }
+    }
+    trainer = new Trainer(cfg, ctx.device, ctx.dataset, { init });
+    const memory = opts.memory ?? [];
+    const checkpoints = c.pruning.enabled ? c.pruning.at.map((f) => Math.round(f * totalNimg)) : [];
+    const run = await trainer.run({
+      untilNimg: totalNimg,
+      signal: opts.signal,
+      onStep: (p) => emit({ type: "train", nimg: p.nimg, totalNimg }),
+      onLog: async (e) => {
+        emit({ type: "train", nimg: e.nimg, totalNimg, loss: e.loss });
+        await ctx.storage.heartbeat(trial.id, ctx.worker);
+      },
+      // Optuna's median rule at the first logged point at or past each checkpoint of the schedule.
+      shouldStop: (e) => {
+        // Every candidate logs at the same image counts (same batch and logEvery), so the finished trials'
+        // losses at e.nimg are logged points, not interpolations.
+        const first = checkpoints.some((n) => e.nimg >= n && e.nimg - cfg.batch * cfg.logEvery < n);
+        return first && shouldPrune(e.loss, e.nimg, memory, c.pruning.minTrials);
+      },
+    });
+    result.lossHistory = run.lossHistory;
+    result.costs = { trainSeconds: run.trainSeconds };
+    if (run.stoppedBy === "aborted") throw new Error("interrupted");
+    if (run.stoppedBy === "stopped") {
+      const last = run.lossHistory[run.lossHistory.length - 1];
+      result.status = "pruned";
+      result.error = `pruned at ${last.nimg} images: loss ${last.loss.toFixed(4)} is above the median of ` +
+        `finished trials there`;
+      return result;
+    }
+    const net = trainer.emaNetwork();
+    await Deno.mkdir(`${ctx.dir}/weights`, { recursive: true });
+    await saveSafetensors(weightsPath(ctx.dir, trial.id), net.stateDict(), { trial: String(trial.id) });
+    const gen = new NetworkGenerator(net, { sigmaData: cfg.sigmaData });
+    const m = await measureFid("RFID", gen, ctx.features, ctx.reference, proxyProtocol(c), {
+      onProgress: (done, total) => emit({ type: "proxy", done, total }),
+    });
+    result.status = "done";
+    result.scores = { proxyFid: m.value, proxyName: m.name };
+    result.costs = { trainSeconds: run.trainSeconds, proxySeconds: m.seconds };
+    return result;
+  } catch (e) {
+    if ((e as Error).message === "interrupted") throw e;
+    result.status = "failed";
+    result.error = (e as Error).message;
+    return result;
+  } finally {
+    trainer?.dispose();
+    if (init) { for (const t of Object.values(init)) t.dispose(); }
+  }
+}
