@@ -29,8 +29,8 @@
  * the data position, so a trainer restored with `loadState` computes the same numbers as one that never stopped
  * (bit-identical on the CPU backend).
  *
- * The training clock (`trainSeconds`, images per second) runs only inside `run()`, and stops while the
- * caller's asynchronous callbacks (log writing, checkpoints, sample grids) run.
+ * The training clock (`trainSeconds`, images per second) runs during steps, loss readbacks and `run()`, and
+ * stops while `run()`'s asynchronous callbacks (log writing, checkpoints, sample grids) run.
  */
 
 import { z } from "zod";
@@ -321,7 +321,7 @@ export interface TrainerProgress {
   rng: { seed: number; counter: number };
   /** The logged losses so far. */
   lossHistory: LossPoint[];
-  /** Seconds spent inside `run()` so far. */
+  /** Seconds spent training (in steps, their readbacks and `run()`, not in its callbacks) so far. */
   trainSeconds: number;
 }
 
@@ -401,8 +401,11 @@ class Clock {
     this.#seconds = s;
     if (this.#since !== null) this.#since = performance.now();
   }
-  start(): void {
-    this.#since ??= performance.now();
+  /** Starts the clock; true if it was stopped (so the caller that started it stops it). */
+  start(): boolean {
+    if (this.#since !== null) return false;
+    this.#since = performance.now();
+    return true;
   }
   stop(): void {
     this.#seconds = this.seconds;
@@ -426,6 +429,39 @@ interface PendingLog {
   nimg: number;
   widths: number[];
   t: Tensor;
+}
+
+/**
+ * The losses of a log window read back as `host` (per step and width: B per-sample losses, then B σ): per-width
+ * sums, the full width's (σ, loss) pairs for the buckets, or the first loss that is not finite.
+ */
+function windowLosses(rows: readonly PendingLog[], host: Float32Array, B: number) {
+  const sigmas: number[] = [], losses: number[] = [];
+  const byWidth = new Map<number, { sum: number; count: number }>();
+  let at = 0;
+  for (const r of rows) {
+    for (const width of r.widths) {
+      const per = host.subarray(at, at + B), sig = host.subarray(at + B, at + 2 * B);
+      at += 2 * B;
+      let sum = 0;
+      for (let i = 0; i < B; i++) {
+        if (!Number.isFinite(per[i])) {
+          const what = `the loss at step ${r.step} (${r.nimg} images, width ${width}) is ${per[i]}`;
+          return { byWidth, sigmas, losses, bad: { what, step: r.step } };
+        }
+        sum += per[i];
+      }
+      const w = byWidth.get(width) ?? { sum: 0, count: 0 };
+      w.sum += sum;
+      w.count += B;
+      byWidth.set(width, w);
+      if (width === 1) {
+        losses.push(...per);
+        sigmas.push(...sig);
+      }
+    }
+  }
+  return { byWidth, sigmas, losses, bad: null };
 }
 
 /** Trains one network in memory (see the file comment). */
@@ -513,7 +549,7 @@ export class Trainer {
   get lastLoss(): number {
     return this.#lastLoss;
   }
-  /** Seconds spent training inside `run()`. */
+  /** Seconds spent training (see the file comment). */
   get trainSeconds(): number {
     return this.#clock.seconds;
   }
@@ -533,6 +569,7 @@ export class Trainer {
     const rng = this.device.rng;
     rng.seed = this.#rng.seed;
     rng.counter = this.#rng.counter;
+    const started = this.#clock.start();
     const widths = cfg.sandwich ? sandwichWidths(cfg.seed, this.#step) : [1];
     this.optimizer.lr = learningRate(cfg, this.#nimg);
     const beta = emaBeta(cfg, this.#nimg);
@@ -556,6 +593,7 @@ export class Trainer {
       batch.images.dispose();
       batch.labels?.dispose();
       this.#rng = { seed: rng.seed, counter: rng.counter };
+      if (started) this.#clock.stop();
     }
   }
 
@@ -568,40 +606,19 @@ export class Trainer {
     if (!pending.length) return null;
     this.#pending = [];
     const all = noGrad(() => (pending.length === 1 ? pending[0].t : cat(pending.map((p) => p.t))));
-    let host: Float32Array | Float64Array;
+    // The readback waits for the steps' device work: training time, even when a checkpoint asks for it.
+    const started = this.#clock.start();
+    let host: Float32Array;
     try {
       host = await all.toArray();
     } finally {
+      if (started) this.#clock.stop();
       if (all !== pending[0].t) all.dispose();
       pending.forEach((r) => r.t.dispose());
     }
     const trainSeconds = this.#clock.seconds;
-    const B = this.config.batch;
-    const sigmas: number[] = [], losses: number[] = [];
-    const byWidth = new Map<number, { sum: number; count: number }>();
-    let at = 0;
-    for (const r of pending) {
-      for (const width of r.widths) {
-        const per = host.subarray(at, at + B), sig = host.subarray(at + B, at + 2 * B);
-        at += 2 * B;
-        for (let i = 0; i < B; i++) {
-          if (!Number.isFinite(per[i])) {
-            const what = `the loss at step ${r.step} (${r.nimg} images, width ${width}) is ${per[i]}`;
-            throw divergedError(what, r.step, this.config.lr);
-          }
-        }
-        let s = 0;
-        for (let i = 0; i < B; i++) s += per[i];
-        const w = byWidth.get(width) ?? { sum: 0, count: 0 };
-        w.sum += s;
-        w.count += B;
-        byWidth.set(width, w);
-        if (width === 1) {
-          losses.push(...per);
-          sigmas.push(...sig);
-        }
-      }
-    }
+    const { byWidth, sigmas, losses, bad } = windowLosses(pending, host, this.config.batch);
+    if (bad) throw divergedError(bad.what, bad.step, this.config.lr);
     const full = byWidth.get(1)!;
     const last = pending[pending.length - 1];
     const entry: LogEntry = {
