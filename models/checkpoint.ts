@@ -31,7 +31,7 @@ import {
   type Tensor,
 } from "../engine/mod.ts";
 import { writeFileAtomic } from "./images.ts";
-import { zodMessage } from "./slimmable.ts";
+import { zodMessage } from "../util/config.ts";
 
 // ---------------------------------------------------------------------------------------------------------------
 // The state file.

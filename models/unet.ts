@@ -46,14 +46,8 @@ import {
   UNetBlock,
   Upsample,
 } from "./unet_blocks.ts";
-import {
-  checkWidth,
-  CONV_DIVISOR,
-  LINEAR_DIVISOR,
-  slimChannels,
-  slimGroups,
-  zodMessage,
-} from "./slimmable.ts";
+import { checkWidth, CONV_DIVISOR, LINEAR_DIVISOR, slimChannels, slimGroups } from "./slimmable.ts";
+import { zodMessage } from "../util/config.ts";
 
 // ---------------------------------------------------------------------------------------------------------------
 // The spec.
