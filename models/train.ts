@@ -60,6 +60,7 @@ import {
   writeTextAtomic,
 } from "./checkpoint.ts";
 import { DDSM_WIDTHS } from "./slimmable.ts";
+import { emaBetaFromHalfLife } from "./ema.ts";
 
 // ---------------------------------------------------------------------------------------------------------------
 // Errors.
@@ -243,7 +244,7 @@ export function learningRate(cfg: Pick<TrainConfig, "lr" | "lrRampupKimg">, nimg
 
 /** EDM's EMA β for the step taken after `nimg` images (half-life ramped up by `emaRampupRatio`). */
 export function emaBeta(cfg: TrainConfig, nimg: number): number {
-  return optim.emaBetaFromHalfLife(
+  return emaBetaFromHalfLife(
     cfg.batch,
     cfg.emaHalfLifeKimg,
     cfg.emaRampupRatio === null ? {} : { curNimg: nimg, rampupRatio: cfg.emaRampupRatio },
