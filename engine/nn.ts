@@ -1,7 +1,7 @@
 /**
  * @file Neural-network modules in the style of `torch.nn`: a `Module` base class that owns named parameters,
  * buffers and submodules, and the layers the diffusion models are built from: `Linear`, `Conv2d`, `GroupNorm`,
- * `SiLU`, `Sequential` and `AttentionBlock` (EDM/DDPM++'s self-attention block).
+ * `SiLU` and `Sequential`. (Model-specific blocks, such as EDM's self-attention, live in models/.)
  *
  * Modules register their parts explicitly (`registerParameter`, `registerBuffer`, `registerModule`), in the
  * order PyTorch would see them assigned, so `namedParameters()` and `stateDict()` give the same dotted names
@@ -21,13 +21,11 @@ import { type Device, getDefaultDevice } from "./device.ts";
 import { keep, type Tensor } from "./tensor.ts";
 import { fmt, sameShape } from "./shape.ts";
 import { copyInto, map } from "./ops/core.ts";
-import { add, mul, silu } from "./ops/elementwise.ts";
-import { narrow, permute, reshape, transpose } from "./ops/shape.ts";
+import { silu } from "./ops/elementwise.ts";
 import { randUniform } from "./ops/random.ts";
 import { linear } from "./ops/matmul.ts";
 import { conv2d, type Pair } from "./ops/conv.ts";
 import { groupNorm } from "./ops/norm.ts";
-import { scaledDotProductAttention } from "./ops/attention.ts";
 import { loadSafetensors } from "./safetensors.ts";
 
 const VALID_NAME = /^[^.]+$/;
@@ -393,81 +391,5 @@ export class Sequential extends Module {
       h = next;
     }
     return h;
-  }
-}
-
-export interface AttentionBlockOptions {
-  /** Attention heads; channels must be divisible by it (default 1). */
-  numHeads?: number;
-  /** GroupNorm groups (default EDM's min(32, channels/4), at least 1). */
-  numGroups?: number;
-  /** GroupNorm epsilon (default 1e-5). */
-  eps?: number;
-  /** Multiplier of the residual sum (EDM's skip_scale; DDPM++ uses √0.5; default 1). */
-  skipScale?: number;
-  /** Start the output projection at zero so the block begins as the identity (DDPM++/EDM; default false). */
-  zeroInitProj?: boolean;
-  device?: Device;
-}
-
-/**
- * Self-attention over the H·W positions of a feature map, as in EDM's `UNetBlock` (and DDPM++):
- * `x + proj(attention(qkv(norm(x))))`, times `skipScale`. The 1×1 `qkv` convolution's 3C channels are read
- * EDM's way, as [heads, C/heads, 3] (so each head's q, k, v channels are interleaved), and every head attends
- * with softmax(qᵀk / √(C/heads)) over all positions. Parameters: `norm`, `qkv`, `proj`.
- */
-export class AttentionBlock extends Module {
-  readonly norm: GroupNorm;
-  readonly qkv: Conv2d;
-  readonly proj: Conv2d;
-  readonly numHeads: number;
-  readonly skipScale: number;
-
-  constructor(readonly channels: number, opts: AttentionBlockOptions = {}) {
-    super();
-    this.numHeads = opts.numHeads ?? 1;
-    if (!Number.isInteger(this.numHeads) || this.numHeads < 1 || channels % this.numHeads) {
-      throw new Error(`AttentionBlock: channels ${channels} must be divisible by numHeads ${this.numHeads}`);
-    }
-    this.skipScale = opts.skipScale ?? 1;
-    const device = opts.device ?? getDefaultDevice();
-    const groups = opts.numGroups ?? Math.max(1, Math.min(32, Math.floor(channels / 4)));
-    this.norm = this.registerModule("norm", new GroupNorm(groups, channels, { eps: opts.eps, device }));
-    this.qkv = this.registerModule("qkv", new Conv2d(channels, 3 * channels, 1, { device }));
-    this.proj = this.registerModule("proj", new Conv2d(channels, channels, 1, { device }));
-    if (opts.zeroInitProj) {
-      for (const t of [this.proj.weight, this.proj.bias!]) {
-        const z = map(cst(0), [], [0], { shape: t.shape, device });
-        copyInto(t, z, t.shape.map(() => 0));
-        z.dispose();
-      }
-    }
-  }
-
-  forward(x: Tensor): Tensor {
-    if (x.rank !== 4 || x.shape[1] !== this.channels) {
-      throw new Error(`AttentionBlock: expected input [N, ${this.channels}, H, W], got ${fmt(x.shape)}`);
-    }
-    const [N, C, H, W] = x.shape;
-    const heads = this.numHeads, c = C / heads, L = H * W;
-    const temps: Tensor[] = [];
-    const t = <T extends Tensor>(v: T): T => (temps.push(v), v);
-    const h = t(this.norm.forward(x));
-    const qkv = t(this.qkv.forward(h));
-    // [N, 3C, H, W] as [N·heads, c, 3, L], then [3, N·heads, L, c]: q, k, v with positions as rows.
-    const split = t(permute(t(reshape(qkv, [N * heads, c, 3, L])), [2, 0, 3, 1]));
-    const part = (i: number) => t(reshape(t(narrow(split, 0, i, 1)), [N * heads, L, c]));
-    const a = t(scaledDotProductAttention(part(0), part(1), part(2)));
-    const merged = t(reshape(t(transpose(a, 1, 2)), [N, C, H, W]));
-    const projected = t(this.proj.forward(merged));
-    const sum = add(projected, x);
-    let out = sum;
-    if (this.skipScale !== 1) {
-      out = mul(sum, this.skipScale);
-      temps.push(sum);
-    }
-    // Without a tape the intermediates are garbage now; with one, the tape holds them until backward.
-    if (!out.requiresGrad) { for (const v of temps) v.dispose(); }
-    return out;
   }
 }

@@ -1,6 +1,7 @@
 /**
  * @file Optimizers with PyTorch semantics, updating parameters in place on the device: `Adam`, `AdamW`,
- * global-norm gradient clipping (`clipGradNorm`), an exponential moving average of parameters (`EMA`), and
+ * global-norm gradient clipping (`clipGradNorm`), an exponential moving average of parameters (`EMA`, with a
+ * given β; how a training recipe picks β, e.g. EDM's half-life rule, is the models layer's business), and
  * `zeroGrad`.
  *
  * Nothing here reads back to the host. A step is one fused kernel per parameter (param, exp_avg, exp_avg_sq
@@ -334,28 +335,6 @@ export function clipGradNorm(params: ParamsInput, maxNorm: number): Tensor {
 
 // ---------------------------------------------------------------------------------------------------------------
 // Exponential moving average.
-
-/**
- * EDM's EMA decay per step from a half-life in thousands of images (Karras et al. 2022, `training_loop.py`):
- * the shadow's weight on the past halves every `halfLifeKimg·1000` images, so with `batchSize` images per step
- * `β = 0.5^(batchSize / (halfLifeKimg·1000))`. EDM also ramps the half-life up early in training:
- * with `rampupRatio` (EDM: 0.05) and `curNimg` images seen so far, the half-life is
- * `min(halfLifeKimg·1000, curNimg·rampupRatio)` (floored at 1e-8 images), so the average forgets the random
- * initialisation quickly.
- */
-export function emaBetaFromHalfLife(
-  batchSize: number,
-  halfLifeKimg: number,
-  opts: { curNimg?: number; rampupRatio?: number } = {},
-): number {
-  if (!(batchSize > 0)) throw new Error(`emaBetaFromHalfLife: batchSize ${batchSize} must be > 0`);
-  if (!(halfLifeKimg >= 0)) throw new Error(`emaBetaFromHalfLife: halfLifeKimg ${halfLifeKimg} must be ≥ 0`);
-  let halfLifeNimg = halfLifeKimg * 1000;
-  if (opts.rampupRatio !== undefined) {
-    halfLifeNimg = Math.min(halfLifeNimg, (opts.curNimg ?? 0) * opts.rampupRatio);
-  }
-  return Math.pow(0.5, batchSize / Math.max(halfLifeNimg, 1e-8));
-}
 
 /**
  * An exponential moving average of parameters: `shadow = β·shadow + (1−β)·param` in place on each `update`.

@@ -3,7 +3,8 @@
  * and show the shapes, because a shape error deep in a UNet is otherwise hard to place.
  */
 
-import type { Shape } from "./tensor.ts";
+/** A tensor shape: one size per dimension, outermost first. */
+export type Shape = readonly number[];
 
 export const fmt = (s: Shape): string => `[${s.join(", ")}]`;
 

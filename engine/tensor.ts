@@ -9,7 +9,9 @@
 
 import { type Device, getDefaultDevice, type Storage } from "./device.ts";
 import { elementwise, type Expr } from "../kernels/elementwise.ts";
-import { broadcastStrides } from "./shape.ts";
+import { broadcastStrides, type Shape } from "./shape.ts";
+
+export type { Shape };
 
 /**
  * Reference-counted storage shared by tensors that view the same elements (reshape). `readers` are the lazy
@@ -49,8 +51,6 @@ export interface GradNode {
   /** Given the gradient of the output, the gradient of each input (null where it needs none). */
   readonly vjp: (g: Tensor) => (Tensor | null)[];
 }
-
-export type Shape = readonly number[];
 
 export function sizeOf(shape: Shape): number {
   let n = 1;

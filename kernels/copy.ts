@@ -5,14 +5,14 @@
  * into a wider tensor), the backward of narrow (a write into a zeroed tensor) and expand (source stride 0).
  * The destination is bound read-write, so copies into part of an existing tensor leave the rest untouched.
  *
- * Dimensions are coalesced first (see `coalesce` in elementwise.ts). When the destination's innermost run is
+ * Dimensions are coalesced first (see `coalesce` in layout.ts). When the destination's innermost run is
  * contiguous and 4-aligned, each invocation moves four elements: one vec4 store, and one vec4 load when the
  * source is aligned the same way (else four scalar loads along the source's innermost stride). llvmpipe runs
  * every storage access as a per-lane loop and the u32 div/mod index math is not vectorised, so doing both once
  * per four elements matters.
  */
 
-import { coalesce } from "./elementwise.ts";
+import { coalesce } from "./layout.ts";
 import { cachedSource } from "./source_cache.ts";
 import { type FloatArray, type GpuCaps, type GpuDispatch, type Kernel, ParamWriter } from "./types.ts";
 import { ENTRY_1D, grid1d, header, splitIndexWgsl } from "./wgsl.ts";

@@ -20,8 +20,8 @@
  * then the block sums, so a float32 sum's error grows with BLOCK + n/BLOCK rather than n.
  */
 
-import { contiguousStrides } from "./elementwise.ts";
-import { LANE_WG, lanesPerRow, unitDecls } from "./norm.ts";
+import { LANE_WG, lanesPerRow, unitDecls } from "./lanes.ts";
+import { contiguousStrides } from "./layout.ts";
 import { type FloatArray, type GpuCaps, type GpuDispatch, type Kernel, ParamWriter } from "./types.ts";
 import { flatTextureSize, grid, header } from "./wgsl.ts";
 

@@ -4,7 +4,7 @@
  * The input is viewed as [outer, L, inner]: the softmax runs over L for each of the outer·inner rows, and the
  * elements of row (o, i) sit at o·L·inner + j·inner + i, so any dim works without a permute. A segment of T
  * threads (a power of two) serves each row, 256/T rows per workgroup, T chosen from L and the row count as for
- * the norm kernels (`pickThreadsPerRow`).
+ * the norm kernels (`pickThreadsPerRow` in kernels/lanes.ts).
  *
  * - forward: each thread keeps an online (max, Σexp(x − max)) pair over its strided share of the row (one read,
  *   rescaling the sum when the max grows), the segment merges the pairs in workgroup memory, and a second pass
@@ -17,13 +17,13 @@
  * workgroup), so the threads of one step read consecutive addresses.
  *
  * On CPU-emulated adapters rows with inner = 1 (the last dim, as in attention) take the lanes variants of the
- * norm kernels instead (see kernels/norm.ts): a lane per row (a few when rows are scarce) owning a contiguous
+ * norm kernels instead (see kernels/norm.ts and kernels/lanes.ts): a lane per row (a few when rows are scarce) owning a contiguous
  * run of the row, vec4 units where L % 4 = 0, the online (max, sum) kept per element position of the unit and
  * folded at the end, inputs read as flat textures. fwd+bwd at [4096, 256] on lavapipe: 16.5 ms (tree), 7.7
  * (lanes), 4.8 (lanesTexture); at [256, 4096]: 20.3, 9.0, 4.5.
  */
 
-import { LANE_WG, lanesPerRow, pickThreadsPerRow, type RowNormVariant, unitDecls } from "./norm.ts";
+import { LANE_WG, lanesPerRow, pickThreadsPerRow, type RowVariant, unitDecls } from "./lanes.ts";
 import { type FloatArray, type GpuCaps, type GpuDispatch, type Kernel, ParamWriter } from "./types.ts";
 import { flatTextureSize, grid, header, WG } from "./wgsl.ts";
 
@@ -39,7 +39,7 @@ export interface SoftmaxParams {
    * L % 4 = 0), "lanesTexture" (lanes reading the inputs as textures). The lanes variants need inner = 1;
    * absent: lanesTexture on CPU-emulated adapters where inner = 1, else tree.
    */
-  variant?: RowNormVariant;
+  variant?: RowVariant;
 }
 
 /** The lanes layout of a softmax with inner = 1, or null for the tree variant. */

@@ -1,7 +1,7 @@
 /**
  * @file Slimmable widths for DDSM (Yang et al. 2023, "Denoising Diffusion Step-aware Models"): one set of UNet
- * weights run at a width multiplier w ∈ {1, 0.75, 0.5, 0.25}, and the step-aware wrapper that picks the width
- * per denoising step.
+ * weights run at a width multiplier w ∈ {1, 0.75, 0.5, 0.25}, and the width schedules that pick the width per
+ * denoising step.
  *
  * At width w every convolution and linear layer uses the leading rows and columns of its full weight: its
  * input count is whatever the incoming activation has, its output count is the scaled count w·c rounded to a
@@ -13,13 +13,12 @@
  * and the noise embedding its full size. Slicing is done with `narrow`, which is differentiable, so a loss on the
  * slim network trains the shared weights (DDSM §3.2, the slimmable "supernet").
  *
- * `StepAwareUNet` runs such a network at a width chosen per step from a `WidthSchedule` (DDSM §3.3: the width
- * strategy found by the evolutionary search), by noise level σ or by sampling-step index.
+ * A `WidthSchedule` (DDSM §3.3: the width strategy found by the evolutionary search) gives the width per step,
+ * by noise level σ or by sampling-step index; `StepAwareUNet` (models/step_aware.ts) runs a UNet by it.
  */
 
 import { z } from "zod";
-import { type Device, nn, type Tensor } from "../engine/mod.ts";
-import type { UNet, UNetForwardOptions } from "./unet.ts";
+import { zodMessage } from "../util/config.ts";
 
 /** The width multipliers DDSM trains and searches over (§4.1). */
 export const DDSM_WIDTHS: readonly number[] = Object.freeze([1, 0.75, 0.5, 0.25]);
@@ -116,11 +115,6 @@ export interface StepPosition {
   step?: number;
 }
 
-/** Formats a zod error as "field.path: message; …". */
-export function zodMessage(err: z.ZodError): string {
-  return err.issues.map((i) => `${i.path.length ? i.path.join(".") : "(root)"}: ${i.message}`).join("; ");
-}
-
 /** Parses a width schedule, throwing an error that names the bad field. */
 export function parseWidthSchedule(input: unknown): WidthSchedule {
   const r = WidthScheduleSchema.safeParse(input);
@@ -151,42 +145,4 @@ export function widthAt(schedule: WidthSchedule, at: StepPosition): number {
 /** A schedule that runs every step at `width` (the static baselines of DDSM's tables). */
 export function constantSchedule(width: number): WidthSchedule {
   return parseWidthSchedule({ by: "sigma", ranges: [{ sigmaMin: 0, sigmaMax: Number.MAX_VALUE, width }] });
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-
-/**
- * DDSM's step-aware network: the slimmable UNet with a width per step (DDSM §3.3, `StepAwareUNet` in the
- * authors' code). The wrapped network is registered as `net`, so the state dict is the supernet's with a `net.`
- * prefix.
- */
-export class StepAwareUNet extends nn.Module {
-  readonly net: UNet;
-  readonly schedule: WidthSchedule;
-
-  constructor(net: UNet, schedule: WidthSchedule | unknown) {
-    super();
-    this.net = this.registerModule("net", net);
-    this.schedule = parseWidthSchedule(schedule);
-  }
-
-  get device(): Device {
-    return this.net.device;
-  }
-
-  /** The width this network runs at for a step at `at`. */
-  widthAt(at: StepPosition): number {
-    return widthAt(this.schedule, at);
-  }
-
-  /** F(x; cNoise, labels) at the width scheduled for `at` (all samples in the batch share the step). */
-  forward(
-    x: Tensor,
-    cNoise: Tensor,
-    classLabels: Tensor | null | undefined,
-    at: StepPosition,
-    opts: Omit<UNetForwardOptions, "width"> = {},
-  ): Tensor {
-    return this.net.forward(x, cNoise, classLabels, { ...opts, width: this.widthAt(at) });
-  }
 }

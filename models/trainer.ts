@@ -42,6 +42,7 @@ import { DDSM_WIDTHS } from "./slimmable.ts";
 import type { LossPoint } from "./checkpoint.ts";
 import { parseConfig } from "../util/config.ts";
 import { UsageError } from "../util/errors.ts";
+import { emaBetaFromHalfLife } from "./ema.ts";
 import { hash2, Rng } from "../util/random.ts";
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -134,7 +135,7 @@ export function emaBeta(
   cfg: Pick<TrainerConfig, "batch" | "emaHalfLifeKimg" | "emaRampupRatio">,
   nimg: number,
 ): number {
-  return optim.emaBetaFromHalfLife(
+  return emaBetaFromHalfLife(
     cfg.batch,
     cfg.emaHalfLifeKimg,
     cfg.emaRampupRatio === null ? {} : { curNimg: nimg, rampupRatio: cfg.emaRampupRatio },

@@ -28,18 +28,16 @@ import {
   mul,
   narrow,
   nn,
-  permute,
   randNormal,
   randUniform,
   reshape,
-  scaledDotProductAttention,
   silu,
   sin,
   type Tensor,
   tensor,
-  transpose,
   zeros,
 } from "../engine/mod.ts";
+import { qkvAttention } from "./attention.ts";
 import { CONV_DIVISOR, LINEAR_DIVISOR, slimChannels, slimGroups } from "./slimmable.ts";
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -547,7 +545,7 @@ export class UNetBlock extends nn.Module {
    */
   #attention(x: Tensor, temps: Temps): Tensor {
     const t = <T extends Tensor>(v: T) => temps.add(v);
-    const [N, c, H, W] = x.shape, heads = this.numHeads, C = this.outChannels, L = H * W;
+    const c = x.shape[1], heads = this.numHeads, C = this.outChannels;
     if (c % heads) {
       throw new Error(`UNetBlock: ${c} slimmed channels do not split into ${heads} attention heads`);
     }
@@ -569,12 +567,7 @@ export class UNetBlock extends nn.Module {
       );
       bp = t(narrow(bp, 0, 0, c));
     }
-    const qkv = t(conv2d(t(this.norm2!.forward(x)), wq, bq));
-    // [N, 3c, H, W] as [N·heads, per, 3, L] → [3, N·heads, L, per]: q, k, v with positions as rows.
-    const split = t(permute(t(reshape(qkv, [N * heads, per, 3, L])), [2, 0, 3, 1]));
-    const part = (i: number) => t(reshape(t(narrow(split, 0, i, 1)), [N * heads, L, per]));
-    const a = t(scaledDotProductAttention(part(0), part(1), part(2)));
-    const merged = t(reshape(t(transpose(a, 1, 2)), [N, c, H, W]));
+    const merged = t(qkvAttention(t(conv2d(t(this.norm2!.forward(x)), wq, bq)), heads));
     let out = add(t(conv2d(merged, wp, bp)), x);
     if (this.opts.skipScale !== 1) out = mul(t(out), this.opts.skipScale);
     return out;

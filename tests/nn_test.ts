@@ -7,16 +7,8 @@
 
 import fc from "fast-check";
 import { deepStrictEqual as assertEquals } from "node:assert";
-import {
-  AttentionBlock,
-  Conv2d,
-  GroupNorm,
-  kaimingUniformBound,
-  Linear,
-  Module,
-  Sequential,
-  SiLU,
-} from "../engine/nn.ts";
+import { Conv2d, GroupNorm, kaimingUniformBound, Linear, Module, Sequential, SiLU } from "../engine/nn.ts";
+import { AttentionBlock } from "../models/attention.ts";
 import { loadSafetensors, saveSafetensors } from "../engine/safetensors.ts";
 import { EMA } from "../engine/optim.ts";
 import { tensor } from "../engine/creation.ts";

@@ -6,15 +6,8 @@
 
 import fc from "fast-check";
 import { deepStrictEqual as assertEquals } from "node:assert";
-import {
-  Adam,
-  AdamW,
-  clipGradNorm,
-  EMA,
-  emaBetaFromHalfLife,
-  gradClipCoefficient,
-  zeroGrad,
-} from "../engine/optim.ts";
+import { Adam, AdamW, clipGradNorm, EMA, gradClipCoefficient, zeroGrad } from "../engine/optim.ts";
+import { emaBetaFromHalfLife } from "../models/ema.ts";
 import { SUMSQ_CHUNK, sumSquares } from "../kernels/optim.ts";
 import { loadSafetensorsWithMetadata, saveSafetensors } from "../engine/safetensors.ts";
 import { tensor } from "../engine/creation.ts";

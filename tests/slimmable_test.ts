@@ -19,9 +19,9 @@ import {
   parseWidthSchedule,
   slimChannels,
   slimGroups,
-  StepAwareUNet,
   widthAt,
 } from "../models/slimmable.ts";
+import { StepAwareUNet } from "../models/step_aware.ts";
 import {
   assertClose,
   assertThrows,

@@ -19,7 +19,7 @@ import {
   weightGradSplits,
   type WeightStrides,
 } from "../../kernels/conv.ts";
-import { contiguousStrides } from "../../kernels/elementwise.ts";
+import { contiguousStrides } from "../../kernels/layout.ts";
 import type { Device } from "../device.ts";
 import { record, sameDevice, type Shape, Tensor } from "../tensor.ts";
 import { fmt } from "../shape.ts";

@@ -9,7 +9,7 @@ import type { Device } from "../device.ts";
 import { type Expr, inp } from "../../kernels/elementwise.ts";
 import { reduce, type ReduceOp } from "../../kernels/reduce.ts";
 import { copy } from "../../kernels/copy.ts";
-import { contiguousStrides } from "../../kernels/elementwise.ts";
+import { contiguousStrides } from "../../kernels/layout.ts";
 import { type LazyValue, sameDevice, type Shape, sizeOf, type StorageRef, Tensor } from "../tensor.ts";
 import { broadcastShapes, fmt, sameShape } from "../shape.ts";
 

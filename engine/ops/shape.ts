@@ -3,7 +3,7 @@
  * `unsqueeze`, `squeeze`. Tensors are always contiguous, so permute and narrow copy (one strided-copy dispatch).
  */
 
-import { contiguousStrides } from "../../kernels/elementwise.ts";
+import { contiguousStrides } from "../../kernels/layout.ts";
 import { record, sameDevice, type Shape, sizeOf, Tensor } from "../tensor.ts";
 import { broadcastShapes, fmt, normAxis } from "../shape.ts";
 import { copyInto, expandTo, gather, map, sumTo, view } from "./core.ts";

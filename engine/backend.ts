@@ -1,0 +1,71 @@
+/**
+ * @file The contract between a `Device` (engine/device.ts) and a backend that holds memory and runs kernels:
+ * four verbs (alloc/release, write, read, run), a flush, and the numbers a device reports (pooled bytes,
+ * counters, adapter info). Two backends implement it: the CPU reference (backend_cpu.ts) and WebGPU
+ * (webgpu/backend.ts). The types live here rather than in device.ts so that the backends need not import the
+ * device that imports them.
+ */
+
+import type { FloatArray, Kernel } from "../kernels/types.ts";
+
+export type BackendKind = "webgpu" | "cpu";
+export type DType = "float32" | "float64";
+
+export interface DeviceOptions {
+  /** "webgpu" (default) or "cpu" (the reference kernels; no adapter needed). */
+  backend?: BackendKind;
+  /** Element type of the CPU backend; "float64" is for gradient checks. WebGPU is always float32. */
+  precision?: DType;
+  /** Dispatches recorded before an automatic submit (default 64). */
+  batchSize?: number;
+  /** Bytes the buffer pool may hold for reuse before it destroys released buffers (default 1 GiB). */
+  poolLimitBytes?: number;
+  /** Bytes of pooled textures (for texture inputs) kept before idle ones are destroyed (default 256 MiB). */
+  texturePoolLimitBytes?: number;
+  /** Seed of the device's counter-based random generator (default 0). */
+  seed?: number;
+  /** Lowers the workgroups-per-dimension limit kernels plan for, so tests reach the 2-D grid path cheaply. */
+  maxWorkgroupsPerDimension?: number;
+}
+
+/** A device allocation; its contents are reached only through the owning device. */
+export interface Storage {
+  readonly elements: number;
+  readonly bytes: number;
+}
+
+export interface MemoryStats {
+  /** Bytes in allocations that tensors hold. */
+  liveBytes: number;
+  liveAllocations: number;
+  /** Bytes of released buffers kept for reuse. */
+  pooledBytes: number;
+  pooledBuffers: number;
+}
+
+export interface DeviceInfo {
+  backend: BackendKind;
+  dtype: DType;
+  adapter: string;
+  /** "vulkan" or "gl" for WebGPU on Linux, with how it was determined; "cpu" for the reference backend. */
+  api: string;
+  isCpuEmulated: boolean;
+  features: string[];
+  limits: Record<string, number>;
+  /** WebGPU: whether kernels may read inputs as textures (see `TextureInput` in kernels/types.ts). */
+  textureInputs?: boolean;
+}
+
+/** What a device asks of its backend. */
+export interface Backend {
+  readonly info: DeviceInfo;
+  alloc(elements: number): Storage;
+  release(s: Storage): void;
+  write(s: Storage, data: ArrayLike<number>): void;
+  read(s: Storage, elements: number): Promise<FloatArray>;
+  run<P>(kernel: Kernel<P>, params: P, inputs: Storage[], outputs: Storage[]): void;
+  flush(): void;
+  pooled(): { bytes: number; buffers: number };
+  counters(): Record<string, number>;
+  destroy(): void;
+}

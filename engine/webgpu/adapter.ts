@@ -1,0 +1,132 @@
+/**
+ * @file Start-up of the WebGPU backend: requesting the adapter and device (with the adapter's own limits, which
+ * on llvmpipe are far above the defaults), describing them (`DeviceInfo` for `deno task info`, `GpuCaps` for the
+ * kernels' variant choice), and probing whether texture inputs work at all.
+ */
+
+import type { GpuCaps } from "../../kernels/types.ts";
+import { packSource, TEXTURE_INPUT } from "../../kernels/wgsl.ts";
+import type { DeviceInfo } from "../backend.ts";
+import type { PipelineCache } from "./pipeline_cache.ts";
+
+/** Which native API wgpu picked; the adapter does not say, so this reports how it was inferred. */
+function detectApi(): string {
+  const forced = Deno.env.get("DENO_WEBGPU_BACKEND");
+  if (forced) return `${forced} (DENO_WEBGPU_BACKEND)`;
+  if (Deno.build.os !== "linux") return "native default";
+  for (const dir of ["/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d"]) {
+    try {
+      for (const e of Deno.readDirSync(dir)) {
+        if (e.name.endsWith(".json")) return "vulkan (an ICD is installed)";
+      }
+    } catch { /* no such folder */ }
+  }
+  return "gl (no Vulkan ICD installed)";
+}
+
+/** The high-performance adapter and a device with its limits; errors say what to install instead. */
+export async function requestGpu(): Promise<{ adapter: GPUAdapter; device: GPUDevice }> {
+  if (!("gpu" in navigator) || !navigator.gpu) {
+    throw new Error('this Deno has no WebGPU (navigator.gpu); use Device.create({ backend: "cpu" })');
+  }
+  const adapter = await navigator.gpu.requestAdapter({ powerPreference: "high-performance" });
+  if (!adapter) {
+    throw new Error(
+      "no WebGPU adapter found. On Linux install a driver (`apt-get install mesa-vulkan-drivers libvulkan1`), " +
+        'or run on the CPU reference backend with Device.create({ backend: "cpu" })',
+    );
+  }
+  const wanted: GPUFeatureName[] = ["shader-f16", "timestamp-query"];
+  const device = await adapter.requestDevice({
+    requiredFeatures: wanted.filter((f) => adapter.features.has(f)),
+    requiredLimits: {
+      maxStorageBufferBindingSize: adapter.limits.maxStorageBufferBindingSize,
+      maxBufferSize: adapter.limits.maxBufferSize,
+      maxStorageBuffersPerShaderStage: adapter.limits.maxStorageBuffersPerShaderStage,
+      maxComputeWorkgroupStorageSize: adapter.limits.maxComputeWorkgroupStorageSize,
+      maxComputeInvocationsPerWorkgroup: adapter.limits.maxComputeInvocationsPerWorkgroup,
+      maxComputeWorkgroupSizeX: adapter.limits.maxComputeWorkgroupSizeX,
+      // Texture inputs: lavapipe allows 16384 (the default limit is 8192) and dozens of storage textures.
+      maxTextureDimension2D: adapter.limits.maxTextureDimension2D,
+      maxStorageTexturesPerShaderStage: adapter.limits.maxStorageTexturesPerShaderStage,
+    },
+  });
+  return { adapter, device };
+}
+
+/**
+ * What the device reports (`info`) and what kernels may know (`caps`); `gridLimit` lowers the workgroups per
+ * dimension that kernels plan for (tests use it to reach the 2-D grid path cheaply).
+ */
+export function describeGpu(
+  device: GPUDevice,
+  adapter: GPUAdapter,
+  gridLimit?: number,
+): { info: DeviceInfo; caps: GpuCaps } {
+  const limits: Record<string, number> = {};
+  for (
+    const k of [
+      "maxStorageBufferBindingSize",
+      "maxBufferSize",
+      "maxComputeWorkgroupsPerDimension",
+      "maxComputeInvocationsPerWorkgroup",
+      "maxComputeWorkgroupStorageSize",
+      "maxStorageBuffersPerShaderStage",
+      "maxTextureDimension2D",
+      "maxStorageTexturesPerShaderStage",
+    ] as const
+  ) limits[k] = device.limits[k];
+  const description = adapter.info.description || adapter.info.device || "unknown adapter";
+  const isCpuEmulated = adapter.info.isFallbackAdapter ||
+    /llvmpipe|lavapipe|swiftshader/i.test(description);
+  const info: DeviceInfo = {
+    backend: "webgpu",
+    dtype: "float32",
+    adapter: description,
+    api: detectApi(),
+    isCpuEmulated,
+    features: [...device.features].sort(),
+    limits,
+    textureInputs: true,
+  };
+  const caps: GpuCaps = {
+    description,
+    isCpuEmulated,
+    maxWorkgroupsPerDimension: Math.min(limits.maxComputeWorkgroupsPerDimension, gridLimit ?? Infinity),
+    maxStorageBufferBindingSize: limits.maxStorageBufferBindingSize,
+    features: new Set(device.features),
+    maxTextureDimension2D: limits.maxTextureDimension2D,
+  };
+  return { info, caps };
+}
+
+/**
+ * Whether texture inputs work: they need read-only storage textures in compute shaders and rgba32float render
+ * targets (for the packing passes); wgpu's GL backend, for one, cannot render to rgba32float. Where either
+ * pipeline fails to build, kernels are told there are no texture inputs and use their other variants.
+ */
+export async function probeTextureInputs(device: GPUDevice, pipelines: PipelineCache): Promise<boolean> {
+  device.pushErrorScope("validation");
+  device.pushErrorScope("internal");
+  const compute = device.createShaderModule({
+    code: `@group(0) @binding(0) var t: ${TEXTURE_INPUT};
+@group(0) @binding(1) var<storage, read_write> o: array<f32>;
+@group(0) @binding(2) var<uniform> u: vec4<u32>;
+@compute @workgroup_size(1) fn main() { o[0] = textureLoad(t, vec2<u32>(u.x, 0u)).x; }`,
+  });
+  device.createComputePipeline({
+    layout: pipelines.layoutFor("twu").pipeline,
+    compute: { module: compute, entryPoint: "main" },
+  });
+  const pack = device.createShaderModule({
+    code: packSource("fn texel(x: u32, y: u32) -> vec4<f32> { return vec4<f32>(srcAt(i32(x + y))); }"),
+  });
+  device.createRenderPipeline({
+    layout: pipelines.layoutFor("tu", GPUShaderStage.FRAGMENT).pipeline,
+    vertex: { module: pack, entryPoint: "vs" },
+    fragment: { module: pack, entryPoint: "fs", targets: [{ format: "rgba32float" }] },
+    primitive: { topology: "triangle-list" },
+  });
+  const internal = await device.popErrorScope(), validation = await device.popErrorScope();
+  return !internal && !validation;
+}

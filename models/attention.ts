@@ -1,0 +1,108 @@
+/**
+ * @file Self-attention over the H·W positions of a feature map, as in EDM's `UNetBlock` (networks.py; DDPM++
+ * and ADM do the same): the 3C channels of a 1×1 `qkv` convolution are read as [heads, C/heads, 3] (so each
+ * head's q, k and v channels are interleaved), and every head attends with softmax(qᵀk / √(C/heads)) over all
+ * positions.
+ *
+ * `qkvAttention` is that reading and the attention itself; the UNet's blocks (models/unet_blocks.ts) wrap it in
+ * their slimmable layers. `AttentionBlock` is the standalone residual block with full-width layers:
+ * `(x + proj(qkvAttention(qkv(norm(x)))))·skipScale`, parameters `norm`, `qkv`, `proj`.
+ */
+
+import {
+  add,
+  type Device,
+  getDefaultDevice,
+  mul,
+  narrow,
+  nn,
+  permute,
+  reshape,
+  scaledDotProductAttention,
+  type Tensor,
+  transpose,
+  zeros,
+} from "../engine/mod.ts";
+
+/** Multi-head attention of a qkv feature map [N, 3C, H, W] read EDM's way (see the file comment): [N, C, H, W]. */
+export function qkvAttention(qkv: Tensor, heads: number): Tensor {
+  const [N, C3, H, W] = qkv.shape, C = C3 / 3, c = C / heads, L = H * W;
+  if (qkv.rank !== 4 || !Number.isInteger(c)) {
+    throw new Error(
+      `qkvAttention: [N, 3C, H, W] with C divisible by ${heads} heads expected, got [${qkv.shape}]`,
+    );
+  }
+  const temps: Tensor[] = [];
+  const t = <T extends Tensor>(v: T): T => (temps.push(v), v);
+  // [N, 3C, H, W] as [N·heads, c, 3, L], then [3, N·heads, L, c]: q, k, v with positions as rows.
+  const split = t(permute(t(reshape(qkv, [N * heads, c, 3, L])), [2, 0, 3, 1]));
+  const part = (i: number) => t(reshape(t(narrow(split, 0, i, 1)), [N * heads, L, c]));
+  const a = t(scaledDotProductAttention(part(0), part(1), part(2)));
+  const out = reshape(t(transpose(a, 1, 2)), [N, C, H, W]);
+  // Without a tape the intermediates are garbage now; with one, the tape holds them until backward.
+  if (!out.requiresGrad) { for (const v of temps) v.dispose(); }
+  return out;
+}
+
+export interface AttentionBlockOptions {
+  /** Attention heads; channels must be divisible by it (default 1). */
+  numHeads?: number;
+  /** GroupNorm groups (default EDM's min(32, channels/4), at least 1). */
+  numGroups?: number;
+  /** GroupNorm epsilon (default 1e-5). */
+  eps?: number;
+  /** Multiplier of the residual sum (EDM's skip_scale; DDPM++ uses √0.5; default 1). */
+  skipScale?: number;
+  /** Start the output projection at zero so the block begins as the identity (DDPM++/EDM; default false). */
+  zeroInitProj?: boolean;
+  device?: Device;
+}
+
+/**
+ * The residual self-attention block with full-width layers: `x + proj(qkvAttention(qkv(norm(x))))`, times
+ * `skipScale`. Parameters: `norm`, `qkv` (1×1, 3C outputs), `proj` (1×1).
+ */
+export class AttentionBlock extends nn.Module {
+  readonly norm: nn.GroupNorm;
+  readonly qkv: nn.Conv2d;
+  readonly proj: nn.Conv2d;
+  readonly numHeads: number;
+  readonly skipScale: number;
+
+  constructor(readonly channels: number, opts: AttentionBlockOptions = {}) {
+    super();
+    this.numHeads = opts.numHeads ?? 1;
+    if (!Number.isInteger(this.numHeads) || this.numHeads < 1 || channels % this.numHeads) {
+      throw new Error(`AttentionBlock: channels ${channels} must be divisible by numHeads ${this.numHeads}`);
+    }
+    this.skipScale = opts.skipScale ?? 1;
+    const device = opts.device ?? getDefaultDevice();
+    const groups = opts.numGroups ?? Math.max(1, Math.min(32, Math.floor(channels / 4)));
+    this.norm = this.registerModule("norm", new nn.GroupNorm(groups, channels, { eps: opts.eps, device }));
+    this.qkv = this.registerModule("qkv", new nn.Conv2d(channels, 3 * channels, 1, { device }));
+    this.proj = this.registerModule("proj", new nn.Conv2d(channels, channels, 1, { device }));
+    if (opts.zeroInitProj) {
+      const z = { weight: zeros(this.proj.weight.shape, { device }), bias: zeros([channels], { device }) };
+      this.proj.loadStateDict(z);
+      z.weight.dispose();
+      z.bias.dispose();
+    }
+  }
+
+  forward(x: Tensor): Tensor {
+    if (x.rank !== 4 || x.shape[1] !== this.channels) {
+      throw new Error(
+        `AttentionBlock: expected input [N, ${this.channels}, H, W], got [${x.shape.join(", ")}]`,
+      );
+    }
+    const temps: Tensor[] = [];
+    const t = <T extends Tensor>(v: T): T => (temps.push(v), v);
+    const merged = t(qkvAttention(t(this.qkv.forward(t(this.norm.forward(x)))), this.numHeads));
+    const sum = add(t(this.proj.forward(merged)), x);
+    let out = sum;
+    if (this.skipScale !== 1) out = mul(t(sum), this.skipScale);
+    // Without a tape the intermediates are garbage now; with one, the tape holds them until backward.
+    if (!out.requiresGrad) { for (const v of temps) v.dispose(); }
+    return out;
+  }
+}
