@@ -73,7 +73,9 @@ async function resolveTarget(path: string): Promise<string> {
       info = await Deno.stat(target);
     } catch (e) {
       // A dangling link: write its target (relative links resolve against the link's folder).
-      if (!(e instanceof Deno.errors.NotFound)) throw new Error(`cannot write ${path}: ${(e as Error).message}`);
+      if (!(e instanceof Deno.errors.NotFound)) {
+        throw new Error(`cannot write ${path}: ${(e as Error).message}`);
+      }
       const link = await Deno.readLink(path);
       return link.startsWith("/") ? link : `${parentDir(path)}/${link}`;
     }
