@@ -38,6 +38,8 @@ export interface MemoryStats {
   /** Bytes in allocations that tensors hold. */
   liveBytes: number;
   liveAllocations: number;
+  /** Most bytes live at once since the device was created or `resetPeakMemory()` was called. */
+  peakLiveBytes: number;
   /** Bytes of released buffers kept for reuse. */
   pooledBytes: number;
   pooledBuffers: number;

@@ -51,6 +51,8 @@ export class Device {
   readonly rng: { seed: number; counter: number };
   #live = 0;
   #liveCount = 0;
+  /** Most live bytes since creation or the last `resetPeakMemory()`. */
+  #peak = 0;
 
   private constructor(private readonly backend: Backend, seed: number) {
     this.rng = { seed, counter: 0 };
@@ -96,6 +98,7 @@ export class Device {
     const s = this.backend.alloc(elements);
     this.#live += s.bytes;
     this.#liveCount++;
+    if (this.#live > this.#peak) this.#peak = this.#live;
     return s;
   }
 
@@ -127,11 +130,17 @@ export class Device {
     this.backend.flush();
   }
 
+  /** Starts the peak of `memory().peakLiveBytes` over from the bytes live now. */
+  resetPeakMemory(): void {
+    this.#peak = this.#live;
+  }
+
   memory(): MemoryStats {
     const p = this.backend.pooled();
     return {
       liveBytes: this.#live,
       liveAllocations: this.#liveCount,
+      peakLiveBytes: this.#peak,
       pooledBytes: p.bytes,
       pooledBuffers: p.buffers,
     };

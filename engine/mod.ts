@@ -6,7 +6,17 @@
 import "./autograd.ts";
 
 export { Device, type DeviceInfo, type DeviceOptions, getDefaultDevice, type MemoryStats } from "./device.ts";
-export { isGradEnabled, keep, noGrad, scope, type Shape, Tensor, type TensorOptions } from "./tensor.ts";
+export {
+  discard,
+  forwardScope,
+  isGradEnabled,
+  keep,
+  noGrad,
+  scope,
+  type Shape,
+  Tensor,
+  type TensorOptions,
+} from "./tensor.ts";
 export { arange, full, ones, tensor, zeros } from "./creation.ts";
 export * from "./ops/elementwise.ts";
 export * from "./ops/reduce.ts";

@@ -3,6 +3,9 @@
  * buffers and submodules, and the layers the diffusion models are built from: `Linear`, `Conv2d`, `GroupNorm`,
  * `SiLU` and `Sequential`. (Model-specific blocks, such as EDM's self-attention, live in models/.)
  *
+ * A `forward` marked `@scopedForward` runs in a `forwardScope` (engine/tensor.ts), so it is written as plain
+ * maths: its intermediates are freed when it returns unless the tape holds them for `backward`.
+ *
  * Modules register their parts explicitly (`registerParameter`, `registerBuffer`, `registerModule`), in the
  * order PyTorch would see them assigned, so `namedParameters()` and `stateDict()` give the same dotted names
  * as PyTorch's `named_parameters()` / `state_dict()` (`"blocks.0.conv.weight"`) and a checkpoint maps
@@ -18,7 +21,7 @@
 
 import { cst } from "../kernels/elementwise.ts";
 import { type Device, getDefaultDevice } from "./device.ts";
-import { keep, type Tensor } from "./tensor.ts";
+import { forwardScope, keep, type Tensor } from "./tensor.ts";
 import { fmt, sameShape } from "./shape.ts";
 import { copyInto, map } from "./ops/core.ts";
 import { silu } from "./ops/elementwise.ts";
@@ -29,6 +32,30 @@ import { groupNorm } from "./ops/norm.ts";
 import { loadSafetensors } from "./safetensors.ts";
 
 const VALID_NAME = /^[^.]+$/;
+
+/**
+ * Method decorator for a module's `forward`: runs it in a `forwardScope`, so the body is plain maths and its
+ * intermediates are freed when it returns, unless a tape recorded them (then they live until the caller's scope
+ * ends, after `backward`). Only for forwards whose intermediates nothing else keeps: a forward that calls
+ * foreign code which stashes tensors it made (a user's callback) must free its own intermediates instead.
+ *
+ * ```ts
+ * class Block extends nn.Module {
+ *   @nn.scopedForward
+ *   forward(x: Tensor): Tensor {
+ *     return add(x, this.conv.forward(silu(this.norm.forward(x))));
+ *   }
+ * }
+ * ```
+ */
+export function scopedForward<This, A extends unknown[], R>(
+  forward: (this: This, ...args: A) => R,
+  _context: ClassMethodDecoratorContext<This, (this: This, ...args: A) => R>,
+): (this: This, ...args: A) => R {
+  return function (this: This, ...args: A): R {
+    return forwardScope(() => forward.apply(this, args));
+  };
+}
 
 /** Base class of all modules: a tree of named parameters, buffers and submodules. */
 export class Module {

@@ -4,7 +4,9 @@
  *
  * Tensors are always contiguous and row-major. Storage is reference-counted so that `reshape` shares it.
  * Memory is freed by `dispose()` (or `using`), by `scope()`, which disposes everything created inside it except
- * what it returns, and, as a safety net only, by a FinalizationRegistry when a tensor is garbage-collected.
+ * what it returns, by `forwardScope()` (module forwards marked `@nn.scopedForward`), which does the same unless
+ * the tape holds the intermediates for `backward`, and, as a safety net only, by a FinalizationRegistry when a
+ * tensor is garbage-collected.
  */
 
 import { type Device, getDefaultDevice, type Storage } from "./device.ts";
@@ -69,7 +71,55 @@ export function checkShape(shape: Shape, what = "shape"): void {
 // ---------------------------------------------------------------------------------------------------------------
 // Scopes.
 
-const scopes: Set<Tensor>[] = [];
+/** The tensors created while a scope is innermost, and whether any of them went on the tape. */
+class Frame extends Set<Tensor> {
+  /** A tape node was recorded in this frame (or in a forward scope that handed its tensors to it). */
+  taped = false;
+}
+
+const scopes: Frame[] = [];
+
+const innermost = (): Frame | undefined => scopes[scopes.length - 1];
+
+/** Runs `fn` in a new frame; returns its result and the frame (popped again, also when `fn` throws). */
+function inFrame<T>(fn: () => T, what: string): { result: T; frame: Frame } {
+  const frame = new Frame();
+  scopes.push(frame);
+  let result: T;
+  try {
+    result = fn();
+  } catch (e) {
+    scopes.pop();
+    handOver(frame);
+    throw e;
+  }
+  scopes.pop();
+  if (result instanceof Promise) {
+    handOver(frame);
+    throw new Error(`${what}() takes a synchronous function; await outside the scope`);
+  }
+  return { result, frame };
+}
+
+/** Gives every tensor of a finished frame to the enclosing one (they die with it), with its taped mark. */
+function handOver(frame: Frame) {
+  const parent = innermost();
+  if (!parent) return;
+  for (const t of frame) parent.add(t);
+  parent.taped ||= frame.taped;
+}
+
+/** Disposes every tensor of a finished frame except `result`'s tensors, which go to the enclosing frame. */
+function disposeAllBut(frame: Frame, result: unknown) {
+  const kept = new Set<Tensor>();
+  collect(result, kept);
+  const parent = innermost();
+  for (const t of frame) {
+    if (kept.has(t)) parent?.add(t);
+    else t.dispose();
+  }
+  if (parent) parent.taped ||= frame.taped;
+}
 
 /**
  * Runs `fn` and disposes every tensor created inside it except the tensors in its result (found in returned
@@ -77,25 +127,36 @@ const scopes: Set<Tensor>[] = [];
  * the scope survive it. Call `backward` inside the scope that built the graph.
  */
 export function scope<T>(fn: () => T): T {
-  const frame = new Set<Tensor>();
-  scopes.push(frame);
-  let result: T;
-  try {
-    result = fn();
-  } finally {
-    scopes.pop();
-  }
-  if (result instanceof Promise) {
-    throw new Error("scope() takes a synchronous function; await outside the scope");
-  }
-  const kept = new Set<Tensor>();
-  collect(result, kept);
-  const parent = scopes[scopes.length - 1];
-  for (const t of frame) {
-    if (kept.has(t)) parent?.add(t);
-    else t.dispose();
-  }
+  const { result, frame } = inFrame(fn, "scope");
+  disposeAllBut(frame, result);
   return result;
+}
+
+/**
+ * Runs a forward computation (see `nn.scopedForward`) so that it can be written as plain maths:
+ * when no tape recorded anything inside it (under `noGrad`, or when nothing requires grad) every tensor created
+ * inside except the result is disposed at the end, like `scope`; when the tape did, the tape needs those
+ * intermediates for `backward`, so they all go to the enclosing scope and live as long as it does (as if there
+ * were no forward scope). If `fn` throws, its tensors also go to the enclosing scope.
+ */
+export function forwardScope<T>(fn: () => T): T {
+  const { result, frame } = inFrame(fn, "forwardScope");
+  if (frame.taped) handOver(frame);
+  else disposeAllBut(frame, result);
+  return result;
+}
+
+/**
+ * Frees tensors a forward is done with now rather than at the end of its scope, where they would be freed
+ * anyway: it disposes only tensors the innermost scope owns (made in it, or results of forward scopes that ended
+ * in it), and only while no tape node has been recorded in that scope. So a forward that carries values through
+ * a loop (a UNet's decoder consuming its skips) keeps the peak memory of sampling low, and under a tape it does
+ * nothing. Tensors of the caller, and nulls, are ignored.
+ */
+export function discard(...ts: (Tensor | null | undefined)[]): void {
+  const frame = innermost();
+  if (!frame || frame.taped) return;
+  for (const t of ts) if (t && frame.has(t)) t.dispose();
 }
 
 function collect(v: unknown, out: Set<Tensor>, depth = 0) {
@@ -331,6 +392,9 @@ export function record(
   if (noGradDepth === 0 && inputs.some((t) => t.requiresGrad)) {
     out.requiresGrad = true;
     out.node = { op, inputs, vjp };
+    // The op's output and what its vjp saved were made in this frame: a forward scope must not free them.
+    const frame = innermost();
+    if (frame) frame.taped = true;
   }
   return out;
 }

@@ -2,7 +2,7 @@
  * @file Self-attention over the H·W positions of a feature map, as in EDM's `UNetBlock` (networks.py; DDPM++
  * and ADM do the same): the 3C channels of a 1×1 `qkv` convolution are read as [heads, C/heads, 3] (so each
  * head's q, k and v channels are interleaved), and every head attends with softmax(qᵀk / √(C/heads)) over all
- * positions.
+ * positions. Called inside a `@nn.scopedForward`, its intermediates are freed with the forward's.
  *
  * `qkvAttention` is that reading and the attention itself; the UNet's blocks (models/unet_blocks.ts) wrap it in
  * their slimmable layers. `AttentionBlock` is the standalone residual block with full-width layers:
@@ -32,16 +32,11 @@ export function qkvAttention(qkv: Tensor, heads: number): Tensor {
       `qkvAttention: [N, 3C, H, W] with C divisible by ${heads} heads expected, got [${qkv.shape}]`,
     );
   }
-  const temps: Tensor[] = [];
-  const t = <T extends Tensor>(v: T): T => (temps.push(v), v);
   // [N, 3C, H, W] as [N·heads, c, 3, L], then [3, N·heads, L, c]: q, k, v with positions as rows.
-  const split = t(permute(t(reshape(qkv, [N * heads, c, 3, L])), [2, 0, 3, 1]));
-  const part = (i: number) => t(reshape(t(narrow(split, 0, i, 1)), [N * heads, L, c]));
-  const a = t(scaledDotProductAttention(part(0), part(1), part(2)));
-  const out = reshape(t(transpose(a, 1, 2)), [N, C, H, W]);
-  // Without a tape the intermediates are garbage now; with one, the tape holds them until backward.
-  if (!out.requiresGrad) { for (const v of temps) v.dispose(); }
-  return out;
+  const split = permute(reshape(qkv, [N * heads, c, 3, L]), [2, 0, 3, 1]);
+  const part = (i: number) => reshape(narrow(split, 0, i, 1), [N * heads, L, c]);
+  const a = scaledDotProductAttention(part(0), part(1), part(2));
+  return reshape(transpose(a, 1, 2), [N, C, H, W]);
 }
 
 export interface AttentionBlockOptions {
@@ -89,20 +84,15 @@ export class AttentionBlock extends nn.Module {
     }
   }
 
+  @nn.scopedForward
   forward(x: Tensor): Tensor {
     if (x.rank !== 4 || x.shape[1] !== this.channels) {
       throw new Error(
         `AttentionBlock: expected input [N, ${this.channels}, H, W], got [${x.shape.join(", ")}]`,
       );
     }
-    const temps: Tensor[] = [];
-    const t = <T extends Tensor>(v: T): T => (temps.push(v), v);
-    const merged = t(qkvAttention(t(this.qkv.forward(t(this.norm.forward(x)))), this.numHeads));
-    const sum = add(t(this.proj.forward(merged)), x);
-    let out = sum;
-    if (this.skipScale !== 1) out = mul(t(sum), this.skipScale);
-    // Without a tape the intermediates are garbage now; with one, the tape holds them until backward.
-    if (!out.requiresGrad) { for (const v of temps) v.dispose(); }
-    return out;
+    const a = qkvAttention(this.qkv.forward(this.norm.forward(x)), this.numHeads);
+    const out = add(this.proj.forward(a), x);
+    return this.skipScale === 1 ? out : mul(out, this.skipScale);
   }
 }

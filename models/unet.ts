@@ -25,6 +25,7 @@ import {
   add,
   cat,
   type Device,
+  discard,
   dropout,
   getDefaultDevice,
   mul,
@@ -42,7 +43,6 @@ import {
   SlimConv2d,
   SlimGroupNorm,
   SlimLinear,
-  Temps,
   UNetBlock,
   Upsample,
 } from "./unet_blocks.ts";
@@ -465,42 +465,29 @@ export class UNet extends nn.Module {
   }
 
   /** The embedding vector [N, embC'] of EDM's mapping network (SongUNet or DhariwalUNet order). */
-  #embed(
-    cNoise: Tensor,
-    classLabels: Tensor | null,
-    augmentLabels: Tensor | null,
-    width: number,
-    temps: Temps,
-  ): Tensor {
-    const s = this.spec, t = <T extends Tensor>(v: T) => temps.add(v);
+  #embed(cNoise: Tensor, classLabels: Tensor | null, augmentLabels: Tensor | null, width: number): Tensor {
+    const s = this.spec;
     let labels = classLabels;
     if (labels && this.training && s.labelDropout > 0) {
       // Keep each sample's label with probability 1 − p: dropout of ones gives 0 or 1/(1 − p).
-      const keepMask = t(
-        mul(
-          t(dropout(t(ones([labels.shape[0], 1], { device: this.device })), s.labelDropout)),
-          1 - s.labelDropout,
-        ),
+      const keepMask = mul(
+        dropout(ones([labels.shape[0], 1], { device: this.device }), s.labelDropout),
+        1 - s.labelDropout,
       );
-      labels = t(mul(labels, keepMask));
+      labels = mul(labels, keepMask);
     }
-    let emb = t(this.map_noise.forward(cNoise));
+    let emb = this.map_noise.forward(cNoise);
     if (s.mapping === "song") {
       if (this.map_label && labels) {
-        emb = t(add(emb, t(this.map_label.forward(t(mul(labels, Math.sqrt(s.labelDim))), width))));
+        emb = add(emb, this.map_label.forward(mul(labels, Math.sqrt(s.labelDim)), width));
       }
-      if (this.map_augment && augmentLabels) {
-        emb = t(add(emb, t(this.map_augment.forward(augmentLabels, width))));
-      }
-      emb = t(silu(t(this.map_layer0.forward(emb, width))));
-      return silu(t(this.map_layer1.forward(emb, width)));
+      if (this.map_augment && augmentLabels) emb = add(emb, this.map_augment.forward(augmentLabels, width));
+      emb = silu(this.map_layer0.forward(emb, width));
+      return silu(this.map_layer1.forward(emb, width));
     }
-    if (this.map_augment && augmentLabels) {
-      emb = t(add(emb, t(this.map_augment.forward(augmentLabels, width))));
-    }
-    emb = t(silu(t(this.map_layer0.forward(emb, width))));
-    emb = t(this.map_layer1.forward(emb, width));
-    if (this.map_label && labels) emb = t(add(emb, t(this.map_label.forward(labels, width))));
+    if (this.map_augment && augmentLabels) emb = add(emb, this.map_augment.forward(augmentLabels, width));
+    emb = this.map_layer1.forward(silu(this.map_layer0.forward(emb, width)), width);
+    if (this.map_label && labels) emb = add(emb, this.map_label.forward(labels, width));
     return silu(emb);
   }
 
@@ -508,6 +495,7 @@ export class UNet extends nn.Module {
    * F(x; cNoise, classLabels) at a DDSM width. x: [N, inChannels, R, R]; cNoise: [N] (EDM: ln(σ)/4);
    * classLabels: [N, labelDim] (required when labelDim > 0). Returns [N, outChannels, R, R].
    */
+  @nn.scopedForward
   forward(
     x: Tensor,
     cNoise: Tensor,
@@ -536,34 +524,20 @@ export class UNet extends nn.Module {
     if (aug && s.augmentDim && (aug.rank !== 2 || aug.shape[1] !== s.augmentDim)) {
       throw new Error(`UNet.forward: augmentLabels must be [N, ${s.augmentDim}], got [${aug.shape}]`);
     }
-    const temps = new Temps(), t = <T extends Tensor>(v: T) => temps.add(v);
-    const emb = t(this.#embed(cNoise, s.labelDim ? classLabels : null, aug, width, temps));
-
+    const emb = this.#embed(cNoise, s.labelDim ? classLabels : null, aug, width);
     const run = (m: EncDecLayer, h: Tensor) =>
       m instanceof UNetBlock ? m.forward(h, emb, width) : m.forward(h, width);
     const skips: Tensor[] = [];
     let h = x;
-    for (const e of this.#layout.enc) {
-      h = t(run(this.enc.items.get(e.key)!, h));
-      skips.push(h);
-    }
+    for (const e of this.#layout.enc) skips.push(h = run(this.enc.items.get(e.key)!, h));
     for (const e of this.#layout.dec) {
-      const prev = h;
-      let input = h, skip: Tensor | null = null;
-      if (e.skipChannels) {
-        skip = skips.pop()!;
-        input = t(cat([h, skip], 1));
-      }
-      h = t(run(this.dec.items.get(e.key)!, input));
-      // Off the tape (sampling), what the decoder consumed is garbage now; encoder outputs wait for their turn.
-      if (!h.requiresGrad) {
-        if (input !== prev) input.dispose();
-        if (skip && skip !== x) skip.dispose();
-        if (prev !== x && !skips.includes(prev)) prev.dispose();
-      }
+      const prev = h, skip = e.skipChannels ? skips.pop()! : null;
+      const input = skip ? cat([prev, skip], 1) : prev;
+      h = run(this.dec.items.get(e.key)!, input);
+      // Off the tape (sampling), what this block consumed is garbage now, except encoder outputs still waiting.
+      discard(...[input, skip, prev].filter((t) => t && !skips.includes(t)));
     }
-    const out = this.out_conv.forward(t(silu(t(this.out_norm.forward(h)))), width);
-    return temps.release(out);
+    return this.out_conv.forward(silu(this.out_norm.forward(h)), width);
   }
 
   /** Layers and channel counts at `width` (see `planLayers`). */

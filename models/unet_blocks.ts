@@ -9,8 +9,9 @@
  * full weights, taken with the differentiable `narrow`, so training at any width trains the shared weights. At
  * width 1 no slice is taken and the full parameters are used directly.
  *
- * Memory: with a tape (training) the intermediates live until the caller's scope ends; without one (sampling
- * under `noGrad`) each layer frees its intermediates as soon as its output exists.
+ * Memory: the forwards are `@nn.scopedForward` (engine/nn.ts), so they are written as plain maths: with a tape
+ * (training) the intermediates live until the caller's scope ends; without one (sampling under `noGrad`) each
+ * layer's intermediates are freed as soon as its output exists.
  */
 
 import {
@@ -39,24 +40,6 @@ import {
 } from "../engine/mod.ts";
 import { qkvAttention } from "./attention.ts";
 import { CONV_DIVISOR, LINEAR_DIVISOR, slimChannels, slimGroups } from "./slimmable.ts";
-
-// ---------------------------------------------------------------------------------------------------------------
-// Temporaries.
-
-/** Intermediate tensors of one forward, freed at the end unless a tape needs them. */
-export class Temps {
-  readonly #list: Tensor[] = [];
-  /** Registers `t` as a temporary and returns it. */
-  add<T extends Tensor>(t: T): T {
-    this.#list.push(t);
-    return t;
-  }
-  /** Frees the temporaries (except `out`) when `out` is on no tape, i.e. nothing will backpropagate. */
-  release(out: Tensor): Tensor {
-    if (!out.requiresGrad) { for (const t of this.#list) if (t !== out) t.dispose(); }
-    return out;
-  }
-}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Initialisation (EDM's weight_init).
@@ -102,9 +85,9 @@ export function initTensor(
 // ---------------------------------------------------------------------------------------------------------------
 // Slimmable layers.
 
-/** A weight (and bias) narrowed to a width, with the copies it made. */
-function maybeNarrow(t: Tensor, dim: number, length: number, temps: Temps): Tensor {
-  return length === t.shape[dim] ? t : temps.add(narrow(t, dim, 0, length));
+/** The leading `length` entries of a weight (or bias) along `dim`: the weight itself when that is all of it. */
+function leading(t: Tensor, dim: number, length: number): Tensor {
+  return length === t.shape[dim] ? t : narrow(t, dim, 0, length);
 }
 
 export interface ConvOptions {
@@ -158,17 +141,16 @@ export class SlimConv2d extends nn.Module {
     return this.slimOut ? slimChannels(this.outChannels, width, CONV_DIVISOR) : this.outChannels;
   }
 
+  @nn.scopedForward
   forward(x: Tensor, width = 1): Tensor {
     const cin = x.shape[1];
     if (cin > this.inChannels) {
       throw new Error(`SlimConv2d: input has ${cin} channels, the layer at most ${this.inChannels}`);
     }
-    const temps = new Temps();
     const cout = this.outAt(width);
-    const w = maybeNarrow(maybeNarrow(this.weight, 0, cout, temps), 1, cin, temps);
-    const b = this.bias ? maybeNarrow(this.bias, 0, cout, temps) : null;
-    const y = conv2d(x, w, b, { stride: this.stride, padding: this.kernel >> 1 });
-    return temps.release(y);
+    const w = leading(leading(this.weight, 0, cout), 1, cin);
+    const b = this.bias && leading(this.bias, 0, cout);
+    return conv2d(x, w, b, { stride: this.stride, padding: this.kernel >> 1 });
   }
 }
 
@@ -229,28 +211,23 @@ export class SlimLinear extends nn.Module {
     return this.chunks * this.chunkAt(width);
   }
 
+  @nn.scopedForward
   forward(x: Tensor, width = 1): Tensor {
     const fin = x.shape[x.rank - 1];
     if (fin > this.inFeatures) {
       throw new Error(`SlimLinear: input has ${fin} features, the layer at most ${this.inFeatures}`);
     }
-    const temps = new Temps();
     const k = this.chunks, full = this.outFeatures / k, part = this.chunkAt(width);
     let w = this.weight, b = this.bias;
-    if (part < full) {
-      if (k === 1) {
-        w = temps.add(narrow(w, 0, 0, part));
-        b = b && temps.add(narrow(b, 0, 0, part));
-      } else {
-        const w3 = temps.add(narrow(temps.add(reshape(w, [k, full, this.inFeatures])), 1, 0, part));
-        w = temps.add(reshape(w3, [k * part, this.inFeatures]));
-        if (b) {
-          b = temps.add(reshape(temps.add(narrow(temps.add(reshape(b, [k, full])), 1, 0, part)), [k * part]));
-        }
-      }
+    if (part < full && k === 1) {
+      w = narrow(w, 0, 0, part);
+      b = b && narrow(b, 0, 0, part);
+    } else if (part < full) {
+      // The leading `part` rows of each chunk.
+      w = reshape(narrow(reshape(w, [k, full, this.inFeatures]), 1, 0, part), [k * part, this.inFeatures]);
+      b = b && reshape(narrow(reshape(b, [k, full]), 1, 0, part), [k * part]);
     }
-    w = maybeNarrow(w, 1, fin, temps);
-    return temps.release(linear(x, w, b));
+    return linear(x, leading(w, 1, fin), b);
   }
 }
 
@@ -291,14 +268,13 @@ export class SlimGroupNorm extends nn.Module {
     return channels === this.numChannels ? this.numGroups : slimGroups(this.numGroups, channels);
   }
 
+  @nn.scopedForward
   forward(x: Tensor): Tensor {
     const c = x.shape[1];
     if (c > this.numChannels) {
       throw new Error(`SlimGroupNorm: input has ${c} channels, the layer at most ${this.numChannels}`);
     }
-    const temps = new Temps();
-    const w = maybeNarrow(this.weight, 0, c, temps), b = maybeNarrow(this.bias, 0, c, temps);
-    return temps.release(groupNorm(x, this.groupsAt(c), w, b, this.eps));
+    return groupNorm(x, this.groupsAt(c), leading(this.weight, 0, c), leading(this.bias, 0, c), this.eps);
   }
 }
 
@@ -312,20 +288,18 @@ export class SlimGroupNorm extends nn.Module {
 export type EmbeddingLayout = "cos-sin" | "sin-cos" | "interleaved-sin-cos";
 
 /** Arranges [N, half] cosines and sines into [N, 2·half] per `layout`. */
-function arrange(c: Tensor, s: Tensor, layout: EmbeddingLayout, temps: Temps): Tensor {
+function arrange(c: Tensor, s: Tensor, layout: EmbeddingLayout): Tensor {
   if (layout === "cos-sin") return cat([c, s], 1);
   if (layout === "sin-cos") return cat([s, c], 1);
   const [N, half] = c.shape;
-  const pairs = temps.add(cat([temps.add(reshape(s, [N, half, 1])), temps.add(reshape(c, [N, half, 1]))], 2));
-  return reshape(pairs, [N, 2 * half]);
+  return reshape(cat([reshape(s, [N, half, 1]), reshape(c, [N, half, 1])], 2), [N, 2 * half]);
 }
 
 /** cos/sin of `cNoise ⊗ freqs` arranged per `layout`. */
 function sinusoids(cNoise: Tensor, freqs: Tensor, layout: EmbeddingLayout): Tensor {
   if (cNoise.rank !== 1) throw new Error(`noise embedding: cNoise must be [N], got [${cNoise.shape}]`);
-  const temps = new Temps();
-  const args = temps.add(mul(temps.add(reshape(cNoise, [cNoise.shape[0], 1])), freqs));
-  return temps.release(arrange(temps.add(cos(args)), temps.add(sin(args)), layout, temps));
+  const args = mul(reshape(cNoise, [cNoise.shape[0], 1]), freqs);
+  return arrange(cos(args), sin(args), layout);
 }
 
 /**
@@ -359,6 +333,7 @@ export class PositionalEmbedding extends nn.Module {
     return this.#freqs;
   }
 
+  @nn.scopedForward
   forward(cNoise: Tensor): Tensor {
     return sinusoids(cNoise, this.freqs(), this.opts.layout);
   }
@@ -387,10 +362,13 @@ export class FourierEmbedding extends nn.Module {
     );
   }
 
+  @nn.scopedForward
   forward(cNoise: Tensor): Tensor {
-    const temps = new Temps();
-    const f = temps.add(mul(temps.add(reshape(this.freqs, [1, this.numChannels / 2])), 2 * Math.PI));
-    return temps.release(sinusoids(cNoise, f, this.opts.layout));
+    return sinusoids(
+      cNoise,
+      mul(reshape(this.freqs, [1, this.numChannels / 2]), 2 * Math.PI),
+      this.opts.layout,
+    );
   }
 }
 
@@ -510,32 +488,31 @@ export class UNetBlock extends nn.Module {
     return this.conv0.outAt(width);
   }
 
+  /** ×2 down (2×2 average) or up (nearest) when the block resamples; otherwise `x` itself. */
   #resample(x: Tensor): Tensor {
-    return this.down ? avgPool2d(x, 2) : interpolateNearest(x, 2);
+    return this.down ? avgPool2d(x, 2) : this.up ? interpolateNearest(x, 2) : x;
   }
 
+  @nn.scopedForward
   forward(x: Tensor, emb: Tensor, width = 1): Tensor {
-    const temps = new Temps();
-    const t = <T extends Tensor>(v: T) => temps.add(v);
-    let h = t(silu(t(this.norm0.forward(x))));
-    if (this.up || this.down) h = t(this.#resample(h));
-    h = t(this.conv0.forward(h, width));
-    const c = h.shape[1];
-    const params = t(reshape(t(this.affine.forward(emb, width)), [emb.shape[0], -1, 1, 1]));
+    let h = this.conv0.forward(this.#resample(silu(this.norm0.forward(x))), width);
+    const params = reshape(this.affine.forward(emb, width), [emb.shape[0], -1, 1, 1]);
     if (this.opts.adaptiveScale) {
-      const scale = t(narrow(params, 1, 0, c)), shift = t(narrow(params, 1, c, c));
-      h = t(silu(t(add(shift, t(mul(t(this.norm1.forward(h)), t(add(scale, 1))))))));
+      const c = h.shape[1], scale = narrow(params, 1, 0, c), shift = narrow(params, 1, c, c);
+      h = silu(add(shift, mul(this.norm1.forward(h), add(scale, 1))));
     } else {
-      h = t(silu(t(this.norm1.forward(t(add(h, params))))));
+      h = silu(this.norm1.forward(add(h, params)));
     }
-    h = t(this.conv1.forward(t(dropout(h, this.opts.dropout, this.training)), width));
-    let skip = x;
-    if (this.skip) skip = t(this.skip.forward(this.up || this.down ? t(this.#resample(x)) : x, width));
-    else if (this.bareResampleSkip) skip = t(this.#resample(x));
-    h = t(add(h, skip));
-    if (this.opts.skipScale !== 1) h = t(mul(h, this.opts.skipScale));
-    if (this.numHeads > 0) h = t(this.#attention(h, temps));
-    return temps.release(h);
+    h = this.conv1.forward(dropout(h, this.opts.dropout, this.training), width);
+    // A projected skip, or the bare resample of ADM's kernel-0 skip, or (no resampling) x itself.
+    const skip = this.skip ? this.skip.forward(this.#resample(x), width) : this.#resample(x);
+    h = this.#scaled(add(h, skip));
+    return this.numHeads > 0 ? this.#attention(h) : h;
+  }
+
+  /** A residual sum times `skipScale` (no op at 1). */
+  #scaled(x: Tensor): Tensor {
+    return this.opts.skipScale === 1 ? x : mul(x, this.opts.skipScale);
   }
 
   /**
@@ -543,34 +520,21 @@ export class UNetBlock extends nn.Module {
    * head count stays and each head keeps its leading channels, so the qkv rows and the proj columns are
    * narrowed per head (with one head: the leading rows and columns, as DDSM's attention).
    */
-  #attention(x: Tensor, temps: Temps): Tensor {
-    const t = <T extends Tensor>(v: T) => temps.add(v);
+  #attention(x: Tensor): Tensor {
     const c = x.shape[1], heads = this.numHeads, C = this.outChannels;
     if (c % heads) {
       throw new Error(`UNetBlock: ${c} slimmed channels do not split into ${heads} attention heads`);
     }
     const per = c / heads, full = C / heads;
-    const qkvLayer = this.qkv!, projLayer = this.proj!;
-    let wq = qkvLayer.weight, bq = qkvLayer.bias!, wp = projLayer.weight, bp = projLayer.bias!;
+    let wq = this.qkv!.weight, bq = this.qkv!.bias!, wp = this.proj!.weight, bp = this.proj!.bias!;
     if (c < C) {
-      wq = t(
-        reshape(t(narrow(t(narrow(t(reshape(wq, [heads, full, 3, C])), 1, 0, per)), 3, 0, c)), [
-          3 * c,
-          c,
-          1,
-          1,
-        ]),
-      );
-      bq = t(reshape(t(narrow(t(reshape(bq, [heads, full, 3])), 1, 0, per)), [3 * c]));
-      wp = t(
-        reshape(t(narrow(t(reshape(t(narrow(wp, 0, 0, c)), [c, heads, full])), 2, 0, per)), [c, c, 1, 1]),
-      );
-      bp = t(narrow(bp, 0, 0, c));
+      wq = reshape(narrow(narrow(reshape(wq, [heads, full, 3, C]), 1, 0, per), 3, 0, c), [3 * c, c, 1, 1]);
+      bq = reshape(narrow(reshape(bq, [heads, full, 3]), 1, 0, per), [3 * c]);
+      wp = reshape(narrow(reshape(narrow(wp, 0, 0, c), [c, heads, full]), 2, 0, per), [c, c, 1, 1]);
+      bp = narrow(bp, 0, 0, c);
     }
-    const merged = t(qkvAttention(t(conv2d(t(this.norm2!.forward(x)), wq, bq)), heads));
-    let out = add(t(conv2d(merged, wp, bp)), x);
-    if (this.opts.skipScale !== 1) out = mul(t(out), this.opts.skipScale);
-    return out;
+    const a = qkvAttention(conv2d(this.norm2!.forward(x), wq, bq), heads);
+    return this.#scaled(add(conv2d(a, wp, bp), x));
   }
 }
 
@@ -600,10 +564,9 @@ export class Upsample extends nn.Module {
       ? this.registerModule("conv", new SlimConv2d(channels, channels, 3, { init, device }))
       : null;
   }
+  @nn.scopedForward
   forward(x: Tensor, width = 1): Tensor {
     const up = interpolateNearest(x, 2);
-    if (!this.conv) return up;
-    const temps = new Temps();
-    return temps.release(this.conv.forward(temps.add(up), width));
+    return this.conv ? this.conv.forward(up, width) : up;
   }
 }

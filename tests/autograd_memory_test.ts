@@ -9,7 +9,7 @@ import { full, ones, tensor, zeros } from "../engine/creation.ts";
 import { add, exp, mul, sub, tanh } from "../engine/ops/elementwise.ts";
 import { mean, sum } from "../engine/ops/reduce.ts";
 import { mseLoss } from "../engine/ops/loss.ts";
-import { keep, noGrad, scope, type Tensor } from "../engine/tensor.ts";
+import { discard, forwardScope, keep, noGrad, scope, type Tensor } from "../engine/tensor.ts";
 import {
   assertClose,
   assertRejects,
@@ -105,6 +105,70 @@ test("scope disposes intermediates, keeps results, kept tensors and leaf gradien
   if (extra !== 3 * 1024 + 4) throw new Error(`scope left ${extra} bytes live, expected ${3 * 1024 + 4}`);
   for (const t of [w.grad!, w, kept!, loss]) t.dispose();
   if (device.memory().liveBytes !== base) throw new Error("dispose did not free everything");
+});
+
+test("forwardScope: without a tape only the result survives; with one, intermediates live until the enclosing scope and backward works", async () => {
+  const device = await cpuDevice();
+  const w = tensor([0.5, -1, 2], [3], { device, requiresGrad: true });
+  let inner: Tensor[] = [];
+  const body = () => {
+    const a = exp(w), b = mul(a, 2);
+    inner = [a, b];
+    return add(b, 1);
+  };
+  const y = noGrad(() => forwardScope(body));
+  if (!inner.every((t) => t.disposed) || y.disposed) {
+    throw new Error("noGrad: intermediates outlived the forward");
+  }
+  assertClose(await y.toArray(), [0.5, -1, 2].map((v) => 2 * Math.exp(v) + 1), { rtol: 1e-6 });
+  y.dispose();
+  scope(() => {
+    const l = sum(forwardScope(body));
+    if (inner.some((t) => t.disposed)) throw new Error("a taped forward freed what backward needs");
+    l.backward();
+  });
+  if (!inner.every((t) => t.disposed)) throw new Error("taped intermediates outlived the enclosing scope");
+  assertClose(await w.grad!.toArray(), [0.5, -1, 2].map((v) => 2 * Math.exp(v)), { rtol: 1e-6 });
+  // A forward that throws hands what it made to the enclosing scope.
+  scope(() => {
+    assertThrows(() =>
+      noGrad(() =>
+        forwardScope(() => {
+          inner = [exp(w)];
+          throw new Error("bad input");
+        })
+      ), "bad input");
+    if (inner[0].disposed) throw new Error("a failed forward freed its tensors early");
+  });
+  if (!inner[0].disposed) throw new Error("a failed forward's tensors outlived the enclosing scope");
+});
+
+test("discard frees only the scope's own untaped tensors", async () => {
+  const device = await cpuDevice();
+  const x = tensor([1, 2], [2], { device });
+  const w = tensor([1, 2], [2], { device, requiresGrad: true });
+  noGrad(() =>
+    forwardScope(() => {
+      const a = exp(x);
+      discard(a, x, null);
+      if (!a.disposed || x.disposed) {
+        throw new Error("noGrad: discard missed its own tensor or took the caller's");
+      }
+      return null;
+    })
+  );
+  let a: Tensor | null = null;
+  scope(() => {
+    forwardScope(() => {
+      a = exp(w);
+      discard(a);
+      if (a.disposed) throw new Error("discard freed a tensor the tape holds");
+      return mul(a, a);
+    });
+  });
+  if (!a!.disposed) throw new Error("the taped tensor outlived the enclosing scope");
+  x.dispose();
+  w.dispose();
 });
 
 test("1000 training-like steps keep the pool bounded and sync only at reads", async () => {

@@ -7,15 +7,25 @@
 
 import fc from "fast-check";
 import { deepStrictEqual as assertEquals } from "node:assert";
-import { Conv2d, GroupNorm, kaimingUniformBound, Linear, Module, Sequential, SiLU } from "../engine/nn.ts";
+import {
+  Conv2d,
+  GroupNorm,
+  kaimingUniformBound,
+  Linear,
+  Module,
+  scopedForward,
+  Sequential,
+  SiLU,
+} from "../engine/nn.ts";
 import { AttentionBlock } from "../models/attention.ts";
 import { loadSafetensors, saveSafetensors } from "../engine/safetensors.ts";
 import { EMA } from "../engine/optim.ts";
 import { tensor } from "../engine/creation.ts";
-import { noGrad, type Tensor } from "../engine/tensor.ts";
+import { noGrad, scope, type Tensor } from "../engine/tensor.ts";
 import { copyInto } from "../engine/ops/core.ts";
 import { sum } from "../engine/ops/reduce.ts";
-import type { Device } from "../engine/device.ts";
+import { add } from "../engine/ops/elementwise.ts";
+import { Device } from "../engine/device.ts";
 import {
   assertClose,
   assertThrows,
@@ -128,6 +138,71 @@ test("a parameter shared by two modules is listed once; duplicate or dotted name
   const t = new Tied();
   assertEquals(t.namedParameters().map(([n]) => n), ["a.weight", "a.bias"]);
   assertEquals(Object.keys(t.stateDict()), ["a.weight", "a.bias", "b.w"]);
+});
+
+test("without a tape a Sequential holds about two activations at a time; with one, every layer's input", async () => {
+  // A device of its own: tensors that earlier tests left to the FinalizationRegistry must not move the counts.
+  const device = await Device.create({ backend: "cpu" });
+  const seq = new Sequential(...Array.from({ length: 8 }, () => new Conv2d(4, 4, 1, { device })));
+  const x = tensor(seededValues(2 * 4 * 8 * 8, 1), [2, 4, 8, 8], { device });
+  const activation = x.size * 4;
+  noGrad(() => seq.forward(x)).dispose(); // warm-up
+  const base = device.memory().liveBytes;
+  device.resetPeakMemory();
+  const y = noGrad(() => seq.forward(x));
+  assertEquals(device.memory().liveBytes - base, activation, "only the output stays live");
+  const peak = device.memory().peakLiveBytes - base;
+  if (peak > 2 * activation) {
+    throw new Error(`peak ${peak} B for ${activation} B activations: layers were kept`);
+  }
+  y.dispose();
+  // With a tape every layer's input is kept for backward, until the enclosing scope ends.
+  scope(() => {
+    seq.forward(x);
+    assertEquals(device.memory().liveBytes - base, 8 * activation, "taped activations");
+  });
+  assertEquals(device.memory().liveBytes, base);
+  seq.dispose();
+  x.dispose();
+  device.destroy();
+});
+
+test("@scopedForward: without a tape only the output stays live; with one, intermediates live until the enclosing scope", async () => {
+  // A device of its own: tensors that earlier tests left to the FinalizationRegistry must not move the counts.
+  const device = await Device.create({ backend: "cpu" });
+  class Block extends Module {
+    readonly norm = this.registerModule("norm", new GroupNorm(2, 4, { device }));
+    readonly conv = this.registerModule("conv", new Conv2d(4, 4, 3, { padding: 1, device }));
+    @scopedForward
+    forward(x: Tensor): Tensor {
+      return add(x, this.conv.forward(new SiLU().forward(this.norm.forward(x))));
+    }
+  }
+  const block = new Block();
+  const x = tensor(seededValues(2 * 4 * 5 * 5, 2), [2, 4, 5, 5], { device });
+  noGrad(() => block.forward(x)).dispose(); // warm-up: the norm's constant parameters get their storage
+  const base = device.memory().liveAllocations;
+  const y = noGrad(() => block.forward(x));
+  assertEquals(device.memory().liveAllocations, base + 1, "noGrad: only the output");
+  const ref = noGrad(() =>
+    scope(() => add(x, block.conv.forward(new SiLU().forward(block.norm.forward(x)))))
+  );
+  assertClose(await y.toArray(), await ref.toArray(), { rtol: 1e-6 }, "plain maths");
+  y.dispose();
+  ref.dispose();
+  scope(() => {
+    const out = block.forward(x);
+    if (device.memory().liveAllocations < base + 3) {
+      throw new Error("a taped forward freed its intermediates");
+    }
+    sum(out).backward();
+    if (!block.conv.weight.grad) throw new Error("no gradient reached the convolution");
+  });
+  block.zeroGrad();
+  assertEquals(device.memory().liveAllocations, base, "the enclosing scope freed the taped forward");
+  block.dispose();
+  x.dispose();
+  device.destroy();
 });
 
 test("train() / eval() set the mode recursively", async () => {

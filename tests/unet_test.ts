@@ -2,13 +2,13 @@
  * @file Tests of the configurable diffusion UNet (models/unet.ts, models/unet_blocks.ts, models/presets.ts):
  * the published parameter counts of the presets, derived from the spec without allocating; the planner's
  * names and shapes against a real module for every architectural variant; forward shapes, determinism and
- * freeing of intermediates; gradients reaching every parameter; a float64 finite-difference check of one
+ * freeing of intermediates (and the peak memory of a noGrad forward); gradients reaching every parameter; a float64 finite-difference check of one
  * UNet block (input and parameter gradients); the noise embeddings against host formulas; and zod errors that
  * name the bad field.
  */
 
 import { deepStrictEqual as assertEquals } from "node:assert";
-import { type Device, mul, noGrad, randn, reshape, scope, sum, tensor } from "../engine/mod.ts";
+import { Device, mul, noGrad, randn, reshape, scope, sum, tensor } from "../engine/mod.ts";
 import {
   countParameters,
   parameterShapes,
@@ -235,6 +235,40 @@ test("forward without a tape frees every intermediate; dropout follows train()/e
   if (t1.every((a, i) => a === t2[i])) throw new Error("training-mode dropout gave identical outputs");
   if (t1.every((a, i) => a === v[i])) throw new Error("training-mode dropout had no effect");
   net.dispose();
+});
+
+test("noGrad forward of every variant: only the output stays live; the peak stays far below what a tape holds and does not grow over a sampling loop", async () => {
+  // A device of its own: tensors that earlier tests left to the FinalizationRegistry must not move the counts.
+  const device = await Device.create({ backend: "cpu" });
+  for (const [name, spec] of Object.entries(TINY)) {
+    const net = new UNet(spec, { device }).eval();
+    const { x, cNoise, labels, augment } = inputsFor(spec, device);
+    const forward = () => net.forward(x, cNoise, labels, { augmentLabels: augment });
+    noGrad(forward).dispose(); // warm-up: caches the embedding frequencies
+    const base = device.memory().liveBytes;
+    device.resetPeakMemory();
+    const y = noGrad(forward);
+    assertEquals(device.memory().liveBytes - base, y.size * 4, `${name}: intermediates left live`);
+    const peak = device.memory().peakLiveBytes - base;
+    y.dispose();
+    // Sampling: one forward per step; nothing accumulates from step to step.
+    for (let step = 0; step < 4; step++) noGrad(forward).dispose();
+    assertEquals(device.memory().liveBytes, base, `${name}: the sampling loop leaked`);
+    assertEquals(device.memory().peakLiveBytes - base, peak, `${name}: the peak grew over the sampling loop`);
+    // With a tape every intermediate is held until backward; without one they are freed as the forward goes.
+    let taped = 0;
+    scope(() => {
+      forward();
+      taped = device.memory().liveBytes - base;
+    });
+    assertEquals(device.memory().liveBytes, base, `${name}: the taped forward outlived its scope`);
+    if (!(peak * 3 < taped)) {
+      throw new Error(`${name}: noGrad peak ${peak} B is not far below the ${taped} B a taped forward holds`);
+    }
+    for (const t of [x, cNoise, labels, augment]) t?.dispose();
+    net.dispose();
+  }
+  device.destroy();
 });
 
 test("backward: every parameter receives a non-zero gradient, on WebGPU", async () => {
