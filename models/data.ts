@@ -22,7 +22,11 @@
 
 import { z } from "zod";
 import { Device, type Tensor, tensor } from "../engine/mod.ts";
-import { parseConfig } from "./edm.ts";
+import { parseConfig } from "../util/config.ts";
+import { hash2, Rng } from "../util/random.ts";
+
+// Older importers of the generator (util/random.ts is its home).
+export { hash2, Rng };
 import { decodePng } from "./images.ts";
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -84,67 +88,11 @@ abstract class ByteDataset implements Dataset {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Deterministic randomness (integer arithmetic only).
-
-/** Mixes two 32-bit words into one (MurmurHash3's finaliser over a + golden-ratio·b). */
-export function hash2(a: number, b: number): number {
-  let h = (a ^ Math.imul(b ^ 0x9e3779b9, 0x85ebca6b)) >>> 0;
-  h ^= h >>> 16;
-  h = Math.imul(h, 0x85ebca6b);
-  h ^= h >>> 13;
-  h = Math.imul(h, 0xc2b2ae35);
-  h ^= h >>> 16;
-  return h >>> 0;
-}
-
-/** mulberry32: a small 32-bit generator; `next()` is uniform in [0, 1) with 32 random bits. */
-export class Rng {
-  #s: number;
-  constructor(seed: number) {
-    this.#s = seed >>> 0;
-  }
-  u32(): number {
-    this.#s = (this.#s + 0x6d2b79f5) >>> 0;
-    let t = this.#s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return (t ^ (t >>> 14)) >>> 0;
-  }
-  next(): number {
-    return this.u32() / 4294967296;
-  }
-  range(lo: number, hi: number): number {
-    return lo + (hi - lo) * this.next();
-  }
-  int(n: number): number {
-    return Math.floor(this.next() * n);
-  }
-  /** A uniformly random unit vector (rejection sampling in the unit disc; no trigonometry). */
-  direction(): [number, number] {
-    for (;;) {
-      const x = 2 * this.next() - 1, y = 2 * this.next() - 1, r2 = x * x + y * y;
-      if (r2 > 1e-4 && r2 <= 1) {
-        const r = Math.sqrt(r2);
-        return [x / r, y / r];
-      }
-    }
-  }
-  /** A random permutation of 0 … n−1 (Fisher–Yates). */
-  permutation(n: number): Int32Array {
-    const p = new Int32Array(n);
-    for (let i = 0; i < n; i++) p[i] = i;
-    for (let i = n - 1; i > 0; i--) {
-      const j = this.int(i + 1);
-      const t = p[i];
-      p[i] = p[j];
-      p[j] = t;
-    }
-    return p;
-  }
-}
-
-// ---------------------------------------------------------------------------------------------------------------
 // The procedural dataset.
+
+/** The procedural scene styles (see the file comment); "bold" is the default. */
+export const PROCEDURAL_SCENES = ["bold", "busy"] as const;
+export type ProceduralScene = typeof PROCEDURAL_SCENES[number];
 
 /** Options of `ProceduralShapes`. */
 export const ProceduralConfig = z.object({
@@ -154,6 +102,8 @@ export const ProceduralConfig = z.object({
   seed: z.number().int().min(0).max(0xffffffff).default(0),
   // Number of images (they are generated on demand, so this costs no memory).
   length: z.number().int().positive().default(50000),
+  // Scene style: "bold" (one large shape on a smooth background) or "busy" (the original cluttered scenes).
+  scene: z.enum(PROCEDURAL_SCENES).default("bold"),
 }).strict();
 export type ProceduralOptions = z.input<typeof ProceduralConfig>;
 
@@ -189,14 +139,49 @@ const tri = (t: number) => {
   return f < 0.5 ? 2 * f : 2 - 2 * f;
 };
 
-function randomColour(rng: Rng, avoid?: RGB): RGB {
+/** A uniform random colour; with `avoid`, redrawn (up to `tries` times) until its L1 distance is ≥ `contrast`. */
+function randomColour(rng: Rng, avoid?: RGB, contrast = 0.6, tries = 8): RGB {
   let c: RGB = [rng.next(), rng.next(), rng.next()];
-  for (let k = 0; k < 8 && avoid; k++) {
-    if (Math.abs(c[0] - avoid[0]) + Math.abs(c[1] - avoid[1]) + Math.abs(c[2] - avoid[2]) >= 0.6) break;
+  for (let k = 0; k < tries && avoid; k++) {
+    if (Math.abs(c[0] - avoid[0]) + Math.abs(c[1] - avoid[1]) + Math.abs(c[2] - avoid[2]) >= contrast) break;
     c = [rng.next(), rng.next(), rng.next()];
   }
   return c;
 }
+
+/** How `makeShape` draws a shape in one scene style. */
+interface ShapeStyle {
+  /** Range of the centre's coordinates. */
+  centre: [number, number];
+  /** Least L1 colour distance from the background at the centre (and between stripe colours). */
+  contrast: number;
+  /** Ring half-thickness and stripe period ranges, relative to the radius / in [0, 1]² units. */
+  ringHalf: [number, number];
+  stripePeriod: [number, number];
+  /** Largest lighting gradient. */
+  shade: number;
+  /** Fine textures, highlights and translucency ("busy" only). */
+  ornaments: boolean;
+}
+
+const BUSY_SHAPE: ShapeStyle = {
+  centre: [0.12, 0.88],
+  contrast: 0.6,
+  ringHalf: [0.12, 0.25],
+  stripePeriod: [0.07, 0.15],
+  shade: 0.9,
+  ornaments: true,
+};
+// Large, centred, high-contrast and plain: a ring is 2–3 pixels thick and a stripe period at least 3 pixels at
+// 16×16, so a small network can draw every class at the default resolution.
+const BOLD_SHAPE: ShapeStyle = {
+  centre: [0.34, 0.66],
+  contrast: 1.0,
+  ringHalf: [0.2, 0.3],
+  stripePeriod: [0.17, 0.24],
+  shade: 0.35,
+  ornaments: false,
+};
 
 function makeShape(
   rng: Rng,
@@ -204,9 +189,11 @@ function makeShape(
   r: number,
   R: number,
   bgAt: (u: number, v: number) => RGB,
+  style: ShapeStyle,
 ): ShapeSpec {
-  const cx = rng.range(0.12, 0.88), cy = rng.range(0.12, 0.88);
-  const colour = randomColour(rng, bgAt(cx, cy));
+  const cx = rng.range(...style.centre), cy = rng.range(...style.centre);
+  const tries = style.ornaments ? 8 : 32;
+  const colour = randomColour(rng, bgAt(cx, cy), style.contrast, tries);
   let sd: (u: number, v: number) => number;
   let stripes: ShapeSpec["stripes"] = null;
   const boxSd = (hw: number, hh: number, a: number, b: number) => (u: number, v: number) => {
@@ -248,14 +235,18 @@ function makeShape(
       return m;
     };
   } else if (kind === 3) {
-    const half = r * rng.range(0.12, 0.25), disc = discSd(r * rng.range(0.7, 0.9));
+    const half = r * rng.range(...style.ringHalf), disc = discSd(r * rng.range(0.7, 0.9));
     sd = (u, v) => Math.abs(disc(u, v)) - half;
   } else {
     const [a, b] = rng.direction();
     sd = rng.next() < 0.5 ? discSd(r) : boxSd(r * rng.range(0.6, 1.0), r * rng.range(0.5, 0.9), a, b);
     // At least 3 pixels per stripe period, so that 16×16 renderings do not alias.
-    const period = Math.max(rng.range(0.07, 0.15), 3 / R);
-    stripes = { colour: randomColour(rng, colour), dir: rng.direction(), period };
+    const period = Math.max(rng.range(...style.stripePeriod), 3 / R);
+    stripes = { colour: randomColour(rng, colour, style.contrast, tries), dir: rng.direction(), period };
+  }
+  if (!style.ornaments) {
+    const [shade, shadeDir] = [rng.range(-style.shade, style.shade), rng.direction()];
+    return { kind, cx, cy, sd, colour, shade, shadeDir, alpha: 1, highlight: null, stripes, texture: null };
   }
   const texture: ShapeSpec["texture"] = rng.next() < 0.3
     ? {
@@ -275,13 +266,29 @@ function makeShape(
     cy,
     sd,
     colour,
-    shade: rng.range(-0.9, 0.9),
+    shade: rng.range(-style.shade, style.shade),
     shadeDir: rng.direction(),
     alpha: rng.next() < 0.2 ? rng.range(0.55, 0.85) : 1,
     highlight,
     stripes,
     texture,
   };
+}
+
+/** What the pixel loop draws: a background, shapes in painting order, and per-pixel grain (0: none). */
+interface Scene {
+  background: (u: number, v: number, out: RGB) => void;
+  shapes: ShapeSpec[];
+  label: number;
+  grain: number;
+}
+
+/** Options of `renderProcedural`. */
+export interface RenderOptions {
+  /** Scene style (default "bold"). */
+  scene?: ProceduralScene;
+  /** Draw the shapes (default true); false paints the same scene's background alone (FID's "no shapes" control). */
+  shapes?: boolean;
 }
 
 /**
@@ -292,8 +299,40 @@ export function renderProcedural(
   seed: number,
   index: number,
   R: number,
+  opts: RenderOptions = {},
 ): { bytes: Uint8Array; label: number } {
   const rng = new Rng(hash2(seed >>> 0, index >>> 0));
+  const scene = (opts.scene ?? "bold") === "busy" ? busyScene(rng, R) : boldScene(rng, R);
+  const shapes = opts.shapes === false ? [] : scene.shapes;
+  return { bytes: paint(R, scene.background, shapes, scene.grain, rng), label: scene.label };
+}
+
+/**
+ * The "bold" scene: one large plain shape (its kind is the label) with a high-contrast colour, on a smooth
+ * gradient between two nearby colours; no grain. Built so that the default 16×16 training draws its shapes.
+ */
+function boldScene(rng: Rng, R: number): Scene {
+  const c0 = randomColour(rng), c1 = c0.map((c) => clamp01(c + rng.range(-0.2, 0.2))) as RGB;
+  const [gx, gy] = rng.direction(), gk = rng.range(0.4, 1.2);
+  const background = (u: number, v: number, out: RGB) => {
+    const g = clamp01(0.5 + ((u - 0.5) * gx + (v - 0.5) * gy) * gk);
+    for (let c = 0; c < 3; c++) out[c] = c0[c] + (c1[c] - c0[c]) * g;
+  };
+  const bgAt = (u: number, v: number): RGB => {
+    const o: RGB = [0, 0, 0];
+    background(u, v, o);
+    return o;
+  };
+  const label = rng.int(PROCEDURAL_CLASSES.length);
+  const shape = makeShape(rng, label, rng.range(0.27, 0.36), R, bgAt, BOLD_SHAPE);
+  return { background, shapes: [shape], label, grain: 0 };
+}
+
+/**
+ * The "busy" scene (the original data): a two-colour gradient with low-frequency colour noise, one large and one
+ * to four small shapes with textures, highlights and translucency, and grain.
+ */
+function busyScene(rng: Rng, R: number): Scene {
   // Background: a linear two-colour gradient plus smooth colour noise on a 5×5 lattice.
   const c0 = randomColour(rng), c1 = randomColour(rng, c0);
   const [gx, gy] = rng.direction(), gk = rng.range(0.6, 1.6);
@@ -322,13 +361,24 @@ export function renderProcedural(
   };
   // Shapes: one large "main" shape (its kind is the label) and one to four small ones.
   const label = rng.int(PROCEDURAL_CLASSES.length);
-  const main = makeShape(rng, label, rng.range(0.2, 0.32), R, bgAt);
+  const main = makeShape(rng, label, rng.range(0.2, 0.32), R, bgAt, BUSY_SHAPE);
   const small: ShapeSpec[] = [];
   const nSmall = 1 + rng.int(4);
-  for (let k = 0; k < nSmall; k++) small.push(makeShape(rng, rng.int(5), rng.range(0.05, 0.15), R, bgAt));
+  for (let k = 0; k < nSmall; k++) {
+    small.push(makeShape(rng, rng.int(5), rng.range(0.05, 0.15), R, bgAt, BUSY_SHAPE));
+  }
   const shapes = rng.next() < 0.5 ? [...small, main] : [main, ...small];
-  const grain = rng.range(0.01, 0.03);
+  return { background, shapes, label, grain: rng.range(0.01, 0.03) };
+}
 
+/** Paints a scene into planar RGB bytes: antialiased shapes over the background, then grain. */
+function paint(
+  R: number,
+  background: Scene["background"],
+  shapes: readonly ShapeSpec[],
+  grain: number,
+  rng: Rng,
+): Uint8Array {
   const bytes = new Uint8Array(3 * R * R), px: RGB = [0, 0, 0], col: RGB = [0, 0, 0];
   for (let y = 0; y < R; y++) {
     for (let x = 0; x < R; x++) {
@@ -366,11 +416,11 @@ export function renderProcedural(
           px[c] += (col[c] - px[c]) * cov;
         }
       }
-      const n = rng.range(-grain, grain);
+      const n = grain > 0 ? rng.range(-grain, grain) : 0;
       for (let c = 0; c < 3; c++) bytes[(c * R + y) * R + x] = Math.round(clamp01(px[c] + n) * 255);
     }
   }
-  return { bytes, label };
+  return bytes;
 }
 
 /** The embedded default dataset: procedurally generated scenes of shapes (see the file comment). */
@@ -382,6 +432,7 @@ export class ProceduralShapes extends ByteDataset {
   readonly width: number;
   readonly numClasses = PROCEDURAL_CLASSES.length;
   readonly seed: number;
+  readonly scene: ProceduralScene;
   #cache: { i: number; bytes: Uint8Array; label: number } | null = null;
 
   constructor(opts: ProceduralOptions = {}) {
@@ -390,10 +441,16 @@ export class ProceduralShapes extends ByteDataset {
     this.length = o.length;
     this.height = this.width = o.resolution;
     this.seed = o.seed;
-    this.name = `procedural-shapes-${o.resolution}x${o.resolution}-seed${o.seed}`;
+    this.scene = o.scene;
+    // The busy scenes keep the name they had before the bold ones became the default.
+    this.name = o.scene === "busy"
+      ? `procedural-shapes-${o.resolution}x${o.resolution}-seed${o.seed}`
+      : `procedural-${o.scene}-${o.resolution}x${o.resolution}-seed${o.seed}`;
   }
   #render(i: number) {
-    if (this.#cache?.i !== i) this.#cache = { i, ...renderProcedural(this.seed, i, this.height) };
+    if (this.#cache?.i !== i) {
+      this.#cache = { i, ...renderProcedural(this.seed, i, this.height, { scene: this.scene }) };
+    }
     return this.#cache;
   }
   protected read(i: number): Uint8Array {
@@ -634,6 +691,8 @@ export const DataConfig = z.discriminatedUnion("kind", [
     seed: z.number().int().min(0).max(0xffffffff).default(0),
     // Number of images.
     length: z.number().int().positive().default(50000),
+    // Scene style: "bold" (one large shape; the default) or "busy" (the original cluttered scenes).
+    scene: z.enum(PROCEDURAL_SCENES).default("bold"),
   }).strict(),
   z.object({
     // CIFAR-10's binary files.
@@ -656,7 +715,7 @@ export type DataOptions = z.input<typeof DataConfig>;
 export async function openDataset(opts: DataOptions = { kind: "procedural" }): Promise<Dataset> {
   const o = parseConfig(DataConfig, opts, "dataset");
   if (o.kind === "procedural") {
-    return new ProceduralShapes({ resolution: o.resolution, seed: o.seed, length: o.length });
+    return new ProceduralShapes({ resolution: o.resolution, seed: o.seed, length: o.length, scene: o.scene });
   }
   if (o.kind === "cifar10") return await loadCifar10(o.path, o.split);
   return await loadImageFolder(o.path);
