@@ -3,15 +3,22 @@
  * u/127.5 − 1, as in NVlabs/edm), and a seeded, resumable, shuffling batch iterator.
  *
  * Three sources:
- * - `ProceduralShapes`, the embedded default: colour images generated on the fly from (seed, index) with
- *   structure at every scale — a smooth two-colour gradient with low-frequency colour noise behind, two to five
- *   antialiased shapes (discs, rotated rectangles, triangles, rings, striped patches) with random colours,
- *   positions, sizes, shading, highlights and translucency, fine checker/hatch textures on some shapes, and a
- *   faint per-pixel grain. The label is the kind of the largest shape (5 classes). Geometry lives in [0, 1]²,
- *   so one (seed, index) is the same scene at 16×16 and 32×32 (only the pixel-scale textures, stripes of at least 3 pixels and grain differ). Only +, −, ×, ÷, √, floor and integer hashing
+ * - `ProceduralShapes`, the embedded default: colour images generated on the fly from (seed, index); the label
+ *   is the kind of the largest shape (disc, rectangle, triangle, ring, stripes). Two scene styles:
+ *   - "bold" (the default): one large plain shape (radius 27–36% of the side, centred within the middle third,
+ *     a colour far from the background's, rings 2–3 pixels thick and stripes of at least 3 pixels at 16×16)
+ *     on a smooth gradient between two nearby colours. The default 16×16 training draws recognisable shapes
+ *     within its 6 kimg on these; on the busy scenes it drew coloured blobs (README, "The embedded data").
+ *   - "busy" (the original data, bytes unchanged): structure at every scale — a two-colour gradient with
+ *     low-frequency colour noise, two to five antialiased shapes with random colours, positions, sizes,
+ *     shading, highlights and translucency, fine checker/hatch textures on some, and a faint per-pixel grain.
+ *     Measured on 200 images at 32×32: pixel standard deviation 0.49, neighbour correlation 0.94 at 1 pixel,
+ *     0.78 at 4 and 0.44 at 16; about 0.3 ms per image after warm-up.
+ *   Geometry lives in [0, 1]², so one (seed, index) is the same scene at 16×16 and 32×32 (only pixel-scale
+ *   textures, stripe periods below 3 pixels and grain differ). Only +, −, ×, ÷, √, floor and integer hashing
  *   are used (no sin/exp, whose last bit may differ between JavaScript engines), so the bytes are identical on
- *   every machine. Measured on 200 images at 32×32: pixel standard deviation 0.49 (close to EDM's σ_data = 0.5),
- *   neighbour correlation 0.94 at 1 pixel, 0.78 at 4 and 0.44 at 16; about 0.3 ms per image after warm-up.
+ *   every machine. `renderProcedural(…, { shapes: false })` paints a scene's background alone (the "no shapes"
+ *   control of eval/controls.ts).
  * - `loadCifar10`: the CIFAR-10 binary version (`data_batch_1.bin` … `data_batch_5.bin`, `test_batch.bin`:
  *   records of 1 label byte + 1024 R, 1024 G, 1024 B bytes, row-major 32×32).
  * - `loadImageFolder`: every `.png` under a folder (sorted by path), all one size and channel count, with
