@@ -14,7 +14,9 @@ import { UsageError } from "./util/errors.ts";
 import { readJsonFile } from "./util/config.ts";
 import { writeTextAtomic } from "./util/files.ts";
 import { type CheckpointEval, type EvalConfigInput, type EvalReport, evaluate } from "./eval/evaluate.ts";
-import { buildShapesNet, SHAPES_NET_FILE } from "./eval/features.ts";
+import { buildShapesNet, SHAPES_NET_FILE, SHAPES_NET_MIN_ACCURACY, ShapesNet } from "./eval/features.ts";
+import { measureControls } from "./eval/controls.ts";
+import { PROCEDURAL_SCENES, type ProceduralScene } from "./models/data.ts";
 import { runSearch } from "./search/diffnas.ts";
 import { specSummary } from "./search/report.ts";
 
@@ -533,24 +535,76 @@ program
 program
   .command("features")
   .description(
-    "rebuild the embedded ShapesNet feature network from its seed (trains it on procedural shapes)",
+    "rebuild the embedded ShapesNet feature network from its seed (trains it on procedural shapes; refuses to " +
+      `replace a file without --force or to write one below ${SHAPES_NET_MIN_ACCURACY * 100}% held-out ` +
+      "accuracy on the default scenes), or with --controls print its validity controls",
   )
   .option("--out <file>", `weights to write (default ${SHAPES_NET_FILE.pathname})`)
-  .option("--steps <n>", "optimizer steps (default 2000)", num)
+  .option("--force", "replace an existing weights file")
+  .option("--steps <n>", "optimizer steps (default 700)", num)
+  .option("--batch <n>", "images per step (default 96)", num)
+  .option("--lr <x>", "peak learning rate of the one-cycle schedule (default 3e-3)", num)
   .option("--seed <n>", "seed of the initialisation and batch order", num)
+  .option("--controls", "do not train: print the FIDs of the validity controls (eval/controls.ts)")
+  .option("--weights <file>", "with --controls: the network to measure (default: the shipped one)")
+  .option("--n <count>", "with --controls: images per side of each FID (default 2048)", num)
+  .option("--scene <name...>", "with --controls: procedural scene styles (default: bold busy)")
+  .option("--resolution <px>", "with --controls: image side (default 16)", num)
   .option("--backend <name>", "webgpu or cpu", "webgpu")
   .exitOverride(usageExit)
-  .action(async (opts: { out?: string; steps?: number; seed?: number; backend: "webgpu" | "cpu" }) => {
-    const p = progressPrinter("steps");
+  .action(async (opts: {
+    out?: string;
+    force?: boolean;
+    steps?: number;
+    batch?: number;
+    lr?: number;
+    seed?: number;
+    controls?: boolean;
+    weights?: string;
+    n?: number;
+    scene?: string[];
+    resolution?: number;
+    backend: "webgpu" | "cpu";
+  }) => {
+    const p = progressPrinter(opts.controls ? "images" : "steps");
     try {
       const device = await Device.create({ backend: opts.backend });
+      if (opts.controls) {
+        const net = await ShapesNet.load(opts.weights ?? SHAPES_NET_FILE, { device });
+        const n = opts.n ?? 2048, resolution = opts.resolution ?? 16;
+        console.log(
+          `features ${net.name} (${net.fingerprint}); FID-${n} to ${n} real images at ${resolution}x${resolution}`,
+        );
+        for (const scene of opts.scene ?? PROCEDURAL_SCENES) {
+          if (!(PROCEDURAL_SCENES as readonly string[]).includes(scene)) {
+            throw new UsageError(`--scene: "${scene}" is not one of ${PROCEDURAL_SCENES.join(", ")}`);
+          }
+          let current = "";
+          const rows = await measureControls(net, {
+            scene: scene as ProceduralScene,
+            resolution,
+            n,
+            onProgress: (name, done, total) => {
+              if (name !== current) (current = name), p.start(total);
+              p.update(done, `${scene}: ${name}`);
+            },
+          });
+          p.stop();
+          console.log(`scene ${scene}`);
+          for (const r of rows) console.log(`  ${r.control.padEnd(20)} ${r.fid.toFixed(3)}`);
+        }
+        net.dispose();
+        return;
+      }
       const out = opts.out ?? SHAPES_NET_FILE.pathname;
       const options = Object.fromEntries(
-        Object.entries({ steps: opts.steps, seed: opts.seed }).filter(([, v]) => v !== undefined),
+        Object.entries({ steps: opts.steps, batch: opts.batch, lr: opts.lr, seed: opts.seed })
+          .filter(([, v]) => v !== undefined),
       );
       let started = false;
       const r = await buildShapesNet(out, options, {
         device,
+        force: opts.force,
         onProgress: (step, steps, loss) => {
           if (!started) p.start(steps), started = true;
           p.update(step, `loss ${loss.toFixed(3)}`);
@@ -558,12 +612,19 @@ program
         },
       });
       p.stop();
+      const acc = Object.entries(r.accuracy).map(([s, a]) => `${(a * 100).toFixed(1)}% (${s})`).join(", ");
       console.log(
-        `ShapesNet: final loss ${r.finalLoss.toFixed(4)}, held-out accuracy ${
-          (r.accuracy.r16 * 100).toFixed(1)
-        }% ` +
-          `(16x16) / ${(r.accuracy.r32 * 100).toFixed(1)}% (32x32), ${r.seconds.toFixed(0)} s → ${out}`,
+        `ShapesNet: final loss ${r.finalLoss.toFixed(4)}, held-out accuracy ${acc}, ${
+          r.seconds.toFixed(0)
+        } s`,
       );
+      if (!r.written) {
+        throw new Error(
+          `not written: the held-out accuracy on the default (bold) scenes must be at least ` +
+            `${SHAPES_NET_MIN_ACCURACY * 100}% (train longer with --steps)`,
+        );
+      }
+      console.log(`→ ${out}`);
     } catch (e) {
       p.stop();
       fail(e);

@@ -12,11 +12,11 @@
  * checkpoints reports it).
  *
  * The default proxy keeps the full sampler and cuts the samples: 128 images, Heun with 18 steps, 16× less network
- * work than FID-2048. Measured on a ladder of 7 checkpoints of one run (1–16 kimg, ShapesNet features), Spearman's
- * ρ against FID-2048 was 1.000 for RFID-128 and RFID-256 with 18 steps, 0.964 for RFID-64 with 18 steps, but
- * 0.857 for every sample count from 64 to 512 with 6 steps and 0.893 with 10: a short sampler changes which
- * models look best (its discretisation error is not the same for every model); few samples mostly add a bias
- * common to all of them.
+ * work than FID-2048. Measured on a ladder of 7 checkpoints of one run (1–16 kimg, busy scenes, the first
+ * ShapesNet's features; README "Evaluation and the proxy FID"), Spearman's ρ against FID-2048 was 1.000 for
+ * RFID-128 and RFID-256 with 18 steps, 0.964 for RFID-64 with 18 steps, but 0.857 for every sample count
+ * from 64 to 512 with 6 steps and 0.893 with 10: a short sampler changes which models look best (its
+ * discretisation error is not the same for every model); few samples mostly add a bias common to all of them.
  *
  * Images are quantized to 8 bits before their features are taken (as a PNG would store them, and as NVlabs/edm
  * does), so generated and real images meet the feature network in the same form.

@@ -3,15 +3,22 @@
  * u/127.5 − 1, as in NVlabs/edm), and a seeded, resumable, shuffling batch iterator.
  *
  * Three sources:
- * - `ProceduralShapes`, the embedded default: colour images generated on the fly from (seed, index) with
- *   structure at every scale — a smooth two-colour gradient with low-frequency colour noise behind, two to five
- *   antialiased shapes (discs, rotated rectangles, triangles, rings, striped patches) with random colours,
- *   positions, sizes, shading, highlights and translucency, fine checker/hatch textures on some shapes, and a
- *   faint per-pixel grain. The label is the kind of the largest shape (5 classes). Geometry lives in [0, 1]²,
- *   so one (seed, index) is the same scene at 16×16 and 32×32 (only the pixel-scale textures, stripes of at least 3 pixels and grain differ). Only +, −, ×, ÷, √, floor and integer hashing
+ * - `ProceduralShapes`, the embedded default: colour images generated on the fly from (seed, index); the label
+ *   is the kind of the largest shape (disc, rectangle, triangle, ring, stripes). Two scene styles:
+ *   - "bold" (the default): one large plain shape (radius 27–36% of the side, centred within the middle third,
+ *     a colour far from the background's, rings 2–3 pixels thick and stripes of at least 3 pixels at 16×16)
+ *     on a smooth gradient between two nearby colours. The default 16×16 training draws recognisable shapes
+ *     within its 6 kimg on these; on the busy scenes it drew coloured blobs (README, "The embedded data").
+ *   - "busy" (the original data, bytes unchanged): structure at every scale — a two-colour gradient with
+ *     low-frequency colour noise, two to five antialiased shapes with random colours, positions, sizes,
+ *     shading, highlights and translucency, fine checker/hatch textures on some, and a faint per-pixel grain.
+ *     Measured on 200 images at 32×32: pixel standard deviation 0.49, neighbour correlation 0.94 at 1 pixel,
+ *     0.78 at 4 and 0.44 at 16; about 0.3 ms per image after warm-up.
+ *   Geometry lives in [0, 1]², so one (seed, index) is the same scene at 16×16 and 32×32 (only pixel-scale
+ *   textures, stripe periods below 3 pixels and grain differ). Only +, −, ×, ÷, √, floor and integer hashing
  *   are used (no sin/exp, whose last bit may differ between JavaScript engines), so the bytes are identical on
- *   every machine. Measured on 200 images at 32×32: pixel standard deviation 0.49 (close to EDM's σ_data = 0.5),
- *   neighbour correlation 0.94 at 1 pixel, 0.78 at 4 and 0.44 at 16; about 0.3 ms per image after warm-up.
+ *   every machine. `renderProcedural(…, { shapes: false })` paints a scene's background alone (the "no shapes"
+ *   control of eval/controls.ts).
  * - `loadCifar10`: the CIFAR-10 binary version (`data_batch_1.bin` … `data_batch_5.bin`, `test_batch.bin`:
  *   records of 1 label byte + 1024 R, 1024 G, 1024 B bytes, row-major 32×32).
  * - `loadImageFolder`: every `.png` under a folder (sorted by path), all one size and channel count, with
@@ -87,6 +94,10 @@ abstract class ByteDataset implements Dataset {
 // ---------------------------------------------------------------------------------------------------------------
 // The procedural dataset.
 
+/** The procedural scene styles (see the file comment); "bold" is the default. */
+export const PROCEDURAL_SCENES = ["bold", "busy"] as const;
+export type ProceduralScene = typeof PROCEDURAL_SCENES[number];
+
 /** Options of `ProceduralShapes`. */
 export const ProceduralConfig = z.object({
   // Side of the square images in pixels (16 and 32 are the intended sizes).
@@ -95,6 +106,8 @@ export const ProceduralConfig = z.object({
   seed: z.number().int().min(0).max(0xffffffff).default(0),
   // Number of images (they are generated on demand, so this costs no memory).
   length: z.number().int().positive().default(50000),
+  // Scene style: "bold" (one large shape on a smooth background) or "busy" (the original cluttered scenes).
+  scene: z.enum(PROCEDURAL_SCENES).default("bold"),
 }).strict();
 export type ProceduralOptions = z.input<typeof ProceduralConfig>;
 
@@ -130,14 +143,49 @@ const tri = (t: number) => {
   return f < 0.5 ? 2 * f : 2 - 2 * f;
 };
 
-function randomColour(rng: Rng, avoid?: RGB): RGB {
+/** A uniform random colour; with `avoid`, redrawn (up to `tries` times) until its L1 distance is ≥ `contrast`. */
+function randomColour(rng: Rng, avoid?: RGB, contrast = 0.6, tries = 8): RGB {
   let c: RGB = [rng.next(), rng.next(), rng.next()];
-  for (let k = 0; k < 8 && avoid; k++) {
-    if (Math.abs(c[0] - avoid[0]) + Math.abs(c[1] - avoid[1]) + Math.abs(c[2] - avoid[2]) >= 0.6) break;
+  for (let k = 0; k < tries && avoid; k++) {
+    if (Math.abs(c[0] - avoid[0]) + Math.abs(c[1] - avoid[1]) + Math.abs(c[2] - avoid[2]) >= contrast) break;
     c = [rng.next(), rng.next(), rng.next()];
   }
   return c;
 }
+
+/** How `makeShape` draws a shape in one scene style. */
+interface ShapeStyle {
+  /** Range of the centre's coordinates. */
+  centre: [number, number];
+  /** Least L1 colour distance from the background at the centre (and between stripe colours). */
+  contrast: number;
+  /** Ring half-thickness and stripe period ranges, relative to the radius / in [0, 1]² units. */
+  ringHalf: [number, number];
+  stripePeriod: [number, number];
+  /** Largest lighting gradient. */
+  shade: number;
+  /** Fine textures, highlights and translucency ("busy" only). */
+  ornaments: boolean;
+}
+
+const BUSY_SHAPE: ShapeStyle = {
+  centre: [0.12, 0.88],
+  contrast: 0.6,
+  ringHalf: [0.12, 0.25],
+  stripePeriod: [0.07, 0.15],
+  shade: 0.9,
+  ornaments: true,
+};
+// Large, centred, high-contrast and plain: a ring is 2–3 pixels thick and a stripe period at least 3 pixels at
+// 16×16, so a small network can draw every class at the default resolution.
+const BOLD_SHAPE: ShapeStyle = {
+  centre: [0.34, 0.66],
+  contrast: 1.0,
+  ringHalf: [0.2, 0.3],
+  stripePeriod: [0.17, 0.24],
+  shade: 0.35,
+  ornaments: false,
+};
 
 function makeShape(
   rng: Rng,
@@ -145,9 +193,11 @@ function makeShape(
   r: number,
   R: number,
   bgAt: (u: number, v: number) => RGB,
+  style: ShapeStyle,
 ): ShapeSpec {
-  const cx = rng.range(0.12, 0.88), cy = rng.range(0.12, 0.88);
-  const colour = randomColour(rng, bgAt(cx, cy));
+  const cx = rng.range(...style.centre), cy = rng.range(...style.centre);
+  const tries = style.ornaments ? 8 : 32;
+  const colour = randomColour(rng, bgAt(cx, cy), style.contrast, tries);
   let sd: (u: number, v: number) => number;
   let stripes: ShapeSpec["stripes"] = null;
   const boxSd = (hw: number, hh: number, a: number, b: number) => (u: number, v: number) => {
@@ -189,14 +239,18 @@ function makeShape(
       return m;
     };
   } else if (kind === 3) {
-    const half = r * rng.range(0.12, 0.25), disc = discSd(r * rng.range(0.7, 0.9));
+    const half = r * rng.range(...style.ringHalf), disc = discSd(r * rng.range(0.7, 0.9));
     sd = (u, v) => Math.abs(disc(u, v)) - half;
   } else {
     const [a, b] = rng.direction();
     sd = rng.next() < 0.5 ? discSd(r) : boxSd(r * rng.range(0.6, 1.0), r * rng.range(0.5, 0.9), a, b);
     // At least 3 pixels per stripe period, so that 16×16 renderings do not alias.
-    const period = Math.max(rng.range(0.07, 0.15), 3 / R);
-    stripes = { colour: randomColour(rng, colour), dir: rng.direction(), period };
+    const period = Math.max(rng.range(...style.stripePeriod), 3 / R);
+    stripes = { colour: randomColour(rng, colour, style.contrast, tries), dir: rng.direction(), period };
+  }
+  if (!style.ornaments) {
+    const [shade, shadeDir] = [rng.range(-style.shade, style.shade), rng.direction()];
+    return { kind, cx, cy, sd, colour, shade, shadeDir, alpha: 1, highlight: null, stripes, texture: null };
   }
   const texture: ShapeSpec["texture"] = rng.next() < 0.3
     ? {
@@ -216,13 +270,29 @@ function makeShape(
     cy,
     sd,
     colour,
-    shade: rng.range(-0.9, 0.9),
+    shade: rng.range(-style.shade, style.shade),
     shadeDir: rng.direction(),
     alpha: rng.next() < 0.2 ? rng.range(0.55, 0.85) : 1,
     highlight,
     stripes,
     texture,
   };
+}
+
+/** What the pixel loop draws: a background, shapes in painting order, and per-pixel grain (0: none). */
+interface Scene {
+  background: (u: number, v: number, out: RGB) => void;
+  shapes: ShapeSpec[];
+  label: number;
+  grain: number;
+}
+
+/** Options of `renderProcedural`. */
+export interface RenderOptions {
+  /** Scene style (default "bold"). */
+  scene?: ProceduralScene;
+  /** Draw the shapes (default true); false paints the same scene's background alone (FID's "no shapes" control). */
+  shapes?: boolean;
 }
 
 /**
@@ -233,8 +303,40 @@ export function renderProcedural(
   seed: number,
   index: number,
   R: number,
+  opts: RenderOptions = {},
 ): { bytes: Uint8Array; label: number } {
   const rng = new Rng(hash2(seed >>> 0, index >>> 0));
+  const scene = (opts.scene ?? "bold") === "busy" ? busyScene(rng, R) : boldScene(rng, R);
+  const shapes = opts.shapes === false ? [] : scene.shapes;
+  return { bytes: paint(R, scene.background, shapes, scene.grain, rng), label: scene.label };
+}
+
+/**
+ * The "bold" scene: one large plain shape (its kind is the label) with a high-contrast colour, on a smooth
+ * gradient between two nearby colours; no grain. Built so that the default 16×16 training draws its shapes.
+ */
+function boldScene(rng: Rng, R: number): Scene {
+  const c0 = randomColour(rng), c1 = c0.map((c) => clamp01(c + rng.range(-0.2, 0.2))) as RGB;
+  const [gx, gy] = rng.direction(), gk = rng.range(0.4, 1.2);
+  const background = (u: number, v: number, out: RGB) => {
+    const g = clamp01(0.5 + ((u - 0.5) * gx + (v - 0.5) * gy) * gk);
+    for (let c = 0; c < 3; c++) out[c] = c0[c] + (c1[c] - c0[c]) * g;
+  };
+  const bgAt = (u: number, v: number): RGB => {
+    const o: RGB = [0, 0, 0];
+    background(u, v, o);
+    return o;
+  };
+  const label = rng.int(PROCEDURAL_CLASSES.length);
+  const shape = makeShape(rng, label, rng.range(0.27, 0.36), R, bgAt, BOLD_SHAPE);
+  return { background, shapes: [shape], label, grain: 0 };
+}
+
+/**
+ * The "busy" scene (the original data): a two-colour gradient with low-frequency colour noise, one large and one
+ * to four small shapes with textures, highlights and translucency, and grain.
+ */
+function busyScene(rng: Rng, R: number): Scene {
   // Background: a linear two-colour gradient plus smooth colour noise on a 5×5 lattice.
   const c0 = randomColour(rng), c1 = randomColour(rng, c0);
   const [gx, gy] = rng.direction(), gk = rng.range(0.6, 1.6);
@@ -263,13 +365,24 @@ export function renderProcedural(
   };
   // Shapes: one large "main" shape (its kind is the label) and one to four small ones.
   const label = rng.int(PROCEDURAL_CLASSES.length);
-  const main = makeShape(rng, label, rng.range(0.2, 0.32), R, bgAt);
+  const main = makeShape(rng, label, rng.range(0.2, 0.32), R, bgAt, BUSY_SHAPE);
   const small: ShapeSpec[] = [];
   const nSmall = 1 + rng.int(4);
-  for (let k = 0; k < nSmall; k++) small.push(makeShape(rng, rng.int(5), rng.range(0.05, 0.15), R, bgAt));
+  for (let k = 0; k < nSmall; k++) {
+    small.push(makeShape(rng, rng.int(5), rng.range(0.05, 0.15), R, bgAt, BUSY_SHAPE));
+  }
   const shapes = rng.next() < 0.5 ? [...small, main] : [main, ...small];
-  const grain = rng.range(0.01, 0.03);
+  return { background, shapes, label, grain: rng.range(0.01, 0.03) };
+}
 
+/** Paints a scene into planar RGB bytes: antialiased shapes over the background, then grain. */
+function paint(
+  R: number,
+  background: Scene["background"],
+  shapes: readonly ShapeSpec[],
+  grain: number,
+  rng: Rng,
+): Uint8Array {
   const bytes = new Uint8Array(3 * R * R), px: RGB = [0, 0, 0], col: RGB = [0, 0, 0];
   for (let y = 0; y < R; y++) {
     for (let x = 0; x < R; x++) {
@@ -307,11 +420,11 @@ export function renderProcedural(
           px[c] += (col[c] - px[c]) * cov;
         }
       }
-      const n = rng.range(-grain, grain);
+      const n = grain > 0 ? rng.range(-grain, grain) : 0;
       for (let c = 0; c < 3; c++) bytes[(c * R + y) * R + x] = Math.round(clamp01(px[c] + n) * 255);
     }
   }
-  return { bytes, label };
+  return bytes;
 }
 
 /** The embedded default dataset: procedurally generated scenes of shapes (see the file comment). */
@@ -323,6 +436,7 @@ export class ProceduralShapes extends ByteDataset {
   readonly width: number;
   readonly numClasses = PROCEDURAL_CLASSES.length;
   readonly seed: number;
+  readonly scene: ProceduralScene;
   #cache: { i: number; bytes: Uint8Array; label: number } | null = null;
 
   constructor(opts: ProceduralOptions = {}) {
@@ -331,10 +445,16 @@ export class ProceduralShapes extends ByteDataset {
     this.length = o.length;
     this.height = this.width = o.resolution;
     this.seed = o.seed;
-    this.name = `procedural-shapes-${o.resolution}x${o.resolution}-seed${o.seed}`;
+    this.scene = o.scene;
+    // The busy scenes keep the name they had before the bold ones became the default.
+    this.name = o.scene === "busy"
+      ? `procedural-shapes-${o.resolution}x${o.resolution}-seed${o.seed}`
+      : `procedural-${o.scene}-${o.resolution}x${o.resolution}-seed${o.seed}`;
   }
   #render(i: number) {
-    if (this.#cache?.i !== i) this.#cache = { i, ...renderProcedural(this.seed, i, this.height) };
+    if (this.#cache?.i !== i) {
+      this.#cache = { i, ...renderProcedural(this.seed, i, this.height, { scene: this.scene }) };
+    }
     return this.#cache;
   }
   protected read(i: number): Uint8Array {
@@ -575,6 +695,8 @@ export const DataConfig = z.discriminatedUnion("kind", [
     seed: z.number().int().min(0).max(0xffffffff).default(0),
     // Number of images.
     length: z.number().int().positive().default(50000),
+    // Scene style: "bold" (one large shape; the default) or "busy" (the original cluttered scenes).
+    scene: z.enum(PROCEDURAL_SCENES).default("bold"),
   }).strict(),
   z.object({
     // CIFAR-10's binary files.
@@ -597,7 +719,7 @@ export type DataOptions = z.input<typeof DataConfig>;
 export async function openDataset(opts: DataOptions = { kind: "procedural" }): Promise<Dataset> {
   const o = parseConfig(DataConfig, opts, "dataset");
   if (o.kind === "procedural") {
-    return new ProceduralShapes({ resolution: o.resolution, seed: o.seed, length: o.length });
+    return new ProceduralShapes({ resolution: o.resolution, seed: o.seed, length: o.length, scene: o.scene });
   }
   if (o.kind === "cifar10") return await loadCifar10(o.path, o.split);
   return await loadImageFolder(o.path);

@@ -15,6 +15,7 @@ import {
   loadImageFolder,
   openDataset,
   PROCEDURAL_CLASSES,
+  PROCEDURAL_SCENES,
   ProceduralShapes,
   renderProcedural,
 } from "../models/data.ts";
@@ -38,13 +39,16 @@ function fnv1a(parts: Uint8Array[]): string {
 
 test("procedural shapes: deterministic from the seed, pinned by a golden hash, independent of access order", () => {
   // Changing the generator changes the dataset (and every result measured on it): update these deliberately.
-  const first16 = (R: number) => Array.from({ length: 16 }, (_, i) => renderProcedural(0, i, R).bytes);
-  assertEquals(fnv1a(first16(32)), "7162f379");
-  assertEquals(fnv1a(first16(16)), "bc5f8f97");
-  assertEquals(
-    fnv1a(Array.from({ length: 4 }, (_, i) => renderProcedural(12345, 1000 + i, 32).bytes)),
-    "a446accc",
-  );
+  // The busy scenes' hashes are those of the generator before the bold scenes were added: their bytes are kept.
+  const golden = { bold: ["9a381eca", "260a8d61", "51cbd1ee"], busy: ["7162f379", "bc5f8f97", "a446accc"] };
+  for (const scene of PROCEDURAL_SCENES) {
+    const first16 = (R: number) =>
+      Array.from({ length: 16 }, (_, i) => renderProcedural(0, i, R, { scene }).bytes);
+    const later = Array.from({ length: 4 }, (_, i) => renderProcedural(12345, 1000 + i, 32, { scene }).bytes);
+    assertEquals([fnv1a(first16(32)), fnv1a(first16(16)), fnv1a(later)], golden[scene]);
+  }
+  // The default is the bold scene.
+  assertEquals(renderProcedural(0, 3, 16).bytes, renderProcedural(0, 3, 16, { scene: "bold" }).bytes);
   const a = new ProceduralShapes({ seed: 7, length: 100 }),
     b = new ProceduralShapes({ seed: 7, length: 100 });
   const forward = Array.from({ length: 20 }, (_, i) => a.bytes(i));
@@ -88,8 +92,8 @@ function neighbourCorrelation(imgs: Uint8Array[], R: number, dx: number): number
   return cov / Math.sqrt((saa / n - (sa / n) ** 2) * (sbb / n - (sb / n) ** 2));
 }
 
-test("procedural shapes: values span [−1, 1]; images are structured at several scales and distinct", () => {
-  const R = 32, N = 200, ds = new ProceduralShapes({ resolution: R, length: N });
+test("busy procedural scenes: values span [−1, 1]; images are structured at several scales and distinct", () => {
+  const R = 32, N = 200, ds = new ProceduralShapes({ resolution: R, length: N, scene: "busy" });
   const t0 = performance.now();
   const imgs = Array.from({ length: N }, (_, i) => ds.bytes(i));
   const ms = (performance.now() - t0) / N;
@@ -139,10 +143,40 @@ test("procedural shapes: values span [−1, 1]; images are structured at several
   if (counts.some((c) => c < 20)) throw new Error(`class counts ${counts}`);
 });
 
-test("procedural shapes: the 16×16 rendering is the same scene as the 32×32 one", () => {
+test("bold procedural scenes: one large shape on a smooth background; every class; σ near EDM's 0.5", () => {
+  const R = 16, N = 200, ds = new ProceduralShapes({ resolution: R, length: N });
+  assertEquals(ds.scene, "bold");
+  const counts = new Array(PROCEDURAL_CLASSES.length).fill(0);
+  let sum = 0, sum2 = 0, count = 0;
+  for (let i = 0; i < N; i++) {
+    counts[ds.label(i)!]++;
+    const img = ds.bytes(i), bg = renderProcedural(0, i, R, { shapes: false }).bytes;
+    // The shape covers a large part of the image (its radius is 27–36% of the side) ...
+    let covered = 0;
+    for (let p = 0; p < R * R; p++) {
+      const d = Math.abs(img[p] - bg[p]) + Math.abs(img[R * R + p] - bg[R * R + p]) +
+        Math.abs(img[2 * R * R + p] - bg[2 * R * R + p]);
+      if (d > 0.3 * 255) covered++;
+    }
+    if (covered < 0.08 * R * R) throw new Error(`image ${i}: the shape covers only ${covered} pixels`);
+    // ... and the background alone is smooth (no lattice noise, no grain).
+    for (let j = 0; j < bg.length; j++) {
+      if (j % R && Math.abs(bg[j] - bg[j - 1]) > 0.06 * 255) {
+        throw new Error(`image ${i}: background step at ${j}`);
+      }
+    }
+    for (const b of img) (sum += b / 127.5 - 1), (sum2 += (b / 127.5 - 1) ** 2), count++;
+  }
+  if (counts.some((c) => c < 20)) throw new Error(`class counts ${counts}`);
+  const std = Math.sqrt(sum2 / count - (sum / count) ** 2);
+  if (Math.abs(std - 0.5) > 0.15) throw new Error(`pixel std ${std}, σ_data is 0.5`);
+});
+
+test("procedural shapes: the 16×16 rendering is the same scene as the 32×32 one (both styles)", () => {
   let total = 0;
   for (let i = 0; i < 30; i++) {
-    const big = renderProcedural(3, i, 32), small = renderProcedural(3, i, 16);
+    const scene = PROCEDURAL_SCENES[i % 2];
+    const big = renderProcedural(3, i, 32, { scene }), small = renderProcedural(3, i, 16, { scene });
     assertEquals(big.label, small.label);
     // 2×2 average pooling of the 32×32 image against the 16×16 one.
     let diff = 0;
