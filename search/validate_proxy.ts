@@ -307,7 +307,10 @@ export async function validateProxy(
       cfg.data ?? { kind: "procedural", resolution: DEFAULT_NETWORK.imgResolution },
     );
     const space = createSearchSpace(cfg.space ?? {}, baseNetwork(dataset));
-    const picked = spreadArchitectures(space, settings.architectures, cfg.seed, cfg);
+    const picked = spreadArchitectures(space, settings.architectures, cfg.seed, {
+      maxMacs: cfg.maxMacs,
+      maxParams: cfg.maxParams,
+    });
     emit({ type: "start", dir, device: `${device.info.adapter} (${device.kind})`, architectures: picked });
     features = await openFeatureExtractor({ device });
     const ref = await referenceStatistics(dataset, features, Math.min(cfg.refN, dataset.length), {
