@@ -19,6 +19,8 @@ import { measureControls } from "./eval/controls.ts";
 import { PROCEDURAL_SCENES, type ProceduralScene } from "./models/data.ts";
 import { runSearch } from "./search/diffnas.ts";
 import { specSummary } from "./search/report.ts";
+import { validateProxy } from "./search/validate_proxy.ts";
+import { runCompare } from "./search/compare.ts";
 
 const program = new Command("deno task")
   .description("WebGPU tensor engine and architecture search for diffusion models")
@@ -264,6 +266,70 @@ function searchPrinter() {
   };
 }
 
+/** `search --validate-proxy`: one log line per training run, then the table. */
+async function validateProxyCommand(
+  input: Record<string, unknown>,
+  opts: Record<string, unknown>,
+  signal: AbortSignal,
+  p: ReturnType<typeof searchPrinter>,
+): Promise<void> {
+  const r = await validateProxy(input, {
+    architectures: opts.architectures,
+    fullN: opts.fullN,
+    longFactor: opts.longFactor,
+    inheritance: opts.inheritance,
+  }, {
+    signal,
+    onEvent: (e) => {
+      if (e.type === "start") {
+        p.log(`proxy validation in ${e.dir}: ${e.architectures.length} architectures, ${e.device}`);
+      } else if (e.type === "run-start") p.candidate(1, "runs", `#${e.index + 1} ${e.phase}: ${e.summary}`);
+      else if (e.type === "run-end") {
+        const s = e.score;
+        p.log(
+          `#${e.index + 1}/${e.total} ${e.phase.padEnd(7)} ${s.name} ` +
+            `${s.value === null ? `failed: ${s.error}` : s.value.toFixed(3)}  ` +
+            `${s.trainSeconds.toFixed(0)} s + ${s.scoreSeconds.toFixed(0)} s`,
+        );
+      }
+    },
+  });
+  p.stop();
+  console.log(await Deno.readTextFile(r.markdown));
+  console.log(`written: ${r.json} and ${r.markdown}`);
+}
+
+/** `search --compare`: one log line per finished trial and run, then the table. */
+async function compareCommand(
+  input: Record<string, unknown>,
+  opts: Record<string, unknown>,
+  signal: AbortSignal,
+  p: ReturnType<typeof searchPrinter>,
+): Promise<void> {
+  const r = await runCompare(input, { seeds: opts.seeds }, {
+    signal,
+    onEvent: (e) => {
+      if (e.type === "run-start") {
+        p.log(`${e.resumed ? "resuming" : "starting"} ${e.proposer} seed ${e.seed} in ${e.dir}`);
+      } else if (e.type === "run-end") p.log(`${e.proposer} seed ${e.seed}: stopped by ${e.stoppedBy}`);
+      else if (e.event.type === "trial-end") {
+        const t = e.event.trial;
+        p.log(
+          `  ${e.proposer} seed ${e.seed} trial ${t.id}: ` +
+            (t.status === "done" ? `${t.scores.proxyName} ${t.scores.proxyFid!.toFixed(3)}` : t.status),
+        );
+      }
+    },
+  });
+  p.stop();
+  console.log(await Deno.readTextFile(r.markdown));
+  console.log(`written: ${r.json} and ${r.markdown}`);
+  if (r.interrupted) {
+    console.log(`interrupted: run the same command to continue`);
+    Deno.exit(130);
+  }
+}
+
 program
   .command("search")
   .description(
@@ -289,6 +355,29 @@ program
   .option("--proxy-n <n>", "images of the proxy FID (RFID-n)", num)
   .option("--seed <n>", "seed", num)
   .option("--backend <name>", "webgpu or cpu")
+  .option(
+    "--validate-proxy",
+    "measure instead of searching: train --architectures networks (default 8) with the short schedule and " +
+      "--long-factor× longer (default 4×), report Spearman ρ of the short RFID-n (--proxy-n, default 128) " +
+      "against the long FID-n (--full-n, default 2048), with and without weight inheritance; writes " +
+      "validate-proxy.json and .md (default --out runs/validate-proxy)",
+  )
+  .option("--architectures <n>", "--validate-proxy: architectures to train (default 8)", num)
+  .option("--full-n <n>", "--validate-proxy: images of the long runs' FID (default 2048)", num)
+  .option(
+    "--long-factor <n>",
+    "--validate-proxy: the long schedule's length over the short one (default 4)",
+    num,
+  )
+  .option("--no-inheritance", "--validate-proxy: skip the short runs with weight inheritance")
+  .option(
+    "--compare",
+    "measure instead of searching: run the memory-based proposer (evolutionary, or llm when configured) and " +
+      "random search for --trials each (default 20) over --seeds seeds (default 3), report trials-to-target " +
+      "(within 2% of the best proxy FID of all runs), mean and spread; writes compare.json and .md " +
+      "(default --out runs/compare, one resumable search folder per run)",
+  )
+  .option("--seeds <n>", "--compare: seeds 0 .. n−1 (default 3)", num)
   .exitOverride(usageExit)
   .action(async (opts: Record<string, unknown>) => {
     const controller = new AbortController();
@@ -338,6 +427,11 @@ program
         seed: opts.seed,
         backend: opts.backend,
       };
+      if (opts.validateProxy && opts.compare) {
+        throw new UsageError("--validate-proxy and --compare: give one");
+      }
+      if (opts.validateProxy) return await validateProxyCommand(input, opts, controller.signal, p);
+      if (opts.compare) return await compareCommand(input, opts, controller.signal, p);
       let done = 0;
       let best: { fid: number; id: number } | null = null;
       const r = await runSearch(input, {

@@ -13,11 +13,11 @@
 import { type Device, loadSafetensors, saveSafetensors, type Tensor } from "../engine/mod.ts";
 import type { Dataset } from "../models/data.ts";
 import { NetworkGenerator } from "../models/generate.ts";
-import { parseTrainerConfig, Trainer } from "../models/trainer.ts";
+import { parseTrainerConfig, Trainer, type TrainerConfig } from "../models/trainer.ts";
 import { UNet, type UNetSpec } from "../models/unet.ts";
 import type { FeatureExtractor } from "../eval/features.ts";
 import type { FidStatistics } from "../eval/fid.ts";
-import { type FidProtocol, measureFid } from "../eval/proxy.ts";
+import { type FidMeasurement, type FidProtocol, measureFid } from "../eval/proxy.ts";
 import { type HostState, hostState, inheritState, stateTensors } from "./inherit.ts";
 import { shouldPrune } from "./memory.ts";
 import { type SearchConfig, trialSchedule } from "./config.ts";
@@ -86,6 +86,60 @@ export async function loadTrialNetwork(
   return net;
 }
 
+/** The trainer settings of a candidate: `spec` trained on the search's data with `schedule` from `seed`. */
+export function candidateTrainerConfig(
+  spec: UNetSpec,
+  c: Pick<SearchConfig, "data">,
+  seed: number,
+  schedule: ReturnType<typeof trialSchedule>,
+): TrainerConfig {
+  return parseTrainerConfig({
+    network: spec,
+    data: c.data ?? { kind: "procedural", resolution: spec.imgResolution },
+    seed,
+    batch: schedule.batch,
+    lr: schedule.lr,
+    lrRampupKimg: schedule.lrRampupKimg,
+    emaHalfLifeKimg: schedule.emaHalfLifeKimg,
+    logEvery: schedule.logEvery,
+    gradClip: schedule.gradClip,
+  });
+}
+
+/**
+ * The initial weights of a candidate that inherits from `parent`: its fresh initialisation, exactly as the
+ * Trainer would draw it from `seed`, with the parent overlaid (the caller disposes the tensors).
+ */
+export async function inheritedInit(
+  spec: UNetSpec,
+  seed: number,
+  parent: HostState,
+  device: Device,
+): Promise<Record<string, Tensor>> {
+  device.manualSeed(seed);
+  const fresh = new UNet(spec, { device });
+  try {
+    return stateTensors(inheritState(await hostState(fresh), parent).state, device);
+  } finally {
+    fresh.dispose();
+  }
+}
+
+/** Measures a trained network's FID (or RFID) under `protocol`, reporting progress as "proxy" events. */
+export function scoreNetwork(
+  net: UNet,
+  sigmaData: number,
+  ctx: Pick<RunnerContext, "features" | "reference">,
+  kind: "FID" | "RFID",
+  protocol: FidProtocol,
+  emit: (e: TrialEvent) => void = () => {},
+): Promise<FidMeasurement> {
+  const gen = new NetworkGenerator(net, { sigmaData });
+  return measureFid(kind, gen, ctx.features, ctx.reference, protocol, {
+    onProgress: (done, total) => emit({ type: "proxy", done, total }),
+  });
+}
+
 /**
  * Trains and scores `trial` (already claimed by `ctx.worker`) and commits the result. `spec` is its UNetSpec.
  * Heartbeats go with every logged loss. Returns the committed result.
@@ -98,17 +152,7 @@ export async function runTrial(
 ): Promise<TrialResult> {
   const c = ctx.config, emit = opts.onEvent ?? (() => {});
   const schedule = trialSchedule(c.training);
-  const cfg = parseTrainerConfig({
-    network: spec,
-    data: ctx.config.data ?? { kind: "procedural", resolution: spec.imgResolution },
-    seed: trial.seed,
-    batch: schedule.batch,
-    lr: schedule.lr,
-    lrRampupKimg: schedule.lrRampupKimg,
-    emaHalfLifeKimg: schedule.emaHalfLifeKimg,
-    logEvery: schedule.logEvery,
-    gradClip: schedule.gradClip,
-  });
+  const cfg = candidateTrainerConfig(spec, c, trial.seed, schedule);
   const totalNimg = Math.round(schedule.kimg * 1000);
   let init: Record<string, Tensor> | undefined;
   let trainer: Trainer | undefined;
@@ -116,16 +160,7 @@ export async function runTrial(
   try {
     if (c.inherit && trial.parentId !== null) {
       const parent = await readTrialWeights(ctx.dir, trial.parentId, ctx.device);
-      if (parent) {
-        // The child's fresh initialisation, exactly as the Trainer would draw it, with the parent overlaid.
-        ctx.device.manualSeed(trial.seed);
-        const fresh = new UNet(spec, { device: ctx.device });
-        try {
-          init = stateTensors(inheritState(await hostState(fresh), parent).state, ctx.device);
-        } finally {
-          fresh.dispose();
-        }
-      }
+      if (parent) init = await inheritedInit(spec, trial.seed, parent, ctx.device);
     }
     trainer = new Trainer(cfg, ctx.device, ctx.dataset, { init });
     const memory = opts.memory ?? [];
@@ -159,10 +194,7 @@ export async function runTrial(
     const net = trainer.emaNetwork();
     await Deno.mkdir(`${ctx.dir}/weights`, { recursive: true });
     await saveSafetensors(weightsPath(ctx.dir, trial.id), net.stateDict(), { trial: String(trial.id) });
-    const gen = new NetworkGenerator(net, { sigmaData: cfg.sigmaData });
-    const m = await measureFid("RFID", gen, ctx.features, ctx.reference, proxyProtocol(c), {
-      onProgress: (done, total) => emit({ type: "proxy", done, total }),
-    });
+    const m = await scoreNetwork(net, cfg.sigmaData, ctx, "RFID", proxyProtocol(c), emit);
     result.status = "done";
     result.scores = { proxyFid: m.value, proxyName: m.name };
     result.costs = { trainSeconds: run.trainSeconds, proxySeconds: m.seconds };
