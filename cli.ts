@@ -318,8 +318,9 @@ program
       const pruning = opts.prune === false
         ? { ...(f.pruning as Record<string, unknown> ?? {}), enabled: false }
         : undefined;
-      const input = {
-        ...f,
+      // Flags override the file; a flag not given must not blank the file's value (runSearch drops
+      // undefined fields, which would otherwise fall back to the defaults).
+      const flags = Object.fromEntries(Object.entries({
         method: opts.method,
         data: opts.data ? parseDataFlag(opts.data as string) : undefined,
         out: opts.out,
@@ -335,7 +336,8 @@ program
         proxyN: opts.proxyN,
         seed: opts.seed,
         backend: opts.backend,
-      };
+      }).filter(([, v]) => v !== undefined));
+      const input = { ...f, ...flags };
       let done = 0;
       let best: { fid: number; id: number } | null = null;
       const r = await runSearch(input, {
