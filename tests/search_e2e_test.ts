@@ -5,12 +5,17 @@
  *
  * Everything is tiny so the file runs in about a minute on a loaded machine: 8×8 procedural images, 64
  * reference images, RFID-8 with 2 Heun steps, 16 training images per candidate (4 steps of 4), at most 16
- * channels and one block per level, 3 trials, the CPU reference kernels (no Vulkan start-up per process).
+ * channels and one block per level, 3 trials, report grids of 4 samples, the CPU reference kernels (no Vulkan start-up per process).
  * Reference statistics go to a temporary cache folder (the `cacheDir` setting), so nothing is written to
  * the working directory.
  */
 
-import { deepStrictEqual as assertEquals, match as assertMatch, notStrictEqual, ok as assert } from "node:assert";
+import {
+  deepStrictEqual as assertEquals,
+  match as assertMatch,
+  notStrictEqual,
+  ok as assert,
+} from "node:assert";
 import { DatabaseSync } from "node:sqlite";
 import { runSearch } from "../search/diffnas.ts";
 import type { SearchConfigInput } from "../search/config.ts";
@@ -33,6 +38,7 @@ function tiny(out: string): SearchConfigInput {
     refN: 64,
     proxyN: 8,
     proxySteps: 2,
+    gridImages: 4,
     cacheDir: CACHE,
     training: { kimg: 0.016, batch: 4, logEvery: 2 },
     space: { maxChannels: 16, maxBlocks: 1 },
@@ -93,7 +99,10 @@ async function checkFinished(dir: string): Promise<Trial[]> {
   const done = trials.filter((t) => t.status === "done");
   assert(done.length >= 2, `only ${done.length} trials done: ${JSON.stringify(trials.map((t) => t.error))}`);
   for (const t of done) {
-    assert(Number.isFinite(t.scores.proxyFid) && t.scores.proxyFid! >= 0, `trial ${t.id}: ${t.scores.proxyFid}`);
+    assert(
+      Number.isFinite(t.scores.proxyFid) && t.scores.proxyFid! >= 0,
+      `trial ${t.id}: ${t.scores.proxyFid}`,
+    );
     assertEquals(t.scores.proxyName, "RFID-8");
     assert(t.costs.macs! > 0 && t.costs.params! > 0, `trial ${t.id} costs ${JSON.stringify(t.costs)}`);
     assert((await Deno.stat(weightsPath(dir, t.id))).size > 0, `trial ${t.id} has no weights`);
@@ -104,6 +113,9 @@ async function checkFinished(dir: string): Promise<Trial[]> {
   assertEquals(top.length, done.length);
   for (let i = 1; i < top.length; i++) assert(top[i - 1].proxyFid <= top[i].proxyFid, "top is not sorted");
   assertEquals(top[0].proxyFid, Math.min(...done.map((t) => t.scores.proxyFid!)));
+  const grids = report.grids as { trialId: number; path: string }[];
+  assert(grids.length >= 1 && grids.length <= 3, JSON.stringify(grids));
+  for (const g of grids) assert((await Deno.stat(`${dir}/${g.path}`)).size > 0, g.path);
   return trials;
 }
 
@@ -126,9 +138,9 @@ Deno.test({
     const trials = await checkFinished(out);
     assertEquals(r.trials.map((t) => [t.id, t.status]), trials.map((t) => [t.id, t.status]));
     assertEquals(r.reportJson, `${out}/report.json`);
-    const best = trials.filter((t) => t.status === "done").sort((a, b) =>
-      a.scores.proxyFid! - b.scores.proxyFid!
-    )[0];
+    const best = trials.filter((t) =>
+      t.status === "done"
+    ).sort((a, b) => a.scores.proxyFid! - b.scores.proxyFid!)[0];
     assertEquals(summaryBest(r.summary), best.id);
     assertEquals(events.filter((e) => e === "trial-end").length, TRIALS);
     assertEquals(events[events.length - 1], "report");
@@ -172,7 +184,8 @@ async function waitFor(child: Deno.ChildProcess, what: string, cond: () => boole
 }
 
 Deno.test({
-  name: "search e2e: a live search refuses a second process; killed with SIGKILL it resumes without rerunning " +
+  name:
+    "search e2e: a live search refuses a second process; killed with SIGKILL it resumes without rerunning " +
     "finished trials",
   sanitizeResources: false,
   sanitizeOps: false,
