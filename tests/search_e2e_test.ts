@@ -28,6 +28,18 @@ const CLI = `${ROOT}cli.ts`;
 /** Shared by every search of this file: the reference statistics are computed once. */
 const CACHE = await Deno.makeTempDir({ prefix: "search-e2e-cache-" });
 const TRIALS = 3;
+/** Temporary folders of this file, removed when it ends. */
+const TEMP: string[] = [CACHE];
+globalThis.addEventListener("unload", () => {
+  for (const d of TEMP) Deno.removeSync(d, { recursive: true });
+});
+
+/** A new temporary folder, removed when the file ends. */
+async function tempDir(prefix: string): Promise<string> {
+  const d = await Deno.makeTempDir({ prefix });
+  TEMP.push(d);
+  return d;
+}
 
 /** The settings of a tiny search in `out`. */
 function tiny(out: string): SearchConfigInput {
@@ -48,7 +60,7 @@ function tiny(out: string): SearchConfigInput {
 
 /** Writes `config` to a JSON file in a fresh temporary folder; returns its path. */
 async function configFile(config: Record<string, unknown>): Promise<string> {
-  const dir = await Deno.makeTempDir({ prefix: "search-e2e-config-" });
+  const dir = await tempDir("search-e2e-config-");
   const path = `${dir}/search.json`;
   await Deno.writeTextFile(path, JSON.stringify(config));
   return path;
@@ -131,7 +143,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   fn: async () => {
-    const out = `${await Deno.makeTempDir({ prefix: "search-e2e-" })}/run`;
+    const out = `${await tempDir("search-e2e-")}/run`;
     const events: string[] = [];
     const r = await runSearch(tiny(out), { onEvent: (e) => events.push(e.type) });
     assertEquals(r.stoppedBy, "trials");
@@ -190,7 +202,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   fn: async () => {
-    const out = `${await Deno.makeTempDir({ prefix: "search-e2e-kill-" })}/run`;
+    const out = `${await tempDir("search-e2e-kill-")}/run`;
     const config = await configFile(tiny(out) as Record<string, unknown>);
     const first = spawnSearch(["--config", config, "--out", out]);
     // Drain the first process's output (a full pipe would block it).
@@ -268,7 +280,7 @@ Deno.test({
   sanitizeResources: false,
   sanitizeOps: false,
   fn: async () => {
-    const dir = await Deno.makeTempDir({ prefix: "search-e2e-bad-" });
+    const dir = await tempDir("search-e2e-bad-");
     const aFile = `${dir}/a-file`;
     await Deno.writeTextFile(aFile, "not a folder");
     const other = `${dir}/other`;
