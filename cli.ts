@@ -409,24 +409,28 @@ program
       const pruning = opts.prune === false
         ? { ...(f.pruning as Record<string, unknown> ?? {}), enabled: false }
         : undefined;
-      const input = {
-        ...f,
-        method: opts.method,
-        data: opts.data ? parseDataFlag(opts.data as string) : undefined,
-        out: opts.out,
-        trials: opts.trials,
-        minutes: opts.minutes,
-        maxMacs: opts.maxMacs,
-        maxParams: opts.maxParams,
-        proposer: opts.proposer,
-        llm,
-        training,
-        pruning,
-        inherit: opts.inherit,
-        proxyN: opts.proxyN,
-        seed: opts.seed,
-        backend: opts.backend,
-      };
+      // Flags override the file; a flag not given must not blank the file's value (runSearch drops
+      // undefined fields, which would otherwise fall back to the defaults).
+      const flags = Object.fromEntries(
+        Object.entries({
+          method: opts.method,
+          data: opts.data ? parseDataFlag(opts.data as string) : undefined,
+          out: opts.out,
+          trials: opts.trials,
+          minutes: opts.minutes,
+          maxMacs: opts.maxMacs,
+          maxParams: opts.maxParams,
+          proposer: opts.proposer,
+          llm,
+          training,
+          pruning,
+          inherit: opts.inherit,
+          proxyN: opts.proxyN,
+          seed: opts.seed,
+          backend: opts.backend,
+        }).filter(([, v]) => v !== undefined),
+      );
+      const input = { ...f, ...flags };
       if (opts.validateProxy && opts.compare) {
         throw new UsageError("--validate-proxy and --compare: give one");
       }

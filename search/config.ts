@@ -79,6 +79,10 @@ export const SearchConfigSchema = z.strictObject({
   proxySteps: z.number().int().min(2).max(1000).default(18),
   // Real images behind the reference statistics of the proxy.
   refN: z.number().int().min(2).max(1000000).default(10000),
+  // Folder of cached reference statistics (relative paths are from the working directory).
+  cacheDir: z.string().min(1).default(".cache/fid"),
+  // Samples per grid of the report (best trials and the default network; 0: no grids).
+  gridImages: z.number().int().min(0).max(1024).default(36),
   // Candidates proposed per proposer call.
   proposeBatch: z.number().int().min(1).max(64).default(4),
   // Device: WebGPU or the CPU reference kernels.
@@ -95,6 +99,8 @@ export const RESUMABLE_SEARCH_FIELDS: ReadonlySet<string> = new Set([
   "backend",
   "llm",
   "proposeBatch",
+  "cacheDir",
+  "gridImages",
 ]);
 
 /** The trainer settings of one candidate: the short schedule with ramp and EMA scaled to its length. */

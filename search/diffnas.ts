@@ -287,7 +287,7 @@ export async function runSearch(
     });
     features = await openFeatureExtractor({ device });
     const ref = await referenceStatistics(dataset, features, Math.min(cfg.refN, dataset.length), {
-      cacheDir: ".cache/fid",
+      cacheDir: cfg.cacheDir,
     });
     emit({ type: "reference", cached: ref.cached, seconds: ref.seconds });
     const ctx: RunnerContext = {

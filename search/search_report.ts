@@ -16,11 +16,9 @@ import { type RunnerContext, weightsPath } from "./runner.ts";
 import { type Architecture, toUNetSpec } from "./space.ts";
 import type { Trial } from "./types.ts";
 
-/** Images per sample grid in the report. */
-const GRID_IMAGES = 36;
-
-/** A PNG grid of `GRID_IMAGES` samples of a trial's saved weights (the proxy's sampler and seed). */
+/** A PNG grid of `config.gridImages` samples of a trial's saved weights (the proxy's sampler and seed). */
 async function trialGrid(ctx: RunnerContext, trial: Trial, spec: UNetSpec): Promise<Uint8Array | null> {
+  const n = ctx.config.gridImages;
   const net = new UNet(spec, { device: ctx.device }).eval();
   try {
     await net.loadSafetensors(weightsPath(ctx.dir, trial.id));
@@ -31,12 +29,12 @@ async function trialGrid(ctx: RunnerContext, trial: Trial, spec: UNetSpec): Prom
   try {
     const gen = new NetworkGenerator(net, {});
     const settings = protocolSettings({
-      n: GRID_IMAGES,
+      n,
       steps: ctx.config.proxySteps,
       sampler: "heun",
       seed: 0,
     });
-    const x = gen.generate(0, GRID_IMAGES, { seed: ctx.config.seed, settings });
+    const x = gen.generate(0, n, { seed: ctx.config.seed, settings });
     try {
       return encodeImageGrid({ data: await x.toArray(), shape: x.shape }, { cols: 6 });
     } finally {
@@ -59,7 +57,7 @@ export async function writeSearchReport(
   const grids: ReportGrid[] = [];
   const drawn = new Set<number>();
   const draw = async (t: Trial, label: string) => {
-    if (drawn.has(t.id)) return;
+    if (drawn.has(t.id) || ctx.config.gridImages === 0) return;
     drawn.add(t.id);
     const spec = toUNetSpec(t.spec as Architecture, base);
     if (!spec.ok) return;
