@@ -56,8 +56,9 @@ export const SearchConfigSchema = z.strictObject({
   trials: z.number().int().min(1).max(100000).default(20),
   // Wall-clock budget in minutes: no new candidate starts when it would likely end past it.
   minutes: positive.max(100000).default(13),
-  // Ceiling on MACs per network evaluation (attention included); proposals above it are rejected.
-  maxMacs: positive.optional(),
+  // Ceiling on MACs per network evaluation (attention included); proposals above it are rejected. The default,
+  // 3× the default network's 19.8 M, keeps a candidate's training within about a minute here.
+  maxMacs: positive.default(60e6),
   // Ceiling on trainable parameters.
   maxParams: positive.optional(),
   // Who proposes: "auto" is "llm" when an endpoint is configured, else "evolutionary".
