@@ -407,8 +407,7 @@ program
       const pruning = opts.prune === false
         ? { ...(f.pruning as Record<string, unknown> ?? {}), enabled: false }
         : undefined;
-      const input = {
-        ...f,
+      const flags: Record<string, unknown> = {
         method: opts.method,
         data: opts.data ? parseDataFlag(opts.data as string) : undefined,
         out: opts.out,
@@ -425,6 +424,8 @@ program
         seed: opts.seed,
         backend: opts.backend,
       };
+      // A flag that was not given must not hide the config file's value.
+      const input = { ...f, ...Object.fromEntries(Object.entries(flags).filter(([, v]) => v !== undefined)) };
       if (opts.validateProxy && opts.compare) {
         throw new UsageError("--validate-proxy and --compare: give one");
       }
