@@ -17,6 +17,7 @@ import { LlmProposer, type LlmSettingsInput, parseCandidates, stripFences } from
 import { buildPrompt, type MemoryLimits } from "../search/prompt.ts";
 import type { Proposal, SpaceDescription, Trial } from "../search/types.ts";
 import { UsageError } from "../util/errors.ts";
+import { fakeTrial } from "./util.ts";
 
 // ---------------------------------------------------------------------------------------------------------------
 // A toy search space.
@@ -42,25 +43,11 @@ const KEY = `sk-test-${crypto.randomUUID()}`;
 Deno.env.set(KEY_ENV, KEY);
 
 function trial(id: number, t: Partial<Trial>): Trial {
-  return {
-    id,
-    key: `k${id}`,
+  return fakeTrial(id, {
     spec: { modelChannels: 16, channelMult: [1], numBlocks: 1 },
     proposer: "llm",
-    prompt: null,
-    rawReply: null,
-    seed: id,
-    status: "done",
-    scores: {},
-    costs: {},
-    lossHistory: [],
-    error: null,
-    attempts: [],
-    createdAt: id,
-    heartbeatAt: null,
-    parentId: null,
     ...t,
-  };
+  });
 }
 
 /** A small memory: three done trials, a failed, a queued, and two rejections. */

@@ -16,7 +16,7 @@ import {
   shouldPrune,
 } from "../search/memory.ts";
 import type { LossPoint, Trial } from "../search/types.ts";
-import { assertEquals, test } from "./util.ts";
+import { assertEquals, fakeTrial, test } from "./util.ts";
 
 let nextId = 1;
 /** A trial with only what the views read. */
@@ -26,25 +26,14 @@ function t(
   const { fid, macs, losses, ...rest } = over;
   const id = rest.id ?? nextId++;
   const lossHistory: LossPoint[] = (losses ?? []).map(([nimg, loss], i) => ({ step: i + 1, nimg, loss }));
-  return {
-    id,
-    key: `k${id}`,
-    spec: {},
+  return fakeTrial(id, {
     proposer: "evolutionary",
-    prompt: null,
-    rawReply: null,
     seed: 0,
-    status: "done",
     scores: fid === undefined ? {} : { proxyFid: fid },
     costs: macs === undefined ? {} : { macs },
     lossHistory,
-    error: null,
-    attempts: [],
-    createdAt: id,
-    heartbeatAt: null,
-    parentId: null,
     ...rest,
-  };
+  });
 }
 const ids = (ts: Trial[]) => ts.map((x) => x.id);
 

@@ -20,7 +20,7 @@ import {
 } from "../search/space.ts";
 import type { Proposal, Trial } from "../search/types.ts";
 import { Rng } from "../util/random.ts";
-import { assertEquals, test } from "./util.ts";
+import { assertEquals, fakeTrial, test } from "./util.ts";
 
 function assert(cond: unknown, what: string): asserts cond {
   if (!cond) throw new Error(what);
@@ -33,24 +33,13 @@ function trialOf(
   fid: number | null,
   status: Trial["status"] = "done",
 ): Trial {
-  return {
-    id,
+  return fakeTrial(id, {
     key: architectureKey(arch),
     spec: arch,
-    proposer: "test",
-    prompt: null,
-    rawReply: null,
-    seed: id,
     status,
     scores: fid === null ? {} : { proxyFid: fid },
-    costs: {},
-    lossHistory: [],
     error: status === "rejected" ? "too big" : null,
-    attempts: [],
-    createdAt: id,
-    heartbeatAt: null,
-    parentId: null,
-  };
+  });
 }
 
 /** `n` random trials of the space, scored by `score`. */

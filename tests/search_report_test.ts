@@ -18,6 +18,7 @@ import {
   writeReport,
 } from "../search/report.ts";
 import { Rng } from "../util/random.ts";
+import { fakeTrial } from "./util.ts";
 
 /** Asserts that `text` contains `part`, showing the part when it does not. */
 function assertStringIncludes(text: string, part: string): void {
@@ -25,25 +26,12 @@ function assertStringIncludes(text: string, part: string): void {
 }
 
 function trial(id: number, over: Partial<Trial> = {}): Trial {
-  return {
-    id,
-    key: `k${id}`,
+  return fakeTrial(id, {
     spec: { modelChannels: 32, channelMult: [1, 2, 2], numBlocks: 2, attnResolutions: [8] },
     proposer: "llm",
-    prompt: null,
-    rawReply: null,
-    seed: id,
-    status: "done",
-    scores: {},
-    costs: {},
-    lossHistory: [],
-    error: null,
-    attempts: [],
     createdAt: 1_700_000_000_000 + id * 1000,
-    heartbeatAt: null,
-    parentId: null,
     ...over,
-  };
+  });
 }
 
 /** A decaying noisy loss curve over `kimg` thousand images. */

@@ -7,6 +7,7 @@
 import fc from "fast-check";
 import type { UNetSpecInput } from "../models/unet.ts";
 import type { TrainConfigInput } from "../models/train.ts";
+import type { Trial } from "../search/types.ts";
 import { Rng } from "../util/random.ts";
 import { Device } from "../engine/device.ts";
 import type { FloatArray, Kernel } from "../kernels/types.ts";
@@ -355,4 +356,30 @@ export async function runOnBuffers<P>(
   for (const o of outs) res.push(await device.read(o));
   for (const s of [...ins, ...outs]) device.release(s);
   return res;
+}
+
+/**
+ * A stored search trial for tests of the search layer: done, with no scores or costs, created at `id`, key `k<id>`;
+ * `over` replaces any field.
+ */
+export function fakeTrial(id: number, over: Partial<Trial> = {}): Trial {
+  return {
+    id,
+    key: `k${id}`,
+    spec: {},
+    proposer: "test",
+    prompt: null,
+    rawReply: null,
+    seed: id,
+    status: "done",
+    scores: {},
+    costs: {},
+    lossHistory: [],
+    error: null,
+    attempts: [],
+    createdAt: id,
+    heartbeatAt: null,
+    parentId: null,
+    ...over,
+  };
 }
