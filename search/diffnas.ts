@@ -119,6 +119,23 @@ export function baselineArchitecture(base: UNetSpec): Architecture {
   });
 }
 
+/**
+ * The default network as a trial. It is trained whatever the space's bounds and the ceilings say (it is the
+ * yardstick, not a candidate), with its costs recorded like any other trial's.
+ */
+export function baselineTrial(base: UNetSpec, cfg: SearchConfig): NewTrial {
+  const arch = baselineArchitecture(base);
+  const cost = checkBudget(base, {});
+  return {
+    key: architectureKey(arch),
+    spec: arch,
+    proposer: "baseline",
+    seed: cfg.seed,
+    costs: { macs: cost.macs, params: cost.params },
+    parentId: null,
+  };
+}
+
 /** Opens the configured proposer. */
 function makeProposer(cfg: SearchConfig, space: SearchSpace): Proposer {
   const kind = cfg.proposer === "auto" ? (cfg.llm ? "llm" : "evolutionary") : cfg.proposer;
@@ -311,8 +328,7 @@ export async function runSearch(
     // The baseline: the default network, trained and scored like every candidate.
     let memory = await storage.listTrials();
     if (!memory.some((t) => t.proposer === "baseline")) {
-      const admitted = admitProposal({ spec: baselineArchitecture(base) }, "baseline", space, cfg, memory, 0);
-      await storage.addTrial({ ...admitted, status: "queued", error: null, parentId: null });
+      await storage.addTrial(baselineTrial(base, cfg));
     }
 
     let stoppedBy: SearchOutcome["stoppedBy"] = "trials";
