@@ -165,7 +165,8 @@ export interface GaResult {
 
 /**
  * Runs the GA: the initial population, then `generations` generations. `evaluate` gives a genome's fitness
- * (the caller caches it by key); `shouldStop` is asked before each generation (time budget, interruption).
+ * (the caller caches it by key); `shouldStop` (time budget) is asked before each genome of a generation after
+ * the initial one: when it says stop, that generation is dropped and the loop ends.
  */
 export async function runGa(
   s: GaSettings,
@@ -176,9 +177,12 @@ export async function runGa(
   if (!(s.mutationRate >= 0 && s.mutationRate <= 1)) {
     throw new Error(`GA: mutationRate must be in [0, 1], got ${s.mutationRate}`);
   }
-  const score = async (gs: Genome[]): Promise<Individual[]> => {
+  // null: stopped before every genome was scored (the generation is dropped; its scores stay in the caller's
+  // cache for a resumed run).
+  const score = async (gs: Genome[], stoppable: boolean): Promise<Individual[] | null> => {
     const out: Individual[] = [];
     for (const g of gs) {
+      if (stoppable && opts.shouldStop?.()) return null;
       checkGenome(g, s.length, s.choices);
       const key = genomeKey(g);
       out.push({ genome: g, key, fitness: await evaluate(g, key) });
@@ -192,17 +196,20 @@ export async function runGa(
     opts.onGeneration?.(r);
   };
   const first = initialGenomes(s);
-  let pop = survive(await score(first), s.population);
+  // The initial population is always scored whole: there is no best without it.
+  const scored = (await score(first, false))!;
+  let pop = survive(scored, s.population);
   record(0, pop, first.length);
   let complete = true;
   for (let gen = 1; gen <= s.generations; gen++) {
-    if (opts.shouldStop?.()) {
+    const children = offspring(pop, s, gen);
+    if (!children.length) break;
+    const kids = await score(children, true);
+    if (!kids) {
       complete = false;
       break;
     }
-    const children = offspring(pop, s, gen);
-    if (!children.length) break;
-    pop = survive([...pop, ...await score(children)], s.population);
+    pop = survive([...pop, ...kids], s.population);
     record(gen, pop, children.length);
   }
   return { population: pop, best: pop[0], history, complete };

@@ -189,6 +189,26 @@ Deno.test("ddsm ga: fitness cache: a GA killed mid-generation and run again comp
   assertEquals(resumed.best.key, unbroken.best.key);
 });
 
+Deno.test("ddsm ga: the time budget drops the unfinished generation; a resumed run completes it", async () => {
+  const s: GaSettings = { length: 5, choices: 4, population: 4, generations: 3, mutationRate: 0.3, seed: 2 };
+  const unbroken = await runGa(s, (g) => Promise.resolve(synthetic(g)));
+  const cache = new Map<string, number>();
+  let calls = 0;
+  const evaluate = (g: Genome, k: string) => {
+    calls++;
+    if (!cache.has(k)) cache.set(k, synthetic(g));
+    return Promise.resolve(cache.get(k)!);
+  };
+  // Out of time after 6 genomes: the initial population (4) is whole, generation 1 is dropped after 2.
+  const cut = await runGa(s, evaluate, { shouldStop: () => calls >= 6 });
+  assertEquals(cut.complete, false);
+  assertEquals(cut.history.length, 1);
+  assertEquals(cache.size, 6);
+  const resumed = await runGa(s, evaluate);
+  assertEquals(resumed.complete, true);
+  assertEquals(resumed.history, unbroken.history);
+});
+
 // ---------------------------------------------------------------------------------------------------------------
 // MACs of a schedule.
 
