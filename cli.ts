@@ -526,7 +526,8 @@ program
       if (opts.proxySteps !== undefined) input.proxySteps = opts.proxySteps;
       if (Object.keys(ddsmFlags).length) {
         if ((input.method ?? "diffnas") !== "ddsm") {
-          throw new UsageError(`--${Object.keys(ddsmFlags)[0]} needs --method ddsm`);
+          const flag = Object.keys(ddsmFlags)[0].replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
+          throw new UsageError(`--${flag} needs --method ddsm`);
         }
         input.ddsm = { ...(f.ddsm as Record<string, unknown> ?? {}), ...ddsmFlags };
       }

@@ -48,7 +48,7 @@ import {
 } from "./diffnas.ts";
 import { type GaResult, type GenerationRecord, type Genome, genomeKey, runGa, uniformGenomes } from "./ga.ts";
 import { lockRunFolder } from "./lock.ts";
-import { paretoFront } from "./memory.ts";
+import { bestSoFarByProposer, paretoFront } from "./memory.ts";
 import {
   type ChartSpec,
   type ReportGrid,
@@ -69,6 +69,7 @@ export type DdsmEvent =
 /** Proposer names of the trials of a DDSM search. */
 export const GA_PROPOSER = "ddsm-ga";
 export const SWITCH_PROPOSER = "ddsm-switch";
+export const UNIFORM_PROPOSER = "ddsm-uniform";
 
 /** The file holding the supernet trained by the search (EMA weights). */
 export const SUPERNET_FILE = "supernet.safetensors";
@@ -529,7 +530,9 @@ export async function runDdsmSearch(
     }
     const bestSwitch = switchTrials.filter((t) => t.status === "done")
       .sort((a, b) => a.scores.proxyFid! - b.scores.proxyFid!)[0];
+    // The uniform schedules seed the GA; with a population smaller than the widths some are scored here.
     const uniform = uniformGenomes(settings.steps, widths.length);
+    for (const g of uniform) await scoreGenome(sc, g, UNIFORM_PROPOSER);
     const switchGenome = bestSwitch
       ? (bestSwitch.spec as { widths: number[] }).widths.map((w) => widths.indexOf(w))
       : null;
@@ -609,7 +612,10 @@ export async function runDdsmSearch(
         },
         trials,
         paretoIds: paretoFront(trials).map((t) => t.id),
-        bestSoFar: [],
+        bestSoFar: [...bestSoFarByProposer(trials)].map(([proposer, points]) => ({
+          proposer,
+          points: points.filter((p) => p.best !== null).map((p) => ({ trial: p.index, best: p.best! })),
+        })),
         grids,
         sections: ddsmSections(rows, profile, ga.history, sigmas, macsAt, supernet.source),
       } satisfies ReportInput,
