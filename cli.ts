@@ -18,6 +18,7 @@ import { buildShapesNet, SHAPES_NET_FILE, SHAPES_NET_MIN_ACCURACY, ShapesNet } f
 import { measureControls } from "./eval/controls.ts";
 import { PROCEDURAL_SCENES, type ProceduralScene } from "./models/data.ts";
 import { runSearch } from "./search/diffnas.ts";
+import { type DdsmEvent, runDdsmSearch } from "./search/ddsm.ts";
 import { specSummary } from "./search/report.ts";
 import { validateProxy } from "./search/validate_proxy.ts";
 import { runCompare } from "./search/compare.ts";
@@ -330,6 +331,71 @@ async function compareCommand(
   }
 }
 
+/** `search --method ddsm`: one log line per supernet log, scored genome and generation, then the table. */
+async function ddsmCommand(
+  input: Record<string, unknown>,
+  resume: boolean,
+  signal: AbortSignal,
+  p: ReturnType<typeof searchPrinter>,
+): Promise<void> {
+  const r = await runDdsmSearch(input, {
+    resume,
+    signal,
+    onEvent: (e: DdsmEvent) => {
+      switch (e.type) {
+        case "start":
+          console.log(`${e.resumed ? "resuming" : "new"} DDSM search in ${e.dir}: ${e.device}`);
+          break;
+        case "supernet":
+          if (e.loaded) p.log(`supernet: ${e.loaded}`);
+          else {
+            p.log(`supernet (sandwich) ${e.nimg}/${e.totalNimg} images, loss ${e.loss?.toFixed(4) ?? "–"}`);
+          }
+          break;
+        case "profile":
+          p.log(
+            `step-importance profile ${e.cached ? "from the run folder" : `in ${e.seconds.toFixed(0)} s`}`,
+          );
+          break;
+        case "reference":
+          p.log(
+            `reference statistics ${e.cached ? "from the cache" : `computed in ${e.seconds.toFixed(0)} s`}`,
+          );
+          break;
+        case "trial-end": {
+          const t = e.trial;
+          const score = t.status === "done"
+            ? `${t.scores.proxyName} ${t.scores.proxyFid!.toFixed(3)}`
+            : `${t.status}: ${t.error}`;
+          p.log(
+            `trial ${String(t.id).padStart(3)} ${t.proposer.padEnd(12)} ${score}  MACs ${
+              ((t.costs.macs ?? 0) / 1e6).toFixed(2)
+            } M  widths ${(t.spec as { widths: number[] }).widths.join(" ")}`,
+          );
+          break;
+        }
+        case "generation":
+          p.log(
+            `generation ${e.record.generation}: best fitness ${
+              e.record.best.toFixed(4)
+            } (${e.record.bestKey})`,
+          );
+          break;
+        case "stop":
+          p.log(`stopped: ${e.reason}`);
+          break;
+      }
+    },
+  });
+  p.stop();
+  console.log(r.summary);
+  if (r.stoppedBy === "interrupted") {
+    console.log(`interrupted: run the same command with --resume to continue`);
+    Deno.exit(130);
+  }
+  console.log(`report: ${r.reportHtml} (and ${r.reportJson}); schedule: ${r.dir}/schedule.json`);
+}
+
 program
   .command("search")
   .description(
@@ -337,7 +403,22 @@ program
       "trains briefly and is ranked by a proxy FID); writes memory.sqlite, report.html and report.json",
   )
   .option("--config <file>", "JSON file with search settings (SearchConfigSchema in search/config.ts)")
-  .option("--method <name>", "diffnas (ddsm and distill are still to come)")
+  .option(
+    "--method <name>",
+    "diffnas (architectures) or ddsm (a width per sampling step of one slimmable network; distill is to come)",
+  )
+  .option(
+    "--supernet <dir>",
+    "ddsm: trained slimmable network (a train run folder or checkpoint); default: train one with the " +
+      "sandwich rule (--supernet-kimg)",
+  )
+  .option("--supernet-kimg <n>", "ddsm: thousands of images of the supernet trained here (default 2)", num)
+  .option("--population <n>", "ddsm: GA population (default 8)", num)
+  .option("--generations <n>", "ddsm: GA generations after the initial population (default 4)", num)
+  .option("--mutation-rate <p>", "ddsm: probability that a step's width is redrawn (default 0.1)", num)
+  .option("--fid-weight <x>", "ddsm: weight of the proxy FID in the fitness (default 1)", num)
+  .option("--macs-weight <x>", "ddsm: weight of the average MACs (millions) in the fitness (default 1)", num)
+  .option("--proxy-steps <n>", "Heun steps of the proxy's sampler (ddsm: genes per genome; default 18)", num)
   .option("--data <name>", "shapes (default), png:DIR or cifar10:PATH")
   .option("--out <dir>", "run folder (default runs/search)")
   .option("--resume", "continue the search in --out (after a crash, kill or Ctrl-C)")
@@ -430,7 +511,32 @@ program
           backend: opts.backend,
         }).filter(([, v]) => v !== undefined),
       );
-      const input = { ...f, ...flags };
+      const ddsmFlags = Object.fromEntries(
+        Object.entries({
+          supernet: opts.supernet,
+          supernetKimg: opts.supernetKimg,
+          population: opts.population,
+          generations: opts.generations,
+          mutationRate: opts.mutationRate,
+          fidWeight: opts.fidWeight,
+          macsWeight: opts.macsWeight,
+        }).filter(([, v]) => v !== undefined),
+      );
+      const input: Record<string, unknown> = { ...f, ...flags };
+      if (opts.proxySteps !== undefined) input.proxySteps = opts.proxySteps;
+      if (Object.keys(ddsmFlags).length) {
+        if ((input.method ?? "diffnas") !== "ddsm") {
+          const flag = Object.keys(ddsmFlags)[0].replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
+          throw new UsageError(`--${flag} needs --method ddsm`);
+        }
+        input.ddsm = { ...(f.ddsm as Record<string, unknown> ?? {}), ...ddsmFlags };
+      }
+      if (input.method === "ddsm") {
+        if (opts.validateProxy || opts.compare) {
+          throw new UsageError("--validate-proxy and --compare measure DiffNAS; drop --method ddsm");
+        }
+        return await ddsmCommand(input, Boolean(opts.resume), controller.signal, p);
+      }
       if (opts.validateProxy && opts.compare) {
         throw new UsageError("--validate-proxy and --compare: give one");
       }

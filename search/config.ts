@@ -42,10 +42,43 @@ export const PruningSchema = z.strictObject({
   minTrials: z.number().int().min(1).max(1000).default(5),
 });
 
+/**
+ * DDSM's step-aware width search (search/ddsm.ts); used by method "ddsm". The defaults are sized for about 20
+ * minutes on this machine (lavapipe, 16×16 default network): the sandwich supernet ~130 s per kimg, an RFID-128
+ * at 18 Heun steps 23 s at width 1 and 7.5 s at 0.25; the GA stops at `minutes` (13) and the comparison (a few
+ * switch schedules and six FID-256) follows.
+ */
+export const DdsmSettingsSchema = z.strictObject({
+  // Trained supernet to use: a `deno task train` run folder (its latest checkpoint) or a checkpoint folder;
+  // null: train one with the sandwich rule in this search (saved in the run folder as supernet.safetensors).
+  supernet: z.string().min(1).nullable().default(null),
+  // Thousands of training images of the supernet trained here (sandwich rule: three widths per batch).
+  supernetKimg: positive.max(100000).default(2),
+  // Images per supernet optimizer step.
+  supernetBatch: z.number().int().min(1).max(4096).default(32),
+  // Held-out images of the step-importance profile (loss of each width at each σ of the sampler's grid).
+  profileN: z.number().int().min(1).max(10000).default(64),
+  // Individuals per generation (pymoo pop_size).
+  population: z.number().int().min(2).max(1000).default(8),
+  // Generations after the initial population.
+  generations: z.number().int().min(0).max(10000).default(4),
+  // Probability that a child's gene (one step's width) is redrawn.
+  mutationRate: z.number().min(0).max(1).default(0.1),
+  // Weight of the proxy FID in the fitness.
+  fidWeight: z.number().min(0).finite().default(1),
+  // Weight of the average MACs per network evaluation, in millions, in the fitness.
+  macsWeight: z.number().min(0).finite().default(1),
+  // Switch-at-step-k schedules (two widths) evaluated for the comparison: those closest in MACs to the best.
+  switchCandidates: z.number().int().min(0).max(100).default(3),
+  // Images of the FID-n of the best, the best switch and the uniform schedules (0: none).
+  fidN: z.number().int().min(0).max(100000).default(256),
+});
+
 /** Settings of a search. */
 export const SearchConfigSchema = z.strictObject({
-  // The search method (ddsm and distill come with their own issues).
-  method: z.enum(["diffnas"]).default("diffnas"),
+  // The search method: DiffNAS (architectures) or DDSM (a width per sampling step of one slimmable network;
+  // distill comes with its own issue).
+  method: z.enum(["diffnas", "ddsm"]).default("diffnas"),
   // Training images (default: the embedded procedural shapes at the base network's resolution).
   data: DataConfig.optional(),
   // The run folder: memory.sqlite, weights/, report.html, report.json, grids/.
@@ -54,7 +87,8 @@ export const SearchConfigSchema = z.strictObject({
   seed: z.number().int().min(0).max(0xffffffff).default(0),
   // Candidates to evaluate (trials that train; the baseline counts, rejections do not).
   trials: z.number().int().min(1).max(100000).default(20),
-  // Wall-clock budget in minutes: no new candidate starts when it would likely end past it.
+  // Wall-clock budget in minutes: no new candidate starts when it would likely end past it (ddsm: no genome of
+  // the GA starts past it; the generation it was in is dropped).
   minutes: positive.max(100000).default(13),
   // Ceiling on MACs per network evaluation (attention included); proposals above it are rejected. The default,
   // 3× the default network's 19.8 M, keeps a candidate's training within about a minute here.
@@ -88,6 +122,8 @@ export const SearchConfigSchema = z.strictObject({
   proposeBatch: z.number().int().min(1).max(64).default(4),
   // Device: WebGPU or the CPU reference kernels.
   backend: z.enum(["webgpu", "cpu"]).default("webgpu"),
+  // DDSM's settings (method "ddsm").
+  ddsm: DdsmSettingsSchema.default(DdsmSettingsSchema.parse({})),
 });
 export type SearchConfigInput = z.input<typeof SearchConfigSchema>;
 export type SearchConfig = z.output<typeof SearchConfigSchema>;

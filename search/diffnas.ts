@@ -200,7 +200,7 @@ function closestDone(arch: Architecture, memory: readonly Trial[]): number | nul
 }
 
 /** Opens the run folder's storage, checking a resumed search's settings; returns the settings in force. */
-async function openMemory(
+export async function openMemory(
   cfg: SearchConfig,
   input: Record<string, unknown>,
   resume: boolean,
@@ -242,7 +242,7 @@ async function openMemory(
 }
 
 /** Refuses an output folder that exists, is not empty and is not a search. */
-async function checkOutFolder(out: string): Promise<void> {
+export async function checkOutFolder(out: string): Promise<void> {
   let entries: string[];
   try {
     const info = await Deno.stat(out);
