@@ -12,6 +12,9 @@
  * - `log.jsonl`: one `LogEntry` per line, every `logEvery` steps;
  * - `samples/`: EMA sample grids of the initial network, every `sampleKimg` and at the end.
  *
+ * `out` must be new, empty, or a run folder (`checkRunFolder`: nothing but these files), and one process at a
+ * time trains in it (util/lock.ts: a `lock` file naming the holder's PID; a dead holder's lock is taken over).
+ *
  * A folder with a checkpoint is resumed from its newest one: options that would change the run's numbers must
  * match the stored ones (`RESUMABLE_CHANGES` lists those that may differ), log lines written after that
  * checkpoint are dropped, and the trainer continues from the checkpoint's weights, generator and data position,
@@ -55,6 +58,7 @@ import {
 import { UsageError } from "../util/errors.ts";
 import { parseUsage, readJsonFile } from "../util/config.ts";
 import { writeTextAtomic } from "../util/files.ts";
+import { LOCK_FILE, lockRunFolder, type RunLock } from "../util/lock.ts";
 
 // ---------------------------------------------------------------------------------------------------------------
 // Configuration.
@@ -173,28 +177,79 @@ function incompatibleFields(
   return out;
 }
 
+/** What a run folder may hold besides nothing: the files `train` writes (and the lock's temporaries). */
+const RUN_ENTRIES = new Set(["config.json", "log.jsonl", "checkpoints", "samples", LOCK_FILE]);
+const isRunEntry = (name: string) => RUN_ENTRIES.has(name) || name.startsWith(`${LOCK_FILE}.`);
+
+/**
+ * Refuses an `out` that is not a run folder, so that `train` never overwrites someone else's config.json or log:
+ * it must be absent, an empty folder, or a folder with only a run's files, whose config.json (if any) is a
+ * training configuration.
+ */
+export async function checkRunFolder(dir: string): Promise<void> {
+  let info: Deno.FileInfo;
+  try {
+    info = await Deno.stat(dir);
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) return;
+    throw new Error(`out: cannot use ${dir}: ${(e as Error).message}`);
+  }
+  if (!info.isDirectory) throw new UsageError(`out: ${dir} is a file, not a run folder`);
+  const foreign: string[] = [];
+  for await (const e of Deno.readDir(dir)) if (!isRunEntry(e.name)) foreign.push(e.name);
+  if (foreign.length) {
+    foreign.sort();
+    const shown = foreign.slice(0, 5).join(", ") +
+      (foreign.length > 5 ? `, … (${foreign.length} in all)` : "");
+    throw new UsageError(
+      `out: ${dir} is not a run folder (it holds ${shown}); give a new or empty folder, or an existing run`,
+    );
+  }
+  let stored: unknown;
+  try {
+    stored = JSON.parse(await Deno.readTextFile(`${dir}/config.json`));
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) return;
+    throw new UsageError(`out: ${dir}/config.json is not a training configuration (${(e as Error).message})`);
+  }
+  if (!TrainConfigSchema.safeParse(stored).success) {
+    throw new UsageError(
+      `out: ${dir}/config.json is not a training configuration; give a new or empty folder, or an existing run`,
+    );
+  }
+}
+
 /**
  * The configuration of the run in `raw.out` and the checkpoint to resume from: a fresh run's is `raw`'s; a
  * stored run's is its own with `raw` merged in, refused if that changes anything but `RESUMABLE_CHANGES`.
  */
 async function openRun(
   raw: Record<string, unknown>,
-): Promise<{ cfg: TrainConfig; resumeDir: string | null; state: TrainState | null }> {
+): Promise<{ cfg: TrainConfig; resumeDir: string | null; state: TrainState | null; lock: RunLock }> {
   const cfg = await parseTrainConfig(raw);
   const runDir = cfg.out;
-  await removeStaleTemporaries(runDir);
-  const resumeDir = await latestCheckpoint(runDir);
-  if (!resumeDir) return { cfg, resumeDir, state: null };
-  const state = await readTrainState(resumeDir);
-  const stored = await parseTrainConfig(state.config);
-  const merged = await parseTrainConfig({ ...state.config, ...raw, out: runDir });
-  const bad = incompatibleFields(stored, merged, raw);
-  if (bad.length) {
-    throw new UsageError(
-      `${runDir} holds a run with other settings: ${bad.join("; ")}. Use another --out to start a new run.`,
-    );
+  await checkRunFolder(runDir);
+  await Deno.mkdir(runDir, { recursive: true });
+  // One process per run: a second one would remove the first's half-written checkpoint and interleave logs.
+  const lock = lockRunFolder(runDir);
+  try {
+    await removeStaleTemporaries(runDir);
+    const resumeDir = await latestCheckpoint(runDir);
+    if (!resumeDir) return { cfg, resumeDir, state: null, lock };
+    const state = await readTrainState(resumeDir);
+    const stored = await parseTrainConfig(state.config);
+    const merged = await parseTrainConfig({ ...state.config, ...raw, out: runDir });
+    const bad = incompatibleFields(stored, merged, raw);
+    if (bad.length) {
+      throw new UsageError(
+        `${runDir} holds a run with other settings: ${bad.join("; ")}. Use another --out to start a new run.`,
+      );
+    }
+    return { cfg: merged, resumeDir, state, lock };
+  } catch (e) {
+    lock.release();
+    throw e;
   }
-  return { cfg: merged, resumeDir, state };
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -355,7 +410,8 @@ export async function train(
   const raw = Object.fromEntries(
     Object.entries((input ?? {}) as Record<string, unknown>).filter(([, v]) => v !== undefined),
   );
-  const { cfg, resumeDir, state } = await openRun(raw);
+  const { cfg, resumeDir, state, lock } = await openRun(raw);
+  using _lock = lock;
   const totalNimg = Math.round(cfg.kimg * 1000);
   const dataset = await openDataset(cfg.data);
   checkData(cfg, dataset);

@@ -1,0 +1,82 @@
+/**
+ * @file Hostile input to `train` and `sample` (models/train.ts, models/sample.ts, cli.ts): a folder that is not
+ * a run is refused before anything in it is touched, one process trains per run folder, output paths are
+ * checked before the work, numeric flags are decimal, and every error names its cause (file, field or flag)
+ * with exit 2 only for usage errors.
+ */
+
+import { deepStrictEqual as assertEquals, ok as assert } from "node:assert";
+import { train, type TrainConfigInput } from "../models/train.ts";
+import { UsageError } from "../util/errors.ts";
+import { LOCK_FILE, processStat } from "../util/lock.ts";
+import { MICRO_TRAINING, test } from "./util.ts";
+
+/** Two micro steps on the CPU, no grids, a checkpoint only at the end. */
+const TINY: TrainConfigInput = { ...MICRO_TRAINING, checkpointKimg: 0, kimg: 0.008, backend: "cpu" };
+
+async function inTempDir(f: (dir: string) => Promise<void>): Promise<void> {
+  const dir = await Deno.makeTempDir({ prefix: "train_hostile_" });
+  try {
+    await f(dir);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+/** The error `p` rejects with; fails unless its message holds every part. */
+async function rejects(p: Promise<unknown>, ...parts: string[]): Promise<Error> {
+  try {
+    await p;
+  } catch (e) {
+    const msg = (e as Error).message;
+    for (const part of parts) assert(msg.includes(part), `expected "${part}" in "${msg}"`);
+    return e as Error;
+  }
+  throw new Error(`expected an error with ${parts.join(", ")}, but nothing was thrown`);
+}
+
+test("train refuses an out folder that is not a run, naming what is there, and leaves it untouched", () =>
+  inTempDir(async (dir) => {
+    const project = `${dir}/project`;
+    await Deno.mkdir(project);
+    await Deno.writeTextFile(`${project}/config.json`, '{"mine": true}\n');
+    await Deno.writeTextFile(`${project}/log.jsonl`, "precious\n");
+    await Deno.writeTextFile(`${project}/README.md`, "# hello\n");
+    const e = await rejects(train({ ...TINY, out: project }), `${project} is not a run folder`, "README.md");
+    assert(e instanceof UsageError);
+    assertEquals(await Deno.readTextFile(`${project}/config.json`), '{"mine": true}\n');
+    assertEquals(await Deno.readTextFile(`${project}/log.jsonl`), "precious\n");
+    // Only run files, but a config.json that is not a training configuration: refused too.
+    await Deno.remove(`${project}/README.md`);
+    await rejects(train({ ...TINY, out: project }), `${project}/config.json is not a training configuration`);
+    assertEquals(await Deno.readTextFile(`${project}/log.jsonl`), "precious\n");
+    // A file.
+    await rejects(train({ ...TINY, out: `${project}/log.jsonl` }), "log.jsonl is a file, not a run folder");
+    // An empty folder, and then the run it became, are fine.
+    const run = `${dir}/run`;
+    await Deno.mkdir(run);
+    assertEquals((await train({ ...TINY, out: run })).step, 2);
+    assertEquals((await train({ ...TINY, out: run, kimg: 0.016 })).step, 4);
+  }));
+
+test("train: one process per run folder; a live holder is named, a dead one's lock is taken over", () =>
+  inTempDir(async (dir) => {
+    const lock = (pid: number, procStart: number | null) =>
+      Deno.writeTextFile(
+        `${dir}/${LOCK_FILE}`,
+        JSON.stringify({
+          pid,
+          host: Deno.hostname(),
+          bootId: null,
+          procStart,
+          lockedAt: "2020-01-01T00:00:00Z",
+        }),
+      );
+    await lock(Deno.pid, processStat(Deno.pid)!.start);
+    const e = await rejects(train({ ...TINY, out: dir }), `${dir} is in use by process ${Deno.pid}`);
+    assert(e instanceof UsageError);
+    // The same PID with another start time is a dead holder (the PID was reused).
+    await lock(Deno.pid, processStat(Deno.pid)!.start + 1);
+    assertEquals((await train({ ...TINY, out: dir })).step, 2);
+    assert(!(await Deno.stat(`${dir}/${LOCK_FILE}`).then(() => true, () => false)), "released at the end");
+  }));
