@@ -119,12 +119,15 @@ program
   .action(async (opts: Record<string, unknown> & { config?: string }) => {
     const { config, ...flags } = opts;
     const controller = new AbortController();
-    const onSigint = () => {
+    // SIGINT (Ctrl-C) and SIGTERM (kill, a job scheduler; `deno task` forwards both to this process) alike stop
+    // after the current step with a checkpoint; a second signal quits at once.
+    const onSignal = () => {
       if (controller.signal.aborted) Deno.exit(1);
       controller.abort();
       console.error("\nstopping after this step and saving a checkpoint (Ctrl-C again to quit at once)");
     };
-    Deno.addSignalListener("SIGINT", onSigint);
+    Deno.addSignalListener("SIGINT", onSignal);
+    Deno.addSignalListener("SIGTERM", onSignal);
     const p = progressPrinter("kimg");
     const logs: LogEntry[] = [];
     const onProgress = (e: TrainEvent) => {
@@ -179,7 +182,8 @@ program
       p.stop();
       fail(e);
     } finally {
-      Deno.removeSignalListener("SIGINT", onSigint);
+      Deno.removeSignalListener("SIGINT", onSignal);
+      Deno.removeSignalListener("SIGTERM", onSignal);
     }
   });
 

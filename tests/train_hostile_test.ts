@@ -80,3 +80,43 @@ test("train: one process per run folder; a live holder is named, a dead one's lo
     assertEquals((await train({ ...TINY, out: dir })).step, 2);
     assert(!(await Deno.stat(`${dir}/${LOCK_FILE}`).then(() => true, () => false)), "released at the end");
   }));
+
+const CLI = new URL("../cli.ts", import.meta.url).pathname;
+
+/** `deno run -A cli.ts ARGS` to the end: its exit code and output. */
+async function cli(...args: string[]): Promise<{ code: number; out: string; err: string }> {
+  const r = await new Deno.Command(Deno.execPath(), { args: ["run", "-A", CLI, ...args], stdin: "null" })
+    .output();
+  const dec = new TextDecoder();
+  return { code: r.code, out: dec.decode(r.stdout), err: dec.decode(r.stderr) };
+}
+
+test("cli train: SIGTERM stops like SIGINT, after a step with a checkpoint (exit 1, resumable)", () =>
+  inTempDir(async (dir) => {
+    const config = `${dir}/train.json`;
+    await Deno.writeTextFile(config, JSON.stringify({ ...TINY, kimg: 100, logEvery: 1 }));
+    const child = new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", CLI, "train", "--config", config, "--out", `${dir}/run`],
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    const errText = new Response(child.stderr).text();
+    // Wait for the first logged step, then SIGTERM.
+    let out = "";
+    const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+    while (!/\bstep\b|\bkimg\b/.test(out.split("\n").slice(1).join("\n"))) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      out += value;
+    }
+    child.kill("SIGTERM");
+    for (let r = await reader.read(); !r.done; r = await reader.read()) out += r.value;
+    const status = await child.status;
+    const err = await errText;
+    assertEquals([status.code, status.signal], [1, null], `exit status; stderr: ${err}`);
+    assert(out.includes("interrupted at step"), out);
+    assert(err.includes("stopping after this step and saving a checkpoint"), err);
+    const cks = [...Deno.readDirSync(`${dir}/run/checkpoints`)].map((e) => e.name);
+    assert(cks.some((n) => n.startsWith("step-")), `a checkpoint: ${cks}`);
+  }));
