@@ -120,3 +120,21 @@ test("cli train: SIGTERM stops like SIGINT, after a step with a checkpoint (exit
     const cks = [...Deno.readDirSync(`${dir}/run/checkpoints`)].map((e) => e.name);
     assert(cks.some((n) => n.startsWith("step-")), `a checkpoint: ${cks}`);
   }));
+
+test("cli: numeric flags take decimal numbers only; hex, octal, binary, empty and spaced values name the flag", async () => {
+  // --batch 0 is a usage error of its own: a run that accepted the bad --kimg would blame --batch instead.
+  const bad = ["0x10", "0o7", "0b11", "", " 5", "1_000", "Infinity"];
+  const results = await Promise.all(bad.map((v) => cli("train", "--kimg", v, "--batch", "0")));
+  results.forEach((r, i) => {
+    assertEquals(r.code, 2, `--kimg "${bad[i]}": exit code`);
+    assert(r.err.includes(`'--kimg <n>' argument '${bad[i]}' is invalid`), r.err);
+    assert(r.err.includes("expected a decimal number"), r.err);
+  });
+  // Decimal forms pass the flag check (and reach the configuration's: batch 0 is refused there).
+  const good = ["16", "2e-3", ".5"];
+  const ok = await Promise.all(good.map((v) => cli("train", "--kimg", v, "--batch", "0")));
+  ok.forEach((r, i) => {
+    assertEquals(r.code, 2, `--kimg ${good[i]}`);
+    assert(r.err.includes("batch") && !r.err.includes("is invalid"), r.err);
+  });
+});
