@@ -16,7 +16,7 @@ import { networkSpec } from "./trainer.ts";
 import { parseTrainConfig } from "./train.ts";
 import { UsageError } from "../util/errors.ts";
 import { parseUsage } from "../util/config.ts";
-import { writeFileAtomic } from "../util/files.ts";
+import { checkWritable, writeFileAtomic } from "../util/files.ts";
 
 /** Options of `sample` (`deno task sample`): the sampler settings plus what to sample and where to write it. */
 export const SampleConfigSchema = SamplerSettingsSchema.extend({
@@ -72,13 +72,15 @@ export async function sample(
   opts: { device?: Device; onStep?: (info: StepInfo & { batch: number; batches: number }) => void } = {},
 ): Promise<SampleResult> {
   const o = parseUsage(SampleConfigSchema, input, "sample config");
-  try {
-    if (!(await Deno.stat(o.run)).isDirectory) throw new Error();
-  } catch {
-    throw new UsageError(`run directory ${o.run} does not exist`);
-  }
+  const runInfo = await Deno.stat(o.run).catch(() => null);
+  if (!runInfo) throw new UsageError(`run: ${o.run} does not exist`);
+  if (!runInfo.isDirectory) throw new UsageError(`run: ${o.run} is a file, not a run folder`);
   const dir = o.checkpoint ?? await latestCheckpoint(o.run);
   if (!dir) throw new UsageError(`${o.run} has no checkpoint yet (${o.run}/checkpoints/step-*/ is missing)`);
+  // The outputs are checked now, not after minutes of sampling.
+  const path = o.out ?? `${o.run}/samples/sample-${dir.split("/").pop()}.png`;
+  await checkWritable(path, "out");
+  if (o.raw) await checkWritable(o.raw, "raw");
   const state = await readTrainState(dir);
   const cfg = await parseTrainConfig(state.config);
   const spec = networkSpec(cfg);
@@ -118,8 +120,6 @@ export async function sample(
       x.dispose();
     }
     const shape = [o.n, C, R, R];
-    const path = o.out ?? `${o.run}/samples/sample-${dir.split("/").pop()}.png`;
-    await Deno.mkdir(path.split("/").slice(0, -1).join("/") || ".", { recursive: true });
     await saveImageGrid(path, { data: host, shape }, { cols: o.cols });
     let rawPath: string | undefined;
     if (o.raw) {

@@ -6,7 +6,9 @@
  */
 
 import { deepStrictEqual as assertEquals, ok as assert } from "node:assert";
+import { Device } from "../engine/mod.ts";
 import { train, type TrainConfigInput } from "../models/train.ts";
+import { sample } from "../models/sample.ts";
 import { UsageError } from "../util/errors.ts";
 import { LOCK_FILE, processStat } from "../util/lock.ts";
 import { MICRO_TRAINING, test } from "./util.ts";
@@ -138,3 +140,37 @@ test("cli: numeric flags take decimal numbers only; hex, octal, binary, empty an
     assert(r.err.includes("batch") && !r.err.includes("is invalid"), r.err);
   });
 });
+
+test("sample: a file as --run is named as such; --out and --raw are checked before any sampling", () =>
+  inTempDir(async (dir) => {
+    const run = `${dir}/run`, file = `${dir}/README.md`;
+    await train({ ...TINY, out: run });
+    await Deno.writeTextFile(file, "# hello\n");
+    const device = await Device.create({ backend: "cpu" });
+    try {
+      let steps = 0;
+      const opts = { device, onStep: () => void steps++ };
+      const base = { run, n: 2, steps: 2 };
+      const e = await rejects(sample({ run: file }, opts), `run: ${file} is a file, not a run folder`);
+      assert(e instanceof UsageError);
+      await rejects(
+        sample({ ...base, out: `${file}/grid.png` }, opts),
+        `out: ${file} is a file, not a folder`,
+      );
+      await rejects(sample({ ...base, out: dir }, opts), "out:", dir);
+      await rejects(
+        sample({ ...base, out: `${dir}/grid.png`, raw: `${file}/x.safetensors` }, opts),
+        `raw: ${file} is a file, not a folder`,
+      );
+      assertEquals(steps, 0, "no sampling before the outputs were checked");
+      assert(
+        !(await Deno.stat(`${dir}/grid.png`).then(() => true, () => false)),
+        "no grid without its raw file",
+      );
+      const r = await sample({ ...base, out: `${dir}/new/grid.png`, raw: `${dir}/new/x.safetensors` }, opts);
+      assertEquals(r.shape[0], 2);
+      assert(steps > 0);
+    } finally {
+      device.destroy();
+    }
+  }));
