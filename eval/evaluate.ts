@@ -15,8 +15,8 @@ import { z } from "zod";
 import { Device } from "../engine/mod.ts";
 import { type Dataset, openDataset } from "../models/data.ts";
 import { CheckpointGenerator } from "../models/generate.ts";
-import { listCheckpoints, readTrainState, type TrainState } from "../models/checkpoint.ts";
-import { parseTrainConfig, type TrainConfig } from "../models/train.ts";
+import { listCheckpoints, type TrainState } from "../models/checkpoint.ts";
+import { readStoredConfig, type TrainConfig } from "../models/train.ts";
 import { networkSpec } from "../models/trainer.ts";
 import type { UNetSpec } from "../models/unet.ts";
 import { measureLatency, type UNetCost, unetCost } from "./cost.ts";
@@ -172,8 +172,8 @@ export async function evaluate(
   // Every checkpoint's training configuration; they must share the data.
   const states: { run: string; dir: string; state: TrainState; train: TrainConfig }[] = [];
   for (const t of targets) {
-    const state = await readTrainState(t.dir);
-    states.push({ ...t, state, train: await parseTrainConfig(state.config) });
+    const { state, cfg: train } = await readStoredConfig(t.dir);
+    states.push({ ...t, state, train });
   }
   const dataKey = (c: TrainConfig) => JSON.stringify(c.data);
   const other = states.find((s) => dataKey(s.train) !== dataKey(states[0].train));

@@ -11,9 +11,9 @@ import { Device, encodeSafetensors } from "../engine/mod.ts";
 import { CheckpointGenerator, SamplerSettingsSchema } from "./generate.ts";
 import type { StepInfo } from "./samplers.ts";
 import { saveImageGrid } from "./images.ts";
-import { latestCheckpoint, readTrainState } from "./checkpoint.ts";
+import { latestCheckpoint } from "./checkpoint.ts";
 import { networkSpec } from "./trainer.ts";
-import { parseTrainConfig } from "./train.ts";
+import { readStoredConfig } from "./train.ts";
 import { UsageError } from "../util/errors.ts";
 import { parseUsage } from "../util/config.ts";
 import { checkWritable, writeFileAtomic } from "../util/files.ts";
@@ -81,8 +81,7 @@ export async function sample(
   const path = o.out ?? `${o.run}/samples/sample-${dir.split("/").pop()}.png`;
   await checkWritable(path, "out");
   if (o.raw) await checkWritable(o.raw, "raw");
-  const state = await readTrainState(dir);
-  const cfg = await parseTrainConfig(state.config);
+  const { state, cfg } = await readStoredConfig(dir);
   const spec = networkSpec(cfg);
   if (o.classLabel !== undefined && o.classLabel >= spec.labelDim) {
     throw new UsageError(

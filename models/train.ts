@@ -161,6 +161,23 @@ export async function parseTrainConfig(input: unknown): Promise<TrainConfig> {
   return { ...o, network, data: o.data ?? defaultData(network) };
 }
 
+/**
+ * The state and training configuration stored in checkpoint `dir`. A configuration there that does not parse is
+ * a damaged file (a plain Error naming it, exit 1), not something the user typed (a UsageError, exit 2).
+ */
+export async function readStoredConfig(dir: string): Promise<{ state: TrainState; cfg: TrainConfig }> {
+  const state = await readTrainState(dir);
+  try {
+    return { state, cfg: await parseTrainConfig(state.config) };
+  } catch (e) {
+    throw new Error(
+      `${dir}/state.json: the stored training configuration is invalid (a damaged file?): ${
+        (e as Error).message
+      }`,
+    );
+  }
+}
+
 /** The fields of `input` that would change a run trained with `stored`, and how. */
 function incompatibleFields(
   stored: TrainConfig,
@@ -236,8 +253,7 @@ async function openRun(
     await removeStaleTemporaries(runDir);
     const resumeDir = await latestCheckpoint(runDir);
     if (!resumeDir) return { cfg, resumeDir, state: null, lock };
-    const state = await readTrainState(resumeDir);
-    const stored = await parseTrainConfig(state.config);
+    const { state, cfg: stored } = await readStoredConfig(resumeDir);
     const merged = await parseTrainConfig({ ...state.config, ...raw, out: runDir });
     const bad = incompatibleFields(stored, merged, raw);
     if (bad.length) {

@@ -174,3 +174,26 @@ test("sample: a file as --run is named as such; --out and --raw are checked befo
       device.destroy();
     }
   }));
+
+test("a checkpoint whose state.json holds an invalid network is a runtime error naming the file (exit 1)", () =>
+  inTempDir(async (dir) => {
+    const run = `${dir}/run`;
+    const { checkpoint } = await train({ ...TINY, out: run });
+    const statePath = `${checkpoint}/state.json`;
+    const state = JSON.parse(await Deno.readTextFile(statePath));
+    state.config.network.modelChannels = -3;
+    await Deno.writeTextFile(statePath, JSON.stringify(state));
+    for (
+      const f of [() => train({ ...TINY, out: run, kimg: 0.016 }), () => sample({ run, backend: "cpu" })]
+    ) {
+      const e = await rejects(
+        f(),
+        `${statePath}: the stored training configuration is invalid`,
+        "modelChannels",
+      );
+      assert(!(e instanceof UsageError), "a damaged file is not a usage error");
+    }
+    const r = await cli("sample", "--run", run, "--backend", "cpu");
+    assertEquals(r.code, 1, r.err);
+    assert(r.err.includes(statePath), r.err);
+  }));
