@@ -119,6 +119,15 @@ export async function sample(
       x.dispose();
     }
     const shape = [o.n, C, R, R];
+    // Finite weights can still overflow (huge values just before a divergence): never write NaN images.
+    let nonFinite = 0;
+    for (let i = 0; i < host.length; i++) if (!Number.isFinite(host[i])) nonFinite++;
+    if (nonFinite) {
+      throw new Error(
+        `${dir}: ${nonFinite} of ${host.length} sample values are NaN or ±Inf (the network's weights overflow; ` +
+          `sample an earlier checkpoint with --checkpoint); nothing was written`,
+      );
+    }
     await saveImageGrid(path, { data: host, shape }, { cols: o.cols });
     let rawPath: string | undefined;
     if (o.raw) {

@@ -9,7 +9,8 @@
  * - `checkpoints/step-NNNNNNNNN/` (models/checkpoint.ts): the trainer's `stateDict()` and the configuration,
  *   written every `checkpointKimg` and at the end, only after the losses before them were read back and checked,
  *   and only if every weight is finite;
- * - `log.jsonl`: one `LogEntry` per line, every `logEvery` steps;
+ * - `log.jsonl`: one `LogEntry` per line, every `logEvery` steps, and a `SettingsChange` line where a resume
+ *   changed options;
  * - `samples/`: EMA sample grids of the initial network, every `sampleKimg` and at the end.
  *
  * `out` must be new, empty, or a run folder (`checkRunFolder`: nothing but these files), and one process at a
@@ -122,8 +123,14 @@ export type TrainConfig = Omit<z.output<typeof TrainConfigSchema>, "network" | "
   data: z.output<typeof DataConfig>;
 };
 
-/** Options that may change when a run is resumed; all others must match the run's. */
+/**
+ * Options that may change when a run is resumed; all others must match the run's. `lr` and `gradClip` are the
+ * remedies a divergence error advises: changing them changes the numbers from the resumed step on, so the change
+ * is written to log.jsonl as a `SettingsChange` at that step.
+ */
 const RESUMABLE_CHANGES = new Set([
+  "lr",
+  "gradClip",
   "kimg",
   "logEvery",
   "checkpointKimg",
@@ -176,6 +183,26 @@ export async function readStoredConfig(dir: string): Promise<{ state: TrainState
       }`,
     );
   }
+}
+
+/** A log.jsonl line recording options changed when the run was resumed at `step`. */
+export interface SettingsChange {
+  step: number;
+  nimg: number;
+  event: "settings";
+  /** Each changed option: the run's value and the new one. */
+  changed: Record<string, { from: unknown; to: unknown }>;
+}
+
+/** The options of `merged` that differ from `stored` (the run folder `out` aside). */
+function changedSettings(stored: TrainConfig, merged: TrainConfig): SettingsChange["changed"] {
+  const out: SettingsChange["changed"] = {};
+  for (const key of RESUMABLE_CHANGES) {
+    if (key === "out") continue;
+    const from = (stored as Record<string, unknown>)[key], to = (merged as Record<string, unknown>)[key];
+    if (JSON.stringify(from) !== JSON.stringify(to)) out[key] = { from, to };
+  }
+  return out;
 }
 
 /** The fields of `input` that would change a run trained with `stored`, and how. */
@@ -242,7 +269,13 @@ export async function checkRunFolder(dir: string): Promise<void> {
  */
 async function openRun(
   raw: Record<string, unknown>,
-): Promise<{ cfg: TrainConfig; resumeDir: string | null; state: TrainState | null; lock: RunLock }> {
+): Promise<{
+  cfg: TrainConfig;
+  resumeDir: string | null;
+  state: TrainState | null;
+  lock: RunLock;
+  changed: SettingsChange["changed"];
+}> {
   const cfg = await parseTrainConfig(raw);
   const runDir = cfg.out;
   await checkRunFolder(runDir);
@@ -252,7 +285,7 @@ async function openRun(
   try {
     await removeStaleTemporaries(runDir);
     const resumeDir = await latestCheckpoint(runDir);
-    if (!resumeDir) return { cfg, resumeDir, state: null, lock };
+    if (!resumeDir) return { cfg, resumeDir, state: null, lock, changed: {} };
     const { state, cfg: stored } = await readStoredConfig(resumeDir);
     const merged = await parseTrainConfig({ ...state.config, ...raw, out: runDir });
     const bad = incompatibleFields(stored, merged, raw);
@@ -261,7 +294,7 @@ async function openRun(
         `${runDir} holds a run with other settings: ${bad.join("; ")}. Use another --out to start a new run.`,
       );
     }
-    return { cfg: merged, resumeDir, state, lock };
+    return { cfg: merged, resumeDir, state, lock, changed: changedSettings(stored, merged) };
   } catch (e) {
     lock.release();
     throw e;
@@ -349,6 +382,17 @@ class RunFolder {
     this.emit({ type: "log", entry });
   }
 
+  /** Appends the options changed on resuming to log.jsonl (a `SettingsChange` at the current step). */
+  async logSettings(changed: SettingsChange["changed"]): Promise<void> {
+    const line: SettingsChange = {
+      step: this.trainer.stepCount,
+      nimg: this.trainer.nimg,
+      event: "settings",
+      changed,
+    };
+    await Deno.writeTextFile(this.logPath, JSON.stringify(line) + "\n", { append: true });
+  }
+
   /** Reads and logs the waiting losses, then saves a checkpoint if every weight is finite. */
   async checkpoint(): Promise<void> {
     const t = this.trainer;
@@ -426,7 +470,7 @@ export async function train(
   const raw = Object.fromEntries(
     Object.entries((input ?? {}) as Record<string, unknown>).filter(([, v]) => v !== undefined),
   );
-  const { cfg, resumeDir, state, lock } = await openRun(raw);
+  const { cfg, resumeDir, state, lock, changed } = await openRun(raw);
   using _lock = lock;
   const totalNimg = Math.round(cfg.kimg * 1000);
   const dataset = await openDataset(cfg.data);
@@ -439,6 +483,7 @@ export async function train(
     if (resumeDir && state) await resumeFrom(trainer, resumeDir, state);
     folder = new RunFolder(cfg, trainer, resumeDir, emit);
     await folder.prepare();
+    if (Object.keys(changed).length) await folder.logSettings(changed);
     const startStep = trainer.stepCount;
     emit({
       type: "start",

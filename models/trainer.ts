@@ -247,7 +247,8 @@ export function divergedError(
 ): NonFiniteLossError {
   const good = lastGood === undefined ? "" : `; the last good checkpoint is ${lastGood ?? "(none)"}`;
   return new NonFiniteLossError(
-    `training diverged: ${what}${good}. Lower the learning rate (lr ${lr}) or clip the gradients (gradClip).`,
+    `training diverged: ${what}${good}. Lower the learning rate (lr ${lr}) or clip the gradients (gradClip); ` +
+      `both may be changed when the run resumes from that checkpoint (--lr, --grad-clip).`,
     step,
     what,
   );

@@ -6,7 +6,8 @@
  */
 
 import { deepStrictEqual as assertEquals, ok as assert } from "node:assert";
-import { Device } from "../engine/mod.ts";
+import { Device, encodeSafetensors } from "../engine/mod.ts";
+import { disposeCheckpoint, loadCheckpoint, readTensors } from "../models/checkpoint.ts";
 import { train, type TrainConfigInput } from "../models/train.ts";
 import { sample } from "../models/sample.ts";
 import { UsageError } from "../util/errors.ts";
@@ -196,4 +197,54 @@ test("a checkpoint whose state.json holds an invalid network is a runtime error 
     const r = await cli("sample", "--run", run, "--backend", "cpu");
     assertEquals(r.code, 1, r.err);
     assert(r.err.includes(statePath), r.err);
+  }));
+
+test("after a divergence: --lr and --grad-clip apply on resume (logged), NaN samples and weights are refused", () =>
+  inTempDir(async (dir) => {
+    const run = `${dir}/run`;
+    const { checkpoint } = await train({ ...TINY, out: run });
+    const r = await train({ ...TINY, out: run, kimg: 0.016, lr: 1e-3, gradClip: 1 });
+    assertEquals(r.step, 4);
+    const log = (await Deno.readTextFile(`${run}/log.jsonl`)).trim().split("\n").map((l) => JSON.parse(l));
+    assertEquals(log.filter((l) => l.event === "settings"), [{
+      step: 2,
+      nimg: 8,
+      event: "settings",
+      changed: {
+        lr: { from: 2e-3, to: 1e-3 },
+        gradClip: { from: null, to: 1 },
+        kimg: { from: 0.008, to: 0.016 },
+      },
+    }]);
+    assertEquals(JSON.parse(await Deno.readTextFile(`${run}/config.json`)).lr, 1e-3);
+    // Finite weights that overflow: the samples are NaN, and nothing is written.
+    const device = await Device.create({ backend: "cpu" });
+    try {
+      const ck = await loadCheckpoint(checkpoint!, device, { ema: true });
+      const host = await readTensors(ck.ema);
+      disposeCheckpoint(ck);
+      const scaled = (v: number) =>
+        Object.fromEntries(
+          Object.entries(host).map(([k, t]) => [k, { shape: t.shape, data: t.data.map((x) => x * v) }]),
+        );
+      await Deno.writeFile(`${checkpoint}/ema.safetensors`, encodeSafetensors(scaled(1e30)));
+      const grid = `${dir}/grid.png`;
+      const e = await rejects(
+        sample({ run, checkpoint, out: grid, n: 2, steps: 2 }, { device }),
+        `${checkpoint}:`,
+        "sample values are NaN or ±Inf",
+      );
+      assert(!(e instanceof UsageError));
+      assert(!(await Deno.stat(grid).then(() => true, () => false)), "no grid of NaNs");
+      // A NaN weight is a damaged file, named on load.
+      const nan = scaled(1);
+      nan[Object.keys(nan)[0]].data[0] = NaN;
+      await Deno.writeFile(`${checkpoint}/ema.safetensors`, encodeSafetensors(nan));
+      await rejects(
+        sample({ run, checkpoint, out: grid, n: 2, steps: 2 }, { device }),
+        `${checkpoint}/ema.safetensors: "${Object.keys(nan)[0]}" holds NaN`,
+      );
+    } finally {
+      device.destroy();
+    }
   }));
