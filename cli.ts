@@ -628,6 +628,8 @@ program
               p.update(e.done, name);
             } else if (e.type === "checkpoint") {
               p.log(`[${e.index + 1}/${e.total}] ${e.dir}`);
+            } else if (e.type === "warning") {
+              p.log(`warning: ${e.message}`);
             } else if (e.type === "result" && e.result.reused) {
               p.log(`  ${e.result.reused} measurement(s) read from ${e.result.run}/eval/`);
             }

@@ -67,7 +67,7 @@ export const EvalConfigSchema = z.strictObject({
   batch: z.number().int().positive().default(256),
   // Where reference statistics are cached.
   cacheDir: z.string().min(1).default(".cache/fid"),
-  // Recompute measurements even where saved ones apply.
+  // Recompute measurements (and the cached reference statistics) even where saved ones apply.
   force: z.boolean().default(false),
   // Device: WebGPU or the CPU reference kernels.
   backend: z.enum(["webgpu", "cpu"]).default("webgpu"),
@@ -104,6 +104,7 @@ export interface EvalReport {
 /** Progress events for the command line. */
 export type EvalEvent =
   | { type: "reference"; done: number; total: number }
+  | { type: "warning"; message: string }
   | { type: "checkpoint"; index: number; total: number; dir: string }
   | { type: "metric"; name: string; done: number; total: number }
   | { type: "result"; result: CheckpointEval };
@@ -193,6 +194,9 @@ export async function evaluate(
       cacheDir: cfg.cacheDir,
       batch: cfg.batch,
       onProgress: (done, total) => emit({ type: "reference", done, total }),
+      // --force recomputes the reference too (a damaged cache file is recomputed anyway, with a warning).
+      recompute: cfg.force,
+      onWarning: (message) => emit({ type: "warning", message }),
     });
     const full: FidProtocol = { n: cfg.n, steps: cfg.steps, sampler: "heun", seed: cfg.seed };
     const proxy: FidProtocol = { n: cfg.proxyN, steps: cfg.proxySteps, sampler: "heun", seed: cfg.seed };
