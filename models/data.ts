@@ -30,7 +30,7 @@
 import { z } from "zod";
 import { Device, type Tensor, tensor } from "../engine/mod.ts";
 import { parseConfig } from "../util/config.ts";
-import { decodePng } from "./images.ts";
+import { decodePng, pngSize } from "./images.ts";
 import { hash2, Rng } from "../util/random.ts";
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -624,18 +624,23 @@ export async function loadImageFolder(dir: string): Promise<ImageFolderDataset> 
     const f = join(dir, files[i]);
     let img;
     try {
-      img = decodePng(await Deno.readFile(f));
+      const bytes = await Deno.readFile(f);
+      // The header's size is compared before decoding: a small file may declare a huge image.
+      const size = pngSize(bytes);
+      if (first && (size.width !== first.w || size.height !== first.h)) {
+        throw new Error(
+          `${who}: ${f} is ${size.width}×${size.height}, but ${first.file} is ${first.w}×${first.h}: ` +
+            "all images must have one size",
+        );
+      }
+      img = decodePng(bytes);
     } catch (e) {
-      throw new Error(`${who}: ${f}: ${(e as Error).message}`);
+      const msg = (e as Error).message;
+      throw new Error(msg.startsWith(`${who}: `) ? msg : `${who}: ${f}: ${msg}`);
     }
     if (!first) {
       first = { file: f, w: img.width, h: img.height, c: img.channels };
       pixels = new Uint8Array(files.length * img.channels * img.width * img.height);
-    } else if (img.width !== first.w || img.height !== first.h) {
-      throw new Error(
-        `${who}: ${f} is ${img.width}×${img.height}, but ${first.file} is ${first.w}×${first.h}: ` +
-          "all images must have one size",
-      );
     } else if (img.channels !== first.c) {
       const kind = (c: number) => (c === 1 ? "grey (1 channel)" : "RGB (3 channels)");
       throw new Error(`${who}: ${f} is ${kind(img.channels)}, but ${first.file} is ${kind(first.c)}`);
