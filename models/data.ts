@@ -98,10 +98,13 @@ abstract class ByteDataset implements Dataset {
 export const PROCEDURAL_SCENES = ["bold", "busy"] as const;
 export type ProceduralScene = typeof PROCEDURAL_SCENES[number];
 
+/** The image sides the procedural shapes are drawn at, in pixels. */
+export const PROCEDURAL_RESOLUTIONS = { min: 8, max: 256 } as const;
+
 /** Options of `ProceduralShapes`. */
 export const ProceduralConfig = z.object({
   // Side of the square images in pixels (16 and 32 are the intended sizes).
-  resolution: z.number().int().min(8).max(256).default(32),
+  resolution: z.number().int().min(PROCEDURAL_RESOLUTIONS.min).max(PROCEDURAL_RESOLUTIONS.max).default(32),
   // Seed of the whole set: image i is a function of (seed, i) only.
   seed: z.number().int().min(0).max(0xffffffff).default(0),
   // Number of images (they are generated on demand, so this costs no memory).
@@ -695,7 +698,7 @@ export const DataConfig = z.discriminatedUnion("kind", [
     // The embedded procedural shapes (no download).
     kind: z.literal("procedural"),
     // Image side in pixels.
-    resolution: z.number().int().min(8).max(256).default(32),
+    resolution: z.number().int().min(PROCEDURAL_RESOLUTIONS.min).max(PROCEDURAL_RESOLUTIONS.max).default(32),
     // Seed of the set.
     seed: z.number().int().min(0).max(0xffffffff).default(0),
     // Number of images.

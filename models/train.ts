@@ -165,7 +165,13 @@ async function resolveNetwork(network: string | Record<string, unknown>): Promis
 export async function parseTrainConfig(input: unknown): Promise<TrainConfig> {
   const o = parseUsage(TrainConfigSchema, input, "train config");
   const network = await resolveNetwork(o.network);
-  return { ...o, network, data: o.data ?? defaultData(network) };
+  let data = o.data;
+  try {
+    data ??= defaultData(network);
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
+  return { ...o, network, data };
 }
 
 /**

@@ -8,11 +8,11 @@
 import { deepStrictEqual as assertEquals, ok as assert } from "node:assert";
 import { Device, encodeSafetensors } from "../engine/mod.ts";
 import { disposeCheckpoint, loadCheckpoint, readTensors } from "../models/checkpoint.ts";
-import { train, type TrainConfigInput } from "../models/train.ts";
+import { parseTrainConfig, train, type TrainConfigInput } from "../models/train.ts";
 import { sample } from "../models/sample.ts";
 import { UsageError } from "../util/errors.ts";
 import { LOCK_FILE, processStat } from "../util/lock.ts";
-import { MICRO_TRAINING, test } from "./util.ts";
+import { MICRO_TRAINING, MICRO_UNET, test } from "./util.ts";
 
 /** Two micro steps on the CPU, no grids, a checkpoint only at the end. */
 const TINY: TrainConfigInput = { ...MICRO_TRAINING, checkpointKimg: 0, kimg: 0.008, backend: "cpu" };
@@ -248,3 +248,17 @@ test("after a divergence: --lr and --grad-clip apply on resume (logged), NaN sam
       device.destroy();
     }
   }));
+
+test("a network resolution the default data cannot draw names imgResolution, not a data field never set", async () => {
+  const network = { ...MICRO_UNET, imgResolution: 4096, attnResolutions: [] };
+  const e = await rejects(
+    parseTrainConfig({ network }),
+    "network: imgResolution 4096 has no default data",
+    "png",
+  );
+  assert(e instanceof UsageError);
+  assert(!e.message.includes("data: resolution"), e.message);
+  // With data of that size given, the network's resolution is not the data's problem.
+  const cfg = await parseTrainConfig({ network, data: { kind: "png", path: "somewhere" } });
+  assertEquals(cfg.network.imgResolution, 4096);
+});
