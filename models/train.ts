@@ -242,6 +242,9 @@ export async function checkRunFolder(dir: string): Promise<void> {
     info = await Deno.stat(dir);
   } catch (e) {
     if (e instanceof Deno.errors.NotFound) return;
+    if (e instanceof Deno.errors.NotADirectory) {
+      throw new UsageError(`out: ${dir} lies under a file (${(e as Error).message}); give a folder`);
+    }
     throw new Error(`out: cannot use ${dir}: ${(e as Error).message}`);
   }
   if (!info.isDirectory) throw new UsageError(`out: ${dir} is a file, not a run folder`);

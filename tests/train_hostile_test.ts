@@ -55,6 +55,7 @@ test("train refuses an out folder that is not a run, naming what is there, and l
     assertEquals(await Deno.readTextFile(`${project}/log.jsonl`), "precious\n");
     // A file.
     await rejects(train({ ...TINY, out: `${project}/log.jsonl` }), "log.jsonl is a file, not a run folder");
+    await rejects(train({ ...TINY, out: `${project}/log.jsonl/run` }), "log.jsonl/run lies under a file");
     // An empty folder, and then the run it became, are fine.
     const run = `${dir}/run`;
     await Deno.mkdir(run);
