@@ -3,7 +3,7 @@
  * here. Exit codes: 0 success, 1 failure, 2 usage error or a command that is not built yet.
  */
 
-import { Command, type CommanderError } from "commander";
+import { Command, type CommanderError, InvalidArgumentError } from "commander";
 // @ts-types="@types/cli-progress"
 import cliProgress from "cli-progress";
 import { Device } from "./engine/mod.ts";
@@ -62,8 +62,17 @@ program
 // ---------------------------------------------------------------------------------------------------------------
 // train / sample.
 
-/** Numeric options are passed through as numbers; zod names the option if one is not a valid number. */
-const num = (v: string) => Number(v);
+/** A decimal number as typed by a person: digits, an optional fraction and exponent; no spaces, no 0x/0o/0b. */
+const DECIMAL = /^[+-]?(\d+\.?\d*|\.\d+)(e[+-]?\d+)?$/i;
+/**
+ * Numeric options: decimal numbers only (`Number` would read "0x10" as 16 and "" or " " as 0). Commander names
+ * the option in its error ("option '--kimg <n>' argument '0x10' is invalid") and the exit code is 2; zod
+ * checks the range.
+ */
+const num = (v: string) => {
+  if (!DECIMAL.test(v)) throw new InvalidArgumentError("expected a decimal number (like 6, 0.5 or 2e-3).");
+  return Number(v);
+};
 /** Usage errors (bad options, bad config fields, missing run directory) exit with 2, other failures with 1. */
 const fail = (e: unknown): never => {
   console.error(`error: ${(e as Error).message}`);
@@ -120,12 +129,15 @@ program
   .action(async (opts: Record<string, unknown> & { config?: string }) => {
     const { config, ...flags } = opts;
     const controller = new AbortController();
-    const onSigint = () => {
+    // SIGINT (Ctrl-C) and SIGTERM (kill, a job scheduler; `deno task` forwards both to this process) alike stop
+    // after the current step with a checkpoint; a second signal quits at once.
+    const onSignal = () => {
       if (controller.signal.aborted) Deno.exit(1);
       controller.abort();
       console.error("\nstopping after this step and saving a checkpoint (Ctrl-C again to quit at once)");
     };
-    Deno.addSignalListener("SIGINT", onSigint);
+    Deno.addSignalListener("SIGINT", onSignal);
+    Deno.addSignalListener("SIGTERM", onSignal);
     const p = progressPrinter("kimg");
     const logs: LogEntry[] = [];
     const onProgress = (e: TrainEvent) => {
@@ -180,7 +192,8 @@ program
       p.stop();
       fail(e);
     } finally {
-      Deno.removeSignalListener("SIGINT", onSigint);
+      Deno.removeSignalListener("SIGINT", onSignal);
+      Deno.removeSignalListener("SIGTERM", onSignal);
     }
   });
 
@@ -721,6 +734,8 @@ program
               p.update(e.done, name);
             } else if (e.type === "checkpoint") {
               p.log(`[${e.index + 1}/${e.total}] ${e.dir}`);
+            } else if (e.type === "warning") {
+              p.log(`warning: ${e.message}`);
             } else if (e.type === "result" && e.result.reused) {
               p.log(`  ${e.result.reused} measurement(s) read from ${e.result.run}/eval/`);
             }

@@ -15,8 +15,8 @@ import { z } from "zod";
 import { Device } from "../engine/mod.ts";
 import { type Dataset, openDataset } from "../models/data.ts";
 import { CheckpointGenerator } from "../models/generate.ts";
-import { listCheckpoints, readTrainState, type TrainState } from "../models/checkpoint.ts";
-import { parseTrainConfig, type TrainConfig } from "../models/train.ts";
+import { listCheckpoints, type TrainState } from "../models/checkpoint.ts";
+import { readStoredConfig, type TrainConfig } from "../models/train.ts";
 import { networkSpec } from "../models/trainer.ts";
 import type { UNetSpec } from "../models/unet.ts";
 import { measureLatency, type UNetCost, unetCost } from "./cost.ts";
@@ -67,7 +67,7 @@ export const EvalConfigSchema = z.strictObject({
   batch: z.number().int().positive().default(256),
   // Where reference statistics are cached.
   cacheDir: z.string().min(1).default(".cache/fid"),
-  // Recompute measurements even where saved ones apply.
+  // Recompute measurements (and the cached reference statistics) even where saved ones apply.
   force: z.boolean().default(false),
   // Device: WebGPU or the CPU reference kernels.
   backend: z.enum(["webgpu", "cpu"]).default("webgpu"),
@@ -104,6 +104,7 @@ export interface EvalReport {
 /** Progress events for the command line. */
 export type EvalEvent =
   | { type: "reference"; done: number; total: number }
+  | { type: "warning"; message: string }
   | { type: "checkpoint"; index: number; total: number; dir: string }
   | { type: "metric"; name: string; done: number; total: number }
   | { type: "result"; result: CheckpointEval };
@@ -172,8 +173,8 @@ export async function evaluate(
   // Every checkpoint's training configuration; they must share the data.
   const states: { run: string; dir: string; state: TrainState; train: TrainConfig }[] = [];
   for (const t of targets) {
-    const state = await readTrainState(t.dir);
-    states.push({ ...t, state, train: await parseTrainConfig(state.config) });
+    const { state, cfg: train } = await readStoredConfig(t.dir);
+    states.push({ ...t, state, train });
   }
   const dataKey = (c: TrainConfig) => JSON.stringify(c.data);
   const other = states.find((s) => dataKey(s.train) !== dataKey(states[0].train));
@@ -193,6 +194,9 @@ export async function evaluate(
       cacheDir: cfg.cacheDir,
       batch: cfg.batch,
       onProgress: (done, total) => emit({ type: "reference", done, total }),
+      // --force recomputes the reference too (a damaged cache file is recomputed anyway, with a warning).
+      recompute: cfg.force,
+      onWarning: (message) => emit({ type: "warning", message }),
     });
     const full: FidProtocol = { n: cfg.n, steps: cfg.steps, sampler: "heun", seed: cfg.seed };
     const proxy: FidProtocol = { n: cfg.proxyN, steps: cfg.proxySteps, sampler: "heun", seed: cfg.seed };

@@ -402,6 +402,10 @@ export function encodeStatistics(stats: FidStatistics, metadata: Record<string, 
   const d = checkStatistics("encodeStatistics", stats.mu, stats.sigma);
   const meta: Record<string, string> = { ...metadata, format: STATS_FORMAT };
   if (stats.count !== undefined) meta.count = String(stats.count);
+  const data = new Float64Array(d + d * d);
+  data.set(stats.mu);
+  data.set(stats.sigma, d);
+  meta.checksum = statisticsChecksum(new Uint8Array(data.buffer));
   const header = {
     __metadata__: meta,
     mu: { dtype: "F64", shape: [d], data_offsets: [0, 8 * d] },
@@ -421,6 +425,13 @@ export function encodeStatistics(stats: FidStatistics, metadata: Record<string, 
     for (let i = 0; i < arr.length; i++, at += 8) view.setFloat64(at, arr[i], true);
   }
   return out;
+}
+
+/** FNV-1a (32 bits, hex) of the bytes: the checksum of a statistics file's data, to find a damaged one. */
+export function statisticsChecksum(bytes: Uint8Array): string {
+  let h = 0x811c9dc5;
+  for (let i = 0; i < bytes.length; i++) h = Math.imul(h ^ bytes[i], 0x01000193);
+  return (h >>> 0).toString(16).padStart(8, "0");
 }
 
 /** Parses statistics from safetensors bytes (F64 or F32 `mu`, `sigma`); `source` names the file in errors. */
@@ -471,6 +482,13 @@ export function decodeStatistics(
     fail(`sigma has shape [${sigma.shape}], expected [${d}, ${d}] for mu of shape [${d}]`);
   }
   const metadata = (header.__metadata__ ?? {}) as Record<string, string>;
+  if (metadata.checksum !== undefined) {
+    const data = new Float64Array(d + d * d);
+    data.set(mu.data);
+    data.set(sigma.data, d);
+    const sum = statisticsChecksum(new Uint8Array(data.buffer));
+    if (sum !== metadata.checksum) fail(`checksum ${sum} does not match the recorded ${metadata.checksum}`);
+  }
   const count = metadata.count !== undefined ? Number(metadata.count) : undefined;
   return { mu: mu.data, sigma: sigma.data, count, metadata };
 }

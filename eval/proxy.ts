@@ -143,26 +143,41 @@ export function datasetStatistics(
 /**
  * Reference statistics of a dataset, read from `cacheDir` when an earlier run computed them for the same
  * dataset, feature network (by weights fingerprint) and count, else computed and cached (written atomically).
+ * A cached file is used only if it decodes (header, sizes, checksum), has the features' dimension and `n`
+ * images, and is finite; a bad one is recomputed and replaced, with a warning (`onWarning`, default
+ * console.warn) that names it and why. `recompute` ignores the cache.
  */
 export async function referenceStatistics(
   dataset: Dataset,
   extractor: FeatureExtractor,
   n: number,
-  opts: { cacheDir?: string; batch?: number; onProgress?: ProgressFn } = {},
+  opts: {
+    cacheDir?: string;
+    batch?: number;
+    onProgress?: ProgressFn;
+    recompute?: boolean;
+    onWarning?: (message: string) => void;
+  } = {},
 ): Promise<{ stats: FidStatistics; cached: boolean; path?: string; seconds: number }> {
   const t0 = performance.now();
   const safe = (s: string) => s.replace(/[^A-Za-z0-9._-]+/g, "_");
   const path = opts.cacheDir &&
     `${opts.cacheDir}/${safe(dataset.name)}-${safe(extractor.name)}-${extractor.fingerprint}-n${n}.fidstats`;
-  if (path) {
+  if (path && !opts.recompute && await Deno.stat(path).then(() => true, () => false)) {
+    let problem: string;
     try {
       const stats = await loadStatistics(path);
-      if (stats.mu.length === extractor.dim) {
-        return { stats, cached: true, path, seconds: (performance.now() - t0) / 1000 };
-      }
+      if (stats.mu.length !== extractor.dim) problem = `dimension ${stats.mu.length}, not ${extractor.dim}`;
+      else if (stats.count !== undefined && stats.count !== n) problem = `${stats.count} images, not ${n}`;
+      else if (!stats.mu.every(Number.isFinite) || !stats.sigma.every(Number.isFinite)) {
+        problem = "NaN or ±Inf";
+      } else return { stats, cached: true, path, seconds: (performance.now() - t0) / 1000 };
     } catch (e) {
-      if (!(e instanceof Error) || !/cannot read the file/.test(e.message)) throw e;
+      problem = (e as Error).message;
     }
+    (opts.onWarning ?? console.warn)(
+      `cached reference statistics ${path} are unusable (${problem}); recomputing`,
+    );
   }
   const { stats } = await datasetStatistics(dataset, extractor, n, opts);
   if (path) {

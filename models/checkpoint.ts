@@ -310,7 +310,14 @@ async function loadFile(path: string, device: Device): Promise<Record<string, Te
   } catch {
     throw new Error(`checkpoint file ${path} is missing`);
   }
-  return (await loadSafetensorsWithMetadata(path, { device })).tensors;
+  const tensors = (await loadSafetensorsWithMetadata(path, { device })).tensors;
+  // Checkpoints are written only when finite: a NaN or ±Inf here means a damaged or foreign file.
+  const bad = firstNonFinite(await readTensors(tensors));
+  if (bad) {
+    for (const t of Object.values(tensors)) t.dispose();
+    throw new Error(`checkpoint file ${path}: "${bad.name}" holds ${bad.value} (a damaged file?)`);
+  }
+  return tensors;
 }
 
 /**

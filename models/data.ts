@@ -30,7 +30,7 @@
 import { z } from "zod";
 import { Device, type Tensor, tensor } from "../engine/mod.ts";
 import { parseConfig } from "../util/config.ts";
-import { decodePng } from "./images.ts";
+import { decodePng, pngSize } from "./images.ts";
 import { hash2, Rng } from "../util/random.ts";
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -98,10 +98,13 @@ abstract class ByteDataset implements Dataset {
 export const PROCEDURAL_SCENES = ["bold", "busy"] as const;
 export type ProceduralScene = typeof PROCEDURAL_SCENES[number];
 
+/** The image sides the procedural shapes are drawn at, in pixels. */
+export const PROCEDURAL_RESOLUTIONS = { min: 8, max: 256 } as const;
+
 /** Options of `ProceduralShapes`. */
 export const ProceduralConfig = z.object({
   // Side of the square images in pixels (16 and 32 are the intended sizes).
-  resolution: z.number().int().min(8).max(256).default(32),
+  resolution: z.number().int().min(PROCEDURAL_RESOLUTIONS.min).max(PROCEDURAL_RESOLUTIONS.max).default(32),
   // Seed of the whole set: image i is a function of (seed, i) only.
   seed: z.number().int().min(0).max(0xffffffff).default(0),
   // Number of images (they are generated on demand, so this costs no memory).
@@ -624,18 +627,23 @@ export async function loadImageFolder(dir: string): Promise<ImageFolderDataset> 
     const f = join(dir, files[i]);
     let img;
     try {
-      img = decodePng(await Deno.readFile(f));
+      const bytes = await Deno.readFile(f);
+      // The header's size is compared before decoding: a small file may declare a huge image.
+      const size = pngSize(bytes);
+      if (first && (size.width !== first.w || size.height !== first.h)) {
+        throw new Error(
+          `${who}: ${f} is ${size.width}×${size.height}, but ${first.file} is ${first.w}×${first.h}: ` +
+            "all images must have one size",
+        );
+      }
+      img = decodePng(bytes);
     } catch (e) {
-      throw new Error(`${who}: ${f}: ${(e as Error).message}`);
+      const msg = (e as Error).message;
+      throw new Error(msg.startsWith(`${who}: `) ? msg : `${who}: ${f}: ${msg}`);
     }
     if (!first) {
       first = { file: f, w: img.width, h: img.height, c: img.channels };
       pixels = new Uint8Array(files.length * img.channels * img.width * img.height);
-    } else if (img.width !== first.w || img.height !== first.h) {
-      throw new Error(
-        `${who}: ${f} is ${img.width}×${img.height}, but ${first.file} is ${first.w}×${first.h}: ` +
-          "all images must have one size",
-      );
     } else if (img.channels !== first.c) {
       const kind = (c: number) => (c === 1 ? "grey (1 channel)" : "RGB (3 channels)");
       throw new Error(`${who}: ${f} is ${kind(img.channels)}, but ${first.file} is ${kind(first.c)}`);
@@ -690,7 +698,7 @@ export const DataConfig = z.discriminatedUnion("kind", [
     // The embedded procedural shapes (no download).
     kind: z.literal("procedural"),
     // Image side in pixels.
-    resolution: z.number().int().min(8).max(256).default(32),
+    resolution: z.number().int().min(PROCEDURAL_RESOLUTIONS.min).max(PROCEDURAL_RESOLUTIONS.max).default(32),
     // Seed of the set.
     seed: z.number().int().min(0).max(0xffffffff).default(0),
     // Number of images.

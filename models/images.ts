@@ -94,12 +94,44 @@ export interface DecodedImage {
   data: Uint8Array;
 }
 
+/** The most pixels a PNG may declare (4096×4096): its header is read first, so a hostile one is refused cheaply. */
+export const PNG_MAX_PIXELS = 4096 * 4096;
+
+const PNG_SIGNATURE = [0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a];
+
+/**
+ * The width and height a PNG's header (IHDR, the first chunk) declares, read without decoding anything: a small
+ * file may declare a huge image that would take gigabytes to decode.
+ */
+export function pngSize(bytes: Uint8Array): { width: number; height: number } {
+  if (bytes.length < 24 || PNG_SIGNATURE.some((b, i) => bytes[i] !== b)) {
+    throw new Error("not a readable PNG (no PNG signature)");
+  }
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  if (String.fromCharCode(...bytes.subarray(12, 16)) !== "IHDR") {
+    throw new Error("not a readable PNG (the first chunk is not IHDR)");
+  }
+  return { width: view.getUint32(16), height: view.getUint32(20) };
+}
+
 /**
  * Decodes a PNG to 8-bit grey or RGB: palettes are expanded, 16-bit samples are rounded to 8 bits, and an alpha
  * channel is dropped if every pixel is opaque (otherwise an error: a transparent training image is ambiguous).
- * Errors say what is wrong; the caller adds the file name.
+ * Errors say what is wrong; the caller adds the file name. The header's size is checked first, against
+ * `maxPixels` (default `PNG_MAX_PIXELS`).
  */
-export function decodePng(bytes: Uint8Array): DecodedImage {
+export function decodePng(
+  bytes: Uint8Array,
+  opts: { maxPixels?: number } = {},
+): DecodedImage {
+  // The declared size is checked before decoding (which allocates width × height × channels).
+  const declared = pngSize(bytes), max = opts.maxPixels ?? PNG_MAX_PIXELS;
+  if (declared.width * declared.height > max) {
+    throw new Error(
+      `declares ${declared.width}×${declared.height} pixels, more than the limit of ${max} pixels ` +
+        `(${Math.sqrt(max)}×${Math.sqrt(max)})`,
+    );
+  }
   let png;
   try {
     png = decodePngRaw(bytes);

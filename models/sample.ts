@@ -11,12 +11,12 @@ import { Device, encodeSafetensors } from "../engine/mod.ts";
 import { CheckpointGenerator, SamplerSettingsSchema } from "./generate.ts";
 import type { StepInfo } from "./samplers.ts";
 import { saveImageGrid } from "./images.ts";
-import { latestCheckpoint, readTrainState } from "./checkpoint.ts";
+import { latestCheckpoint } from "./checkpoint.ts";
 import { networkSpec } from "./trainer.ts";
-import { parseTrainConfig } from "./train.ts";
+import { readStoredConfig } from "./train.ts";
 import { UsageError } from "../util/errors.ts";
 import { parseUsage } from "../util/config.ts";
-import { writeFileAtomic } from "../util/files.ts";
+import { checkWritable, writeFileAtomic } from "../util/files.ts";
 
 /** Options of `sample` (`deno task sample`): the sampler settings plus what to sample and where to write it. */
 export const SampleConfigSchema = SamplerSettingsSchema.extend({
@@ -72,15 +72,16 @@ export async function sample(
   opts: { device?: Device; onStep?: (info: StepInfo & { batch: number; batches: number }) => void } = {},
 ): Promise<SampleResult> {
   const o = parseUsage(SampleConfigSchema, input, "sample config");
-  try {
-    if (!(await Deno.stat(o.run)).isDirectory) throw new Error();
-  } catch {
-    throw new UsageError(`run directory ${o.run} does not exist`);
-  }
+  const runInfo = await Deno.stat(o.run).catch(() => null);
+  if (!runInfo) throw new UsageError(`run: ${o.run} does not exist`);
+  if (!runInfo.isDirectory) throw new UsageError(`run: ${o.run} is a file, not a run folder`);
   const dir = o.checkpoint ?? await latestCheckpoint(o.run);
   if (!dir) throw new UsageError(`${o.run} has no checkpoint yet (${o.run}/checkpoints/step-*/ is missing)`);
-  const state = await readTrainState(dir);
-  const cfg = await parseTrainConfig(state.config);
+  // The outputs are checked now, not after minutes of sampling.
+  const path = o.out ?? `${o.run}/samples/sample-${dir.split("/").pop()}.png`;
+  await checkWritable(path, "out");
+  if (o.raw) await checkWritable(o.raw, "raw");
+  const { state, cfg } = await readStoredConfig(dir);
   const spec = networkSpec(cfg);
   if (o.classLabel !== undefined && o.classLabel >= spec.labelDim) {
     throw new UsageError(
@@ -118,8 +119,15 @@ export async function sample(
       x.dispose();
     }
     const shape = [o.n, C, R, R];
-    const path = o.out ?? `${o.run}/samples/sample-${dir.split("/").pop()}.png`;
-    await Deno.mkdir(path.split("/").slice(0, -1).join("/") || ".", { recursive: true });
+    // Finite weights can still overflow (huge values just before a divergence): never write NaN images.
+    let nonFinite = 0;
+    for (let i = 0; i < host.length; i++) if (!Number.isFinite(host[i])) nonFinite++;
+    if (nonFinite) {
+      throw new Error(
+        `${dir}: ${nonFinite} of ${host.length} sample values are NaN or ±Inf (the network's weights overflow; ` +
+          `sample an earlier checkpoint with --checkpoint); nothing was written`,
+      );
+    }
     await saveImageGrid(path, { data: host, shape }, { cols: o.cols });
     let rawPath: string | undefined;
     if (o.raw) {

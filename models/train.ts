@@ -9,8 +9,12 @@
  * - `checkpoints/step-NNNNNNNNN/` (models/checkpoint.ts): the trainer's `stateDict()` and the configuration,
  *   written every `checkpointKimg` and at the end, only after the losses before them were read back and checked,
  *   and only if every weight is finite;
- * - `log.jsonl`: one `LogEntry` per line, every `logEvery` steps;
+ * - `log.jsonl`: one `LogEntry` per line, every `logEvery` steps, and a `SettingsChange` line where a resume
+ *   changed options;
  * - `samples/`: EMA sample grids of the initial network, every `sampleKimg` and at the end.
+ *
+ * `out` must be new, empty, or a run folder (`checkRunFolder`: nothing but these files), and one process at a
+ * time trains in it (util/lock.ts: a `lock` file naming the holder's PID; a dead holder's lock is taken over).
  *
  * A folder with a checkpoint is resumed from its newest one: options that would change the run's numbers must
  * match the stored ones (`RESUMABLE_CHANGES` lists those that may differ), log lines written after that
@@ -55,6 +59,7 @@ import {
 import { UsageError } from "../util/errors.ts";
 import { parseUsage, readJsonFile } from "../util/config.ts";
 import { writeTextAtomic } from "../util/files.ts";
+import { LOCK_FILE, lockRunFolder, type RunLock } from "../util/lock.ts";
 
 // ---------------------------------------------------------------------------------------------------------------
 // Configuration.
@@ -118,8 +123,14 @@ export type TrainConfig = Omit<z.output<typeof TrainConfigSchema>, "network" | "
   data: z.output<typeof DataConfig>;
 };
 
-/** Options that may change when a run is resumed; all others must match the run's. */
+/**
+ * Options that may change when a run is resumed; all others must match the run's. `lr` and `gradClip` are the
+ * remedies a divergence error advises: changing them changes the numbers from the resumed step on, so the change
+ * is written to log.jsonl as a `SettingsChange` at that step.
+ */
 const RESUMABLE_CHANGES = new Set([
+  "lr",
+  "gradClip",
   "kimg",
   "logEvery",
   "checkpointKimg",
@@ -154,7 +165,50 @@ async function resolveNetwork(network: string | Record<string, unknown>): Promis
 export async function parseTrainConfig(input: unknown): Promise<TrainConfig> {
   const o = parseUsage(TrainConfigSchema, input, "train config");
   const network = await resolveNetwork(o.network);
-  return { ...o, network, data: o.data ?? defaultData(network) };
+  let data = o.data;
+  try {
+    data ??= defaultData(network);
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
+  return { ...o, network, data };
+}
+
+/**
+ * The state and training configuration stored in checkpoint `dir`. A configuration there that does not parse is
+ * a damaged file (a plain Error naming it, exit 1), not something the user typed (a UsageError, exit 2).
+ */
+export async function readStoredConfig(dir: string): Promise<{ state: TrainState; cfg: TrainConfig }> {
+  const state = await readTrainState(dir);
+  try {
+    return { state, cfg: await parseTrainConfig(state.config) };
+  } catch (e) {
+    throw new Error(
+      `${dir}/state.json: the stored training configuration is invalid (a damaged file?): ${
+        (e as Error).message
+      }`,
+    );
+  }
+}
+
+/** A log.jsonl line recording options changed when the run was resumed at `step`. */
+export interface SettingsChange {
+  step: number;
+  nimg: number;
+  event: "settings";
+  /** Each changed option: the run's value and the new one. */
+  changed: Record<string, { from: unknown; to: unknown }>;
+}
+
+/** The options of `merged` that differ from `stored` (the run folder `out` aside). */
+function changedSettings(stored: TrainConfig, merged: TrainConfig): SettingsChange["changed"] {
+  const out: SettingsChange["changed"] = {};
+  for (const key of RESUMABLE_CHANGES) {
+    if (key === "out") continue;
+    const from = (stored as Record<string, unknown>)[key], to = (merged as Record<string, unknown>)[key];
+    if (JSON.stringify(from) !== JSON.stringify(to)) out[key] = { from, to };
+  }
+  return out;
 }
 
 /** The fields of `input` that would change a run trained with `stored`, and how. */
@@ -173,28 +227,87 @@ function incompatibleFields(
   return out;
 }
 
+/** What a run folder may hold besides nothing: the files `train` writes (and the lock's temporaries). */
+const RUN_ENTRIES = new Set(["config.json", "log.jsonl", "checkpoints", "samples", LOCK_FILE]);
+const isRunEntry = (name: string) => RUN_ENTRIES.has(name) || name.startsWith(`${LOCK_FILE}.`);
+
+/**
+ * Refuses an `out` that is not a run folder, so that `train` never overwrites someone else's config.json or log:
+ * it must be absent, an empty folder, or a folder with only a run's files, whose config.json (if any) is a
+ * training configuration.
+ */
+export async function checkRunFolder(dir: string): Promise<void> {
+  let info: Deno.FileInfo;
+  try {
+    info = await Deno.stat(dir);
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) return;
+    if (e instanceof Deno.errors.NotADirectory) {
+      throw new UsageError(`out: ${dir} lies under a file (${(e as Error).message}); give a folder`);
+    }
+    throw new Error(`out: cannot use ${dir}: ${(e as Error).message}`);
+  }
+  if (!info.isDirectory) throw new UsageError(`out: ${dir} is a file, not a run folder`);
+  const foreign: string[] = [];
+  for await (const e of Deno.readDir(dir)) if (!isRunEntry(e.name)) foreign.push(e.name);
+  if (foreign.length) {
+    foreign.sort();
+    const shown = foreign.slice(0, 5).join(", ") +
+      (foreign.length > 5 ? `, … (${foreign.length} in all)` : "");
+    throw new UsageError(
+      `out: ${dir} is not a run folder (it holds ${shown}); give a new or empty folder, or an existing run`,
+    );
+  }
+  let stored: unknown;
+  try {
+    stored = JSON.parse(await Deno.readTextFile(`${dir}/config.json`));
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) return;
+    throw new UsageError(`out: ${dir}/config.json is not a training configuration (${(e as Error).message})`);
+  }
+  if (!TrainConfigSchema.safeParse(stored).success) {
+    throw new UsageError(
+      `out: ${dir}/config.json is not a training configuration; give a new or empty folder, or an existing run`,
+    );
+  }
+}
+
 /**
  * The configuration of the run in `raw.out` and the checkpoint to resume from: a fresh run's is `raw`'s; a
  * stored run's is its own with `raw` merged in, refused if that changes anything but `RESUMABLE_CHANGES`.
  */
 async function openRun(
   raw: Record<string, unknown>,
-): Promise<{ cfg: TrainConfig; resumeDir: string | null; state: TrainState | null }> {
+): Promise<{
+  cfg: TrainConfig;
+  resumeDir: string | null;
+  state: TrainState | null;
+  lock: RunLock;
+  changed: SettingsChange["changed"];
+}> {
   const cfg = await parseTrainConfig(raw);
   const runDir = cfg.out;
-  await removeStaleTemporaries(runDir);
-  const resumeDir = await latestCheckpoint(runDir);
-  if (!resumeDir) return { cfg, resumeDir, state: null };
-  const state = await readTrainState(resumeDir);
-  const stored = await parseTrainConfig(state.config);
-  const merged = await parseTrainConfig({ ...state.config, ...raw, out: runDir });
-  const bad = incompatibleFields(stored, merged, raw);
-  if (bad.length) {
-    throw new UsageError(
-      `${runDir} holds a run with other settings: ${bad.join("; ")}. Use another --out to start a new run.`,
-    );
+  await checkRunFolder(runDir);
+  await Deno.mkdir(runDir, { recursive: true });
+  // One process per run: a second one would remove the first's half-written checkpoint and interleave logs.
+  const lock = lockRunFolder(runDir);
+  try {
+    await removeStaleTemporaries(runDir);
+    const resumeDir = await latestCheckpoint(runDir);
+    if (!resumeDir) return { cfg, resumeDir, state: null, lock, changed: {} };
+    const { state, cfg: stored } = await readStoredConfig(resumeDir);
+    const merged = await parseTrainConfig({ ...state.config, ...raw, out: runDir });
+    const bad = incompatibleFields(stored, merged, raw);
+    if (bad.length) {
+      throw new UsageError(
+        `${runDir} holds a run with other settings: ${bad.join("; ")}. Use another --out to start a new run.`,
+      );
+    }
+    return { cfg: merged, resumeDir, state, lock, changed: changedSettings(stored, merged) };
+  } catch (e) {
+    lock.release();
+    throw e;
   }
-  return { cfg: merged, resumeDir, state };
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -278,6 +391,17 @@ class RunFolder {
     this.emit({ type: "log", entry });
   }
 
+  /** Appends the options changed on resuming to log.jsonl (a `SettingsChange` at the current step). */
+  async logSettings(changed: SettingsChange["changed"]): Promise<void> {
+    const line: SettingsChange = {
+      step: this.trainer.stepCount,
+      nimg: this.trainer.nimg,
+      event: "settings",
+      changed,
+    };
+    await Deno.writeTextFile(this.logPath, JSON.stringify(line) + "\n", { append: true });
+  }
+
   /** Reads and logs the waiting losses, then saves a checkpoint if every weight is finite. */
   async checkpoint(): Promise<void> {
     const t = this.trainer;
@@ -355,7 +479,8 @@ export async function train(
   const raw = Object.fromEntries(
     Object.entries((input ?? {}) as Record<string, unknown>).filter(([, v]) => v !== undefined),
   );
-  const { cfg, resumeDir, state } = await openRun(raw);
+  const { cfg, resumeDir, state, lock, changed } = await openRun(raw);
+  using _lock = lock;
   const totalNimg = Math.round(cfg.kimg * 1000);
   const dataset = await openDataset(cfg.data);
   checkData(cfg, dataset);
@@ -367,6 +492,7 @@ export async function train(
     if (resumeDir && state) await resumeFrom(trainer, resumeDir, state);
     folder = new RunFolder(cfg, trainer, resumeDir, emit);
     await folder.prepare();
+    if (Object.keys(changed).length) await folder.logSettings(changed);
     const startStep = trainer.stepCount;
     emit({
       type: "start",

@@ -37,7 +37,7 @@ import { z } from "zod";
 import { cat, type Device, noGrad, optim, reshape, scope, type Tensor } from "../engine/mod.ts";
 import { parseUNetSpec, UNet, type UNetSpec, type UNetSpecInput } from "./unet.ts";
 import { DEFAULT_SIGMA_EDGES, edmLoss, EDMPrecond, lossBySigmaBucket, type SigmaBucket } from "./edm.ts";
-import { BatchIterator, DataConfig, type Dataset, openDataset } from "./data.ts";
+import { BatchIterator, DataConfig, type Dataset, openDataset, PROCEDURAL_RESOLUTIONS } from "./data.ts";
 import { DDSM_WIDTHS } from "./slimmable.ts";
 import type { LossPoint } from "./checkpoint.ts";
 import { parseConfig } from "../util/config.ts";
@@ -105,7 +105,15 @@ export type TrainerConfig = Omit<z.output<typeof TrainerConfigSchema>, "network"
 
 /** The default data of a network: the procedural shapes at its resolution. */
 export function defaultData(network: UNetSpec): z.output<typeof DataConfig> {
-  return DataConfig.parse({ kind: "procedural", resolution: network.imgResolution });
+  const r = network.imgResolution, { min, max } = PROCEDURAL_RESOLUTIONS;
+  if (!Number.isInteger(r) || r < min || r > max) {
+    // The user set the network's size, not the data's: name the field they wrote.
+    throw new Error(
+      `network: imgResolution ${r} has no default data: the procedural shapes are drawn at ${min} to ${max} ` +
+        `pixels; give data of that size (data: {"kind": "png", "path": DIR})`,
+    );
+  }
+  return DataConfig.parse({ kind: "procedural", resolution: r });
 }
 
 /** Validates a trainer configuration (a program's, so a failure is a plain `Error` naming every bad field). */
@@ -247,7 +255,8 @@ export function divergedError(
 ): NonFiniteLossError {
   const good = lastGood === undefined ? "" : `; the last good checkpoint is ${lastGood ?? "(none)"}`;
   return new NonFiniteLossError(
-    `training diverged: ${what}${good}. Lower the learning rate (lr ${lr}) or clip the gradients (gradClip).`,
+    `training diverged: ${what}${good}. Lower the learning rate (lr ${lr}) or clip the gradients (gradClip); ` +
+      `both may be changed when the run resumes from that checkpoint (--lr, --grad-clip).`,
     step,
     what,
   );

@@ -45,7 +45,7 @@ import {
   type SearchSpace,
   toUNetSpec,
 } from "./space.ts";
-import { LOCK_FILE, lockRunFolder } from "./lock.ts";
+import { LOCK_FILE, lockRunFolder } from "../util/lock.ts";
 import { MEMORY_FILE, SqliteStorage } from "./sqlite_storage.ts";
 import { EvolutionaryProposer } from "./proposers/evolutionary.ts";
 import { RandomProposer } from "./proposers/random.ts";

@@ -19,9 +19,17 @@ import {
   ProceduralShapes,
   renderProcedural,
 } from "../models/data.ts";
-import { decodePng, encodeImageGrid, encodePng, fromByte, saveImageGrid, toByte } from "../models/images.ts";
+import {
+  decodePng,
+  encodeImageGrid,
+  encodePng,
+  fromByte,
+  PNG_MAX_PIXELS,
+  saveImageGrid,
+  toByte,
+} from "../models/images.ts";
 import { tensor } from "../engine/mod.ts";
-import { assertRejects, cpuDevice, test } from "./util.ts";
+import { assertRejects, assertThrows, cpuDevice, test } from "./util.ts";
 
 function fnv1a(parts: Uint8Array[]): string {
   let h = 0x811c9dc5;
@@ -402,6 +410,43 @@ test("loadImageFolder reads PNGs recursively, sorted, as planar [−1, 1] images
     ]);
     await Deno.writeTextFile(`${dir}/dataset.json`, JSON.stringify({ labels: labels.slice(0, 2) }));
     await assertRejects(() => loadImageFolder(dir), "dataset.json has no label for z.png");
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+/** CRC-32 (PNG's chunk checksum). */
+function crc32(bytes: Uint8Array): number {
+  let c = 0xffffffff;
+  for (const b of bytes) {
+    c ^= b;
+    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+  }
+  return (c ^ 0xffffffff) >>> 0;
+}
+
+/** A valid small PNG whose header (with a correct CRC) declares width × height pixels. */
+function pngDeclaring(width: number, height: number): Uint8Array {
+  const png = encodePng(4, 3, 3, new Uint8Array(36)).slice();
+  const view = new DataView(png.buffer);
+  view.setUint32(16, width);
+  view.setUint32(20, height);
+  view.setUint32(29, crc32(png.subarray(12, 29)));
+  return png;
+}
+
+test("loadImageFolder: a PNG declaring 30000×30000 pixels is refused from its header, before decoding", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    await Deno.writeFile(`${dir}/b.png`, pngDeclaring(30000, 30000));
+    await assertRejects(
+      () => loadImageFolder(dir),
+      `${dir}/b.png: declares 30000×30000 pixels, more than the limit of ${PNG_MAX_PIXELS} pixels (4096×4096)`,
+    );
+    await Deno.writeFile(`${dir}/a.png`, encodePng(4, 3, 3, new Uint8Array(36)));
+    await assertRejects(() => loadImageFolder(dir), `${dir}/b.png is 30000×30000`, `${dir}/a.png is 4×3`);
+    assertThrows(() => decodePng(pngDeclaring(30000, 30000)), "declares 30000×30000 pixels");
+    assertEquals(decodePng(pngDeclaring(4, 3)).width, 4, "the patched header is a valid PNG");
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

@@ -2,7 +2,7 @@
  * @file Tests of the proxy-FID machinery (eval/proxy.ts) and `deno task eval` (eval/evaluate.ts): Spearman's ρ
  * with ties against hand-computed values, metric names that carry the sample count, streamed statistics equal
  * to statistics of the same features computed at once, 8-bit quantization, latents that do not depend on the
- * batching, and an end-to-end evaluation of a micro run's checkpoints (results saved, reused when the settings
+ * batching, cached reference statistics validated (a damaged file is recomputed with a warning), and an end-to-end evaluation of a micro run's checkpoints (results saved, reused when the settings
  * match and recomputed when they do not, the rank correlation reported for three checkpoints).
  */
 
@@ -13,9 +13,18 @@ import { seededLatents } from "../models/generate.ts";
 import { train, type TrainConfigInput } from "../models/train.ts";
 import { FeatureStatistics } from "../eval/fid.ts";
 import { type FeatureExtractor, quantize } from "../eval/features.ts";
-import { averageRanks, datasetStatistics, metricName, spearman } from "../eval/proxy.ts";
+import { averageRanks, datasetStatistics, metricName, referenceStatistics, spearman } from "../eval/proxy.ts";
 import { type EvalEvent, evaluate } from "../eval/evaluate.ts";
-import { assertClose, assertEquals, assertThrows, gpuDevice, MICRO_TRAINING, readAll, test } from "./util.ts";
+import {
+  assertClose,
+  assertEquals,
+  assertThrows,
+  cpuDevice,
+  gpuDevice,
+  MICRO_TRAINING,
+  readAll,
+  test,
+} from "./util.ts";
 
 test("averageRanks gives ties their mean rank; spearman matches hand-computed values", () => {
   assertEquals(averageRanks([10, 20, 20, 5]), [2, 3.5, 3.5, 1]);
@@ -73,6 +82,40 @@ test("datasetStatistics streams batches into the same statistics as one pass ove
   assertClose(streamed.stats.mu, once.mu, { rtol: 1e-6 });
   assertClose(streamed.stats.sigma, once.sigma, { rtol: 1e-4, atol: 1e-3 });
   assertEquals(streamed.stats.count, 37);
+});
+
+test("cached reference statistics: a truncated or altered file is recomputed with a warning; recompute skips it", async () => {
+  const device = await cpuDevice();
+  const ds = new ProceduralShapes({ resolution: 8, length: 20, seed: 3 });
+  const ex = channelMeans(device);
+  const cacheDir = await Deno.makeTempDir({ prefix: "proxy_cache_" });
+  try {
+    const warnings: string[] = [];
+    const ref = () => referenceStatistics(ds, ex, 20, { cacheDir, onWarning: (m) => warnings.push(m) });
+    const first = await ref();
+    assertEquals([first.cached, (await ref()).cached, warnings], [false, true, []]);
+    const path = first.path!;
+    const good = await Deno.readFile(path);
+    // Truncated (a crash or a full disk while copying the cache).
+    await Deno.writeFile(path, good.subarray(0, good.length - 20));
+    const again = await ref();
+    assertEquals(again.cached, false);
+    assertEquals(warnings.length, 1);
+    assert(warnings[0].includes(path) && warnings[0].includes("recomputing"), warnings[0]);
+    assertClose(again.stats.mu, first.stats.mu, { rtol: 0 });
+    assertEquals((await ref()).cached, true, "the bad file was replaced");
+    // The same size, one data byte changed: the checksum finds it.
+    const altered = good.slice();
+    altered[altered.length - 3] ^= 0x40;
+    await Deno.writeFile(path, altered);
+    assertEquals((await ref()).cached, false);
+    assert(warnings[1]?.includes("checksum"), warnings[1]);
+    // recompute (eval --force) ignores a good cache file.
+    const forced = await referenceStatistics(ds, ex, 20, { cacheDir, recompute: true });
+    assertEquals([forced.cached, warnings.length], [false, 2]);
+  } finally {
+    await Deno.remove(cacheDir, { recursive: true });
+  }
 });
 
 test("seeded latents: image i is the same whatever the batch it is drawn in", async () => {

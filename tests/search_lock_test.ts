@@ -4,7 +4,7 @@
  * SIGKILL), kept while the holder is on another host, refused when unreadable, and released on dispose.
  */
 
-import { LOCK_FILE, type LockHolder, lockRunFolder, processStat } from "../search/lock.ts";
+import { LOCK_FILE, type LockHolder, lockRunFolder, processStat } from "../util/lock.ts";
 import { UsageError } from "../util/errors.ts";
 import { assertEquals, assertThrows, test } from "./util.ts";
 
@@ -88,7 +88,7 @@ test("lock: takes over from a dead PID and from a reused PID; not from another h
 
 test("lock: a live second process holds it; after SIGKILL the lock is taken over", () =>
   inTempDir(async (dir) => {
-    const lockUrl = new URL("../search/lock.ts", import.meta.url).href;
+    const lockUrl = new URL("../util/lock.ts", import.meta.url).href;
     const code = `import { lockRunFolder } from ${JSON.stringify(lockUrl)};
       const lock = lockRunFolder(${JSON.stringify(dir)});
       console.log("locked " + lock.holder.pid);

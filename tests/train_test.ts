@@ -401,7 +401,7 @@ test("resuming refuses changed settings and names them; a finished run does noth
   const device = await cpuDevice();
   const out = await tempDir();
   await train({ ...BASE, kimg: 0.008, out }, { device });
-  await expectReject(train({ out, batch: 8, lr: 1 }, { device }), "batch", "lr", "another --out")
+  await expectReject(train({ out, batch: 8, seed: 5 }, { device }), "batch", "seed", "another --out")
     .then((e) => assert(e instanceof UsageError));
   const events: string[] = [];
   const r = await train({ out }, { device, onProgress: (e) => events.push(e.type) });

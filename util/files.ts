@@ -11,6 +11,8 @@
  *   refused with an error that says what it is: a rename would replace a device node with a regular file.
  */
 
+import { UsageError } from "./errors.ts";
+
 /** Writes `data` to `path` atomically and durably (see the file comment). */
 export async function writeFileAtomic(path: string, data: Uint8Array | string): Promise<void> {
   const target = await resolveTarget(path);
@@ -23,6 +25,36 @@ export async function writeFileAtomic(path: string, data: Uint8Array | string): 
     throw new Error(`cannot write ${path}: ${(e as Error).message}`);
   }
   await syncDir(parentDir(target));
+}
+
+/**
+ * Checks, before any long work, that `path` can be written by `writeFileAtomic`: creates its folder, refuses a
+ * path under a file or one that is a folder or device, and writes and removes a probe file next to it (which
+ * finds a read-only folder). `what` names the option in the `UsageError` ("--out: README.md is a file, …").
+ */
+export async function checkWritable(path: string, what: string): Promise<void> {
+  const parts = path.split("/");
+  for (let i = 1; i < parts.length; i++) {
+    const prefix = parts.slice(0, i).join("/");
+    if (!prefix) continue;
+    const info = await Deno.stat(prefix).catch(() => null);
+    if (info && !info.isDirectory) throw new UsageError(`${what}: ${prefix} is a file, not a folder`);
+    if (!info) break;
+  }
+  let target: string;
+  try {
+    await Deno.mkdir(parentDir(path), { recursive: true });
+    target = await resolveTarget(path);
+  } catch (e) {
+    throw new UsageError(`${what}: ${(e as Error).message}`);
+  }
+  const probe = `${target}.${Deno.pid}.probe`;
+  try {
+    await writeNewFileSynced(probe, "");
+    await Deno.remove(probe);
+  } catch (e) {
+    throw new UsageError(`${what}: cannot write ${path} (${(e as Error).message})`);
+  }
 }
 
 /** `writeFileAtomic` for text. */

@@ -1,5 +1,5 @@
 /**
- * @file One process per run folder: a lock file (`lock`) that names its holder, refused to others while the
+ * @file One process per run folder (a search run or a training run): a lock file (`lock`) that names its holder, refused to others while the
  * holder lives, taken over once it is dead.
  *
  * Taking the lock: the holder's record (PID, host, boot id, the process's start time, when the lock was taken)
@@ -21,7 +21,7 @@
  * if it still holds this process's record.
  */
 
-import { UsageError } from "../util/errors.ts";
+import { UsageError } from "./errors.ts";
 
 /** Name of the lock file in a run folder. */
 export const LOCK_FILE = "lock";
