@@ -47,7 +47,7 @@ import {
   type SearchOutcome,
 } from "./diffnas.ts";
 import { type GaResult, type GenerationRecord, type Genome, genomeKey, runGa, uniformGenomes } from "./ga.ts";
-import { lockRunFolder } from "./lock.ts";
+import { lockRunFolder } from "../util/lock.ts";
 import { bestSoFarByProposer, paretoFront } from "./memory.ts";
 import {
   type ChartSpec,
