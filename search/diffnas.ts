@@ -338,7 +338,9 @@ export async function runSearch(
     // The running candidate is stopped at the deadline too (it is rerun from its start on --resume), so the
     // wall-clock budget holds whatever the candidate costs.
     const overtime = new AbortController();
-    timer = setTimeout(() => overtime.abort(), Math.max(0, deadline - performance.now()));
+    // (A delay past 2³¹ − 1 ms, ~24.8 days, would fire at once: such a budget has no timer.)
+    const budgetMs = Math.max(0, deadline - performance.now());
+    if (budgetMs < 2 ** 31 - 1) timer = setTimeout(() => overtime.abort(), budgetMs);
     const trialSignal = opts.signal ? AbortSignal.any([opts.signal, overtime.signal]) : overtime.signal;
     for (;;) {
       memory = await storage.listTrials();
