@@ -42,6 +42,7 @@ program
     console.log(`backend     ${info.backend} (${info.dtype})`);
     console.log(`adapter     ${info.adapter}${info.isCpuEmulated ? "  [CPU-emulated]" : ""}`);
     console.log(`native API  ${info.api}`);
+    console.log(`chosen      ${info.reason}`);
     if (info.backend === "webgpu") {
       console.log(
         `textures    ${

@@ -24,18 +24,42 @@ function detectApi(): string {
   return "gl (no Vulkan ICD installed)";
 }
 
-/** The high-performance adapter and a device with its limits; errors say what to install instead. */
-export async function requestGpu(): Promise<{ adapter: GPUAdapter; device: GPUDevice }> {
-  if (!("gpu" in navigator) || !navigator.gpu) {
-    throw new Error('this Deno has no WebGPU (navigator.gpu); use Device.create({ backend: "cpu" })');
-  }
-  const adapter = await navigator.gpu.requestAdapter({ powerPreference: "high-performance" });
-  if (!adapter) {
-    throw new Error(
-      "no WebGPU adapter found. On Linux install a driver (`apt-get install mesa-vulkan-drivers libvulkan1`), " +
+/** What to install for a faster device than the CPU reference kernels. */
+export const DRIVER_HINT = "install mesa-vulkan-drivers for lavapipe";
+
+/** Thrown when there is no WebGPU adapter at all, so that `Device.create()` can fall back to the CPU backend. */
+export class NoAdapterError extends Error {
+  constructor(readonly why: string) {
+    super(
+      `no WebGPU adapter: ${why}. On Linux, ${DRIVER_HINT} (\`apt-get install mesa-vulkan-drivers libvulkan1\`), ` +
         'or run on the CPU reference backend with Device.create({ backend: "cpu" })',
     );
   }
+}
+
+/** The high-performance adapter, or null (with why) when this Deno has no WebGPU or no adapter. */
+export async function findAdapter(): Promise<{ adapter: GPUAdapter } | { adapter: null; why: string }> {
+  if (!("gpu" in navigator) || !navigator.gpu) {
+    return { adapter: null, why: "this Deno has no navigator.gpu" };
+  }
+  const adapter = await navigator.gpu.requestAdapter({ powerPreference: "high-performance" });
+  if (!adapter) {
+    const forced = Deno.env.get("DENO_WEBGPU_BACKEND");
+    return {
+      adapter: null,
+      why: `navigator.gpu.requestAdapter() found none${forced ? ` (DENO_WEBGPU_BACKEND=${forced})` : ""}`,
+    };
+  }
+  return { adapter };
+}
+
+/** The high-performance adapter and a device with its limits; with no adapter, a `NoAdapterError`. */
+export async function requestGpu(): Promise<{ adapter: GPUAdapter; device: GPUDevice }> {
+  const found = await findAdapter();
+  if (!found.adapter) {
+    throw new NoAdapterError(found.why);
+  }
+  const adapter = found.adapter;
   const wanted: GPUFeatureName[] = ["shader-f16", "timestamp-query"];
   const device = await adapter.requestDevice({
     requiredFeatures: wanted.filter((f) => adapter.features.has(f)),
@@ -85,6 +109,7 @@ export function describeGpu(
     adapter: description,
     api: detectApi(),
     isCpuEmulated,
+    reason: `backend "webgpu" (the default): the high-performance adapter, through ${detectApi()}`,
     features: [...device.features].sort(),
     limits,
     textureInputs: true,
