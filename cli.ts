@@ -46,7 +46,9 @@ program
     if (info.backend === "webgpu") {
       console.log(
         `textures    ${
-          info.textureInputs ? "kernel inputs via rgba32float textures" : "off (storage buffers only)"
+          info.textureInputs
+            ? `kernel inputs via rgba32float textures, packed by ${info.packBy} passes`
+            : "off (storage buffers only: this adapter cannot read rgba32float storage textures in compute)"
         }`,
       );
     }

@@ -60,6 +60,9 @@ export interface DeviceInfo {
   limits: Record<string, number>;
   /** WebGPU: whether kernels may read inputs as textures (see `TextureInput` in kernels/types.ts). */
   textureInputs?: boolean;
+  /** WebGPU with texture inputs: how packing passes fill them, "render" or "compute" (where rgba32float is not
+   * renderable, as on wgpu's GL backend). */
+  packBy?: "render" | "compute";
 }
 
 /** What a device asks of its backend. */
