@@ -7,7 +7,7 @@
 
 import * as T from "../engine/mod.ts";
 import type { Device, Tensor } from "../engine/mod.ts";
-import { assertClose, cpuDevice, gpuDevice, gpuTest } from "./util.ts";
+import { assertClose, cpuDevice, gpuDevice, gpuTest, test } from "./util.ts";
 
 interface Fixture {
   op: string;
