@@ -78,7 +78,7 @@ const TESTED_UNARY: UnaryOp[] = [
 ];
 
 for (const op of TESTED_UNARY) {
-  test(`unary ${op}: WebGPU matches CPU reference`, async () => {
+  gpuTest(`unary ${op}: WebGPU matches CPU reference`, async () => {
     await fc.assert(
       fc.asyncProperty(shapeArb(1, 4, 9), seedArb, scaleArb, async (shape, seed, scale) => {
         const scl = op === "exp" ? Math.min(scale, 20) : scale;
@@ -118,7 +118,7 @@ const broadcastPair = shapeArb(1, 4, 7).chain((shape) =>
 );
 
 for (const op of ["add", "sub", "mul", "div", "pow", "max", "min", "gt", "eq"] as const) {
-  test(`binary ${op} with broadcasting: WebGPU matches CPU reference`, async () => {
+  gpuTest(`binary ${op} with broadcasting: WebGPU matches CPU reference`, async () => {
     await fc.assert(
       fc.asyncProperty(broadcastPair, seedArb, scaleArb, async ([sa, sb], seed, scale) => {
         let a = seededValues(size(sa), seed, -scale, scale);

@@ -116,44 +116,47 @@ gpuTest("Adam on a hand-computed case: the first step moves by lr·sign(g)", asy
 });
 
 for (const [cls, decoupled] of [[Adam, false], [AdamW, true]] as const) {
-  test(`property: ${cls.name} matches PyTorch's algorithm (float64 reference) over 4 steps, both backends`, async () => {
-    const devs = await backends();
-    await fc.assert(
-      fc.asyncProperty(shapeArb(1, 3, 9), hyperArb, fc.nat(), scaleArb, async (shape, h, seed, scale) => {
-        const n = shape.reduce((a, b) => a * b, 1);
-        const p0 = seededValues(n, seed);
-        const grads = [1, 2, 3, 4].map((k) => Float64Array.from(seededValues(n, seed + k, -scale, scale)));
-        const want = referenceAdam(h, decoupled, Float64Array.from(p0), grads);
-        const slack = roundingSlack(h, decoupled, Float64Array.from(p0), grads);
-        for (const [name, dev] of devs) {
-          const p = tensor(p0, shape, { device: dev, requiresGrad: true });
-          const opt = new cls([p], h);
-          for (const g of grads) {
+  gpuTest(
+    `property: ${cls.name} matches PyTorch's algorithm (float64 reference) over 4 steps, both backends`,
+    async () => {
+      const devs = await backends();
+      await fc.assert(
+        fc.asyncProperty(shapeArb(1, 3, 9), hyperArb, fc.nat(), scaleArb, async (shape, h, seed, scale) => {
+          const n = shape.reduce((a, b) => a * b, 1);
+          const p0 = seededValues(n, seed);
+          const grads = [1, 2, 3, 4].map((k) => Float64Array.from(seededValues(n, seed + k, -scale, scale)));
+          const want = referenceAdam(h, decoupled, Float64Array.from(p0), grads);
+          const slack = roundingSlack(h, decoupled, Float64Array.from(p0), grads);
+          for (const [name, dev] of devs) {
+            const p = tensor(p0, shape, { device: dev, requiresGrad: true });
+            const opt = new cls([p], h);
+            for (const g of grads) {
+              p.grad?.dispose();
+              p.grad = tensor(g, shape, { device: dev });
+              opt.step();
+            }
+            const st = opt.stateDict();
+            assertEquals(st.meta.steps, { "0": 4 });
+            // m and v are float32 running sums of g = grad (+ wd·p for Adam, |p| < 1): errors scale with that size.
+            const gSize = scale + (decoupled ? 0 : h.weightDecay);
+            const mv = [await st.tensors["0.exp_avg"].toArray(), await st.tensors["0.exp_avg_sq"].toArray()];
+            assertClose(mv[0], want.m, { rtol: 1e-5, atol: 1e-6 * gSize }, `${name} m`);
+            assertClose(mv[1], want.v, { rtol: 1e-5, atol: 1e-7 * gSize * gSize }, `${name} v`);
+            assertClose(
+              await p.toArray(),
+              want.param,
+              { rtol: 1e-5, atol: slack.map((e) => 2e-6 + e) },
+              `${name} param`,
+            );
+            opt.dispose();
             p.grad?.dispose();
-            p.grad = tensor(g, shape, { device: dev });
-            opt.step();
+            p.dispose();
           }
-          const st = opt.stateDict();
-          assertEquals(st.meta.steps, { "0": 4 });
-          // m and v are float32 running sums of g = grad (+ wd·p for Adam, |p| < 1): errors scale with that size.
-          const gSize = scale + (decoupled ? 0 : h.weightDecay);
-          const mv = [await st.tensors["0.exp_avg"].toArray(), await st.tensors["0.exp_avg_sq"].toArray()];
-          assertClose(mv[0], want.m, { rtol: 1e-5, atol: 1e-6 * gSize }, `${name} m`);
-          assertClose(mv[1], want.v, { rtol: 1e-5, atol: 1e-7 * gSize * gSize }, `${name} v`);
-          assertClose(
-            await p.toArray(),
-            want.param,
-            { rtol: 1e-5, atol: slack.map((e) => 2e-6 + e) },
-            `${name} param`,
-          );
-          opt.dispose();
-          p.grad?.dispose();
-          p.dispose();
-        }
-      }),
-      { numRuns: RUNS },
-    );
-  });
+        }),
+        { numRuns: RUNS },
+      );
+    },
+  );
 }
 
 gpuTest("a parameter without a gradient is skipped and keeps its own step count", async () => {

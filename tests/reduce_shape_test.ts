@@ -91,7 +91,7 @@ const reduceCase = shapeArb(1, 5, 8).chain((shape) =>
 );
 
 for (const op of ["sum", "mean", "amax"] as const) {
-  test(`${op} over random dims: WebGPU matches CPU reference`, async () => {
+  gpuTest(`${op} over random dims: WebGPU matches CPU reference`, async () => {
     await fc.assert(
       fc.asyncProperty(
         reduceCase,
