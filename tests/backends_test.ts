@@ -7,7 +7,7 @@
 import fc from "fast-check";
 import * as T from "../engine/mod.ts";
 import type { Device, Tensor } from "../engine/mod.ts";
-import { assertClose, cpuDevice, gpuDevice, gpuTest, RUNS, seedArb, seededValues, test } from "./util.ts";
+import { assertClose, cpuDevice, gpuDevice, gpuTest, RUNS, seedArb, seededValues } from "./util.ts";
 
 interface Case {
   N: number;

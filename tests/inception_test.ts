@@ -9,7 +9,7 @@
 
 import { type Device, encodeSafetensors, type Tensor, tensor } from "../engine/mod.ts";
 import { inceptionConvs, inceptionParameterCount, InceptionV3 } from "../eval/inception.ts";
-import { assertClose, assertRejects, gpuDevice, gpuTest, test, uniformStream } from "./util.ts";
+import { assertClose, assertRejects, gpuDevice, gpuTest, uniformStream } from "./util.ts";
 
 let shared: InceptionV3 | null = null;
 /** One network on the WebGPU device for the tests that only read it. */
