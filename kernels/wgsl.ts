@@ -105,7 +105,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
  *
  * `by: "compute"` is that compute pass, for adapters that cannot render to rgba32float (wgpu's GL backend says
  * "Format Rgba32Float is not renderable"; read-only and write-only rgba32float storage textures work there): one
- * invocation per texel stores `texel(x, y)` into `dst`, a write-only storage texture at binding 2.
+ * invocation per texel stores `texel(x, y)` into `dst`, a write-only storage texture at binding 2. Worth it: on
+ * GL llvmpipe a batch of four 256³ matmuls took 14 ms with the texture variant against 26 ms ("registers")
+ * and 157 ms ("shared"), the same 14 ms as on Vulkan lavapipe.
  */
 export function packSource(texelFn: string, by: PackBy = "render"): string {
   return `@group(0) @binding(0) var src: ${TEXTURE_INPUT};
