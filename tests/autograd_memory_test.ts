@@ -172,10 +172,10 @@ test("discard frees only the scope's own untaped tensors", async () => {
   w.dispose();
 });
 
-test("1000 training-like steps keep the pool bounded and sync only at reads", async () => {
+gpuTest("1000 training-like steps keep the pool bounded and sync only at reads", async () => {
   // A device of its own: on the shared one, tensors that earlier tests left to the FinalizationRegistry can
   // be freed during the loop and move the live-byte count either way.
-  const device = await Device.create({ backend: "webgpu" });
+  const device = await Device.create({ backend: "webgpu", fallback: false });
   const w = tensor(seededValues(4096, 5), [64, 64], { device, requiresGrad: true });
   const x = tensor(seededValues(4096, 6), [64, 64], { device });
   const startLive = device.memory().liveBytes;

@@ -316,7 +316,11 @@ gpuTest(
     }
     // A texture pool of 128 KiB keeps at most 32 KiB: one flat copy of 4101 elements. Rotating over four buffers
     // evicts kept textures all the time; every result must still be right.
-    const small = await Device.create({ backend: "webgpu", texturePoolLimitBytes: 128 * 1024 });
+    const small = await Device.create({
+      backend: "webgpu",
+      fallback: false,
+      texturePoolLimitBytes: 128 * 1024,
+    });
     try {
       const n = 4101, xs = [1, 2, 3, 4].map((k) => seededValues(n, 10 + k));
       const bufs = xs.map((x) => {

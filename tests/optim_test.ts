@@ -464,7 +464,7 @@ test("optimizers reject bad hyper-parameters, mismatched gradients and mismatche
 
 test("optimizer kernels fold large dispatches into a 2-D grid correctly", async () => {
   // At most 4 workgroups per dimension: 2000 elements are 8 workgroups of 256 (a 4×2 grid).
-  const small = await Device.create({ backend: "webgpu", maxWorkgroupsPerDimension: 4 });
+  const small = await Device.create({ backend: "webgpu", fallback: false, maxWorkgroupsPerDimension: 4 });
   try {
     const results: Float32Array[] = [];
     for (const dev of [small, await cpuDevice()]) {

@@ -329,7 +329,7 @@ test("dropout: finite-difference gradient check (float64, fixed seed)", async ()
 
 test("random kernels fold large dispatches into a 2-D grid correctly", async () => {
   // A device that plans for at most 4 workgroups per dimension: 3001 elements need 751 blocks = 12 workgroups.
-  const small = await Device.create({ backend: "webgpu", maxWorkgroupsPerDimension: 4 });
+  const small = await Device.create({ backend: "webgpu", fallback: false, maxWorkgroupsPerDimension: 4 });
   const cpu = await cpuDevice();
   try {
     for (const dev of [small, cpu]) dev.manualSeed(77);
