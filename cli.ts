@@ -43,10 +43,13 @@ program
     console.log(`backend     ${info.backend} (${info.dtype})`);
     console.log(`adapter     ${info.adapter}${info.isCpuEmulated ? "  [CPU-emulated]" : ""}`);
     console.log(`native API  ${info.api}`);
+    console.log(`chosen      ${info.reason}`);
     if (info.backend === "webgpu") {
       console.log(
         `textures    ${
-          info.textureInputs ? "kernel inputs via rgba32float textures" : "off (storage buffers only)"
+          info.textureInputs
+            ? `kernel inputs via rgba32float textures, packed by ${info.packBy} passes`
+            : "off (storage buffers only: this adapter cannot read rgba32float storage textures in compute)"
         }`,
       );
     }

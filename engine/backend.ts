@@ -14,6 +14,8 @@ export type DType = "float32" | "float64";
 export interface DeviceOptions {
   /** "webgpu" (default) or "cpu" (the reference kernels; no adapter needed). */
   backend?: BackendKind;
+  /** With no WebGPU adapter, use the CPU backend (true, the default; one line on stderr says so) or throw. */
+  fallback?: boolean;
   /** Element type of the CPU backend; "float64" is for gradient checks. WebGPU is always float32. */
   precision?: DType;
   /** Dispatches recorded before an automatic submit (default 64). */
@@ -52,10 +54,15 @@ export interface DeviceInfo {
   /** "vulkan" or "gl" for WebGPU on Linux, with how it was determined; "cpu" for the reference backend. */
   api: string;
   isCpuEmulated: boolean;
+  /** Why this backend and adapter: what was asked for, and what was found (for `deno task info`). */
+  reason: string;
   features: string[];
   limits: Record<string, number>;
   /** WebGPU: whether kernels may read inputs as textures (see `TextureInput` in kernels/types.ts). */
   textureInputs?: boolean;
+  /** WebGPU with texture inputs: how packing passes fill them, "render" or "compute" (where rgba32float is not
+   * renderable, as on wgpu's GL backend). */
+  packBy?: "render" | "compute";
 }
 
 /** What a device asks of its backend. */

@@ -12,13 +12,15 @@ interface CpuStorage extends Storage {
 
 export class CpuBackend implements Backend {
   readonly info: DeviceInfo;
-  constructor(private readonly dtype: DType) {
+  /** `reason`: why the CPU backend was chosen (asked for, or no WebGPU adapter). */
+  constructor(private readonly dtype: DType, reason = 'backend "cpu" was asked for') {
     this.info = {
       backend: "cpu",
       dtype,
       adapter: `CPU reference kernels (${dtype})`,
       api: "cpu",
       isCpuEmulated: true,
+      reason,
       features: [],
       limits: {},
     };

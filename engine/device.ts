@@ -11,7 +11,9 @@
  * - `cpu` (backend_cpu.ts): the kernels' plain-TypeScript references, in float32 or (for gradient checks)
  *   float64.
  *
- * `Device.create()` probes the adapter (features, limits) and runs a known-answer kernel before returning.
+ * `Device.create()` probes the adapter (features, limits) and runs a known-answer kernel before returning. With
+ * no WebGPU adapter at all (no driver installed), `backend: "webgpu"` falls back to the CPU backend with one line
+ * on stderr, unless `fallback: false` asks it to throw; `info.reason` says which was chosen and why.
  */
 
 import { bin, elementwise, inp } from "../kernels/elementwise.ts";
@@ -26,6 +28,7 @@ import type {
   Storage,
 } from "./backend.ts";
 import { CpuBackend } from "./backend_cpu.ts";
+import { DRIVER_HINT, NoAdapterError } from "./webgpu/adapter.ts";
 import { WebGpuBackend } from "./webgpu/backend.ts";
 
 export type {
@@ -64,7 +67,18 @@ export class Device {
     if (kind === "cpu") backend = new CpuBackend(opts.precision ?? "float32");
     else if (kind === "webgpu") {
       if (opts.precision === "float64") throw new Error("the webgpu backend computes in float32 only");
-      backend = await WebGpuBackend.create(opts);
+      try {
+        backend = await WebGpuBackend.create(opts);
+      } catch (e) {
+        if (!(e instanceof NoAdapterError) || opts.fallback === false) throw e;
+        // Everything still runs (the CPU kernels are the references the GPU ones are tested against), slowly.
+        console.error(`no WebGPU adapter: using the CPU reference kernels (slow); ${DRIVER_HINT}`);
+        backend = new CpuBackend(
+          "float32",
+          `backend "webgpu" was asked for, but ${e.why}: fell back to the CPU reference kernels ` +
+            `(${DRIVER_HINT}, or pass fallback: false to throw)`,
+        );
+      }
     } else throw new Error(`unknown backend "${kind}" (expected "webgpu" or "cpu")`);
     const device = new Device(backend, opts.seed ?? 0);
     await device.knownAnswerTest();

@@ -16,19 +16,20 @@ import {
   assertThrows,
   cpuDevice,
   gpuDevice,
+  gpuTest,
   gradCheck,
   seededValues,
   test,
 } from "./util.ts";
 
-test("a tensor used twice receives the sum of both gradients", async () => {
+gpuTest("a tensor used twice receives the sum of both gradients", async () => {
   const device = await gpuDevice();
   const x = tensor([1, 2, 3], [3], { device, requiresGrad: true });
   sum(add(mul(x, x), x)).backward(); // d/dx (x² + x) = 2x + 1
   assertClose(await x.grad!.toArray(), [3, 5, 7]);
 });
 
-test(".grad accumulates across backward calls until reset", async () => {
+gpuTest(".grad accumulates across backward calls until reset", async () => {
   const device = await gpuDevice();
   const x = tensor([1, 2], [2], { device, requiresGrad: true });
   sum(mul(x, 3)).backward();
@@ -54,7 +55,7 @@ test("backward twice through the same graph is an error", async () => {
   assertThrows(() => y.backward(), "already freed");
 });
 
-test("a cotangent gives the vector-Jacobian product and must match the output shape", async () => {
+gpuTest("a cotangent gives the vector-Jacobian product and must match the output shape", async () => {
   const device = await gpuDevice();
   const x = tensor([0.5, -1], [2], { device, requiresGrad: true });
   const y = tanh(x);
@@ -83,7 +84,7 @@ test("gradient of a composite chain (mse of a tanh network) matches finite diffe
   await gradCheck((a, b) => mean(mul(sub(a, 0.5), exp(b))), [x, w]);
 });
 
-test("scope disposes intermediates, keeps results, kept tensors and leaf gradients", async () => {
+gpuTest("scope disposes intermediates, keeps results, kept tensors and leaf gradients", async () => {
   const device = await gpuDevice();
   const base = device.memory().liveBytes;
   const w = tensor(seededValues(256, 1), [256], { device, requiresGrad: true });
@@ -171,10 +172,10 @@ test("discard frees only the scope's own untaped tensors", async () => {
   w.dispose();
 });
 
-test("1000 training-like steps keep the pool bounded and sync only at reads", async () => {
+gpuTest("1000 training-like steps keep the pool bounded and sync only at reads", async () => {
   // A device of its own: on the shared one, tensors that earlier tests left to the FinalizationRegistry can
   // be freed during the loop and move the live-byte count either way.
-  const device = await Device.create({ backend: "webgpu" });
+  const device = await Device.create({ backend: "webgpu", fallback: false });
   const w = tensor(seededValues(4096, 5), [64, 64], { device, requiresGrad: true });
   const x = tensor(seededValues(4096, 6), [64, 64], { device });
   const startLive = device.memory().liveBytes;
@@ -205,7 +206,7 @@ test("1000 training-like steps keep the pool bounded and sync only at reads", as
   device.destroy();
 });
 
-test("disposing twice is harmless; reshape views keep storage alive", async () => {
+gpuTest("disposing twice is harmless; reshape views keep storage alive", async () => {
   const device = await gpuDevice();
   const a = full([4], 2, { device });
   const { reshape } = await import("../engine/ops/shape.ts");
@@ -216,7 +217,7 @@ test("disposing twice is harmless; reshape views keep storage alive", async () =
   v.dispose();
 });
 
-test("device probes: adapter, api, features, limits; CPU backend on request", async () => {
+gpuTest("device probes: adapter, api, features, limits; CPU backend on request", async () => {
   const gpu = await gpuDevice();
   const info = gpu.info;
   if (info.backend !== "webgpu" || !info.adapter || !info.limits.maxStorageBufferBindingSize) {
@@ -230,7 +231,7 @@ test("device probes: adapter, api, features, limits; CPU backend on request", as
   await assertRejects(() => Device.create({ backend: "webgpu", precision: "float64" }), "float32 only");
 });
 
-test("ops across devices are refused with both device kinds named", async () => {
+gpuTest("ops across devices are refused with both device kinds named", async () => {
   const a = ones([2], { device: await gpuDevice() }), b = ones([2], { device: await cpuDevice() });
   assertThrows(() => add(a, b), "different devices (webgpu and cpu)");
 });

@@ -7,7 +7,7 @@
 import fc from "fast-check";
 import * as T from "../engine/mod.ts";
 import type { Device, Tensor } from "../engine/mod.ts";
-import { assertClose, cpuDevice, gpuDevice, RUNS, seedArb, seededValues, test } from "./util.ts";
+import { assertClose, cpuDevice, gpuDevice, gpuTest, RUNS, seedArb, seededValues } from "./util.ts";
 
 interface Case {
   N: number;
@@ -59,7 +59,7 @@ async function chain(device: Device, c: Case): Promise<Float32Array[]> {
   return result;
 }
 
-test("a ResBlock-shaped chain gives the same loss and gradients on WebGPU and CPU", async () => {
+gpuTest("a ResBlock-shaped chain gives the same loss and gradients on WebGPU and CPU", async () => {
   const gpu = await gpuDevice(), cpu = await cpuDevice();
   await fc.assert(
     fc.asyncProperty(

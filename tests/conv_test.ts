@@ -32,7 +32,9 @@ import {
   assertEquals,
   cpuDevice,
   gpuDevice,
+  gpuTest,
   gradCheck,
+  noTextureInputs,
   runOnBuffers,
   RUNS,
   scaleArb,
@@ -44,13 +46,16 @@ import {
   values,
 } from "./util.ts";
 
+/** Why the tests that need texture inputs are skipped here, or null. */
+const noTextures = await noTextureInputs();
+
 async function runKernel<P>(device: Device, kernel: Kernel<P>, p: P, inputs: Float32Array[], outLen: number) {
   // NaN-filled: every element must be written.
   const [r] = await runOnBuffers(device, kernel, p, inputs, [new Float32Array(outLen).fill(NaN)]);
   return r;
 }
 
-test("conv2d / convTranspose2d: hand-computed cases on both backends", async () => {
+gpuTest("conv2d / convTranspose2d: hand-computed cases on both backends", async () => {
   for (const device of [await gpuDevice(), await cpuDevice()]) {
     const x = tensor([1, 2, 3, 4, 5, 6, 7, 8, 9], [1, 1, 3, 3], { device });
     // Identity-diagonal 2×2 kernel: y = x[i][j] + x[i+1][j+1].
@@ -135,87 +140,93 @@ function layoutStrides(layout: "oihw" | "co" | "ci", g: ConvGeometry): WeightStr
   return oihwStrides(g);
 }
 
-test("conv kernels: forward, input gradient and weight gradient on WebGPU match the CPU references", async () => {
-  const gpu = await gpuDevice(), cpu = await cpuDevice();
-  await fc.assert(
-    fc.asyncProperty(
-      geometryArb,
-      fc.boolean(),
-      fc.integer({ min: 1, max: 4 }),
-      fc.constantFrom("oihw", "co", "ci") as fc.Arbitrary<"oihw" | "co" | "ci">,
-      fc.constantFrom("registers", "texture") as fc.Arbitrary<ConvVariant>,
-      scaleArb,
-      seedArb,
-      async (g0, bias, splits, layout, variant, scale, seed) => {
-        const g = { ...g0, variant };
-        // The weight buffer is random in any layout; both backends read it through the same strides.
-        const weightStrides = layoutStrides(layout, g);
-        const xLen = g.N * g.Cin * g.H * g.W,
-          yLen = g.N * g.Cout * g.Ho * g.Wo,
-          wLen = g.Cout * g.Cin * g.kH * g.kW;
-        const x = seededValues(xLen, seed, -scale, scale), dy = seededValues(yLen, seed + 1, -scale, scale);
-        const w = seededValues(wLen, seed + 2, -1, 1);
-        const what = `${JSON.stringify(g)} weights ${layout}`; // names the variant too
-        // Sums of up to Cin·kH·kW (or N·Ho·Wo) products of magnitude ≤ scale (scale² for the weight gradient).
-        const tol = (terms: number, mag: number) => ({ rtol: 1e-4, atol: 2e-6 * terms * mag });
+gpuTest(
+  "conv kernels: forward, input gradient and weight gradient on WebGPU match the CPU references",
+  async () => {
+    const gpu = await gpuDevice(), cpu = await cpuDevice();
+    await fc.assert(
+      fc.asyncProperty(
+        geometryArb,
+        fc.boolean(),
+        fc.integer({ min: 1, max: 4 }),
+        fc.constantFrom("oihw", "co", "ci") as fc.Arbitrary<"oihw" | "co" | "ci">,
+        fc.constantFrom("registers", "texture") as fc.Arbitrary<ConvVariant>,
+        scaleArb,
+        seedArb,
+        async (g0, bias, splits, layout, variant, scale, seed) => {
+          const g = { ...g0, variant };
+          // The weight buffer is random in any layout; both backends read it through the same strides.
+          const weightStrides = layoutStrides(layout, g);
+          const xLen = g.N * g.Cin * g.H * g.W,
+            yLen = g.N * g.Cout * g.Ho * g.Wo,
+            wLen = g.Cout * g.Cin * g.kH * g.kW;
+          const x = seededValues(xLen, seed, -scale, scale), dy = seededValues(yLen, seed + 1, -scale, scale);
+          const w = seededValues(wLen, seed + 2, -1, 1);
+          const what = `${JSON.stringify(g)} weights ${layout}`; // names the variant too
+          // Sums of up to Cin·kH·kW (or N·Ho·Wo) products of magnitude ≤ scale (scale² for the weight gradient).
+          const tol = (terms: number, mag: number) => ({ rtol: 1e-4, atol: 2e-6 * terms * mag });
 
-        const fwdIn = bias ? [x, w, seededValues(g.Cout, seed + 3)] : [x, w];
-        const y = await runKernel(gpu, conv2dKernel, { ...g, bias, weightStrides }, fwdIn, yLen);
-        const yRef = await runKernel(cpu, conv2dKernel, { ...g, bias, weightStrides }, fwdIn, yLen);
-        assertClose(y, yRef, tol(g.Cin * g.kH * g.kW, scale), `conv2d ${what}`);
+          const fwdIn = bias ? [x, w, seededValues(g.Cout, seed + 3)] : [x, w];
+          const y = await runKernel(gpu, conv2dKernel, { ...g, bias, weightStrides }, fwdIn, yLen);
+          const yRef = await runKernel(cpu, conv2dKernel, { ...g, bias, weightStrides }, fwdIn, yLen);
+          assertClose(y, yRef, tol(g.Cin * g.kH * g.kW, scale), `conv2d ${what}`);
 
-        const igIn = bias ? [dy, w, seededValues(g.Cin, seed + 4)] : [dy, w];
-        const dx = await runKernel(gpu, conv2dInputGrad, { ...g, bias, weightStrides }, igIn, xLen);
-        const dxRef = await runKernel(cpu, conv2dInputGrad, { ...g, bias, weightStrides }, igIn, xLen);
-        assertClose(dx, dxRef, tol(g.Cout * g.kH * g.kW, scale), `conv2dInputGrad ${what}`);
+          const igIn = bias ? [dy, w, seededValues(g.Cin, seed + 4)] : [dy, w];
+          const dx = await runKernel(gpu, conv2dInputGrad, { ...g, bias, weightStrides }, igIn, xLen);
+          const dxRef = await runKernel(cpu, conv2dInputGrad, { ...g, bias, weightStrides }, igIn, xLen);
+          assertClose(dx, dxRef, tol(g.Cout * g.kH * g.kW, scale), `conv2dInputGrad ${what}`);
 
-        const dwLen = splits * wLen;
-        const dw = await runKernel(gpu, conv2dWeightGrad, { ...g, splits }, [x, dy], dwLen);
-        const dwRef = await runKernel(cpu, conv2dWeightGrad, { ...g, splits }, [x, dy], dwLen);
-        assertClose(
-          dw,
-          dwRef,
-          tol(g.N * g.Ho * g.Wo, scale * scale),
-          `conv2dWeightGrad ${what} splits ${splits}`,
-        );
-      },
-    ),
-    { numRuns: RUNS * 3 },
-  );
-});
+          const dwLen = splits * wLen;
+          const dw = await runKernel(gpu, conv2dWeightGrad, { ...g, splits }, [x, dy], dwLen);
+          const dwRef = await runKernel(cpu, conv2dWeightGrad, { ...g, splits }, [x, dy], dwLen);
+          assertClose(
+            dw,
+            dwRef,
+            tol(g.N * g.Ho * g.Wo, scale * scale),
+            `conv2dWeightGrad ${what} splits ${splits}`,
+          );
+        },
+      ),
+      { numRuns: RUNS * 3 },
+    );
+  },
+);
 
-test("conv kernels: grids folded into 2-D (more workgroups than one dimension allows) give the same result", async () => {
-  const small = await smallGridDevice(), cpu = await cpuDevice();
-  // Forward 30 workgroups, input gradient 20, weight gradient (40 splits) 23, over a 16-wide grid.
-  const g: ConvGeometry = {
-    N: 3,
-    Cin: 20,
-    H: 50,
-    W: 50,
-    Cout: 33,
-    Ho: 50,
-    Wo: 50,
-    kH: 3,
-    kW: 3,
-    strideH: 1,
-    strideW: 1,
-    padH: 1,
-    padW: 1,
-  };
-  const xLen = 3 * 20 * 2500, yLen = 3 * 33 * 2500, wLen = 33 * 20 * 9;
-  const x = seededValues(xLen, 1), dy = seededValues(yLen, 2), w = seededValues(wLen, 3);
-  const check = async <P>(name: string, kernel: Kernel<P>, p: P, inputs: Float32Array[], len: number) => {
-    const want = await runKernel(cpu, kernel, p, inputs, len);
-    assertClose(await runKernel(small, kernel, p, inputs, len), want, { rtol: 1e-4, atol: 1e-4 }, name);
-  };
-  for (const variant of ["registers", "texture"] as const) {
-    // Texture variant: 30 (forward), 20 (input gradient) and 34 (weight gradient) workgroups.
-    await check(`conv2d ${variant}`, conv2dKernel, { ...g, variant }, [x, w], yLen);
-    await check(`conv2dInputGrad ${variant}`, conv2dInputGrad, { ...g, variant }, [dy, w], xLen);
-    const wg = { ...g, variant, splits: 40 };
-    await check(`conv2dWeightGrad ${variant}`, conv2dWeightGrad, wg, [x, dy], 40 * wLen);
-  }
-});
+gpuTest(
+  "conv kernels: grids folded into 2-D (more workgroups than one dimension allows) give the same result",
+  async () => {
+    const small = await smallGridDevice(), cpu = await cpuDevice();
+    // Forward 30 workgroups, input gradient 20, weight gradient (40 splits) 23, over a 16-wide grid.
+    const g: ConvGeometry = {
+      N: 3,
+      Cin: 20,
+      H: 50,
+      W: 50,
+      Cout: 33,
+      Ho: 50,
+      Wo: 50,
+      kH: 3,
+      kW: 3,
+      strideH: 1,
+      strideW: 1,
+      padH: 1,
+      padW: 1,
+    };
+    const xLen = 3 * 20 * 2500, yLen = 3 * 33 * 2500, wLen = 33 * 20 * 9;
+    const x = seededValues(xLen, 1), dy = seededValues(yLen, 2), w = seededValues(wLen, 3);
+    const check = async <P>(name: string, kernel: Kernel<P>, p: P, inputs: Float32Array[], len: number) => {
+      const want = await runKernel(cpu, kernel, p, inputs, len);
+      assertClose(await runKernel(small, kernel, p, inputs, len), want, { rtol: 1e-4, atol: 1e-4 }, name);
+    };
+    for (const variant of ["registers", "texture"] as const) {
+      // Texture variant: 30 (forward), 20 (input gradient) and 34 (weight gradient) workgroups.
+      await check(`conv2d ${variant}`, conv2dKernel, { ...g, variant }, [x, w], yLen);
+      await check(`conv2dInputGrad ${variant}`, conv2dInputGrad, { ...g, variant }, [dy, w], xLen);
+      const wg = { ...g, variant, splits: 40 };
+      await check(`conv2dWeightGrad ${variant}`, conv2dWeightGrad, wg, [x, dy], 40 * wLen);
+    }
+  },
+);
 
 test("conv kernels: the weight-gradient splits add up to the unsplit gradient", async () => {
   const cpu = await cpuDevice();
@@ -304,7 +315,7 @@ test("conv kernels: variant choice (texture on CPU-emulated adapters for convolu
   }
 });
 
-test("conv2d / convTranspose2d ops: GPU matches the CPU backend in values and all gradients", async () => {
+gpuTest("conv2d / convTranspose2d ops: GPU matches the CPU backend in values and all gradients", async () => {
   const gpu = await gpuDevice(), cpu = await cpuDevice();
   await fc.assert(
     fc.asyncProperty(
@@ -345,31 +356,35 @@ test("conv2d / convTranspose2d ops: GPU matches the CPU backend in values and al
   );
 });
 
-test("conv2d / convTranspose2d ops: sizes where the texture variant is the default match the CPU backend", async () => {
-  const gpu = await gpuDevice(), cpu = await cpuDevice();
-  const filled = gpu.counters().textures;
-  // Every kernel at over 2^18 multiply-adds (the weight gradients split and summed), odd sizes and strides.
-  const cases: [string, (...t: Tensor[]) => Tensor, number[][]][] = [
-    ["conv2d", (x, w, b) => conv2d(x, w, b, { padding: 1 }), [[2, 12, 9, 14], [20, 12, 3, 3], [20]]],
-    ["conv2d strided", (x, w) => conv2d(x, w, null, { stride: [2, 1], padding: [0, 2] }), [[3, 9, 15, 11], [
-      17,
-      9,
-      3,
-      4,
-    ]]],
-    [
-      "convTranspose2d",
-      (x, w, b) => convTranspose2d(x, w, b, { stride: 2, padding: 1, outputPadding: 1 }),
-      [[2, 16, 10, 9], [16, 12, 3, 3], [12]],
-    ],
-  ];
-  for (const [name, f, shapes] of cases) {
-    await assertBackendsAgree([gpu, cpu], f, shapes, 3, name, 5e-4);
-  }
-  if (gpu.counters().textures === filled) throw new Error("no convolution used the texture variant");
-});
+gpuTest(
+  "conv2d / convTranspose2d ops: sizes where the texture variant is the default match the CPU backend",
+  async () => {
+    const gpu = await gpuDevice(), cpu = await cpuDevice();
+    const filled = gpu.counters().textures;
+    // Every kernel at over 2^18 multiply-adds (the weight gradients split and summed), odd sizes and strides.
+    const cases: [string, (...t: Tensor[]) => Tensor, number[][]][] = [
+      ["conv2d", (x, w, b) => conv2d(x, w, b, { padding: 1 }), [[2, 12, 9, 14], [20, 12, 3, 3], [20]]],
+      ["conv2d strided", (x, w) => conv2d(x, w, null, { stride: [2, 1], padding: [0, 2] }), [[3, 9, 15, 11], [
+        17,
+        9,
+        3,
+        4,
+      ]]],
+      [
+        "convTranspose2d",
+        (x, w, b) => convTranspose2d(x, w, b, { stride: 2, padding: 1, outputPadding: 1 }),
+        [[2, 16, 10, 9], [16, 12, 3, 3], [12]],
+      ],
+    ];
+    for (const [name, f, shapes] of cases) {
+      await assertBackendsAgree([gpu, cpu], f, shapes, 3, name, 5e-4);
+    }
+    if (gpu.counters().textures === filled) throw new Error("no convolution used the texture variant");
+  },
+  noTextures,
+);
 
-test("conv2d and convTranspose2d are adjoint: <conv(x), y> = <x, convT(y)>", async () => {
+gpuTest("conv2d and convTranspose2d are adjoint: <conv(x), y> = <x, convT(y)>", async () => {
   const gpu = await gpuDevice();
   await fc.assert(
     fc.asyncProperty(geometryArb, seedArb, async (g, seed) => {
@@ -400,18 +415,21 @@ test("conv2d and convTranspose2d are adjoint: <conv(x), y> = <x, convT(y)>", asy
   );
 });
 
-test("conv2d with vector weight loads does not break later small kernels in the same pass (wgpu#7359)", async () => {
-  const device = await gpuDevice();
-  // 4 output channels: the WebGPU path copies the weight for vec4 loads; the device binds ≥ 16 bytes so the next kernel still validates. All
-  // inputs are written first, since a write flushes (ends the pass) and would hide the bug.
-  const x = tensor(seededValues(2 * 3 * 3, 1), [1, 2, 3, 3], { device });
-  const w = tensor(seededValues(4 * 2 * 9, 2), [4, 2, 3, 3], { device });
-  const u = tensor([1, 2], [2], { device }), v = tensor([3, 4], [2], { device });
-  const y = conv2d(x, w);
-  const small = map(bin("add", inp(0), inp(1)), [u, v]);
-  assertEquals(Array.from(await values(small)), [4, 6]);
-  assertEquals(y.shape, [1, 4, 1, 1]);
-});
+gpuTest(
+  "conv2d with vector weight loads does not break later small kernels in the same pass (wgpu#7359)",
+  async () => {
+    const device = await gpuDevice();
+    // 4 output channels: the WebGPU path copies the weight for vec4 loads; the device binds ≥ 16 bytes so the next kernel still validates. All
+    // inputs are written first, since a write flushes (ends the pass) and would hide the bug.
+    const x = tensor(seededValues(2 * 3 * 3, 1), [1, 2, 3, 3], { device });
+    const w = tensor(seededValues(4 * 2 * 9, 2), [4, 2, 3, 3], { device });
+    const u = tensor([1, 2], [2], { device }), v = tensor([3, 4], [2], { device });
+    const y = conv2d(x, w);
+    const small = map(bin("add", inp(0), inp(1)), [u, v]);
+    assertEquals(Array.from(await values(small)), [4, 6]);
+    assertEquals(y.shape, [1, 4, 1, 1]);
+  },
+);
 
 test("conv2d / convTranspose2d: finite-difference gradient checks", async () => {
   const data = (shape: number[], seed: number) => ({ shape, data: seededValues(size(shape), seed) });

@@ -12,6 +12,7 @@ import {
   type BufferLayout,
   cpuDevice,
   gpuDevice,
+  gpuTest,
   layoutStrides,
   runOnBuffers,
   RUNS,
@@ -80,12 +81,15 @@ async function checkCase(gpu: Device, c: Case) {
   assertEquals([...got], [...want], `copy ${JSON.stringify(p)} (V=${plan.V}, vec4 source ${plan.srcVec})`);
 }
 
-test("copy: WebGPU matches the CPU reference over permuted, padded, offset and broadcast layouts", async () => {
-  const gpu = await gpuDevice();
-  await fc.assert(fc.asyncProperty(caseArb, (c) => checkCase(gpu, c)), { numRuns: RUNS * 8 });
-});
+gpuTest(
+  "copy: WebGPU matches the CPU reference over permuted, padded, offset and broadcast layouts",
+  async () => {
+    const gpu = await gpuDevice();
+    await fc.assert(fc.asyncProperty(caseArb, (c) => checkCase(gpu, c)), { numRuns: RUNS * 8 });
+  },
+);
 
-test("copy: the 2-D grid path (small-grid device) matches the CPU reference", async () => {
+gpuTest("copy: the 2-D grid path (small-grid device) matches the CPU reference", async () => {
   const gpu = await smallGridDevice();
   await fc.assert(fc.asyncProperty(caseArb, (c) => checkCase(gpu, c)), { numRuns: RUNS * 2 });
 });

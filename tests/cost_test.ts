@@ -9,7 +9,7 @@ import { nn } from "../engine/mod.ts";
 import { measureLatency, unetCost } from "../eval/cost.ts";
 import { admImagenet64, ddpmppCifar10, ddsmCifar10 } from "../models/presets.ts";
 import { countParameters, UNet, type UNetSpecInput } from "../models/unet.ts";
-import { gpuDevice, test } from "./util.ts";
+import { gpuDevice, gpuTest, test } from "./util.ts";
 
 const expectThrow = async (f: () => unknown, ...parts: string[]) => {
   try {
@@ -115,28 +115,31 @@ const TINY: UNetSpecInput = {
   dropout: 0,
 };
 
-test("measureLatency: median of timed noGrad forwards at a width, batch 1, on the model's device", async () => {
-  const device = await gpuDevice();
-  const model = new UNet(TINY, { device });
-  try {
-    model.train();
-    const full = await measureLatency(model, { warmup: 1, runs: 3 });
-    const slim = await measureLatency(model, { width: 0.5, warmup: 1, runs: 3, batch: 2 });
-    // (The model caches a few tensors on its first forwards; after those, a measurement frees all it makes.)
-    const before = device.memory().liveAllocations;
-    await measureLatency(model, { width: 0.5, warmup: 0, runs: 1, batch: 2 });
-    for (const l of [full, slim]) {
-      if (l.runsMs.length !== 3 || !l.runsMs.every((t) => t > 0)) throw new Error(`runs ${l.runsMs}`);
-      const sorted = [...l.runsMs].sort((a, b) => a - b);
-      if (l.medianMs !== sorted[1]) throw new Error(`median ${l.medianMs} of ${l.runsMs}`);
-      if (!l.adapter) throw new Error("no adapter name");
+gpuTest(
+  "measureLatency: median of timed noGrad forwards at a width, batch 1, on the model's device",
+  async () => {
+    const device = await gpuDevice();
+    const model = new UNet(TINY, { device });
+    try {
+      model.train();
+      const full = await measureLatency(model, { warmup: 1, runs: 3 });
+      const slim = await measureLatency(model, { width: 0.5, warmup: 1, runs: 3, batch: 2 });
+      // (The model caches a few tensors on its first forwards; after those, a measurement frees all it makes.)
+      const before = device.memory().liveAllocations;
+      await measureLatency(model, { width: 0.5, warmup: 0, runs: 1, batch: 2 });
+      for (const l of [full, slim]) {
+        if (l.runsMs.length !== 3 || !l.runsMs.every((t) => t > 0)) throw new Error(`runs ${l.runsMs}`);
+        const sorted = [...l.runsMs].sort((a, b) => a - b);
+        if (l.medianMs !== sorted[1]) throw new Error(`median ${l.medianMs} of ${l.runsMs}`);
+        if (!l.adapter) throw new Error("no adapter name");
+      }
+      if (slim.width !== 0.5 || slim.batch !== 2) throw new Error(JSON.stringify(slim));
+      if (!model.training) throw new Error("measureLatency left the model in eval mode");
+      if (device.memory().liveAllocations !== before) throw new Error("measureLatency leaked tensors");
+      await expectThrow(() => measureLatency(model, { runs: 0 }), "runs");
+      await expectThrow(() => measureLatency(model, { width: 1.5 }), "width");
+    } finally {
+      (model as nn.Module).dispose();
     }
-    if (slim.width !== 0.5 || slim.batch !== 2) throw new Error(JSON.stringify(slim));
-    if (!model.training) throw new Error("measureLatency left the model in eval mode");
-    if (device.memory().liveAllocations !== before) throw new Error("measureLatency leaked tensors");
-    await expectThrow(() => measureLatency(model, { runs: 0 }), "runs");
-    await expectThrow(() => measureLatency(model, { width: 1.5 }), "width");
-  } finally {
-    (model as nn.Module).dispose();
-  }
-});
+  },
+);

@@ -31,7 +31,16 @@ import {
   lossWeight,
   type NetworkFn,
 } from "../models/edm.ts";
-import { assertClose, assertThrows, f64Device, gpuDevice, gradCheck, seededValues, test } from "./util.ts";
+import {
+  assertClose,
+  assertThrows,
+  f64Device,
+  gpuDevice,
+  gpuTest,
+  gradCheck,
+  seededValues,
+  test,
+} from "./util.ts";
 
 // Table 1 ("Ours"), written out independently of models/edm.ts.
 const ref = {
@@ -43,36 +52,41 @@ const ref = {
 };
 const SIGMAS = [0.002, 0.01, 0.1, 0.3, 0.5, 1, 2.5, 10, 80];
 
-test("preconditioning coefficients match Table 1 in float64 (device tensors and host numbers)", async () => {
-  const device = await gpuDevice();
-  for (const sd of [0.5, 1.3]) {
-    const p = new EDMPrecond(() => zeros([1]), { sigmaData: sd });
-    const sigma = tensor(SIGMAS, [SIGMAS.length], { device });
-    const c = p.coefficients(sigma);
-    assertEquals([...c.cSkip.shape], [SIGMAS.length, 1, 1, 1]);
-    assertEquals([...c.cNoise.shape], [SIGMAS.length]);
-    for (const k of ["cSkip", "cOut", "cIn"] as const) {
-      const want = SIGMAS.map((s) => ref[k](s, sd));
-      assertClose(await c[k].toArray(), want, { rtol: 2e-6, atol: 0 }, `${k} (σ_data ${sd}) on the device`);
-    }
-    assertClose(await c.cNoise.toArray(), SIGMAS.map(ref.cNoise), { rtol: 2e-6, atol: 1e-7 }, "cNoise");
-    // Host float64 versions agree to rounding.
-    const host = { cSkip, cOut, cIn };
-    for (const k of ["cSkip", "cOut", "cIn"] as const) {
-      assertClose(SIGMAS.map((s) => host[k](s, sd)), SIGMAS.map((s) => ref[k](s, sd)), {
+gpuTest(
+  "preconditioning coefficients match Table 1 in float64 (device tensors and host numbers)",
+  async () => {
+    const device = await gpuDevice();
+    for (const sd of [0.5, 1.3]) {
+      const p = new EDMPrecond(() => zeros([1]), { sigmaData: sd });
+      const sigma = tensor(SIGMAS, [SIGMAS.length], { device });
+      const c = p.coefficients(sigma);
+      assertEquals([...c.cSkip.shape], [SIGMAS.length, 1, 1, 1]);
+      assertEquals([...c.cNoise.shape], [SIGMAS.length]);
+      for (const k of ["cSkip", "cOut", "cIn"] as const) {
+        const want = SIGMAS.map((s) => ref[k](s, sd));
+        assertClose(await c[k].toArray(), want, { rtol: 2e-6, atol: 0 }, `${k} (σ_data ${sd}) on the device`);
+      }
+      assertClose(await c.cNoise.toArray(), SIGMAS.map(ref.cNoise), { rtol: 2e-6, atol: 1e-7 }, "cNoise");
+      // Host float64 versions agree to rounding.
+      const host = { cSkip, cOut, cIn };
+      for (const k of ["cSkip", "cOut", "cIn"] as const) {
+        assertClose(SIGMAS.map((s) => host[k](s, sd)), SIGMAS.map((s) => ref[k](s, sd)), {
+          rtol: 1e-15,
+          atol: 0,
+        }, k);
+      }
+      assertClose(SIGMAS.map((s) => lossWeight(s, sd)), SIGMAS.map((s) => ref.weight(s, sd)), {
         rtol: 1e-15,
-        atol: 0,
-      }, k);
+      });
+      // λ = 1/c_out² (the effective weight is uniform, Sec. 5).
+      assertClose(SIGMAS.map((s) => lossWeight(s, sd) * cOut(s, sd) ** 2), SIGMAS.map(() => 1), {
+        rtol: 1e-14,
+      });
+      for (const t of [sigma, c.cSkip, c.cOut, c.cIn, c.cNoise]) t.dispose();
     }
-    assertClose(SIGMAS.map((s) => lossWeight(s, sd)), SIGMAS.map((s) => ref.weight(s, sd)), { rtol: 1e-15 });
-    // λ = 1/c_out² (the effective weight is uniform, Sec. 5).
-    assertClose(SIGMAS.map((s) => lossWeight(s, sd) * cOut(s, sd) ** 2), SIGMAS.map(() => 1), {
-      rtol: 1e-14,
-    });
-    for (const t of [sigma, c.cSkip, c.cOut, c.cIn, c.cNoise]) t.dispose();
-  }
-  assertClose(SIGMAS.map(cNoise), SIGMAS.map(ref.cNoise), { rtol: 1e-15, atol: 0 });
-});
+    assertClose(SIGMAS.map(cNoise), SIGMAS.map(ref.cNoise), { rtol: 1e-15, atol: 0 });
+  },
+);
 
 /** F(x, c) = 2x + 0.1 + c (per sample), recording copies of what it received. */
 function recordingNet(seen: { x?: Tensor; c?: Tensor; labels?: Tensor }): NetworkFn {
@@ -84,57 +98,60 @@ function recordingNet(seen: { x?: Tensor; c?: Tensor; labels?: Tensor }): Networ
   };
 }
 
-test("EDMPrecond.forward: D = c_skip·x + c_out·F(c_in·x; c_noise) for per-sample and scalar σ", async () => {
-  const device = await gpuDevice();
-  const N = 4, shape = [N, 2, 3, 3], per = 18;
-  const xv = seededValues(N * per, 21, -3, 3);
-  const x = tensor(xv, shape, { device });
-  const labels = tensor([1, 0, 0, 1, 0, 1, 0, 0], [N, 2], { device });
-  const sig = [0.002, 0.4, 3, 80];
-  for (const mode of ["tensor", "number"] as const) {
-    const seen: { x?: Tensor; c?: Tensor; labels?: Tensor } = {};
-    const p = new EDMPrecond(recordingNet(seen));
-    const sigmaOf = (n: number) => (mode === "tensor" ? sig[n] : 1.7);
-    const sigma = mode === "tensor" ? tensor(sig, [N], { device }) : 1.7;
-    const D = noGrad(() => p.forward(x, sigma, labels));
-    if (seen.labels !== labels) throw new Error("labels were not passed through to F");
-    const xin = await seen.x!.toArray(), c = await seen.c!.toArray(), d = await D.toArray();
-    const wantIn = new Float64Array(N * per), wantD = new Float64Array(N * per);
-    for (let n = 0; n < N; n++) {
-      const s = sigmaOf(n);
-      for (let j = 0; j < per; j++) {
-        const i = n * per + j;
-        wantIn[i] = ref.cIn(s, 0.5) * xv[i];
-        const F = 2 * wantIn[i] + 0.1 + ref.cNoise(s);
-        wantD[i] = ref.cSkip(s, 0.5) * xv[i] + ref.cOut(s, 0.5) * F;
+gpuTest(
+  "EDMPrecond.forward: D = c_skip·x + c_out·F(c_in·x; c_noise) for per-sample and scalar σ",
+  async () => {
+    const device = await gpuDevice();
+    const N = 4, shape = [N, 2, 3, 3], per = 18;
+    const xv = seededValues(N * per, 21, -3, 3);
+    const x = tensor(xv, shape, { device });
+    const labels = tensor([1, 0, 0, 1, 0, 1, 0, 0], [N, 2], { device });
+    const sig = [0.002, 0.4, 3, 80];
+    for (const mode of ["tensor", "number"] as const) {
+      const seen: { x?: Tensor; c?: Tensor; labels?: Tensor } = {};
+      const p = new EDMPrecond(recordingNet(seen));
+      const sigmaOf = (n: number) => (mode === "tensor" ? sig[n] : 1.7);
+      const sigma = mode === "tensor" ? tensor(sig, [N], { device }) : 1.7;
+      const D = noGrad(() => p.forward(x, sigma, labels));
+      if (seen.labels !== labels) throw new Error("labels were not passed through to F");
+      const xin = await seen.x!.toArray(), c = await seen.c!.toArray(), d = await D.toArray();
+      const wantIn = new Float64Array(N * per), wantD = new Float64Array(N * per);
+      for (let n = 0; n < N; n++) {
+        const s = sigmaOf(n);
+        for (let j = 0; j < per; j++) {
+          const i = n * per + j;
+          wantIn[i] = ref.cIn(s, 0.5) * xv[i];
+          const F = 2 * wantIn[i] + 0.1 + ref.cNoise(s);
+          wantD[i] = ref.cSkip(s, 0.5) * xv[i] + ref.cOut(s, 0.5) * F;
+        }
       }
+      assertClose(xin, wantIn, { rtol: 1e-5, atol: 1e-6 }, `${mode}: F's input`);
+      assertClose(
+        c,
+        Array.from({ length: N }, (_, n) => ref.cNoise(sigmaOf(n))),
+        { rtol: 1e-5, atol: 1e-6 },
+        "c_noise",
+      );
+      assertClose(d, wantD, { rtol: 1e-5, atol: 1e-6 }, `${mode}: D`);
+      for (const t of [D, seen.x!, seen.c!]) t.dispose();
+      if (sigma instanceof Object) sigma.dispose();
     }
-    assertClose(xin, wantIn, { rtol: 1e-5, atol: 1e-6 }, `${mode}: F's input`);
-    assertClose(
-      c,
-      Array.from({ length: N }, (_, n) => ref.cNoise(sigmaOf(n))),
-      { rtol: 1e-5, atol: 1e-6 },
-      "c_noise",
-    );
-    assertClose(d, wantD, { rtol: 1e-5, atol: 1e-6 }, `${mode}: D`);
-    for (const t of [D, seen.x!, seen.c!]) t.dispose();
-    if (sigma instanceof Object) sigma.dispose();
-  }
-  // A [N, 1, 1, 1] σ is accepted as well.
-  const s4 = tensor(sig, [N, 1, 1, 1], { device });
-  const p = new EDMPrecond((v) => mul(v, 0));
-  const D = noGrad(() => p.forward(x, s4));
-  const want = Array.from(xv, (v, i) => ref.cSkip(sig[Math.floor(i / per)], 0.5) * v);
-  assertClose(await D.toArray(), want, { rtol: 1e-5, atol: 1e-7 }, "σ as [N,1,1,1]");
-  // Other ranks broadcast per sample too: x [N, 3] with σ [N].
-  const x2 = tensor([1, 2, 3, 4, 5, 6], [2, 3], { device }), s2 = tensor([0.1, 5], [2], { device });
-  const D2 = noGrad(() => p.forward(x2, s2));
-  const want2 = [1, 2, 3, 4, 5, 6].map((v, i) => ref.cSkip(i < 3 ? 0.1 : 5, 0.5) * v);
-  assertClose(await D2.toArray(), want2, { rtol: 1e-5, atol: 1e-7 }, "x [N, 3]");
-  for (const t of [x, labels, s4, D, x2, s2, D2]) t.dispose();
-});
+    // A [N, 1, 1, 1] σ is accepted as well.
+    const s4 = tensor(sig, [N, 1, 1, 1], { device });
+    const p = new EDMPrecond((v) => mul(v, 0));
+    const D = noGrad(() => p.forward(x, s4));
+    const want = Array.from(xv, (v, i) => ref.cSkip(sig[Math.floor(i / per)], 0.5) * v);
+    assertClose(await D.toArray(), want, { rtol: 1e-5, atol: 1e-7 }, "σ as [N,1,1,1]");
+    // Other ranks broadcast per sample too: x [N, 3] with σ [N].
+    const x2 = tensor([1, 2, 3, 4, 5, 6], [2, 3], { device }), s2 = tensor([0.1, 5], [2], { device });
+    const D2 = noGrad(() => p.forward(x2, s2));
+    const want2 = [1, 2, 3, 4, 5, 6].map((v, i) => ref.cSkip(i < 3 ? 0.1 : 5, 0.5) * v);
+    assertClose(await D2.toArray(), want2, { rtol: 1e-5, atol: 1e-7 }, "x [N, 3]");
+    for (const t of [x, labels, s4, D, x2, s2, D2]) t.dispose();
+  },
+);
 
-test("EDMPrecond: errors name the bad option or shape", async () => {
+gpuTest("EDMPrecond: errors name the bad option or shape", async () => {
   const device = await gpuDevice();
   const x = zeros([2, 1, 2, 2], { device });
   assertThrows(() => new EDMPrecond((v) => v, { sigmaData: -1 }), "EDMPrecond", "sigmaData");
@@ -172,7 +189,7 @@ test("EDMPrecond registers an nn.Module network as `model` (NVlabs parameter nam
   p.zeroGrad();
 });
 
-test("edmLoss: a perfect denoiser gives exactly zero; λ(σ) large or small", async () => {
+gpuTest("edmLoss: a perfect denoiser gives exactly zero; λ(σ) large or small", async () => {
   const device = await gpuDevice();
   const images = tensor(seededValues(4 * 3 * 4 * 4, 9), [4, 3, 4, 4], { device });
   const perfect = () => mul(images, 1);
@@ -232,12 +249,12 @@ async function checkZeroNetLoss(device: Device, rtol: number) {
   }
 }
 
-test("edmLoss with F = 0 equals the float64 formula (WebGPU float32 and CPU float64)", async () => {
+gpuTest("edmLoss with F = 0 equals the float64 formula (WebGPU float32 and CPU float64)", async () => {
   await checkZeroNetLoss(await gpuDevice(), 2e-5);
   await checkZeroNetLoss(await f64Device(), 1e-12);
 });
 
-test("edmLoss draws ln σ ~ N(−1.2, 1.2²)", async () => {
+gpuTest("edmLoss draws ln σ ~ N(−1.2, 1.2²)", async () => {
   const device = await gpuDevice();
   const N = 8192;
   const images = zeros([N, 1, 1, 1], { device });
@@ -270,7 +287,7 @@ test("edmLoss gradients match finite differences (float64)", async () => {
   );
 });
 
-test("EDMPrecond and edmLoss under noGrad leave only their results alive", async () => {
+gpuTest("EDMPrecond and edmLoss under noGrad leave only their results alive", async () => {
   const device = await gpuDevice();
   const x = tensor(seededValues(2 * 3 * 4 * 4, 3), [2, 3, 4, 4], { device });
   const sigma = tensor([0.3, 3], [2], { device });

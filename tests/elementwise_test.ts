@@ -17,6 +17,7 @@ import {
   type BufferLayout,
   cpuDevice,
   gpuDevice,
+  gpuTest,
   gradCheck,
   layoutStrides,
   runOnBuffers,
@@ -77,7 +78,7 @@ const TESTED_UNARY: UnaryOp[] = [
 ];
 
 for (const op of TESTED_UNARY) {
-  test(`unary ${op}: WebGPU matches CPU reference`, async () => {
+  gpuTest(`unary ${op}: WebGPU matches CPU reference`, async () => {
     await fc.assert(
       fc.asyncProperty(shapeArb(1, 4, 9), seedArb, scaleArb, async (shape, seed, scale) => {
         const scl = op === "exp" ? Math.min(scale, 20) : scale;
@@ -95,7 +96,7 @@ test("every unary op in the table is covered by a test", () => {
   if (missing.length) throw new Error(`untested unary ops: ${missing}`);
 });
 
-test("unary ops stay finite and saturate correctly at extreme inputs", async () => {
+gpuTest("unary ops stay finite and saturate correctly at extreme inputs", async () => {
   const data = Float32Array.from([-1e30, -100, -50, 0, 50, 100, 1e30]);
   for (const op of ["tanh", "sigmoid", "silu", "gelu", "erf"] as UnaryOp[]) {
     const [g, c] = await both([{ shape: [7], data }], (x) => map(un(op, inp(0)), [x]));
@@ -117,7 +118,7 @@ const broadcastPair = shapeArb(1, 4, 7).chain((shape) =>
 );
 
 for (const op of ["add", "sub", "mul", "div", "pow", "max", "min", "gt", "eq"] as const) {
-  test(`binary ${op} with broadcasting: WebGPU matches CPU reference`, async () => {
+  gpuTest(`binary ${op} with broadcasting: WebGPU matches CPU reference`, async () => {
     await fc.assert(
       fc.asyncProperty(broadcastPair, seedArb, scaleArb, async ([sa, sb], seed, scale) => {
         let a = seededValues(size(sa), seed, -scale, scale);
@@ -139,7 +140,7 @@ for (const op of ["add", "sub", "mul", "div", "pow", "max", "min", "gt", "eq"] a
   });
 }
 
-test("pow follows PyTorch for negative bases and zero exponents", async () => {
+gpuTest("pow follows PyTorch for negative bases and zero exponents", async () => {
   const base = Float32Array.from([-2, -2, -2, 0, 3, -1.5]);
   const expo = Float32Array.from([3, 2, 0.5, 0, 0, 0]);
   const [g, c] = await both(
@@ -167,7 +168,7 @@ const exprArb: fc.Arbitrary<Expr> = fc.letrec<{ e: Expr }>((tie) => ({
   ),
 })).e;
 
-test("random fused expression trees: WebGPU matches CPU reference", async () => {
+gpuTest("random fused expression trees: WebGPU matches CPU reference", async () => {
   await fc.assert(
     fc.asyncProperty(exprArb, shapeArb(1, 3, 9), seedArb, async (expr, shape, seed) => {
       const n = size(shape);
@@ -191,30 +192,33 @@ const inputLayoutArb = (rank: number): fc.Arbitrary<BufferLayout> =>
     broadcast: fc.array(fc.boolean(), { minLength: rank, maxLength: rank }),
   });
 
-test("kernel: strided, sliced and broadcast input layouts match the CPU reference (one, four elements per thread)", async () => {
-  const gpu = await gpuDevice(), cpu = await cpuDevice();
-  const dimArb = fc.constantFrom(1, 2, 3, 4, 5, 8, 12);
-  const caseArb = fc.array(dimArb, { minLength: 1, maxLength: 4 }).chain((shape) =>
-    fc.record({
-      shape: fc.constant(shape),
-      layouts: fc.array(inputLayoutArb(shape.length), { minLength: 3, maxLength: 3 }),
-      expr: exprArb,
-      seed: seedArb,
-    })
-  );
-  await fc.assert(
-    fc.asyncProperty(caseArb, async ({ shape, layouts, expr, seed }) => {
-      const ins = layouts.map((l) => layoutStrides(shape, l))
-        .map((x, k) => ({ ...x, data: seededValues(x.elements, seed + k) }));
-      const params = { expr, consts: [0.5, -1.25], shape, strides: ins.map((x) => x.strides) };
-      const datas = ins.map((x) => x.data);
-      const [got] = await runOnBuffers(gpu, elementwise, params, datas, [size(shape)]);
-      const [want] = await runOnBuffers(cpu, elementwise, params, datas, [size(shape)]);
-      assertClose(got, want, { rtol: 1e-4, atol: 1e-5 }, `strides ${JSON.stringify(params.strides)}`);
-    }),
-    { numRuns: RUNS * 4 },
-  );
-});
+gpuTest(
+  "kernel: strided, sliced and broadcast input layouts match the CPU reference (one, four elements per thread)",
+  async () => {
+    const gpu = await gpuDevice(), cpu = await cpuDevice();
+    const dimArb = fc.constantFrom(1, 2, 3, 4, 5, 8, 12);
+    const caseArb = fc.array(dimArb, { minLength: 1, maxLength: 4 }).chain((shape) =>
+      fc.record({
+        shape: fc.constant(shape),
+        layouts: fc.array(inputLayoutArb(shape.length), { minLength: 3, maxLength: 3 }),
+        expr: exprArb,
+        seed: seedArb,
+      })
+    );
+    await fc.assert(
+      fc.asyncProperty(caseArb, async ({ shape, layouts, expr, seed }) => {
+        const ins = layouts.map((l) => layoutStrides(shape, l))
+          .map((x, k) => ({ ...x, data: seededValues(x.elements, seed + k) }));
+        const params = { expr, consts: [0.5, -1.25], shape, strides: ins.map((x) => x.strides) };
+        const datas = ins.map((x) => x.data);
+        const [got] = await runOnBuffers(gpu, elementwise, params, datas, [size(shape)]);
+        const [want] = await runOnBuffers(cpu, elementwise, params, datas, [size(shape)]);
+        assertClose(got, want, { rtol: 1e-4, atol: 1e-5 }, `strides ${JSON.stringify(params.strides)}`);
+      }),
+      { numRuns: RUNS * 4 },
+    );
+  },
+);
 
 test("kernel: four-element threads load a broadcast input once and an aligned slice as one vec4", () => {
   const caps = { maxWorkgroupsPerDimension: 65535 } as GpuCaps;
@@ -234,7 +238,7 @@ test("kernel: four-element threads load a broadcast input once and an aligned sl
   if (/in[12]\[o[12] \+/.test(source)) throw new Error(`scalar gathers left in:\n${source}`);
 });
 
-test("2-D grids (more workgroups than one dimension allows) cover every element", async () => {
+gpuTest("2-D grids (more workgroups than one dimension allows) cover every element", async () => {
   const small = await smallGridDevice();
   await fc.assert(
     fc.asyncProperty(fc.integer({ min: 4000, max: 60000 }), seedArb, async (n, seed) => {
@@ -250,7 +254,7 @@ test("2-D grids (more workgroups than one dimension allows) cover every element"
   );
 });
 
-test("scalar operands work on either side and keep one pipeline per structure", async () => {
+gpuTest("scalar operands work on either side and keep one pipeline per structure", async () => {
   const device = await gpuDevice();
   const x = tensor([1, 2, 3], [3], { device });
   const before = device.counters().pipelines;
@@ -339,7 +343,7 @@ test("gradients with scalar operands", async () => {
 
 // --- fusion (lazy elementwise results) ----------------------------------------------------------------------------
 
-test("fusion: an elementwise chain runs as one dispatch; an unread result never runs", async () => {
+gpuTest("fusion: an elementwise chain runs as one dispatch; an unread result never runs", async () => {
   const device = await gpuDevice();
   const x = tensor(seededValues(64, 1), [4, 16], { device }),
     b = tensor(seededValues(16, 2), [16], { device });
@@ -360,7 +364,7 @@ test("fusion: an elementwise chain runs as one dispatch; an unread result never 
   assertClose(got, want, { rtol: 1e-5, atol: 1e-6 });
 });
 
-test("fusion: a lazy result keeps its inputs alive after they are disposed", async () => {
+gpuTest("fusion: a lazy result keeps its inputs alive after they are disposed", async () => {
   const device = await gpuDevice();
   const x = tensor([1, 2, 3], [3], { device });
   const y = E.mul(x, 10);
@@ -369,17 +373,20 @@ test("fusion: a lazy result keeps its inputs alive after they are disposed", asy
   y.dispose();
 });
 
-test("fusion: an in-place write (optimizer step) computes pending readers of the old values first", async () => {
-  const device = await gpuDevice();
-  const { copyInto } = await import("../engine/ops/core.ts");
-  const w = tensor([1, 2, 3], [3], { device });
-  const before = E.mul(w, 2); // lazy: reads w when computed
-  copyInto(w, tensor([7, 7, 7], [3], { device }), [0]); // overwrites w in place
-  assertClose(await before.toArray(), [2, 4, 6], {}, "value computed before the write");
-  assertClose(await w.toArray(), [7, 7, 7], {}, "written value");
-});
+gpuTest(
+  "fusion: an in-place write (optimizer step) computes pending readers of the old values first",
+  async () => {
+    const device = await gpuDevice();
+    const { copyInto } = await import("../engine/ops/core.ts");
+    const w = tensor([1, 2, 3], [3], { device });
+    const before = E.mul(w, 2); // lazy: reads w when computed
+    copyInto(w, tensor([7, 7, 7], [3], { device }), [0]); // overwrites w in place
+    assertClose(await before.toArray(), [2, 4, 6], {}, "value computed before the write");
+    assertClose(await w.toArray(), [7, 7, 7], {}, "written value");
+  },
+);
 
-test("fusion respects the 7-input budget and deep trees stay correct", async () => {
+gpuTest("fusion respects the 7-input budget and deep trees stay correct", async () => {
   const device = await gpuDevice();
   const xs = Array.from({ length: 10 }, (_, k) => tensor([k + 1], [1], { device }));
   let acc = E.mul(xs[0], 1);

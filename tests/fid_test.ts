@@ -23,7 +23,16 @@ import {
 } from "../eval/fid.ts";
 import { gemmABt, sqrtPsd, symmetricEigen, traceSqrtProduct } from "../eval/linalg.ts";
 import { crc32, encodeNpz, parseNpy, readNpz } from "../eval/npz.ts";
-import { assertClose, assertRejects, gpuDevice, RUNS, seedArb, test, uniformStream } from "./util.ts";
+import {
+  assertClose,
+  assertRejects,
+  gpuDevice,
+  gpuTest,
+  RUNS,
+  seedArb,
+  test,
+  uniformStream,
+} from "./util.ts";
 
 // ---------------------------------------------------------------------------------------------------------------
 // Independent float64 references.
@@ -435,30 +444,33 @@ test("FeatureStatistics equals the two-pass mean and unbiased covariance over an
   );
 });
 
-test("FeatureStatistics.addTensor (device scatter, float64 merge) matches the host accumulation", async () => {
-  const device = await gpuDevice();
-  const d = 11, rows = [5, 9, 3];
-  const host = new FeatureStatistics(d), dev = new FeatureStatistics(d);
-  let seed = 40;
-  for (const r of rows) {
-    const x = Float32Array.from(features(seed++, r, d, 2, 100));
-    host.add(x);
-    const t = tensor(x, [r, d], { device });
-    await dev.addTensor(t);
-    t.dispose();
-  }
-  const a = host.statistics(), b = dev.statistics();
-  const scale = Math.max(...a.sigma.map(Math.abs));
-  assertClose(b.sigma, a.sigma, { rtol: 0, atol: 1e-5 * scale }, "device covariance");
-  assertClose(b.mu, a.mu, { rtol: 1e-6, atol: 0 }, "device mean");
-  await assertRejects(
-    () => dev.addTensor(tensor(new Float32Array(6), [2, 3], { device })),
-    "[N, 11]",
-    "[2,3]",
-  );
-  await assertRejects(() => host.add(new Float64Array(10)), "rows × 11");
-  await assertRejects(() => new FeatureStatistics(3).covariance(), "≥ 2 samples");
-});
+gpuTest(
+  "FeatureStatistics.addTensor (device scatter, float64 merge) matches the host accumulation",
+  async () => {
+    const device = await gpuDevice();
+    const d = 11, rows = [5, 9, 3];
+    const host = new FeatureStatistics(d), dev = new FeatureStatistics(d);
+    let seed = 40;
+    for (const r of rows) {
+      const x = Float32Array.from(features(seed++, r, d, 2, 100));
+      host.add(x);
+      const t = tensor(x, [r, d], { device });
+      await dev.addTensor(t);
+      t.dispose();
+    }
+    const a = host.statistics(), b = dev.statistics();
+    const scale = Math.max(...a.sigma.map(Math.abs));
+    assertClose(b.sigma, a.sigma, { rtol: 0, atol: 1e-5 * scale }, "device covariance");
+    assertClose(b.mu, a.mu, { rtol: 1e-6, atol: 0 }, "device mean");
+    await assertRejects(
+      () => dev.addTensor(tensor(new Float32Array(6), [2, 3], { device })),
+      "[N, 11]",
+      "[2,3]",
+    );
+    await assertRejects(() => host.add(new Float64Array(10)), "rows × 11");
+    await assertRejects(() => new FeatureStatistics(3).covariance(), "≥ 2 samples");
+  },
+);
 
 // ---------------------------------------------------------------------------------------------------------------
 // KID.
@@ -480,37 +492,40 @@ function directMmd(x: Float64Array, y: Float64Array, m: number, d: number): numb
   return (xx + yy) / (m * (m - 1)) - (2 * xy) / (m * m);
 }
 
-test("KID equals the direct unbiased MMD² when a subset is the whole set; device and host agree", async () => {
-  const d = 6, m = 9;
-  const x = features(3, m, d), y = features(4, m, d, 1.3, 0.2);
-  const want = directMmd(x, y, m, d);
-  const host = await kernelInceptionDistance(x, y, d, { subsets: 3, subsetSize: 50 });
-  if (host.subsetSize !== m) throw new Error(`subset size ${host.subsetSize}, expected ${m}`);
-  assertClose(host.values, [want, want, want], { rtol: 1e-12, atol: 1e-14 }, "host KID");
-  if (host.std > 1e-12) throw new Error(`std of identical subsets ${host.std}`);
-  const dev = await kernelInceptionDistance(x, y, d, {
-    subsets: 2,
-    subsetSize: 50,
-    device: await gpuDevice(),
-  });
-  assertClose(dev.values, [want, want], { rtol: 1e-5, atol: 1e-7 }, "device KID");
-  // Subsets smaller than the sets: different seeds draw different subsets, the same seed the same ones.
-  const bx = features(5, 60, d), by = features(6, 60, d);
-  const r1 = await kernelInceptionDistance(bx, by, d, { subsets: 4, subsetSize: 20, seed: 1 });
-  const r2 = await kernelInceptionDistance(bx, by, d, { subsets: 4, subsetSize: 20, seed: 1 });
-  const r3 = await kernelInceptionDistance(bx, by, d, { subsets: 4, subsetSize: 20, seed: 2 });
-  assertClose(r2.values, r1.values, { rtol: 0, atol: 0 }, "same seed");
-  if (r3.values.every((v, i) => v === r1.values[i])) {
-    throw new Error("a different seed drew the same subsets");
-  }
-  const rd = await kernelInceptionDistance(bx, by, d, {
-    subsets: 4,
-    subsetSize: 20,
-    seed: 1,
-    device: await gpuDevice(),
-  });
-  assertClose(rd.values, r1.values, { rtol: 1e-5, atol: 1e-7 }, "device subsets");
-});
+gpuTest(
+  "KID equals the direct unbiased MMD² when a subset is the whole set; device and host agree",
+  async () => {
+    const d = 6, m = 9;
+    const x = features(3, m, d), y = features(4, m, d, 1.3, 0.2);
+    const want = directMmd(x, y, m, d);
+    const host = await kernelInceptionDistance(x, y, d, { subsets: 3, subsetSize: 50 });
+    if (host.subsetSize !== m) throw new Error(`subset size ${host.subsetSize}, expected ${m}`);
+    assertClose(host.values, [want, want, want], { rtol: 1e-12, atol: 1e-14 }, "host KID");
+    if (host.std > 1e-12) throw new Error(`std of identical subsets ${host.std}`);
+    const dev = await kernelInceptionDistance(x, y, d, {
+      subsets: 2,
+      subsetSize: 50,
+      device: await gpuDevice(),
+    });
+    assertClose(dev.values, [want, want], { rtol: 1e-5, atol: 1e-7 }, "device KID");
+    // Subsets smaller than the sets: different seeds draw different subsets, the same seed the same ones.
+    const bx = features(5, 60, d), by = features(6, 60, d);
+    const r1 = await kernelInceptionDistance(bx, by, d, { subsets: 4, subsetSize: 20, seed: 1 });
+    const r2 = await kernelInceptionDistance(bx, by, d, { subsets: 4, subsetSize: 20, seed: 1 });
+    const r3 = await kernelInceptionDistance(bx, by, d, { subsets: 4, subsetSize: 20, seed: 2 });
+    assertClose(r2.values, r1.values, { rtol: 0, atol: 0 }, "same seed");
+    if (r3.values.every((v, i) => v === r1.values[i])) {
+      throw new Error("a different seed drew the same subsets");
+    }
+    const rd = await kernelInceptionDistance(bx, by, d, {
+      subsets: 4,
+      subsetSize: 20,
+      seed: 1,
+      device: await gpuDevice(),
+    });
+    assertClose(rd.values, r1.values, { rtol: 1e-5, atol: 1e-7 }, "device subsets");
+  },
+);
 
 test("KID is unbiased: ≈ 0 within its spread for one distribution, clearly positive for two", async () => {
   const d = 8, n = 400;

@@ -7,7 +7,7 @@
 
 import * as T from "../engine/mod.ts";
 import type { Device, Tensor } from "../engine/mod.ts";
-import { assertClose, cpuDevice, gpuDevice, test } from "./util.ts";
+import { assertClose, cpuDevice, gpuDevice, gpuTest, test } from "./util.ts";
 
 interface Fixture {
   op: string;
@@ -109,7 +109,7 @@ test("the golden fixture folder is present and non-empty", () => {
 });
 
 for (const file of files) {
-  test(`fixture ${file} matches PyTorch on WebGPU and CPU`, async () => {
+  gpuTest(`fixture ${file} matches PyTorch on WebGPU and CPU`, async () => {
     const f = JSON.parse(await Deno.readTextFile(new URL(file, FIXTURES))) as Fixture;
     await check(f, file, await gpuDevice());
     await check(f, file, await cpuDevice());

@@ -9,7 +9,7 @@
 
 import { type Device, encodeSafetensors, type Tensor, tensor } from "../engine/mod.ts";
 import { inceptionConvs, inceptionParameterCount, InceptionV3 } from "../eval/inception.ts";
-import { assertClose, assertRejects, gpuDevice, test, uniformStream } from "./util.ts";
+import { assertClose, assertRejects, gpuDevice, gpuTest, uniformStream } from "./util.ts";
 
 let shared: InceptionV3 | null = null;
 /** One network on the WebGPU device for the tests that only read it. */
@@ -17,54 +17,61 @@ async function network(): Promise<InceptionV3> {
   return (shared ??= new InceptionV3({ device: await gpuDevice(), resize: false }));
 }
 
-test("parameter count: 21,785,568 (conv + BN), 23,850,960 with fc; names and shapes follow PyTorch", async () => {
-  const count = inceptionParameterCount();
-  if (count.convWeights !== 21_751_136 || count.batchNorm !== 34_432 || count.total !== 21_785_568) {
-    throw new Error(`architecture count ${JSON.stringify(count)}`);
-  }
-  const withFc = inceptionParameterCount({ fc: true });
-  if (withFc.fc !== 2048 * 1008 + 1008 || withFc.total !== 23_850_960) {
-    throw new Error(JSON.stringify(withFc));
-  }
-  // torchvision documents inception_v3 (1000 classes, with AuxLogits) at 27,161,264 parameters; AuxLogits are
-  // BasicConv2d(768, 128, 1), BasicConv2d(128, 768, 5) and Linear(768, 1000).
-  const aux = 768 * 128 + 2 * 128 + 128 * 768 * 25 + 2 * 768 + 768 * 1000 + 1000;
-  if (count.total + 2048 * 1000 + 1000 + aux !== 27_161_264) {
-    throw new Error("does not add up to torchvision's");
-  }
-  const net = await network();
-  if (net.parameterCount() !== count.total) throw new Error(`module has ${net.parameterCount()} parameters`);
-  // The module's parameters are exactly the architecture table's, in PyTorch's order.
-  const params = net.namedParameters();
-  const convs = inceptionConvs();
-  if (convs.length !== 94 || params.length !== 3 * 94) {
-    throw new Error(`${convs.length} convs, ${params.length} params`);
-  }
-  convs.forEach((c, i) => {
-    const [name, w] = params[3 * i];
-    const want = [c.outChannels, c.inChannels, ...c.kernel].join();
-    if (name !== `${c.name}.conv.weight` || w.shape.join() !== want) {
-      throw new Error(`parameter ${3 * i}: ${name} [${w.shape}], expected ${c.name}.conv.weight [${want}]`);
+gpuTest(
+  "parameter count: 21,785,568 (conv + BN), 23,850,960 with fc; names and shapes follow PyTorch",
+  async () => {
+    const count = inceptionParameterCount();
+    if (count.convWeights !== 21_751_136 || count.batchNorm !== 34_432 || count.total !== 21_785_568) {
+      throw new Error(`architecture count ${JSON.stringify(count)}`);
     }
-    if (params[3 * i + 1][0] !== `${c.name}.bn.weight` || params[3 * i + 2][0] !== `${c.name}.bn.bias`) {
-      throw new Error(`BatchNorm of ${c.name} is named ${params[3 * i + 1][0]}, ${params[3 * i + 2][0]}`);
+    const withFc = inceptionParameterCount({ fc: true });
+    if (withFc.fc !== 2048 * 1008 + 1008 || withFc.total !== 23_850_960) {
+      throw new Error(JSON.stringify(withFc));
     }
-  });
-  const buffers = net.namedBuffers().map(([n]) => n);
-  if (buffers.length !== 188 || buffers[187] !== "Mixed_7c.branch_pool.bn.running_var") {
-    throw new Error(`buffers: ${buffers.length}, last ${buffers[187]}`);
-  }
-  const fcNet = new InceptionV3({ device: await gpuDevice(), fc: true });
-  try {
-    if (fcNet.parameterCount() !== withFc.total) throw new Error(`with fc: ${fcNet.parameterCount()}`);
-    const names = fcNet.namedParameters().map(([n]) => n);
-    if (names.at(-2) !== "fc.weight" || names.at(-1) !== "fc.bias") {
-      throw new Error(`last ${names.slice(-2)}`);
+    // torchvision documents inception_v3 (1000 classes, with AuxLogits) at 27,161,264 parameters; AuxLogits are
+    // BasicConv2d(768, 128, 1), BasicConv2d(128, 768, 5) and Linear(768, 1000).
+    const aux = 768 * 128 + 2 * 128 + 128 * 768 * 25 + 2 * 768 + 768 * 1000 + 1000;
+    if (count.total + 2048 * 1000 + 1000 + aux !== 27_161_264) {
+      throw new Error("does not add up to torchvision's");
     }
-  } finally {
-    fcNet.dispose();
-  }
-});
+    const net = await network();
+    if (net.parameterCount() !== count.total) {
+      throw new Error(
+        `module has ${net.parameterCount()} parameters`,
+      );
+    }
+    // The module's parameters are exactly the architecture table's, in PyTorch's order.
+    const params = net.namedParameters();
+    const convs = inceptionConvs();
+    if (convs.length !== 94 || params.length !== 3 * 94) {
+      throw new Error(`${convs.length} convs, ${params.length} params`);
+    }
+    convs.forEach((c, i) => {
+      const [name, w] = params[3 * i];
+      const want = [c.outChannels, c.inChannels, ...c.kernel].join();
+      if (name !== `${c.name}.conv.weight` || w.shape.join() !== want) {
+        throw new Error(`parameter ${3 * i}: ${name} [${w.shape}], expected ${c.name}.conv.weight [${want}]`);
+      }
+      if (params[3 * i + 1][0] !== `${c.name}.bn.weight` || params[3 * i + 2][0] !== `${c.name}.bn.bias`) {
+        throw new Error(`BatchNorm of ${c.name} is named ${params[3 * i + 1][0]}, ${params[3 * i + 2][0]}`);
+      }
+    });
+    const buffers = net.namedBuffers().map(([n]) => n);
+    if (buffers.length !== 188 || buffers[187] !== "Mixed_7c.branch_pool.bn.running_var") {
+      throw new Error(`buffers: ${buffers.length}, last ${buffers[187]}`);
+    }
+    const fcNet = new InceptionV3({ device: await gpuDevice(), fc: true });
+    try {
+      if (fcNet.parameterCount() !== withFc.total) throw new Error(`with fc: ${fcNet.parameterCount()}`);
+      const names = fcNet.namedParameters().map(([n]) => n);
+      if (names.at(-2) !== "fc.weight" || names.at(-1) !== "fc.bias") {
+        throw new Error(`last ${names.slice(-2)}`);
+      }
+    } finally {
+      fcNet.dispose();
+    }
+  },
+);
 
 // ---------------------------------------------------------------------------------------------------------------
 // An independent float64 implementation of the network (batch of one).
@@ -245,76 +252,87 @@ function randomWeights(net: InceptionV3, seed: number): Weights {
 const onDevice = (w: Weights, device: Device): Record<string, Tensor> =>
   Object.fromEntries(Object.entries(w).map(([k, v]) => [k, tensor(v.data, v.shape, { device })]));
 
-test("the network at 107×107 (no resize; 2×2 at Mixed_7c) matches an independent float64 implementation", async () => {
-  const device = await gpuDevice();
-  const net = await network();
-  const W = randomWeights(net, 5);
-  const loaded = onDevice(W, device);
-  net.loadWeights(loaded);
-  Object.values(loaded).forEach((t) => t.dispose());
-  const u = uniformStream(9);
-  const pixels = Float32Array.from({ length: 3 * 107 * 107 }, () => Math.floor(256 * u()));
-  const images = tensor(pixels, [1, 3, 107, 107], { device });
-  const f = net.features(images);
-  if (f.shape.join() !== "1,2048") throw new Error(`features shape [${f.shape}]`);
-  const got = await f.toFloat64Array();
-  f.dispose();
-  images.dispose();
-  // NVlabs' normalisation (x − 128)/128, no resize: the input is already ≥ 75×75.
-  const want = referenceFeatures(W, {
-    c: 3,
-    h: 107,
-    w: 107,
-    v: Float64Array.from(pixels, (p) => (p - 128) / 128),
-  });
-  const scale = Math.max(...want.map(Math.abs));
-  if (!(scale > 1e-3)) throw new Error(`reference features vanish (max ${scale}): the test would be vacuous`);
-  assertClose(got, want, { rtol: 2e-3, atol: 2e-4 * scale }, "pool features");
-});
+gpuTest(
+  "the network at 107×107 (no resize; 2×2 at Mixed_7c) matches an independent float64 implementation",
+  async () => {
+    const device = await gpuDevice();
+    const net = await network();
+    const W = randomWeights(net, 5);
+    const loaded = onDevice(W, device);
+    net.loadWeights(loaded);
+    Object.values(loaded).forEach((t) => t.dispose());
+    const u = uniformStream(9);
+    const pixels = Float32Array.from({ length: 3 * 107 * 107 }, () => Math.floor(256 * u()));
+    const images = tensor(pixels, [1, 3, 107, 107], { device });
+    const f = net.features(images);
+    if (f.shape.join() !== "1,2048") throw new Error(`features shape [${f.shape}]`);
+    const got = await f.toFloat64Array();
+    f.dispose();
+    images.dispose();
+    // NVlabs' normalisation (x − 128)/128, no resize: the input is already ≥ 75×75.
+    const want = referenceFeatures(W, {
+      c: 3,
+      h: 107,
+      w: 107,
+      v: Float64Array.from(pixels, (p) => (p - 128) / 128),
+    });
+    const scale = Math.max(...want.map(Math.abs));
+    if (!(scale > 1e-3)) {
+      throw new Error(
+        `reference features vanish (max ${scale}): the test would be vacuous`,
+      );
+    }
+    assertClose(got, want, { rtol: 2e-3, atol: 2e-4 * scale }, "pool features");
+  },
+);
 
-test("preprocessing: NVlabs (TF1 resize, (x − 128)/128) and pytorch-fid (half-pixel, x/127.5 − 1)", async () => {
-  const device = await gpuDevice();
-  const H = 5, W = 7;
-  const u = uniformStream(3);
-  const pixels = Float32Array.from({ length: 3 * H * W }, () => 255 * u());
-  const images = tensor(pixels, [1, 3, H, W], { device });
-  // Source coordinate of output o along an axis of n inputs, and the bilinear blend (clamped at the border).
-  const sample = (c: number, sy: number, sx: number) => {
-    const y0 = Math.min(Math.floor(sy), H - 1), x0 = Math.min(Math.floor(sx), W - 1);
-    const y1 = Math.min(y0 + 1, H - 1), x1 = Math.min(x0 + 1, W - 1), ly = sy - y0, lx = sx - x0;
-    const p = (y: number, x: number) => pixels[(c * H + y) * W + x];
-    return (1 - ly) * ((1 - lx) * p(y0, x0) + lx * p(y0, x1)) + ly * ((1 - lx) * p(y1, x0) + lx * p(y1, x1));
-  };
-  for (const preprocess of ["nvlabs", "pytorch-fid"] as const) {
-    const net = new InceptionV3({ device, preprocess });
-    const x = net.preprocess(images);
-    if (x.shape.join() !== "1,3,299,299") throw new Error(`${preprocess}: shape [${x.shape}]`);
-    const got = await x.toFloat64Array();
-    x.dispose();
-    net.dispose();
-    const want = new Float64Array(3 * 299 * 299);
-    for (let c = 0; c < 3; c++) {
-      for (let oy = 0; oy < 299; oy++) {
-        for (let ox = 0; ox < 299; ox++) {
-          const v = preprocess === "nvlabs"
-            ? (sample(c, (oy * H) / 299, (ox * W) / 299) - 128) / 128
-            : sample(c, Math.max((oy + 0.5) * H / 299 - 0.5, 0), Math.max((ox + 0.5) * W / 299 - 0.5, 0)) /
-                127.5 - 1;
-          want[(c * 299 + oy) * 299 + ox] = v;
+gpuTest(
+  "preprocessing: NVlabs (TF1 resize, (x − 128)/128) and pytorch-fid (half-pixel, x/127.5 − 1)",
+  async () => {
+    const device = await gpuDevice();
+    const H = 5, W = 7;
+    const u = uniformStream(3);
+    const pixels = Float32Array.from({ length: 3 * H * W }, () => 255 * u());
+    const images = tensor(pixels, [1, 3, H, W], { device });
+    // Source coordinate of output o along an axis of n inputs, and the bilinear blend (clamped at the border).
+    const sample = (c: number, sy: number, sx: number) => {
+      const y0 = Math.min(Math.floor(sy), H - 1), x0 = Math.min(Math.floor(sx), W - 1);
+      const y1 = Math.min(y0 + 1, H - 1), x1 = Math.min(x0 + 1, W - 1), ly = sy - y0, lx = sx - x0;
+      const p = (y: number, x: number) => pixels[(c * H + y) * W + x];
+      return (1 - ly) * ((1 - lx) * p(y0, x0) + lx * p(y0, x1)) +
+        ly * ((1 - lx) * p(y1, x0) + lx * p(y1, x1));
+    };
+    for (const preprocess of ["nvlabs", "pytorch-fid"] as const) {
+      const net = new InceptionV3({ device, preprocess });
+      const x = net.preprocess(images);
+      if (x.shape.join() !== "1,3,299,299") throw new Error(`${preprocess}: shape [${x.shape}]`);
+      const got = await x.toFloat64Array();
+      x.dispose();
+      net.dispose();
+      const want = new Float64Array(3 * 299 * 299);
+      for (let c = 0; c < 3; c++) {
+        for (let oy = 0; oy < 299; oy++) {
+          for (let ox = 0; ox < 299; ox++) {
+            const v = preprocess === "nvlabs"
+              ? (sample(c, (oy * H) / 299, (ox * W) / 299) - 128) / 128
+              : sample(c, Math.max((oy + 0.5) * H / 299 - 0.5, 0), Math.max((ox + 0.5) * W / 299 - 0.5, 0)) /
+                  127.5 - 1;
+            want[(c * 299 + oy) * 299 + ox] = v;
+          }
         }
       }
+      assertClose(got, want, { rtol: 0, atol: 2e-5 }, preprocess);
     }
-    assertClose(got, want, { rtol: 0, atol: 2e-5 }, preprocess);
-  }
-  images.dispose();
-  await assertRejects(
-    () => new InceptionV3({ device }).preprocess(tensor([1, 2, 3, 4], [1, 1, 2, 2], { device })),
-    "[N, 3, H, W]",
-  );
-  await assertRejects(() => new InceptionV3({ device, preprocess: "tf" as "nvlabs" }), "preprocess");
-});
+    images.dispose();
+    await assertRejects(
+      () => new InceptionV3({ device }).preprocess(tensor([1, 2, 3, 4], [1, 1, 2, 2], { device })),
+      "[N, 3, H, W]",
+    );
+    await assertRejects(() => new InceptionV3({ device, preprocess: "tf" as "nvlabs" }), "preprocess");
+  },
+);
 
-test("loader: a safetensors file with PyTorch names round-trips; ignorable keys are skipped", async () => {
+gpuTest("loader: a safetensors file with PyTorch names round-trips; ignorable keys are skipped", async () => {
   const device = await gpuDevice();
   const dir = await Deno.makeTempDir();
   const target = new InceptionV3({ device });
@@ -383,7 +401,7 @@ test("loader: a safetensors file with PyTorch names round-trips; ignorable keys 
   }
 });
 
-test("logits need the fc layer; features are [N, 2048] for a batch", async () => {
+gpuTest("logits need the fc layer; features are [N, 2048] for a batch", async () => {
   const device = await gpuDevice();
   const net = await network();
   const images = tensor(new Float32Array(2 * 3 * 75 * 75).fill(100), [2, 3, 75, 75], { device });

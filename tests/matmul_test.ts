@@ -31,7 +31,9 @@ import {
   assertThrows,
   cpuDevice,
   gpuDevice,
+  gpuTest,
   gradCheck,
+  noTextureInputs,
   opAndGrads,
   runOnBuffers,
   RUNS,
@@ -42,6 +44,9 @@ import {
   test,
   values,
 } from "./util.ts";
+
+/** Why the tests that need texture inputs are skipped here, or null. */
+const noTextures = await noTextureInputs();
 
 /** Runs a kernel on raw buffers and reads its single output back. */
 async function runKernel(device: Device, p: MatmulParams, inputs: Float32Array[], outLen: number) {
@@ -80,7 +85,7 @@ function operand(l: Layout, batch: number, rows: number, cols: number): { op: Ma
   return { op, len: l.offset + (l.broadcast ? 1 : batch) * rows * cols };
 }
 
-test("matmul: hand-computed products on both backends", async () => {
+gpuTest("matmul: hand-computed products on both backends", async () => {
   for (const device of [await gpuDevice(), await cpuDevice()]) {
     const a = tensor([1, 2, 3, 4], [2, 2], { device }), b = tensor([5, 6, 7, 8], [2, 2], { device });
     assertEquals(Array.from(await values(matmul(a, b))), [19, 22, 43, 50]);
@@ -100,93 +105,107 @@ test("matmul: hand-computed products on both backends", async () => {
   }
 });
 
-test("matmul kernel: WebGPU matches the CPU reference over sizes, strides, broadcasts and variants", async () => {
-  const gpu = await gpuDevice(), cpu = await cpuDevice();
-  await fc.assert(
-    fc.asyncProperty(
-      fc.record({
-        batch: fc.integer({ min: 1, max: 3 }),
-        M: dimArb,
-        N: dimArb,
-        K: dimArb,
-        la: layoutArb,
-        lb: layoutArb,
-        bias: fc.boolean(),
-        variant: fc.constantFrom("registers", "shared", "texture") as fc.Arbitrary<MatmulVariant>,
-        scale: scaleArb,
-        seed: seedArb,
-      }),
-      async ({ batch, M, N, K, la, lb, bias, variant, scale, seed }) => {
-        const A = operand(la, batch, ...(la.trans ? [K, M] as const : [M, K] as const));
-        const B = operand(lb, batch, ...(lb.trans ? [N, K] as const : [K, N] as const));
-        // Transposed storage swaps the stored dims; strides then read it as [M, K] / [K, N].
-        if (la.trans) A.op = { ...A.op, rowStride: 1, colStride: M };
-        if (lb.trans) B.op = { ...B.op, rowStride: 1, colStride: K };
-        const p: MatmulParams = { batch, M, N, K, a: A.op, b: B.op, bias, variant };
-        const inputs = [
-          seededValues(A.len, seed, -scale, scale),
-          seededValues(B.len, seed + 1, -scale, scale),
-        ];
-        if (bias) inputs.push(seededValues(N, seed + 2, -scale, scale));
-        const got = await runKernel(gpu, p, inputs, batch * M * N);
-        const want = await runKernel(cpu, p, inputs, batch * M * N);
-        assertClose(got, want, { rtol: 1e-4, atol: 1e-5 * K * scale * scale }, `matmul ${JSON.stringify(p)}`);
-      },
-    ),
-    { numRuns: RUNS * 3 },
-  );
-});
-
-test("matmul kernel: vector-load and texture-operand modes agree with the reference on aligned layouts", async () => {
-  // Every combination of A ∈ {row-major, column-major} and B ∈ {row-major, column-major} with sizes divisible by
-  // four (vector loads; texture operands read straight from flat copies, along k or along rows) and a K with a
-  // tail (texture variant: the k-contiguous operand is then packed and the other one masked past K), in every
-  // variant.
-  const gpu = await gpuDevice(), cpu = await cpuDevice();
-  for (const [M, N, K] of [[8, 8, 8], [12, 16, 20], [16, 4, 7], [4, 24, 9]]) {
-    for (const ta of [false, true]) {
-      for (const tb of [false, true]) {
-        const a: MatOperand = { batchStride: M * K, rowStride: ta ? 1 : K, colStride: ta ? M : 1 };
-        const b: MatOperand = { batchStride: 0, rowStride: tb ? 1 : N, colStride: tb ? K : 1 };
-        const p: MatmulParams = { batch: 2, M, N, K, a, b };
-        const inputs = [seededValues(2 * M * K, M + K), seededValues(K * N, N)];
-        const want = await runKernel(cpu, p, inputs, 2 * M * N);
-        for (const variant of ["registers", "shared", "texture"] as const) {
-          const got = await runKernel(gpu, { ...p, variant }, inputs, 2 * M * N);
+gpuTest(
+  "matmul kernel: WebGPU matches the CPU reference over sizes, strides, broadcasts and variants",
+  async () => {
+    const gpu = await gpuDevice(), cpu = await cpuDevice();
+    await fc.assert(
+      fc.asyncProperty(
+        fc.record({
+          batch: fc.integer({ min: 1, max: 3 }),
+          M: dimArb,
+          N: dimArb,
+          K: dimArb,
+          la: layoutArb,
+          lb: layoutArb,
+          bias: fc.boolean(),
+          variant: fc.constantFrom("registers", "shared", "texture") as fc.Arbitrary<MatmulVariant>,
+          scale: scaleArb,
+          seed: seedArb,
+        }),
+        async ({ batch, M, N, K, la, lb, bias, variant, scale, seed }) => {
+          const A = operand(la, batch, ...(la.trans ? [K, M] as const : [M, K] as const));
+          const B = operand(lb, batch, ...(lb.trans ? [N, K] as const : [K, N] as const));
+          // Transposed storage swaps the stored dims; strides then read it as [M, K] / [K, N].
+          if (la.trans) A.op = { ...A.op, rowStride: 1, colStride: M };
+          if (lb.trans) B.op = { ...B.op, rowStride: 1, colStride: K };
+          const p: MatmulParams = { batch, M, N, K, a: A.op, b: B.op, bias, variant };
+          const inputs = [
+            seededValues(A.len, seed, -scale, scale),
+            seededValues(B.len, seed + 1, -scale, scale),
+          ];
+          if (bias) inputs.push(seededValues(N, seed + 2, -scale, scale));
+          const got = await runKernel(gpu, p, inputs, batch * M * N);
+          const want = await runKernel(cpu, p, inputs, batch * M * N);
           assertClose(
             got,
             want,
-            { rtol: 1e-4, atol: 1e-5 },
-            `${variant} M${M} N${N} K${K} ta=${ta} tb=${tb}`,
+            { rtol: 1e-4, atol: 1e-5 * K * scale * scale },
+            `matmul ${JSON.stringify(p)}`,
           );
+        },
+      ),
+      { numRuns: RUNS * 3 },
+    );
+  },
+);
+
+gpuTest(
+  "matmul kernel: vector-load and texture-operand modes agree with the reference on aligned layouts",
+  async () => {
+    // Every combination of A ∈ {row-major, column-major} and B ∈ {row-major, column-major} with sizes divisible by
+    // four (vector loads; texture operands read straight from flat copies, along k or along rows) and a K with a
+    // tail (texture variant: the k-contiguous operand is then packed and the other one masked past K), in every
+    // variant.
+    const gpu = await gpuDevice(), cpu = await cpuDevice();
+    for (const [M, N, K] of [[8, 8, 8], [12, 16, 20], [16, 4, 7], [4, 24, 9]]) {
+      for (const ta of [false, true]) {
+        for (const tb of [false, true]) {
+          const a: MatOperand = { batchStride: M * K, rowStride: ta ? 1 : K, colStride: ta ? M : 1 };
+          const b: MatOperand = { batchStride: 0, rowStride: tb ? 1 : N, colStride: tb ? K : 1 };
+          const p: MatmulParams = { batch: 2, M, N, K, a, b };
+          const inputs = [seededValues(2 * M * K, M + K), seededValues(K * N, N)];
+          const want = await runKernel(cpu, p, inputs, 2 * M * N);
+          for (const variant of ["registers", "shared", "texture"] as const) {
+            const got = await runKernel(gpu, { ...p, variant }, inputs, 2 * M * N);
+            assertClose(
+              got,
+              want,
+              { rtol: 1e-4, atol: 1e-5 },
+              `${variant} M${M} N${N} K${K} ta=${ta} tb=${tb}`,
+            );
+          }
         }
       }
     }
-  }
-});
+  },
+);
 
-test("matmul kernel: grids folded into 2-D (more workgroups than one dimension allows) give the same result", async () => {
-  const small = await smallGridDevice(), cpu = await cpuDevice();
-  // 20 × (128×128) outputs: 5120 register blocks (80 workgroups), 80 shared 64×64 tiles or 1280 texture tiles
-  // (20 workgroups), over a 16-wide grid. K = 5: the texture variant packs A and masks B's tail.
-  const [batch, M, N, K] = [20, 128, 128, 5];
-  const p: MatmulParams = {
-    batch,
-    M,
-    N,
-    K,
-    a: { batchStride: M * K, rowStride: K, colStride: 1 },
-    b: { batchStride: 0, rowStride: N, colStride: 1 },
-  };
-  const inputs = [seededValues(batch * M * K, 1), seededValues(K * N, 2)];
-  const want = await runKernel(cpu, p, inputs, batch * M * N);
-  for (const variant of ["registers", "shared", "texture"] as const) {
-    assertClose(await runKernel(small, { ...p, variant }, inputs, batch * M * N), want, {
-      rtol: 1e-5,
-      atol: 1e-5,
-    }, variant);
-  }
-});
+gpuTest(
+  "matmul kernel: grids folded into 2-D (more workgroups than one dimension allows) give the same result",
+  async () => {
+    const small = await smallGridDevice(), cpu = await cpuDevice();
+    // 20 × (128×128) outputs: 5120 register blocks (80 workgroups), 80 shared 64×64 tiles or 1280 texture tiles
+    // (20 workgroups), over a 16-wide grid. K = 5: the texture variant packs A and masks B's tail.
+    const [batch, M, N, K] = [20, 128, 128, 5];
+    const p: MatmulParams = {
+      batch,
+      M,
+      N,
+      K,
+      a: { batchStride: M * K, rowStride: K, colStride: 1 },
+      b: { batchStride: 0, rowStride: N, colStride: 1 },
+    };
+    const inputs = [seededValues(batch * M * K, 1), seededValues(K * N, 2)];
+    const want = await runKernel(cpu, p, inputs, batch * M * N);
+    for (const variant of ["registers", "shared", "texture"] as const) {
+      assertClose(await runKernel(small, { ...p, variant }, inputs, batch * M * N), want, {
+        rtol: 1e-5,
+        atol: 1e-5,
+      }, variant);
+    }
+  },
+);
 
 /**
  * A kernel that exercises the texture-input contract: input 0 is read from a flat copy, input 1 (the same data)
@@ -238,77 +257,91 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
   },
 };
 
-test("texture inputs: flat copies and packing passes deliver the data, zero-padded, and sizes are checked", async () => {
-  const gpu = await gpuDevice(), cpu = await cpuDevice();
-  if (!gpu.info.textureInputs) throw new Error(`this adapter has no texture inputs (${gpu.info.api})`);
-  // Sizes around the flat texture's 4096-element rows (partial last row, partial last texel).
-  for (const n of [1, 5, 12, 4095, 4096, 4101, 9000]) {
-    const x = seededValues(n, n);
-    const want = await runProbe(cpu, { n }, x);
-    const got = await runProbe(gpu, { n }, x);
-    assertClose(got, want, { rtol: 0, atol: 0 }, `texture probe n=${n}`);
-  }
-  const max = gpu.info.limits.maxTextureDimension2D;
-  let message = "";
-  try {
-    await runProbe(gpu, { n: 8, width: max + 1 }, seededValues(8, 1));
-  } catch (e) {
-    message = (e as Error).message;
-  }
-  if (!message.includes(`${max + 1}`) || !message.includes(`${max}`)) {
-    throw new Error(`an oversized texture input gave "${message}"`);
-  }
-});
-
-test("texture inputs: kept while their buffer is unchanged, refilled after a queue write or a kernel output", async () => {
-  const gpu = await gpuDevice();
-  for (const n of [5, 4101]) {
-    const x0 = seededValues(n, 1), x1 = seededValues(n, 2), x2 = seededValues(n, 3);
-    const a = gpu.alloc(n), b = gpu.alloc(n), c = gpu.alloc(n), zero = gpu.alloc(n);
-    const outs = [0, 1, 2, 3].map(() => gpu.alloc(2 * n + 4));
-    gpu.write(a, x0);
-    gpu.write(b, x0);
-    gpu.write(c, x2);
-    gpu.write(zero, new Float32Array(n));
-    const reused = gpu.counters().textureReuses;
-    gpu.run(textureProbe, { n }, [a, b], [outs[0]]);
-    gpu.run(textureProbe, { n }, [a, b], [outs[1]]); // both textures kept from the first run
-    assertEquals(gpu.counters().textureReuses - reused, 2, "unchanged buffers");
-    gpu.write(a, x1); // a queue write: a's flat copy is stale
-    gpu.run(textureProbe, { n }, [a, b], [outs[2]]);
-    // b becomes x2 through a kernel output recorded in the same batch as the reads around it.
-    const add = { expr: bin("add", inp(0), inp(1)), consts: [], shape: [n], strides: [[1], [1]] };
-    gpu.run(elementwise, add, [c, zero], [b]);
-    gpu.run(textureProbe, { n }, [a, b], [outs[3]]);
-    const got = [];
-    for (const o of outs) got.push(await gpu.read(o));
-    const expect = (flat: Float32Array, packed: Float32Array) => [...flat, ...packed];
-    const wants = [expect(x0, x0), expect(x0, x0), expect(x1, x0), expect(x1, x2)];
-    got.forEach((g, i) => assertClose(g.slice(0, 2 * n), wants[i], { rtol: 0, atol: 0 }, `n=${n} run ${i}`));
-    for (const s of [a, b, c, zero, ...outs]) gpu.release(s);
-  }
-  // A texture pool of 128 KiB keeps at most 32 KiB: one flat copy of 4101 elements. Rotating over four buffers
-  // evicts kept textures all the time; every result must still be right.
-  const small = await Device.create({ backend: "webgpu", texturePoolLimitBytes: 128 * 1024 });
-  try {
-    const n = 4101, xs = [1, 2, 3, 4].map((k) => seededValues(n, 10 + k));
-    const bufs = xs.map((x) => {
-      const s = small.alloc(n);
-      small.write(s, x);
-      return s;
-    });
-    const order = [0, 1, 0, 2, 3, 3, 1, 0, 2, 2];
-    const outs = order.map(() => small.alloc(2 * n + 4));
-    order.forEach((k, i) => small.run(textureProbe, { n }, [bufs[k], bufs[(k + 1) % 4]], [outs[i]]));
-    for (const [i, k] of order.entries()) {
-      const got = (await small.read(outs[i])).slice(0, 2 * n);
-      assertClose(got, [...xs[k], ...xs[(k + 1) % 4]], { rtol: 0, atol: 0 }, `small pool, run ${i}`);
+gpuTest(
+  "texture inputs: flat copies and packing passes deliver the data, zero-padded, and sizes are checked",
+  async () => {
+    const gpu = await gpuDevice(), cpu = await cpuDevice();
+    if (!gpu.info.textureInputs) throw new Error(`this adapter has no texture inputs (${gpu.info.api})`);
+    // Sizes around the flat texture's 4096-element rows (partial last row, partial last texel).
+    for (const n of [1, 5, 12, 4095, 4096, 4101, 9000]) {
+      const x = seededValues(n, n);
+      const want = await runProbe(cpu, { n }, x);
+      const got = await runProbe(gpu, { n }, x);
+      assertClose(got, want, { rtol: 0, atol: 0 }, `texture probe n=${n}`);
     }
-    if (small.counters().textureReuses === 0) throw new Error("the small pool never reused a texture");
-  } finally {
-    small.destroy();
-  }
-});
+    const max = gpu.info.limits.maxTextureDimension2D;
+    let message = "";
+    try {
+      await runProbe(gpu, { n: 8, width: max + 1 }, seededValues(8, 1));
+    } catch (e) {
+      message = (e as Error).message;
+    }
+    if (!message.includes(`${max + 1}`) || !message.includes(`${max}`)) {
+      throw new Error(`an oversized texture input gave "${message}"`);
+    }
+  },
+  noTextures,
+);
+
+gpuTest(
+  "texture inputs: kept while their buffer is unchanged, refilled after a queue write or a kernel output",
+  async () => {
+    const gpu = await gpuDevice();
+    for (const n of [5, 4101]) {
+      const x0 = seededValues(n, 1), x1 = seededValues(n, 2), x2 = seededValues(n, 3);
+      const a = gpu.alloc(n), b = gpu.alloc(n), c = gpu.alloc(n), zero = gpu.alloc(n);
+      const outs = [0, 1, 2, 3].map(() => gpu.alloc(2 * n + 4));
+      gpu.write(a, x0);
+      gpu.write(b, x0);
+      gpu.write(c, x2);
+      gpu.write(zero, new Float32Array(n));
+      const reused = gpu.counters().textureReuses;
+      gpu.run(textureProbe, { n }, [a, b], [outs[0]]);
+      gpu.run(textureProbe, { n }, [a, b], [outs[1]]); // both textures kept from the first run
+      assertEquals(gpu.counters().textureReuses - reused, 2, "unchanged buffers");
+      gpu.write(a, x1); // a queue write: a's flat copy is stale
+      gpu.run(textureProbe, { n }, [a, b], [outs[2]]);
+      // b becomes x2 through a kernel output recorded in the same batch as the reads around it.
+      const add = { expr: bin("add", inp(0), inp(1)), consts: [], shape: [n], strides: [[1], [1]] };
+      gpu.run(elementwise, add, [c, zero], [b]);
+      gpu.run(textureProbe, { n }, [a, b], [outs[3]]);
+      const got = [];
+      for (const o of outs) got.push(await gpu.read(o));
+      const expect = (flat: Float32Array, packed: Float32Array) => [...flat, ...packed];
+      const wants = [expect(x0, x0), expect(x0, x0), expect(x1, x0), expect(x1, x2)];
+      got.forEach((g, i) =>
+        assertClose(g.slice(0, 2 * n), wants[i], { rtol: 0, atol: 0 }, `n=${n} run ${i}`)
+      );
+      for (const s of [a, b, c, zero, ...outs]) gpu.release(s);
+    }
+    // A texture pool of 128 KiB keeps at most 32 KiB: one flat copy of 4101 elements. Rotating over four buffers
+    // evicts kept textures all the time; every result must still be right.
+    const small = await Device.create({
+      backend: "webgpu",
+      fallback: false,
+      texturePoolLimitBytes: 128 * 1024,
+    });
+    try {
+      const n = 4101, xs = [1, 2, 3, 4].map((k) => seededValues(n, 10 + k));
+      const bufs = xs.map((x) => {
+        const s = small.alloc(n);
+        small.write(s, x);
+        return s;
+      });
+      const order = [0, 1, 0, 2, 3, 3, 1, 0, 2, 2];
+      const outs = order.map(() => small.alloc(2 * n + 4));
+      order.forEach((k, i) => small.run(textureProbe, { n }, [bufs[k], bufs[(k + 1) % 4]], [outs[i]]));
+      for (const [i, k] of order.entries()) {
+        const got = (await small.read(outs[i])).slice(0, 2 * n);
+        assertClose(got, [...xs[k], ...xs[(k + 1) % 4]], { rtol: 0, atol: 0 }, `small pool, run ${i}`);
+      }
+      if (small.counters().textureReuses === 0) throw new Error("the small pool never reused a texture");
+    } finally {
+      small.destroy();
+    }
+  },
+  noTextures,
+);
 
 async function runProbe(device: Device, p: { n: number; width?: number }, x: Float32Array) {
   const a = device.alloc(x.length), b = device.alloc(x.length), out = device.alloc(2 * p.n + 4);
@@ -381,22 +414,26 @@ test("matmul kernel: sources are built once per structure, never per size", () =
   }
 });
 
-test("matmul / linear ops: products large enough for the texture variant match the CPU backend", async () => {
-  const gpu = await gpuDevice(), cpu = await cpuDevice();
-  const filled = gpu.counters().textures;
-  // Folded batch (A row-major, B row-major), and linear (weight read transposed); the gradients read the stored
-  // operands transposed, so all four texture-operand modes and the packed (K % 4 ≠ 0) path occur.
-  const cases: [(...t: Tensor[]) => Tensor, number[][]][] = [
-    [matmul, [[3, 40, 72], [72, 48]]],
-    [(x, w, b) => linear(x, w, b), [[100, 66], [52, 66], [52]]],
-  ];
-  for (const [f, shapes] of cases) {
-    await assertBackendsAgree([gpu, cpu], f, shapes, 5, JSON.stringify(shapes));
-  }
-  if (gpu.counters().textures === filled) {
-    throw new Error("the large products did not use the texture variant");
-  }
-});
+gpuTest(
+  "matmul / linear ops: products large enough for the texture variant match the CPU backend",
+  async () => {
+    const gpu = await gpuDevice(), cpu = await cpuDevice();
+    const filled = gpu.counters().textures;
+    // Folded batch (A row-major, B row-major), and linear (weight read transposed); the gradients read the stored
+    // operands transposed, so all four texture-operand modes and the packed (K % 4 ≠ 0) path occur.
+    const cases: [(...t: Tensor[]) => Tensor, number[][]][] = [
+      [matmul, [[3, 40, 72], [72, 48]]],
+      [(x, w, b) => linear(x, w, b), [[100, 66], [52, 66], [52]]],
+    ];
+    for (const [f, shapes] of cases) {
+      await assertBackendsAgree([gpu, cpu], f, shapes, 5, JSON.stringify(shapes));
+    }
+    if (gpu.counters().textures === filled) {
+      throw new Error("the large products did not use the texture variant");
+    }
+  },
+  noTextures,
+);
 
 /** Random operand shapes for torch.matmul: ranks 1–4 with batch dims that broadcast (some set to 1). */
 const matmulShapesArb = fc.record({
@@ -418,59 +455,65 @@ const matmulShapesArb = fc.record({
   return { a, b };
 });
 
-test("matmul op: GPU matches the CPU backend in values and gradients (broadcast, 1-D, folded batches)", async () => {
-  const gpu = await gpuDevice(), cpu = await cpuDevice();
-  await fc.assert(
-    fc.asyncProperty(matmulShapesArb, seedArb, async ({ a, b }, seed) => {
-      const what = `matmul ${JSON.stringify(a)} · ${JSON.stringify(b)}`;
-      await assertBackendsAgree([gpu, cpu], matmul, [a, b], seed, what);
-    }),
-    { numRuns: RUNS },
-  );
-});
-
-test("matmulTransposed: transposeA / transposeB equal torch.matmul(a.mT, b.mT), values and gradients", async () => {
-  const gpu = await gpuDevice(), cpu = await cpuDevice();
-  const arb = fc.record({ shapes: matmulShapesArb, ta: fc.boolean(), tb: fc.boolean() });
-  await fc.assert(
-    fc.asyncProperty(arb, seedArb, async ({ shapes: { a, b }, ta, tb }, seed) => {
-      // Only operands of rank ≥ 2 can be transposed; their stored shape swaps the last two dims.
-      ta &&= a.length >= 2;
-      tb &&= b.length >= 2;
-      const mT = (s: number[]) => [...s.slice(0, -2), s[s.length - 1], s[s.length - 2]];
-      const shapes = [ta ? mT(a) : a, tb ? mT(b) : b];
-      const got = await opAndGrads(
-        gpu,
-        (x, y) => matmulTransposed(x, y, { transposeA: ta, transposeB: tb }),
-        shapes,
-        seed,
-      );
-      // The reference: the CPU backend with the transposes materialised.
-      const want = await opAndGrads(
-        cpu,
-        (x, y) => matmul(ta ? transpose(x, -2, -1) : x, tb ? transpose(y, -2, -1) : y),
-        shapes,
-        seed,
-      );
-      const what = `matmul ${JSON.stringify(shapes[0])}${ta ? "ᵀ" : ""} · ${JSON.stringify(shapes[1])}${
-        tb ? "ᵀ" : ""
-      }`;
-      assertEquals(got.shape, want.shape, what);
-      assertClose(got.out, want.out, { rtol: 1e-4, atol: 1e-4 }, what);
-      got.grads.forEach((g, i) =>
-        assertClose(g, want.grads[i], { rtol: 1e-4, atol: 1e-4 }, `${what} grad ${i}`)
-      );
-    }),
-    { numRuns: RUNS },
-  );
-  assertThrows(
-    () =>
-      matmulTransposed(tensor([1, 2], [2], { device: cpu }), tensor([1, 2], [2, 1], { device: cpu }), {
-        transposeA: true,
+gpuTest(
+  "matmul op: GPU matches the CPU backend in values and gradients (broadcast, 1-D, folded batches)",
+  async () => {
+    const gpu = await gpuDevice(), cpu = await cpuDevice();
+    await fc.assert(
+      fc.asyncProperty(matmulShapesArb, seedArb, async ({ a, b }, seed) => {
+        const what = `matmul ${JSON.stringify(a)} · ${JSON.stringify(b)}`;
+        await assertBackendsAgree([gpu, cpu], matmul, [a, b], seed, what);
       }),
-    "rank ≥ 2",
-  );
-});
+      { numRuns: RUNS },
+    );
+  },
+);
+
+gpuTest(
+  "matmulTransposed: transposeA / transposeB equal torch.matmul(a.mT, b.mT), values and gradients",
+  async () => {
+    const gpu = await gpuDevice(), cpu = await cpuDevice();
+    const arb = fc.record({ shapes: matmulShapesArb, ta: fc.boolean(), tb: fc.boolean() });
+    await fc.assert(
+      fc.asyncProperty(arb, seedArb, async ({ shapes: { a, b }, ta, tb }, seed) => {
+        // Only operands of rank ≥ 2 can be transposed; their stored shape swaps the last two dims.
+        ta &&= a.length >= 2;
+        tb &&= b.length >= 2;
+        const mT = (s: number[]) => [...s.slice(0, -2), s[s.length - 1], s[s.length - 2]];
+        const shapes = [ta ? mT(a) : a, tb ? mT(b) : b];
+        const got = await opAndGrads(
+          gpu,
+          (x, y) => matmulTransposed(x, y, { transposeA: ta, transposeB: tb }),
+          shapes,
+          seed,
+        );
+        // The reference: the CPU backend with the transposes materialised.
+        const want = await opAndGrads(
+          cpu,
+          (x, y) => matmul(ta ? transpose(x, -2, -1) : x, tb ? transpose(y, -2, -1) : y),
+          shapes,
+          seed,
+        );
+        const what = `matmul ${JSON.stringify(shapes[0])}${ta ? "ᵀ" : ""} · ${JSON.stringify(shapes[1])}${
+          tb ? "ᵀ" : ""
+        }`;
+        assertEquals(got.shape, want.shape, what);
+        assertClose(got.out, want.out, { rtol: 1e-4, atol: 1e-4 }, what);
+        got.grads.forEach((g, i) =>
+          assertClose(g, want.grads[i], { rtol: 1e-4, atol: 1e-4 }, `${what} grad ${i}`)
+        );
+      }),
+      { numRuns: RUNS },
+    );
+    assertThrows(
+      () =>
+        matmulTransposed(tensor([1, 2], [2], { device: cpu }), tensor([1, 2], [2, 1], { device: cpu }), {
+          transposeA: true,
+        }),
+      "rank ≥ 2",
+    );
+  },
+);
 
 test("matmul op: result shapes follow torch.matmul", async () => {
   const device = await cpuDevice();
@@ -497,7 +540,7 @@ test("matmul op: result shapes follow torch.matmul", async () => {
   }
 });
 
-test("a vector-load matmul does not break later small kernels in the same pass (wgpu#7359)", async () => {
+gpuTest("a vector-load matmul does not break later small kernels in the same pass (wgpu#7359)", async () => {
   const device = await gpuDevice();
   // [1, 4] · [4, 4]: both operands qualify for vec4 loads; the device binds ≥ 16 bytes so the next kernel still validates. All inputs
   // are written first, since a write flushes (ends the pass) and would hide the bug.
@@ -546,7 +589,7 @@ test("matmul / linear: finite-difference gradient checks", async () => {
   await gradCheck((x, w, b) => linear(x, w, b), [data([4], 8), data([2, 4], 9), data([2], 10)]);
 });
 
-test("linear: GPU matches the CPU backend (values and gradients)", async () => {
+gpuTest("linear: GPU matches the CPU backend (values and gradients)", async () => {
   const gpu = await gpuDevice(), cpu = await cpuDevice();
   await fc.assert(
     fc.asyncProperty(

@@ -32,6 +32,7 @@ import {
   cpuDevice,
   f64Device,
   gpuDevice,
+  gpuTest,
   gradCheck,
   RUNS,
   seededValues,
@@ -214,57 +215,70 @@ test("train() / eval() set the mode recursively", async () => {
   assertEquals(net.attn.qkv.training, true);
 });
 
-test("default initialization: kaiming-uniform(a=√5) weights and 1/√fan_in biases, from the seeded generator", async () => {
-  assertClose([kaimingUniformBound(50)], [1 / Math.sqrt(50)], { rtol: 1e-14 });
-  const weights: Float32Array[] = [];
-  for (const [name, dev] of await backends()) {
-    dev.manualSeed(2024);
-    const lin = new Linear(50, 64, { device: dev });
-    const conv = new Conv2d(4, 32, 3, { device: dev });
-    for (
-      const [what, t, fanIn] of [
-        ["Linear.weight", lin.weight, 50],
-        ["Linear.bias", lin.bias!, 50],
-        ["Conv2d.weight", conv.weight, 36],
-        ["Conv2d.bias", conv.bias!, 36],
-      ] as const
-    ) {
-      const v = await t.toArray();
-      const bound = 1 / Math.sqrt(fanIn);
-      let maxAbs = 0, sq = 0;
-      for (const x of v) {
-        maxAbs = Math.max(maxAbs, Math.abs(x));
-        sq += x * x;
-      }
-      if (maxAbs > bound * (1 + 1e-6)) {
-        throw new Error(`${name} ${what}: |w| up to ${maxAbs} exceeds ${bound}`);
-      }
-      // U(−b, b) fills its range and has variance b²/3.
-      if (v.length > 100) {
-        if (maxAbs < 0.9 * bound) throw new Error(`${name} ${what}: |w| only reaches ${maxAbs} of ${bound}`);
-        const variance = sq / v.length, want = bound * bound / 3;
-        if (Math.abs(variance - want) > 0.15 * want) {
-          throw new Error(`${name} ${what}: variance ${variance}, want ${want}`);
+gpuTest(
+  "default initialization: kaiming-uniform(a=√5) weights and 1/√fan_in biases, from the seeded generator",
+  async () => {
+    assertClose([kaimingUniformBound(50)], [1 / Math.sqrt(50)], { rtol: 1e-14 });
+    const weights: Float32Array[] = [];
+    for (const [name, dev] of await backends()) {
+      dev.manualSeed(2024);
+      const lin = new Linear(50, 64, { device: dev });
+      const conv = new Conv2d(4, 32, 3, { device: dev });
+      for (
+        const [what, t, fanIn] of [
+          ["Linear.weight", lin.weight, 50],
+          ["Linear.bias", lin.bias!, 50],
+          ["Conv2d.weight", conv.weight, 36],
+          ["Conv2d.bias", conv.bias!, 36],
+        ] as const
+      ) {
+        const v = await t.toArray();
+        const bound = 1 / Math.sqrt(fanIn);
+        let maxAbs = 0, sq = 0;
+        for (const x of v) {
+          maxAbs = Math.max(maxAbs, Math.abs(x));
+          sq += x * x;
+        }
+        if (maxAbs > bound * (1 + 1e-6)) {
+          throw new Error(`${name} ${what}: |w| up to ${maxAbs} exceeds ${bound}`);
+        }
+        // U(−b, b) fills its range and has variance b²/3.
+        if (v.length > 100) {
+          if (maxAbs < 0.9 * bound) {
+            throw new Error(`${name} ${what}: |w| only reaches ${maxAbs} of ${bound}`);
+          }
+          const variance = sq / v.length, want = bound * bound / 3;
+          if (Math.abs(variance - want) > 0.15 * want) {
+            throw new Error(`${name} ${what}: variance ${variance}, want ${want}`);
+          }
         }
       }
+      weights.push(await lin.weight.toArray());
+      // Different layers get different numbers (the generator advances).
+      if ((await conv.weight.toArray())[0] === weights[weights.length - 1][0]) {
+        throw new Error("repeated numbers");
+      }
     }
-    weights.push(await lin.weight.toArray());
-    // Different layers get different numbers (the generator advances).
-    if ((await conv.weight.toArray())[0] === weights[weights.length - 1][0]) {
-      throw new Error("repeated numbers");
-    }
-  }
-  assertClose(weights[0], weights[1], { rtol: 1e-6, atol: 1e-7 }, "same seed, same weights on both backends");
-  const g = new GroupNorm(2, 4, { device: await cpuDevice() });
-  assertEquals([Array.from(await g.weight!.toArray()), Array.from(await g.bias!.toArray())], [[1, 1, 1, 1], [
-    0,
-    0,
-    0,
-    0,
-  ]]);
-});
+    assertClose(
+      weights[0],
+      weights[1],
+      { rtol: 1e-6, atol: 1e-7 },
+      "same seed, same weights on both backends",
+    );
+    const g = new GroupNorm(2, 4, { device: await cpuDevice() });
+    assertEquals([Array.from(await g.weight!.toArray()), Array.from(await g.bias!.toArray())], [
+      [1, 1, 1, 1],
+      [
+        0,
+        0,
+        0,
+        0,
+      ],
+    ]);
+  },
+);
 
-test("state dict round trip through safetensors reproduces the model's outputs", async () => {
+gpuTest("state dict round trip through safetensors reproduces the model's outputs", async () => {
   for (const [name, dev] of await backends()) {
     dev.manualSeed(1);
     const a = new Net(dev);
@@ -293,32 +307,35 @@ test("state dict round trip through safetensors reproduces the model's outputs",
   }
 });
 
-test("loadStateDict: strict key checks, shape mismatches naming the key, non-strict partial loads", async () => {
-  const dev = await cpuDevice();
-  const net = new Net(dev);
-  const sd = { ...net.stateDict() };
-  const { "head.bias": _dropped, ...partial } = sd;
-  assertThrows(() => net.loadStateDict(partial), `missing key(s): "head.bias"`);
-  assertThrows(() => net.loadStateDict({ ...sd, extra: sd.scale }), `unexpected key(s): "extra"`);
-  assertThrows(
-    () =>
-      net.loadStateDict({
-        ...sd,
-        "stem.weight": tensor(new Float32Array(8 * 3 * 3), [8, 3, 3, 1], { device: dev }),
-      }),
-    `size mismatch for "stem.weight": the checkpoint has shape [8, 3, 3, 1], the model [8, 3, 3, 3]`,
-  );
-  const zeros = tensor([0, 0, 0, 0], [4], { device: dev });
-  const r = net.loadStateDict({ "head.bias": zeros, other: zeros }, { strict: false });
-  assertEquals(r.unexpectedKeys, ["other"]);
-  assertEquals(r.missingKeys.length, Object.keys(sd).length - 1);
-  assertEquals(Array.from(await net.head.bias!.toArray()), [0, 0, 0, 0]);
-  const gpuNet = new Linear(3, 4, { device: await gpuDevice() });
-  assertThrows(
-    () => gpuNet.loadStateDict(new Linear(3, 4, { device: dev }).stateDict()),
-    `"weight" is on a cpu device`,
-  );
-});
+gpuTest(
+  "loadStateDict: strict key checks, shape mismatches naming the key, non-strict partial loads",
+  async () => {
+    const dev = await cpuDevice();
+    const net = new Net(dev);
+    const sd = { ...net.stateDict() };
+    const { "head.bias": _dropped, ...partial } = sd;
+    assertThrows(() => net.loadStateDict(partial), `missing key(s): "head.bias"`);
+    assertThrows(() => net.loadStateDict({ ...sd, extra: sd.scale }), `unexpected key(s): "extra"`);
+    assertThrows(
+      () =>
+        net.loadStateDict({
+          ...sd,
+          "stem.weight": tensor(new Float32Array(8 * 3 * 3), [8, 3, 3, 1], { device: dev }),
+        }),
+      `size mismatch for "stem.weight": the checkpoint has shape [8, 3, 3, 1], the model [8, 3, 3, 3]`,
+    );
+    const zeros = tensor([0, 0, 0, 0], [4], { device: dev });
+    const r = net.loadStateDict({ "head.bias": zeros, other: zeros }, { strict: false });
+    assertEquals(r.unexpectedKeys, ["other"]);
+    assertEquals(r.missingKeys.length, Object.keys(sd).length - 1);
+    assertEquals(Array.from(await net.head.bias!.toArray()), [0, 0, 0, 0]);
+    const gpuNet = new Linear(3, 4, { device: await gpuDevice() });
+    assertThrows(
+      () => gpuNet.loadStateDict(new Linear(3, 4, { device: dev }).stateDict()),
+      `"weight" is on a cpu device`,
+    );
+  },
+);
 
 // ---------------------------------------------------------------------------------------------------------------
 // Forward passes against float64 host references.
@@ -436,82 +453,90 @@ async function hostAttention(block: AttentionBlock, x: Float64Array, [N, C, H, W
   return proj.map((v, i) => (v + x[i]) * block.skipScale);
 }
 
-test("property: Linear, Conv2d(1×1), GroupNorm and SiLU forwards match float64 references (both backends)", async () => {
-  const devs = await backends();
-  await fc.assert(
-    fc.asyncProperty(
-      fc.integer({ min: 1, max: 3 }),
-      fc.constantFrom(1, 2, 3),
-      fc.integer({ min: 1, max: 7 }),
-      fc.integer({ min: 1, max: 5 }),
-      fc.nat(),
-      async (N, G, cg, L, seed) => {
-        const C = G * cg;
-        const xv = Float64Array.from(seededValues(N * C * L, seed, -2, 2));
-        for (const [name, dev] of devs) {
-          dev.manualSeed(seed);
-          const x = tensor(xv, [N, C, L, 1], { device: dev });
-          const lin = new Linear(C, 5, { device: dev });
-          const conv = new Conv2d(C, 4, 1, { device: dev });
-          const gn = new GroupNorm(G, C, { device: dev, eps: 1e-3 });
-          // Non-trivial affine parameters for the norm.
-          copyInto(gn.weight!, tensor(seededValues(C, seed + 1, 0.5, 2), [C], { device: dev }), [0]);
-          copyInto(gn.bias!, tensor(seededValues(C, seed + 2), [C], { device: dev }), [0]);
-          const xr = tensor(xv, [N * L, C], { device: dev }); // rows of C features for the Linear
-          const r = (t: Tensor) => t.toFloat64Array();
-          const got = noGrad(() => [lin.forward(xr), conv.forward(x), gn.forward(x), new SiLU().forward(x)]);
-          const wantLin = hostLinear(await r(xr), N * L, await r(lin.weight), await r(lin.bias!), C, 5);
-          const wantConv = hostConv1x1(xv, N, C, L, await r(conv.weight), await r(conv.bias!), 4);
-          const wantGn = hostGroupNorm(xv, N, C, L, G, await r(gn.weight!), await r(gn.bias!), 1e-3);
-          const wantSilu = xv.map((v) => v / (1 + Math.exp(-v)));
-          const tol = { rtol: 1e-4, atol: 1e-5 };
-          assertClose(await r(got[0]), wantLin, tol, `${name} Linear`);
-          assertClose(await r(got[1]), wantConv, tol, `${name} Conv2d`);
-          assertClose(await r(got[2]), wantGn, tol, `${name} GroupNorm`);
-          assertClose(await r(got[3]), wantSilu, tol, `${name} SiLU`);
-          for (const m of [lin, conv, gn]) m.dispose();
-          got.forEach((t) => t.dispose());
-        }
-      },
-    ),
-    { numRuns: Math.max(1, Math.floor(RUNS / 3)) },
-  );
-});
+gpuTest(
+  "property: Linear, Conv2d(1×1), GroupNorm and SiLU forwards match float64 references (both backends)",
+  async () => {
+    const devs = await backends();
+    await fc.assert(
+      fc.asyncProperty(
+        fc.integer({ min: 1, max: 3 }),
+        fc.constantFrom(1, 2, 3),
+        fc.integer({ min: 1, max: 7 }),
+        fc.integer({ min: 1, max: 5 }),
+        fc.nat(),
+        async (N, G, cg, L, seed) => {
+          const C = G * cg;
+          const xv = Float64Array.from(seededValues(N * C * L, seed, -2, 2));
+          for (const [name, dev] of devs) {
+            dev.manualSeed(seed);
+            const x = tensor(xv, [N, C, L, 1], { device: dev });
+            const lin = new Linear(C, 5, { device: dev });
+            const conv = new Conv2d(C, 4, 1, { device: dev });
+            const gn = new GroupNorm(G, C, { device: dev, eps: 1e-3 });
+            // Non-trivial affine parameters for the norm.
+            copyInto(gn.weight!, tensor(seededValues(C, seed + 1, 0.5, 2), [C], { device: dev }), [0]);
+            copyInto(gn.bias!, tensor(seededValues(C, seed + 2), [C], { device: dev }), [0]);
+            const xr = tensor(xv, [N * L, C], { device: dev }); // rows of C features for the Linear
+            const r = (t: Tensor) => t.toFloat64Array();
+            const got = noGrad(
+              () => [lin.forward(xr), conv.forward(x), gn.forward(x), new SiLU().forward(x)],
+            );
+            const wantLin = hostLinear(await r(xr), N * L, await r(lin.weight), await r(lin.bias!), C, 5);
+            const wantConv = hostConv1x1(xv, N, C, L, await r(conv.weight), await r(conv.bias!), 4);
+            const wantGn = hostGroupNorm(xv, N, C, L, G, await r(gn.weight!), await r(gn.bias!), 1e-3);
+            const wantSilu = xv.map((v) => v / (1 + Math.exp(-v)));
+            const tol = { rtol: 1e-4, atol: 1e-5 };
+            assertClose(await r(got[0]), wantLin, tol, `${name} Linear`);
+            assertClose(await r(got[1]), wantConv, tol, `${name} Conv2d`);
+            assertClose(await r(got[2]), wantGn, tol, `${name} GroupNorm`);
+            assertClose(await r(got[3]), wantSilu, tol, `${name} SiLU`);
+            for (const m of [lin, conv, gn]) m.dispose();
+            got.forEach((t) => t.dispose());
+          }
+        },
+      ),
+      { numRuns: Math.max(1, Math.floor(RUNS / 3)) },
+    );
+  },
+);
 
-test("property: AttentionBlock matches EDM's attention (float64 transcription) on both backends", async () => {
-  const devs = await backends();
-  await fc.assert(
-    fc.asyncProperty(
-      fc.integer({ min: 1, max: 2 }),
-      fc.constantFrom([4, 1], [8, 2], [6, 3], [8, 1]),
-      fc.integer({ min: 1, max: 4 }),
-      fc.integer({ min: 1, max: 5 }),
-      fc.constantFrom(1, Math.SQRT1_2),
-      fc.nat(),
-      async (N, [C, heads], H, W, skipScale, seed) => {
-        const shape = [N, C, H, W];
-        const xv = Float64Array.from(seededValues(N * C * H * W, seed, -2, 2));
-        for (const [name, dev] of devs) {
-          dev.manualSeed(seed);
-          const block = new AttentionBlock(C, { numHeads: heads, numGroups: 2, skipScale, device: dev });
-          const x = tensor(xv, shape, { device: dev });
-          const y = noGrad(() => block.forward(x));
-          assertEquals(y.shape, shape);
-          assertClose(await y.toFloat64Array(), await hostAttention(block, xv, shape), {
-            rtol: 1e-4,
-            atol: 2e-5,
-          }, name);
-          block.dispose();
-          y.dispose();
-          x.dispose();
-        }
-      },
-    ),
-    { numRuns: Math.max(1, Math.floor(RUNS / 3)) },
-  );
-});
+gpuTest(
+  "property: AttentionBlock matches EDM's attention (float64 transcription) on both backends",
+  async () => {
+    const devs = await backends();
+    await fc.assert(
+      fc.asyncProperty(
+        fc.integer({ min: 1, max: 2 }),
+        fc.constantFrom([4, 1], [8, 2], [6, 3], [8, 1]),
+        fc.integer({ min: 1, max: 4 }),
+        fc.integer({ min: 1, max: 5 }),
+        fc.constantFrom(1, Math.SQRT1_2),
+        fc.nat(),
+        async (N, [C, heads], H, W, skipScale, seed) => {
+          const shape = [N, C, H, W];
+          const xv = Float64Array.from(seededValues(N * C * H * W, seed, -2, 2));
+          for (const [name, dev] of devs) {
+            dev.manualSeed(seed);
+            const block = new AttentionBlock(C, { numHeads: heads, numGroups: 2, skipScale, device: dev });
+            const x = tensor(xv, shape, { device: dev });
+            const y = noGrad(() => block.forward(x));
+            assertEquals(y.shape, shape);
+            assertClose(await y.toFloat64Array(), await hostAttention(block, xv, shape), {
+              rtol: 1e-4,
+              atol: 2e-5,
+            }, name);
+            block.dispose();
+            y.dispose();
+            x.dispose();
+          }
+        },
+      ),
+      { numRuns: Math.max(1, Math.floor(RUNS / 3)) },
+    );
+  },
+);
 
-test("AttentionBlock: zeroInitProj starts as the identity; options and inputs are validated", async () => {
+gpuTest("AttentionBlock: zeroInitProj starts as the identity; options and inputs are validated", async () => {
   const dev = await gpuDevice();
   const block = new AttentionBlock(8, { zeroInitProj: true, device: dev });
   const xv = seededValues(2 * 8 * 3 * 3, 3);

@@ -28,6 +28,7 @@ import {
   cpuDevice,
   f64Device,
   gpuDevice,
+  gpuTest,
   gradCheck,
   runOnBuffers,
   RUNS,
@@ -104,7 +105,7 @@ const groupCase = fc.record({
   affine: fc.constantFrom("both", "weight", "bias", "none"),
 });
 
-test("groupNorm forward and backward: WebGPU matches CPU reference", async () => {
+gpuTest("groupNorm forward and backward: WebGPU matches CPU reference", async () => {
   await fc.assert(
     fc.asyncProperty(
       groupCase,
@@ -137,7 +138,7 @@ const layerCase = fc.record({
   affine: fc.constantFrom("both", "weight", "bias", "none"),
 });
 
-test("layerNorm forward and backward: WebGPU matches CPU reference", async () => {
+gpuTest("layerNorm forward and backward: WebGPU matches CPU reference", async () => {
   await fc.assert(
     fc.asyncProperty(
       layerCase,
@@ -173,80 +174,98 @@ const kernelCase = fc.record({
   variant: fc.constantFrom<RowNormVariant | undefined>(undefined, "tree", "lanes", "lanesTexture"),
 });
 
-test("rowNorm kernels (y, stats, dx, dweight/dbias partials) in every variant: WebGPU matches CPU reference, also on a 2-D grid", async () => {
-  await fc.assert(
-    fc.asyncProperty(
-      kernelCase,
-      valueArb,
-      seedArb,
-      fc.boolean(),
-      async (k, { offset, scale }, seed, small) => {
-        const { outer, groups, channelsPerGroup, spatial, chunkRows } = k;
-        const rows = outer * groups, cols = channelsPerGroup * spatial, C = groups * channelsPerGroup;
-        const n = rows * cols;
-        if (n > 40000) return;
-        const p: RowNormParams = { ...k, rows };
-        const x = seededValues(n, seed, offset - scale, offset + scale);
-        const w = seededValues(C, seed + 1, -2, 2), b = seededValues(C, seed + 2);
-        const g = seededValues(n, seed + 3);
-        const ins = [x, ...(k.hasWeight ? [w] : []), ...(k.hasBias ? [b] : [])];
-        const sizes = [n, rows, rows];
-        const gpu = small ? await smallGridDevice() : await gpuDevice();
-        const ref = await f64Device();
-        const got = await runKernel(gpu, rowNorm, p, ins, sizes);
-        const want = await runKernel(ref, rowNorm, p, ins, sizes);
-        const rel = 2e-5;
-        assertClose(got[0], want[0], { rtol: 1e-3, atol: rel * (1 + maxAbs(want[0])) }, "y");
-        assertClose(got[1], want[1], { rtol: 1e-5, atol: 1e-6 * scale }, "shifted mean");
-        assertClose(got[2], want[2], { rtol: 1e-4 }, "rstd");
-        // The backward kernels from the reference statistics, so only they are under test.
-        const stats = [Float32Array.from(want[1]), Float32Array.from(want[2])];
-        const bins = [x, g, ...stats, ...(k.hasWeight ? [w] : [])];
-        const [dxGot] = await runKernel(gpu, rowNormBackward, p, bins, [n]);
-        const [dxWant] = await runKernel(ref, rowNormBackward, p, bins, [n]);
-        assertClose(dxGot, dxWant, { rtol: 1e-3, atol: rel * (1 + maxAbs(dxWant)) }, "dx");
-        // dx with the per-sample partials from the same pass, and their sum over the samples.
-        const fp = { ...p, paramPartials: true };
-        const fused = [n, outer * C, outer * C, C, C];
-        const fGot = await runKernel(gpu, rowNormBackward, fp, bins, fused);
-        const fWant = await runKernel(ref, rowNormBackward, fp, bins, fused);
-        assertClose(fGot[0], dxWant, { rtol: 1e-3, atol: rel * (1 + maxAbs(dxWant)) }, "dx (with partials)");
-        assertClose(
-          fGot[1],
-          fWant[1],
-          { rtol: 1e-3, atol: 1e-5 * (1 + maxAbs(fWant[1])) },
-          "Σ g·x̂ per sample",
-        );
-        assertClose(fGot[2], fWant[2], { rtol: 1e-4, atol: 1e-5 * (1 + maxAbs(fWant[2])) }, "Σ g per sample");
-        // The sums over the samples: from the kernel where it makes them, else from rowNormParamSum.
-        const sums = [Float32Array.from(fWant[1]), Float32Array.from(fWant[2])];
-        const sp = { chunks: outer, channels: C };
-        const sGot = samplesSummedInKernel(p)
-          ? fGot.slice(3)
-          : await runKernel(gpu, rowNormParamSum, sp, sums, [C, C]);
-        const sWant = fWant.slice(3);
-        sGot.forEach((v, i) =>
-          assertClose(v, sWant[i], { rtol: 1e-4, atol: 1e-5 * (1 + maxAbs(sWant[i])) }, "sums")
-        );
-        // The small-grid device has 16×16 workgroups: one per (chunk, channel) must fit.
-        const pp = { ...p, chunkRows: Math.max(chunkRows, Math.ceil((outer * C) / 256)) };
-        const partial = paramGradChunks(pp) * C;
-        const pGot = await runKernel(gpu, rowNormParamGrad, pp, [x, g, ...stats], [partial, partial]);
-        const pWant = await runKernel(ref, rowNormParamGrad, pp, [x, g, ...stats], [partial, partial]);
-        assertClose(
-          pGot[0],
-          pWant[0],
-          { rtol: 1e-3, atol: 1e-5 * (1 + maxAbs(pWant[0])) },
-          "dweight partials",
-        );
-        assertClose(pGot[1], pWant[1], { rtol: 1e-4, atol: 1e-5 * (1 + maxAbs(pWant[1])) }, "dbias partials");
-      },
-    ),
-    { numRuns: RUNS },
-  );
-});
+gpuTest(
+  "rowNorm kernels (y, stats, dx, dweight/dbias partials) in every variant: WebGPU matches CPU reference, also on a 2-D grid",
+  async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        kernelCase,
+        valueArb,
+        seedArb,
+        fc.boolean(),
+        async (k, { offset, scale }, seed, small) => {
+          const { outer, groups, channelsPerGroup, spatial, chunkRows } = k;
+          const rows = outer * groups, cols = channelsPerGroup * spatial, C = groups * channelsPerGroup;
+          const n = rows * cols;
+          if (n > 40000) return;
+          const p: RowNormParams = { ...k, rows };
+          const x = seededValues(n, seed, offset - scale, offset + scale);
+          const w = seededValues(C, seed + 1, -2, 2), b = seededValues(C, seed + 2);
+          const g = seededValues(n, seed + 3);
+          const ins = [x, ...(k.hasWeight ? [w] : []), ...(k.hasBias ? [b] : [])];
+          const sizes = [n, rows, rows];
+          const gpu = small ? await smallGridDevice() : await gpuDevice();
+          const ref = await f64Device();
+          const got = await runKernel(gpu, rowNorm, p, ins, sizes);
+          const want = await runKernel(ref, rowNorm, p, ins, sizes);
+          const rel = 2e-5;
+          assertClose(got[0], want[0], { rtol: 1e-3, atol: rel * (1 + maxAbs(want[0])) }, "y");
+          assertClose(got[1], want[1], { rtol: 1e-5, atol: 1e-6 * scale }, "shifted mean");
+          assertClose(got[2], want[2], { rtol: 1e-4 }, "rstd");
+          // The backward kernels from the reference statistics, so only they are under test.
+          const stats = [Float32Array.from(want[1]), Float32Array.from(want[2])];
+          const bins = [x, g, ...stats, ...(k.hasWeight ? [w] : [])];
+          const [dxGot] = await runKernel(gpu, rowNormBackward, p, bins, [n]);
+          const [dxWant] = await runKernel(ref, rowNormBackward, p, bins, [n]);
+          assertClose(dxGot, dxWant, { rtol: 1e-3, atol: rel * (1 + maxAbs(dxWant)) }, "dx");
+          // dx with the per-sample partials from the same pass, and their sum over the samples.
+          const fp = { ...p, paramPartials: true };
+          const fused = [n, outer * C, outer * C, C, C];
+          const fGot = await runKernel(gpu, rowNormBackward, fp, bins, fused);
+          const fWant = await runKernel(ref, rowNormBackward, fp, bins, fused);
+          assertClose(
+            fGot[0],
+            dxWant,
+            { rtol: 1e-3, atol: rel * (1 + maxAbs(dxWant)) },
+            "dx (with partials)",
+          );
+          assertClose(
+            fGot[1],
+            fWant[1],
+            { rtol: 1e-3, atol: 1e-5 * (1 + maxAbs(fWant[1])) },
+            "Σ g·x̂ per sample",
+          );
+          assertClose(
+            fGot[2],
+            fWant[2],
+            { rtol: 1e-4, atol: 1e-5 * (1 + maxAbs(fWant[2])) },
+            "Σ g per sample",
+          );
+          // The sums over the samples: from the kernel where it makes them, else from rowNormParamSum.
+          const sums = [Float32Array.from(fWant[1]), Float32Array.from(fWant[2])];
+          const sp = { chunks: outer, channels: C };
+          const sGot = samplesSummedInKernel(p)
+            ? fGot.slice(3)
+            : await runKernel(gpu, rowNormParamSum, sp, sums, [C, C]);
+          const sWant = fWant.slice(3);
+          sGot.forEach((v, i) =>
+            assertClose(v, sWant[i], { rtol: 1e-4, atol: 1e-5 * (1 + maxAbs(sWant[i])) }, "sums")
+          );
+          // The small-grid device has 16×16 workgroups: one per (chunk, channel) must fit.
+          const pp = { ...p, chunkRows: Math.max(chunkRows, Math.ceil((outer * C) / 256)) };
+          const partial = paramGradChunks(pp) * C;
+          const pGot = await runKernel(gpu, rowNormParamGrad, pp, [x, g, ...stats], [partial, partial]);
+          const pWant = await runKernel(ref, rowNormParamGrad, pp, [x, g, ...stats], [partial, partial]);
+          assertClose(
+            pGot[0],
+            pWant[0],
+            { rtol: 1e-3, atol: 1e-5 * (1 + maxAbs(pWant[0])) },
+            "dweight partials",
+          );
+          assertClose(
+            pGot[1],
+            pWant[1],
+            { rtol: 1e-4, atol: 1e-5 * (1 + maxAbs(pWant[1])) },
+            "dbias partials",
+          );
+        },
+      ),
+      { numRuns: RUNS },
+    );
+  },
+);
 
-test("groupNorm is stable when |mean| ≫ std (values 1000 + noise)", async () => {
+gpuTest("groupNorm is stable when |mean| ≫ std (values 1000 + noise)", async () => {
   const shape = [2, 8, 16, 16], n = size(shape);
   const x = seededValues(n, 11, -0.01, 0.01).map((v) => 1000 + v);
   const gpu = await gpuDevice(), ref = await f64Device();
@@ -257,7 +276,7 @@ test("groupNorm is stable when |mean| ≫ std (values 1000 + noise)", async () =
   assertClose(got, want, { rtol: 0, atol: 1e-3 }, "groupNorm(1000 + noise)");
 });
 
-test("groupNorm with groups = C and 1×1 spatial (rows of length 1) gives the bias", async () => {
+gpuTest("groupNorm with groups = C and 1×1 spatial (rows of length 1) gives the bias", async () => {
   const gpu = await gpuDevice();
   const x = tensor([3, -1, 7, 2, 5, 0], [2, 3], { device: gpu });
   const w = tensor([2, 2, 2], [3], { device: gpu }), b = tensor([0.5, -1, 4], [3], { device: gpu });
@@ -267,7 +286,7 @@ test("groupNorm with groups = C and 1×1 spatial (rows of length 1) gives the bi
   assertClose(await layerNorm(col, [1], null, lb).toArray(), [0.25, 0.25], {}, "layerNorm L = 1");
 });
 
-test("layerNorm matches hand-computed values", async () => {
+gpuTest("layerNorm matches hand-computed values", async () => {
   const gpu = await gpuDevice();
   // Row [1, 2, 3, 4]: mean 2.5, biased variance 1.25.
   const x = tensor([1, 2, 3, 4, -2, 0, 2, 4], [2, 4], { device: gpu });

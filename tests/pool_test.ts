@@ -14,6 +14,7 @@ import {
   assertClose,
   cpuDevice,
   gpuDevice,
+  gpuTest,
   gradCheck,
   RUNS,
   scaleArb,
@@ -58,7 +59,7 @@ const poolCase = fc
   .map((c) => ({ ...c, ph: Math.min(c.pad[0], c.kh >> 1), pw: Math.min(c.pad[1], c.kw >> 1) }))
   .filter((c) => c.H + 2 * c.ph >= c.kh && c.W + 2 * c.pw >= c.kw);
 
-test("avgPool2d forward and backward: WebGPU matches CPU reference", async () => {
+gpuTest("avgPool2d forward and backward: WebGPU matches CPU reference", async () => {
   await fc.assert(
     fc.asyncProperty(
       poolCase,
@@ -83,7 +84,7 @@ test("avgPool2d forward and backward: WebGPU matches CPU reference", async () =>
   );
 });
 
-test("maxPool2d forward and backward: WebGPU matches CPU reference", async () => {
+gpuTest("maxPool2d forward and backward: WebGPU matches CPU reference", async () => {
   await fc.assert(
     fc.asyncProperty(poolCase, scaleArb, seedArb, fc.boolean(), async (c, scale, seed, small) => {
       const shape = [...c.lead, c.H, c.W];
@@ -95,7 +96,7 @@ test("maxPool2d forward and backward: WebGPU matches CPU reference", async () =>
   );
 });
 
-test("maxPool2d without a tape (noGrad) gives the same maxima as with one", async () => {
+gpuTest("maxPool2d without a tape (noGrad) gives the same maxima as with one", async () => {
   await fc.assert(
     fc.asyncProperty(poolCase, seedArb, async (c, seed) => {
       const device = await gpuDevice();
@@ -111,7 +112,7 @@ test("maxPool2d without a tape (noGrad) gives the same maxima as with one", asyn
   );
 });
 
-test("interpolateNearest forward and backward: WebGPU matches CPU reference", async () => {
+gpuTest("interpolateNearest forward and backward: WebGPU matches CPU reference", async () => {
   const caseArb = fc.record({
     N: fc.integer({ min: 1, max: 3 }),
     C: fc.integer({ min: 1, max: 4 }),
@@ -132,7 +133,7 @@ test("interpolateNearest forward and backward: WebGPU matches CPU reference", as
   );
 });
 
-test("avgPool2d matches PyTorch on hand-computed cases (count_include_pad, floor mode)", async () => {
+gpuTest("avgPool2d matches PyTorch on hand-computed cases (count_include_pad, floor mode)", async () => {
   for (const device of [await gpuDevice(), await cpuDevice()]) {
     const x = tensor(Array.from({ length: 16 }, (_, i) => i), [1, 1, 4, 4], { device });
     const a = avgPool2d(x, 2);
@@ -153,21 +154,24 @@ test("avgPool2d matches PyTorch on hand-computed cases (count_include_pad, floor
   }
 });
 
-test("avgPool2d with countIncludePad: false divides by the window's elements inside the input", async () => {
-  for (const device of [await gpuDevice(), await cpuDevice()]) {
-    const x = tensor(Array.from({ length: 16 }, (_, i) => i), [1, 1, 4, 4], { device });
-    // F.avg_pool2d(arange(16).view(1,1,4,4), 3, 2, 1, count_include_pad=False): 10/4, 24/6, 51/6, 90/9.
-    const y = avgPool2d(x, 3, 2, 1, { countIncludePad: false });
-    assertClose(await y.toArray(), [2.5, 4, 8.5, 10], {}, `${device.kind} k=3 s=2 p=1`);
-    // Inception's branch_pool (3×3, stride 1, pad 1) of a constant image stays constant at the borders.
-    const c = tensor(new Array(20).fill(7), [1, 4, 5], { device });
-    assertClose(await avgPool2d(c, 3, 1, 1, { countIncludePad: false }).toArray(), new Array(20).fill(7));
-    const inc = await avgPool2d(c, 3, 1, 1).toArray();
-    if (Math.abs(inc[0] - 7 * 4 / 9) > 1e-5) throw new Error(`count_include_pad=True corner ${inc[0]}`);
-  }
-});
+gpuTest(
+  "avgPool2d with countIncludePad: false divides by the window's elements inside the input",
+  async () => {
+    for (const device of [await gpuDevice(), await cpuDevice()]) {
+      const x = tensor(Array.from({ length: 16 }, (_, i) => i), [1, 1, 4, 4], { device });
+      // F.avg_pool2d(arange(16).view(1,1,4,4), 3, 2, 1, count_include_pad=False): 10/4, 24/6, 51/6, 90/9.
+      const y = avgPool2d(x, 3, 2, 1, { countIncludePad: false });
+      assertClose(await y.toArray(), [2.5, 4, 8.5, 10], {}, `${device.kind} k=3 s=2 p=1`);
+      // Inception's branch_pool (3×3, stride 1, pad 1) of a constant image stays constant at the borders.
+      const c = tensor(new Array(20).fill(7), [1, 4, 5], { device });
+      assertClose(await avgPool2d(c, 3, 1, 1, { countIncludePad: false }).toArray(), new Array(20).fill(7));
+      const inc = await avgPool2d(c, 3, 1, 1).toArray();
+      if (Math.abs(inc[0] - 7 * 4 / 9) > 1e-5) throw new Error(`count_include_pad=True corner ${inc[0]}`);
+    }
+  },
+);
 
-test("maxPool2d matches PyTorch on hand-computed cases, ties go to the first maximum", async () => {
+gpuTest("maxPool2d matches PyTorch on hand-computed cases, ties go to the first maximum", async () => {
   for (const device of [await gpuDevice(), await cpuDevice()]) {
     const x = tensor(Array.from({ length: 16 }, (_, i) => i), [1, 1, 4, 4], { device });
     // F.max_pool2d(arange(16).view(1,1,4,4), 3, 2, 1) = [[5, 7], [13, 15]]; padding never wins.
@@ -189,7 +193,7 @@ test("maxPool2d matches PyTorch on hand-computed cases, ties go to the first max
   }
 });
 
-test("interpolateNearest repeats each pixel into a block", async () => {
+gpuTest("interpolateNearest repeats each pixel into a block", async () => {
   const x = tensor([1, 2, 3, 4, 5, 6], [1, 1, 2, 3], { device: await gpuDevice() });
   const y = interpolateNearest(x);
   if (y.shape.join() !== "1,1,4,6") throw new Error(`shape [${y.shape}]`);

@@ -21,6 +21,7 @@ import {
   assertThrows,
   cpuDevice,
   gpuDevice,
+  gpuTest,
   MICRO_TRAINING,
   readAll,
   test,
@@ -62,27 +63,30 @@ function channelMeans(device: Device): FeatureExtractor {
   };
 }
 
-test("datasetStatistics streams batches into the same statistics as one pass over all features", async () => {
-  const device = await gpuDevice();
-  const ds = new ProceduralShapes({ resolution: 8, length: 37, seed: 3 });
-  const ex = channelMeans(device);
-  const streamed = await datasetStatistics(ds, ex, 37, { batch: 10, keepFeatures: true });
-  // The same features on the host: means of the quantized pixels.
-  const host = new Float64Array(37 * 3);
-  for (let i = 0; i < 37; i++) {
-    const q = quantize(ds.get(i).image);
-    for (let c = 0; c < 3; c++) {
-      let s = 0;
-      for (let k = 0; k < 64; k++) s += q[c * 64 + k];
-      host[i * 3 + c] = s / 64;
+gpuTest(
+  "datasetStatistics streams batches into the same statistics as one pass over all features",
+  async () => {
+    const device = await gpuDevice();
+    const ds = new ProceduralShapes({ resolution: 8, length: 37, seed: 3 });
+    const ex = channelMeans(device);
+    const streamed = await datasetStatistics(ds, ex, 37, { batch: 10, keepFeatures: true });
+    // The same features on the host: means of the quantized pixels.
+    const host = new Float64Array(37 * 3);
+    for (let i = 0; i < 37; i++) {
+      const q = quantize(ds.get(i).image);
+      for (let c = 0; c < 3; c++) {
+        let s = 0;
+        for (let k = 0; k < 64; k++) s += q[c * 64 + k];
+        host[i * 3 + c] = s / 64;
+      }
     }
-  }
-  const once = new FeatureStatistics(3).add(host).statistics();
-  assertClose(streamed.features!, host, { rtol: 1e-6 });
-  assertClose(streamed.stats.mu, once.mu, { rtol: 1e-6 });
-  assertClose(streamed.stats.sigma, once.sigma, { rtol: 1e-4, atol: 1e-3 });
-  assertEquals(streamed.stats.count, 37);
-});
+    const once = new FeatureStatistics(3).add(host).statistics();
+    assertClose(streamed.features!, host, { rtol: 1e-6 });
+    assertClose(streamed.stats.mu, once.mu, { rtol: 1e-6 });
+    assertClose(streamed.stats.sigma, once.sigma, { rtol: 1e-4, atol: 1e-3 });
+    assertEquals(streamed.stats.count, 37);
+  },
+);
 
 test("cached reference statistics: a truncated or altered file is recomputed with a warning; recompute skips it", async () => {
   const device = await cpuDevice();
@@ -118,7 +122,7 @@ test("cached reference statistics: a truncated or altered file is recomputed wit
   }
 });
 
-test("seeded latents: image i is the same whatever the batch it is drawn in", async () => {
+gpuTest("seeded latents: image i is the same whatever the batch it is drawn in", async () => {
   const device = await gpuDevice();
   const draw = (seed: number, start: number, count: number, shape: [number, number, number]) =>
     readAll([seededLatents(device, seed, start, count, shape)]).then(([v]) => v);
@@ -141,76 +145,81 @@ const MICRO_RUN: TrainConfigInput = {
   keepCheckpoints: 10,
 };
 
-test("deno task eval: cost, latency, FID and RFID per checkpoint; saved, reused, rank correlation", async () => {
-  const device = await gpuDevice();
-  const run = await Deno.makeTempDir({ prefix: "eval_test_" });
-  try {
-    await train({ ...MICRO_RUN, out: run }, { device });
-    const settings = {
-      runs: [run],
-      allCheckpoints: true,
-      n: 24,
-      steps: 3,
-      proxyN: 8,
-      proxySteps: 2,
-      refN: 32,
-      batch: 16,
-      cacheDir: `${run}/cache`,
-    };
-    const events: EvalEvent[] = [];
-    const report = await evaluate(settings, { device, onEvent: (e) => events.push(e) });
-    assertEquals(events.filter((e) => e.type === "checkpoint").length, 3);
-    assert(events.some((e) => e.type === "metric" && e.name === "FID-24" && e.done === 24));
-    assertEquals(report.checkpoints.length, 3);
-    assertEquals(report.features.name, "shapes-net");
-    assertEquals(report.reference.n, 32);
-    assertEquals(report.reference.cached, false);
-    for (const r of report.checkpoints) {
-      assertEquals(r.fid!.name, "FID-24");
-      assertEquals(r.rfid!.name, "RFID-8");
-      assertEquals(r.fid!.nfe, 5);
-      assertEquals(r.rfid!.nfe, 3);
-      assert(r.fid!.value > 0 && Number.isFinite(r.fid!.value), `FID ${r.fid!.value}`);
-      assert(r.rfid!.value > 0 && Number.isFinite(r.rfid!.value), `RFID ${r.rfid!.value}`);
-      assert(r.latency!.medianMs > 0);
-      assert(r.cost.parameters > 40000 && r.cost.macs > 0 && r.cost.breakdown.attention > 0);
-      assertEquals(r.reused, 0);
-      await Deno.stat(`${run}/eval/${r.checkpoint.split("/").pop()}.json`);
+gpuTest(
+  "deno task eval: cost, latency, FID and RFID per checkpoint; saved, reused, rank correlation",
+  async () => {
+    const device = await gpuDevice();
+    const run = await Deno.makeTempDir({ prefix: "eval_test_" });
+    try {
+      await train({ ...MICRO_RUN, out: run }, { device });
+      const settings = {
+        runs: [run],
+        allCheckpoints: true,
+        n: 24,
+        steps: 3,
+        proxyN: 8,
+        proxySteps: 2,
+        refN: 32,
+        batch: 16,
+        cacheDir: `${run}/cache`,
+      };
+      const events: EvalEvent[] = [];
+      const report = await evaluate(settings, { device, onEvent: (e) => events.push(e) });
+      assertEquals(events.filter((e) => e.type === "checkpoint").length, 3);
+      assert(events.some((e) => e.type === "metric" && e.name === "FID-24" && e.done === 24));
+      assertEquals(report.checkpoints.length, 3);
+      assertEquals(report.features.name, "shapes-net");
+      assertEquals(report.reference.n, 32);
+      assertEquals(report.reference.cached, false);
+      for (const r of report.checkpoints) {
+        assertEquals(r.fid!.name, "FID-24");
+        assertEquals(r.rfid!.name, "RFID-8");
+        assertEquals(r.fid!.nfe, 5);
+        assertEquals(r.rfid!.nfe, 3);
+        assert(r.fid!.value > 0 && Number.isFinite(r.fid!.value), `FID ${r.fid!.value}`);
+        assert(r.rfid!.value > 0 && Number.isFinite(r.rfid!.value), `RFID ${r.rfid!.value}`);
+        assert(r.latency!.medianMs > 0);
+        assert(r.cost.parameters > 40000 && r.cost.macs > 0 && r.cost.breakdown.attention > 0);
+        assertEquals(r.reused, 0);
+        await Deno.stat(`${run}/eval/${r.checkpoint.split("/").pop()}.json`);
+      }
+      const rc = report.rankCorrelation!;
+      assertEquals(rc.count, 3);
+      assert(rc.rho >= -1 && rc.rho <= 1, `ρ = ${rc.rho}`);
+      // The checkpoints differ, so their FIDs do.
+      assert(new Set(report.checkpoints.map((r) => r.fid!.value)).size === 3, "three different FIDs");
+
+      // Same settings: all three measurements are read back, the reference comes from the cache.
+      const second = await evaluate(settings, { device });
+      assertEquals(second.checkpoints.map((r) => r.reused), [3, 3, 3]);
+      assertEquals(second.reference.cached, true);
+      assertEquals(second.checkpoints.map((r) => r.fid!.value), report.checkpoints.map((r) => r.fid!.value));
+
+      // Another proxy protocol: the full FID is reused, the new RFID measured (and it differs).
+      const third = await evaluate({ ...settings, allCheckpoints: false, latency: false, proxySteps: 3 }, {
+        device,
+      });
+      assertEquals(third.checkpoints[0].reused, 1);
+      assertEquals(third.checkpoints[0].fid!.value, report.checkpoints[2].fid!.value);
+      assert(third.checkpoints[0].rfid!.value !== report.checkpoints[2].rfid!.value);
+      // `force` measures everything again.
+      const forced = await evaluate({ ...settings, allCheckpoints: false, force: true }, { device });
+      assertEquals(forced.checkpoints[0].reused, 0);
+      // KID comes from the full metric's own samples: the FID beside it is the same number.
+      const kid = await evaluate({ ...settings, allCheckpoints: false, latency: false, kid: true }, {
+        device,
+      });
+      const k = kid.checkpoints[0];
+      assertEquals(k.kid!.name, "KID-24");
+      assert(Number.isFinite(k.kid!.mean) && k.kid!.std >= 0, `KID ${k.kid!.mean} ± ${k.kid!.std}`);
+      assertEquals(k.fid!.value, report.checkpoints[2].fid!.value);
+    } finally {
+      await Deno.remove(run, { recursive: true });
     }
-    const rc = report.rankCorrelation!;
-    assertEquals(rc.count, 3);
-    assert(rc.rho >= -1 && rc.rho <= 1, `ρ = ${rc.rho}`);
-    // The checkpoints differ, so their FIDs do.
-    assert(new Set(report.checkpoints.map((r) => r.fid!.value)).size === 3, "three different FIDs");
+  },
+);
 
-    // Same settings: all three measurements are read back, the reference comes from the cache.
-    const second = await evaluate(settings, { device });
-    assertEquals(second.checkpoints.map((r) => r.reused), [3, 3, 3]);
-    assertEquals(second.reference.cached, true);
-    assertEquals(second.checkpoints.map((r) => r.fid!.value), report.checkpoints.map((r) => r.fid!.value));
-
-    // Another proxy protocol: the full FID is reused, the new RFID measured (and it differs).
-    const third = await evaluate({ ...settings, allCheckpoints: false, latency: false, proxySteps: 3 }, {
-      device,
-    });
-    assertEquals(third.checkpoints[0].reused, 1);
-    assertEquals(third.checkpoints[0].fid!.value, report.checkpoints[2].fid!.value);
-    assert(third.checkpoints[0].rfid!.value !== report.checkpoints[2].rfid!.value);
-    // `force` measures everything again.
-    const forced = await evaluate({ ...settings, allCheckpoints: false, force: true }, { device });
-    assertEquals(forced.checkpoints[0].reused, 0);
-    // KID comes from the full metric's own samples: the FID beside it is the same number.
-    const kid = await evaluate({ ...settings, allCheckpoints: false, latency: false, kid: true }, { device });
-    const k = kid.checkpoints[0];
-    assertEquals(k.kid!.name, "KID-24");
-    assert(Number.isFinite(k.kid!.mean) && k.kid!.std >= 0, `KID ${k.kid!.mean} ± ${k.kid!.std}`);
-    assertEquals(k.fid!.value, report.checkpoints[2].fid!.value);
-  } finally {
-    await Deno.remove(run, { recursive: true });
-  }
-});
-
-test("deno task eval: errors name the problem", async () => {
+gpuTest("deno task eval: errors name the problem", async () => {
   const device = await gpuDevice();
   const empty = await Deno.makeTempDir({ prefix: "eval_test_" });
   try {

@@ -25,6 +25,7 @@ import {
   cpuDevice,
   f64Device,
   gpuDevice,
+  gpuTest,
   gradCheck,
   RUNS,
   seededValues,
@@ -65,7 +66,7 @@ test("philox4x32-10 host function matches the Random123 known-answer vectors", (
   for (const [ctr, key, want] of KAT) assertEquals(hex(philox4x32(ctr, key)), hex(want));
 });
 
-test("philox kernel matches the known-answer vectors on both backends", async () => {
+gpuTest("philox kernel matches the known-answer vectors on both backends", async () => {
   for (const [name, dev] of await backends()) {
     for (const [ctr, key, want] of KAT) {
       const t = philoxBits(4, ctr as [number, number, number, number], key as [number, number], dev);
@@ -75,7 +76,7 @@ test("philox kernel matches the known-answer vectors on both backends", async ()
   }
 });
 
-test("philox kernel: block b uses counter (c0, c1) + b with a carry into c1", async () => {
+gpuTest("philox kernel: block b uses counter (c0, c1) + b with a carry into c1", async () => {
   const ctr: [number, number, number, number] = [0xfffffffe, 7, 3, 9], key: [number, number] = [11, 12];
   const want: number[] = [];
   for (const c of [[0xfffffffe, 7], [0xffffffff, 7], [0, 8], [1, 8]]) {
@@ -88,31 +89,38 @@ test("philox kernel: block b uses counter (c0, c1) + b with a carry into c1", as
   }
 });
 
-test("property: raw words are bit-identical on WebGPU and CPU for any seed, counter and length", async () => {
-  const [gpu, cpu] = [await gpuDevice(), await cpuDevice()];
-  await fc.assert(
-    fc.asyncProperty(fc.integer({ min: 1, max: 70 }), fc.nat(), fc.nat(), async (n, seed, counter) => {
-      const got: number[][] = [];
-      for (const dev of [gpu, cpu]) {
-        dev.manualSeed(seed);
-        dev.rng.counter = counter;
-        const t = randomBits(n, { device: dev });
-        got.push(await words(t));
-        t.dispose();
-        assertEquals(dev.rng.counter, counter + Math.ceil(n / 4));
-      }
-      assertEquals(hex(got[0]), hex(got[1]));
-      // And both agree with the host function, word e from block e/4.
-      const key = [seed >>> 0, 0];
-      for (let e = 0; e < n; e++) {
-        assertEquals(got[1][e], philox4x32([counter + Math.floor(e / 4), 0, 0, 0], key)[e % 4], `word ${e}`);
-      }
-    }),
-    { numRuns: RUNS },
-  );
-});
+gpuTest(
+  "property: raw words are bit-identical on WebGPU and CPU for any seed, counter and length",
+  async () => {
+    const [gpu, cpu] = [await gpuDevice(), await cpuDevice()];
+    await fc.assert(
+      fc.asyncProperty(fc.integer({ min: 1, max: 70 }), fc.nat(), fc.nat(), async (n, seed, counter) => {
+        const got: number[][] = [];
+        for (const dev of [gpu, cpu]) {
+          dev.manualSeed(seed);
+          dev.rng.counter = counter;
+          const t = randomBits(n, { device: dev });
+          got.push(await words(t));
+          t.dispose();
+          assertEquals(dev.rng.counter, counter + Math.ceil(n / 4));
+        }
+        assertEquals(hex(got[0]), hex(got[1]));
+        // And both agree with the host function, word e from block e/4.
+        const key = [seed >>> 0, 0];
+        for (let e = 0; e < n; e++) {
+          assertEquals(
+            got[1][e],
+            philox4x32([counter + Math.floor(e / 4), 0, 0, 0], key)[e % 4],
+            `word ${e}`,
+          );
+        }
+      }),
+      { numRuns: RUNS },
+    );
+  },
+);
 
-test("property: rand is bit-identical across backends, randn equal within float32 rounding", async () => {
+gpuTest("property: rand is bit-identical across backends, randn equal within float32 rounding", async () => {
   const [gpu, cpu] = [await gpuDevice(), await cpuDevice()];
   await fc.assert(
     fc.asyncProperty(shapeArb(1, 3, 9), fc.nat(), async (shape, seed) => {
@@ -168,7 +176,7 @@ function within(what: string, got: number, want: number, stdError: number, sigma
   }
 }
 
-test("uniform and normal samples have the right moments over 1e5 draws (both backends)", async () => {
+gpuTest("uniform and normal samples have the right moments over 1e5 draws (both backends)", async () => {
   const n = 100_000;
   for (const [name, dev] of await backends()) {
     dev.manualSeed(1234);
@@ -202,35 +210,42 @@ test("uniform and normal samples have the right moments over 1e5 draws (both bac
   }
 });
 
-test("manualSeed replays; consecutive calls differ; an explicit seed leaves the generator alone", async () => {
-  for (const [name, dev] of await backends()) {
-    dev.manualSeed(42);
-    const a1 = await rand([10], { device: dev }).toArray();
-    const a2 = await rand([10], { device: dev }).toArray();
-    assertEquals(dev.rng.counter, 6, `${name}: two calls of 10 elements take 3 blocks each`);
-    dev.manualSeed(42);
-    const b1 = await rand([10], { device: dev }).toArray();
-    const b2 = await rand([10], { device: dev }).toArray();
-    assertEquals(Array.from(b1), Array.from(a1), `${name}: replay`);
-    assertEquals(Array.from(b2), Array.from(a2), `${name}: replay`);
-    if (a1.every((x, i) => x === a2[i])) throw new Error(`${name}: consecutive calls gave the same numbers`);
-    dev.manualSeed(43);
-    const c1 = await rand([10], { device: dev }).toArray();
-    if (c1.every((x, i) => x === a1[i])) throw new Error(`${name}: seeds 42 and 43 gave the same numbers`);
-    const before = dev.rng.counter;
-    const s1 = await randn([5], { device: dev, seed: 7 }).toArray();
-    const s2 = await randn([5], { device: dev, seed: 7 }).toArray();
-    assertEquals(dev.rng.counter, before, `${name}: explicit seed must not advance the device counter`);
-    assertEquals(Array.from(s1), Array.from(s2));
-    dev.manualSeed(7);
-    assertClose(
-      await randn([5], { device: dev }).toArray(),
-      s1,
-      { rtol: 0, atol: 0 },
-      `${name}: seed 7 stream`,
-    );
-  }
-});
+gpuTest(
+  "manualSeed replays; consecutive calls differ; an explicit seed leaves the generator alone",
+  async () => {
+    for (const [name, dev] of await backends()) {
+      dev.manualSeed(42);
+      const a1 = await rand([10], { device: dev }).toArray();
+      const a2 = await rand([10], { device: dev }).toArray();
+      assertEquals(dev.rng.counter, 6, `${name}: two calls of 10 elements take 3 blocks each`);
+      dev.manualSeed(42);
+      const b1 = await rand([10], { device: dev }).toArray();
+      const b2 = await rand([10], { device: dev }).toArray();
+      assertEquals(Array.from(b1), Array.from(a1), `${name}: replay`);
+      assertEquals(Array.from(b2), Array.from(a2), `${name}: replay`);
+      if (a1.every((x, i) => x === a2[i])) {
+        throw new Error(
+          `${name}: consecutive calls gave the same numbers`,
+        );
+      }
+      dev.manualSeed(43);
+      const c1 = await rand([10], { device: dev }).toArray();
+      if (c1.every((x, i) => x === a1[i])) throw new Error(`${name}: seeds 42 and 43 gave the same numbers`);
+      const before = dev.rng.counter;
+      const s1 = await randn([5], { device: dev, seed: 7 }).toArray();
+      const s2 = await randn([5], { device: dev, seed: 7 }).toArray();
+      assertEquals(dev.rng.counter, before, `${name}: explicit seed must not advance the device counter`);
+      assertEquals(Array.from(s1), Array.from(s2));
+      dev.manualSeed(7);
+      assertClose(
+        await randn([5], { device: dev }).toArray(),
+        s1,
+        { rtol: 0, atol: 0 },
+        `${name}: seed 7 stream`,
+      );
+    }
+  },
+);
 
 test("random ops reject bad shapes and arguments, naming the op", async () => {
   const dev = await cpuDevice();
@@ -244,32 +259,35 @@ test("random ops reject bad shapes and arguments, naming the op", async () => {
   assertThrows(() => dropout(x, -0.1), "dropout: probability");
 });
 
-test("dropout: drop rate ≈ p, survivors scaled by exactly 1/(1−p), same mask on both backends", async () => {
-  const n = 40_000, p = 0.3;
-  const data = seededValues(n, 3, 0.5, 2); // never zero, so out == 0 identifies dropped elements
-  const outs: Float32Array[] = [];
-  for (const [name, dev] of await backends()) {
-    dev.manualSeed(99);
-    const x = tensor(data, [n], { device: dev });
-    const y = await dropout(x, p).toArray();
-    outs.push(y);
-    let dropped = 0;
-    for (let i = 0; i < n; i++) {
-      if (y[i] === 0) dropped++;
-      else if (y[i] !== Math.fround(data[i] * Math.fround(1 / (1 - p)))) {
-        throw new Error(`${name}: element ${i} is ${y[i]}, expected ${data[i]}/(1−p)`);
+gpuTest(
+  "dropout: drop rate ≈ p, survivors scaled by exactly 1/(1−p), same mask on both backends",
+  async () => {
+    const n = 40_000, p = 0.3;
+    const data = seededValues(n, 3, 0.5, 2); // never zero, so out == 0 identifies dropped elements
+    const outs: Float32Array[] = [];
+    for (const [name, dev] of await backends()) {
+      dev.manualSeed(99);
+      const x = tensor(data, [n], { device: dev });
+      const y = await dropout(x, p).toArray();
+      outs.push(y);
+      let dropped = 0;
+      for (let i = 0; i < n; i++) {
+        if (y[i] === 0) dropped++;
+        else if (y[i] !== Math.fround(data[i] * Math.fround(1 / (1 - p)))) {
+          throw new Error(`${name}: element ${i} is ${y[i]}, expected ${data[i]}/(1−p)`);
+        }
       }
+      within(`${name} drop rate`, dropped / n, p, Math.sqrt(p * (1 - p) / n));
+      x.dispose();
     }
-    within(`${name} drop rate`, dropped / n, p, Math.sqrt(p * (1 - p) / n));
-    x.dispose();
-  }
-  assertEquals(
-    outs[0].map((v) => (v === 0 ? 0 : 1)).join(""),
-    outs[1].map((v) => (v === 0 ? 0 : 1)).join(""),
-  );
-});
+    assertEquals(
+      outs[0].map((v) => (v === 0 ? 0 : 1)).join(""),
+      outs[1].map((v) => (v === 0 ? 0 : 1)).join(""),
+    );
+  },
+);
 
-test("dropout: identity in eval mode and for p = 0, zeros for p = 1; gradients follow", async () => {
+gpuTest("dropout: identity in eval mode and for p = 0, zeros for p = 1; gradients follow", async () => {
   const dev = await gpuDevice();
   const x = tensor([1, -2, 3], [3], { device: dev, requiresGrad: true });
   for (const y of [dropout(x, 0.5, false), dropout(x, 0)]) {
@@ -284,7 +302,7 @@ test("dropout: identity in eval mode and for p = 0, zeros for p = 1; gradients f
   assertEquals(Array.from(await x.grad!.toArray()), [0, 0, 0]);
 });
 
-test("dropout gradient replays the forward mask (both backends)", async () => {
+gpuTest("dropout gradient replays the forward mask (both backends)", async () => {
   for (const [name, dev] of await backends()) {
     const n = 1000, p = 0.6;
     dev.manualSeed(5);
@@ -311,7 +329,7 @@ test("dropout: finite-difference gradient check (float64, fixed seed)", async ()
 
 test("random kernels fold large dispatches into a 2-D grid correctly", async () => {
   // A device that plans for at most 4 workgroups per dimension: 3001 elements need 751 blocks = 12 workgroups.
-  const small = await Device.create({ backend: "webgpu", maxWorkgroupsPerDimension: 4 });
+  const small = await Device.create({ backend: "webgpu", fallback: false, maxWorkgroupsPerDimension: 4 });
   const cpu = await cpuDevice();
   try {
     for (const dev of [small, cpu]) dev.manualSeed(77);

@@ -13,6 +13,7 @@ import {
   assertClose,
   cpuDevice,
   gpuDevice,
+  gpuTest,
   gradCheck,
   RUNS,
   scaleArb,
@@ -26,7 +27,7 @@ import {
 
 const dim = fc.oneof(fc.integer({ min: 1, max: 9 }), fc.constantFrom(13, 17, 23));
 
-test("interpolateBilinear forward and backward: WebGPU matches CPU reference", async () => {
+gpuTest("interpolateBilinear forward and backward: WebGPU matches CPU reference", async () => {
   const caseArb = fc.record({
     N: fc.integer({ min: 1, max: 2 }),
     C: fc.integer({ min: 1, max: 3 }),
@@ -64,7 +65,7 @@ test("interpolateBilinear forward and backward: WebGPU matches CPU reference", a
   );
 });
 
-test("interpolateBilinear matches PyTorch on hand-computed cases", async () => {
+gpuTest("interpolateBilinear matches PyTorch on hand-computed cases", async () => {
   for (const device of [await gpuDevice(), await cpuDevice()]) {
     // F.interpolate([[1, 2], [3, 4]], size=(4, 4), mode="bilinear", align_corners=False).
     const x = tensor([1, 2, 3, 4], [1, 1, 2, 2], { device });
@@ -121,7 +122,7 @@ test("interpolateBilinear matches PyTorch on hand-computed cases", async () => {
   }
 });
 
-test("interpolateBilinear backward sends each output's gradient to its four source pixels", async () => {
+gpuTest("interpolateBilinear backward sends each output's gradient to its four source pixels", async () => {
   const device = await gpuDevice();
   // 2 → 4 along W: outputs read 0, 0.25, 0.75, 1 (in source units), so dx = [1 + .75 + .25, .25 + .75 + 1].
   const x = tensor([5, 6], [1, 1, 1, 2], { device, requiresGrad: true });

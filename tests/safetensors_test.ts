@@ -21,6 +21,7 @@ import {
   assertThrows,
   cpuDevice,
   gpuDevice,
+  gpuTest,
   RUNS,
   seededValues,
   shapeArb,
@@ -157,7 +158,7 @@ test("property: encode → decode returns the same tensors bit for bit, header p
   );
 });
 
-test("save/load round trip on both backends; writes are atomic and overwrite", async () => {
+gpuTest("save/load round trip on both backends; writes are atomic and overwrite", async () => {
   const dir = await Deno.makeTempDir();
   try {
     for (const dev of [await gpuDevice(), await cpuDevice()]) {
@@ -189,24 +190,27 @@ test("save/load round trip on both backends; writes are atomic and overwrite", a
   }
 });
 
-test("Module.loadSafetensors: weights by name onto the module's device, select drops keys, errors name keys", async () => {
-  const device = await gpuDevice();
-  const dir = await Deno.makeTempDir();
-  const a = new nn.Linear(3, 2, { device }), b = new nn.Linear(3, 2, { device });
-  try {
-    const path = `${dir}/linear.safetensors`;
-    await saveSafetensors(path, { ...a.stateDict(), "extra.weight": tensor([1], [1], { device }) });
-    await assertRejects(() => b.loadSafetensors(path), 'unexpected key(s): "extra.weight"');
-    await b.loadSafetensors(path, (key) => !key.startsWith("extra."));
-    assertEquals(Array.from(await b.weight.toArray()), Array.from(await a.weight.toArray()));
-    assertEquals(Array.from(await b.bias!.toArray()), Array.from(await a.bias!.toArray()));
-    await assertRejects(() => b.loadSafetensors(path, (key) => key !== "bias"), 'missing key(s): "bias"');
-  } finally {
-    a.dispose();
-    b.dispose();
-    await Deno.remove(dir, { recursive: true });
-  }
-});
+gpuTest(
+  "Module.loadSafetensors: weights by name onto the module's device, select drops keys, errors name keys",
+  async () => {
+    const device = await gpuDevice();
+    const dir = await Deno.makeTempDir();
+    const a = new nn.Linear(3, 2, { device }), b = new nn.Linear(3, 2, { device });
+    try {
+      const path = `${dir}/linear.safetensors`;
+      await saveSafetensors(path, { ...a.stateDict(), "extra.weight": tensor([1], [1], { device }) });
+      await assertRejects(() => b.loadSafetensors(path), 'unexpected key(s): "extra.weight"');
+      await b.loadSafetensors(path, (key) => !key.startsWith("extra."));
+      assertEquals(Array.from(await b.weight.toArray()), Array.from(await a.weight.toArray()));
+      assertEquals(Array.from(await b.bias!.toArray()), Array.from(await a.bias!.toArray()));
+      await assertRejects(() => b.loadSafetensors(path, (key) => key !== "bias"), 'missing key(s): "bias"');
+    } finally {
+      a.dispose();
+      b.dispose();
+      await Deno.remove(dir, { recursive: true });
+    }
+  },
+);
 
 test("malformed files are rejected with messages naming the file and the fault", () => {
   const ok = (h: string) => `{"t":{"dtype":"F32","shape":[2],"data_offsets":${h}}}`;

@@ -32,7 +32,7 @@ import {
   vpLinearSchedule,
   vpSigma,
 } from "../models/samplers.ts";
-import { assertClose, assertThrows, f64Device, gpuDevice, seededValues, test } from "./util.ts";
+import { assertClose, assertThrows, f64Device, gpuDevice, gpuTest, seededValues, test } from "./util.ts";
 
 // ---------------------------------------------------------------------------------------------------------------
 // The time grid.
@@ -157,7 +157,7 @@ function pointSetup(device: Device, B = 64) {
   return { points, latents };
 }
 
-test("heunSampler and eulerSampler: samples land on the points; NFE 2N − 1 and N", async () => {
+gpuTest("heunSampler and eulerSampler: samples land on the points; NFE 2N − 1 and N", async () => {
   const device = await gpuDevice();
   const { points, latents } = pointSetup(device);
   for (const N of [18, 7]) {
@@ -187,7 +187,7 @@ test("heunSampler and eulerSampler: samples land on the points; NFE 2N − 1 and
   latents.dispose();
 });
 
-test("stochasticSampler: S_churn = 0 equals Heun; with churn it still lands on the points", async () => {
+gpuTest("stochasticSampler: S_churn = 0 equals Heun; with churn it still lands on the points", async () => {
   const device = await gpuDevice();
   const { points, latents } = pointSetup(device);
   const heun = heunSampler(exactDenoiser(points), latents, { steps: 12 });
@@ -240,7 +240,7 @@ test("heunSampler has order 2 and eulerSampler order 1 on Gaussian data (closed-
   latents.dispose();
 });
 
-test("ddimSampler: with the exact ε-model samples land on the points (η = 0 and 1); NFE = S", async () => {
+gpuTest("ddimSampler: with the exact ε-model samples land on the points (η = 0 and 1); NFE = S", async () => {
   const device = await gpuDevice();
   const { points, latents } = pointSetup(device);
   const { alphaBar } = vpLinearSchedule();
@@ -309,33 +309,36 @@ test("VP schedule, DDIM timesteps and epsFromDenoiser agree with their formulas"
   x.dispose();
 });
 
-test("samplers keep memory flat: the same live allocations at every step, only the result survives", async () => {
-  const device = await gpuDevice();
-  const { points, latents } = pointSetup(device, 8);
-  const before = device.memory().liveAllocations;
-  const run = (name: string, sample: (onStep: (s: { step: number }) => void) => Tensor) => {
-    const live: number[] = [];
-    const out = sample(() => live.push(device.memory().liveAllocations));
-    // Elementwise results are lazy (engine/ops/core.ts `map`): the current x may still hold the few tensors it
-    // is computed from until the next denoiser call consumes it. Flat means: never more than after step 1.
-    if (live.some((n) => n > live[0]) || live[0] > before + 8) {
-      throw new Error(`${name}: live allocations per step ${live} grow (${before} before sampling)`);
-    }
-    out.dispose();
-    const after = device.memory().liveAllocations;
-    if (after !== before) throw new Error(`${name}: ${after - before} allocations leaked`);
-  };
-  run("heun", (onStep) => heunSampler(exactDenoiser(points), latents, { steps: 10, onStep }));
-  run("euler", (onStep) => eulerSampler(exactDenoiser(points), latents, { steps: 10, onStep }));
-  run(
-    "stochastic",
-    (onStep) => stochasticSampler(exactDenoiser(points), latents, { steps: 10, sChurn: 30, onStep }),
-  );
-  const { alphaBar } = vpLinearSchedule();
-  run("ddim", (onStep) => ddimSampler(exactEps(points, alphaBar), latents, { steps: 10, eta: 1, onStep }));
-  points.dispose();
-  latents.dispose();
-});
+gpuTest(
+  "samplers keep memory flat: the same live allocations at every step, only the result survives",
+  async () => {
+    const device = await gpuDevice();
+    const { points, latents } = pointSetup(device, 8);
+    const before = device.memory().liveAllocations;
+    const run = (name: string, sample: (onStep: (s: { step: number }) => void) => Tensor) => {
+      const live: number[] = [];
+      const out = sample(() => live.push(device.memory().liveAllocations));
+      // Elementwise results are lazy (engine/ops/core.ts `map`): the current x may still hold the few tensors it
+      // is computed from until the next denoiser call consumes it. Flat means: never more than after step 1.
+      if (live.some((n) => n > live[0]) || live[0] > before + 8) {
+        throw new Error(`${name}: live allocations per step ${live} grow (${before} before sampling)`);
+      }
+      out.dispose();
+      const after = device.memory().liveAllocations;
+      if (after !== before) throw new Error(`${name}: ${after - before} allocations leaked`);
+    };
+    run("heun", (onStep) => heunSampler(exactDenoiser(points), latents, { steps: 10, onStep }));
+    run("euler", (onStep) => eulerSampler(exactDenoiser(points), latents, { steps: 10, onStep }));
+    run(
+      "stochastic",
+      (onStep) => stochasticSampler(exactDenoiser(points), latents, { steps: 10, sChurn: 30, onStep }),
+    );
+    const { alphaBar } = vpLinearSchedule();
+    run("ddim", (onStep) => ddimSampler(exactEps(points, alphaBar), latents, { steps: 10, eta: 1, onStep }));
+    points.dispose();
+    latents.dispose();
+  },
+);
 
 test("stochasticSampler takes its churn noise from the noise callback (per-sample generators)", async () => {
   const device = await f64Device();

@@ -27,6 +27,7 @@ import {
   assertThrows,
   cpuDevice,
   gpuDevice,
+  gpuTest,
   readAll,
   RUNS,
   seededValues,
@@ -283,48 +284,51 @@ function used(l: PlannedLayer, kind: "weight" | "bias", i: number): boolean {
   return rowUsed(Math.floor(i / (l.inFull * kk))) && colUsed(Math.floor(i / kk) % l.inFull);
 }
 
-test("forward at each width runs; gradients reach exactly the planned slices of the shared weights (WebGPU)", async () => {
-  const device = await gpuDevice();
-  for (const [variant, spec] of Object.entries(TINY)) {
-    device.manualSeed(5);
-    const net = new UNet(spec, { device });
-    const { x, cNoise, labels, augment } = inputsFor(spec, device);
-    const params = net.namedParameters();
-    for (const w of DDSM_WIDTHS) {
-      net.zeroGrad();
-      scope(() => {
-        const y = net.forward(x, cNoise, labels, { width: w, augmentLabels: augment });
-        assertEquals([...y.shape], [2, 3, 8, 8]);
-        sum(mul(y, randn(y.shape, { device, seed: 4 }))).backward();
-      });
-      const plan = new Map(planLayers(spec, w).map((l) => [l.name, l]));
-      const missing = params.filter(([, p]) => !p.grad).map(([n]) => n);
-      if (missing.length) throw new Error(`${variant} w=${w}: no gradient for ${missing.join(", ")}`);
-      const grads = await readAll(params.map(([, p]) => p.grad!));
-      params.forEach(([name], k) => {
-        const dot = name.lastIndexOf(".");
-        const l = plan.get(name.slice(0, dot))!, kind = name.slice(dot + 1) as "weight" | "bias";
-        let inside = 0, live = 0;
-        grads[k].forEach((g, i) => {
-          if (used(l, kind, i)) {
-            // A key bias shifts every score of a query equally: softmax cancels it, its true gradient is 0.
-            if (name.endsWith(".qkv.bias") && i % 3 === 1) return;
-            inside++;
-            if (g !== 0) live++;
-          } else if (g !== 0) {
-            throw new Error(`${variant} w=${w}: ${name}[${i}] is outside the slice but has gradient ${g}`);
+gpuTest(
+  "forward at each width runs; gradients reach exactly the planned slices of the shared weights (WebGPU)",
+  async () => {
+    const device = await gpuDevice();
+    for (const [variant, spec] of Object.entries(TINY)) {
+      device.manualSeed(5);
+      const net = new UNet(spec, { device });
+      const { x, cNoise, labels, augment } = inputsFor(spec, device);
+      const params = net.namedParameters();
+      for (const w of DDSM_WIDTHS) {
+        net.zeroGrad();
+        scope(() => {
+          const y = net.forward(x, cNoise, labels, { width: w, augmentLabels: augment });
+          assertEquals([...y.shape], [2, 3, 8, 8]);
+          sum(mul(y, randn(y.shape, { device, seed: 4 }))).backward();
+        });
+        const plan = new Map(planLayers(spec, w).map((l) => [l.name, l]));
+        const missing = params.filter(([, p]) => !p.grad).map(([n]) => n);
+        if (missing.length) throw new Error(`${variant} w=${w}: no gradient for ${missing.join(", ")}`);
+        const grads = await readAll(params.map(([, p]) => p.grad!));
+        params.forEach(([name], k) => {
+          const dot = name.lastIndexOf(".");
+          const l = plan.get(name.slice(0, dot))!, kind = name.slice(dot + 1) as "weight" | "bias";
+          let inside = 0, live = 0;
+          grads[k].forEach((g, i) => {
+            if (used(l, kind, i)) {
+              // A key bias shifts every score of a query equally: softmax cancels it, its true gradient is 0.
+              if (name.endsWith(".qkv.bias") && i % 3 === 1) return;
+              inside++;
+              if (g !== 0) live++;
+            } else if (g !== 0) {
+              throw new Error(`${variant} w=${w}: ${name}[${i}] is outside the slice but has gradient ${g}`);
+            }
+          });
+          if (inside === 0 || live < 0.99 * inside) {
+            throw new Error(
+              `${variant} w=${w}: ${name}: only ${live} of ${inside} used entries have gradients`,
+            );
           }
         });
-        if (inside === 0 || live < 0.99 * inside) {
-          throw new Error(
-            `${variant} w=${w}: ${name}: only ${live} of ${inside} used entries have gradients`,
-          );
-        }
-      });
+      }
+      net.dispose();
     }
-    net.dispose();
-  }
-});
+  },
+);
 
 /** `full` (of shape `shape`, planned as `l` at some width) cut down to the entries that width uses. */
 function sliceParam(full: Float32Array, l: PlannedLayer, kind: "weight" | "bias"): Float32Array {
@@ -414,7 +418,7 @@ test("width schedules: parsing errors name the field; σ bands and step indices 
   assertEquals(JSON.parse(JSON.stringify(bands)), bands); // JSON round trip
 });
 
-test("StepAwareUNet runs the shared network at the scheduled width", async () => {
+gpuTest("StepAwareUNet runs the shared network at the scheduled width", async () => {
   const device = await gpuDevice();
   device.manualSeed(8);
   const spec = TINY.adm;

@@ -16,6 +16,7 @@ import {
   cpuDevice,
   f64Device,
   gpuDevice,
+  gpuTest,
   gradCheck,
   runOnBuffers,
   RUNS,
@@ -62,7 +63,7 @@ const caseArb = fc.record({
   small: fc.boolean(),
 });
 
-test("softmax/logSoftmax forward and backward over any dim: WebGPU matches CPU reference", async () => {
+gpuTest("softmax/logSoftmax forward and backward over any dim: WebGPU matches CPU reference", async () => {
   await fc.assert(
     fc.asyncProperty(
       caseArb,
@@ -114,35 +115,38 @@ const kernelCase = fc.record({
   small: fc.boolean(),
 });
 
-test("softmax kernels in every variant (tree, lanes, lanes with textures): WebGPU matches CPU reference", async () => {
-  await fc.assert(
-    fc.asyncProperty(kernelCase, scaleArb, seedArb, async (k, scale, seed) => {
-      const { outer, L, inner, log, variant, masked, small } = k;
-      const n = outer * L * inner;
-      if (n > 60000) return;
-      const p: SoftmaxParams = { outer, L, inner, log, variant };
-      // Masked: every third element −inf, as attention masks do (never a whole row when L > 1).
-      const x = seededValues(n, seed, -scale, scale).map((
-        v,
-        i,
-      ) => (masked && L > 1 && i % 3 === 1 ? -Infinity : v));
-      const g = seededValues(n, seed + 1);
-      const gpu = small ? await smallGridDevice() : await gpuDevice(), ref = await f64Device();
-      const y = await runKernel(gpu, softmaxKernel, p, [x]);
-      const yWant = await runKernel(ref, softmaxKernel, p, [x]);
-      const yTol = log ? { rtol: 1e-5, atol: 1e-5 } : { rtol: 1e-4, atol: 1e-6 };
-      assertClose(y, yWant, yTol, `y ${JSON.stringify(k)}`);
-      // The backward from the reference output, so only it is under test.
-      const y32 = Float32Array.from(yWant);
-      const dx = await runKernel(gpu, softmaxBackward, p, [y32, g]);
-      const dxWant = await runKernel(ref, softmaxBackward, p, [y32, g]);
-      assertClose(dx, dxWant, { rtol: 1e-3, atol: 1e-5 }, `dx ${JSON.stringify(k)}`);
-    }),
-    { numRuns: RUNS },
-  );
-});
+gpuTest(
+  "softmax kernels in every variant (tree, lanes, lanes with textures): WebGPU matches CPU reference",
+  async () => {
+    await fc.assert(
+      fc.asyncProperty(kernelCase, scaleArb, seedArb, async (k, scale, seed) => {
+        const { outer, L, inner, log, variant, masked, small } = k;
+        const n = outer * L * inner;
+        if (n > 60000) return;
+        const p: SoftmaxParams = { outer, L, inner, log, variant };
+        // Masked: every third element −inf, as attention masks do (never a whole row when L > 1).
+        const x = seededValues(n, seed, -scale, scale).map((
+          v,
+          i,
+        ) => (masked && L > 1 && i % 3 === 1 ? -Infinity : v));
+        const g = seededValues(n, seed + 1);
+        const gpu = small ? await smallGridDevice() : await gpuDevice(), ref = await f64Device();
+        const y = await runKernel(gpu, softmaxKernel, p, [x]);
+        const yWant = await runKernel(ref, softmaxKernel, p, [x]);
+        const yTol = log ? { rtol: 1e-5, atol: 1e-5 } : { rtol: 1e-4, atol: 1e-6 };
+        assertClose(y, yWant, yTol, `y ${JSON.stringify(k)}`);
+        // The backward from the reference output, so only it is under test.
+        const y32 = Float32Array.from(yWant);
+        const dx = await runKernel(gpu, softmaxBackward, p, [y32, g]);
+        const dxWant = await runKernel(ref, softmaxBackward, p, [y32, g]);
+        assertClose(dx, dxWant, { rtol: 1e-3, atol: 1e-5 }, `dx ${JSON.stringify(k)}`);
+      }),
+      { numRuns: RUNS },
+    );
+  },
+);
 
-test("softmax matches hand-computed values and sums to one along the dim", async () => {
+gpuTest("softmax matches hand-computed values and sums to one along the dim", async () => {
   const gpu = await gpuDevice();
   const x = tensor([1, 2, 3, 1000, 1000, 1000], [2, 3], { device: gpu });
   const e = [Math.exp(-2), Math.exp(-1), 1], s = e[0] + e[1] + e[2];
@@ -167,7 +171,7 @@ test("softmax matches hand-computed values and sums to one along the dim", async
   assertClose([col[3]], [1], { rtol: 1e-6 }, "softmax(1, 1000)");
 });
 
-test("softmax treats −inf as zero probability; an all −inf row is NaN as in PyTorch", async () => {
+gpuTest("softmax treats −inf as zero probability; an all −inf row is NaN as in PyTorch", async () => {
   for (const device of [await gpuDevice(), await cpuDevice()]) {
     for (const L of [4, 300]) {
       // Row 0: −inf first (the running max must not start an inf − inf), then finite values; row 1: all −inf.

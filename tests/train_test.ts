@@ -32,7 +32,16 @@ import {
   readTrainState,
   saveCheckpoint,
 } from "../models/checkpoint.ts";
-import { assertClose, cpuDevice, f64Device, gpuDevice, MICRO_TRAINING, MICRO_UNET, test } from "./util.ts";
+import {
+  assertClose,
+  cpuDevice,
+  f64Device,
+  gpuDevice,
+  gpuTest,
+  MICRO_TRAINING,
+  MICRO_UNET,
+  test,
+} from "./util.ts";
 
 /** A micro DDPM++-style UNet for 8×8 RGB (49 k parameters). */
 const MICRO: UNetSpecInput = MICRO_UNET;
@@ -242,7 +251,7 @@ test("a stopped and resumed run equals an uninterrupted one to float32 rounding 
   for (const [k, v] of va) assertClose(vb.get(k)!, v, { rtol: 1e-5, atol: 1e-7 }, k);
 });
 
-test("a stopped and resumed run equals an uninterrupted one within float tolerance (WebGPU)", async () => {
+gpuTest("a stopped and resumed run equals an uninterrupted one within float tolerance (WebGPU)", async () => {
   const device = await gpuDevice();
   const { va, vb } = await resumeRuns(device, { dropout: 0.1 });
   for (const [k, v] of va) assertClose(vb.get(k)!, v, { rtol: 1e-5, atol: 1e-6 }, k);
@@ -337,28 +346,31 @@ test("sandwich rule: widths 1, 0.25 and 0.5 or 0.75; the gradient is the sum of 
   emaNet.dispose();
 });
 
-test("a training step reads back at most once, the loss only every logEvery steps; memory stays flat (WebGPU)", async () => {
-  const device = await gpuDevice();
-  for (const logEvery of [1, 10]) {
-    const out = await tempDir();
-    const reads: number[] = [], live: number[] = [];
-    await train({ ...BASE, kimg: 0.08, logEvery, out }, {
-      device,
-      onProgress: (e) => {
-        if (e.type !== "step") return;
-        reads[e.step] = device.counters().reads;
-        live[e.step] = device.memory().liveBytes;
-      },
-    });
-    // Between the first step and the 20th: one sync per logged step (after steps 1…19 or after step 10).
-    assertEquals(reads[20] - reads[1], logEvery === 1 ? 19 : 1);
-    for (let s = 2; s <= 20; s++) {
-      assert(reads[s] - reads[s - 1] <= 1, `step ${s}: ${reads[s] - reads[s - 1]} reads`);
+gpuTest(
+  "a training step reads back at most once, the loss only every logEvery steps; memory stays flat (WebGPU)",
+  async () => {
+    const device = await gpuDevice();
+    for (const logEvery of [1, 10]) {
+      const out = await tempDir();
+      const reads: number[] = [], live: number[] = [];
+      await train({ ...BASE, kimg: 0.08, logEvery, out }, {
+        device,
+        onProgress: (e) => {
+          if (e.type !== "step") return;
+          reads[e.step] = device.counters().reads;
+          live[e.step] = device.memory().liveBytes;
+        },
+      });
+      // Between the first step and the 20th: one sync per logged step (after steps 1…19 or after step 10).
+      assertEquals(reads[20] - reads[1], logEvery === 1 ? 19 : 1);
+      for (let s = 2; s <= 20; s++) {
+        assert(reads[s] - reads[s - 1] <= 1, `step ${s}: ${reads[s] - reads[s - 1]} reads`);
+      }
+      if (logEvery === 1) assertEquals(live[20], live[5]);
+      await Deno.remove(out, { recursive: true });
     }
-    if (logEvery === 1) assertEquals(live[20], live[5]);
-    await Deno.remove(out, { recursive: true });
-  }
-});
+  },
+);
 
 test("sample: a grid and raw samples from the EMA weights; errors for a missing run or checkpoint", async () => {
   const device = await cpuDevice();

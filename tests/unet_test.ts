@@ -26,6 +26,7 @@ import {
   cpuDevice,
   f64Device,
   gpuDevice,
+  gpuTest,
   gradCheck,
   readAll,
   seededValues,
@@ -184,7 +185,7 @@ test("the planner's names, order and shapes equal the module's parameters, for e
   }
 });
 
-test("forward: output shape, finiteness and determinism per seed, on WebGPU", async () => {
+gpuTest("forward: output shape, finiteness and determinism per seed, on WebGPU", async () => {
   const device = await gpuDevice();
   for (const [name, spec] of Object.entries(TINY)) {
     const s = parseUNetSpec(spec);
@@ -218,7 +219,7 @@ test("forward: output shape, finiteness and determinism per seed, on WebGPU", as
   }
 });
 
-test("forward without a tape frees every intermediate; dropout follows train()/eval()", async () => {
+gpuTest("forward without a tape frees every intermediate; dropout follows train()/eval()", async () => {
   const device = await gpuDevice();
   const spec = { ...TINY.ddpm, dropout: 0.3 };
   const net = new UNet(spec, { device });
@@ -271,7 +272,7 @@ test("noGrad forward of every variant: only the output stays live; the peak stay
   device.destroy();
 });
 
-test("backward: every parameter receives a non-zero gradient, on WebGPU", async () => {
+gpuTest("backward: every parameter receives a non-zero gradient, on WebGPU", async () => {
   const device = await gpuDevice();
   for (const [name, spec] of Object.entries(TINY)) {
     device.manualSeed(3);

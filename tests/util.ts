@@ -10,6 +10,7 @@ import type { TrainConfigInput } from "../models/train.ts";
 import type { Trial } from "../search/types.ts";
 import { Rng } from "../util/random.ts";
 import { Device } from "../engine/device.ts";
+import { DRIVER_HINT, findAdapter } from "../engine/webgpu/adapter.ts";
 import type { FloatArray, Kernel } from "../kernels/types.ts";
 import "../engine/autograd.ts";
 import { tensor } from "../engine/creation.ts";
@@ -20,14 +21,37 @@ let gpu: Promise<Device> | null = null;
 let cpu32: Promise<Device> | null = null;
 let cpu64: Promise<Device> | null = null;
 
-/** The WebGPU device (created once per test process). */
+/**
+ * Why WebGPU tests cannot run in this process (no adapter: no driver installed, or the forced native API has
+ * none), or null. Probed once at module load, so that `gpuTest` can register its tests as ignored, with the
+ * reason in their names, rather than let them fail.
+ */
+export const NO_WEBGPU: string | null = await (async () => {
+  const found = await findAdapter();
+  return found.adapter ? null : `no WebGPU adapter: ${found.why}; ${DRIVER_HINT}`;
+})();
+
+/**
+ * The WebGPU device (created once per test process). Never the CPU fallback: a test that reaches it with no
+ * adapter was not registered with `gpuTest`, and fails saying so.
+ */
 export function gpuDevice(): Promise<Device> {
-  return (gpu ??= Device.create({ backend: "webgpu" }));
+  return (gpu ??= Device.create({ backend: "webgpu", fallback: false }));
 }
 let gpuSmall: Promise<Device> | null = null;
 /** A WebGPU device that plans grids as if only 16 workgroups fit per dimension: every kernel takes its 2-D path. */
 export function smallGridDevice(): Promise<Device> {
-  return (gpuSmall ??= Device.create({ backend: "webgpu", maxWorkgroupsPerDimension: 16 }));
+  return (gpuSmall ??= Device.create({ backend: "webgpu", fallback: false, maxWorkgroupsPerDimension: 16 }));
+}
+
+/**
+ * Why the texture-input tests cannot run here (no adapter, or one whose compute shaders cannot read rgba32float
+ * storage textures), or null. Creates the WebGPU device, so files that need it await it at load.
+ */
+export async function noTextureInputs(): Promise<string | null> {
+  if (NO_WEBGPU) return NO_WEBGPU;
+  const { info } = await gpuDevice();
+  return info.textureInputs ? null : `${info.adapter} through ${info.api} has no texture inputs`;
 }
 
 /** CPU reference backend in float32. */
@@ -167,6 +191,16 @@ export function values(t: Tensor): Promise<Float64Array> {
 /** Deno.test with resource sanitizers off: the WebGPU device deliberately outlives each test. */
 export function test(name: string, fn: () => Promise<void> | void): void {
   Deno.test({ name, fn, sanitizeResources: false, sanitizeOps: false });
+}
+
+/**
+ * A test that needs the WebGPU device: where there is no adapter (or `skipBecause` gives another reason) it is
+ * registered as ignored, and its name says why.
+ */
+export function gpuTest(name: string, fn: () => Promise<void> | void, skipBecause?: string | null): void {
+  const why = NO_WEBGPU ?? skipBecause;
+  if (!why) return test(name, fn);
+  Deno.test({ name: `${name} [skipped: ${why}]`, ignore: true, fn });
 }
 
 /** Every tensor's values with one readback (a sync costs ~11 ms whatever its size). */

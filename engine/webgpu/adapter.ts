@@ -5,9 +5,9 @@
  */
 
 import type { GpuCaps } from "../../kernels/types.ts";
-import { packSource, TEXTURE_INPUT } from "../../kernels/wgsl.ts";
+import { type PackBy, packSource, TEXTURE_INPUT } from "../../kernels/wgsl.ts";
 import type { DeviceInfo } from "../backend.ts";
-import type { PipelineCache } from "./pipeline_cache.ts";
+import { PACK_COMPUTE_KINDS, type PipelineCache } from "./pipeline_cache.ts";
 
 /** Which native API wgpu picked; the adapter does not say, so this reports how it was inferred. */
 function detectApi(): string {
@@ -24,18 +24,42 @@ function detectApi(): string {
   return "gl (no Vulkan ICD installed)";
 }
 
-/** The high-performance adapter and a device with its limits; errors say what to install instead. */
-export async function requestGpu(): Promise<{ adapter: GPUAdapter; device: GPUDevice }> {
-  if (!("gpu" in navigator) || !navigator.gpu) {
-    throw new Error('this Deno has no WebGPU (navigator.gpu); use Device.create({ backend: "cpu" })');
-  }
-  const adapter = await navigator.gpu.requestAdapter({ powerPreference: "high-performance" });
-  if (!adapter) {
-    throw new Error(
-      "no WebGPU adapter found. On Linux install a driver (`apt-get install mesa-vulkan-drivers libvulkan1`), " +
+/** What to install for a faster device than the CPU reference kernels. */
+export const DRIVER_HINT = "install mesa-vulkan-drivers for lavapipe";
+
+/** Thrown when there is no WebGPU adapter at all, so that `Device.create()` can fall back to the CPU backend. */
+export class NoAdapterError extends Error {
+  constructor(readonly why: string) {
+    super(
+      `no WebGPU adapter: ${why}. On Linux, ${DRIVER_HINT} (\`apt-get install mesa-vulkan-drivers libvulkan1\`), ` +
         'or run on the CPU reference backend with Device.create({ backend: "cpu" })',
     );
   }
+}
+
+/** The high-performance adapter, or null (with why) when this Deno has no WebGPU or no adapter. */
+export async function findAdapter(): Promise<{ adapter: GPUAdapter } | { adapter: null; why: string }> {
+  if (!("gpu" in navigator) || !navigator.gpu) {
+    return { adapter: null, why: "this Deno has no navigator.gpu" };
+  }
+  const adapter = await navigator.gpu.requestAdapter({ powerPreference: "high-performance" });
+  if (!adapter) {
+    const forced = Deno.env.get("DENO_WEBGPU_BACKEND");
+    return {
+      adapter: null,
+      why: `navigator.gpu.requestAdapter() found none${forced ? ` (DENO_WEBGPU_BACKEND=${forced})` : ""}`,
+    };
+  }
+  return { adapter };
+}
+
+/** The high-performance adapter and a device with its limits; with no adapter, a `NoAdapterError`. */
+export async function requestGpu(): Promise<{ adapter: GPUAdapter; device: GPUDevice }> {
+  const found = await findAdapter();
+  if (!found.adapter) {
+    throw new NoAdapterError(found.why);
+  }
+  const adapter = found.adapter;
   const wanted: GPUFeatureName[] = ["shader-f16", "timestamp-query"];
   const device = await adapter.requestDevice({
     requiredFeatures: wanted.filter((f) => adapter.features.has(f)),
@@ -85,6 +109,7 @@ export function describeGpu(
     adapter: description,
     api: detectApi(),
     isCpuEmulated,
+    reason: `backend "webgpu" (the default): the high-performance adapter, through ${detectApi()}`,
     features: [...device.features].sort(),
     limits,
     textureInputs: true,
@@ -101,32 +126,52 @@ export function describeGpu(
 }
 
 /**
- * Whether texture inputs work: they need read-only storage textures in compute shaders and rgba32float render
- * targets (for the packing passes); wgpu's GL backend, for one, cannot render to rgba32float. Where either
- * pipeline fails to build, kernels are told there are no texture inputs and use their other variants.
+ * Whether texture inputs work, and how packing passes write their textures: texture inputs need read-only
+ * storage textures in compute shaders; packing passes render into rgba32float where the adapter can ("render")
+ * and otherwise store texels from a compute pass ("compute"; wgpu's GL backend cannot render to rgba32float).
+ * `null` means no texture inputs: kernels are told so and use their other variants.
  */
-export async function probeTextureInputs(device: GPUDevice, pipelines: PipelineCache): Promise<boolean> {
-  device.pushErrorScope("validation");
-  device.pushErrorScope("internal");
-  const compute = device.createShaderModule({
-    code: `@group(0) @binding(0) var t: ${TEXTURE_INPUT};
+export async function probeTextureInputs(
+  device: GPUDevice,
+  pipelines: PipelineCache,
+): Promise<PackBy | null> {
+  const builds = async (build: () => void) => {
+    device.pushErrorScope("validation");
+    device.pushErrorScope("internal");
+    build();
+    const internal = await device.popErrorScope(), validation = await device.popErrorScope();
+    return !internal && !validation;
+  };
+  const texelFn = "fn texel(x: u32, y: u32) -> vec4<f32> { return vec4<f32>(srcAt(i32(x + y))); }";
+  const reads = await builds(() => {
+    const compute = device.createShaderModule({
+      code: `@group(0) @binding(0) var t: ${TEXTURE_INPUT};
 @group(0) @binding(1) var<storage, read_write> o: array<f32>;
 @group(0) @binding(2) var<uniform> u: vec4<u32>;
 @compute @workgroup_size(1) fn main() { o[0] = textureLoad(t, vec2<u32>(u.x, 0u)).x; }`,
+    });
+    device.createComputePipeline({
+      layout: pipelines.layoutFor("twu").pipeline,
+      compute: { module: compute, entryPoint: "main" },
+    });
   });
-  device.createComputePipeline({
-    layout: pipelines.layoutFor("twu").pipeline,
-    compute: { module: compute, entryPoint: "main" },
+  if (!reads) return null;
+  const renders = await builds(() => {
+    const pack = device.createShaderModule({ code: packSource(texelFn, "render") });
+    device.createRenderPipeline({
+      layout: pipelines.layoutFor("tu", GPUShaderStage.FRAGMENT).pipeline,
+      vertex: { module: pack, entryPoint: "vs" },
+      fragment: { module: pack, entryPoint: "fs", targets: [{ format: "rgba32float" }] },
+      primitive: { topology: "triangle-list" },
+    });
   });
-  const pack = device.createShaderModule({
-    code: packSource("fn texel(x: u32, y: u32) -> vec4<f32> { return vec4<f32>(srcAt(i32(x + y))); }"),
+  if (renders) return "render";
+  const stores = await builds(() => {
+    const pack = device.createShaderModule({ code: packSource(texelFn, "compute") });
+    device.createComputePipeline({
+      layout: pipelines.layoutFor(PACK_COMPUTE_KINDS).pipeline,
+      compute: { module: pack, entryPoint: "main" },
+    });
   });
-  device.createRenderPipeline({
-    layout: pipelines.layoutFor("tu", GPUShaderStage.FRAGMENT).pipeline,
-    vertex: { module: pack, entryPoint: "vs" },
-    fragment: { module: pack, entryPoint: "fs", targets: [{ format: "rgba32float" }] },
-    primitive: { topology: "triangle-list" },
-  });
-  const internal = await device.popErrorScope(), validation = await device.popErrorScope();
-  return !internal && !validation;
+  return stores ? "compute" : null;
 }

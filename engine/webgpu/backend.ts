@@ -16,12 +16,12 @@
  */
 
 import type { GpuCaps, Kernel, TextureInput } from "../../kernels/types.ts";
-import { flatTextureSize } from "../../kernels/wgsl.ts";
+import { flatTextureSize, PACK_TILE, type PackBy } from "../../kernels/wgsl.ts";
 import type { Backend, DeviceInfo, DeviceOptions, Storage } from "../backend.ts";
 import { describeGpu, probeTextureInputs, requestGpu } from "./adapter.ts";
 import { BufferPool, type GpuStorage } from "./buffer_pool.ts";
 import { FilledTextures } from "./filled_textures.ts";
-import { kindsOf, PipelineCache } from "./pipeline_cache.ts";
+import { kindsOf, PACK_COMPUTE_KINDS, PipelineCache } from "./pipeline_cache.ts";
 import { type PooledTexture, TexturePool } from "./texture_pool.ts";
 import { UniformRing } from "./uniform_ring.ts";
 
@@ -46,14 +46,22 @@ export class WebGpuBackend implements Backend {
     private readonly batchSize: number,
     poolLimit: number,
     texturePoolLimit: number,
+    /** How packing passes write their textures, or null where there are no texture inputs (see the probe). */
+    private readonly packBy: PackBy | null,
     gridLimit?: number,
   ) {
     const described = describeGpu(device, adapter, gridLimit);
     this.info = described.info;
     this.caps = described.caps;
+    if (!packBy) {
+      // Kernels read `maxTextureDimension2D` 0 as "no texture inputs".
+      this.caps.maxTextureDimension2D = 0;
+      this.info.textureInputs = false;
+    }
+    this.info.packBy = packBy ?? undefined;
     this.pipelines = new PipelineCache(device, (m) => this.error ??= m);
     this.buffers = new BufferPool(device, poolLimit);
-    this.textures = new TexturePool(device, texturePoolLimit, () => this.trimTextures());
+    this.textures = new TexturePool(device, texturePoolLimit, () => this.trimTextures(), packBy === "render");
     // At most a quarter of the texture pool is kept filled; past that the oldest go back to the pool.
     this.filled = new FilledTextures(this.textures, texturePoolLimit / 4);
     this.ring = new UniformRing(device);
@@ -64,20 +72,16 @@ export class WebGpuBackend implements Backend {
 
   static async create(opts: DeviceOptions): Promise<WebGpuBackend> {
     const { adapter, device } = await requestGpu();
-    const backend = new WebGpuBackend(
+    const packBy = await probeTextureInputs(device, new PipelineCache(device, () => {}));
+    return new WebGpuBackend(
       device,
       adapter,
       opts.batchSize ?? 64,
       opts.poolLimitBytes ?? 2 ** 30,
       opts.texturePoolLimitBytes ?? 2 ** 28,
+      packBy,
       opts.maxWorkgroupsPerDimension,
     );
-    if (!await probeTextureInputs(device, backend.pipelines)) {
-      // Kernels read `maxTextureDimension2D` 0 as "no texture inputs".
-      backend.caps.maxTextureDimension2D = 0;
-      backend.info.textureInputs = false;
-    }
-    return backend;
   }
 
   alloc(elements: number): GpuStorage {
@@ -268,7 +272,8 @@ export class WebGpuBackend implements Backend {
 
   /**
    * Fills `tex` with the packing function `texelFn` over the buffer `src`: a flat copy of `src` into a pooled
-   * texture, then one full-screen triangle drawn into `tex` (see `packSource` in wgsl.ts).
+   * texture, then one full-screen triangle drawn into `tex`, or, where rgba32float is not renderable, a compute
+   * pass that stores every texel (see `packSource` in wgsl.ts).
    */
   private pack(
     kernelName: string,
@@ -277,23 +282,37 @@ export class WebGpuBackend implements Backend {
     src: Storage,
     tex: PooledTexture,
   ) {
-    const pipeline = this.pipelines.render(`${kernelName} (pack)`, texelFn);
     const size = flatTextureSize(src.elements);
     const flat = this.takeTexture(size.width, size.height);
     this.copyFlat(src, flat);
-    const bindGroup = this.device.createBindGroup({
-      layout: this.pipelines.layoutFor("tu", GPUShaderStage.FRAGMENT).group,
-      entries: [{ binding: 0, resource: flat.view }, { binding: 1, resource: this.takeSlot(params) }],
-    });
-    this.endPass();
-    this.encoder ??= this.device.createCommandEncoder();
-    const pass = this.encoder.beginRenderPass({
-      colorAttachments: [{ view: tex.view, loadOp: "clear", clearValue: [0, 0, 0, 0], storeOp: "store" }],
-    });
-    pass.setPipeline(pipeline);
-    pass.setBindGroup(0, bindGroup);
-    pass.draw(3);
-    pass.end();
+    if (this.packBy === "compute") {
+      const pipeline = this.pipelines.packCompute(kernelName, texelFn);
+      const bindGroup = this.device.createBindGroup({
+        layout: this.pipelines.layoutFor(PACK_COMPUTE_KINDS).group,
+        entries: [
+          { binding: 0, resource: flat.view },
+          { binding: 1, resource: this.takeSlot(params) },
+          { binding: 2, resource: tex.view },
+        ],
+      });
+      const { width, height } = tex.texture;
+      this.record(pipeline, bindGroup, [Math.ceil(width / PACK_TILE), Math.ceil(height / PACK_TILE), 1]);
+    } else {
+      const pipeline = this.pipelines.render(`${kernelName} (pack)`, texelFn);
+      const bindGroup = this.device.createBindGroup({
+        layout: this.pipelines.layoutFor("tu", GPUShaderStage.FRAGMENT).group,
+        entries: [{ binding: 0, resource: flat.view }, { binding: 1, resource: this.takeSlot(params) }],
+      });
+      this.endPass();
+      this.encoder ??= this.device.createCommandEncoder();
+      const pass = this.encoder.beginRenderPass({
+        colorAttachments: [{ view: tex.view, loadOp: "clear", clearValue: [0, 0, 0, 0], storeOp: "store" }],
+      });
+      pass.setPipeline(pipeline);
+      pass.setBindGroup(0, bindGroup);
+      pass.draw(3);
+      pass.end();
+    }
     this.textures.giveBack(flat);
     this.recorded++;
   }

@@ -3,12 +3,16 @@
  *
  * Sizes travel as uniforms, so a kernel's source depends only on its structure and one pipeline serves every
  * shape. Layouts are explicit and keyed by the binding kinds, one letter per binding: "r" read-only storage
- * buffer, "w" read-write storage buffer, "t" read-only rgba32float storage texture, "u" uniform. Compilation
+ * buffer, "w" read-write storage buffer, "t" read-only rgba32float storage texture, "s" write-only rgba32float storage texture (the compute packing pass's
+ * output), "u" uniform. Compilation
  * errors arrive asynchronously; they are passed to `onError`, and the backend throws them at its next call.
  */
 
 import type { TextureInput } from "../../kernels/types.ts";
 import { packSource } from "../../kernels/wgsl.ts";
+
+/** Binding kinds of the compute packing pass: the flat copy of the input, the uniform block, the output. */
+export const PACK_COMPUTE_KINDS = "tus";
 
 /** Binding kinds, one letter per binding (see the file comment). */
 export type BindingKinds = string;
@@ -54,6 +58,8 @@ export class PipelineCache {
             return { binding, visibility, buffer: { type: "storage" } };
           case "t":
             return { binding, visibility, storageTexture: { access: "read-only", format: "rgba32float" } };
+          case "s":
+            return { binding, visibility, storageTexture: { access: "write-only", format: "rgba32float" } };
           default:
             return { binding, visibility, buffer: { type: "uniform" } };
         }
@@ -81,6 +87,19 @@ export class PipelineCache {
       bySource.set(source, p);
       this.created++;
     }
+    return p;
+  }
+
+  /**
+   * The compute form of the packing pipeline (for adapters that cannot render to rgba32float), cached with the
+   * compute pipelines under its own binding kinds.
+   */
+  packCompute(name: string, texelFn: string): GPUComputePipeline {
+    const cached = this.#compute.get(PACK_COMPUTE_KINDS)?.get(texelFn);
+    if (cached) return cached;
+    const p = this.compute(`${name} (pack)`, packSource(texelFn, "compute"), PACK_COMPUTE_KINDS);
+    // Keyed by the texel function as well, so that a hit does not build the source again.
+    this.#compute.get(PACK_COMPUTE_KINDS)!.set(texelFn, p);
     return p;
   }
 

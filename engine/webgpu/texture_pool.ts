@@ -23,6 +23,8 @@ export class TexturePool {
     private readonly device: GPUDevice,
     readonly limitBytes: number,
     private readonly makeRoom: () => void,
+    /** Whether packing passes render into these textures (not where rgba32float is not renderable, as on GL). */
+    private readonly renderable = true,
   ) {}
 
   /** A `width × height` texture (not handed to anyone else until given back); `maxSide` is the device limit. */
@@ -41,7 +43,8 @@ export class TexturePool {
     const texture = this.device.createTexture({
       size: [width, height],
       format: "rgba32float",
-      usage: GPUTextureUsage.STORAGE_BINDING | GPUTextureUsage.COPY_DST | GPUTextureUsage.RENDER_ATTACHMENT,
+      usage: GPUTextureUsage.STORAGE_BINDING | GPUTextureUsage.COPY_DST |
+        (this.renderable ? GPUTextureUsage.RENDER_ATTACHMENT : 0),
     });
     this.#bytes += bytes;
     return { texture, view: texture.createView(), key, bytes };
