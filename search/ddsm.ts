@@ -33,21 +33,19 @@ import { unetCost } from "../eval/cost.ts";
 import { type FeatureExtractor, openFeatureExtractor } from "../eval/features.ts";
 import type { FidStatistics } from "../eval/fid.ts";
 import { measureFid, protocolSettings, referenceStatistics } from "../eval/proxy.ts";
-import { parseUsage } from "../util/config.ts";
 import { UsageError } from "../util/errors.ts";
 import { writeFileAtomic, writeTextAtomic } from "../util/files.ts";
 import { hash2 } from "../util/random.ts";
-import { FULL_RUN, type SearchConfig, type SearchConfigInput, SearchConfigSchema } from "./config.ts";
+import { FULL_RUN, type SearchConfig, type SearchConfigInput } from "./config.ts";
 import {
   baseNetwork,
-  checkOutFolder,
+  claimRunFolder,
   openMemory,
   type SearchEvent,
   type SearchOptions,
   type SearchOutcome,
 } from "./diffnas.ts";
 import { type GaResult, type GenerationRecord, type Genome, genomeKey, runGa, uniformGenomes } from "./ga.ts";
-import { lockRunFolder } from "../util/lock.ts";
 import { bestSoFarByProposer, paretoFront } from "./memory.ts";
 import {
   type ChartSpec,
@@ -403,20 +401,15 @@ export async function runDdsmSearch(
   opts: Omit<SearchOptions, "proposer" | "onEvent"> & { onEvent?: (e: DdsmEvent) => void } = {},
 ): Promise<SearchOutcome & { best: { widths: number[]; macs: number; proxyFid: number } }> {
   const t0 = performance.now();
-  const raw = Object.fromEntries(
-    Object.entries((input ?? {}) as Record<string, unknown>).filter(([, v]) => v !== undefined),
-  );
-  const given = parseUsage(SearchConfigSchema, { ...raw, method: "ddsm" }, "search config");
-  await checkOutFolder(given.out);
-  await Deno.mkdir(given.out, { recursive: true });
-  using _lock = lockRunFolder(given.out);
+  const { raw, given, lock } = await claimRunFolder(input, { method: "ddsm" });
+  using _lock = lock;
   const emit = opts.onEvent ?? (() => {});
   let storage: SearchStorage | undefined;
   let device: Device | undefined;
   let features: FeatureExtractor | undefined;
   let supernet: Supernet | undefined;
   try {
-    const opened = await openMemory(given, { ...raw, method: "ddsm" }, opts.resume ?? false);
+    const opened = await openMemory(given, raw, opts.resume ?? false);
     storage = opened.storage;
     const cfg = opened.cfg, d = cfg.ddsm, dir = cfg.out;
     if (cfg.method !== "ddsm") throw new UsageError(`${dir} holds a ${cfg.method} search, not a ddsm one`);

@@ -45,7 +45,7 @@ import {
   type SearchSpace,
   toUNetSpec,
 } from "./space.ts";
-import { LOCK_FILE, lockRunFolder } from "../util/lock.ts";
+import { LOCK_FILE, lockRunFolder, type RunLock } from "../util/lock.ts";
 import { MEMORY_FILE, SqliteStorage } from "./sqlite_storage.ts";
 import { EvolutionaryProposer } from "./proposers/evolutionary.ts";
 import { RandomProposer } from "./proposers/random.ts";
@@ -262,19 +262,33 @@ export async function checkOutFolder(out: string): Promise<void> {
   }
 }
 
+/**
+ * The first steps of every search method: the settings given (fields left undefined are absent, not reset to
+ * their defaults), parsed with `overrides` applied; the run folder checked, created and locked for this process.
+ */
+export async function claimRunFolder(
+  input: SearchConfigInput | Record<string, unknown>,
+  overrides: Record<string, unknown> = {},
+): Promise<{ raw: Record<string, unknown>; given: SearchConfig; lock: RunLock }> {
+  const raw = Object.fromEntries(
+    Object.entries({ ...(input ?? {}) as Record<string, unknown>, ...overrides }).filter(([, v]) =>
+      v !== undefined
+    ),
+  );
+  const given = parseUsage(SearchConfigSchema, raw, "search config");
+  await checkOutFolder(given.out);
+  await Deno.mkdir(given.out, { recursive: true });
+  return { raw, given, lock: lockRunFolder(given.out) };
+}
+
 /** Runs (or resumes) a DiffNAS search; see the file comment. */
 export async function runSearch(
   input: SearchConfigInput | Record<string, unknown>,
   opts: SearchOptions = {},
 ): Promise<SearchOutcome> {
   const t0 = performance.now();
-  const raw = Object.fromEntries(
-    Object.entries((input ?? {}) as Record<string, unknown>).filter(([, v]) => v !== undefined),
-  );
-  const given = parseUsage(SearchConfigSchema, raw, "search config");
-  await checkOutFolder(given.out);
-  await Deno.mkdir(given.out, { recursive: true });
-  using _lock = lockRunFolder(given.out);
+  const { raw, given, lock } = await claimRunFolder(input);
+  using _lock = lock;
   const emit = opts.onEvent ?? (() => {});
   let storage: SearchStorage | undefined;
   let device: Device | undefined;
