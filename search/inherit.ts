@@ -13,7 +13,7 @@
  * be saved in the run folder and survive a restart.
  */
 
-import { type Device, type nn, type Tensor, tensor } from "../engine/mod.ts";
+import { cat, type Device, type nn, noGrad, reshape, type Tensor, tensor } from "../engine/mod.ts";
 
 /** A state dict on the host: the tensors' shapes and float32 values by name. */
 export type HostState = Record<string, { shape: number[]; data: Float32Array }>;
@@ -28,11 +28,21 @@ export interface InheritStats {
   fresh: number;
 }
 
-/** Reads a module's parameters and buffers back to the host (one readback per tensor). */
+/** Reads a module's parameters and buffers back to the host in one readback (a sync costs ~11 ms). */
 export async function hostState(module: nn.Module): Promise<HostState> {
+  const entries = Object.entries(module.stateDict());
+  if (!entries.length) return {};
+  const flat = noGrad(() => cat(entries.map(([, t]) => reshape(t, [t.size]))));
+  let all: Float32Array;
+  try {
+    all = await flat.toArray();
+  } finally {
+    flat.dispose();
+  }
   const out: HostState = {};
-  for (const [name, t] of Object.entries(module.stateDict())) {
-    out[name] = { shape: [...t.shape], data: await t.toArray() };
+  let at = 0;
+  for (const [name, t] of entries) {
+    out[name] = { shape: [...t.shape], data: all.slice(at, at += t.size) };
   }
   return out;
 }

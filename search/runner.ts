@@ -10,7 +10,7 @@
  * candidate diverged) is a failure of the candidate, not of the search.
  */
 
-import { type Device, loadSafetensors, saveSafetensors, type Tensor } from "../engine/mod.ts";
+import { decodeSafetensors, type Device, saveSafetensors, type Tensor } from "../engine/mod.ts";
 import type { Dataset } from "../models/data.ts";
 import { NetworkGenerator } from "../models/generate.ts";
 import { parseTrainerConfig, Trainer, type TrainerConfig } from "../models/trainer.ts";
@@ -52,21 +52,21 @@ export function proxyProtocol(c: SearchConfig): FidProtocol {
   return { n: c.proxyN, steps: c.proxySteps, sampler: "heun", seed: c.seed };
 }
 
-/** Reads a saved trial's weights to the host; null when the file is missing. */
-export async function readTrialWeights(dir: string, id: number, device: Device): Promise<HostState | null> {
-  let tensors: Record<string, Tensor>;
+/** Reads a saved trial's weights to the host (decoded from the file, no device round trip); null if missing. */
+export async function readTrialWeights(dir: string, id: number): Promise<HostState | null> {
+  const path = weightsPath(dir, id);
+  let bytes: Uint8Array;
   try {
-    tensors = await loadSafetensors(weightsPath(dir, id), { device });
-  } catch {
-    return null;
+    bytes = await Deno.readFile(path);
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) return null;
+    throw e;
   }
-  try {
-    const out: HostState = {};
-    for (const [k, t] of Object.entries(tensors)) out[k] = { shape: [...t.shape], data: await t.toArray() };
-    return out;
-  } finally {
-    for (const t of Object.values(tensors)) t.dispose();
+  const out: HostState = {};
+  for (const [k, t] of Object.entries(decodeSafetensors(bytes, path).tensors)) {
+    out[k] = { shape: t.shape, data: t.data };
   }
+  return out;
 }
 
 /** Builds a trained trial's network from its saved weights (the caller disposes it). */
@@ -159,7 +159,7 @@ export async function runTrial(
   const result: TrialResult = { status: "failed", lossHistory: [], costs: {} };
   try {
     if (c.inherit && trial.parentId !== null) {
-      const parent = await readTrialWeights(ctx.dir, trial.parentId, ctx.device);
+      const parent = await readTrialWeights(ctx.dir, trial.parentId);
       if (parent) init = await inheritedInit(spec, trial.seed, parent, ctx.device);
     }
     trainer = new Trainer(cfg, ctx.device, ctx.dataset, { init });

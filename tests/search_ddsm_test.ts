@@ -43,18 +43,9 @@ import { openDataset } from "../models/data.ts";
 import { train } from "../models/train.ts";
 import { DDSM_WIDTHS } from "../models/slimmable.ts";
 import { Rng } from "../util/random.ts";
-import { MICRO_TRAINING, MICRO_UNET } from "./util.ts";
+import { MICRO_TRAINING, MICRO_UNET, tempDir } from "./util.ts";
 
 const ROOT = new URL("..", import.meta.url).pathname;
-const TEMP: string[] = [];
-globalThis.addEventListener("unload", () => {
-  for (const d of TEMP) Deno.removeSync(d, { recursive: true });
-});
-async function tempDir(prefix: string): Promise<string> {
-  const d = await Deno.makeTempDir({ prefix });
-  TEMP.push(d);
-  return d;
-}
 const CACHE = await tempDir("ddsm-cache-");
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -22,24 +22,13 @@ import type { SearchConfigInput } from "../search/config.ts";
 import { SqliteStorage } from "../search/sqlite_storage.ts";
 import { weightsPath } from "../search/runner.ts";
 import type { Trial } from "../search/types.ts";
+import { tempDir } from "./util.ts";
 
 const ROOT = new URL("..", import.meta.url).pathname;
 const CLI = `${ROOT}cli.ts`;
 /** Shared by every search of this file: the reference statistics are computed once. */
-const CACHE = await Deno.makeTempDir({ prefix: "search-e2e-cache-" });
+const CACHE = await tempDir("search-e2e-cache-");
 const TRIALS = 3;
-/** Temporary folders of this file, removed when it ends. */
-const TEMP: string[] = [CACHE];
-globalThis.addEventListener("unload", () => {
-  for (const d of TEMP) Deno.removeSync(d, { recursive: true });
-});
-
-/** A new temporary folder, removed when the file ends. */
-async function tempDir(prefix: string): Promise<string> {
-  const d = await Deno.makeTempDir({ prefix });
-  TEMP.push(d);
-  return d;
-}
 
 /** The settings of a tiny search in `out`. */
 function tiny(out: string): SearchConfigInput {

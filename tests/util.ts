@@ -417,3 +417,16 @@ export function fakeTrial(id: number, over: Partial<Trial> = {}): Trial {
     ...over,
   };
 }
+
+/** Temporary folders made by `tempDir`, removed when the test file ends. */
+const TEMP_DIRS: string[] = [];
+globalThis.addEventListener("unload", () => {
+  for (const d of TEMP_DIRS) Deno.removeSync(d, { recursive: true });
+});
+
+/** A new temporary folder, removed when the test file ends. */
+export async function tempDir(prefix: string): Promise<string> {
+  const d = await Deno.makeTempDir({ prefix });
+  TEMP_DIRS.push(d);
+  return d;
+}
