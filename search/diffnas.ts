@@ -104,6 +104,17 @@ export function baseNetwork(dataset: Dataset): UNetSpec {
   });
 }
 
+/**
+ * The search space of a search on `dataset`: the configured one around the base network. Attention at the
+ * full image resolution is left out unless asked for: on lavapipe a 16×16 candidate with attention at 16×16
+ * trained ~10× slower than the default network (7 min against 34 s for 1 kimg, measured in a default search),
+ * far more than its MACs say, and one such trial would eat the budget.
+ */
+export function searchSpaceFor(cfg: SearchConfig, dataset: Dataset): SearchSpace {
+  const base = baseNetwork(dataset);
+  return createSearchSpace({ maxAttnResolution: base.imgResolution >> 1, ...(cfg.space ?? {}) }, base);
+}
+
 /** The default network as a point of the space (the baseline trial). */
 export function baselineArchitecture(base: UNetSpec): Architecture {
   return canonicalArchitecture({
@@ -305,14 +316,7 @@ export async function runSearch(
     const dataset = await openDataset(
       cfg.data ?? { kind: "procedural", resolution: DEFAULT_NETWORK.imgResolution },
     );
-    const base = baseNetwork(dataset);
-    // Attention at the full image resolution is left out unless asked for: on lavapipe a 16×16 candidate with
-    // attention at 16×16 trained ~10× slower than the default network (7 min against 34 s for 1 kimg,
-    // measured in a default search), far more than its MACs say, and one such trial would eat the budget.
-    const space = createSearchSpace(
-      { maxAttnResolution: base.imgResolution >> 1, ...(cfg.space ?? {}) },
-      base,
-    );
+    const space = searchSpaceFor(cfg, dataset), base = space.base;
     const proposer = opts.proposer ?? makeProposer(cfg, space);
     const worker = `${Deno.hostname()}:${Deno.pid}`;
     emit({

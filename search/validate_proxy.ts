@@ -34,7 +34,7 @@ import { UsageError } from "../util/errors.ts";
 import { writeTextAtomic } from "../util/files.ts";
 import { Rng } from "../util/random.ts";
 import { type SearchConfig, type SearchConfigInput, SearchConfigSchema, trialSchedule } from "./config.ts";
-import { baselineArchitecture, baseNetwork } from "./diffnas.ts";
+import { baselineArchitecture, searchSpaceFor } from "./diffnas.ts";
 import { type HostState, hostState } from "./inherit.ts";
 import { specSummary } from "./report.ts";
 import {
@@ -49,7 +49,6 @@ import {
   type Architecture,
   architectureKey,
   checkBudget,
-  createSearchSpace,
   distance,
   sampleArchitecture,
   type SearchSpace,
@@ -306,7 +305,7 @@ export async function validateProxy(
     const dataset = await openDataset(
       cfg.data ?? { kind: "procedural", resolution: DEFAULT_NETWORK.imgResolution },
     );
-    const space = createSearchSpace(cfg.space ?? {}, baseNetwork(dataset));
+    const space = searchSpaceFor(cfg, dataset);
     const picked = spreadArchitectures(space, settings.architectures, cfg.seed, {
       maxMacs: cfg.maxMacs,
       maxParams: cfg.maxParams,
