@@ -6,7 +6,8 @@
  */
 
 import { nn } from "../engine/mod.ts";
-import { measureLatency, unetCost } from "../eval/cost.ts";
+import { measureLatency } from "../eval/cost.ts";
+import { unetCost } from "../models/cost.ts";
 import { admImagenet64, ddpmppCifar10, ddsmCifar10 } from "../models/presets.ts";
 import { countParameters, UNet, type UNetSpecInput } from "../models/unet.ts";
 import { gpuDevice, gpuTest, test } from "./util.ts";

@@ -1,14 +1,14 @@
 /**
  * @file The DiffNAS search space: the default network is a point of the default space and round-trips to its
  * UNetSpec; every refusal names its field; canonical forms and keys; bad configurations; the budget check
- * against eval/cost.ts; the description and its JSON Schema; uniform samples that are all valid and cover the
+ * against models/cost.ts; the description and its JSON Schema; uniform samples that are all valid and cover the
  * space; the distance between architectures; and that no input, however odd, makes the check throw.
  */
 
 import fc from "fast-check";
 import { DEFAULT_NETWORK } from "../models/train.ts";
 import { parseUNetSpec } from "../models/unet.ts";
-import { unetCost } from "../eval/cost.ts";
+import { unetCost } from "../models/cost.ts";
 import {
   type Architecture,
   architectureKey,
@@ -186,7 +186,7 @@ test("space: bad configurations are usage errors that name the field", () => {
   );
 });
 
-test("space: the budget check uses eval/cost.ts and names the ceiling and the value", () => {
+test("space: the budget check uses models/cost.ts and names the ceiling and the value", () => {
   const spec = parseUNetSpec(DEFAULT_NETWORK), cost = unetCost(spec);
   const free = checkBudget(spec, {});
   assertEquals([free.ok, free.reason, free.macs, free.params], [
