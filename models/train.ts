@@ -232,8 +232,11 @@ function incompatibleFields(
   return out;
 }
 
-/** What a run folder may hold besides nothing: the files `train` writes (and the lock's temporaries). */
-const RUN_ENTRIES = new Set(["config.json", "log.jsonl", "checkpoints", "samples", LOCK_FILE]);
+/**
+ * What a run folder may hold besides nothing: the files `train` writes (and the lock's temporaries), and the
+ * measurements `eval` saves in it (eval/evaluate.ts: `<run>/eval/`).
+ */
+const RUN_ENTRIES = new Set(["config.json", "log.jsonl", "checkpoints", "samples", "eval", LOCK_FILE]);
 const isRunEntry = (name: string) => RUN_ENTRIES.has(name) || name.startsWith(`${LOCK_FILE}.`);
 
 /**
