@@ -17,11 +17,7 @@ import { type CheckpointEval, type EvalConfigInput, type EvalReport, evaluate } 
 import { buildShapesNet, SHAPES_NET_FILE, SHAPES_NET_MIN_ACCURACY, ShapesNet } from "./eval/features.ts";
 import { measureControls } from "./eval/controls.ts";
 import { PROCEDURAL_SCENES, type ProceduralScene } from "./models/data.ts";
-import { runSearch } from "./search/diffnas.ts";
-import { type DdsmEvent, runDdsmSearch } from "./search/ddsm.ts";
-import { specSummary } from "./search/report.ts";
-import { validateProxy } from "./search/validate_proxy.ts";
-import { runCompare } from "./search/compare.ts";
+import type { DdsmEvent } from "./search/ddsm.ts";
 
 const program = new Command("deno task")
   .description("WebGPU tensor engine and architecture search for diffusion models")
@@ -317,6 +313,7 @@ async function validateProxyCommand(
   signal: AbortSignal,
   p: ReturnType<typeof searchPrinter>,
 ): Promise<void> {
+  const { validateProxy } = await import("./search/validate_proxy.ts");
   const r = await validateProxy(input, {
     architectures: opts.architectures,
     fullN: opts.fullN,
@@ -350,6 +347,7 @@ async function compareCommand(
   signal: AbortSignal,
   p: ReturnType<typeof searchPrinter>,
 ): Promise<void> {
+  const { runCompare } = await import("./search/compare.ts");
   const r = await runCompare(input, { seeds: opts.seeds }, {
     signal,
     onEvent: (e) => {
@@ -381,6 +379,7 @@ async function ddsmCommand(
   signal: AbortSignal,
   p: ReturnType<typeof searchPrinter>,
 ): Promise<void> {
+  const { runDdsmSearch } = await import("./search/ddsm.ts");
   const r = await runDdsmSearch(input, {
     resume,
     signal,
@@ -587,6 +586,11 @@ program
       if (opts.compare) return await compareCommand(input, opts, controller.signal, p);
       let done = 0;
       let best: { fid: number; id: number } | null = null;
+      // The search's modules (SQLite, ECharts, the LLM client) load only here: the other commands start faster.
+      const [{ runSearch }, { specSummary }] = await Promise.all([
+        import("./search/diffnas.ts"),
+        import("./search/report.ts"),
+      ]);
       const r = await runSearch(input, {
         resume: Boolean(opts.resume),
         signal: controller.signal,
