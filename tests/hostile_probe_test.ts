@@ -141,7 +141,6 @@ async function buildFixture(dir: string): Promise<void> {
 }
 
 const RO_SKIP = IS_ROOT ? "running as root: permissions are not enforced" : undefined;
-const CK = "run/checkpoints/step-000000002";
 
 /** The table: train, sample, eval, features. */
 const PROBES: Probe[] = [
@@ -567,6 +566,149 @@ test(`hostile probes: ${PROBES.length} bad inputs to train, sample, eval and fea
     if (failures.length) throw new Error(`${failures.length} probe(s) failed:\n${failures.join("\n")}`);
   } finally {
     if (!IS_ROOT) await Deno.chmod(`${dir}/readonly`, 0o755).catch(() => {});
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+/** The PIDs below `pid` (from /proc; Linux). */
+function descendants(pid: number): number[] {
+  const out: number[] = [];
+  let tasks: string[] = [];
+  try {
+    tasks = [...Deno.readDirSync(`/proc/${pid}/task`)].map((e) => e.name);
+  } catch {
+    return out;
+  }
+  for (const t of tasks) {
+    const text = (() => {
+      try {
+        return Deno.readTextFileSync(`/proc/${pid}/task/${t}/children`);
+      } catch {
+        return "";
+      }
+    })();
+    for (const c of text.split(" ").filter(Boolean).map(Number)) out.push(c, ...descendants(c));
+  }
+  return out;
+}
+
+const alive = (pid: number) => {
+  try {
+    return !/^\S+ \S+ [ZX]/.test(Deno.readTextFileSync(`/proc/${pid}/stat`).replace(/\(.*\)/, "x"));
+  } catch {
+    return false;
+  }
+};
+
+/** Polls `f` every 100 ms until it returns a value (not undefined), for at most `seconds`. */
+async function waitFor<T>(what: string, seconds: number, f: () => T | undefined): Promise<T> {
+  const end = performance.now() + seconds * 1000;
+  for (;;) {
+    const v = f();
+    if (v !== undefined) return v;
+    if (performance.now() > end) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+/** The logged steps of a run (log.jsonl lines with a loss). */
+const loggedSteps = (run: string): number[] => {
+  try {
+    return Deno.readTextFileSync(`${run}/log.jsonl`).trim().split("\n").filter(Boolean).map((l) =>
+      JSON.parse(l)
+    )
+      .filter((e) => e.event === undefined).map((e) => e.step);
+  } catch {
+    return [];
+  }
+};
+
+/** The newest checkpoint's step, or 0. */
+const newestCheckpoint = (run: string): number => {
+  try {
+    const steps = [...Deno.readDirSync(`${run}/checkpoints`)].map((e) => /^step-(\d+)$/.exec(e.name)?.[1])
+      .filter((s) => s !== undefined).map(Number);
+    return steps.length ? Math.max(...steps) : 0;
+  } catch {
+    return 0;
+  }
+};
+
+test("kill -9 of the trainer and of the deno task wrapper: the lock names the orphan, the run resumes with no duplicated step", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "hostile_kill_" });
+  const run = `${dir}/run`, config = `${dir}/train.json`;
+  // Long enough never to finish by itself; a checkpoint every 4 steps, every step logged.
+  await Deno.writeTextFile(
+    config,
+    JSON.stringify({ ...TINY, kimg: 1000, checkpointKimg: 0.016, logEvery: 1 }),
+  );
+  const started: number[] = [];
+  const wrapper = () => {
+    const child = new Deno.Command(Deno.execPath(), {
+      args: ["task", "--config", DENO_JSON, "train", "--config", config, "--out", run],
+      stdin: "null",
+      stdout: "null",
+      stderr: "piped",
+    }).spawn();
+    started.push(child.pid);
+    return child;
+  };
+  const trainerOf = (pid: number) =>
+    descendants(pid).find((d) => {
+      try {
+        const cmd = Deno.readTextFileSync(`/proc/${d}/cmdline`).split("\0");
+        return cmd.some((a) => a.endsWith("cli.ts")) && cmd.includes("train");
+      } catch {
+        return false;
+      }
+    });
+  try {
+    // 1. The trainer killed with SIGKILL: the wrapper ends too (nothing is left running).
+    const w1 = wrapper();
+    const t1 = await waitFor("the first trainer", 60, () => trainerOf(w1.pid));
+    started.push(t1);
+    await waitFor("a checkpoint", 120, () => newestCheckpoint(run) >= 4 || undefined);
+    Deno.kill(t1, "SIGKILL");
+    const s1 = await w1.status;
+    assert(!s1.success, `the wrapper reported success after its trainer was killed`);
+    await w1.stderr.cancel();
+    assert(!alive(t1));
+    // 2. The wrapper killed with SIGKILL: its trainer lives on as an orphan; a second trainer is refused and
+    // names it; once it is killed too, the run resumes.
+    const w2 = wrapper();
+    const t2 = await waitFor("the second trainer", 60, () => trainerOf(w2.pid));
+    started.push(t2);
+    const before = newestCheckpoint(run);
+    await waitFor("a newer checkpoint", 120, () => newestCheckpoint(run) > before || undefined);
+    Deno.kill(w2.pid, "SIGKILL");
+    await w2.status;
+    await w2.stderr.cancel();
+    // (SIGKILL cannot be forwarded: the trainer is orphaned, as with any process manager.)
+    assert(alive(t2), "the trainer ended with its wrapper");
+    const refused = await cli(dir, ["train", "--config", config, "--out", run]);
+    assertEquals(refused.code, 2, refused.err);
+    assert(refused.err.includes(`is in use by process ${t2}`), refused.err);
+    Deno.kill(t2, "SIGKILL");
+    await waitFor("the orphan to end", 30, () => alive(t2) ? undefined : true);
+    // 3. Resume to two steps past the newest checkpoint: every step is logged exactly once.
+    const target = newestCheckpoint(run) + 2;
+    const r = await cli(dir, [
+      "train",
+      "--config",
+      config,
+      "--out",
+      run,
+      "--kimg",
+      String(target * 4 / 1000),
+    ]);
+    assertEquals(r.code, 0, r.err);
+    assert(!STACK.test(r.err), r.err);
+    assertEquals(loggedSteps(run), Array.from({ length: target }, (_, i) => i + 1));
+  } finally {
+    for (const pid of started) {
+      for (const d of descendants(pid)) if (alive(d)) Deno.kill(d, "SIGKILL");
+      if (alive(pid)) Deno.kill(pid, "SIGKILL");
+    }
     await Deno.remove(dir, { recursive: true });
   }
 });
