@@ -494,14 +494,23 @@ async function hashFile(path: string): Promise<string> {
 }
 
 /** Runs `deno run -A cli.ts ARGS` in `cwd` to the end. */
-async function cli(cwd: string, args: string[]): Promise<{ code: number; out: string; err: string }> {
+async function cli(
+  cwd: string,
+  args: string[],
+): Promise<{ code: number; out: string; err: string; seconds: number }> {
+  const t0 = performance.now();
   const r = await new Deno.Command(Deno.execPath(), {
     args: ["run", "-A", "--config", DENO_JSON, CLI, ...args],
     cwd,
     stdin: "null",
   }).output();
   const dec = new TextDecoder();
-  return { code: r.code, out: dec.decode(r.stdout), err: dec.decode(r.stderr) };
+  return {
+    code: r.code,
+    out: dec.decode(r.stdout),
+    err: dec.decode(r.stderr),
+    seconds: (performance.now() - t0) / 1000,
+  };
 }
 
 /** Runs `f` over `items`, `n` at a time. */
@@ -559,8 +568,12 @@ test(`hostile probes: ${PROBES.length} bad inputs to train, sample, eval and fea
     assert(after.get(cache[0]) !== before.get(cache[0]), "the damaged cache file was not recomputed");
     const seconds = (performance.now() - t0) / 1000;
     const skipped = PROBES.filter((p) => p.skip).map((p) => `${p.name} (${p.skip})`);
+    const slowest = runnable.map((p, i) => ({ name: p.name, s: results[i].seconds })).sort((a, b) =>
+      b.s - a.s
+    )
+      .slice(0, 3).map((x) => `${x.name} ${x.s.toFixed(1)} s`);
     console.log(
-      `${runnable.length} probes in ${seconds.toFixed(1)} s` +
+      `${runnable.length} probes in ${seconds.toFixed(1)} s (slowest: ${slowest.join(", ")})` +
         (skipped.length ? `; skipped: ${skipped.join(", ")}` : ""),
     );
     if (failures.length) throw new Error(`${failures.length} probe(s) failed:\n${failures.join("\n")}`);
