@@ -399,6 +399,13 @@ const PROBES: Probe[] = [
     code: 1,
     says: ["notes"],
   },
+  {
+    // The estimate raised out of the way: the allocation that fails (1.5 PB on the host) names the options.
+    name: "sample: an allocation that fails anyway",
+    args: ["sample", "--run", "run", "--n", "2e12", "--memory-limit-mib", "1e12", "--backend", "cpu"],
+    code: 1,
+    says: ["out of memory", "Lower n or batch"],
+  },
   // eval.
   { name: "eval: a missing run", args: ["eval", "nowhere", "--backend", "cpu"], code: 2, says: ["nowhere"] },
   {
