@@ -21,6 +21,8 @@ import {
   sampleArchitecture,
   toUNetSpec,
 } from "../search/space.ts";
+import { admitProposal } from "../search/diffnas.ts";
+import { SearchConfigSchema } from "../search/config.ts";
 import { UsageError } from "../util/errors.ts";
 import { Rng } from "../util/random.ts";
 import { assertEquals, assertThrows, RUNS, test } from "./util.ts";
@@ -351,4 +353,19 @@ test("space: no input makes the check throw; accepted inputs are canonical and b
     }),
     { numRuns: RUNS * 20 },
   );
+});
+
+test("admitProposal: a candidate whose training step cannot fit memoryLimitMiB is rejected, naming the field", () => {
+  const wide = { ...DEFAULT_ARCH, modelChannels: 64, channelMult: [4, 4], numBlocks: 4 };
+  const space = createSearchSpace({ maxChannels: 64 });
+  const cfg = SearchConfigSchema.parse({ maxMacs: 1e15, memoryLimitMiB: 256 });
+  const t = admitProposal({ spec: wide }, "test", space, cfg, [], 0);
+  assertEquals(t.status, "rejected", "status");
+  assert(
+    t.error!.startsWith("candidate: this network") && t.error!.includes("at training.batch 32") &&
+      t.error!.includes("memoryLimitMiB 256"),
+    t.error!,
+  );
+  // The default network fits the same ceiling and is queued.
+  assertEquals(admitProposal({ spec: DEFAULT_ARCH }, "test", space, cfg, [], 1).status, undefined, "queued");
 });
