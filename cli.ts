@@ -6,22 +6,18 @@
 import { Command, type CommanderError, InvalidArgumentError } from "commander";
 // @ts-types="@types/cli-progress"
 import cliProgress from "cli-progress";
-import { Device } from "./engine/mod.ts";
+import { AllocationError, Device } from "./engine/mod.ts";
 import { train, type TrainEvent } from "./models/train.ts";
 import { formatBucketTable, formatLogEntry, type LogEntry } from "./models/trainer.ts";
 import { sample, type SampleConfigInput } from "./models/sample.ts";
 import { UsageError } from "./util/errors.ts";
 import { readJsonFile } from "./util/config.ts";
-import { writeTextAtomic } from "./util/files.ts";
+import { checkWritable, writeTextAtomic } from "./util/files.ts";
 import { type CheckpointEval, type EvalConfigInput, type EvalReport, evaluate } from "./eval/evaluate.ts";
 import { buildShapesNet, SHAPES_NET_FILE, SHAPES_NET_MIN_ACCURACY, ShapesNet } from "./eval/features.ts";
 import { measureControls } from "./eval/controls.ts";
 import { PROCEDURAL_SCENES, type ProceduralScene } from "./models/data.ts";
-import { runSearch } from "./search/diffnas.ts";
-import { type DdsmEvent, runDdsmSearch } from "./search/ddsm.ts";
-import { specSummary } from "./search/report.ts";
-import { validateProxy } from "./search/validate_proxy.ts";
-import { runCompare } from "./search/compare.ts";
+import type { DdsmEvent } from "./search/ddsm.ts";
 
 const program = new Command("deno task")
   .description("WebGPU tensor engine and architecture search for diffusion models")
@@ -76,11 +72,36 @@ const num = (v: string) => {
   if (!DECIMAL.test(v)) throw new InvalidArgumentError("expected a decimal number (like 6, 0.5 or 2e-3).");
   return Number(v);
 };
-/** Usage errors (bad options, bad config fields, missing run directory) exit with 2, other failures with 1. */
-const fail = (e: unknown): never => {
-  console.error(`error: ${(e as Error).message}`);
+/** Memory ran out: a tensor the engine could not allocate, or a host array V8 could not. */
+const outOfMemory = (e: unknown) =>
+  e instanceof AllocationError ||
+  (e instanceof RangeError && /allocation failed|invalid typed array length|array buffer/i.test(e.message));
+
+/**
+ * Usage errors (bad options, bad config fields, missing run directory) exit with 2, other failures with 1. An
+ * allocation that failed anyway (the estimate of models/cost.ts let it through) names `sizedBy`, the options
+ * that size the command's tensors.
+ */
+const fail = (e: unknown, sizedBy?: string): never => {
+  const message = (e as Error).message;
+  console.error(
+    outOfMemory(e) && sizedBy
+      ? `error: out of memory: ${message}. Lower ${sizedBy}, or lower memoryLimitMiB so that the estimate ` +
+        `refuses such sizes before it starts`
+      : `error: ${message}`,
+  );
   Deno.exit(e instanceof UsageError ? 2 : 1);
 };
+
+/** Commander names `--memory-limit-mib` memoryLimitMib; the configurations call it memoryLimitMiB. */
+function withMemoryLimit<T extends Record<string, unknown>>(opts: T): T {
+  const { memoryLimitMib, ...rest } = opts;
+  return (memoryLimitMib === undefined ? rest : { ...rest, memoryLimitMiB: memoryLimitMib }) as unknown as T;
+}
+const MEMORY_FLAG = [
+  "--memory-limit-mib <n>",
+  "ceiling of the estimated memory in MiB (default: the machine's)",
+];
 /** Commander's own usage errors (unknown option, missing value) also exit with 2; --help with 0. */
 const usageExit = (e: CommanderError) => Deno.exit(e.exitCode === 0 ? 0 : 2);
 
@@ -128,9 +149,10 @@ program
   .option("--sample-kimg <n>", "EMA sample grid every this many kimg (0: only at start and end)", num)
   .option("--sample-count <n>", "images per sample grid (0: none)", num)
   .option("--backend <name>", "webgpu or cpu")
+  .option(MEMORY_FLAG[0], MEMORY_FLAG[1], num)
   .exitOverride(usageExit)
   .action(async (opts: Record<string, unknown> & { config?: string }) => {
-    const { config, ...flags } = opts;
+    const { config, ...flags } = withMemoryLimit(opts);
     const controller = new AbortController();
     // SIGINT (Ctrl-C) and SIGTERM (kill, a job scheduler; `deno task` forwards both to this process) alike stop
     // after the current step with a checkpoint; a second signal quits at once.
@@ -193,7 +215,7 @@ program
       }
     } catch (e) {
       p.stop();
-      fail(e);
+      fail(e, "batch or sampleCount, make the network smaller (modelChannels, channelMult, numBlocks)");
     } finally {
       Deno.removeSignalListener("SIGINT", onSignal);
       Deno.removeSignalListener("SIGTERM", onSignal);
@@ -223,11 +245,12 @@ program
   .option("--out <file.png>", "grid to write (default <run>/samples/sample-<checkpoint>.png)")
   .option("--raw <file.safetensors>", "also write the raw samples")
   .option("--backend <name>", "webgpu or cpu")
+  .option(MEMORY_FLAG[0], MEMORY_FLAG[1], num)
   .exitOverride(usageExit)
   .action(async (opts: SampleConfigInput) => {
     const p = progressPrinter("steps");
     try {
-      const r = await sample(opts, {
+      const r = await sample(withMemoryLimit(opts), {
         onStep: (i) => {
           if (i.step === 0 && i.batch === 0) p.start(i.steps * i.batches);
           p.update(i.batch * i.steps + i.step + 1, `σ ${i.sigmaNext.toPrecision(3)}`);
@@ -240,7 +263,7 @@ program
       );
     } catch (e) {
       p.stop();
-      fail(e);
+      fail(e, "n or batch");
     }
   });
 
@@ -290,6 +313,7 @@ async function validateProxyCommand(
   signal: AbortSignal,
   p: ReturnType<typeof searchPrinter>,
 ): Promise<void> {
+  const { validateProxy } = await import("./search/validate_proxy.ts");
   const r = await validateProxy(input, {
     architectures: opts.architectures,
     fullN: opts.fullN,
@@ -323,6 +347,7 @@ async function compareCommand(
   signal: AbortSignal,
   p: ReturnType<typeof searchPrinter>,
 ): Promise<void> {
+  const { runCompare } = await import("./search/compare.ts");
   const r = await runCompare(input, { seeds: opts.seeds }, {
     signal,
     onEvent: (e) => {
@@ -354,6 +379,7 @@ async function ddsmCommand(
   signal: AbortSignal,
   p: ReturnType<typeof searchPrinter>,
 ): Promise<void> {
+  const { runDdsmSearch } = await import("./search/ddsm.ts");
   const r = await runDdsmSearch(input, {
     resume,
     signal,
@@ -560,6 +586,11 @@ program
       if (opts.compare) return await compareCommand(input, opts, controller.signal, p);
       let done = 0;
       let best: { fid: number; id: number } | null = null;
+      // The search's modules (SQLite, ECharts, the LLM client) load only here: the other commands start faster.
+      const [{ runSearch }, { specSummary }] = await Promise.all([
+        import("./search/diffnas.ts"),
+        import("./search/report.ts"),
+      ]);
       const r = await runSearch(input, {
         resume: Boolean(opts.resume),
         signal: controller.signal,
@@ -713,9 +744,10 @@ program
   .option("--force", "recompute results that were saved with the same settings")
   .option("--json <file>", "also write the report as JSON")
   .option("--backend <name>", "webgpu or cpu")
+  .option(MEMORY_FLAG[0], MEMORY_FLAG[1], num)
   .exitOverride(usageExit)
   .action(async (runs: string[], opts: Record<string, unknown> & { json?: string }) => {
-    const { json, latency, ...rest } = opts;
+    const { json, latency, ...rest } = withMemoryLimit(opts);
     const input: EvalConfigInput = {
       ...(rest as Omit<EvalConfigInput, "runs">),
       runs: runs.length ? runs : ["runs/default"],
@@ -724,6 +756,8 @@ program
     const p = progressPrinter("images");
     let current = "";
     try {
+      // The report's file is checked now, not after the evaluation.
+      if (json) await checkWritable(json, "--json");
       const report = await evaluate(
         Object.fromEntries(Object.entries(input).filter(([, v]) => v !== undefined)),
         {
@@ -750,7 +784,7 @@ program
       if (json) await writeTextAtomic(json, JSON.stringify(report, null, 2) + "\n");
     } catch (e) {
       p.stop();
-      fail(e);
+      fail(e, "batch (images per network batch), n or proxyN");
     }
   });
 
@@ -849,7 +883,7 @@ program
       console.log(`→ ${out}`);
     } catch (e) {
       p.stop();
-      fail(e);
+      fail(e, opts.controls ? "--n or --resolution" : "--batch");
     }
   });
 

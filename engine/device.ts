@@ -43,6 +43,20 @@ export type {
 
 let defaultDevice: Device | null = null;
 
+/**
+ * A tensor the backend could not allocate: above the adapter's storage binding limit, or host memory exhausted
+ * (a typed array of that size). Commands turn it into an error naming the option that sized the tensor.
+ */
+export class AllocationError extends Error {
+  override name = "AllocationError";
+  constructor(readonly elements: number, readonly shape: readonly number[] | null, cause: string) {
+    super(
+      `cannot allocate ${shape ? `a [${shape.join(", ")}] tensor` : "a tensor"} of ${elements} values ` +
+        `(${(elements * 4 / 2 ** 20).toPrecision(3)} MiB): ${cause}`,
+    );
+  }
+}
+
 /** The device that tensor constructors use when none is given. */
 export function getDefaultDevice(): Device {
   if (!defaultDevice) throw new Error("no device: call `await Device.create()` first (or pass { device })");
@@ -108,8 +122,14 @@ export class Device {
     this.rng.counter = 0;
   }
 
-  alloc(elements: number): Storage {
-    const s = this.backend.alloc(elements);
+  /** Allocates `elements` values (of a tensor of `shape`, named in an `AllocationError`). */
+  alloc(elements: number, shape?: readonly number[]): Storage {
+    let s: Storage;
+    try {
+      s = this.backend.alloc(elements);
+    } catch (e) {
+      throw new AllocationError(elements, shape ?? null, (e as Error).message);
+    }
     this.#live += s.bytes;
     this.#liveCount++;
     if (this.#live > this.#peak) this.#peak = this.#live;

@@ -5,7 +5,14 @@
 
 import "./autograd.ts";
 
-export { Device, type DeviceInfo, type DeviceOptions, getDefaultDevice, type MemoryStats } from "./device.ts";
+export {
+  AllocationError,
+  Device,
+  type DeviceInfo,
+  type DeviceOptions,
+  getDefaultDevice,
+  type MemoryStats,
+} from "./device.ts";
 export {
   discard,
   forwardScope,

@@ -265,7 +265,7 @@ export class Tensor {
     if (!v) return;
     this.#lazy = null;
     finalizer.unregister(this);
-    const storage = this.device.alloc(this.size);
+    const storage = this.device.alloc(this.size, this.shape);
     this.device.run(
       elementwise,
       {
@@ -293,7 +293,7 @@ export class Tensor {
   /** A new uninitialised tensor on `device`. */
   static empty(shape: Shape, device: Device = getDefaultDevice()): Tensor {
     checkShape(shape);
-    return new Tensor(device, shape, device.alloc(sizeOf(shape)));
+    return new Tensor(device, shape, device.alloc(sizeOf(shape), shape));
   }
 
   /** The device allocation (computing a lazy value first); throws on a disposed tensor. */

@@ -1,7 +1,7 @@
 /**
  * @file `deno task eval`: everything the search needs to know about trained checkpoints, in one report.
  *
- * For each checkpoint: parameters and MACs from its network spec (eval/cost.ts, attention reported apart),
+ * For each checkpoint: parameters and MACs from its network spec (models/cost.ts, attention reported apart),
  * measured forward latency on this adapter, the full FID and the proxy RFID against the statistics of the data
  * it was trained on (eval/proxy.ts), and optionally KID. With three or more checkpoints (several runs, or
  * `allCheckpoints`) the report adds Spearman's ρ between RFID and FID: the proxy's validation.
@@ -19,7 +19,8 @@ import { listCheckpoints, type TrainState } from "../models/checkpoint.ts";
 import { readStoredConfig, type TrainConfig } from "../models/train.ts";
 import { networkSpec } from "../models/trainer.ts";
 import type { UNetSpec } from "../models/unet.ts";
-import { measureLatency, type UNetCost, unetCost } from "./cost.ts";
+import { measureLatency } from "./cost.ts";
+import { checkMemory, defaultMemoryLimitMiB, type UNetCost, unetCost } from "../models/cost.ts";
 import { kernelInceptionDistance } from "./fid.ts";
 import { type FeatureExtractor, openFeatureExtractor } from "./features.ts";
 import {
@@ -71,6 +72,8 @@ export const EvalConfigSchema = z.strictObject({
   force: z.boolean().default(false),
   // Device: WebGPU or the CPU reference kernels.
   backend: z.enum(["webgpu", "cpu"]).default("webgpu"),
+  // Ceiling of the estimated memory of sampling a batch, in MiB (default: the machine's).
+  memoryLimitMiB: z.number().positive().finite().optional(),
 });
 export type EvalConfigInput = z.input<typeof EvalConfigSchema>;
 export type EvalConfig = z.output<typeof EvalConfigSchema>;
@@ -184,9 +187,25 @@ export async function evaluate(
         `${dataKey(states[0].train)}; checkpoints compared in one evaluation must share their data`,
     );
   }
+  // Every checkpoint's network at the sampling batch must fit before anything is allocated.
+  const images = Math.max(cfg.proxyN, cfg.proxyOnly ? 0 : cfg.n);
+  const memory = (deviceLimits?: Readonly<Record<string, number>>) => {
+    for (const s of states) {
+      checkMemory(networkSpec(s.train), {
+        what: `eval: ${s.dir}`,
+        mode: "sample",
+        batch: Math.max(1, Math.min(cfg.batch, images)),
+        batchField: "batch",
+        memoryLimitMiB: cfg.memoryLimitMiB ?? defaultMemoryLimitMiB(),
+        deviceLimits,
+      });
+    }
+  };
+  memory();
   const device = opts.device ?? await Device.create({ backend: cfg.backend });
   let features: FeatureExtractor | undefined;
   try {
+    memory(device.info.limits);
     features = await openFeatureExtractor({ inception: cfg.inception, device });
     const dataset = await openDataset(states[0].train.data);
     const refN = cfg.refN ?? Math.min(10000, dataset.length);

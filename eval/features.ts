@@ -50,8 +50,9 @@ import {
   tensor,
 } from "../engine/mod.ts";
 import { BatchIterator, PROCEDURAL_CLASSES, PROCEDURAL_SCENES, ProceduralShapes } from "../models/data.ts";
-import { parseConfig } from "../util/config.ts";
+import { parseConfig, parseUsage } from "../util/config.ts";
 import { UsageError } from "../util/errors.ts";
+import { checkWritable } from "../util/files.ts";
 import { INCEPTION_FEATURES, InceptionV3 } from "./inception.ts";
 
 /** A network whose features a Fréchet distance compares. */
@@ -466,7 +467,11 @@ export async function buildShapesNet(
   const exists = () => Deno.stat(path).then(() => true, () => false);
   const refuse = () =>
     new UsageError(`features: ${path} exists; pass --force to replace it (or --out to write elsewhere)`);
+  // The options are the user's (flags): a bad one is a usage error naming it, before anything else.
+  parseUsage(ShapesNetTrainSchema, options, "features");
   if (!ctx.force && await exists()) throw refuse();
+  // A path the weights cannot be written to (a device, a folder, under a file) is refused before training.
+  await checkWritable(path, "--out");
   const { net, ...build } = await trainShapesNet(options, ctx);
   try {
     const min = ctx.minAccuracy ?? SHAPES_NET_MIN_ACCURACY;

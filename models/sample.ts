@@ -17,6 +17,7 @@ import { readStoredConfig } from "./train.ts";
 import { UsageError } from "../util/errors.ts";
 import { parseUsage } from "../util/config.ts";
 import { checkWritable, writeFileAtomic } from "../util/files.ts";
+import { checkMemory, defaultMemoryLimitMiB } from "./cost.ts";
 
 /** Options of `sample` (`deno task sample`): the sampler settings plus what to sample and where to write it. */
 export const SampleConfigSchema = SamplerSettingsSchema.extend({
@@ -44,6 +45,8 @@ export const SampleConfigSchema = SamplerSettingsSchema.extend({
   cols: z.number().int().positive().optional(),
   // Device: WebGPU or the CPU reference kernels.
   backend: z.enum(["webgpu", "cpu"]).default("webgpu"),
+  // Ceiling of the estimated memory of sampling, in MiB (default: the machine's).
+  memoryLimitMiB: z.number().positive().finite().optional(),
 }).strict();
 export type SampleConfigInput = z.input<typeof SampleConfigSchema>;
 
@@ -90,17 +93,31 @@ export async function sample(
       } network`,
     );
   }
+  // Nothing is allocated before the network, the batch and the n images are known to fit.
+  const [C, R] = [spec.inChannels, spec.imgResolution], per = C * R * R;
+  const memory = (deviceLimits?: Readonly<Record<string, number>>) =>
+    checkMemory(spec, {
+      what: "sample",
+      mode: "sample",
+      batch: Math.min(o.batch ?? o.n, o.n),
+      batchField: o.batch === undefined ? "n" : "batch",
+      // The samples read back (float32), the grid's pixels and PNG, and the raw file's bytes.
+      held: { images: o.n, field: "n", bytesPerImage: (o.raw ? 10 : 6) * per },
+      memoryLimitMiB: o.memoryLimitMiB ?? defaultMemoryLimitMiB(),
+      deviceLimits,
+    });
+  memory();
   const device = opts.device ?? await Device.create({ backend: o.backend });
   const t0 = performance.now();
   let gen: CheckpointGenerator | undefined;
   try {
+    memory(device.info.limits);
     gen = await CheckpointGenerator.open(dir, spec, {
       device,
       ema: o.ema,
       width: o.width,
       sigmaData: cfg.sigmaData,
     });
-    const [C, R] = [spec.inChannels, spec.imgResolution], per = C * R * R;
     const batch = o.batch ?? o.n, batches = Math.ceil(o.n / batch);
     const host = new Float32Array(o.n * per);
     let nfe = 0;

@@ -52,10 +52,12 @@ import {
   defaultData,
   divergedError,
   type LogEntry,
+  networkSpec,
   NonFiniteLossError,
   Trainer,
   TRAINING_FIELDS,
 } from "./trainer.ts";
+import { checkMemory, defaultMemoryLimitMiB } from "./cost.ts";
 import { UsageError } from "../util/errors.ts";
 import { parseUsage, readJsonFile } from "../util/config.ts";
 import { writeTextAtomic } from "../util/files.ts";
@@ -114,6 +116,8 @@ export const TrainConfigSchema = z.object({
   out: z.string().min(1).default("runs/default"),
   // Device: WebGPU or the CPU reference kernels.
   backend: z.enum(["webgpu", "cpu"]).default("webgpu"),
+  // Ceiling of the estimated memory of a training step and of a sample grid, in MiB (default: the machine's).
+  memoryLimitMiB: z.number().positive().finite().optional(),
 }).strict();
 export type TrainConfigInput = z.input<typeof TrainConfigSchema>;
 
@@ -140,6 +144,7 @@ const RESUMABLE_CHANGES = new Set([
   "sampleSteps",
   "out",
   "backend",
+  "memoryLimitMiB",
 ]);
 
 async function resolveNetwork(network: string | Record<string, unknown>): Promise<UNetSpec> {
@@ -227,8 +232,11 @@ function incompatibleFields(
   return out;
 }
 
-/** What a run folder may hold besides nothing: the files `train` writes (and the lock's temporaries). */
-const RUN_ENTRIES = new Set(["config.json", "log.jsonl", "checkpoints", "samples", LOCK_FILE]);
+/**
+ * What a run folder may hold besides nothing: the files `train` writes (and the lock's temporaries), and the
+ * measurements `eval` saves in it (eval/evaluate.ts: `<run>/eval/`).
+ */
+const RUN_ENTRIES = new Set(["config.json", "log.jsonl", "checkpoints", "samples", "eval", LOCK_FILE]);
 const isRunEntry = (name: string) => RUN_ENTRIES.has(name) || name.startsWith(`${LOCK_FILE}.`);
 
 /**
@@ -286,6 +294,7 @@ async function openRun(
   changed: SettingsChange["changed"];
 }> {
   const cfg = await parseTrainConfig(raw);
+  checkTrainMemory(cfg);
   const runDir = cfg.out;
   await checkRunFolder(runDir);
   await Deno.mkdir(runDir, { recursive: true });
@@ -303,6 +312,7 @@ async function openRun(
         `${runDir} holds a run with other settings: ${bad.join("; ")}. Use another --out to start a new run.`,
       );
     }
+    checkTrainMemory(merged);
     return { cfg: merged, resumeDir, state, lock, changed: changedSettings(stored, merged) };
   } catch (e) {
     lock.release();
@@ -488,6 +498,7 @@ export async function train(
   const emit = opts.onProgress ?? (() => {});
   let trainer: Trainer | undefined, folder: RunFolder | undefined;
   try {
+    checkTrainMemory(cfg, device.info.limits);
     trainer = new Trainer(cfg, device, dataset);
     if (resumeDir && state) await resumeFrom(trainer, resumeDir, state);
     folder = new RunFolder(cfg, trainer, resumeDir, emit);
@@ -542,6 +553,38 @@ export async function train(
     trainer?.dispose();
     if (!opts.device) device.destroy();
   }
+}
+
+/**
+ * Refuses, before anything is allocated, a network and batch whose training step, or a sample grid of
+ * `sampleCount` images, would exceed `memoryLimitMiB` or (given `deviceLimits`) a tensor the device can bind:
+ * the error names the field to change (models/cost.ts `checkMemory`).
+ */
+export function checkTrainMemory(cfg: TrainConfig, deviceLimits?: Readonly<Record<string, number>>): void {
+  const spec = networkSpec(cfg), memoryLimitMiB = cfg.memoryLimitMiB ?? defaultMemoryLimitMiB();
+  checkMemory(spec, {
+    what: "train",
+    mode: "train",
+    batch: cfg.batch,
+    batchField: "batch",
+    memoryLimitMiB,
+    deviceLimits,
+  });
+  if (!cfg.sampleCount) return;
+  checkMemory(spec, {
+    what: "train: sample grids",
+    mode: "sample",
+    batch: cfg.sampleCount,
+    batchField: "sampleCount",
+    // The grid's values read back to the host, and its PNG.
+    held: {
+      images: cfg.sampleCount,
+      field: "sampleCount",
+      bytesPerImage: 5 * spec.inChannels * spec.imgResolution ** 2,
+    },
+    memoryLimitMiB,
+    deviceLimits,
+  });
 }
 
 /** Drops log lines after `step` (written after the checkpoint a run resumes from). */

@@ -52,7 +52,30 @@ import { zodMessage } from "../util/config.ts";
 // ---------------------------------------------------------------------------------------------------------------
 // The spec.
 
-const int = (min: number) => z.number().int().min(min);
+/**
+ * Upper bounds of the spec's sizes: far above any network here (ADM ImageNet-64 has 192 channels, multipliers up
+ * to 4, 3 blocks, 4 levels), low enough that planning a network at the bounds takes milliseconds. Whether a
+ * network fits in memory at a batch size is checked apart, before anything is allocated (models/cost.ts).
+ */
+export const SPEC_LIMITS = Object.freeze({
+  imgResolution: 4096,
+  /** Image channels in and out. */
+  imageChannels: 64,
+  modelChannels: 4096,
+  /** Resolution levels (channelMult entries; 4096 halves 12 times). */
+  levels: 13,
+  /** A channel multiplier (channelMult, inputMult, channelMultNoise, channelMultEmb). */
+  mult: 64,
+  numBlocks: 64,
+  labelDim: 100_000,
+  augmentDim: 1024,
+  /** Attention heads, and channels per head. */
+  heads: 4096,
+  normGroups: 4096,
+});
+
+const int = (min: number, max = Number.MAX_SAFE_INTEGER) => z.number().int().min(min).max(max);
+const L = SPEC_LIMITS;
 
 /** Parameter initialisation, in terms of EDM's weight_init (networks.py). */
 export const InitSchema = z.strictObject({
@@ -83,33 +106,33 @@ export const SONG_INIT: InitSpec = Object.freeze({
 
 const UNetSpecObject = z.strictObject({
   /** Height and width of the input and output images. */
-  imgResolution: int(1),
+  imgResolution: int(1, L.imgResolution),
   /** Image channels at the input. */
-  inChannels: int(1),
+  inChannels: int(1, L.imageChannels),
   /** Image channels at the output. */
-  outChannels: int(1),
+  outChannels: int(1, L.imageChannels),
   /** Width of the one-hot class label; 0 = unconditional. */
-  labelDim: int(0).default(0),
+  labelDim: int(0, L.labelDim).default(0),
   /** Probability of dropping the class label in training (classifier-free guidance). */
   labelDropout: z.number().min(0).max(1).default(0),
   /** Width of EDM's augmentation label (9 with its augmentation pipeline); 0 = none. */
-  augmentDim: int(0).default(0),
+  augmentDim: int(0, L.augmentDim).default(0),
   /** Base channel count. */
-  modelChannels: int(1),
+  modelChannels: int(1, L.modelChannels),
   /** Channels of each resolution level, in units of modelChannels (one entry per level). */
-  channelMult: z.array(int(1)).min(1),
+  channelMult: z.array(int(1, L.mult)).min(1).max(L.levels),
   /** Channels of the input conv in units of modelChannels (default channelMult[0]; DDPM++: 1). */
-  inputMult: int(1).optional(),
+  inputMult: int(1, L.mult).optional(),
   /** Residual blocks per level in the encoder (the decoder has one more per level). */
-  numBlocks: int(1),
+  numBlocks: int(1, L.numBlocks),
   /** Feature-map resolutions whose blocks have self-attention. */
-  attnResolutions: z.array(int(1)).default([]),
+  attnResolutions: z.array(int(1, L.imgResolution)).max(L.levels).default([]),
   /** Decoder attention in every block of an attention level (ADM, DDPM) or only in its last (DDPM++). */
   decoderAttention: z.enum(["all", "last"]).default("all"),
   /** Attention heads (SongUNet: 1); when absent, channels / channelsPerHead, or 1 if that is absent too. */
-  numHeads: int(1).optional(),
+  numHeads: int(1, L.heads).optional(),
   /** Channels per attention head when numHeads is absent (ADM: 64). */
-  channelsPerHead: int(1).optional(),
+  channelsPerHead: int(1, L.modelChannels * L.mult).optional(),
   /** Dropout probability before each block's second convolution. */
   dropout: z.number().min(0).max(1).default(0.1),
   /** Noise embedding: sinusoidal positional (DDPM, DDPM++, ADM) or random Fourier features (NCSN++). */
@@ -123,9 +146,9 @@ const UNetSpecObject = z.strictObject({
   /** Standard deviation of the random Fourier frequencies (NCSN++: 16). */
   fourierScale: z.number().positive().default(16),
   /** Noise-embedding channels in units of modelChannels (DDPM++ 1, NCSN++ 2). */
-  channelMultNoise: int(1).default(1),
+  channelMultNoise: int(1, L.mult).default(1),
   /** Embedding-vector channels in units of modelChannels. */
-  channelMultEmb: int(1).default(4),
+  channelMultEmb: int(1, L.mult).default(4),
   /** Mapping network: SongUNet's (labels join the noise embedding) or ADM's (labels join after layer 1). */
   mapping: z.enum(["song", "adm"]).default("song"),
   /** Resampling: parameter-free [1,1] filter (2×2 average down, nearest up) or learned 3×3 convs (DDPM). */
@@ -139,11 +162,11 @@ const UNetSpecObject = z.strictObject({
   /** Adaptive group norm, scale and shift from the embedding (ADM), instead of adding it (DDPM, DDPM++). */
   adaptiveScale: z.boolean().default(false),
   /** GroupNorm group count (EDM: 32). */
-  normGroups: int(1).default(32),
+  normGroups: int(1, L.normGroups).default(32),
   /** Minimum channels per group: groups = min(normGroups, C / this), EDM: 4 (1 = always normGroups). */
-  normMinChannelsPerGroup: int(1).default(4),
+  normMinChannelsPerGroup: int(1, L.modelChannels * L.mult).default(4),
   /** GroupNorm epsilon (DDPM++ 1e-6, ADM 1e-5). */
-  normEps: z.number().positive().default(1e-5),
+  normEps: z.number().positive().max(1).default(1e-5),
   /** Parameter initialisation. */
   init: InitSchema.default(SONG_INIT),
 });

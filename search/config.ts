@@ -95,6 +95,8 @@ export const SearchConfigSchema = z.strictObject({
   maxMacs: positive.default(60e6),
   // Ceiling on trainable parameters.
   maxParams: positive.optional(),
+  // Ceiling on a candidate's estimated training memory in MiB (models/cost.ts; default: the machine's).
+  memoryLimitMiB: positive.optional(),
   // Who proposes: "auto" is "llm" when an endpoint is configured, else "evolutionary".
   proposer: z.enum(["auto", "llm", "evolutionary", "random"]).default("auto"),
   // The LLM proposer: endpoint (baseUrl, model, apiKeyEnv: the NAME of the key's variable), timeouts, memory
@@ -138,6 +140,7 @@ export const RESUMABLE_SEARCH_FIELDS: ReadonlySet<string> = new Set([
   "proposeBatch",
   "cacheDir",
   "gridImages",
+  "memoryLimitMiB",
 ]);
 
 /** The trainer settings of one candidate: the short schedule with ramp and EMA scaled to its length. */

@@ -29,7 +29,7 @@ import { DDSM_WIDTHS, type WidthSchedule } from "../models/slimmable.ts";
 import { disposeCheckpoint, latestCheckpoint, loadCheckpoint, readTrainState } from "../models/checkpoint.ts";
 import { NetworkGenerator } from "../models/generate.ts";
 import { encodeImageGrid } from "../models/images.ts";
-import { unetCost } from "../eval/cost.ts";
+import { unetCost } from "../models/cost.ts";
 import { type FeatureExtractor, openFeatureExtractor } from "../eval/features.ts";
 import type { FidStatistics } from "../eval/fid.ts";
 import { measureFid, protocolSettings, referenceStatistics } from "../eval/proxy.ts";
@@ -91,7 +91,7 @@ export function averageMacs(genome: readonly number[], macsAt: readonly number[]
   return sum / n;
 }
 
-/** MACs of one forward of `spec` at each width of `widths` (eval/cost.ts convention). */
+/** MACs of one forward of `spec` at each width of `widths` (models/cost.ts convention). */
 export function macsPerWidth(spec: UNetSpec, widths: readonly number[]): number[] {
   return widths.map((w) => unetCost(spec, w).macs);
 }

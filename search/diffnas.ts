@@ -22,6 +22,7 @@ import { Device } from "../engine/mod.ts";
 import { type Dataset, openDataset } from "../models/data.ts";
 import { DEFAULT_NETWORK } from "../models/train.ts";
 import { parseUNetSpec, type UNetSpec } from "../models/unet.ts";
+import { checkMemory, defaultMemoryLimitMiB } from "../models/cost.ts";
 import { type FeatureExtractor, openFeatureExtractor } from "../eval/features.ts";
 import { referenceStatistics } from "../eval/proxy.ts";
 import { parseUsage } from "../util/config.ts";
@@ -196,6 +197,18 @@ export function admitProposal(
   const cost = checkBudget(spec.value, { maxMacs: cfg.maxMacs, maxParams: cfg.maxParams });
   const costs = { macs: cost.macs, params: cost.params };
   if (!cost.ok) return { ...reject(key, arch, cost.reason!), costs };
+  // Its training step must fit in memory too (never allocated to find out).
+  try {
+    checkMemory(spec.value, {
+      what: "candidate",
+      mode: "train",
+      batch: cfg.training.batch,
+      batchField: "training.batch",
+      memoryLimitMiB: cfg.memoryLimitMiB ?? defaultMemoryLimitMiB(),
+    });
+  } catch (e) {
+    return { ...reject(key, arch, (e as Error).message), costs };
+  }
   return { ...common, key, spec: arch, costs, parentId: p.parentId ?? closestDone(arch, memory) };
 }
 

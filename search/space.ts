@@ -29,7 +29,7 @@
 import { z } from "zod";
 import { parseUNetSpec, type UNetSpec, UNetSpecSchema } from "../models/unet.ts";
 import { DEFAULT_NETWORK } from "../models/train.ts";
-import { unetCost } from "../eval/cost.ts";
+import { formatCount, unetCost } from "../models/cost.ts";
 import { parseUsage, zodMessage } from "../util/config.ts";
 import { UsageError } from "../util/errors.ts";
 import type { Rng } from "../util/random.ts";
@@ -356,20 +356,12 @@ export function toUNetSpec(a: Architecture, base: UNetSpec): Checked<UNetSpec> {
 
 /** Cost ceilings of a search (a search config's `budget` field); absent: no ceiling. */
 export const BudgetSchema = z.strictObject({
-  /** Most MACs per network evaluation, attention included (eval/cost.ts `macsWithAttention`). */
+  /** Most MACs per network evaluation, attention included (models/cost.ts `macsWithAttention`). */
   maxMacs: z.number().positive().optional(),
   /** Most trainable parameters. */
   maxParams: z.number().positive().optional(),
 });
 export type Budget = z.infer<typeof BudgetSchema>;
-
-/** A count with its magnitude: "52,431,360 (52.4 M)". */
-export function formatCount(n: number): string {
-  const units: [number, string][] = [[1e12, "T"], [1e9, "G"], [1e6, "M"], [1e3, "k"]];
-  const u = units.find(([v]) => Math.abs(n) >= v);
-  const exact = Math.round(n).toLocaleString("en-US");
-  return u ? `${exact} (${Number((n / u[0]).toPrecision(3))} ${u[1]})` : exact;
-}
 
 /** The cost of a spec and whether it fits the budget; the reason names the ceiling and the value. */
 export function checkBudget(

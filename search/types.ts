@@ -51,7 +51,7 @@ export interface TrialScores {
 
 /** What a trial cost. */
 export interface TrialCosts {
-  /** MACs per network evaluation (eval/cost.ts convention, attention included). */
+  /** MACs per network evaluation (models/cost.ts convention, attention included). */
   macs?: number;
   /** Trainable parameters. */
   params?: number;

@@ -2,14 +2,23 @@
  * @file Model cost: DDSM's published MACs for its CIFAR-10 supernet at the four widths (within 0.5%), the exact
  * conv / linear / GroupNorm / attention counts against an independent walk of DDSM's slimmable_model.py
  * architecture (done by hand in Python and written down here), the conventions, parameter counts at width 1
- * against `countParameters` for every preset, and latency measurement on a tiny UNet.
+ * against `countParameters` for every preset, and latency measurement on a tiny UNet. Memory: the estimate
+ * against the measured peak of training steps and sampling, the ceiling's and the binding limit's errors (the
+ * field, the largest batch that fits), and the spec's bounds.
  */
 
-import { nn } from "../engine/mod.ts";
-import { measureLatency, unetCost } from "../eval/cost.ts";
+import { ok as assert } from "node:assert";
+import { Device, nn, randn } from "../engine/mod.ts";
+import { measureLatency } from "../eval/cost.ts";
+import { checkMemory, estimatedBytes, estimateMemory, type MemoryBudget, unetCost } from "../models/cost.ts";
+import { openDataset } from "../models/data.ts";
+import { EDMPrecond } from "../models/edm.ts";
 import { admImagenet64, ddpmppCifar10, ddsmCifar10 } from "../models/presets.ts";
-import { countParameters, UNet, type UNetSpecInput } from "../models/unet.ts";
-import { gpuDevice, gpuTest, test } from "./util.ts";
+import { heunSampler } from "../models/samplers.ts";
+import { parseTrainerConfig, Trainer } from "../models/trainer.ts";
+import { countParameters, parseUNetSpec, SPEC_LIMITS, UNet, type UNetSpecInput } from "../models/unet.ts";
+import { UsageError } from "../util/errors.ts";
+import { assertThrows, gpuDevice, gpuTest, MICRO_UNET, test } from "./util.ts";
 
 const expectThrow = async (f: () => unknown, ...parts: string[]) => {
   try {
@@ -143,3 +152,145 @@ gpuTest(
     }
   },
 );
+
+// ---------------------------------------------------------------------------------------------------------------
+// Memory.
+
+/** The measured peak of a training step and of a sampling batch on the CPU device, from nothing allocated. */
+async function measuredPeaks(spec: UNetSpecInput, batch: number): Promise<{ train: number; sample: number }> {
+  const device = await Device.create({ backend: "cpu" });
+  try {
+    const s = parseUNetSpec(spec);
+    const r = s.imgResolution;
+    const cfg = parseTrainerConfig({
+      network: s,
+      batch,
+      data: { kind: "procedural", resolution: r, length: 16 },
+    });
+    const base = device.memory().liveBytes;
+    device.resetPeakMemory();
+    const trainer = new Trainer(cfg, device, await openDataset(cfg.data));
+    trainer.step();
+    trainer.step();
+    await trainer.flushLog();
+    const train = device.memory().peakLiveBytes - base;
+    trainer.dispose();
+    const before = device.memory().liveBytes;
+    device.resetPeakMemory();
+    const net = new UNet(s, { device }).eval();
+    const latents = randn([batch, s.inChannels, r, r], { device, seed: 1 });
+    const precond = new EDMPrecond((x, c, l) => net.forward(x, c, l ?? null), { sigmaData: 0.5 });
+    heunSampler(precond.denoiser(undefined), latents, { steps: 2 }).dispose();
+    const sample = device.memory().peakLiveBytes - before;
+    latents.dispose();
+    net.dispose();
+    return { train, sample };
+  } finally {
+    device.destroy();
+  }
+}
+
+test("memory estimate: above the measured peak of a training step and of sampling, and within 3× of it", async () => {
+  const variants: Record<string, UNetSpecInput> = {
+    micro: MICRO_UNET,
+    attention: { ...MICRO_UNET, attnResolutions: [8, 4], numHeads: 2, numBlocks: 2 },
+    adm: {
+      ...MICRO_UNET,
+      adaptiveScale: true,
+      mapping: "adm",
+      dropout: 0.1,
+      channelMult: [1, 1, 2],
+      attnResolutions: [],
+    },
+  };
+  for (const [name, spec] of Object.entries(variants)) {
+    for (const batch of [2, 6]) {
+      const got = await measuredPeaks(spec, batch);
+      for (const mode of ["train", "sample"] as const) {
+        const est = estimatedBytes(estimateMemory(spec, mode), batch), real = got[mode];
+        if (!(est >= real && est <= 3 * real)) {
+          throw new Error(`${name} ${mode} batch ${batch}: estimate ${est} B, measured peak ${real} B`);
+        }
+      }
+    }
+  }
+});
+
+const LIMITS = { maxStorageBufferBindingSize: 2 ** 27, maxBufferSize: 2 ** 28 };
+const budget = (batch: number, memoryLimitMiB = 1024): MemoryBudget => ({
+  what: "train",
+  mode: "train",
+  batch,
+  batchField: "batch",
+  memoryLimitMiB,
+});
+
+test("checkMemory: the ceiling names the batch field and the largest batch that fits, exactly", () => {
+  const e = estimateMemory(MICRO_UNET, "train");
+  const limitMiB = 4;
+  const fits = Math.floor((limitMiB * 2 ** 20 - e.fixedBytes) / e.bytesPerImage);
+  assert(fits >= 1, `${fits}`);
+  checkMemory(MICRO_UNET, budget(fits, limitMiB));
+  const err = assertThrows(
+    () => checkMemory(MICRO_UNET, budget(fits + 1, limitMiB)),
+    `train: this network`,
+    `at batch ${fits + 1} needs an estimated`,
+    `above the ceiling memoryLimitMiB ${limitMiB}: lower batch (at most ${fits} fits)`,
+    "modelChannels",
+  );
+  assert(err instanceof UsageError);
+  // Weights that alone exceed the ceiling: the network's fields, not the batch.
+  assertThrows(
+    () => checkMemory({ ...MICRO_UNET, modelChannels: 512 }, budget(1, 4)),
+    "make the network smaller (network: modelChannels",
+    "weights, gradients and optimizer state alone need",
+  );
+  // Images held on the host (the sample command's n) are named too.
+  assertThrows(
+    () =>
+      checkMemory(MICRO_UNET, {
+        ...budget(4, 64),
+        mode: "sample",
+        held: { images: 1e8, field: "n", bytesPerImage: 1000 },
+      }),
+    "for 100000000 images on the host",
+    "memoryLimitMiB 64: lower n, make the network smaller",
+  );
+});
+
+test("checkMemory: a tensor above the adapter's binding limit names the layer, its shape and the field", () => {
+  const big = { ...MICRO_UNET, modelChannels: 64, channelMult: [4], attnResolutions: [] };
+  assertThrows(
+    () => checkMemory(big, { ...budget(1e6, 1e9), deviceLimits: LIMITS }),
+    "at batch 1000000, the ",
+    "[1000000, ",
+    "above the adapter's maxStorageBufferBindingSize of 128 MiB: lower batch (at most",
+  );
+  // A single weight above it: the network is too large whatever the batch.
+  assertThrows(
+    () => checkMemory({ ...big, modelChannels: 2048 }, { ...budget(1, 1e9), deviceLimits: LIMITS }),
+    "the weight ",
+    "above the adapter's maxStorageBufferBindingSize",
+    "make the network smaller",
+  );
+});
+
+test("spec bounds: an absurd network fails in milliseconds naming the field; the largest allowed one plans fast", () => {
+  const t0 = performance.now();
+  assertThrows(() => parseUNetSpec({ ...MICRO_UNET, numBlocks: 100000 }), "numBlocks", "<=64");
+  assertThrows(() => parseUNetSpec({ ...MICRO_UNET, modelChannels: 1e9 }), "modelChannels");
+  assertThrows(() => parseUNetSpec({ ...MICRO_UNET, channelMult: Array(20).fill(1) }), "channelMult");
+  assertThrows(() => parseUNetSpec({ ...MICRO_UNET, imgResolution: 1 << 20 }), "imgResolution");
+  const L = SPEC_LIMITS;
+  const huge = {
+    ...MICRO_UNET,
+    imgResolution: L.imgResolution,
+    modelChannels: L.modelChannels,
+    channelMult: Array(L.levels).fill(L.mult),
+    numBlocks: L.numBlocks,
+    attnResolutions: [],
+  };
+  assertThrows(() => checkMemory(huge, budget(1)), "make the network smaller");
+  const ms = performance.now() - t0;
+  assert(ms < 1000, `took ${ms} ms`);
+});

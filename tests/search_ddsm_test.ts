@@ -37,7 +37,7 @@ import {
 import { SqliteStorage } from "../search/sqlite_storage.ts";
 import type { SearchConfigInput } from "../search/config.ts";
 import type { Trial } from "../search/types.ts";
-import { unetCost } from "../eval/cost.ts";
+import { unetCost } from "../models/cost.ts";
 import { parseUNetSpec } from "../models/unet.ts";
 import { openDataset } from "../models/data.ts";
 import { train } from "../models/train.ts";

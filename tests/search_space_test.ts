@@ -1,14 +1,14 @@
 /**
  * @file The DiffNAS search space: the default network is a point of the default space and round-trips to its
  * UNetSpec; every refusal names its field; canonical forms and keys; bad configurations; the budget check
- * against eval/cost.ts; the description and its JSON Schema; uniform samples that are all valid and cover the
+ * against models/cost.ts; the description and its JSON Schema; uniform samples that are all valid and cover the
  * space; the distance between architectures; and that no input, however odd, makes the check throw.
  */
 
 import fc from "fast-check";
 import { DEFAULT_NETWORK } from "../models/train.ts";
 import { parseUNetSpec } from "../models/unet.ts";
-import { unetCost } from "../eval/cost.ts";
+import { unetCost } from "../models/cost.ts";
 import {
   type Architecture,
   architectureKey,
@@ -21,6 +21,8 @@ import {
   sampleArchitecture,
   toUNetSpec,
 } from "../search/space.ts";
+import { admitProposal } from "../search/diffnas.ts";
+import { SearchConfigSchema } from "../search/config.ts";
 import { UsageError } from "../util/errors.ts";
 import { Rng } from "../util/random.ts";
 import { assertEquals, assertThrows, RUNS, test } from "./util.ts";
@@ -186,7 +188,7 @@ test("space: bad configurations are usage errors that name the field", () => {
   );
 });
 
-test("space: the budget check uses eval/cost.ts and names the ceiling and the value", () => {
+test("space: the budget check uses models/cost.ts and names the ceiling and the value", () => {
   const spec = parseUNetSpec(DEFAULT_NETWORK), cost = unetCost(spec);
   const free = checkBudget(spec, {});
   assertEquals([free.ok, free.reason, free.macs, free.params], [
@@ -351,4 +353,19 @@ test("space: no input makes the check throw; accepted inputs are canonical and b
     }),
     { numRuns: RUNS * 20 },
   );
+});
+
+test("admitProposal: a candidate whose training step cannot fit memoryLimitMiB is rejected, naming the field", () => {
+  const wide = { ...DEFAULT_ARCH, modelChannels: 64, channelMult: [4, 4], numBlocks: 4 };
+  const space = createSearchSpace({ maxChannels: 64 });
+  const cfg = SearchConfigSchema.parse({ maxMacs: 1e15, memoryLimitMiB: 256 });
+  const t = admitProposal({ spec: wide }, "test", space, cfg, [], 0);
+  assertEquals(t.status, "rejected", "status");
+  assert(
+    t.error!.startsWith("candidate: this network") && t.error!.includes("at training.batch 32") &&
+      t.error!.includes("memoryLimitMiB 256"),
+    t.error!,
+  );
+  // The default network fits the same ceiling and is queued.
+  assertEquals(admitProposal({ spec: DEFAULT_ARCH }, "test", space, cfg, [], 1).status, undefined, "queued");
 });
