@@ -116,7 +116,7 @@ export interface TrialResult {
 }
 
 /**
- * The search memory. SQLite in the run folder by default, PostgreSQL for many machines (a later issue); both
+ * The search memory. SQLite in the run folder by default, PostgreSQL for many machines (`postgres_storage.ts`); both
  * implement this interface and pass the same tests. Every method that changes state is one transaction.
  */
 export interface SearchStorage {
@@ -137,8 +137,15 @@ export interface SearchStorage {
    * the trial is no longer running under that worker, e.g. it was re-queued after its heartbeat was lost.
    */
   finish(id: number, worker: string, result: TrialResult): Promise<boolean>;
-  /** Running trials whose heartbeat is older than `graceMs` go back to queued (attempt closed with an error). */
-  requeueStale(graceMs: number, now?: number): Promise<number[]>;
+  /**
+   * Running trials whose heartbeat is older than `graceMs` go back to queued (attempt closed with an error),
+   * or to failed once they have had `maxAttempts` attempts (the retry limit; default none). Returns their ids.
+   */
+  requeueStale(graceMs: number, now?: number, maxAttempts?: number): Promise<number[]>;
+  /** Stores a trial's weights (safetensors bytes) in the memory itself, for workers on other machines. */
+  saveWeights?(id: number, bytes: Uint8Array): Promise<void>;
+  /** A trial's weights stored with `saveWeights`, or null. */
+  loadWeights?(id: number): Promise<Uint8Array | null>;
   /** One trial by id, or by key. */
   getTrial(id: number): Promise<Trial | null>;
   getTrialByKey(key: string): Promise<Trial | null>;

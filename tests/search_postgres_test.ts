@@ -1,0 +1,160 @@
+/**
+ * @file The PostgreSQL search memory on a real server (tests/postgres.ts starts one on loopback): the storage
+ * contract (tests/search_storage_contract.ts, the same tests SQLite passes), and what is PostgreSQL's own: many
+ * connections claiming at once never take a trial twice (SKIP LOCKED), a finish racing its re-queue applies
+ * once, searches side by side in one database, weights stored in the database, refusing another schema
+ * version, and the password of the connection string in no error message.
+ */
+
+import postgres from "postgres";
+import { PG_SCHEMA_VERSION, PostgresStorage, redactUrl } from "../search/postgres_storage.ts";
+import { storageContract } from "./search_storage_contract.ts";
+import { pgTest, startPostgres } from "./postgres.ts";
+import { assertEquals, assertRejects } from "./util.ts";
+
+const PG = await startPostgres();
+const url = typeof PG === "string" ? "" : PG.url;
+let fixtures = 0;
+
+storageContract("PostgresStorage", () => {
+  const search = `contract_${++fixtures}`;
+  return Promise.resolve({
+    open: () => PostgresStorage.open(url, { search }),
+    cleanup: () => PostgresStorage.dropSearch(url, search),
+  });
+}, typeof PG === "string" ? PG : null);
+
+function assert(cond: unknown, what: string): asserts cond {
+  if (!cond) throw new Error(what);
+}
+
+pgTest(PG, "PostgresStorage: 16 connections claiming 200 trials at once take each exactly once", async () => {
+  const search = "claims";
+  const stores = await Promise.all(Array.from({ length: 16 }, () => PostgresStorage.open(url, { search })));
+  try {
+    const n = 200;
+    for (let i = 0; i < n; i++) await stores[0].addTrial({ key: `k${i}`, spec: { i }, proposer: "t", seed: i });
+    const claimed: number[] = [];
+    const t0 = performance.now();
+    await Promise.all(stores.map(async (s, w) => {
+      for (;;) {
+        const t = await s.claimNext(`w${w}`);
+        if (!t) return;
+        claimed.push(t.id);
+        assert(await s.heartbeat(t.id, `w${w}`), "heartbeat of a claimed trial");
+        assert(await s.finish(t.id, `w${w}`, { status: "done", scores: { proxyFid: t.id } }), "finish");
+      }
+    }));
+    const ms = (performance.now() - t0) / n;
+    console.log(`  claim + heartbeat + finish: ${ms.toFixed(2)} ms per trial over 16 connections`);
+    assertEquals(claimed.length, n, "claims");
+    assertEquals(new Set(claimed).size, n, "each trial once");
+    const all = await stores[0].listTrials();
+    assert(all.every((t) => t.status === "done" && t.attempts.length === 1), "all done with one attempt");
+  } finally {
+    for (const s of stores) await s.close();
+    await PostgresStorage.dropSearch(url, search);
+  }
+});
+
+pgTest(PG, "PostgresStorage: a result racing its re-queue is applied once or recorded late, never both", async () => {
+  const search = "race";
+  const a = await PostgresStorage.open(url, { search }), b = await PostgresStorage.open(url, { search });
+  try {
+    for (let i = 0; i < 20; i++) {
+      const { trial } = await a.addTrial({ key: `r${i}`, spec: i, proposer: "t", seed: i });
+      await a.claimNext("slow");
+      // One connection finishes while the other re-queues (as if the heartbeat were long lost).
+      const [finished, requeued] = await Promise.all([
+        a.finish(trial.id, "slow", { status: "done", scores: { proxyFid: 1 } }),
+        b.requeueStale(0, Date.now() + 3_600_000),
+      ]);
+      const t = (await a.getTrial(trial.id))!;
+      if (finished) {
+        assertEquals([t.status, requeued], ["done", []], `trial ${i}: finished first`);
+      } else {
+        assertEquals([t.status, requeued], ["queued", [trial.id]], `trial ${i}: re-queued first`);
+        assertEquals(t.attempts[0].lateResult?.status, "done", `trial ${i}: late result recorded`);
+        await a.claimNext("other");
+        await a.finish(trial.id, "other", { status: "done" });
+      }
+    }
+  } finally {
+    await a.close();
+    await b.close();
+    await PostgresStorage.dropSearch(url, search);
+  }
+});
+
+pgTest(PG, "PostgresStorage: searches side by side, weights in the database, names and versions checked", async () => {
+  const one = await PostgresStorage.open(url, { search: "side_one" });
+  const two = await PostgresStorage.open(url, { search: "side_two" });
+  try {
+    await one.addTrial({ key: "x", spec: 1, proposer: "t", seed: 1 });
+    assertEquals((await two.listTrials()).length, 0, "the other search is empty");
+    const names = await PostgresStorage.listSearches(url);
+    assert(names.includes("side_one") && names.includes("side_two"), `searches: ${names}`);
+    const bytes = Uint8Array.from({ length: 70_000 }, (_, i) => (i * 7) & 255);
+    await one.saveWeights(1, bytes);
+    assertEquals(await one.loadWeights(1), bytes, "weights round trip");
+    assertEquals(await one.loadWeights(2), null, "no weights");
+    await assertRejects(() => PostgresStorage.open(url, { search: "Bad-Name" }), "Bad-Name", "lower-case");
+    const sql = postgres(url, { max: 1, onnotice: () => {} });
+    try {
+      await sql.unsafe("UPDATE search_side_two.meta SET value = '99' WHERE name = 'schema_version'");
+      await sql.unsafe("CREATE SCHEMA search_foreign; CREATE TABLE search_foreign.photos (id int)");
+    } finally {
+      await sql.end();
+    }
+    await assertRejects(
+      () => PostgresStorage.open(url, { search: "side_two" }),
+      "side_two",
+      "schema version is 99",
+      `version ${PG_SCHEMA_VERSION}`,
+    );
+    await assertRejects(() => PostgresStorage.open(url, { search: "foreign" }), "not a search memory", "photos");
+  } finally {
+    await one.close();
+    await two.close();
+    for (const s of ["side_one", "side_two", "foreign"]) await PostgresStorage.dropSearch(url, s);
+  }
+});
+
+pgTest(PG, "PostgresStorage: the password is in no message; TLS options reach the client", async (pg) => {
+  const secret = "s3cret-Pa55";
+  assertEquals(
+    redactUrl(`postgres://me:${secret}@db.example:5432/x?sslmode=require`),
+    "postgres://me:***@db.example:5432/x?sslmode=require",
+    "redacted",
+  );
+  // Nothing listens on a just-freed port: the connection error must not carry the password.
+  const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (l.addr as Deno.NetAddr).port;
+  l.close();
+  const e1 = await assertRejects(
+    () => PostgresStorage.open(`postgres://me:${secret}@127.0.0.1:${port}/x`, { connectTimeoutSeconds: 3 }),
+    "me:***@127.0.0.1",
+  );
+  assert(!e1.message.includes(secret), e1.message);
+  // A missing CA file is named; the password is not.
+  const e2 = await assertRejects(
+    () => PostgresStorage.open(`postgres://me:${secret}@127.0.0.1:${pg.port}/x?sslmode=verify-full&sslrootcert=/no/ca.pem`),
+    "sslrootcert=/no/ca.pem",
+  );
+  assert(!e2.message.includes(secret), e2.message);
+  // sslmode=require against a server without TLS: the client asks for TLS and is refused (it got the option).
+  const e3 = await assertRejects(
+    () => PostgresStorage.open(`postgres://postgres:${secret}@127.0.0.1:${pg.port}/postgres?sslmode=require`),
+  );
+  assert(/ssl|tls/i.test(e3.message) && !e3.message.includes(secret), e3.message);
+  // Trust authentication ignores the password: the storage works, and its label hides the password.
+  const s = await PostgresStorage.open(`postgres://postgres:${secret}@127.0.0.1:${pg.port}/postgres`, {
+    search: "secret",
+  });
+  try {
+    assert(!s.label.includes(secret) && s.label.includes("***"), s.label);
+  } finally {
+    await s.close();
+    await PostgresStorage.dropSearch(url, "secret");
+  }
+});
