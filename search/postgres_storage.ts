@@ -125,7 +125,10 @@ type Tx = postgres.TransactionSql;
 type Row = Record<string, unknown>;
 
 /** postgres.js options from a URL: TLS file options read and taken out of the startup parameters. */
-async function clientOptions(url: string, o: PostgresStorageOptions): Promise<[string, postgres.Options<never>]> {
+async function clientOptions(
+  url: string,
+  o: PostgresStorageOptions,
+): Promise<[string, postgres.Options<never>]> {
   const u = new URL(url);
   const files: Record<string, string> = {};
   for (const k of ["sslrootcert", "sslcert", "sslkey"]) {
@@ -187,7 +190,9 @@ export class PostgresStorage implements SearchStorage {
     const label = redactUrl(url), password = passwordOf(url);
     if (!NAME.test(search)) {
       throw new Error(
-        `search name ${JSON.stringify(search)}: use 1 to 40 lower-case letters, digits and _, starting with a letter`,
+        `search name ${
+          JSON.stringify(search)
+        }: use 1 to 40 lower-case letters, digits and _, starting with a letter`,
       );
     }
     let sql: Sql;
@@ -259,7 +264,9 @@ export class PostgresStorage implements SearchStorage {
     }
     const v = (await tx`SELECT value FROM meta WHERE name = 'schema_version'`)[0]?.value;
     if (v !== String(PG_SCHEMA_VERSION)) {
-      throw new Error(`its schema version is ${v ?? "missing"}; this program reads version ${PG_SCHEMA_VERSION}`);
+      throw new Error(
+        `its schema version is ${v ?? "missing"}; this program reads version ${PG_SCHEMA_VERSION}`,
+      );
     }
   }
 
@@ -443,12 +450,20 @@ export class PostgresStorage implements SearchStorage {
     });
   }
 
-  /** Stores a trial's weights (safetensors bytes), replacing earlier ones. */
-  async saveWeights(id: number, bytes: Uint8Array): Promise<void> {
-    await this.#tx((tx) =>
-      tx`INSERT INTO weights(trial_id, data) VALUES (${id}, ${Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength)})
-         ON CONFLICT (trial_id) DO UPDATE SET data = excluded.data`
-    );
+  /**
+   * Stores a trial's weights (safetensors bytes), replacing earlier ones, while the trial runs under `worker`
+   * (a worker presumed dead must not overwrite the weights of the attempt that replaced it).
+   */
+  async saveWeights(id: number, worker: string, bytes: Uint8Array): Promise<boolean> {
+    const data = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    return await this.#tx(async (tx) => {
+      const r = await tx`
+        INSERT INTO weights(trial_id, data)
+        SELECT ${id}, ${data} FROM trials t WHERE t.id = ${id} AND t.status = 'running' AND EXISTS (
+          SELECT 1 FROM attempts a WHERE a.trial_id = t.id AND a.worker = ${worker} AND a.ended_at IS NULL)
+        ON CONFLICT (trial_id) DO UPDATE SET data = excluded.data`;
+      return r.count === 1;
+    });
   }
 
   /** A trial's stored weights, or null. */
@@ -498,7 +513,9 @@ function toAttempt(a: Row): TrialAttempt {
     end: num(a.ended_at),
     error: str(a.error),
   };
-  if (a.late_result !== null && a.late_result !== undefined) out.lateResult = json<TrialResult>(a.late_result);
+  if (a.late_result !== null && a.late_result !== undefined) {
+    out.lateResult = json<TrialResult>(a.late_result);
+  }
   return out;
 }
 

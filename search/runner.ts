@@ -1,11 +1,13 @@
 /**
  * @file The runner: takes one claimed trial, trains it in memory with the models layer's `Trainer` (the short
  * schedule, optionally from inherited weights, with the median pruning rule), scores it with the proxy FID
- * through the generator interface, and commits the result. The same runner serves the search process and, in a
- * later issue, workers on other machines.
+ * through the generator interface, and commits the result. The same runner serves the search process and
+ * workers on other machines (`search/worker.ts`): `workOnTrial` heartbeats on a timer while a trial runs and
+ * commits its result, which the storage refuses (recording it as a late duplicate) if the trial was re-queued
+ * meanwhile.
  *
- * A trial's EMA weights are saved in the run folder (`weights/trial-<id>.safetensors`, written atomically)
- * before its result is committed: a later trial may inherit them and the report draws sample grids from them,
+ * A trial's EMA weights are saved in the run folder (`weights/trial-<id>.safetensors`, written atomically),
+ * and in a shared memory (PostgreSQL) too, before its result is committed: a later trial may inherit them and the report draws sample grids from them,
  * also after a restart. A trial that throws is committed as failed with the error; a `NonFiniteLossError` (the
  * candidate diverged) is a failure of the candidate, not of the search.
  */
@@ -21,6 +23,7 @@ import { type FidMeasurement, type FidProtocol, measureFid } from "../eval/proxy
 import { type HostState, hostState, inheritState, stateTensors } from "./inherit.ts";
 import { shouldPrune } from "./memory.ts";
 import { type SearchConfig, trialSchedule } from "./config.ts";
+import { writeFileAtomic } from "../util/files.ts";
 import type { SearchStorage, Trial, TrialResult } from "./types.ts";
 
 /** What every trial of a search shares: opened once. */
@@ -52,16 +55,37 @@ export function proxyProtocol(c: SearchConfig): FidProtocol {
   return { n: c.proxyN, steps: c.proxySteps, sampler: "heun", seed: c.seed };
 }
 
-/** Reads a saved trial's weights to the host (decoded from the file, no device round trip); null if missing. */
-export async function readTrialWeights(dir: string, id: number): Promise<HostState | null> {
+/**
+ * Makes sure a trial's weights are in the run folder: a trial trained on another machine has them only in a
+ * shared memory (`loadWeights`), from which they are copied once. False when there are none.
+ */
+export async function fetchTrialWeights(dir: string, id: number, storage?: SearchStorage): Promise<boolean> {
   const path = weightsPath(dir, id);
-  let bytes: Uint8Array;
   try {
-    bytes = await Deno.readFile(path);
+    await Deno.stat(path);
+    return true;
   } catch (e) {
-    if (e instanceof Deno.errors.NotFound) return null;
-    throw e;
+    if (!(e instanceof Deno.errors.NotFound)) throw e;
   }
+  const bytes = await storage?.loadWeights?.(id);
+  if (!bytes) return false;
+  await Deno.mkdir(`${dir}/weights`, { recursive: true });
+  await writeFileAtomic(path, bytes);
+  return true;
+}
+
+/**
+ * Reads a saved trial's weights to the host (decoded from the file, no device round trip; fetched from a
+ * shared `storage` first if only it has them); null if missing.
+ */
+export async function readTrialWeights(
+  dir: string,
+  id: number,
+  storage?: SearchStorage,
+): Promise<HostState | null> {
+  const path = weightsPath(dir, id);
+  if (!(await fetchTrialWeights(dir, id, storage))) return null;
+  const bytes = await Deno.readFile(path);
   const out: HostState = {};
   for (const [k, t] of Object.entries(decodeSafetensors(bytes, path).tensors)) {
     out[k] = { shape: t.shape, data: t.data };
@@ -159,7 +183,7 @@ export async function runTrial(
   const result: TrialResult = { status: "failed", lossHistory: [], costs: {} };
   try {
     if (c.inherit && trial.parentId !== null) {
-      const parent = await readTrialWeights(ctx.dir, trial.parentId);
+      const parent = await readTrialWeights(ctx.dir, trial.parentId, ctx.storage);
       if (parent) init = await inheritedInit(spec, trial.seed, parent, ctx.device);
     }
     trainer = new Trainer(cfg, ctx.device, ctx.dataset, { init });
@@ -194,6 +218,12 @@ export async function runTrial(
     const net = trainer.emaNetwork();
     await Deno.mkdir(`${ctx.dir}/weights`, { recursive: true });
     await saveSafetensors(weightsPath(ctx.dir, trial.id), net.stateDict(), { trial: String(trial.id) });
+    // A shared memory keeps them too (other machines inherit from them, the report draws them).
+    await ctx.storage.saveWeights?.(
+      trial.id,
+      ctx.worker,
+      await Deno.readFile(weightsPath(ctx.dir, trial.id)),
+    );
     const m = await scoreNetwork(net, cfg.sigmaData, ctx, "RFID", proxyProtocol(c), emit);
     result.status = "done";
     result.scores = { proxyFid: m.value, proxyName: m.name };
@@ -208,4 +238,51 @@ export async function runTrial(
     trainer?.dispose();
     if (init) { for (const t of Object.values(init)) t.dispose(); }
   }
+}
+
+/** What became of a claimed trial. */
+export interface TrialOutcome {
+  result: TrialResult;
+  /** False when the storage refused the result (the trial was re-queued meanwhile): recorded as late. */
+  applied: boolean;
+  /** Heartbeats the storage refused (the trial was no longer this worker's). */
+  lostHeartbeats: number;
+}
+
+/**
+ * Works on one trial claimed by `ctx.worker`: trains and scores it (`runTrial`) while a timer heartbeats every
+ * `config.queue.heartbeatSeconds`, then commits the result with the trial's costs merged. `spec` is its network
+ * or, when its architecture does not build, the reason (committed as a failure). An interruption is thrown
+ * (message "interrupted") and nothing is committed: the trial is re-queued once its heartbeat is stale, or at
+ * once by a search process that resumes.
+ */
+export async function workOnTrial(
+  ctx: RunnerContext,
+  trial: Trial,
+  spec: { ok: true; value: UNetSpec } | { ok: false; reason: string },
+  opts: { onEvent?: (e: TrialEvent) => void; signal?: AbortSignal; memory?: readonly Trial[] } = {},
+): Promise<TrialOutcome> {
+  if (!spec.ok) {
+    const result: TrialResult = { status: "failed", error: spec.reason };
+    return { result, applied: await ctx.storage.finish(trial.id, ctx.worker, result), lostHeartbeats: 0 };
+  }
+  let lostHeartbeats = 0, beating = Promise.resolve();
+  const timer = setInterval(() => {
+    beating = beating.then(async () => {
+      if (!(await ctx.storage.heartbeat(trial.id, ctx.worker))) lostHeartbeats++;
+    }).catch(() => {}); // a missed heartbeat is what the grace period is for
+  }, ctx.config.queue.heartbeatSeconds * 1000);
+  let result: TrialResult;
+  try {
+    result = await runTrial(ctx, trial, spec.value, opts);
+  } finally {
+    clearInterval(timer);
+    await beating;
+  }
+  const committed = { ...result, costs: { ...trial.costs, ...result.costs } };
+  return {
+    result: committed,
+    applied: await ctx.storage.finish(trial.id, ctx.worker, committed),
+    lostHeartbeats,
+  };
 }

@@ -142,8 +142,11 @@ export interface SearchStorage {
    * or to failed once they have had `maxAttempts` attempts (the retry limit; default none). Returns their ids.
    */
   requeueStale(graceMs: number, now?: number, maxAttempts?: number): Promise<number[]>;
-  /** Stores a trial's weights (safetensors bytes) in the memory itself, for workers on other machines. */
-  saveWeights?(id: number, bytes: Uint8Array): Promise<void>;
+  /**
+   * Stores a trial's weights (safetensors bytes) in the memory itself, for processes on other machines (the
+   * memories that are shared have it). Only while the trial runs under `worker`; false (nothing stored) else.
+   */
+  saveWeights?(id: number, worker: string, bytes: Uint8Array): Promise<boolean>;
   /** A trial's weights stored with `saveWeights`, or null. */
   loadWeights?(id: number): Promise<Uint8Array | null>;
   /** One trial by id, or by key. */

@@ -64,7 +64,9 @@ export function startPostgres(): Promise<PostgresServer | string> {
 
 function start(): PostgresServer | string {
   const bin = findBinaries();
-  if (!bin) return "PostgreSQL is not installed (no initdb/pg_ctl in /usr/lib/postgresql/*/bin, PG_BIN or PATH)";
+  if (!bin) {
+    return "PostgreSQL is not installed (no initdb/pg_ctl in /usr/lib/postgresql/*/bin, PG_BIN or PATH)";
+  }
   const root = Deno.uid() === 0;
   let user: string | null = null;
   if (root) {
@@ -87,7 +89,11 @@ function start(): PostgresServer | string {
     }
   }
   const data = `${dir}/data`;
-  const init = run(`${bin}/initdb`, ["-D", data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"], user);
+  const init = run(
+    `${bin}/initdb`,
+    ["-D", data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"],
+    user,
+  );
   if (!init.ok) {
     remove();
     return `initdb failed: ${init.out.trim().split("\n").slice(-3).join(" ")}`;
@@ -95,9 +101,14 @@ function start(): PostgresServer | string {
   for (let tries = 0; tries < 3; tries++) {
     const port = freePort();
     // fsync off and a small footprint: a throwaway server for tests.
-    const opts = `-p ${port} -k ${dir} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off ` +
+    const opts =
+      `-p ${port} -k ${dir} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off ` +
       `-c full_page_writes=off -c shared_buffers=16MB -c max_connections=100`;
-    const r = run(`${bin}/pg_ctl`, ["-D", data, "-o", opts, "-l", `${dir}/log`, "-w", "-t", "60", "start"], user);
+    const r = run(
+      `${bin}/pg_ctl`,
+      ["-D", data, "-o", opts, "-l", `${dir}/log`, "-w", "-t", "60", "start"],
+      user,
+    );
     if (r.ok) {
       let stopped = false;
       const stop = () => {

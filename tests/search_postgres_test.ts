@@ -33,7 +33,9 @@ pgTest(PG, "PostgresStorage: 16 connections claiming 200 trials at once take eac
   const stores = await Promise.all(Array.from({ length: 16 }, () => PostgresStorage.open(url, { search })));
   try {
     const n = 200;
-    for (let i = 0; i < n; i++) await stores[0].addTrial({ key: `k${i}`, spec: { i }, proposer: "t", seed: i });
+    for (let i = 0; i < n; i++) {
+      await stores[0].addTrial({ key: `k${i}`, spec: { i }, proposer: "t", seed: i });
+    }
     const claimed: number[] = [];
     const t0 = performance.now();
     await Promise.all(stores.map(async (s, w) => {
@@ -57,68 +59,82 @@ pgTest(PG, "PostgresStorage: 16 connections claiming 200 trials at once take eac
   }
 });
 
-pgTest(PG, "PostgresStorage: a result racing its re-queue is applied once or recorded late, never both", async () => {
-  const search = "race";
-  const a = await PostgresStorage.open(url, { search }), b = await PostgresStorage.open(url, { search });
-  try {
-    for (let i = 0; i < 20; i++) {
-      const { trial } = await a.addTrial({ key: `r${i}`, spec: i, proposer: "t", seed: i });
-      await a.claimNext("slow");
-      // One connection finishes while the other re-queues (as if the heartbeat were long lost).
-      const [finished, requeued] = await Promise.all([
-        a.finish(trial.id, "slow", { status: "done", scores: { proxyFid: 1 } }),
-        b.requeueStale(0, Date.now() + 3_600_000),
-      ]);
-      const t = (await a.getTrial(trial.id))!;
-      if (finished) {
-        assertEquals([t.status, requeued], ["done", []], `trial ${i}: finished first`);
-      } else {
-        assertEquals([t.status, requeued], ["queued", [trial.id]], `trial ${i}: re-queued first`);
-        assertEquals(t.attempts[0].lateResult?.status, "done", `trial ${i}: late result recorded`);
-        await a.claimNext("other");
-        await a.finish(trial.id, "other", { status: "done" });
-      }
-    }
-  } finally {
-    await a.close();
-    await b.close();
-    await PostgresStorage.dropSearch(url, search);
-  }
-});
-
-pgTest(PG, "PostgresStorage: searches side by side, weights in the database, names and versions checked", async () => {
-  const one = await PostgresStorage.open(url, { search: "side_one" });
-  const two = await PostgresStorage.open(url, { search: "side_two" });
-  try {
-    await one.addTrial({ key: "x", spec: 1, proposer: "t", seed: 1 });
-    assertEquals((await two.listTrials()).length, 0, "the other search is empty");
-    const names = await PostgresStorage.listSearches(url);
-    assert(names.includes("side_one") && names.includes("side_two"), `searches: ${names}`);
-    const bytes = Uint8Array.from({ length: 70_000 }, (_, i) => (i * 7) & 255);
-    await one.saveWeights(1, bytes);
-    assertEquals(await one.loadWeights(1), bytes, "weights round trip");
-    assertEquals(await one.loadWeights(2), null, "no weights");
-    await assertRejects(() => PostgresStorage.open(url, { search: "Bad-Name" }), "Bad-Name", "lower-case");
-    const sql = postgres(url, { max: 1, onnotice: () => {} });
+pgTest(
+  PG,
+  "PostgresStorage: a result racing its re-queue is applied once or recorded late, never both",
+  async () => {
+    const search = "race";
+    const a = await PostgresStorage.open(url, { search }), b = await PostgresStorage.open(url, { search });
     try {
-      await sql.unsafe("UPDATE search_side_two.meta SET value = '99' WHERE name = 'schema_version'");
-      await sql.unsafe("CREATE SCHEMA search_foreign; CREATE TABLE search_foreign.photos (id int)");
+      for (let i = 0; i < 20; i++) {
+        const { trial } = await a.addTrial({ key: `r${i}`, spec: i, proposer: "t", seed: i });
+        await a.claimNext("slow");
+        // One connection finishes while the other re-queues (as if the heartbeat were long lost).
+        const [finished, requeued] = await Promise.all([
+          a.finish(trial.id, "slow", { status: "done", scores: { proxyFid: 1 } }),
+          b.requeueStale(0, Date.now() + 3_600_000),
+        ]);
+        const t = (await a.getTrial(trial.id))!;
+        if (finished) {
+          assertEquals([t.status, requeued], ["done", []], `trial ${i}: finished first`);
+        } else {
+          assertEquals([t.status, requeued], ["queued", [trial.id]], `trial ${i}: re-queued first`);
+          assertEquals(t.attempts[0].lateResult?.status, "done", `trial ${i}: late result recorded`);
+          await a.claimNext("other");
+          await a.finish(trial.id, "other", { status: "done" });
+        }
+      }
     } finally {
-      await sql.end();
+      await a.close();
+      await b.close();
+      await PostgresStorage.dropSearch(url, search);
     }
-    await assertRejects(
-      () => PostgresStorage.open(url, { search: "side_two" }),
-      "side_two",
-      "schema version is 99",
-      `version ${PG_SCHEMA_VERSION}`,
-    );
-    await assertRejects(() => PostgresStorage.open(url, { search: "foreign" }), "not a search memory", "photos");
-  } finally {
-    await one.close();
-    await two.close();
-    for (const s of ["side_one", "side_two", "foreign"]) await PostgresStorage.dropSearch(url, s);
-  }
-});
+  },
+);
+
+pgTest(
+  PG,
+  "PostgresStorage: searches side by side, weights in the database, names and versions checked",
+  async () => {
+    const one = await PostgresStorage.open(url, { search: "side_one" });
+    const two = await PostgresStorage.open(url, { search: "side_two" });
+    try {
+      await one.addTrial({ key: "x", spec: 1, proposer: "t", seed: 1 });
+      assertEquals((await two.listTrials()).length, 0, "the other search is empty");
+      const names = await PostgresStorage.listSearches(url);
+      assert(names.includes("side_one") && names.includes("side_two"), `searches: ${names}`);
+      const bytes = Uint8Array.from({ length: 70_000 }, (_, i) => (i * 7) & 255);
+      assert(!(await one.saveWeights(1, "w", bytes)), "not stored for a trial that is not w's");
+      await one.claimNext("w");
+      assert(await one.saveWeights(1, "w", bytes), "stored while running under w");
+      assertEquals(await one.loadWeights(1), bytes, "weights round trip");
+      assertEquals(await one.loadWeights(2), null, "no weights");
+      await assertRejects(() => PostgresStorage.open(url, { search: "Bad-Name" }), "Bad-Name", "lower-case");
+      const sql = postgres(url, { max: 1, onnotice: () => {} });
+      try {
+        await sql.unsafe("UPDATE search_side_two.meta SET value = '99' WHERE name = 'schema_version'");
+        await sql.unsafe("CREATE SCHEMA search_foreign; CREATE TABLE search_foreign.photos (id int)");
+      } finally {
+        await sql.end();
+      }
+      await assertRejects(
+        () => PostgresStorage.open(url, { search: "side_two" }),
+        "side_two",
+        "schema version is 99",
+        `version ${PG_SCHEMA_VERSION}`,
+      );
+      await assertRejects(
+        () => PostgresStorage.open(url, { search: "foreign" }),
+        "not a search memory",
+        "photos",
+      );
+    } finally {
+      await one.close();
+      await two.close();
+      for (const s of ["side_one", "side_two", "foreign"]) await PostgresStorage.dropSearch(url, s);
+    }
+  },
+);
 
 pgTest(PG, "PostgresStorage: the password is in no message; TLS options reach the client", async (pg) => {
   const secret = "s3cret-Pa55";
@@ -138,7 +154,10 @@ pgTest(PG, "PostgresStorage: the password is in no message; TLS options reach th
   assert(!e1.message.includes(secret), e1.message);
   // A missing CA file is named; the password is not.
   const e2 = await assertRejects(
-    () => PostgresStorage.open(`postgres://me:${secret}@127.0.0.1:${pg.port}/x?sslmode=verify-full&sslrootcert=/no/ca.pem`),
+    () =>
+      PostgresStorage.open(
+        `postgres://me:${secret}@127.0.0.1:${pg.port}/x?sslmode=verify-full&sslrootcert=/no/ca.pem`,
+      ),
     "sslrootcert=/no/ca.pem",
   );
   assert(!e2.message.includes(secret), e2.message);

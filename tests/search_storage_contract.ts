@@ -181,24 +181,27 @@ export function storageContract(
     },
   );
 
-  withStore("the retry limit: a trial that lost its heartbeat on its last allowed attempt fails", async (s) => {
-    const { trial: t } = await s.addTrial(trial("a", { seed: 5 }));
-    const t0 = Date.now();
-    await s.claimNext("w1");
-    assertEquals(await s.requeueStale(1_000, t0 + 60_000, 2), [t.id], "first loss: re-queued");
-    assertEquals((await s.getTrial(t.id))!.status, "queued", "queued again");
-    await s.claimNext("w2");
-    assertEquals(await s.requeueStale(1_000, t0 + 120_000, 2), [t.id], "second loss");
-    const failed = (await s.getTrial(t.id))!;
-    assertEquals([failed.status, failed.seed, failed.attempts.map((a) => a.worker)], [
-      "failed",
-      5,
-      ["w1", "w2"],
-    ], "failed after two attempts");
-    assert(failed.error?.includes("gave up after 2 attempts"), `error: ${failed.error}`);
-    assert(failed.attempts.every((a) => a.end !== null && a.error?.includes("heartbeat")), "both closed");
-    assertEquals(await s.claimNext("w3"), null, "a failed trial is not claimed");
-  });
+  withStore(
+    "the retry limit: a trial that lost its heartbeat on its last allowed attempt fails",
+    async (s) => {
+      const { trial: t } = await s.addTrial(trial("a", { seed: 5 }));
+      const t0 = Date.now();
+      await s.claimNext("w1");
+      assertEquals(await s.requeueStale(1_000, t0 + 60_000, 2), [t.id], "first loss: re-queued");
+      assertEquals((await s.getTrial(t.id))!.status, "queued", "queued again");
+      await s.claimNext("w2");
+      assertEquals(await s.requeueStale(1_000, t0 + 120_000, 2), [t.id], "second loss");
+      const failed = (await s.getTrial(t.id))!;
+      assertEquals([failed.status, failed.seed, failed.attempts.map((a) => a.worker)], [
+        "failed",
+        5,
+        ["w1", "w2"],
+      ], "failed after two attempts");
+      assert(failed.error?.includes("gave up after 2 attempts"), `error: ${failed.error}`);
+      assert(failed.attempts.every((a) => a.end !== null && a.error?.includes("heartbeat")), "both closed");
+      assertEquals(await s.claimNext("w3"), null, "a failed trial is not claimed");
+    },
+  );
 
   test(`${name}: reopening keeps everything committed`, async () => {
     const fx = await makeFixture();
