@@ -109,12 +109,16 @@ const totalMs = (stats: CoordinationStats) => Object.values(stats).reduce((a, s)
 
 /** The search a worker serves: the one named, or the database's only one. */
 async function chooseSearch(url: string, name: string | undefined): Promise<string> {
-  if (name !== undefined) return name;
   let names: string[];
   try {
     names = await PostgresStorage.listSearches(url);
   } catch (e) {
     throw new UsageError((e as Error).message);
+  }
+  // (Opening a search that does not exist would create it: a misspelt --search must not.)
+  if (name !== undefined && names.includes(name)) return name;
+  if (name !== undefined) {
+    throw new UsageError(`the database holds no search ${name} (searches: ${names.join(", ") || "none"})`);
   }
   if (names.length === 1) return names[0];
   throw new UsageError(
