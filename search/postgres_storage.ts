@@ -20,6 +20,9 @@
  * (safetensors bytes), so that workers on other machines can inherit from them and the report can be drawn
  * from the database alone.
  *
+ * Heartbeats come from a thread with its own connection (search/heartbeat_thread.ts), so that synchronous
+ * kernels holding the main thread do not stop them.
+ *
  * Times come from the database server's clock (one clock for every machine: a worker whose clock is off by a
  * minute must not look dead); `requeueStale`'s `now` overrides it. Every state change is one transaction; the
  * row lock taken by `finish` and `requeueStale` orders a late result against its re-queue. Trial ids are
@@ -33,7 +36,15 @@
 
 import { Buffer } from "node:buffer";
 import postgres from "postgres";
-import type { NewTrial, SearchStorage, Trial, TrialAttempt, TrialResult, TrialStatus } from "./types.ts";
+import type {
+  HeartbeatStats,
+  NewTrial,
+  SearchStorage,
+  Trial,
+  TrialAttempt,
+  TrialResult,
+  TrialStatus,
+} from "./types.ts";
 
 /** Version of the tables below; bumped with any change to them. */
 export const PG_SCHEMA_VERSION = 1;
@@ -170,7 +181,11 @@ async function clientOptions(
 export class PostgresStorage implements SearchStorage {
   readonly #sql: Sql;
   readonly #password: string;
+  /** The connection string, for the heartbeat thread's own connection (never printed). */
+  readonly #url: string;
   #open = true;
+  #thread: Worker | null = null;
+  readonly #stopped = new Map<number, (s: HeartbeatStats) => void>();
 
   private constructor(
     /** The connection string without its password. */
@@ -178,9 +193,11 @@ export class PostgresStorage implements SearchStorage {
     /** The search's name; its tables are in schema `search_<name>`. */
     readonly search: string,
     sql: Sql,
+    url: string,
     password: string,
   ) {
     this.#sql = sql;
+    this.#url = url;
     this.#password = password;
   }
 
@@ -205,7 +222,7 @@ export class PostgresStorage implements SearchStorage {
     } catch (e) {
       throw scrubbed(e, password, `cannot open search memory ${label}`);
     }
-    const store = new PostgresStorage(label, search, sql, password);
+    const store = new PostgresStorage(label, search, sql, url, password);
     try {
       await store.#tx((tx) => store.#initSchema(tx));
     } catch (e) {
@@ -474,9 +491,52 @@ export class PostgresStorage implements SearchStorage {
     });
   }
 
+  /** Heartbeats from the heartbeat thread (search/heartbeat_thread.ts), started on first use. */
+  startHeartbeats(
+    id: number,
+    worker: string,
+    intervalMs: number,
+  ): Promise<{ stop(): Promise<HeartbeatStats> }> {
+    if (!this.#open) {
+      return Promise.reject(new Error(`search memory ${this.label} (${this.search}) is closed`));
+    }
+    if (!this.#thread) {
+      this.#thread = new Worker(new URL("./heartbeat_thread.ts", import.meta.url).href, { type: "module" });
+      this.#thread.onmessage = (e: MessageEvent) => {
+        if (e.data.type !== "stopped") return;
+        this.#stopped.get(e.data.id)?.({ calls: e.data.calls, ms: e.data.ms, lost: e.data.lost });
+        this.#stopped.delete(e.data.id);
+      };
+      this.#thread.postMessage({ type: "open", url: this.#url, search: this.search });
+    }
+    const thread = this.#thread;
+    thread.postMessage({ type: "start", id, worker, intervalMs });
+    return Promise.resolve({
+      stop: () =>
+        new Promise<HeartbeatStats>((resolve) => {
+          this.#stopped.set(id, resolve);
+          thread.postMessage({ type: "stop", id });
+        }),
+    });
+  }
+
   async close(): Promise<void> {
     if (!this.#open) return;
     this.#open = false;
+    const thread = this.#thread;
+    if (thread) {
+      await new Promise<void>((resolve) => {
+        const t = setTimeout(resolve, 5000);
+        thread.onmessage = (e: MessageEvent) => {
+          if (e.data.type === "closed") {
+            clearTimeout(t);
+            resolve();
+          }
+        };
+        thread.postMessage({ type: "close" });
+      });
+      thread.terminate();
+    }
     await this.#sql.end({ timeout: 5 });
   }
 }

@@ -2,8 +2,8 @@
  * @file The runner: takes one claimed trial, trains it in memory with the models layer's `Trainer` (the short
  * schedule, optionally from inherited weights, with the median pruning rule), scores it with the proxy FID
  * through the generator interface, and commits the result. The same runner serves the search process and
- * workers on other machines (`search/worker.ts`): `workOnTrial` heartbeats on a timer while a trial runs and
- * commits its result, which the storage refuses (recording it as a late duplicate) if the trial was re-queued
+ * workers on other machines (`search/worker.ts`): `workOnTrial` heartbeats while a trial runs (from the
+ * memory's heartbeat thread where it has one) and commits its result, which the storage refuses (recording it as a late duplicate) if the trial was re-queued
  * meanwhile.
  *
  * A trial's EMA weights are saved in the run folder (`weights/trial-<id>.safetensors`, written atomically),
@@ -24,7 +24,7 @@ import { type HostState, hostState, inheritState, stateTensors } from "./inherit
 import { shouldPrune } from "./memory.ts";
 import { type SearchConfig, trialSchedule } from "./config.ts";
 import { writeFileAtomic } from "../util/files.ts";
-import type { SearchStorage, Trial, TrialResult } from "./types.ts";
+import type { HeartbeatStats, SearchStorage, Trial, TrialResult } from "./types.ts";
 
 /** What every trial of a search shares: opened once. */
 export interface RunnerContext {
@@ -166,7 +166,7 @@ export function scoreNetwork(
 
 /**
  * Trains and scores `trial` (already claimed by `ctx.worker`) and commits the result. `spec` is its UNetSpec.
- * Heartbeats go with every logged loss. Returns the committed result.
+ * Heartbeats go with every logged loss (unless the memory heartbeats from a thread of its own). Returns the committed result.
  */
 export async function runTrial(
   ctx: RunnerContext,
@@ -195,7 +195,8 @@ export async function runTrial(
       onStep: (p) => emit({ type: "train", nimg: p.nimg, totalNimg }),
       onLog: async (e) => {
         emit({ type: "train", nimg: e.nimg, totalNimg, loss: e.loss });
-        await ctx.storage.heartbeat(trial.id, ctx.worker);
+        // (A memory with a heartbeat thread needs no beat from here.)
+        if (!ctx.storage.startHeartbeats) await ctx.storage.heartbeat(trial.id, ctx.worker);
       },
       // Optuna's median rule at the first logged point at or past each checkpoint of the schedule.
       shouldStop: (e) => {
@@ -247,11 +248,14 @@ export interface TrialOutcome {
   applied: boolean;
   /** Heartbeats the storage refused (the trial was no longer this worker's). */
   lostHeartbeats: number;
+  /** The heartbeats sent while it ran (from the heartbeat thread, when the memory has one). */
+  heartbeats: HeartbeatStats;
 }
 
 /**
- * Works on one trial claimed by `ctx.worker`: trains and scores it (`runTrial`) while a timer heartbeats every
- * `config.queue.heartbeatSeconds`, then commits the result with the trial's costs merged. `spec` is its network
+ * Works on one trial claimed by `ctx.worker`: trains and scores it (`runTrial`) while it heartbeats every
+ * `config.queue.heartbeatSeconds` (from the memory's heartbeat thread where it has one: synchronous kernels
+ * may hold this thread for seconds), then commits the result with the trial's costs merged. `spec` is its network
  * or, when its architecture does not build, the reason (committed as a failure). An interruption is thrown
  * (message "interrupted") and nothing is committed: the trial is re-queued once its heartbeat is stale, or at
  * once by a search process that resumes.
@@ -264,25 +268,60 @@ export async function workOnTrial(
 ): Promise<TrialOutcome> {
   if (!spec.ok) {
     const result: TrialResult = { status: "failed", error: spec.reason };
-    return { result, applied: await ctx.storage.finish(trial.id, ctx.worker, result), lostHeartbeats: 0 };
+    const heartbeats = { calls: 0, ms: 0, lost: 0 };
+    return {
+      result,
+      applied: await ctx.storage.finish(trial.id, ctx.worker, result),
+      lostHeartbeats: 0,
+      heartbeats,
+    };
   }
-  let lostHeartbeats = 0, beating = Promise.resolve();
-  const timer = setInterval(() => {
-    beating = beating.then(async () => {
-      if (!(await ctx.storage.heartbeat(trial.id, ctx.worker))) lostHeartbeats++;
-    }).catch(() => {}); // a missed heartbeat is what the grace period is for
-  }, ctx.config.queue.heartbeatSeconds * 1000);
-  let result: TrialResult;
+  const intervalMs = ctx.config.queue.heartbeatSeconds * 1000;
+  const heartbeats = ctx.storage.startHeartbeats
+    ? await ctx.storage.startHeartbeats(trial.id, ctx.worker, intervalMs)
+    : timerHeartbeats(ctx.storage, trial.id, ctx.worker, intervalMs);
+  let result: TrialResult, beats: HeartbeatStats;
   try {
     result = await runTrial(ctx, trial, spec.value, opts);
   } finally {
-    clearInterval(timer);
-    await beating;
+    beats = await heartbeats.stop();
   }
   const committed = { ...result, costs: { ...trial.costs, ...result.costs } };
   return {
     result: committed,
     applied: await ctx.storage.finish(trial.id, ctx.worker, committed),
-    lostHeartbeats,
+    lostHeartbeats: beats.lost,
+    heartbeats: beats,
+  };
+}
+
+/** Heartbeats on a timer of this thread (a memory without a heartbeat thread: SQLite, one process). */
+function timerHeartbeats(
+  storage: SearchStorage,
+  id: number,
+  worker: string,
+  intervalMs: number,
+): { stop(): Promise<HeartbeatStats> } {
+  const stats: HeartbeatStats = { calls: 0, ms: 0, lost: 0 };
+  let beating = Promise.resolve();
+  const timer = setInterval(() => {
+    beating = beating.then(async () => {
+      const t0 = performance.now();
+      try {
+        if (!(await storage.heartbeat(id, worker))) stats.lost++;
+      } catch {
+        // A missed heartbeat is what the grace period allows for.
+      } finally {
+        stats.calls++;
+        stats.ms += performance.now() - t0;
+      }
+    });
+  }, intervalMs);
+  return {
+    stop: async () => {
+      clearInterval(timer);
+      await beating;
+      return stats;
+    },
   };
 }

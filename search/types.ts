@@ -31,6 +31,13 @@ export interface TrialAttempt {
   lateResult?: TrialResult;
 }
 
+/** What a trial's heartbeats cost: how many were sent, milliseconds spent, how many the memory refused. */
+export interface HeartbeatStats {
+  calls: number;
+  ms: number;
+  lost: number;
+}
+
 /** One logged point of a training run. */
 export interface LossPoint {
   step: number;
@@ -149,6 +156,15 @@ export interface SearchStorage {
   saveWeights?(id: number, worker: string, bytes: Uint8Array): Promise<boolean>;
   /** A trial's weights stored with `saveWeights`, or null. */
   loadWeights?(id: number): Promise<Uint8Array | null>;
+  /**
+   * Heartbeats for `worker`'s running trial `id` every `intervalMs` from a thread of their own (a shared
+   * memory's: the main thread may be busy in synchronous kernels for seconds) until `stop` is called.
+   */
+  startHeartbeats?(
+    id: number,
+    worker: string,
+    intervalMs: number,
+  ): Promise<{ stop(): Promise<HeartbeatStats> }>;
   /** One trial by id, or by key. */
   getTrial(id: number): Promise<Trial | null>;
   getTrialByKey(key: string): Promise<Trial | null>;

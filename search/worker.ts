@@ -211,6 +211,10 @@ export async function runWorker(opts: WorkerOptions): Promise<WorkerOutcome> {
         throw e;
       }
       const seconds = (performance.now() - started) / 1000;
+      // The heartbeat thread's calls count too (they run beside the trial, on their own connection).
+      const hb = (stats["heartbeat (thread)"] ??= { calls: 0, ms: 0 });
+      hb.calls += outcome.heartbeats.calls;
+      hb.ms += outcome.heartbeats.ms;
       const coordinationMs = totalMs(stats) - before;
       out.trials.push(trial.id);
       out.trialSeconds.push(seconds);

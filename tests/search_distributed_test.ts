@@ -67,7 +67,7 @@ pgTest(
       proxySteps: 2,
       gridImages: 4,
       cacheDir: `${dir}/cache`,
-      training: { kimg: 0.032, batch: 4, logEvery: 2 },
+      training: { kimg: 0.016, batch: 4, logEvery: 2 },
       pruning: { enabled: false }, // every trial ends done: "done exactly once" is then exact
       space: { maxChannels: 16, maxBlocks: 1 },
       backend: "cpu",

@@ -3,7 +3,8 @@
  * contract (tests/search_storage_contract.ts, the same tests SQLite passes), and what is PostgreSQL's own: many
  * connections claiming at once never take a trial twice (SKIP LOCKED), a finish racing its re-queue applies
  * once, searches side by side in one database, weights stored in the database, refusing another schema
- * version, and the password of the connection string in no error message.
+ * version, the password of the connection string in no error message, and heartbeats from a thread of their
+ * own while the main thread is blocked.
  */
 
 import postgres from "postgres";
@@ -175,5 +176,32 @@ pgTest(PG, "PostgresStorage: the password is in no message; TLS options reach th
   } finally {
     await s.close();
     await PostgresStorage.dropSearch(url, "secret");
+  }
+});
+
+pgTest(PG, "PostgresStorage: the heartbeat thread beats while the main thread is blocked", async () => {
+  const search = "beats";
+  const s = await PostgresStorage.open(url, { search });
+  try {
+    await s.addTrial({ key: "k", spec: 1, proposer: "t", seed: 1 });
+    const claimed = (await s.claimNext("w"))!;
+    const beats = await s.startHeartbeats(claimed.id, "w", 50);
+    await new Promise((r) => setTimeout(r, 300)); // the thread connects
+    const before = (await s.getTrial(claimed.id))!.heartbeatAt!;
+    // A synchronous kernel holding this thread for 1.5 s: no timer of this thread could fire.
+    const until = performance.now() + 1500;
+    while (performance.now() < until) { /* busy */ }
+    const blockedEnd = Date.now();
+    const after = (await s.getTrial(claimed.id))!.heartbeatAt!;
+    const stats = await beats.stop();
+    assert(after > before && after > blockedEnd - 1000, `heartbeat ${after - before} ms later`);
+    assert(stats.calls >= 10 && stats.lost === 0, JSON.stringify(stats));
+    await s.requeueStale(0, Date.now() + 60_000);
+    const late = await s.startHeartbeats(claimed.id, "w", 20);
+    await new Promise((r) => setTimeout(r, 200));
+    assert((await late.stop()).lost > 0, "heartbeats of a re-queued trial are refused");
+  } finally {
+    await s.close();
+    await PostgresStorage.dropSearch(url, search);
   }
 });
