@@ -8,8 +8,10 @@
  * reason.)
  *
  * Messages in: `{ type: "open", url, search }` once, `{ type: "start", id, worker, intervalMs }`,
- * `{ type: "stop", id }`. Out: `{ type: "stopped", id, calls, ms, lost }` (heartbeats sent, milliseconds spent,
- * heartbeats the memory refused because the trial was no longer this worker's).
+ * `{ type: "stop", id }`, `{ type: "close" }`. Out: `{ type: "ready", error }` once connected (starting a thread
+ * and its connection took several seconds on a loaded machine: the first trial waits for it rather than run
+ * without heartbeats), `{ type: "stopped", id, calls, ms, lost }` (heartbeats sent, milliseconds spent,
+ * heartbeats the memory refused because the trial was no longer this worker's), `{ type: "closed" }`.
  */
 
 /// <reference lib="deno.worker" />
@@ -31,7 +33,9 @@ self.onmessage = async (e: MessageEvent) => {
   const m = e.data;
   if (m.type === "open") {
     storage = PostgresStorage.open(m.url, { search: m.search, maxConnections: 1 });
-    storage.catch(() => {}); // reported by the first heartbeat's failure count, not as an unhandled rejection
+    // Connected (or not: then its heartbeats fail and the grace period takes over), the thread is ready.
+    const error = await storage.then(() => null, (e) => (e as Error).message);
+    self.postMessage({ type: "ready", error });
   } else if (m.type === "start") {
     const b: Beat = { timer: undefined, calls: 0, ms: 0, lost: 0, busy: Promise.resolve() };
     b.timer = setInterval(() => {

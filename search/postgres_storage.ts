@@ -185,6 +185,7 @@ export class PostgresStorage implements SearchStorage {
   readonly #url: string;
   #open = true;
   #thread: Worker | null = null;
+  #threadReady: Promise<void> = Promise.resolve();
   readonly #stopped = new Map<number, (s: HeartbeatStats) => void>();
 
   private constructor(
@@ -492,32 +493,37 @@ export class PostgresStorage implements SearchStorage {
   }
 
   /** Heartbeats from the heartbeat thread (search/heartbeat_thread.ts), started on first use. */
-  startHeartbeats(
+  async startHeartbeats(
     id: number,
     worker: string,
     intervalMs: number,
   ): Promise<{ stop(): Promise<HeartbeatStats> }> {
-    if (!this.#open) {
-      return Promise.reject(new Error(`search memory ${this.label} (${this.search}) is closed`));
-    }
+    if (!this.#open) throw new Error(`search memory ${this.label} (${this.search}) is closed`);
     if (!this.#thread) {
-      this.#thread = new Worker(new URL("./heartbeat_thread.ts", import.meta.url).href, { type: "module" });
-      this.#thread.onmessage = (e: MessageEvent) => {
-        if (e.data.type !== "stopped") return;
-        this.#stopped.get(e.data.id)?.({ calls: e.data.calls, ms: e.data.ms, lost: e.data.lost });
-        this.#stopped.delete(e.data.id);
-      };
-      this.#thread.postMessage({ type: "open", url: this.#url, search: this.search });
+      const thread = new Worker(new URL("./heartbeat_thread.ts", import.meta.url).href, { type: "module" });
+      this.#thread = thread;
+      this.#threadReady = new Promise<void>((ready) => {
+        thread.onmessage = (e: MessageEvent) => {
+          if (e.data.type === "ready") ready();
+          if (e.data.type !== "stopped") return;
+          this.#stopped.get(e.data.id)?.({ calls: e.data.calls, ms: e.data.ms, lost: e.data.lost });
+          this.#stopped.delete(e.data.id);
+        };
+      });
+      thread.postMessage({ type: "open", url: this.#url, search: this.search });
     }
     const thread = this.#thread;
+    // The trial starts once the thread can beat (its start-up is no time to be silent), and with a beat.
+    await this.#threadReady;
+    await this.heartbeat(id, worker);
     thread.postMessage({ type: "start", id, worker, intervalMs });
-    return Promise.resolve({
+    return {
       stop: () =>
         new Promise<HeartbeatStats>((resolve) => {
           this.#stopped.set(id, resolve);
           thread.postMessage({ type: "stop", id });
         }),
-    });
+    };
   }
 
   async close(): Promise<void> {
