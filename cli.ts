@@ -773,23 +773,25 @@ program
           }
         },
       });
-      const per = r.coordination.perTrialMs,
-        mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
+      const per = r.coordination.perTrialMs;
+      const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
+      const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
+      const hb = r.coordination.byMethod["heartbeat (thread)"];
       console.log(
         `worker ${r.worker}: ${r.trials.length} trials [${r.trials.join(", ")}]` +
           (per.length
-            ? `; coordination ${mean(per).toFixed(1)} ms per trial (${
-              (100 * mean(per) / 1000 / mean(r.trialSeconds))
-                .toFixed(2)
-            }% of ${s(mean(r.trialSeconds))}); idle polling ${r.coordination.idleMs.toFixed(0)} ms`
+            ? `; coordination ${mean(per).toFixed(1)} ms per trial (median ${median(per).toFixed(1)} ms; ` +
+              `${(100 * mean(per) / 1000 / mean(r.trialSeconds)).toFixed(2)}% of ${
+                s(mean(r.trialSeconds))
+              }); ` +
+              `heartbeats beside it ${hb ? `${hb.calls}× ${(hb.ms / hb.calls).toFixed(1)} ms` : "none"}; ` +
+              `idle polling ${r.coordination.idleMs.toFixed(0)} ms`
             : ""),
       );
+      const calls = Object.entries(r.coordination.byMethod);
       console.log(
         `coordination by call: ${
-          Object.entries(r.coordination.byMethod).map(([k, v]) =>
-            `${k} ${v.calls}× ${(v.ms / v.calls).toFixed(2)} ms`
-          )
-            .join(", ")
+          calls.map(([k, v]) => `${k} ${v.calls}× ${(v.ms / v.calls).toFixed(2)} ms`).join(", ")
         }`,
       );
       if (r.stoppedBy === "interrupted") Deno.exit(130);

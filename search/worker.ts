@@ -15,9 +15,10 @@
  * `queue.maxAttempts` lost attempts it fails instead. A worker that was only slow and commits after its trial
  * was re-queued has its result recorded on its attempt as a late duplicate, not applied.
  *
- * Every call to the memory is timed: the time a trial spends in them (claim, heartbeats, memory read for the
- * pruning rule, weights, commit) is the coordination cost per trial, reported at the end next to the time the
- * trials took.
+ * Every call to the memory is timed: the time a trial waits for them (re-queue check, claim, memory read for
+ * the pruning rule, starting its heartbeats, weights, commit) is the coordination cost per trial, reported at
+ * the end next to the time the trials took; the heartbeat thread's calls, which run beside the trial, are
+ * counted apart.
  */
 
 import { Device } from "../engine/mod.ts";
@@ -79,7 +80,10 @@ export interface WorkerOutcome {
   /** The trials it committed, in order (late ones included). */
   trials: number[];
   stoppedBy: "ended" | "idle" | "interrupted" | "max-trials";
-  /** Milliseconds in calls to the memory per trial, and while idle (asking for work). */
+  /**
+   * Milliseconds each trial waited for calls to the memory, milliseconds of calls while idle (asking for
+   * work), and every call by method (the heartbeat thread's as "heartbeat (thread)").
+   */
   coordination: { perTrialMs: number[]; idleMs: number; byMethod: CoordinationStats };
   /** Seconds each trial took from claim to commit. */
   trialSeconds: number[];
@@ -179,12 +183,12 @@ export async function runWorker(opts: WorkerOptions): Promise<WorkerOutcome> {
         out.stoppedBy = "max-trials";
         break;
       }
-      const before = totalMs(stats);
+      const before = totalMs(stats) - (stats["heartbeat (thread)"]?.ms ?? 0);
       await storage.requeueStale(q.graceSeconds * 1000, undefined, q.maxAttempts);
       const trial = await storage.claimNext(worker);
       if (!trial) {
         const ended = (await storage.getMeta())?.ended;
-        out.coordination.idleMs += totalMs(stats) - before;
+        out.coordination.idleMs += totalMs(stats) - (stats["heartbeat (thread)"]?.ms ?? 0) - before;
         if (ended) break;
         if (performance.now() - idleSince > idleLimitMs) {
           out.stoppedBy = "idle";
@@ -211,11 +215,11 @@ export async function runWorker(opts: WorkerOptions): Promise<WorkerOutcome> {
         throw e;
       }
       const seconds = (performance.now() - started) / 1000;
-      // The heartbeat thread's calls count too (they run beside the trial, on their own connection).
+      // What the trial waited for: every call on its path (the heartbeat thread's run beside it, apart).
+      const coordinationMs = totalMs(stats) - (stats["heartbeat (thread)"]?.ms ?? 0) - before;
       const hb = (stats["heartbeat (thread)"] ??= { calls: 0, ms: 0 });
       hb.calls += outcome.heartbeats.calls;
       hb.ms += outcome.heartbeats.ms;
-      const coordinationMs = totalMs(stats) - before;
       out.trials.push(trial.id);
       out.trialSeconds.push(seconds);
       out.coordination.perTrialMs.push(coordinationMs);

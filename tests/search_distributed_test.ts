@@ -112,13 +112,16 @@ pgTest(
       children.push(...workers);
       const workerDone = workers.map(finished);
 
-      // kill -9 w1 while it works on a trial (its attempt open, the trial running).
+      // kill -9 w1 in the middle of a trial: its attempt open for a second and its heartbeat thread beating
+      // (a heartbeat after the claim's), so the trial is training.
       let killed: { id: number; at: number } | null = null;
       while (!killed) {
         const [r] = await sql`
         SELECT t.id, (extract(epoch from clock_timestamp()) * 1000)::bigint AS now FROM search_dist.trials t
         JOIN search_dist.attempts a ON a.trial_id = t.id
-        WHERE t.status = 'running' AND a.worker = 'w1' AND a.ended_at IS NULL`;
+        WHERE t.status = 'running' AND a.worker = 'w1' AND a.ended_at IS NULL
+          AND t.heartbeat_at > a.started_at
+          AND a.started_at < (extract(epoch from clock_timestamp()) * 1000)::bigint - 1000`;
         if (r) {
           workers[0].kill("SIGKILL");
           killed = { id: Number(r.id), at: Number(r.now) };
@@ -166,9 +169,18 @@ pgTest(
 
       // Coordination per trial, as the workers measured it (every call to the memory while on a trial).
       const per = outs.map((w) => {
-        const m = /coordination ([\d.]+) ms per trial \(([\d.]+)% of ([\d.]+) s\)/.exec(w.out);
+        const m = /coordination ([\d.]+) ms per trial \(median ([\d.]+) ms; ([\d.]+)% of ([\d.]+) s\)/.exec(
+          w.out,
+        );
         assert(m, `no coordination line:\n${w.out}`);
-        return { ms: Number(m[1]), share: Number(m[2]), trialSeconds: Number(m[3]) };
+        const calls = /coordination by call: (.*)/.exec(w.out)?.[1] ?? "";
+        return {
+          ms: Number(m[1]),
+          median: Number(m[2]),
+          share: Number(m[3]),
+          trialSeconds: Number(m[4]),
+          calls,
+        };
       });
       const byWorker = new Map<string, number>();
       for (const t of trained) {
@@ -186,13 +198,16 @@ pgTest(
             ((killed.at - k.attempts[0].start) / 1000).toFixed(1)
           } s earlier); re-queued ${lostAfter.toFixed(1)} s after the kill (grace ${GRACE_SECONDS} s), ` +
           `claimed again by ${retry.worker} ${retriedAfter.toFixed(1)} s after the kill`,
-          `  coordination per trial: ${per.map((p) => `${p.ms.toFixed(1)} ms`).join(", ")} ` +
+          `  coordination per trial (w2, w3): ${
+            per.map((p) => `mean ${p.ms.toFixed(1)} ms, median ${p.median.toFixed(1)} ms`).join("; ")
+          } ` +
           `(${per.map((p) => `${p.share.toFixed(2)}%`).join(", ")} of trials of ${
             per.map((p) => `${p.trialSeconds.toFixed(1)} s`).join(", ")
           })`,
           `  queue wait: mean ${(waits.reduce((a, b) => a + b, 0) / waits.length).toFixed(1)} s, max ${
             Math.max(...waits).toFixed(1)
           } s`,
+          ...per.map((p, i) => `  ${WORKERS[i + 1]} calls: ${p.calls}`),
         ].join("\n"),
       );
 
