@@ -405,6 +405,10 @@ export async function runSearch(
   opts: SearchOptions = {},
 ): Promise<SearchOutcome> {
   const t0 = performance.now();
+  if (opts.storage !== undefined && !isPostgresUrl(opts.storage)) {
+    // Before the run folder is made: a bad --storage leaves nothing behind.
+    throw new UsageError(`--storage ${redactUrl(opts.storage)}: give a postgres:// connection string`);
+  }
   const { raw, given, lock } = await claimRunFolder(input);
   using _lock = lock;
   const emit = opts.onEvent ?? (() => {});

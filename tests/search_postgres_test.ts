@@ -205,3 +205,37 @@ pgTest(PG, "PostgresStorage: the heartbeat thread beats while the main thread is
     await PostgresStorage.dropSearch(url, search);
   }
 });
+
+pgTest(
+  PG,
+  "deno task worker / search --storage: bad input exits 2, naming it, never the password",
+  async (pg) => {
+    const secret = "cli-Secret-71";
+    const withPassword = pg.url.replace("postgres@", `postgres:${secret}@`);
+    const cli = new URL("../cli.ts", import.meta.url).pathname;
+    const run = async (args: string[]) => {
+      const r = await new Deno.Command(Deno.execPath(), {
+        args: ["run", "-A", cli, ...args],
+        env: { NO_COLOR: "1" },
+        stdout: "piped",
+        stderr: "piped",
+      }).output();
+      const dec = new TextDecoder();
+      return { code: r.code, out: dec.decode(r.stdout) + dec.decode(r.stderr) };
+    };
+    const outDir = await Deno.makeTempDir({ prefix: "search-pg-cli-" });
+    const [unknown, notPg] = await Promise.all([
+      run(["worker", "--storage", withPassword, "--search", "nope"]),
+      run(["search", "--storage", `mysql://root:${secret}@127.0.0.1/x`, "--out", `${outDir}/run`]),
+    ]);
+    assertEquals(unknown.code, 2, unknown.out);
+    assert(unknown.out.includes("no search nope"), unknown.out);
+    assertEquals(notPg.code, 2, notPg.out);
+    assert(notPg.out.includes("postgres://"), notPg.out);
+    for (const r of [unknown, notPg]) assert(!r.out.includes(secret), `the password is printed:\n${r.out}`);
+    assert(
+      !(await PostgresStorage.listSearches(url)).includes("nope"),
+      "a misspelt --search creates nothing",
+    );
+  },
+);
