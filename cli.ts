@@ -77,13 +77,24 @@ const outOfMemory = (e: unknown) =>
   e instanceof AllocationError ||
   (e instanceof RangeError && /allocation failed|invalid typed array length|array buffer/i.test(e.message));
 
+/** Passwords of connection strings given on this command line: never printed (see `hideSecrets`). */
+const secrets: string[] = [];
+/** `text` with every password given on the command line replaced by ***. */
+const hideSecrets = (text: string) => secrets.reduce((t, p) => t.split(p).join("***"), text);
+/** `--storage`: remembers the password of a connection string so that no message prints it. */
+const storageFlag = (v: string) => {
+  const m = /^[a-z]+:\/\/[^:/@]*:([^@]*)@/i.exec(v);
+  if (m && m[1]) secrets.push(m[1], decodeURIComponent(m[1]));
+  return v;
+};
+
 /**
  * Usage errors (bad options, bad config fields, missing run directory) exit with 2, other failures with 1. An
  * allocation that failed anyway (the estimate of models/cost.ts let it through) names `sizedBy`, the options
- * that size the command's tensors.
+ * that size the command's tensors. No message shows a password given on the command line.
  */
 const fail = (e: unknown, sizedBy?: string): never => {
-  const message = (e as Error).message;
+  const message = hideSecrets((e as Error).message);
   console.error(
     outOfMemory(e) && sizedBy
       ? `error: out of memory: ${message}. Lower ${sizedBy}, or lower memoryLimitMiB so that the estimate ` +
@@ -501,6 +512,27 @@ program
       "(default --out runs/compare, one resumable search folder per run)",
   )
   .option("--seeds <n>", "--compare: seeds 0 .. n−1 (default 3)", num)
+  .option(
+    "--storage <url>",
+    "the search memory in PostgreSQL (postgres://user:password@host:port/db?sslmode=…; the password is never " +
+      "printed or stored) instead of memory.sqlite in --out: workers on other machines (deno task worker) " +
+      "train its trials",
+    storageFlag,
+  )
+  .option("--search <name>", "the search's name in the --storage database (default: default)")
+  .option(
+    "--queue-depth <n>",
+    "keep this many trials queued for workers (default 1; about the worker count)",
+    num,
+  )
+  .option("--propose-only", "with --storage: only propose and keep the queue filled; the workers train")
+  .option("--heartbeat-seconds <s>", "seconds between a running trial's heartbeats (default 10)", num)
+  .option(
+    "--grace-seconds <s>",
+    "seconds without a heartbeat before a trial is presumed lost and retried (default 120)",
+    num,
+  )
+  .option("--max-attempts <n>", "attempts per trial before a lost one fails (default 3)", num)
   .exitOverride(usageExit)
   .action(async (opts: Record<string, unknown>) => {
     const controller = new AbortController();
@@ -532,6 +564,17 @@ program
       const pruning = opts.prune === false
         ? { ...(f.pruning as Record<string, unknown> ?? {}), enabled: false }
         : undefined;
+      const queueFlags = Object.fromEntries(
+        Object.entries({
+          depth: opts.queueDepth,
+          heartbeatSeconds: opts.heartbeatSeconds,
+          graceSeconds: opts.graceSeconds,
+          maxAttempts: opts.maxAttempts,
+        }).filter(([, v]) => v !== undefined),
+      );
+      const queue = Object.keys(queueFlags).length
+        ? { ...(f.queue as Record<string, unknown> ?? {}), ...queueFlags }
+        : undefined;
       // Flags override the file; a flag not given must not blank the file's value (runSearch drops
       // undefined fields, which would otherwise fall back to the defaults).
       const flags = Object.fromEntries(
@@ -547,6 +590,7 @@ program
           llm,
           training,
           pruning,
+          queue,
           inherit: opts.inherit,
           proxyN: opts.proxyN,
           seed: opts.seed,
@@ -573,6 +617,17 @@ program
         }
         input.ddsm = { ...(f.ddsm as Record<string, unknown> ?? {}), ...ddsmFlags };
       }
+      if (opts.storage === undefined && (opts.search !== undefined || opts.proposeOnly)) {
+        throw new UsageError(
+          `--${opts.proposeOnly ? "propose-only" : "search"} needs --storage postgres://…`,
+        );
+      }
+      if (opts.storage !== undefined && (input.method === "ddsm" || opts.validateProxy || opts.compare)) {
+        throw new UsageError(
+          "--storage holds DiffNAS searches; --method ddsm, --validate-proxy and --compare " +
+            "keep their memory in --out",
+        );
+      }
       if (input.method === "ddsm") {
         if (opts.validateProxy || opts.compare) {
           throw new UsageError("--validate-proxy and --compare measure DiffNAS; drop --method ddsm");
@@ -587,19 +642,23 @@ program
       let done = 0;
       let best: { fid: number; id: number } | null = null;
       // The search's modules (SQLite, ECharts, the LLM client) load only here: the other commands start faster.
-      const [{ runSearch }, { specSummary }] = await Promise.all([
+      const [{ runSearch }, { specSummary }, { trialWorker }] = await Promise.all([
         import("./search/diffnas.ts"),
         import("./search/report.ts"),
+        import("./search/memory.ts"),
       ]);
       const r = await runSearch(input, {
         resume: Boolean(opts.resume),
         signal: controller.signal,
+        storage: opts.storage as string | undefined,
+        searchName: opts.search as string | undefined,
+        proposeOnly: Boolean(opts.proposeOnly),
         onEvent: (e) => {
           switch (e.type) {
             case "start":
               console.log(
                 `${e.resumed ? "resuming" : "new"} search in ${e.dir}: proposer ${e.proposer}, ` +
-                  `${e.trials} trials, ${e.device}`,
+                  `${e.trials} trials, ${e.device}${opts.storage ? `; memory: ${e.memory}` : ""}`,
               );
               p.overall(e.trials, 0);
               break;
@@ -636,8 +695,9 @@ program
               const score = t.status === "done"
                 ? `${t.scores.proxyName} ${t.scores.proxyFid!.toFixed(3)}`
                 : `${t.status}: ${t.error}`;
+              const by = opts.storage ? `  by ${trialWorker(t) ?? "?"}` : "";
               p.log(
-                `trial ${String(t.id).padStart(3)} ${t.proposer.padEnd(12)} ${score}  ` +
+                `trial ${String(t.id).padStart(3)} ${t.proposer.padEnd(12)} ${score}${by}  ` +
                   `MACs ${((t.costs.macs ?? 0) / 1e6).toFixed(1)} M  params ${
                     ((t.costs.params ?? 0) / 1e3).toFixed(0)
                   } k  ` +
@@ -666,6 +726,108 @@ program
       }
     } catch (e) {
       p.stop();
+      fail(e);
+    } finally {
+      Deno.removeSignalListener("SIGINT", stop);
+      Deno.removeSignalListener("SIGTERM", stop);
+    }
+  });
+
+program
+  .command("worker")
+  .description(
+    "train the trials of a search whose memory is in PostgreSQL, on this machine: claim a queued trial, train " +
+      "and score it while heart-beating, commit, take the next; stops when the search ends",
+  )
+  .requiredOption(
+    "--storage <url>",
+    "the search's PostgreSQL memory (postgres://user:password@host:port/db?sslmode=…; never printed)",
+    storageFlag,
+  )
+  .option("--search <name>", "the search to work for (default: the database's only search)")
+  .option("--name <worker>", "this worker's name in the attempts (default host:pid)")
+  .option("--out <dir>", "folder for trial weights on this machine (default: a temporary folder)")
+  .option("--idle-minutes <n>", "stop after this long with nothing to claim (default 30)", num)
+  .option("--max-trials <n>", "stop after this many trials", num)
+  .option("--backend <name>", "webgpu or cpu (default: the search's setting)")
+  .exitOverride(usageExit)
+  .action(async (opts: Record<string, string | number | undefined>) => {
+    const controller = new AbortController();
+    const stop = () => {
+      if (controller.signal.aborted) Deno.exit(130);
+      controller.abort();
+      console.error("\nstopping; the running trial goes back to the queue after the grace period");
+    };
+    Deno.addSignalListener("SIGINT", stop);
+    Deno.addSignalListener("SIGTERM", stop);
+    const s = (v: number) => `${v.toFixed(1)} s`;
+    try {
+      if (opts.backend !== undefined && opts.backend !== "webgpu" && opts.backend !== "cpu") {
+        throw new UsageError(`--backend: "${opts.backend}" is not webgpu or cpu`);
+      }
+      const { runWorker } = await import("./search/worker.ts");
+      const r = await runWorker({
+        storage: opts.storage as string,
+        searchName: opts.search as string | undefined,
+        name: opts.name as string | undefined,
+        out: opts.out as string | undefined,
+        idleMinutes: opts.idleMinutes as number | undefined,
+        maxTrials: opts.maxTrials as number | undefined,
+        backend: opts.backend as "webgpu" | "cpu" | undefined,
+        signal: controller.signal,
+        onEvent: (e) => {
+          switch (e.type) {
+            case "start":
+              console.log(`worker ${e.worker} for search ${e.search} in ${e.memory}: ${e.device}`);
+              break;
+            case "claim":
+              console.log(
+                `trial ${e.trial.id} claimed (attempt ${e.trial.attempts.length}, queued ${
+                  s(e.waitedSeconds)
+                })`,
+              );
+              break;
+            case "end": {
+              const t = e.trial;
+              const what = !e.applied
+                ? "late: it had been re-queued, result recorded as a duplicate"
+                : t.status === "done"
+                ? `${t.scores.proxyName} ${t.scores.proxyFid!.toFixed(3)}`
+                : `${t.status}: ${t.error}`;
+              console.log(
+                `trial ${t.id} ${what} in ${s(e.seconds)}; coordination ${e.coordinationMs.toFixed(1)} ms`,
+              );
+              break;
+            }
+            case "stop":
+              console.log(`stopped: ${e.reason}`);
+              break;
+          }
+        },
+      });
+      const per = r.coordination.perTrialMs;
+      const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
+      const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
+      const hb = r.coordination.byMethod["heartbeat (thread)"];
+      console.log(
+        `worker ${r.worker}: ${r.trials.length} trials [${r.trials.join(", ")}]` +
+          (per.length
+            ? `; coordination ${mean(per).toFixed(1)} ms per trial (median ${median(per).toFixed(1)} ms; ` +
+              `${(100 * mean(per) / 1000 / mean(r.trialSeconds)).toFixed(2)}% of ${
+                s(mean(r.trialSeconds))
+              }); ` +
+              `heartbeats beside it ${hb ? `${hb.calls}× ${(hb.ms / hb.calls).toFixed(1)} ms` : "none"}; ` +
+              `idle polling ${r.coordination.idleMs.toFixed(0)} ms`
+            : ""),
+      );
+      const calls = Object.entries(r.coordination.byMethod);
+      console.log(
+        `coordination by call: ${
+          calls.map(([k, v]) => `${k} ${v.calls}× ${(v.ms / v.calls).toFixed(2)} ms`).join(", ")
+        }`,
+      );
+      if (r.stoppedBy === "interrupted") Deno.exit(130);
+    } catch (e) {
       fail(e);
     } finally {
       Deno.removeSignalListener("SIGINT", stop);

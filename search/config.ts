@@ -43,6 +43,25 @@ export const PruningSchema = z.strictObject({
 });
 
 /**
+ * The trial queue, as every process of a search shares it (the search process proposes, workers claim; with
+ * SQLite the search process is the only worker). Stored with the settings, so workers read them from the memory.
+ */
+export const QueueSchema = z.strictObject({
+  // The search proposes when fewer trials than this wait in the queue (about the number of workers: deeper
+  // queues keep workers busy, but their trials are proposed from an older memory).
+  depth: z.number().int().min(1).max(1000).default(1),
+  // Seconds between the heartbeats of a running trial.
+  heartbeatSeconds: positive.max(3600).default(10),
+  // Seconds without a heartbeat after which a running trial's worker is presumed dead and the trial re-queued
+  // (several heartbeats: a busy machine may delay one).
+  graceSeconds: positive.max(86400).default(120),
+  // Attempts a trial gets: a trial whose worker is lost on its last attempt fails instead of going back.
+  maxAttempts: z.number().int().min(1).max(100).default(3),
+  // Seconds an idle worker (or the search process waiting for workers) sleeps before asking again.
+  pollSeconds: positive.max(600).default(1),
+});
+
+/**
  * DDSM's step-aware width search (search/ddsm.ts); used by method "ddsm". The defaults are sized for about 20
  * minutes on this machine (lavapipe, 16×16 default network): the sandwich supernet ~130 s per kimg, an RFID-128
  * at 18 Heun steps 23 s at width 1 and 7.5 s at 0.25; the GA stops at `minutes` (13) and the comparison (a few
@@ -81,7 +100,8 @@ export const SearchConfigSchema = z.strictObject({
   method: z.enum(["diffnas", "ddsm"]).default("diffnas"),
   // Training images (default: the embedded procedural shapes at the base network's resolution).
   data: DataConfig.optional(),
-  // The run folder: memory.sqlite, weights/, report.html, report.json, grids/.
+  // The run folder: memory.sqlite (unless the memory is in PostgreSQL), weights/, report.html, report.json,
+  // grids/.
   out: z.string().min(1).default("runs/search"),
   // Seed of the proposals, the candidates' training and the proxy's latents.
   seed: z.number().int().min(0).max(0xffffffff).default(0),
@@ -122,6 +142,8 @@ export const SearchConfigSchema = z.strictObject({
   gridImages: z.number().int().min(0).max(1024).default(36),
   // Candidates proposed per proposer call.
   proposeBatch: z.number().int().min(1).max(64).default(4),
+  // The trial queue shared with workers (`deno task worker`) when the memory is in PostgreSQL.
+  queue: QueueSchema.default(QueueSchema.parse({})),
   // Device: WebGPU or the CPU reference kernels.
   backend: z.enum(["webgpu", "cpu"]).default("webgpu"),
   // DDSM's settings (method "ddsm").
@@ -138,6 +160,7 @@ export const RESUMABLE_SEARCH_FIELDS: ReadonlySet<string> = new Set([
   "backend",
   "llm",
   "proposeBatch",
+  "queue",
   "cacheDir",
   "gridImages",
   "memoryLimitMiB",

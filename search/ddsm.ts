@@ -430,6 +430,7 @@ export async function runDdsmSearch(
       proposer: GA_PROPOSER,
       device: `${device.info.adapter} (${device.kind})`,
       trials: budget,
+      memory: opened.label,
     });
     supernet = d.supernet
       ? await loadSupernetCheckpoint(d.supernet, device)

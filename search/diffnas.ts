@@ -3,10 +3,10 @@
  *
  * The loop, as the paper describes it and as Optuna-style tools run it:
  *
- *     memory ← the trials in the run folder's SQLite file (empty for a new search)
+ *     memory ← the trials in the run folder's SQLite file, or in PostgreSQL (empty for a new search)
  *     trial 1 is the default network (the baseline every candidate is compared with)
  *     until the trial or time budget is spent:
- *         if no trial is queued: ask the proposer for candidates, reading the memory
+ *         if fewer than queue.depth trials are queued: ask the proposer for candidates, reading the memory
  *             each candidate is checked against the space and the cost ceilings before any training:
  *             a bad or over-budget one is recorded as rejected with its reason (the proposer sees it next time)
  *         claim the oldest queued trial; train it briefly in memory (rapid convergence), pruned early by the
@@ -16,6 +16,11 @@
  * Everything a resumed search needs is in the memory: a search killed at any moment and started again with
  * `--resume` keeps every finished trial, reruns the one that was running from its start, and proposes from the
  * same memory. A lock keeps a second process off the folder while the first lives.
+ *
+ * With the memory in PostgreSQL (`storage`), workers on other machines (`search/worker.ts`) claim queued
+ * trials too: this process proposes (the LLM key stays here), keeps `queue.depth` trials waiting, trains like
+ * any worker unless `proposeOnly`, re-queues trials whose worker stopped heart-beating, and waits for the
+ * workers' trials before writing the report (whose grids come from the weights stored in the database).
  */
 
 import { Device } from "../engine/mod.ts";
@@ -23,7 +28,7 @@ import { type Dataset, openDataset } from "../models/data.ts";
 import { DEFAULT_NETWORK } from "../models/train.ts";
 import { parseUNetSpec, type UNetSpec } from "../models/unet.ts";
 import { checkMemory, defaultMemoryLimitMiB } from "../models/cost.ts";
-import { type FeatureExtractor, openFeatureExtractor } from "../eval/features.ts";
+import { openFeatureExtractor } from "../eval/features.ts";
 import { referenceStatistics } from "../eval/proxy.ts";
 import { parseUsage } from "../util/config.ts";
 import { UsageError } from "../util/errors.ts";
@@ -48,16 +53,26 @@ import {
 } from "./space.ts";
 import { LOCK_FILE, lockRunFolder, type RunLock } from "../util/lock.ts";
 import { MEMORY_FILE, SqliteStorage } from "./sqlite_storage.ts";
+import { isPostgresUrl, PostgresStorage, redactUrl } from "./postgres_storage.ts";
 import { EvolutionaryProposer } from "./proposers/evolutionary.ts";
 import { RandomProposer } from "./proposers/random.ts";
 import { LlmProposer } from "./proposers/llm.ts";
-import { type RunnerContext, runTrial, type TrialEvent } from "./runner.ts";
+import { type RunnerContext, type TrialEvent, workOnTrial } from "./runner.ts";
 import { writeSearchReport } from "./search_report.ts";
 import type { NewTrial, Proposal, Proposer, SearchStorage, Trial } from "./types.ts";
 
 /** What a search reports as it goes (the command line draws progress bars from these). */
 export type SearchEvent =
-  | { type: "start"; dir: string; resumed: boolean; proposer: string; device: string; trials: number }
+  | {
+    type: "start";
+    dir: string;
+    resumed: boolean;
+    proposer: string;
+    device: string;
+    trials: number;
+    /** Where the memory is (a connection string without its password). */
+    memory: string;
+  }
   | { type: "reference"; cached: boolean; seconds: number }
   | { type: "propose"; proposer: string; count: number }
   | { type: "rejected"; trial: Trial }
@@ -90,10 +105,16 @@ export interface SearchOptions {
   device?: Device;
   /** Use this proposer instead of the configured one (tests). */
   proposer?: Proposer;
+  /**
+   * The memory: a PostgreSQL connection string (shared with workers on other machines), or absent for
+   * memory.sqlite in the run folder. Never stored; printed only without its password.
+   */
+  storage?: string;
+  /** The search's name in a PostgreSQL memory (default "default"). */
+  searchName?: string;
+  /** Only propose and keep the queue filled: workers train (a shared memory only). */
+  proposeOnly?: boolean;
 }
-
-/** Trials that cost (or will cost) training: everything but rejections. */
-const trainable = (t: Trial) => t.status !== "rejected";
 
 /** The base network of a search: the default network at the data's resolution and channels. */
 export function baseNetwork(dataset: Dataset): UNetSpec {
@@ -112,7 +133,11 @@ export function baseNetwork(dataset: Dataset): UNetSpec {
  * far more than its MACs say, and one such trial would eat the budget.
  */
 export function searchSpaceFor(cfg: SearchConfig, dataset: Dataset): SearchSpace {
-  const base = baseNetwork(dataset);
+  return searchSpaceOf(cfg, baseNetwork(dataset));
+}
+
+/** `searchSpaceFor` around a given base network. */
+function searchSpaceOf(cfg: SearchConfig, base: UNetSpec): SearchSpace {
   return createSearchSpace({ maxAttnResolution: base.imgResolution >> 1, ...(cfg.space ?? {}) }, base);
 }
 
@@ -223,26 +248,59 @@ function closestDone(arch: Architecture, memory: readonly Trial[]): number | nul
   return best?.id ?? null;
 }
 
-/** Opens the run folder's storage, checking a resumed search's settings; returns the settings in force. */
+/** Where a search's memory is: the run folder's SQLite file, or a search in a PostgreSQL database. */
+export interface MemoryLocation {
+  /** A PostgreSQL connection string; absent: memory.sqlite in the run folder. */
+  storage?: string;
+  /** The search's name in the database. */
+  searchName?: string;
+}
+
+/** Opens a memory; `shared` says whether other processes (workers) use it at the same time. */
+export async function openStorage(
+  dir: string,
+  where: MemoryLocation = {},
+): Promise<{ storage: SearchStorage; shared: boolean; label: string }> {
+  if (where.storage === undefined) {
+    if (where.searchName !== undefined) {
+      throw new UsageError("--search names a search in --storage postgres://…");
+    }
+    return { storage: SqliteStorage.inRunFolder(dir), shared: false, label: `${dir}/${MEMORY_FILE}` };
+  }
+  if (!isPostgresUrl(where.storage)) {
+    throw new UsageError(`--storage ${redactUrl(where.storage)}: give a postgres:// connection string`);
+  }
+  try {
+    const storage = await PostgresStorage.open(where.storage, { search: where.searchName });
+    return { storage, shared: true, label: `search ${storage.search} in ${storage.label}` };
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
+}
+
+/** Opens the search's storage, checking a resumed search's settings; returns the settings in force. */
 export async function openMemory(
   cfg: SearchConfig,
   input: Record<string, unknown>,
   resume: boolean,
-): Promise<{ storage: SearchStorage; cfg: SearchConfig; resumed: boolean }> {
-  const storage = SqliteStorage.inRunFolder(cfg.out);
+  where: MemoryLocation = {},
+): Promise<{ storage: SearchStorage; cfg: SearchConfig; resumed: boolean; shared: boolean; label: string }> {
+  const { storage, shared, label } = await openStorage(cfg.out, where);
+  const holder = shared ? label : cfg.out;
   try {
     const meta = await storage.getMeta();
     if (!meta) {
-      await storage.setMeta({ version: 1, config: cfg, createdAt: new Date().toISOString() });
-      return { storage, cfg, resumed: false };
+      await storage.setMeta({ version: 1, config: cfg, createdAt: new Date().toISOString(), ended: null });
+      return { storage, cfg, resumed: false, shared, label };
     }
     const count = (await storage.listTrials()).length;
     if (!resume) {
       throw new UsageError(
-        `${cfg.out} holds a search (${count} trials): add --resume to continue it, or choose another --out`,
+        `${holder} holds a search (${count} trials): add --resume to continue it, or choose another ` +
+          (shared ? "--search" : "--out"),
       );
     }
-    const stored = parseUsage(SearchConfigSchema, meta.config, `${cfg.out}/memory.sqlite settings`);
+    const stored = parseUsage(SearchConfigSchema, meta.config, `${label} settings`);
     const changed = Object.keys(input).filter((k) =>
       !RESUMABLE_SEARCH_FIELDS.has(k) &&
       JSON.stringify((stored as Record<string, unknown>)[k]) !==
@@ -250,15 +308,18 @@ export async function openMemory(
     );
     if (changed.length) {
       throw new UsageError(
-        `${cfg.out} holds a search with other settings (${changed.join(", ")}); resume it without changing ` +
-          `them, or choose another --out`,
+        `${holder} holds a search with other settings (${changed.join(", ")}); resume it without changing ` +
+          `them, or choose another ${shared ? "--search" : "--out"}`,
       );
     }
     const merged = { ...stored };
     for (const k of RESUMABLE_SEARCH_FIELDS) {
       if (k in input) (merged as Record<string, unknown>)[k] = (cfg as Record<string, unknown>)[k];
     }
-    return { storage, cfg: merged, resumed: true };
+    // The run folder is this machine's (a search resumed elsewhere has its own); workers read the rest.
+    merged.out = cfg.out;
+    await storage.setMeta({ ...meta, config: merged, ended: null });
+    return { storage, cfg: merged, resumed: true, shared, label };
   } catch (e) {
     await storage.close();
     throw e;
@@ -305,46 +366,33 @@ export async function claimRunFolder(
   return { raw, given, lock: lockRunFolder(given.out) };
 }
 
-/** Runs (or resumes) a DiffNAS search; see the file comment. */
-export async function runSearch(
-  input: SearchConfigInput | Record<string, unknown>,
-  opts: SearchOptions = {},
-): Promise<SearchOutcome> {
-  const t0 = performance.now();
-  const { raw, given, lock } = await claimRunFolder(input);
-  using _lock = lock;
-  const emit = opts.onEvent ?? (() => {});
-  let storage: SearchStorage | undefined;
-  let device: Device | undefined;
-  let features: FeatureExtractor | undefined;
-  let timer: ReturnType<typeof setTimeout> | undefined;
+/** What every trial of a search needs, opened once per process (the search process, each worker). */
+export interface TrialSetup {
+  ctx: RunnerContext;
+  /** The base network (the space is built around it; specs are built from it). */
+  base: UNetSpec;
+  dataset: Dataset;
+  reference: { cached: boolean; seconds: number };
+  dispose(): void;
+}
+
+/** Opens the data, the feature network and the reference statistics of a search's trials. */
+export async function openTrialSetup(
+  cfg: SearchConfig,
+  device: Device,
+  storage: SearchStorage,
+  dir: string,
+  worker: string,
+): Promise<TrialSetup> {
+  const dataset = await openDataset(
+    cfg.data ?? { kind: "procedural", resolution: DEFAULT_NETWORK.imgResolution },
+  );
+  const base = baseNetwork(dataset);
+  const features = await openFeatureExtractor({ device });
   try {
-    const opened = await openMemory(given, raw, opts.resume ?? false);
-    storage = opened.storage;
-    const cfg = opened.cfg;
-    const dir = cfg.out;
-    // This process holds the lock: a trial still "running" was left by a process that died.
-    await storage.requeueStale(0);
-    device = opts.device ?? await Device.create({ backend: cfg.backend });
-    const dataset = await openDataset(
-      cfg.data ?? { kind: "procedural", resolution: DEFAULT_NETWORK.imgResolution },
-    );
-    const space = searchSpaceFor(cfg, dataset), base = space.base;
-    const proposer = opts.proposer ?? makeProposer(cfg, space);
-    const worker = `${Deno.hostname()}:${Deno.pid}`;
-    emit({
-      type: "start",
-      dir,
-      resumed: opened.resumed,
-      proposer: proposer.name,
-      device: `${device.info.adapter} (${device.kind})`,
-      trials: cfg.trials,
-    });
-    features = await openFeatureExtractor({ device });
     const ref = await referenceStatistics(dataset, features, Math.min(cfg.refN, dataset.length), {
       cacheDir: cfg.cacheDir,
     });
-    emit({ type: "reference", cached: ref.cached, seconds: ref.seconds });
     const ctx: RunnerContext = {
       config: cfg,
       device,
@@ -355,6 +403,84 @@ export async function runSearch(
       dir,
       worker,
     };
+    return {
+      ctx,
+      base,
+      dataset,
+      reference: { cached: ref.cached, seconds: ref.seconds },
+      dispose: () => features.dispose(),
+    };
+  } catch (e) {
+    features.dispose();
+    throw e;
+  }
+}
+
+/** This process's worker name: host:pid. */
+export function defaultWorkerName(): string {
+  return `${Deno.hostname()}:${Deno.pid}`;
+}
+
+/** Counts of a memory's trials by what the queue needs to know. */
+function queueCounts(memory: readonly Trial[]) {
+  const n = (s: Trial["status"][]) => memory.filter((t) => s.includes(t.status)).length;
+  return { finished: n(["done", "pruned", "failed"]), running: n(["running"]), queued: n(["queued"]) };
+}
+
+/** Runs (or resumes) a DiffNAS search; see the file comment. */
+export async function runSearch(
+  input: SearchConfigInput | Record<string, unknown>,
+  opts: SearchOptions = {},
+): Promise<SearchOutcome> {
+  const t0 = performance.now();
+  if (opts.storage !== undefined && !isPostgresUrl(opts.storage)) {
+    // Before the run folder is made: a bad --storage leaves nothing behind.
+    throw new UsageError(`--storage ${redactUrl(opts.storage)}: give a postgres:// connection string`);
+  }
+  const { raw, given, lock } = await claimRunFolder(input);
+  using _lock = lock;
+  const emit = opts.onEvent ?? (() => {});
+  let storage: SearchStorage | undefined;
+  let device: Device | undefined;
+  let setup: TrialSetup | undefined;
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    const opened = await openMemory(given, raw, opts.resume ?? false, {
+      storage: opts.storage,
+      searchName: opts.searchName,
+    });
+    storage = opened.storage;
+    const { cfg, shared } = opened;
+    if (opts.proposeOnly && !shared) {
+      throw new UsageError(
+        "--propose-only needs workers: put the memory in PostgreSQL (--storage postgres://…)",
+      );
+    }
+    const dir = cfg.out, q = cfg.queue;
+    // With the run folder's memory this process is the only worker (it holds the lock): a trial still
+    // "running" was left by a process that died. A shared memory's running trials may be alive on other
+    // machines: only those silent past the grace period go back.
+    const requeue = () =>
+      shared
+        ? storage!.requeueStale(q.graceSeconds * 1000, undefined, q.maxAttempts)
+        : storage!.requeueStale(0);
+    await requeue();
+    device = opts.device ?? await Device.create({ backend: cfg.backend });
+    const worker = defaultWorkerName();
+    setup = await openTrialSetup(cfg, device, storage, dir, worker);
+    const { ctx, base } = setup;
+    const space = searchSpaceOf(cfg, base);
+    const proposer = opts.proposer ?? makeProposer(cfg, space);
+    emit({
+      type: "start",
+      dir,
+      resumed: opened.resumed,
+      proposer: proposer.name,
+      device: `${device.info.adapter} (${device.kind})`,
+      trials: cfg.trials,
+      memory: opened.label,
+    });
+    emit({ type: "reference", cached: setup.reference.cached, seconds: setup.reference.seconds });
 
     // The baseline: the default network, trained and scored like every candidate.
     let memory = await storage.listTrials();
@@ -365,6 +491,9 @@ export async function runSearch(
     let stoppedBy: SearchOutcome["stoppedBy"] = "trials";
     let fruitless = 0;
     const trialSeconds: number[] = [];
+    const reported = new Set(
+      memory.filter((t) => ["done", "pruned", "failed"].includes(t.status)).map((t) => t.id),
+    );
     const deadline = t0 + cfg.minutes * 60_000;
     // The running candidate is stopped at the deadline too (it is rerun from its start on --resume), so the
     // wall-clock budget holds whatever the candidate costs.
@@ -373,10 +502,22 @@ export async function runSearch(
     const budgetMs = Math.max(0, deadline - performance.now());
     if (budgetMs < 2 ** 31 - 1) timer = setTimeout(() => overtime.abort(), budgetMs);
     const trialSignal = opts.signal ? AbortSignal.any([opts.signal, overtime.signal]) : overtime.signal;
+    const idle = () => new Promise<void>((r) => setTimeout(r, q.pollSeconds * 1000));
     for (;;) {
+      if (shared) await requeue();
       memory = await storage.listTrials();
-      const trained = memory.filter((t) => trainable(t) && t.status !== "queued").length;
-      if (trained >= cfg.trials) break;
+      const { finished, running, queued } = queueCounts(memory);
+      // Trials other processes finished since the last look (this process's own are reported as they end).
+      for (const t of memory) {
+        if (
+          reported.has(t.id) || t.status === "queued" || t.status === "running" || t.status === "rejected"
+        ) {
+          continue;
+        }
+        reported.add(t.id);
+        emit({ type: "trial-end", trial: t, index: reported.size, total: cfg.trials });
+      }
+      if (finished >= cfg.trials) break;
       if (opts.signal?.aborted) {
         stoppedBy = "interrupted";
         break;
@@ -386,9 +527,10 @@ export async function runSearch(
         stoppedBy = "minutes";
         break;
       }
-      let trial = await storage.claimNext(worker);
-      if (!trial) {
-        const want = Math.min(cfg.proposeBatch, cfg.trials - trained);
+      // Keep `queue.depth` trials waiting, never more than the budget still needs.
+      const open = cfg.trials - finished - running - queued;
+      if (queued < q.depth && open > 0) {
+        const want = Math.min(cfg.proposeBatch, open);
         emit({ type: "propose", proposer: proposer.name, count: want });
         const proposals = await proposer.propose({
           trials: memory,
@@ -411,39 +553,37 @@ export async function runSearch(
         }
         continue;
       }
-      const index = trained + 1;
-      emit({ type: "trial-start", trial, index, total: cfg.trials });
-      const spec = toUNetSpec(trial.spec as Architecture, base);
-      if (!spec.ok) {
-        await storage.finish(trial.id, worker, { status: "failed", error: spec.reason });
-      } else {
-        const started = performance.now();
-        const current = trial;
-        let result;
-        try {
-          result = await runTrial(ctx, current, spec.value, {
-            signal: trialSignal,
-            memory,
-            onEvent: (event) => emit({ type: "trial-progress", trial: current, event }),
-          });
-        } catch (e) {
-          if ((e as Error).message === "interrupted") {
-            stoppedBy = overtime.signal.aborted && !opts.signal?.aborted ? "minutes" : "interrupted";
-            break;
-          }
-          throw e;
-        }
-        await storage.finish(trial.id, worker, {
-          ...result,
-          costs: { ...trial.costs, ...result.costs },
-        });
-        trialSeconds.push((performance.now() - started) / 1000);
+      const trial = opts.proposeOnly ? null : await storage.claimNext(worker);
+      if (!trial) {
+        // Workers hold the rest (a shared memory): wait for them, or for a lost one's trial to come back.
+        await idle();
+        continue;
       }
-      trial = (await storage.getTrial(trial.id))!;
-      emit({ type: "trial-end", trial, index, total: cfg.trials });
+      const index = finished + running + 1;
+      emit({ type: "trial-start", trial, index, total: cfg.trials });
+      const started = performance.now();
+      try {
+        await workOnTrial(ctx, trial, toUNetSpec(trial.spec as Architecture, base), {
+          signal: trialSignal,
+          memory,
+          onEvent: (event) => emit({ type: "trial-progress", trial, event }),
+        });
+      } catch (e) {
+        if ((e as Error).message === "interrupted") {
+          stoppedBy = overtime.signal.aborted && !opts.signal?.aborted ? "minutes" : "interrupted";
+          break;
+        }
+        throw e;
+      }
+      trialSeconds.push((performance.now() - started) / 1000);
+      reported.add(trial.id);
+      emit({ type: "trial-end", trial: (await storage.getTrial(trial.id))!, index, total: cfg.trials });
     }
     clearTimeout(timer);
     if (stoppedBy !== "exhausted") emit({ type: "stop", reason: stoppedBy });
+    // Workers stop asking for trials once the search says it ended (a resume clears it).
+    const meta = await storage.getMeta();
+    await storage.setMeta({ ...meta, ended: { at: new Date().toISOString(), stoppedBy } });
     memory = await storage.listTrials();
     const report = await writeSearchReport(ctx, memory, base, {
       started: t0,
@@ -461,7 +601,7 @@ export async function runSearch(
     };
   } finally {
     clearTimeout(timer);
-    features?.dispose();
+    setup?.dispose();
     await storage?.close();
     if (device && !opts.device) device.destroy();
   }

@@ -7,7 +7,8 @@
  * - the Pareto front of (proxy FID, MACs): done trials no other done trial beats on both;
  * - Optuna's median pruning rule (MedianPruner): a running trial whose loss at some point of training is worse
  *   than the median loss of the done trials at that same point is stopped;
- * - best-so-far curves per proposer, for comparing proposers by how fast they find good networks.
+ * - best-so-far curves per proposer, for comparing proposers by how fast they find good networks;
+ * - who ran a trial and how long it waited in the queue (for searches with workers on many machines).
  */
 
 import type { Trial } from "./types.ts";
@@ -130,4 +131,25 @@ export function bestSoFarByProposer(trials: readonly Trial[]): Map<string, BestS
     curve.push({ index: curve.length + 1, trialId: t.id, proxyFid: fid, best });
   }
   return curves;
+}
+
+/** The worker whose attempt produced the trial's result (its last attempt that ended without error), or null. */
+export function trialWorker(t: Trial): string | null {
+  if (!["done", "pruned", "failed"].includes(t.status)) return null;
+  const ok = t.attempts.filter((a) => a.end !== null && a.lateResult === undefined);
+  const last = t.status === "failed" ? ok[ok.length - 1] : ok.filter((a) => a.error === null).pop();
+  return last?.worker ?? null;
+}
+
+/**
+ * Seconds a trial waited in the queue: from its creation to its first claim, plus, for each retry, from the
+ * end of the lost attempt to the next claim. Null for a trial never claimed.
+ */
+export function queueWaitSeconds(t: Trial): number | null {
+  if (!t.attempts.length) return null;
+  let ms = t.attempts[0].start - t.createdAt;
+  for (let i = 1; i < t.attempts.length; i++) {
+    ms += t.attempts[i].start - (t.attempts[i - 1].end ?? t.attempts[i].start);
+  }
+  return Math.max(0, ms) / 1000;
 }

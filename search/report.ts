@@ -14,6 +14,7 @@
 import * as echarts from "echarts";
 import type { LossPoint, Trial, TrialStatus } from "./types.ts";
 import { writeTextAtomic } from "../util/files.ts";
+import { queueWaitSeconds, trialWorker } from "./memory.ts";
 
 // ---------------------------------------------------------------------------------------------------------------
 // Input.
@@ -240,6 +241,8 @@ export function buildReportJson(input: ReportInput, options: ReportOptions = {})
     trainSeconds: t.costs.trainSeconds ?? null,
     proxySeconds: t.costs.proxySeconds ?? null,
     parentId: t.parentId,
+    worker: trialWorker(t),
+    queueSeconds: queueWaitSeconds(t),
     pareto: pareto.has(t.id),
     summary: specSummary(t.spec),
     spec: t.spec,

@@ -1,11 +1,13 @@
 /**
  * @file The runner: takes one claimed trial, trains it in memory with the models layer's `Trainer` (the short
  * schedule, optionally from inherited weights, with the median pruning rule), scores it with the proxy FID
- * through the generator interface, and commits the result. The same runner serves the search process and, in a
- * later issue, workers on other machines.
+ * through the generator interface, and commits the result. The same runner serves the search process and
+ * workers on other machines (`search/worker.ts`): `workOnTrial` heartbeats while a trial runs (from the
+ * memory's heartbeat thread where it has one) and commits its result, which the storage refuses (recording it as a late duplicate) if the trial was re-queued
+ * meanwhile.
  *
- * A trial's EMA weights are saved in the run folder (`weights/trial-<id>.safetensors`, written atomically)
- * before its result is committed: a later trial may inherit them and the report draws sample grids from them,
+ * A trial's EMA weights are saved in the run folder (`weights/trial-<id>.safetensors`, written atomically),
+ * and in a shared memory (PostgreSQL) too, before its result is committed: a later trial may inherit them and the report draws sample grids from them,
  * also after a restart. A trial that throws is committed as failed with the error; a `NonFiniteLossError` (the
  * candidate diverged) is a failure of the candidate, not of the search.
  */
@@ -21,7 +23,8 @@ import { type FidMeasurement, type FidProtocol, measureFid } from "../eval/proxy
 import { type HostState, hostState, inheritState, stateTensors } from "./inherit.ts";
 import { shouldPrune } from "./memory.ts";
 import { type SearchConfig, trialSchedule } from "./config.ts";
-import type { SearchStorage, Trial, TrialResult } from "./types.ts";
+import { writeFileAtomic } from "../util/files.ts";
+import type { HeartbeatStats, SearchStorage, Trial, TrialResult } from "./types.ts";
 
 /** What every trial of a search shares: opened once. */
 export interface RunnerContext {
@@ -52,16 +55,37 @@ export function proxyProtocol(c: SearchConfig): FidProtocol {
   return { n: c.proxyN, steps: c.proxySteps, sampler: "heun", seed: c.seed };
 }
 
-/** Reads a saved trial's weights to the host (decoded from the file, no device round trip); null if missing. */
-export async function readTrialWeights(dir: string, id: number): Promise<HostState | null> {
+/**
+ * Makes sure a trial's weights are in the run folder: a trial trained on another machine has them only in a
+ * shared memory (`loadWeights`), from which they are copied once. False when there are none.
+ */
+export async function fetchTrialWeights(dir: string, id: number, storage?: SearchStorage): Promise<boolean> {
   const path = weightsPath(dir, id);
-  let bytes: Uint8Array;
   try {
-    bytes = await Deno.readFile(path);
+    await Deno.stat(path);
+    return true;
   } catch (e) {
-    if (e instanceof Deno.errors.NotFound) return null;
-    throw e;
+    if (!(e instanceof Deno.errors.NotFound)) throw e;
   }
+  const bytes = await storage?.loadWeights?.(id);
+  if (!bytes) return false;
+  await Deno.mkdir(`${dir}/weights`, { recursive: true });
+  await writeFileAtomic(path, bytes);
+  return true;
+}
+
+/**
+ * Reads a saved trial's weights to the host (decoded from the file, no device round trip; fetched from a
+ * shared `storage` first if only it has them); null if missing.
+ */
+export async function readTrialWeights(
+  dir: string,
+  id: number,
+  storage?: SearchStorage,
+): Promise<HostState | null> {
+  const path = weightsPath(dir, id);
+  if (!(await fetchTrialWeights(dir, id, storage))) return null;
+  const bytes = await Deno.readFile(path);
   const out: HostState = {};
   for (const [k, t] of Object.entries(decodeSafetensors(bytes, path).tensors)) {
     out[k] = { shape: t.shape, data: t.data };
@@ -142,7 +166,7 @@ export function scoreNetwork(
 
 /**
  * Trains and scores `trial` (already claimed by `ctx.worker`) and commits the result. `spec` is its UNetSpec.
- * Heartbeats go with every logged loss. Returns the committed result.
+ * Heartbeats go with every logged loss (unless the memory heartbeats from a thread of its own). Returns the committed result.
  */
 export async function runTrial(
   ctx: RunnerContext,
@@ -159,7 +183,7 @@ export async function runTrial(
   const result: TrialResult = { status: "failed", lossHistory: [], costs: {} };
   try {
     if (c.inherit && trial.parentId !== null) {
-      const parent = await readTrialWeights(ctx.dir, trial.parentId);
+      const parent = await readTrialWeights(ctx.dir, trial.parentId, ctx.storage);
       if (parent) init = await inheritedInit(spec, trial.seed, parent, ctx.device);
     }
     trainer = new Trainer(cfg, ctx.device, ctx.dataset, { init });
@@ -171,7 +195,8 @@ export async function runTrial(
       onStep: (p) => emit({ type: "train", nimg: p.nimg, totalNimg }),
       onLog: async (e) => {
         emit({ type: "train", nimg: e.nimg, totalNimg, loss: e.loss });
-        await ctx.storage.heartbeat(trial.id, ctx.worker);
+        // (A memory with a heartbeat thread needs no beat from here.)
+        if (!ctx.storage.startHeartbeats) await ctx.storage.heartbeat(trial.id, ctx.worker);
       },
       // Optuna's median rule at the first logged point at or past each checkpoint of the schedule.
       shouldStop: (e) => {
@@ -194,6 +219,12 @@ export async function runTrial(
     const net = trainer.emaNetwork();
     await Deno.mkdir(`${ctx.dir}/weights`, { recursive: true });
     await saveSafetensors(weightsPath(ctx.dir, trial.id), net.stateDict(), { trial: String(trial.id) });
+    // A shared memory keeps them too (other machines inherit from them, the report draws them).
+    await ctx.storage.saveWeights?.(
+      trial.id,
+      ctx.worker,
+      await Deno.readFile(weightsPath(ctx.dir, trial.id)),
+    );
     const m = await scoreNetwork(net, cfg.sigmaData, ctx, "RFID", proxyProtocol(c), emit);
     result.status = "done";
     result.scores = { proxyFid: m.value, proxyName: m.name };
@@ -208,4 +239,89 @@ export async function runTrial(
     trainer?.dispose();
     if (init) { for (const t of Object.values(init)) t.dispose(); }
   }
+}
+
+/** What became of a claimed trial. */
+export interface TrialOutcome {
+  result: TrialResult;
+  /** False when the storage refused the result (the trial was re-queued meanwhile): recorded as late. */
+  applied: boolean;
+  /** Heartbeats the storage refused (the trial was no longer this worker's). */
+  lostHeartbeats: number;
+  /** The heartbeats sent while it ran (from the heartbeat thread, when the memory has one). */
+  heartbeats: HeartbeatStats;
+}
+
+/**
+ * Works on one trial claimed by `ctx.worker`: trains and scores it (`runTrial`) while it heartbeats every
+ * `config.queue.heartbeatSeconds` (from the memory's heartbeat thread where it has one: synchronous kernels
+ * may hold this thread for seconds), then commits the result with the trial's costs merged. `spec` is its network
+ * or, when its architecture does not build, the reason (committed as a failure). An interruption is thrown
+ * (message "interrupted") and nothing is committed: the trial is re-queued once its heartbeat is stale, or at
+ * once by a search process that resumes.
+ */
+export async function workOnTrial(
+  ctx: RunnerContext,
+  trial: Trial,
+  spec: { ok: true; value: UNetSpec } | { ok: false; reason: string },
+  opts: { onEvent?: (e: TrialEvent) => void; signal?: AbortSignal; memory?: readonly Trial[] } = {},
+): Promise<TrialOutcome> {
+  if (!spec.ok) {
+    const result: TrialResult = { status: "failed", error: spec.reason };
+    const heartbeats = { calls: 0, ms: 0, lost: 0 };
+    return {
+      result,
+      applied: await ctx.storage.finish(trial.id, ctx.worker, result),
+      lostHeartbeats: 0,
+      heartbeats,
+    };
+  }
+  const intervalMs = ctx.config.queue.heartbeatSeconds * 1000;
+  const heartbeats = ctx.storage.startHeartbeats
+    ? await ctx.storage.startHeartbeats(trial.id, ctx.worker, intervalMs)
+    : timerHeartbeats(ctx.storage, trial.id, ctx.worker, intervalMs);
+  let result: TrialResult, beats: HeartbeatStats;
+  try {
+    result = await runTrial(ctx, trial, spec.value, opts);
+  } finally {
+    beats = await heartbeats.stop();
+  }
+  const committed = { ...result, costs: { ...trial.costs, ...result.costs } };
+  return {
+    result: committed,
+    applied: await ctx.storage.finish(trial.id, ctx.worker, committed),
+    lostHeartbeats: beats.lost,
+    heartbeats: beats,
+  };
+}
+
+/** Heartbeats on a timer of this thread (a memory without a heartbeat thread: SQLite, one process). */
+function timerHeartbeats(
+  storage: SearchStorage,
+  id: number,
+  worker: string,
+  intervalMs: number,
+): { stop(): Promise<HeartbeatStats> } {
+  const stats: HeartbeatStats = { calls: 0, ms: 0, lost: 0 };
+  let beating = Promise.resolve();
+  const timer = setInterval(() => {
+    beating = beating.then(async () => {
+      const t0 = performance.now();
+      try {
+        if (!(await storage.heartbeat(id, worker))) stats.lost++;
+      } catch {
+        // A missed heartbeat is what the grace period allows for.
+      } finally {
+        stats.calls++;
+        stats.ms += performance.now() - t0;
+      }
+    });
+  }, intervalMs);
+  return {
+    stop: async () => {
+      clearInterval(timer);
+      await beating;
+      return stats;
+    },
+  };
 }

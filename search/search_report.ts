@@ -1,8 +1,9 @@
 /**
  * @file The search's report from its memory: gathers what `search/report.ts` draws (ranking, Pareto front,
  * best-so-far curves, sample grids of the best trials and of the default network) and writes report.json and
- * report.html into the run folder. Everything comes from the storage and the saved weights, so the report of a
- * resumed or finished search can be written again at any time.
+ * report.html into the run folder. Everything comes from the storage and the saved weights (which a shared
+ * memory holds too), so the report of a resumed or finished search can be written again at any time, on any
+ * machine that reaches the memory. A section lists who ran each trial, its attempts and its time in the queue.
  */
 
 import { UNet, type UNetSpec } from "../models/unet.ts";
@@ -10,15 +11,22 @@ import { NetworkGenerator } from "../models/generate.ts";
 import { encodeImageGrid } from "../models/images.ts";
 import { protocolSettings } from "../eval/proxy.ts";
 import { writeFileAtomic } from "../util/files.ts";
-import { bestSoFarByProposer, bestTrials, paretoFront } from "./memory.ts";
-import { formatSummaryTable, type ReportGrid, type ReportInput, writeReport } from "./report.ts";
-import { type RunnerContext, weightsPath } from "./runner.ts";
+import { bestSoFarByProposer, bestTrials, paretoFront, queueWaitSeconds, trialWorker } from "./memory.ts";
+import {
+  formatSummaryTable,
+  type ReportGrid,
+  type ReportInput,
+  type ReportSection,
+  writeReport,
+} from "./report.ts";
+import { fetchTrialWeights, type RunnerContext, weightsPath } from "./runner.ts";
 import { type Architecture, toUNetSpec } from "./space.ts";
 import type { Trial } from "./types.ts";
 
 /** A PNG grid of `config.gridImages` samples of a trial's saved weights (the proxy's sampler and seed). */
 async function trialGrid(ctx: RunnerContext, trial: Trial, spec: UNetSpec): Promise<Uint8Array | null> {
   const n = ctx.config.gridImages;
+  if (!(await fetchTrialWeights(ctx.dir, trial.id, ctx.storage))) return null;
   const net = new UNet(spec, { device: ctx.device }).eval();
   try {
     await net.loadSafetensors(weightsPath(ctx.dir, trial.id));
@@ -114,6 +122,38 @@ export async function writeSearchReport(
       }
       : undefined,
     grids,
+    sections: [workersSection(trials)],
   };
   return { ...await writeReport(ctx.dir, input), summary: formatSummaryTable(input) };
+}
+
+/** Who ran each claimed trial, its attempts (lost ones with the reason) and its time in the queue. */
+export function workersSection(trials: readonly Trial[]): ReportSection {
+  const claimed = trials.filter((t) => t.attempts.length);
+  const waits = claimed.map(queueWaitSeconds).filter((w): w is number => w !== null);
+  const workers = new Set(claimed.map(trialWorker).filter((w) => w !== null));
+  const mean = waits.length ? waits.reduce((a, b) => a + b, 0) / waits.length : 0;
+  return {
+    title: "Workers and queue",
+    text: `${claimed.length} trials claimed by ${workers.size} worker(s); mean time in the queue ` +
+      `${mean.toFixed(1)} s. Attempts lost to a stopped heartbeat were retried with the same spec and seed.`,
+    table: {
+      columns: ["trial", "status", "worker", "queue s", "run s", "attempts"],
+      rows: claimed.map((t) => {
+        const last = t.attempts[t.attempts.length - 1];
+        return [
+          t.id,
+          t.status,
+          trialWorker(t),
+          queueWaitSeconds(t),
+          last.end === null ? null : (last.end - last.start) / 1000,
+          t.attempts.map((a) =>
+            `${a.worker}${a.error ? ` (${a.error})` : ""}${
+              a.lateResult ? ` (late ${a.lateResult.status})` : ""
+            }`
+          ).join("; "),
+        ];
+      }),
+    },
+  };
 }

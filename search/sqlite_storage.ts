@@ -311,20 +311,26 @@ export class SqliteStorage implements SearchStorage {
     });
   }
 
-  requeueStale(graceMs: number, now?: number): Promise<number[]> {
+  requeueStale(graceMs: number, now?: number, maxAttempts = Infinity): Promise<number[]> {
     return settle(() =>
       this.#tx(() => {
         now ??= this.#now();
         const stale = this.#db.prepare(
-          "SELECT id, heartbeat_at FROM trials WHERE status = 'running' AND heartbeat_at < ? ORDER BY id",
+          `SELECT id, heartbeat_at, (SELECT COUNT(*) FROM attempts WHERE trial_id = trials.id) AS tries
+           FROM trials WHERE status = 'running' AND heartbeat_at < ? ORDER BY id`,
         ).all(now - graceMs);
         for (const r of stale) {
           const id = Number(r.id), silent = (now! - Number(r.heartbeat_at)) / 1000;
-          this.#db.prepare("UPDATE trials SET status = 'queued', heartbeat_at = NULL WHERE id = ?").run(id);
+          const why = `heartbeat lost: none for ${silent.toFixed(1)} s (grace ${graceMs / 1000} s)`;
+          const giveUp = Number(r.tries) >= maxAttempts;
+          this.#db.prepare("UPDATE trials SET status = ?, heartbeat_at = NULL, error = ? WHERE id = ?").run(
+            giveUp ? "failed" : "queued",
+            giveUp ? `${why}; gave up after ${r.tries} attempts` : null,
+            id,
+          );
           this.#db.prepare(
             "UPDATE attempts SET ended_at = ?, error = ? WHERE trial_id = ? AND ended_at IS NULL",
-          )
-            .run(now, `heartbeat lost: none for ${silent.toFixed(1)} s (grace ${graceMs / 1000} s)`, id);
+          ).run(now, why, id);
         }
         return stale.map((r) => Number(r.id));
       })

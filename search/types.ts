@@ -31,6 +31,13 @@ export interface TrialAttempt {
   lateResult?: TrialResult;
 }
 
+/** What a trial's heartbeats cost: how many were sent, milliseconds spent, how many the memory refused. */
+export interface HeartbeatStats {
+  calls: number;
+  ms: number;
+  lost: number;
+}
+
 /** One logged point of a training run. */
 export interface LossPoint {
   step: number;
@@ -116,7 +123,7 @@ export interface TrialResult {
 }
 
 /**
- * The search memory. SQLite in the run folder by default, PostgreSQL for many machines (a later issue); both
+ * The search memory. SQLite in the run folder by default, PostgreSQL for many machines (`postgres_storage.ts`); both
  * implement this interface and pass the same tests. Every method that changes state is one transaction.
  */
 export interface SearchStorage {
@@ -137,8 +144,27 @@ export interface SearchStorage {
    * the trial is no longer running under that worker, e.g. it was re-queued after its heartbeat was lost.
    */
   finish(id: number, worker: string, result: TrialResult): Promise<boolean>;
-  /** Running trials whose heartbeat is older than `graceMs` go back to queued (attempt closed with an error). */
-  requeueStale(graceMs: number, now?: number): Promise<number[]>;
+  /**
+   * Running trials whose heartbeat is older than `graceMs` go back to queued (attempt closed with an error),
+   * or to failed once they have had `maxAttempts` attempts (the retry limit; default none). Returns their ids.
+   */
+  requeueStale(graceMs: number, now?: number, maxAttempts?: number): Promise<number[]>;
+  /**
+   * Stores a trial's weights (safetensors bytes) in the memory itself, for processes on other machines (the
+   * memories that are shared have it). Only while the trial runs under `worker`; false (nothing stored) else.
+   */
+  saveWeights?(id: number, worker: string, bytes: Uint8Array): Promise<boolean>;
+  /** A trial's weights stored with `saveWeights`, or null. */
+  loadWeights?(id: number): Promise<Uint8Array | null>;
+  /**
+   * Heartbeats for `worker`'s running trial `id` every `intervalMs` from a thread of their own (a shared
+   * memory's: the main thread may be busy in synchronous kernels for seconds) until `stop` is called.
+   */
+  startHeartbeats?(
+    id: number,
+    worker: string,
+    intervalMs: number,
+  ): Promise<{ stop(): Promise<HeartbeatStats> }>;
   /** One trial by id, or by key. */
   getTrial(id: number): Promise<Trial | null>;
   getTrialByKey(key: string): Promise<Trial | null>;

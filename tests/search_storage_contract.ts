@@ -6,11 +6,12 @@
  *
  * `storageContract(name, makeFixture)` registers the tests; a fixture opens the same store as often as asked
  * (a reopen must see what was committed) and removes it afterwards. SQLite runs it in
- * tests/search_storage_test.ts; the PostgreSQL storage will run it too.
+ * tests/search_storage_test.ts, PostgreSQL in tests/search_postgres_test.ts; `skip` (a reason) registers the
+ * tests as ignored, for a storage that cannot run here.
  */
 
 import type { NewTrial, SearchStorage } from "../search/types.ts";
-import { assertEquals, assertRejects, test } from "./util.ts";
+import { assertEquals, assertRejects, test as registerTest } from "./util.ts";
 
 /** One store under test: `open` connects to it (again), `cleanup` removes it. */
 export interface StorageFixture {
@@ -31,7 +32,13 @@ function assert(cond: unknown, what: string): asserts cond {
 }
 
 /** Registers the contract's tests for one storage kind. */
-export function storageContract(name: string, makeFixture: () => Promise<StorageFixture>): void {
+export function storageContract(
+  name: string,
+  makeFixture: () => Promise<StorageFixture>,
+  skip: string | null = null,
+): void {
+  const test = (title: string, fn: () => Promise<void>) =>
+    skip ? Deno.test({ name: `${title} [skipped: ${skip}]`, ignore: true, fn }) : registerTest(title, fn);
   const withStore = (title: string, f: (s: SearchStorage, fx: StorageFixture) => Promise<void>) =>
     test(`${name}: ${title}`, async () => {
       const fx = await makeFixture();
@@ -171,6 +178,28 @@ export function storageContract(name: string, makeFixture: () => Promise<Storage
       assert(await s.finish(t.id, "w2", { status: "pruned" }), "the new worker finishes it");
       assertEquals((await s.getTrial(t.id))!.status, "pruned", "pruned");
       assert(!(await s.finish(99, "w2", { status: "done" })), "an unknown trial");
+    },
+  );
+
+  withStore(
+    "the retry limit: a trial that lost its heartbeat on its last allowed attempt fails",
+    async (s) => {
+      const { trial: t } = await s.addTrial(trial("a", { seed: 5 }));
+      const t0 = Date.now();
+      await s.claimNext("w1");
+      assertEquals(await s.requeueStale(1_000, t0 + 60_000, 2), [t.id], "first loss: re-queued");
+      assertEquals((await s.getTrial(t.id))!.status, "queued", "queued again");
+      await s.claimNext("w2");
+      assertEquals(await s.requeueStale(1_000, t0 + 120_000, 2), [t.id], "second loss");
+      const failed = (await s.getTrial(t.id))!;
+      assertEquals([failed.status, failed.seed, failed.attempts.map((a) => a.worker)], [
+        "failed",
+        5,
+        ["w1", "w2"],
+      ], "failed after two attempts");
+      assert(failed.error?.includes("gave up after 2 attempts"), `error: ${failed.error}`);
+      assert(failed.attempts.every((a) => a.end !== null && a.error?.includes("heartbeat")), "both closed");
+      assertEquals(await s.claimNext("w3"), null, "a failed trial is not claimed");
     },
   );
 
