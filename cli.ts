@@ -842,7 +842,7 @@ program
       );
       if (!r.written) {
         throw new Error(
-          `not written: the held-out accuracy on the default (bold) scenes must be at least ` +
+          `not written: the held-out accuracy on the default (flat) scenes must be at least ` +
             `${SHAPES_NET_MIN_ACCURACY * 100}% (train longer with --steps)`,
         );
       }
