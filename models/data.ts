@@ -6,7 +6,7 @@
  * - `ProceduralShapes`, the embedded default: colour images generated on the fly from (seed, index); the label
  *   is the kind of the largest shape (disc, rectangle, triangle, ring, stripes). Three scene styles:
  *   - "flat" (the default): one large light-grey shape (radius 30–38% of the side, centred within the middle
- *     sixth; rings 2.5–4 pixels thick and stripes of at least 4 pixels at 16×16, light and dark) on a plain
+ *     sixth; rings 2.4–4 pixels thick and stripes of at least 4 pixels at 16×16, light and dark) on a plain
  *     dark-grey background: two grey levels, the simplest scene a network can get the five shapes from. Even so,
  *     the default 16×16 training draws single light blobs on a clean background at its 6 kimg, not
  *     recognisable shapes (README, "The embedded data", the training-length table).
@@ -200,7 +200,7 @@ const BOLD_SHAPE: ShapeStyle = {
   ornaments: false,
 };
 
-// One large flat shape in the middle: a ring is 2.5–4 pixels thick and a stripe period at least 4 pixels at 16×16.
+// One large flat shape in the middle: a ring is 2.4–4 pixels thick and a stripe period at least 4 pixels at 16×16.
 const FLAT_SHAPE: ShapeStyle = {
   centre: [0.42, 0.58],
   contrast: 1.0,
