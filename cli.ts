@@ -966,7 +966,7 @@ program
   .option("--controls", "do not train: print the FIDs of the validity controls (eval/controls.ts)")
   .option("--weights <file>", "with --controls: the network to measure (default: the shipped one)")
   .option("--n <count>", "with --controls: images per side of each FID (default 2048)", num)
-  .option("--scene <name...>", "with --controls: procedural scene styles (default: bold busy)")
+  .option("--scene <name...>", "with --controls: procedural scene styles (default: flat bold busy)")
   .option("--resolution <px>", "with --controls: image side (default 16)", num)
   .option("--backend <name>", "webgpu or cpu", "webgpu")
   .exitOverride(usageExit)
@@ -1038,7 +1038,7 @@ program
       );
       if (!r.written) {
         throw new Error(
-          `not written: the held-out accuracy on the default (bold) scenes must be at least ` +
+          `not written: the held-out accuracy on the default (flat) scenes must be at least ` +
             `${SHAPES_NET_MIN_ACCURACY * 100}% (train longer with --steps)`,
         );
       }

@@ -12,7 +12,7 @@
  *   visible; the earlier ShapesNet did not (the issue that added this file);
  * - colours permuted: every image's channels rotated (RGB → GBR). The generator draws colours uniformly, so this
  *   is almost the data's own distribution: a score near the real floor says the network is not misled by a
- *   colour cast either.
+ *   colour cast either. (The flat scenes are grey, so for them the rotation changes nothing.)
  * Images are quantized to 8 bits before their features are taken, like a sampler's output.
  */
 

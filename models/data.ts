@@ -4,11 +4,15 @@
  *
  * Three sources:
  * - `ProceduralShapes`, the embedded default: colour images generated on the fly from (seed, index); the label
- *   is the kind of the largest shape (disc, rectangle, triangle, ring, stripes). Two scene styles:
- *   - "bold" (the default): one large plain shape (radius 27–36% of the side, centred within the middle third,
- *     a colour far from the background's, rings 2–3 pixels thick and stripes of at least 3 pixels at 16×16)
- *     on a smooth gradient between two nearby colours. The default 16×16 training draws recognisable shapes
- *     within its 6 kimg on these; on the busy scenes it drew coloured blobs (README, "The embedded data").
+ *   is the kind of the largest shape (disc, rectangle, triangle, ring, stripes). Three scene styles:
+ *   - "flat" (the default): one large light-grey shape (radius 30–38% of the side, centred within the middle
+ *     sixth; rings 2.4–4 pixels thick and stripes of at least 4 pixels at 16×16, light and dark) on a plain
+ *     dark-grey background: two grey levels, the simplest scene a network can get the five shapes from. Even so,
+ *     the default 16×16 training draws single light blobs on a clean background at its 6 kimg, not
+ *     recognisable shapes (README, "The embedded data", the training-length table).
+ *   - "bold": one large plain shape (radius 27–36% of the side, centred within the middle third, a colour far
+ *     from the background's, rings 2–3 pixels thick and stripes of at least 3 pixels at 16×16) on a smooth
+ *     gradient between two nearby colours. The default training drew multicoloured blobs on these.
  *   - "busy" (the original data, bytes unchanged): structure at every scale — a two-colour gradient with
  *     low-frequency colour noise, two to five antialiased shapes with random colours, positions, sizes,
  *     shading, highlights and translucency, fine checker/hatch textures on some, and a faint per-pixel grain.
@@ -94,8 +98,8 @@ abstract class ByteDataset implements Dataset {
 // ---------------------------------------------------------------------------------------------------------------
 // The procedural dataset.
 
-/** The procedural scene styles (see the file comment); "bold" is the default. */
-export const PROCEDURAL_SCENES = ["bold", "busy"] as const;
+/** The procedural scene styles (see the file comment); "flat" is the default. */
+export const PROCEDURAL_SCENES = ["flat", "bold", "busy"] as const;
 export type ProceduralScene = typeof PROCEDURAL_SCENES[number];
 
 /** The image sides the procedural shapes are drawn at, in pixels. */
@@ -109,8 +113,9 @@ export const ProceduralConfig = z.object({
   seed: z.number().int().min(0).max(0xffffffff).default(0),
   // Number of images (they are generated on demand, so this costs no memory).
   length: z.number().int().positive().default(50000),
-  // Scene style: "bold" (one large shape on a smooth background) or "busy" (the original cluttered scenes).
-  scene: z.enum(PROCEDURAL_SCENES).default("bold"),
+  // Scene style: "flat" (one light shape on dark grey), "bold" (one coloured shape on a smooth gradient) or
+  // "busy" (the original cluttered scenes).
+  scene: z.enum(PROCEDURAL_SCENES).default("flat"),
 }).strict();
 export type ProceduralOptions = z.input<typeof ProceduralConfig>;
 
@@ -118,6 +123,9 @@ export type ProceduralOptions = z.input<typeof ProceduralConfig>;
 export const PROCEDURAL_CLASSES = ["disc", "rectangle", "triangle", "ring", "stripes"] as const;
 
 type RGB = [number, number, number];
+
+/** The two colours of the "flat" scenes: a light shape (light and dark stripes) on a dark background. */
+const FLAT_PALETTE: readonly RGB[] = [[0.15, 0.15, 0.15], [0.85, 0.85, 0.85]];
 
 interface ShapeSpec {
   kind: number;
@@ -169,6 +177,8 @@ interface ShapeStyle {
   shade: number;
   /** Fine textures, highlights and translucency ("busy" only). */
   ornaments: boolean;
+  /** Colours drawn from this palette (never the background's or, for stripes, the fill's) instead of uniformly. */
+  palette?: readonly RGB[];
 }
 
 const BUSY_SHAPE: ShapeStyle = {
@@ -190,6 +200,23 @@ const BOLD_SHAPE: ShapeStyle = {
   ornaments: false,
 };
 
+// One large flat shape in the middle: a ring is 2.4–4 pixels thick and a stripe period at least 4 pixels at 16×16.
+const FLAT_SHAPE: ShapeStyle = {
+  centre: [0.42, 0.58],
+  contrast: 1.0,
+  ringHalf: [0.25, 0.33],
+  stripePeriod: [0.25, 0.3],
+  shade: 0,
+  ornaments: false,
+  palette: FLAT_PALETTE,
+};
+
+/** A palette colour other than `avoid` (compared exactly: `avoid` is a palette colour too). */
+function paletteColour(rng: Rng, palette: readonly RGB[], avoid: RGB): RGB {
+  const others = palette.filter((c) => c[0] !== avoid[0] || c[1] !== avoid[1] || c[2] !== avoid[2]);
+  return others[rng.int(others.length)];
+}
+
 function makeShape(
   rng: Rng,
   kind: number,
@@ -200,7 +227,9 @@ function makeShape(
 ): ShapeSpec {
   const cx = rng.range(...style.centre), cy = rng.range(...style.centre);
   const tries = style.ornaments ? 8 : 32;
-  const colour = randomColour(rng, bgAt(cx, cy), style.contrast, tries);
+  const colour = style.palette
+    ? paletteColour(rng, style.palette, bgAt(cx, cy))
+    : randomColour(rng, bgAt(cx, cy), style.contrast, tries);
   let sd: (u: number, v: number) => number;
   let stripes: ShapeSpec["stripes"] = null;
   const boxSd = (hw: number, hh: number, a: number, b: number) => (u: number, v: number) => {
@@ -249,7 +278,10 @@ function makeShape(
     sd = rng.next() < 0.5 ? discSd(r) : boxSd(r * rng.range(0.6, 1.0), r * rng.range(0.5, 0.9), a, b);
     // At least 3 pixels per stripe period, so that 16×16 renderings do not alias.
     const period = Math.max(rng.range(...style.stripePeriod), 3 / R);
-    stripes = { colour: randomColour(rng, colour, style.contrast, tries), dir: rng.direction(), period };
+    const second = style.palette
+      ? paletteColour(rng, style.palette, colour)
+      : randomColour(rng, colour, style.contrast, tries);
+    stripes = { colour: second, dir: rng.direction(), period };
   }
   if (!style.ornaments) {
     const [shade, shadeDir] = [rng.range(-style.shade, style.shade), rng.direction()];
@@ -292,7 +324,7 @@ interface Scene {
 
 /** Options of `renderProcedural`. */
 export interface RenderOptions {
-  /** Scene style (default "bold"). */
+  /** Scene style (default "flat"). */
   scene?: ProceduralScene;
   /** Draw the shapes (default true); false paints the same scene's background alone (FID's "no shapes" control). */
   shapes?: boolean;
@@ -309,14 +341,34 @@ export function renderProcedural(
   opts: RenderOptions = {},
 ): { bytes: Uint8Array; label: number } {
   const rng = new Rng(hash2(seed >>> 0, index >>> 0));
-  const scene = (opts.scene ?? "bold") === "busy" ? busyScene(rng, R) : boldScene(rng, R);
+  const style = opts.scene ?? "flat";
+  const scene = style === "busy"
+    ? busyScene(rng, R)
+    : style === "bold"
+    ? boldScene(rng, R)
+    : flatScene(rng, R);
   const shapes = opts.shapes === false ? [] : scene.shapes;
   return { bytes: paint(R, scene.background, shapes, scene.grain, rng), label: scene.label };
 }
 
 /**
+ * The "flat" scene: one large light shape (its kind is the label; stripes alternate light and dark) on a plain
+ * dark background; no shading, no grain. Two grey levels, so that a small network spends its first thousands
+ * of images on geometry rather than on colour (see the README's training-length table).
+ */
+function flatScene(rng: Rng, R: number): Scene {
+  const bg = FLAT_PALETTE[0];
+  const background = (_u: number, _v: number, out: RGB) => {
+    out[0] = bg[0], out[1] = bg[1], out[2] = bg[2];
+  };
+  const label = rng.int(PROCEDURAL_CLASSES.length);
+  const shape = makeShape(rng, label, rng.range(0.3, 0.38), R, () => bg, FLAT_SHAPE);
+  return { background, shapes: [shape], label, grain: 0 };
+}
+
+/**
  * The "bold" scene: one large plain shape (its kind is the label) with a high-contrast colour, on a smooth
- * gradient between two nearby colours; no grain. Built so that the default 16×16 training draws its shapes.
+ * gradient between two nearby colours; no grain.
  */
 function boldScene(rng: Rng, R: number): Scene {
   const c0 = randomColour(rng), c1 = c0.map((c) => clamp01(c + rng.range(-0.2, 0.2))) as RGB;
@@ -449,7 +501,7 @@ export class ProceduralShapes extends ByteDataset {
     this.height = this.width = o.resolution;
     this.seed = o.seed;
     this.scene = o.scene;
-    // The busy scenes keep the name they had before the bold ones became the default.
+    // The busy scenes keep the name they had before the bold (and then the flat) ones became the default.
     this.name = o.scene === "busy"
       ? `procedural-shapes-${o.resolution}x${o.resolution}-seed${o.seed}`
       : `procedural-${o.scene}-${o.resolution}x${o.resolution}-seed${o.seed}`;
@@ -703,8 +755,9 @@ export const DataConfig = z.discriminatedUnion("kind", [
     seed: z.number().int().min(0).max(0xffffffff).default(0),
     // Number of images.
     length: z.number().int().positive().default(50000),
-    // Scene style: "bold" (one large shape; the default) or "busy" (the original cluttered scenes).
-    scene: z.enum(PROCEDURAL_SCENES).default("bold"),
+    // Scene style: "flat" (one light shape on dark grey; the default), "bold" (one coloured shape on a smooth
+    // gradient) or "busy" (the original cluttered scenes).
+    scene: z.enum(PROCEDURAL_SCENES).default("flat"),
   }).strict(),
   z.object({
     // CIFAR-10's binary files.

@@ -47,16 +47,21 @@ function fnv1a(parts: Uint8Array[]): string {
 
 test("procedural shapes: deterministic from the seed, pinned by a golden hash, independent of access order", () => {
   // Changing the generator changes the dataset (and every result measured on it): update these deliberately.
-  // The busy scenes' hashes are those of the generator before the bold scenes were added: their bytes are kept.
-  const golden = { bold: ["9a381eca", "260a8d61", "51cbd1ee"], busy: ["7162f379", "bc5f8f97", "a446accc"] };
+  // The busy scenes' hashes are those of the generator before the bold scenes were added, and the bold ones those
+  // from before the flat scenes were added: their bytes are kept.
+  const golden = {
+    flat: ["8112a966", "82da54d8", "de8b11a5"],
+    bold: ["9a381eca", "260a8d61", "51cbd1ee"],
+    busy: ["7162f379", "bc5f8f97", "a446accc"],
+  };
   for (const scene of PROCEDURAL_SCENES) {
     const first16 = (R: number) =>
       Array.from({ length: 16 }, (_, i) => renderProcedural(0, i, R, { scene }).bytes);
     const later = Array.from({ length: 4 }, (_, i) => renderProcedural(12345, 1000 + i, 32, { scene }).bytes);
     assertEquals([fnv1a(first16(32)), fnv1a(first16(16)), fnv1a(later)], golden[scene]);
   }
-  // The default is the bold scene.
-  assertEquals(renderProcedural(0, 3, 16).bytes, renderProcedural(0, 3, 16, { scene: "bold" }).bytes);
+  // The default is the flat scene.
+  assertEquals(renderProcedural(0, 3, 16).bytes, renderProcedural(0, 3, 16, { scene: "flat" }).bytes);
   const a = new ProceduralShapes({ seed: 7, length: 100 }),
     b = new ProceduralShapes({ seed: 7, length: 100 });
   const forward = Array.from({ length: 20 }, (_, i) => a.bytes(i));
@@ -152,13 +157,13 @@ test("busy procedural scenes: values span [−1, 1]; images are structured at se
 });
 
 test("bold procedural scenes: one large shape on a smooth background; every class; σ near EDM's 0.5", () => {
-  const R = 16, N = 200, ds = new ProceduralShapes({ resolution: R, length: N });
-  assertEquals(ds.scene, "bold");
+  const R = 16, N = 200, ds = new ProceduralShapes({ resolution: R, length: N, scene: "bold" });
+  assertEquals(ds.name, "procedural-bold-16x16-seed0");
   const counts = new Array(PROCEDURAL_CLASSES.length).fill(0);
   let sum = 0, sum2 = 0, count = 0;
   for (let i = 0; i < N; i++) {
     counts[ds.label(i)!]++;
-    const img = ds.bytes(i), bg = renderProcedural(0, i, R, { shapes: false }).bytes;
+    const img = ds.bytes(i), bg = renderProcedural(0, i, R, { scene: "bold", shapes: false }).bytes;
     // The shape covers a large part of the image (its radius is 27–36% of the side) ...
     let covered = 0;
     for (let p = 0; p < R * R; p++) {
@@ -180,10 +185,41 @@ test("bold procedural scenes: one large shape on a smooth background; every clas
   if (Math.abs(std - 0.5) > 0.15) throw new Error(`pixel std ${std}, σ_data is 0.5`);
 });
 
-test("procedural shapes: the 16×16 rendering is the same scene as the 32×32 one (both styles)", () => {
+test("flat procedural scenes (the default): one light shape on plain dark grey; every class; labels kept", () => {
+  const R = 16, N = 200, ds = new ProceduralShapes({ resolution: R, length: N });
+  assertEquals([ds.scene, ds.name], ["flat", "procedural-flat-16x16-seed0"]);
+  const dark = Math.round(0.15 * 255), light = Math.round(0.85 * 255);
+  const counts = new Array(PROCEDURAL_CLASSES.length).fill(0);
+  for (let i = 0; i < N; i++) {
+    const label = ds.label(i)!, img = ds.bytes(i), { bytes, label: rendered } = renderProcedural(0, i, R);
+    counts[label]++;
+    assertEquals([rendered, Array.from(bytes)], [label, Array.from(img)]);
+    let lit = 0;
+    for (let p = 0; p < R * R; p++) {
+      // Grey (R = G = B) and between the two levels: antialiased edges mix them, nothing else is drawn.
+      const v = img[p];
+      if (img[R * R + p] !== v || img[2 * R * R + p] !== v || v < dark || v > light) {
+        throw new Error(`image ${i}: pixel ${p} is (${v}, ${img[R * R + p]}, ${img[2 * R * R + p]})`);
+      }
+      if (v > 128) lit++;
+    }
+    // The shape is large (at least 16 of 256 pixels lit, even a thin-striped one) and the corners are background.
+    if (lit < 16) throw new Error(`image ${i} (${PROCEDURAL_CLASSES[label]}): only ${lit} pixels lit`);
+    for (const p of [0, R - 1, R * (R - 1), R * R - 1]) {
+      if (img[p] !== dark) throw new Error(`image ${i}: corner ${p} is ${img[p]}`);
+    }
+    const bg = renderProcedural(0, i, R, { shapes: false }).bytes;
+    if (bg.some((b) => b !== dark)) {
+      throw new Error(`image ${i}: the background alone is not plain dark grey`);
+    }
+  }
+  if (counts.some((c) => c < 20)) throw new Error(`class counts ${counts}`);
+});
+
+test("procedural shapes: the 16×16 rendering is the same scene as the 32×32 one (every style)", () => {
   let total = 0;
   for (let i = 0; i < 30; i++) {
-    const scene = PROCEDURAL_SCENES[i % 2];
+    const scene = PROCEDURAL_SCENES[i % PROCEDURAL_SCENES.length];
     const big = renderProcedural(3, i, 32, { scene }), small = renderProcedural(3, i, 16, { scene });
     assertEquals(big.label, small.label);
     // 2×2 average pooling of the 32×32 image against the 16×16 one.

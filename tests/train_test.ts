@@ -84,7 +84,7 @@ async function checkpointValues(dir: string, device: Device): Promise<Map<string
 test("configuration: defaults, the data follows the network's resolution, errors name the field", async () => {
   const cfg = await parseTrainConfig({});
   assertEquals(cfg.network.imgResolution, 16);
-  assertEquals(cfg.data, { kind: "procedural", resolution: 16, seed: 0, length: 50000, scene: "bold" });
+  assertEquals(cfg.data, { kind: "procedural", resolution: 16, seed: 0, length: 50000, scene: "flat" });
   assertEquals((await parseTrainConfig({ network: "ddsm-cifar10" })).data.kind === "procedural", true);
   assertEquals((await parseTrainConfig({ network: "ddsm-cifar10" })).network.modelChannels, 128);
   const e = await expectReject(parseTrainConfig({ batch: 0, lr: "x", bogus: 1 }), "batch", "lr", "bogus");
