@@ -26,8 +26,7 @@
 
 import { cat, type Device, forwardScope, silu, type Tensor } from "../engine/mod.ts";
 import { type LayoutEntry, planLayers, type PlannedLayer, UNet, unetLayout, type UNetSpec } from "./unet.ts";
-import { type Downsample, type SlimConv2d, UNetBlock, type Upsample } from "./unet_blocks.ts";
-import { slimGroups } from "./slimmable.ts";
+import { type Downsample, normGroups, type SlimConv2d, UNetBlock, type Upsample } from "./unet_blocks.ts";
 
 /** One block of the cut. */
 export interface BlockCut {
@@ -353,7 +352,7 @@ export function blockPlan(spec: UNetSpec, cut: BlockCut, choice: BlockChoice): P
       out.push({ ...l, out: k * hiddenChannels(o / k, choice.width) });
     } else if (part === "norm1") {
       const h = hiddenChannels(o, choice.width);
-      out.push({ ...l, in: h, out: h, groups: h === o ? l.groups : slimGroups(l.groups ?? 1, h) });
+      out.push({ ...l, in: h, out: h, groups: normGroups(h, spec.normGroups, spec.normMinChannelsPerGroup) });
     } else if (part === "conv1") {
       out.push({ ...l, in: hiddenChannels(o, choice.width) });
     } else out.push(l);

@@ -514,8 +514,8 @@ export class UNetBlock extends nn.Module {
    * The block with its residual branch narrowed to `hidden` channels and its attention optionally left out,
    * input and output at their full channel counts (the candidates of block-wise distillation,
    * models/blocks_cut.ts): conv0 keeps its leading `hidden` filters, the affine the leading `hidden` rows of each
-   * chunk, norm1 its leading parameters, conv1 its leading `hidden` input columns; the skip path and attention
-   * stay full. With every channel and the attention it is `forward(x, emb)` itself.
+   * chunk, norm1 its leading parameters (with EDM's group count for `hidden` channels), conv1 its leading
+   * `hidden` input columns; the skip path and attention stay full. With every channel and the attention it is `forward(x, emb)` itself.
    */
   @nn.scopedForward
   forwardNarrow(x: Tensor, emb: Tensor, hidden: number, attention = true): Tensor {
@@ -539,11 +539,17 @@ export class UNetBlock extends nn.Module {
     }
     if (fin < a.inFeatures) aw = narrow(aw, 1, 0, fin);
     const params = reshape(linear(emb, aw, ab), [emb.shape[0], -1, 1, 1]);
+    // norm1 on the narrowed branch keeps EDM's group rule (at least minChannelsPerGroup channels per group)
+    // rather than the slimmable full group count: with one channel per group the added embedding would be
+    // normalised away.
+    const n1 = this.norm1, groups = normGroups(hidden, this.opts.groups, this.opts.minChannelsPerGroup);
+    const norm1 = (v: Tensor) =>
+      groupNorm(v, groups, narrow(n1.weight, 0, 0, hidden), narrow(n1.bias, 0, 0, hidden), n1.eps);
     if (this.opts.adaptiveScale) {
       const scale = narrow(params, 1, 0, hidden), shift = narrow(params, 1, hidden, hidden);
-      h = silu(add(shift, mul(this.norm1.forward(h), add(scale, 1))));
+      h = silu(add(shift, mul(norm1(h), add(scale, 1))));
     } else {
-      h = silu(this.norm1.forward(add(h, params)));
+      h = silu(norm1(add(h, params)));
     }
     // conv1 takes the leading `hidden` input columns (SlimConv2d slices by the input) and keeps all its filters.
     h = this.conv1.forward(dropout(h, this.opts.dropout, this.training), 1);

@@ -230,13 +230,20 @@ export function jointLoss(
   if (weights.length !== cuts.length) {
     throw new Error(`jointLoss: ${cuts.length} blocks, got ${weights.length} weights`);
   }
-  let sBlocks: Tensor[][] = [], tBlocks: Tensor[][] = [];
+  // The distillation term is formed inside F: off the tape edmLoss frees F's output once it has used it.
+  let distill: Tensor | null = null;
   const F = (xIn: Tensor, c: Tensor, l?: Tensor) => {
-    sBlocks = student.forwardBlocks(xIn, c, l ?? null);
+    const sBlocks = student.forwardBlocks(xIn, c, l ?? null);
     if (lambda > 0) {
-      tBlocks = noGrad(() =>
+      const tBlocks = noGrad(() =>
         runBlocks(teacher, cuts, null, xIn, teacher.embed(c, teacher.spec.labelDim ? l ?? null : null))
       );
+      for (let b = 0; b < cuts.length; b++) {
+        const per = sBlocks[b].map((s, j) => mseLoss(s, tBlocks[b][j]));
+        const m = per.length === 1 ? per[0] : mul(per.reduce((a, v) => add(a, v)), 1 / per.length);
+        const term = mul(m, weights[b]);
+        distill = distill ? add(distill, term) : term;
+      }
     }
     return sBlocks[sBlocks.length - 1][0];
   };
@@ -247,14 +254,7 @@ export function jointLoss(
     sigma: opts.sigma,
     noise: opts.noise,
   });
-  if (!(lambda > 0)) return { loss: r.loss, edm: r.loss, distill: null };
-  let distill: Tensor | null = null;
-  for (let b = 0; b < cuts.length; b++) {
-    const per = sBlocks[b].map((s, j) => mseLoss(s, tBlocks[b][j]));
-    const m = per.length === 1 ? per[0] : mul(per.reduce((a, c) => add(a, c)), 1 / per.length);
-    const term = mul(m, weights[b]);
-    distill = distill ? add(distill, term) : term;
-  }
+  if (!distill) return { loss: r.loss, edm: r.loss, distill: null };
   return { loss: add(r.loss, mul(distill!, lambda)), edm: r.loss, distill };
 }
 
