@@ -496,7 +496,7 @@ program
       "(--teacher-kimg)",
   )
   .option("--teacher-kimg <n>", "distill: thousands of images of the teacher trained here (default 6)", num)
-  .option("--retrain-kimg <n>", "distill: thousands of images of each student retraining (default 3)", num)
+  .option("--retrain-kimg <n>", "distill: thousands of images of each student retraining (default 4)", num)
   .option(
     "--delta <x>",
     "distill: local rule, within (1 + delta) of the block's best loss (default 0.25)",

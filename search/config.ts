@@ -102,7 +102,7 @@ export const DistillSettingsSchema = z.strictObject({
   // Local rule: per block the fewest-MACs candidate whose held-out loss is within (1 + delta) of the best.
   delta: z.number().min(0).max(1000).default(0.25),
   // Thousands of images of each retraining of an assembled student.
-  retrainKimg: positive.max(100000).default(3),
+  retrainKimg: positive.max(100000).default(4),
   // λ at τ = 0 in the joint loss L = L_EDM + λ(τ)·Σ_b w_b·MSE(student block b, teacher block b).
   lambda: z.number().min(0).finite().default(1),
   // λ(τ) of the student: decaying linearly or as a half cosine to 0, constant, or zero (plain EDM training).

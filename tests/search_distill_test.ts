@@ -131,7 +131,6 @@ test("blocks: a student's planned parameters are exactly those its forward uses 
   const spec = parseUNetSpec(TINY);
   device.manualSeed(5);
   const net = new UNet(spec, { device }).train();
-  const cuts = cutUNet(spec);
   const choices: BlockChoice[] = [
     { width: 0.5, depth: 1, attention: true },
     { width: 0.5, depth: 1, attention: false },
