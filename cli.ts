@@ -450,6 +450,10 @@ async function distillCommand(
           p.log(`global: ${e.global?.join(" | ") ?? "none fits"}`);
           break;
         case "retrain":
+          if (e.loaded) {
+            p.log(`retrain ${e.label}: ${e.loaded}`);
+            break;
+          }
           p.log(
             `retrain ${e.label}: ${e.nimg}/${e.totalNimg} images, EDM loss ${e.edm.toFixed(4)}` +
               (e.distill === null ? "" : `, distillation ${e.distill.toFixed(4)}`),

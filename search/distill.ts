@@ -78,7 +78,7 @@ import { encodeImageGrid } from "../models/images.ts";
 import { layersCost, unetCost } from "../eval/cost.ts";
 import { type FeatureExtractor, openFeatureExtractor } from "../eval/features.ts";
 import type { FidStatistics } from "../eval/fid.ts";
-import { type FidMeasurement, measureFid, protocolSettings, referenceStatistics } from "../eval/proxy.ts";
+import { measureFid, protocolSettings, referenceStatistics } from "../eval/proxy.ts";
 import { UsageError } from "../util/errors.ts";
 import { writeFileAtomic, writeTextAtomic } from "../util/files.ts";
 import { hash2, Rng } from "../util/random.ts";
@@ -95,7 +95,15 @@ export type DistillEvent =
   | { type: "supernet"; nimg: number; totalNimg: number; losses: number[] }
   | { type: "candidates"; count: number; seconds: number }
   | { type: "selected"; local: string[]; global: string[] | null }
-  | { type: "retrain"; label: string; nimg: number; totalNimg: number; edm: number; distill: number | null }
+  | {
+    type: "retrain";
+    label: string;
+    nimg: number;
+    totalNimg: number;
+    edm: number;
+    distill: number | null;
+    loaded?: string;
+  }
   | { type: "reference"; cached: boolean; seconds: number }
   | { type: "fid"; label: string; name: string; value: number; seconds: number }
   | { type: "stop"; reason: string }
@@ -512,6 +520,30 @@ async function retrain(
   label: string,
 ): Promise<Retrained> {
   const { cfg, device, teacher } = ctx, d = cfg.distill, spec = teacher.spec;
+  // A student retrained by an earlier run of this search (killed later) is loaded, not retrained.
+  const file = `${ctx.dir}/students/${label.replace(/[^a-z0-9]+/gi, "-")}`;
+  try {
+    const saved = JSON.parse(await Deno.readTextFile(`${file}.json`));
+    const emaNet = new UNet(spec, { device }).eval();
+    try {
+      await emaNet.loadSafetensors(`${file}.safetensors`);
+    } catch (e) {
+      emaNet.dispose();
+      throw e;
+    }
+    ctx.emit({
+      type: "retrain",
+      label,
+      nimg: 0,
+      totalNimg: 0,
+      edm: NaN,
+      distill: null,
+      loaded: `${file}.safetensors`,
+    });
+    return { label, schedule, choices, student: new BlockwiseUNet(emaNet, choices), ...saved };
+  } catch (e) {
+    if (!(e instanceof Deno.errors.NotFound)) throw e;
+  }
   const t0 = performance.now();
   const net = new UNet(spec, { device }).train(), emaNet = new UNet(spec, { device }).eval();
   const teacherMapping = Object.fromEntries(
@@ -593,14 +625,11 @@ async function retrain(
     ema.dispose();
     net.dispose();
   }
-  return {
-    label,
-    schedule,
-    choices,
-    student: new BlockwiseUNet(emaNet, choices),
-    history,
-    seconds: (performance.now() - t0) / 1000,
-  };
+  const seconds = (performance.now() - t0) / 1000;
+  await Deno.mkdir(`${ctx.dir}/students`, { recursive: true });
+  await saveSafetensors(`${file}.safetensors`, emaNet.stateDict(), { schedule });
+  await writeTextAtomic(`${file}.json`, JSON.stringify({ history, seconds }) + "\n");
+  return { label, schedule, choices, student: new BlockwiseUNet(emaNet, choices), history, seconds };
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -609,6 +638,13 @@ async function retrain(
 /** The cost of a whole student (mapping network and blocks). */
 function studentCost(spec: UNetSpec, choices: readonly BlockChoice[]) {
   return layersCost(studentPlan(spec, choices));
+}
+
+/** A measured FID: its name ("RFID-128", "FID-2048"), value and seconds. */
+interface Score {
+  name: string;
+  value: number;
+  seconds: number;
 }
 
 /** A row of the student table. */
@@ -802,37 +838,51 @@ export async function runDistillSearch(
     });
     emit({ type: "reference", cached: ref.cached, seconds: ref.seconds });
     const proxy = proxyProtocol(cfg);
-    const score = async (label: string, gen: NetworkGenerator<UNet | BlockwiseUNet>, full: boolean) => {
-      const m: { proxy: FidMeasurement; fid: FidMeasurement | null } = {
-        proxy: await measureFid("RFID", gen, features!, ref.stats as FidStatistics, proxy),
-        fid: null,
-      };
-      emit({ type: "fid", label, name: m.proxy.name, value: m.proxy.value, seconds: m.proxy.seconds });
-      if (full && d.fidN > 0) {
-        m.fid = await measureFid("FID", gen, features!, ref.stats, { ...proxy, n: d.fidN });
-        emit({ type: "fid", label, name: m.fid.name, value: m.fid.value, seconds: m.fid.seconds });
+    // Every proxy FID first, then the FID-n of the teacher and the student; each cached in scores.json, so a
+    // search killed while scoring measures only what is missing when resumed.
+    const scoresPath = `${dir}/scores.json`;
+    let cache: Record<string, Score> = {};
+    try {
+      cache = JSON.parse(await Deno.readTextFile(scoresPath));
+    } catch { /* none yet */ }
+    const measure = async (
+      label: string,
+      gen: NetworkGenerator<UNet | BlockwiseUNet>,
+      kind: "RFID" | "FID",
+    ): Promise<Score> => {
+      const p = kind === "RFID" ? proxy : { ...proxy, n: d.fidN };
+      const key = `${label}: ${kind}-${p.n}`;
+      if (!cache[key]) {
+        if (opts.signal?.aborted) throw new Error("interrupted");
+        const m = await measureFid(kind, gen, features!, ref.stats as FidStatistics, p);
+        cache[key] = { name: m.name, value: m.value, seconds: m.seconds };
+        await writeTextAtomic(scoresPath, JSON.stringify(cache, null, 2) + "\n");
       }
-      return m;
+      emit({ type: "fid", label, ...cache[key] });
+      return cache[key];
     };
-    const teacherScore = await score(
-      "teacher",
-      new NetworkGenerator(teacher, { sigmaData: t.sigmaData }),
-      true,
-    );
-    const studentScores: { proxy: FidMeasurement; fid: FidMeasurement | null }[] = [];
-    for (const [i, s] of students.entries()) {
-      if (opts.signal?.aborted) throw new Error("interrupted");
-      studentScores.push(
-        await score(s.label, new NetworkGenerator(s.student, { sigmaData: t.sigmaData }), i === 0),
-      );
+    const gens: [string, NetworkGenerator<UNet | BlockwiseUNet>][] = [
+      ["teacher", new NetworkGenerator(teacher, { sigmaData: t.sigmaData })],
+      ...students.map((s) =>
+        [s.label, new NetworkGenerator(s.student, { sigmaData: t.sigmaData })] as [
+          string,
+          NetworkGenerator<BlockwiseUNet>,
+        ]
+      ),
+    ];
+    const scores: { proxy: Score; fid: Score | null }[] = [];
+    for (const [label, gen] of gens) scores.push({ proxy: await measure(label, gen, "RFID"), fid: null });
+    if (d.fidN > 0) {
+      for (const i of [0, 1]) scores[i].fid = await measure(gens[i][0], gens[i][1], "FID");
     }
+    const [teacherScore, ...studentScores] = scores;
 
     // Outputs.
     const teacherCost = unetCost(spec);
     const rowOf = (
       label: string,
       choices: readonly BlockChoice[],
-      m: { proxy: FidMeasurement; fid: FidMeasurement | null },
+      m: { proxy: Score; fid: Score | null },
     ) => {
       const c = studentCost(spec, choices);
       return {

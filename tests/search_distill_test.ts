@@ -461,7 +461,19 @@ Deno.test({
       Number.isFinite(r.teacher.fid) && Number.isFinite(r.student.fid) && Number.isFinite(r.student.proxyFid),
     );
     assert(events.includes("supernet") && events.includes("retrain"));
-    // The folder holds a search now: another one needs --resume, which reuses the supernet.
+    // The folder holds a search now: another one needs --resume, which trains and measures nothing again.
     await assertRejects(() => runDistillSearch(tiny(out, `${root}/teacher`)), "--resume");
+    const scores = await Deno.readTextFile(`${out}/scores.json`);
+    const again: string[] = [];
+    const r2 = await runDistillSearch(tiny(out, `${root}/teacher`), {
+      resume: true,
+      onEvent: (e) => {
+        again.push(e.type);
+        if (e.type === "retrain") assert(e.loaded, `${e.label} was retrained`);
+      },
+    });
+    assert(!again.includes("supernet"), "the supernet was trained again");
+    assertEquals(await Deno.readTextFile(`${out}/scores.json`), scores);
+    assertEquals([r2.student, r2.teacher], [r.student, r.teacher]);
   },
 });
