@@ -80,8 +80,11 @@ export type LambdaSchedule = z.infer<typeof LambdaScheduleSchema>;
 
 /**
  * Block-wise distillation NAS (search/distill.ts, Tang et al. 2023); used by method "distill". The defaults are
- * sized for about 20 minutes here with the teacher trained in the search (see search/distill.ts for the
- * measured parts).
+ * sized for about 15 minutes on this machine when it is quiet (the default network trains at ~85 img/s), the
+ * teacher included: teacher 6 kimg ~71 s, supernet 2 kimg ~35 s, held-out losses of the 48 candidates ~5 s,
+ * five retrainings of 4 kimg (~60 img/s: a teacher forward and the student's training step) ~330 s, six
+ * RFID-128 ~150 s, FID-2048 of the teacher ~200 s and of the student ~100 s. Measured under a load average of
+ * 9–25 (other jobs on the two cores): 145 s, 69 s, 11 s, 759 s, 92 s per RFID-128 of the teacher.
  */
 export const DistillSettingsSchema = z.strictObject({
   // Teacher: a `deno task train` run folder (its latest checkpoint) or a checkpoint folder; null: train the

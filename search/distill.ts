@@ -28,8 +28,9 @@
  * MACs and parameters follow eval/cost.ts; a student's are its mapping network's plus its blocks' under their
  * choices (models/blocks_cut.ts `blockPlan`), so they add up block by block.
  *
- * Measured parts (lavapipe on this machine's 2 shared cores, the 16×16 default network, batch 32): see the
- * defaults' comment in search/config.ts and the closing note of the issue.
+ * The time of each part, measured and estimated, is in the defaults' comment (search/config.ts). A search
+ * killed part way keeps its teacher, supernet, retrained students (students/) and every FID (scores.json):
+ * `--resume` computes only what is missing.
  */
 
 import {
