@@ -84,7 +84,8 @@ export type LambdaSchedule = z.infer<typeof LambdaScheduleSchema>;
  * teacher included: teacher 6 kimg ~71 s, supernet 2 kimg ~35 s, held-out losses of the 48 candidates ~5 s,
  * five retrainings of 4 kimg (~60 img/s: a teacher forward and the student's training step) ~330 s, six
  * RFID-128 ~150 s, FID-2048 of the teacher ~200 s and of the student ~100 s. Measured under a load average of
- * 9–25 (other jobs on the two cores): 145 s, 69 s, 11 s, 759 s, 92 s per RFID-128 of the teacher.
+ * 9–27 (other jobs on the two cores): 145 s, 69 s, 11 s, 759 s, 64 s for the teacher's RFID-128 and 21–32 s
+ * for each student's, 875 s and 260 s for the FID-2048s: about 37 minutes in all.
  */
 export const DistillSettingsSchema = z.strictObject({
   // Teacher: a `deno task train` run folder (its latest checkpoint) or a checkpoint folder; null: train the
