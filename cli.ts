@@ -18,6 +18,7 @@ import { buildShapesNet, SHAPES_NET_FILE, SHAPES_NET_MIN_ACCURACY, ShapesNet } f
 import { measureControls } from "./eval/controls.ts";
 import { PROCEDURAL_SCENES, type ProceduralScene } from "./models/data.ts";
 import type { DdsmEvent } from "./search/ddsm.ts";
+import type { DistillEvent } from "./search/distill.ts";
 
 const program = new Command("deno task")
   .description("WebGPU tensor engine and architecture search for diffusion models")
@@ -449,6 +450,76 @@ async function ddsmCommand(
   console.log(`report: ${r.reportHtml} (and ${r.reportJson}); schedule: ${r.dir}/schedule.json`);
 }
 
+/** `search --method distill`: one log line per teacher, supernet and retraining log and per FID, then the table. */
+async function distillCommand(
+  input: Record<string, unknown>,
+  resume: boolean,
+  signal: AbortSignal,
+  p: ReturnType<typeof searchPrinter>,
+): Promise<void> {
+  const { runDistillSearch } = await import("./search/distill.ts");
+  const r = await runDistillSearch(input, {
+    resume,
+    signal,
+    onEvent: (e: DistillEvent) => {
+      switch (e.type) {
+        case "start":
+          console.log(
+            `${e.resumed ? "resuming" : "new"} distillation search in ${e.dir}: ${e.device}; blocks ` +
+              e.blocks.join(", "),
+          );
+          break;
+        case "teacher":
+          if (e.loaded) p.log(`teacher: ${e.loaded}`);
+          else p.log(`teacher ${e.nimg}/${e.totalNimg} images, loss ${e.loss?.toFixed(4) ?? "–"}`);
+          break;
+        case "supernet":
+          p.log(
+            `supernet ${e.nimg}/${e.totalNimg} images, block losses ${
+              e.losses.map((v) => v.toFixed(3)).join(" ")
+            }`,
+          );
+          break;
+        case "candidates":
+          p.log(`held-out losses of ${e.count} candidates in ${e.seconds.toFixed(0)} s`);
+          break;
+        case "selected":
+          p.log(`local: ${e.local.join(" | ")}`);
+          p.log(`global: ${e.global?.join(" | ") ?? "none fits"}`);
+          break;
+        case "retrain":
+          if (e.loaded) {
+            p.log(`retrain ${e.label}: ${e.loaded}`);
+            break;
+          }
+          p.log(
+            `retrain ${e.label}: ${e.nimg}/${e.totalNimg} images, EDM loss ${e.edm.toFixed(4)}` +
+              (e.distill === null ? "" : `, distillation ${e.distill.toFixed(4)}`),
+          );
+          break;
+        case "reference":
+          p.log(
+            `reference statistics ${e.cached ? "from the cache" : `computed in ${e.seconds.toFixed(0)} s`}`,
+          );
+          break;
+        case "fid":
+          p.log(`${e.label}: ${e.name} ${e.value.toFixed(3)} (${e.seconds.toFixed(0)} s)`);
+          break;
+        case "stop":
+          p.log(`stopped: ${e.reason}`);
+          break;
+      }
+    },
+  });
+  p.stop();
+  console.log(r.summary);
+  if (r.stoppedBy === "interrupted") {
+    console.log(`interrupted: run the same command with --resume to continue`);
+    Deno.exit(130);
+  }
+  console.log(`report: ${r.reportHtml} (and ${r.reportJson}); student: ${r.dir}/student.json`);
+}
+
 program
   .command("search")
   .description(
@@ -458,14 +529,34 @@ program
   .option("--config <file>", "JSON file with search settings (SearchConfigSchema in search/config.ts)")
   .option(
     "--method <name>",
-    "diffnas (architectures) or ddsm (a width per sampling step of one slimmable network; distill is to come)",
+    "diffnas (architectures), ddsm (a width per sampling step of one slimmable network) or distill (the " +
+      "smallest student of a teacher, block-wise distillation)",
   )
+  .option(
+    "--teacher <dir>",
+    "distill: trained teacher (a train run folder or checkpoint); default: train the default network here " +
+      "(--teacher-kimg)",
+  )
+  .option("--teacher-kimg <n>", "distill: thousands of images of the teacher trained here (default 6)", num)
+  .option("--retrain-kimg <n>", "distill: thousands of images of each student retraining (default 4)", num)
+  .option(
+    "--delta <x>",
+    "distill: local rule, within (1 + delta) of the block's best loss (default 0.25)",
+    num,
+  )
+  .option("--lambda <x>", "distill: λ(0) of the block-distillation term of the joint loss (default 1)", num)
+  .option("--lambda-schedule <name>", "distill: linear, cosine (default), constant or zero")
+  .option("--fid-n <n>", "distill: images of the teacher's and the student's FID (default 2048)", num)
   .option(
     "--supernet <dir>",
     "ddsm: trained slimmable network (a train run folder or checkpoint); default: train one with the " +
       "sandwich rule (--supernet-kimg)",
   )
-  .option("--supernet-kimg <n>", "ddsm: thousands of images of the supernet trained here (default 2)", num)
+  .option(
+    "--supernet-kimg <n>",
+    "ddsm, distill: thousands of images of the supernet trained here (default 2)",
+    num,
+  )
   .option("--population <n>", "ddsm: GA population (default 8)", num)
   .option("--generations <n>", "ddsm: GA generations after the initial population (default 4)", num)
   .option("--mutation-rate <p>", "ddsm: probability that a step's width is redrawn (default 0.1)", num)
@@ -597,10 +688,22 @@ program
           backend: opts.backend,
         }).filter(([, v]) => v !== undefined),
       );
+      const distillFlags = Object.fromEntries(
+        Object.entries({
+          teacher: opts.teacher,
+          teacherKimg: opts.teacherKimg,
+          supernetKimg: f.method === "distill" || opts.method === "distill" ? opts.supernetKimg : undefined,
+          retrainKimg: opts.retrainKimg,
+          delta: opts.delta,
+          lambda: opts.lambda,
+          schedule: opts.lambdaSchedule,
+          fidN: opts.fidN,
+        }).filter(([, v]) => v !== undefined),
+      );
       const ddsmFlags = Object.fromEntries(
         Object.entries({
           supernet: opts.supernet,
-          supernetKimg: opts.supernetKimg,
+          supernetKimg: "supernetKimg" in distillFlags ? undefined : opts.supernetKimg,
           population: opts.population,
           generations: opts.generations,
           mutationRate: opts.mutationRate,
@@ -622,11 +725,27 @@ program
           `--${opts.proposeOnly ? "propose-only" : "search"} needs --storage postgres://…`,
         );
       }
-      if (opts.storage !== undefined && (input.method === "ddsm" || opts.validateProxy || opts.compare)) {
+      if (
+        opts.storage !== undefined && (input.method === "ddsm" || input.method === "distill" ||
+          opts.validateProxy || opts.compare)
+      ) {
         throw new UsageError(
-          "--storage holds DiffNAS searches; --method ddsm, --validate-proxy and --compare " +
+          "--storage holds DiffNAS searches; --method ddsm and distill, --validate-proxy and --compare " +
             "keep their memory in --out",
         );
+      }
+      if (Object.keys(distillFlags).length) {
+        if (input.method !== "distill") {
+          const flag = Object.keys(distillFlags)[0].replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
+          throw new UsageError(`--${flag === "schedule" ? "lambda-schedule" : flag} needs --method distill`);
+        }
+        input.distill = { ...(f.distill as Record<string, unknown> ?? {}), ...distillFlags };
+      }
+      if (input.method === "distill") {
+        if (opts.validateProxy || opts.compare) {
+          throw new UsageError("--validate-proxy and --compare measure DiffNAS; drop --method distill");
+        }
+        return await distillCommand(input, Boolean(opts.resume), controller.signal, p);
       }
       if (input.method === "ddsm") {
         if (opts.validateProxy || opts.compare) {

@@ -92,10 +92,22 @@ export function unetCost(
   width = 1,
   convention: MacConvention = {},
 ): UNetCost {
+  return layersCost(planLayers(spec, width), width, convention);
+}
+
+/**
+ * Parameters and MACs of one forward (batch 1) through `layers` (planned layers with the channels they run at:
+ * `planLayers`, or the blocks of a distilled student, models/blocks_cut.ts `studentPlan`).
+ */
+export function layersCost(
+  layers: readonly PlannedLayer[],
+  width = 1,
+  convention: MacConvention = {},
+): UNetCost {
   const conv = parseConvention(convention);
   const b = { conv: 0, linear: 0, bias: 0, groupNorm: 0, attention: 0 };
   let parameters = 0;
-  for (const l of planLayers(spec, width)) {
+  for (const l of layers) {
     parameters += layerParameters(l);
     const pixels = l.res * l.res;
     if (l.kind === "conv") {

@@ -126,6 +126,12 @@ export interface ImageGenerator {
   dispose(): void;
 }
 
+/**
+ * What a `NetworkGenerator` samples from: a UNet, or any network with its forward and spec (the assembled
+ * student of block-wise distillation, models/blocks_cut.ts).
+ */
+export type SamplingNetwork = Pick<UNet, "device" | "spec" | "forward" | "dispose">;
+
 /** Options of a `NetworkGenerator`. */
 export interface NetworkGeneratorOptions {
   /** σ_data of the preconditioning the network was trained with (EDM: 0.5). */
@@ -144,14 +150,14 @@ export interface NetworkGeneratorOptions {
  * network evaluation of sampler step i runs at step i's width: both of Heun's evaluations (the correction is
  * evaluated at t_{i+1} but belongs to step i), and a σ schedule is looked up at the step's grid level t_i.
  */
-export class NetworkGenerator implements ImageGenerator {
-  readonly net: UNet;
+export class NetworkGenerator<N extends SamplingNetwork = UNet> implements ImageGenerator {
+  readonly net: N;
   readonly sigmaData: number;
   /** The fixed width, or the per-step schedule. */
   readonly width: number | WidthSchedule;
   readonly #ownsNetwork: boolean;
 
-  constructor(net: UNet, opts: NetworkGeneratorOptions = {}) {
+  constructor(net: N, opts: NetworkGeneratorOptions = {}) {
     this.net = net;
     this.sigmaData = opts.sigmaData ?? 0.5;
     const width = opts.width ?? 1;

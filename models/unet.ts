@@ -487,8 +487,11 @@ export class UNet extends nn.Module {
     );
   }
 
-  /** The embedding vector [N, embC'] of EDM's mapping network (SongUNet or DhariwalUNet order). */
-  #embed(cNoise: Tensor, classLabels: Tensor | null, augmentLabels: Tensor | null, width: number): Tensor {
+  /**
+   * The embedding vector [N, embC'] of EDM's mapping network (SongUNet or DhariwalUNet order), which every UNet
+   * block is conditioned on (public for running the network block by block, models/blocks_cut.ts).
+   */
+  embed(cNoise: Tensor, classLabels: Tensor | null, augmentLabels: Tensor | null = null, width = 1): Tensor {
     const s = this.spec;
     let labels = classLabels;
     if (labels && this.training && s.labelDropout > 0) {
@@ -547,7 +550,7 @@ export class UNet extends nn.Module {
     if (aug && s.augmentDim && (aug.rank !== 2 || aug.shape[1] !== s.augmentDim)) {
       throw new Error(`UNet.forward: augmentLabels must be [N, ${s.augmentDim}], got [${aug.shape}]`);
     }
-    const emb = this.#embed(cNoise, s.labelDim ? classLabels : null, aug, width);
+    const emb = this.embed(cNoise, s.labelDim ? classLabels : null, aug, width);
     const run = (m: EncDecLayer, h: Tensor) =>
       m instanceof UNetBlock ? m.forward(h, emb, width) : m.forward(h, width);
     const skips: Tensor[] = [];

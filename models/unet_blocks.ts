@@ -510,6 +510,54 @@ export class UNetBlock extends nn.Module {
     return this.numHeads > 0 ? this.#attention(h) : h;
   }
 
+  /**
+   * The block with its residual branch narrowed to `hidden` channels and its attention optionally left out,
+   * input and output at their full channel counts (the candidates of block-wise distillation,
+   * models/blocks_cut.ts): conv0 keeps its leading `hidden` filters, the affine the leading `hidden` rows of each
+   * chunk, norm1 its leading parameters (with EDM's group count for `hidden` channels), conv1 its leading
+   * `hidden` input columns; the skip path and attention stay full. With every channel and the attention it is `forward(x, emb)` itself.
+   */
+  @nn.scopedForward
+  forwardNarrow(x: Tensor, emb: Tensor, hidden: number, attention = true): Tensor {
+    const o = this.outChannels;
+    if (!Number.isInteger(hidden) || hidden < 1 || hidden > o) {
+      throw new Error(`UNetBlock.forwardNarrow: hidden must be an integer in [1, ${o}], got ${hidden}`);
+    }
+    if (hidden === o && (attention || this.numHeads === 0)) return this.forward(x, emb);
+    const rows = (t: Tensor) => narrow(t, 0, 0, hidden);
+    const c0 = this.conv0, a = this.affine, k = a.chunks, fin = emb.shape[emb.rank - 1];
+    let h = conv2d(
+      this.#resample(silu(this.norm0.forward(x))),
+      hidden < o ? rows(c0.weight) : c0.weight,
+      c0.bias && (hidden < o ? rows(c0.bias) : c0.bias),
+      { padding: 1 },
+    );
+    let aw = a.weight, ab = a.bias;
+    if (hidden < o) {
+      aw = reshape(narrow(reshape(aw, [k, o, a.inFeatures]), 1, 0, hidden), [k * hidden, a.inFeatures]);
+      ab = ab && reshape(narrow(reshape(ab, [k, o]), 1, 0, hidden), [k * hidden]);
+    }
+    if (fin < a.inFeatures) aw = narrow(aw, 1, 0, fin);
+    const params = reshape(linear(emb, aw, ab), [emb.shape[0], -1, 1, 1]);
+    // norm1 on the narrowed branch keeps EDM's group rule (at least minChannelsPerGroup channels per group)
+    // rather than the slimmable full group count: with one channel per group the added embedding would be
+    // normalised away.
+    const n1 = this.norm1, groups = normGroups(hidden, this.opts.groups, this.opts.minChannelsPerGroup);
+    const norm1 = (v: Tensor) =>
+      groupNorm(v, groups, narrow(n1.weight, 0, 0, hidden), narrow(n1.bias, 0, 0, hidden), n1.eps);
+    if (this.opts.adaptiveScale) {
+      const scale = narrow(params, 1, 0, hidden), shift = narrow(params, 1, hidden, hidden);
+      h = silu(add(shift, mul(norm1(h), add(scale, 1))));
+    } else {
+      h = silu(norm1(add(h, params)));
+    }
+    // conv1 takes the leading `hidden` input columns (SlimConv2d slices by the input) and keeps all its filters.
+    h = this.conv1.forward(dropout(h, this.opts.dropout, this.training), 1);
+    const skip = this.skip ? this.skip.forward(this.#resample(x), 1) : this.#resample(x);
+    h = this.#scaled(add(h, skip));
+    return attention && this.numHeads > 0 ? this.#attention(h) : h;
+  }
+
   /** A residual sum times `skipScale` (no op at 1). */
   #scaled(x: Tensor): Tensor {
     return this.opts.skipScale === 1 ? x : mul(x, this.opts.skipScale);

@@ -93,11 +93,56 @@ export const DdsmSettingsSchema = z.strictObject({
   fidN: z.number().int().min(0).max(100000).default(256),
 });
 
+/** How the weight λ of the block-distillation term changes with training progress τ ∈ [0, 1]. */
+export const LambdaScheduleSchema = z.enum(["linear", "cosine", "constant", "zero"]);
+export type LambdaSchedule = z.infer<typeof LambdaScheduleSchema>;
+
+/**
+ * Block-wise distillation NAS (search/distill.ts, Tang et al. 2023); used by method "distill". The defaults are
+ * sized for about 15 minutes on this machine when it is quiet (the default network trains at ~85 img/s), the
+ * teacher included: teacher 6 kimg ~71 s, supernet 2 kimg ~35 s, held-out losses of the 48 candidates ~5 s,
+ * five retrainings of 4 kimg (~60 img/s: a teacher forward and the student's training step) ~330 s, six
+ * RFID-128 ~150 s, FID-2048 of the teacher ~200 s and of the student ~100 s. Measured under a load average of
+ * 9–27 (other jobs on the two cores): 145 s, 69 s, 11 s, 759 s, 64 s for the teacher's RFID-128 and 21–32 s
+ * for each student's, 875 s and 260 s for the FID-2048s: about 37 minutes in all.
+ */
+export const DistillSettingsSchema = z.strictObject({
+  // Teacher: a `deno task train` run folder (its latest checkpoint) or a checkpoint folder; null: train the
+  // default network here (saved in the run folder as teacher.safetensors, reused by a resumed search).
+  teacher: z.string().min(1).nullable().default(null),
+  // Thousands of training images of the teacher trained here (the default `deno task train` run: 6).
+  teacherKimg: positive.max(100000).default(6),
+  // Images per optimizer step of the teacher, the supernet and every retraining.
+  batch: z.number().int().min(1).max(4096).default(32),
+  // Thousands of images of the block-wise supernet distillation (one candidate per block per step).
+  supernetKimg: positive.max(100000).default(2),
+  // Adam learning rate of the supernet and of the retrainings, after a warm-up of a twelfth of each run.
+  lr: positive.max(1).default(5e-3),
+  // Width ratios of a block's residual branches (hidden channels round(w·C); inputs and outputs stay full).
+  widths: z.array(z.number().gt(0).lte(1)).min(1).max(8).default([0.25, 0.5, 0.75, 1]),
+  // Held-out images (the end of the data, never trained on) of the candidates' distillation losses.
+  heldOutN: z.number().int().min(1).max(10000).default(128),
+  // Local rule: per block the fewest-MACs candidate whose held-out loss is within (1 + delta) of the best.
+  delta: z.number().min(0).max(1000).default(0.25),
+  // Thousands of images of each retraining of an assembled student.
+  retrainKimg: positive.max(100000).default(4),
+  // λ at τ = 0 in the joint loss L = L_EDM + λ(τ)·Σ_b w_b·MSE(student block b, teacher block b).
+  lambda: z.number().min(0).finite().default(1),
+  // λ(τ) of the student: decaying linearly or as a half cosine to 0, constant, or zero (plain EDM training).
+  schedule: LambdaScheduleSchema.default("cosine"),
+  // Schedules retrained as the ablation of the joint loss (each scored by the proxy FID).
+  ablations: z.array(LambdaScheduleSchema).max(4).default(["linear", "constant", "zero"]),
+  // Also retrain the global selection's student (the main schedule) when it differs from the local one.
+  retrainGlobal: z.boolean().default(true),
+  // Images of the FID of the teacher and the student (FID-n; 0: none).
+  fidN: z.number().int().min(0).max(100000).default(2048),
+});
+
 /** Settings of a search. */
 export const SearchConfigSchema = z.strictObject({
-  // The search method: DiffNAS (architectures) or DDSM (a width per sampling step of one slimmable network;
-  // distill comes with its own issue).
-  method: z.enum(["diffnas", "ddsm"]).default("diffnas"),
+  // The search method: DiffNAS (architectures), DDSM (a width per sampling step of one slimmable network) or
+  // distill (the smallest student of a teacher, block by block).
+  method: z.enum(["diffnas", "ddsm", "distill"]).default("diffnas"),
   // Training images (default: the embedded procedural shapes at the base network's resolution).
   data: DataConfig.optional(),
   // The run folder: memory.sqlite (unless the memory is in PostgreSQL), weights/, report.html, report.json,
@@ -108,7 +153,7 @@ export const SearchConfigSchema = z.strictObject({
   // Candidates to evaluate (trials that train; the baseline counts, rejections do not).
   trials: z.number().int().min(1).max(100000).default(20),
   // Wall-clock budget in minutes: no new candidate starts when it would likely end past it (ddsm: no genome of
-  // the GA starts past it; the generation it was in is dropped).
+  // the GA starts past it; the generation it was in is dropped; distill: not used, its work is fixed).
   minutes: positive.max(100000).default(13),
   // Ceiling on MACs per network evaluation (attention included); proposals above it are rejected. The default,
   // 3× the default network's 19.8 M, keeps a candidate's training within about a minute here.
@@ -148,6 +193,8 @@ export const SearchConfigSchema = z.strictObject({
   backend: z.enum(["webgpu", "cpu"]).default("webgpu"),
   // DDSM's settings (method "ddsm").
   ddsm: DdsmSettingsSchema.default(DdsmSettingsSchema.parse({})),
+  // Block-wise distillation's settings (method "distill").
+  distill: DistillSettingsSchema.default(DistillSettingsSchema.parse({})),
 });
 export type SearchConfigInput = z.input<typeof SearchConfigSchema>;
 export type SearchConfig = z.output<typeof SearchConfigSchema>;

@@ -144,21 +144,28 @@ export function datasetSlice(ds: Dataset, start: number, end: number): Dataset {
 }
 
 /** A supernet ready to sample: the network (eval mode), its σ_data and where it came from. */
-interface Supernet {
+export interface Supernet {
   net: UNet;
   sigmaData: number;
   source: string;
   trainSeconds?: number;
 }
 
-/** Loads the EMA network of a `deno task train` run folder (latest checkpoint) or of a checkpoint folder. */
-async function loadSupernetCheckpoint(path: string, device: Device): Promise<Supernet> {
+/**
+ * Loads the EMA network of a `deno task train` run folder (latest checkpoint) or of a checkpoint folder; `flag`
+ * names the option that gave the path in errors.
+ */
+export async function loadSupernetCheckpoint(
+  path: string,
+  device: Device,
+  flag = "--supernet",
+): Promise<Supernet> {
   let dir = path;
   try {
     await Deno.stat(`${path}/state.json`);
   } catch {
     const latest = await latestCheckpoint(path).catch(() => null);
-    if (!latest) throw new UsageError(`--supernet ${path}: neither a checkpoint nor a run folder with one`);
+    if (!latest) throw new UsageError(`${flag} ${path}: neither a checkpoint nor a run folder with one`);
     dir = latest;
   }
   const state = await readTrainState(dir);
