@@ -17,8 +17,9 @@
  * colour and texture statistics dominated: images with no shapes at all scored as nearly real. The controls in
  * eval/controls.ts measure that a network's distances order disturbances as they should.
  *
- * Both networks follow one interface, `FeatureExtractor`: images [N, 3, H, W] with values in [0, 255] (as the
- * 8-bit images a sampler writes) → features [N, dim].
+ * Every network follows one interface, `FeatureExtractor`: images [N, C, H, W] with values in [0, 255] (as the
+ * 8-bit images a sampler writes; C = 3, or 1 for the grey data of eval/fashion_net.ts's FashionNet) →
+ * features [N, dim]. `openFeatureExtractor` picks the one that matches the data.
  */
 
 import { z } from "zod";
@@ -53,6 +54,7 @@ import { BatchIterator, PROCEDURAL_CLASSES, PROCEDURAL_SCENES, ProceduralShapes 
 import { parseConfig } from "../util/config.ts";
 import { UsageError } from "../util/errors.ts";
 import { INCEPTION_FEATURES, InceptionV3 } from "./inception.ts";
+import { FASHION_NET_FILE, FashionNet } from "./fashion_net.ts";
 
 /** A network whose features a Fréchet distance compares. */
 export interface FeatureExtractor {
@@ -63,7 +65,7 @@ export interface FeatureExtractor {
   /** Identifies the weights (a hash of the file they came from): cached statistics are keyed by it. */
   readonly fingerprint: string;
   readonly device: Device;
-  /** Features [N, dim] of images [N, 3, H, W] with values in [0, 255], without gradients. */
+  /** Features [N, dim] of images [N, C, H, W] with values in [0, 255], without gradients. */
   features(images: Tensor): Tensor;
   dispose(): void;
 }
@@ -76,12 +78,16 @@ export async function fileFingerprint(path: string): Promise<string> {
 
 /**
  * The feature network of an evaluation: Inception-v3 from a safetensors file (the literature's FID), or
- * without one the shipped ShapesNet (meaningful on the embedded procedural data only).
+ * without one the shipped network that matches the data: FashionNet (eval/fashion_net.ts) for Fashion-MNIST,
+ * ShapesNet otherwise (meaningful on the embedded procedural data only).
  */
 export async function openFeatureExtractor(
-  opts: { inception?: string; shapesNet?: string; device: Device },
+  opts: { inception?: string; shapesNet?: string; data?: { kind: string }; device: Device },
 ): Promise<FeatureExtractor> {
   if (!opts.inception) {
+    if (opts.data?.kind === "fashion-mnist") {
+      return await FashionNet.load(FASHION_NET_FILE, { device: opts.device });
+    }
     return await ShapesNet.load(opts.shapesNet ?? SHAPES_NET_FILE, { device: opts.device });
   }
   const net = await InceptionV3.load(opts.inception, { device: opts.device });

@@ -96,11 +96,14 @@ const trainable = (t: Trial) => t.status !== "rejected";
 
 /** The base network of a search: the default network at the data's resolution and channels. */
 export function baseNetwork(dataset: Dataset): UNetSpec {
+  const levels = DEFAULT_NETWORK.channelMult!.length;
   return parseUNetSpec({
     ...DEFAULT_NETWORK,
     imgResolution: dataset.height,
     inChannels: dataset.channels,
     outChannels: dataset.channels,
+    // Attention at the lowest level, whatever the side (8 at 16×16, 14 at Fashion-MNIST's 28×28).
+    attnResolutions: [dataset.height >> (levels - 1)],
   });
 }
 
@@ -323,7 +326,7 @@ export async function runSearch(
       device: `${device.info.adapter} (${device.kind})`,
       trials: cfg.trials,
     });
-    features = await openFeatureExtractor({ device });
+    features = await openFeatureExtractor({ device, data: cfg.data });
     const ref = await referenceStatistics(dataset, features, Math.min(cfg.refN, dataset.length), {
       cacheDir: cfg.cacheDir,
     });
