@@ -789,7 +789,7 @@ program
     `weights to write (default ${SHAPES_NET_FILE.pathname} or ${FASHION_NET_FILE.pathname})`,
   )
   .option("--force", "replace an existing weights file")
-  .option("--steps <n>", "optimizer steps (default 700; FashionNet 940)", num)
+  .option("--steps <n>", "optimizer steps (default 700; FashionNet 1880)", num)
   .option("--batch <n>", "images per step (default 96; FashionNet 64)", num)
   .option("--lr <x>", "peak learning rate of the one-cycle schedule (default 3e-3; FashionNet 4e-3)", num)
   .option("--seed <n>", "seed of the initialisation and batch order", num)

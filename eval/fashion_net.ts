@@ -40,7 +40,7 @@ import { BatchIterator, type Dataset, loadFashionMnist } from "../models/data.ts
 import { FASHION_MNIST_CLASSES, FASHION_MNIST_SIZE } from "../models/idx.ts";
 import { parseConfig } from "../util/config.ts";
 import { UsageError } from "../util/errors.ts";
-import { BatchNorm2d, crossEntropy, type FeatureExtractor, fileFingerprint, oneCycle } from "./features.ts";
+import { BatchNorm2d, crossEntropy, type FeatureExtractor, fileFingerprint, oneCycle } from "./classifier.ts";
 
 /** The shipped weights. */
 export const FASHION_NET_FILE = new URL("./assets/fashion_net.safetensors", import.meta.url);
@@ -164,7 +164,7 @@ export class FashionNet extends nn.Module implements FeatureExtractor {
     try {
       noGrad(() => scope(() => void this.#features(images)));
       const state: Record<string, Tensor> = {};
-      norms.forEach(([name, m], i) => {
+      norms.forEach(([name], i) => {
         state[`${name}.running_mean`] = recorded[i][0];
         state[`${name}.running_var`] = recorded[i][1];
       });
@@ -189,8 +189,9 @@ async function readMetadata(path: string): Promise<Record<string, string>> {
 export const FashionNetTrainSchema = z.strictObject({
   // Seed of the weights' initialisation and of the batch order.
   seed: z.number().int().min(0).max(0xffffffff).default(0),
-  // Optimizer steps over the training split (60,000 images: 940 steps of 64 are one epoch).
-  steps: z.number().int().positive().default(940),
+  // Optimizer steps over the training split (60,000 images: 940 steps of 64 are one epoch; one epoch reached
+  // 89.45% on t10k, two are the default).
+  steps: z.number().int().positive().default(1880),
   // Images per step.
   batch: z.number().int().positive().default(64),
   // Peak AdamW learning rate of the one-cycle schedule (as ShapesNet's).
