@@ -89,23 +89,30 @@ export const DEFAULT_NETWORK: UNetSpecInput = Object.freeze({
 
 /**
  * The default network for Fashion-MNIST (`data: {"kind": "fashion-mnist"}` without a `network`): the default
- * network made grey and sized to the data, native 28×28 (levels 28 and 14, attention at 14×14). README
- * "Fashion-MNIST" has the measurements behind 28 rather than 32 and behind this size.
+ * network made grey at the native 28×28 with a third level (28, 14, 7; attention at 7×7), 317,121 parameters.
+ * With `FASHION_TRAINING` it drew upright garment silhouettes by 3 kimg where the two-level default network
+ * (attention at 14×14, batch 32, lr 1e-2) still drew shapeless blobs at 4 kimg (README "Fashion-MNIST").
  */
 export const FASHION_NETWORK: UNetSpecInput = Object.freeze({
   ...DEFAULT_NETWORK,
   imgResolution: 28,
   inChannels: 1,
   outChannels: 1,
-  attnResolutions: [14],
+  channelMult: [1, 2, 2],
+  attnResolutions: [7],
 }) as UNetSpecInput;
 
-/** The network a run gets when its configuration names none: `FASHION_NETWORK` for Fashion-MNIST (at the
- * data's side), else `DEFAULT_NETWORK`. */
+/** Training options Fashion-MNIST runs default to (any given option wins): smaller batches, a longer EMA. */
+export const FASHION_TRAINING = Object.freeze({ batch: 16, lr: 5e-3, emaHalfLifeKimg: 1 });
+
+/**
+ * The network a run gets when its configuration names none: `FASHION_NETWORK` for Fashion-MNIST (at the data's
+ * side: 32×32 halves to 8 at the third level), else `DEFAULT_NETWORK`.
+ */
 export function defaultNetwork(data?: { kind: string; resolution?: number }): UNetSpecInput {
   if (data?.kind !== "fashion-mnist") return DEFAULT_NETWORK;
   const r = data.resolution ?? FASHION_MNIST_DEFAULT_RESOLUTION;
-  return { ...FASHION_NETWORK, imgResolution: r, attnResolutions: [r >> 1] } as UNetSpecInput;
+  return { ...FASHION_NETWORK, imgResolution: r, attnResolutions: [r >> 2] } as UNetSpecInput;
 }
 
 const nonNeg = z.number().nonnegative().finite();
@@ -185,7 +192,13 @@ async function resolveNetwork(network: string | Record<string, unknown>): Promis
 
 /** Validates a training configuration and fills in the network spec and the data source. */
 export async function parseTrainConfig(input: unknown): Promise<TrainConfig> {
-  const o = parseUsage(TrainConfigSchema, input, "train config");
+  const given = input && typeof input === "object" ? input as Record<string, unknown> : {};
+  const fashion = (given.data as { kind?: unknown } | undefined)?.kind === "fashion-mnist";
+  const o = parseUsage(
+    TrainConfigSchema,
+    fashion ? { ...FASHION_TRAINING, ...given } : input,
+    "train config",
+  );
   const network = await resolveNetwork(o.network ?? defaultNetwork(o.data));
   let data = o.data;
   try {
