@@ -16,6 +16,7 @@ import { encodeIdx, FASHION_MNIST_DIR, parseIdx, readFashionMnist } from "../mod
 import { buildFashionNet, fashionAccuracy, FashionNet } from "../eval/fashion_net.ts";
 import { openFeatureExtractor } from "../eval/features.ts";
 import { DATASET_CONTROLS, measureDatasetControls } from "../eval/controls.ts";
+import { parseTrainConfig } from "../models/train.ts";
 import { assertClose, assertEquals, assertRejects, assertThrows, cpuDevice, tempDir, test } from "./util.ts";
 
 /** `count` 28×28 images whose pixel p of image i is (i·7 + p) mod 256, labels i mod 10. */
@@ -198,4 +199,18 @@ test("FashionNet: the build refuses to overwrite without force and to write belo
     if (!Number.isFinite(r.fid) || r.fid < -1e-6) throw new Error(`${r.control}: ${r.fid}`);
   }
   loaded.dispose();
+});
+
+test("train: Fashion-MNIST runs default to the grey 28×28 network and its training options; given ones win", async () => {
+  const cfg = await parseTrainConfig({ data: { kind: "fashion-mnist" } });
+  assertEquals(
+    [cfg.network.imgResolution, cfg.network.inChannels, cfg.network.channelMult, cfg.network.attnResolutions],
+    [28, 1, [1, 2, 2], [7]],
+  );
+  assertEquals([cfg.batch, cfg.lr, cfg.emaHalfLifeKimg], [16, 5e-3, 1]);
+  const padded = await parseTrainConfig({ data: { kind: "fashion-mnist", resolution: 32 }, batch: 8 });
+  assertEquals([padded.network.imgResolution, padded.network.attnResolutions, padded.batch], [32, [8], 8]);
+  // Other data keep the shapes' defaults.
+  const shapes = await parseTrainConfig({});
+  assertEquals([shapes.network.inChannels, shapes.batch], [3, 32]);
 });
