@@ -214,3 +214,14 @@ test("train: Fashion-MNIST runs default to the grey 28×28 network and its train
   const shapes = await parseTrainConfig({});
   assertEquals([shapes.network.inChannels, shapes.batch], [3, 32]);
 });
+
+test("shipped FashionNet: its recorded t10k accuracy is at least the bar, with its options and architecture", async () => {
+  const path = FASHION_NET_FILE.pathname;
+  const meta = decodeSafetensors(await Deno.readFile(path), path).metadata;
+  const acc = JSON.parse(meta.heldOutAccuracy).t10k;
+  if (!(acc >= FASHION_NET_MIN_ACCURACY)) {
+    throw new Error(`${path}: t10k accuracy ${acc} < ${FASHION_NET_MIN_ACCURACY}`);
+  }
+  assertEquals([meta.network, JSON.parse(meta.architecture).channels], ["fashion-net", [16, 32, 64]]);
+  assertEquals(JSON.parse(meta.options).seed, 0);
+});
