@@ -13,7 +13,13 @@ import { gzipSync } from "node:zlib";
 import { decodeSafetensors, tensor } from "../engine/mod.ts";
 import { FashionMnistDataset, loadFashionMnist, openDataset } from "../models/data.ts";
 import { encodeIdx, FASHION_MNIST_DIR, parseIdx, readFashionMnist } from "../models/idx.ts";
-import { buildFashionNet, fashionAccuracy, FashionNet } from "../eval/fashion_net.ts";
+import {
+  buildFashionNet,
+  FASHION_NET_FILE,
+  FASHION_NET_MIN_ACCURACY,
+  fashionAccuracy,
+  FashionNet,
+} from "../eval/fashion_net.ts";
 import { openFeatureExtractor } from "../eval/features.ts";
 import { DATASET_CONTROLS, measureDatasetControls } from "../eval/controls.ts";
 import { parseTrainConfig } from "../models/train.ts";
@@ -146,14 +152,9 @@ test("FashionNet: padded and native images give the same features; the feature n
   );
   net.dispose();
   // Without Inception, Fashion-MNIST data gets FashionNet and other data ShapesNet.
-  const f = await openFeatureExtractor({ device, data: { kind: "fashion-mnist" } }).catch((e) => e as Error);
-  if (f instanceof Error) {
-    // The shipped file is missing only before it is first built; the error must then name it.
-    if (!f.message.includes("fashion_net.safetensors")) throw f;
-  } else {
-    assertEquals(f.name, "fashion-net");
-    f.dispose();
-  }
+  const f = await openFeatureExtractor({ device, data: { kind: "fashion-mnist" } });
+  assertEquals(f.name, "fashion-net");
+  f.dispose();
   const s = await openFeatureExtractor({ device, data: { kind: "procedural" } });
   assertEquals(s.name, "shapes-net");
   s.dispose();
