@@ -15,8 +15,14 @@ import { readJsonFile } from "./util/config.ts";
 import { checkWritable, writeTextAtomic } from "./util/files.ts";
 import { type CheckpointEval, type EvalConfigInput, type EvalReport, evaluate } from "./eval/evaluate.ts";
 import { buildShapesNet, SHAPES_NET_FILE, SHAPES_NET_MIN_ACCURACY, ShapesNet } from "./eval/features.ts";
-import { measureControls } from "./eval/controls.ts";
-import { PROCEDURAL_SCENES, type ProceduralScene } from "./models/data.ts";
+import { measureControls, measureDatasetControls } from "./eval/controls.ts";
+import {
+  buildFashionNet,
+  FASHION_NET_FILE,
+  FASHION_NET_MIN_ACCURACY,
+  FashionNet,
+} from "./eval/fashion_net.ts";
+import { loadFashionMnist, PROCEDURAL_SCENES, type ProceduralScene } from "./models/data.ts";
 import type { DdsmEvent } from "./search/ddsm.ts";
 import type { DistillEvent } from "./search/distill.ts";
 
@@ -61,6 +67,23 @@ program
 
 // ---------------------------------------------------------------------------------------------------------------
 // train / sample.
+
+const DATA_FLAG =
+  "shapes (default), fashion-mnist (Debian's files) or fashion-mnist:DIR, png:DIR or cifar10:PATH";
+
+/**
+ * `--data`: "shapes" (the embedded procedural set), "fashion-mnist" (Debian's dataset-fashion-mnist, training
+ * split) or "fashion-mnist:DIR", "png:DIR" or "cifar10:PATH".
+ */
+function parseDataFlag(v: string): Record<string, unknown> {
+  if (v === "shapes" || v === "procedural") return { kind: "procedural" };
+  if (v === "fashion-mnist") return { kind: "fashion-mnist" };
+  const m = /^(png|cifar10|fashion-mnist):(.+)$/.exec(v);
+  if (m) return { kind: m[1], path: m[2] };
+  throw new UsageError(
+    `--data: "${v}" is not shapes, fashion-mnist, fashion-mnist:DIR, png:DIR or cifar10:PATH`,
+  );
+}
 
 /** A decimal number as typed by a person: digits, an optional fraction and exponent; no spaces, no 0x/0o/0b. */
 const DECIMAL = /^[+-]?(\d+\.?\d*|\.\d+)(e[+-]?\d+)?$/i;
@@ -147,6 +170,7 @@ program
     "--network <name|file.json>",
     "preset (ddpmpp-cifar10, adm-imagenet64, ddsm-cifar10) or UNetSpec file",
   )
+  .option("--data <name>", DATA_FLAG)
   .option("--kimg <n>", "training length in thousands of images", num)
   .option("--batch <n>", "images per step", num)
   .option("--lr <x>", "Adam learning rate", num)
@@ -163,8 +187,8 @@ program
   .option("--backend <name>", "webgpu or cpu")
   .option(MEMORY_FLAG[0], MEMORY_FLAG[1], num)
   .exitOverride(usageExit)
-  .action(async (opts: Record<string, unknown> & { config?: string }) => {
-    const { config, ...flags } = withMemoryLimit(opts);
+  .action(async (opts: Record<string, unknown> & { config?: string; data?: string }) => {
+    const { config, data, ...rest } = withMemoryLimit(opts);
     const controller = new AbortController();
     // SIGINT (Ctrl-C) and SIGTERM (kill, a job scheduler; `deno task` forwards both to this process) alike stop
     // after the current step with a checkpoint; a second signal quits at once.
@@ -213,6 +237,7 @@ program
       if (typeof file !== "object" || file === null || Array.isArray(file)) {
         throw new UsageError(`${config} must hold a JSON object of training options`);
       }
+      const flags = data === undefined ? rest : { ...rest, data: parseDataFlag(data) };
       const r = await train({ ...file, ...flags }, { onProgress, signal: controller.signal });
       p.stop();
       const last = logs[logs.length - 1];
@@ -281,14 +306,6 @@ program
 
 // ---------------------------------------------------------------------------------------------------------------
 // search.
-
-/** `--data`: "shapes" (the embedded procedural set), "png:DIR" or "cifar10:PATH". */
-function parseDataFlag(v: string): Record<string, unknown> {
-  if (v === "shapes" || v === "procedural") return { kind: "procedural" };
-  const m = /^(png|cifar10):(.+)$/.exec(v);
-  if (m) return { kind: m[1], path: m[2] };
-  throw new UsageError(`--data: "${v}" is not shapes, png:DIR or cifar10:PATH`);
-}
 
 /** Progress bars of a search: one for the whole search, one for the running candidate. */
 function searchPrinter() {
@@ -563,7 +580,7 @@ program
   .option("--fid-weight <x>", "ddsm: weight of the proxy FID in the fitness (default 1)", num)
   .option("--macs-weight <x>", "ddsm: weight of the average MACs (millions) in the fitness (default 1)", num)
   .option("--proxy-steps <n>", "Heun steps of the proxy's sampler (ddsm: genes per genome; default 18)", num)
-  .option("--data <name>", "shapes (default), png:DIR or cifar10:PATH")
+  .option("--data <name>", DATA_FLAG)
   .option("--out <dir>", "run folder (default runs/search)")
   .option("--resume", "continue the search in --out (after a crash, kill or Ctrl-C)")
   .option("--trials <n>", "candidates to train, the default network included", num)
@@ -1018,6 +1035,7 @@ program
   .option("--ref-n <count>", "real images for the reference statistics (default min(10000, dataset))", num)
   .option("--seed <n>", "seed of the latents", num)
   .option("--inception <file>", "Inception-v3 weights (safetensors with PyTorch names) for the true FID")
+  .option("--data <name>", `reference data (default: the checkpoints' training data): ${DATA_FLAG}`)
   .option("--kid", "also compute KID on the full metric's samples")
   .option("--no-latency", "skip the latency measurement")
   .option("--batch <n>", "images per network batch (default 256)", num)
@@ -1028,15 +1046,16 @@ program
   .option(MEMORY_FLAG[0], MEMORY_FLAG[1], num)
   .exitOverride(usageExit)
   .action(async (runs: string[], opts: Record<string, unknown> & { json?: string }) => {
-    const { json, latency, ...rest } = withMemoryLimit(opts);
-    const input: EvalConfigInput = {
-      ...(rest as Omit<EvalConfigInput, "runs">),
-      runs: runs.length ? runs : ["runs/default"],
-      ...(latency === false ? { latency: false } : {}),
-    };
+    const { json, latency, data, ...rest } = withMemoryLimit(opts);
     const p = progressPrinter("images");
     let current = "";
     try {
+      const input: EvalConfigInput = {
+        ...(rest as Omit<EvalConfigInput, "runs">),
+        ...(data === undefined ? {} : { data: parseDataFlag(data as string) as EvalConfigInput["data"] }),
+        runs: runs.length ? runs : ["runs/default"],
+        ...(latency === false ? { latency: false } : {}),
+      };
       // The report's file is checked now, not after the evaluation.
       if (json) await checkWritable(json, "--json");
       const report = await evaluate(
@@ -1074,22 +1093,32 @@ program
   .description(
     "rebuild the embedded ShapesNet feature network from its seed (trains it on procedural shapes; refuses to " +
       `replace a file without --force or to write one below ${SHAPES_NET_MIN_ACCURACY * 100}% held-out ` +
-      "accuracy on the default scenes), or with --controls print its validity controls",
+      "accuracy on the default scenes), or with --data fashion-mnist FashionNet (trained on the training " +
+      `split, at least ${
+        FASHION_NET_MIN_ACCURACY * 100
+      }% on t10k); with --controls print its validity controls`,
   )
-  .option("--out <file>", `weights to write (default ${SHAPES_NET_FILE.pathname})`)
+  .option("--data <name>", "shapes (default: ShapesNet) or fashion-mnist[:DIR] (FashionNet)")
+  .option(
+    "--out <file>",
+    `weights to write (default ${SHAPES_NET_FILE.pathname} or ${FASHION_NET_FILE.pathname})`,
+  )
   .option("--force", "replace an existing weights file")
-  .option("--steps <n>", "optimizer steps (default 700)", num)
-  .option("--batch <n>", "images per step (default 96)", num)
-  .option("--lr <x>", "peak learning rate of the one-cycle schedule (default 3e-3)", num)
+  .option("--steps <n>", "optimizer steps (default 700; FashionNet 1880)", num)
+  .option("--batch <n>", "images per step (default 96; FashionNet 64)", num)
+  .option("--lr <x>", "peak learning rate of the one-cycle schedule (default 3e-3; FashionNet 4e-3)", num)
   .option("--seed <n>", "seed of the initialisation and batch order", num)
   .option("--controls", "do not train: print the FIDs of the validity controls (eval/controls.ts)")
   .option("--weights <file>", "with --controls: the network to measure (default: the shipped one)")
   .option("--n <count>", "with --controls: images per side of each FID (default 2048)", num)
+  .option("--seed-controls <n>", "with --controls --data fashion-mnist: seed of the reference subset", num)
   .option("--scene <name...>", "with --controls: procedural scene styles (default: flat bold busy)")
   .option("--resolution <px>", "with --controls: image side (default 16)", num)
   .option("--backend <name>", "webgpu or cpu", "webgpu")
   .exitOverride(usageExit)
   .action(async (opts: {
+    data?: string;
+    seedControls?: number;
     out?: string;
     force?: boolean;
     steps?: number;
@@ -1105,7 +1134,14 @@ program
   }) => {
     const p = progressPrinter(opts.controls ? "images" : "steps");
     try {
+      const data = opts.data === undefined ? { kind: "procedural" } : parseDataFlag(opts.data);
+      if (data.kind !== "procedural" && data.kind !== "fashion-mnist") {
+        throw new UsageError(`--data: feature networks exist for shapes and fashion-mnist, not ${data.kind}`);
+      }
       const device = await Device.create({ backend: opts.backend });
+      if (data.kind === "fashion-mnist") {
+        return await fashionFeatures(opts, data.path as string | undefined, device, p);
+      }
       if (opts.controls) {
         const net = await ShapesNet.load(opts.weights ?? SHAPES_NET_FILE, { device });
         const n = opts.n ?? 2048, resolution = opts.resolution ?? 16;
@@ -1167,6 +1203,79 @@ program
       fail(e, opts.controls ? "--n or --resolution" : "--batch");
     }
   });
+
+/** `features --data fashion-mnist`: build FashionNet, or with --controls print its controls. */
+async function fashionFeatures(
+  opts: {
+    controls?: boolean;
+    weights?: string;
+    n?: number;
+    seedControls?: number;
+    out?: string;
+    force?: boolean;
+    steps?: number;
+    batch?: number;
+    lr?: number;
+    seed?: number;
+  },
+  path: string | undefined,
+  device: Device,
+  p: ReturnType<typeof progressPrinter>,
+): Promise<void> {
+  if (opts.controls) {
+    const net = await FashionNet.load(opts.weights ?? FASHION_NET_FILE, { device });
+    const n = opts.n ?? 2048;
+    const reference = await loadFashionMnist({ path, split: "train" });
+    const heldOut = await loadFashionMnist({ path, split: "test" });
+    console.log(
+      `features ${net.name} (${net.fingerprint}); FID-${n} to ${n} random training images (seed ` +
+        `${opts.seedControls ?? 0})`,
+    );
+    let current = "";
+    const rows = await measureDatasetControls(net, {
+      reference,
+      heldOut,
+      n,
+      seed: opts.seedControls,
+      onProgress: (name, done, total) => {
+        if (name !== current) (current = name), p.start(total);
+        p.update(done, name);
+      },
+    });
+    p.stop();
+    for (const r of rows) console.log(`  ${r.control.padEnd(22)} ${r.fid.toFixed(3)}`);
+    net.dispose();
+    return;
+  }
+  const out = opts.out ?? FASHION_NET_FILE.pathname;
+  const options = Object.fromEntries(
+    Object.entries({ steps: opts.steps, batch: opts.batch, lr: opts.lr, seed: opts.seed, path })
+      .filter(([, v]) => v !== undefined),
+  );
+  let started = false;
+  const r = await buildFashionNet(out, options, {
+    device,
+    force: opts.force,
+    onProgress: (step, steps, loss) => {
+      if (!started) p.start(steps), started = true;
+      p.update(step, `loss ${loss.toFixed(3)}`);
+      if (!Deno.stdout.isTerminal()) p.log(`step ${step}/${steps} loss ${loss.toFixed(4)}`);
+    },
+  });
+  p.stop();
+  console.log(
+    `FashionNet: final loss ${r.finalLoss.toFixed(4)}, t10k accuracy ${(r.accuracy * 100).toFixed(2)}%, ` +
+      `${r.seconds.toFixed(0)} s`,
+  );
+  if (!r.written) {
+    throw new Error(
+      `not written: the t10k accuracy must be at least ${
+        FASHION_NET_MIN_ACCURACY * 100
+      }% (train longer with --steps)`,
+    );
+  }
+  console.log(`→ ${out}`);
+}
 
 try {
   await program.parseAsync(Deno.args, { from: "user" });

@@ -13,7 +13,7 @@
 
 import { z } from "zod";
 import { Device } from "../engine/mod.ts";
-import { type Dataset, openDataset } from "../models/data.ts";
+import { DataConfig, type Dataset, openDataset } from "../models/data.ts";
 import { CheckpointGenerator } from "../models/generate.ts";
 import { listCheckpoints, type TrainState } from "../models/checkpoint.ts";
 import { readStoredConfig, type TrainConfig } from "../models/train.ts";
@@ -58,7 +58,10 @@ export const EvalConfigSchema = z.strictObject({
   refN: z.number().int().min(2).optional(),
   // Seed of the latents (the same for every checkpoint, so models are compared on the same noise).
   seed: z.number().int().min(0).max(0xffffffff).default(0),
-  // Inception-v3 weights (safetensors, PyTorch names): the literature's FID. Default: the embedded ShapesNet.
+  // The reference data (default: the checkpoints' training data); it also picks the feature network.
+  data: DataConfig.optional(),
+  // Inception-v3 weights (safetensors, PyTorch names): the literature's FID. Default: the shipped network that
+  // matches the data (FashionNet for Fashion-MNIST, else ShapesNet).
   inception: z.string().min(1).optional(),
   // Also compute KID (unbiased, cubic polynomial kernel) for the full metric's samples.
   kid: z.boolean().default(false),
@@ -206,8 +209,9 @@ export async function evaluate(
   let features: FeatureExtractor | undefined;
   try {
     memory(device.info.limits);
-    features = await openFeatureExtractor({ inception: cfg.inception, device });
-    const dataset = await openDataset(states[0].train.data);
+    const data = cfg.data ?? states[0].train.data;
+    features = await openFeatureExtractor({ inception: cfg.inception, data, device });
+    const dataset = await openDataset(data);
     const refN = cfg.refN ?? Math.min(10000, dataset.length);
     const ref = await referenceStatistics(dataset, features, refN, {
       cacheDir: cfg.cacheDir,

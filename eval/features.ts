@@ -18,35 +18,29 @@
  * colour and texture statistics dominated: images with no shapes at all scored as nearly real. The controls in
  * eval/controls.ts measure that a network's distances order disturbances as they should.
  *
- * Both networks follow one interface, `FeatureExtractor`: images [N, 3, H, W] with values in [0, 255] (as the
- * 8-bit images a sampler writes) → features [N, dim].
+ * Every network follows one interface, `FeatureExtractor`: images [N, C, H, W] with values in [0, 255] (as the
+ * 8-bit images a sampler writes; C = 3, or 1 for the grey data of eval/fashion_net.ts's FashionNet) →
+ * features [N, dim]. `openFeatureExtractor` picks the one that matches the data.
  */
 
 import { z } from "zod";
 import {
-  add,
   avgPool2d,
   cat,
   Device,
-  full,
   getDefaultDevice,
   interpolateBilinear,
-  keep,
-  logSoftmax,
   maxPool2d,
   mean,
   mul,
-  neg,
   nn,
   noGrad,
   optim,
   relu,
   reshape,
-  rsqrt,
   saveSafetensors,
   scope,
   sub,
-  sum,
   type Tensor,
   tensor,
 } from "../engine/mod.ts";
@@ -61,35 +55,23 @@ import { parseConfig, parseUsage } from "../util/config.ts";
 import { UsageError } from "../util/errors.ts";
 import { checkWritable } from "../util/files.ts";
 import { INCEPTION_FEATURES, InceptionV3 } from "./inception.ts";
+import { FASHION_NET_FILE, FashionNet } from "./fashion_net.ts";
+import { BatchNorm2d, crossEntropy, type FeatureExtractor, fileFingerprint, oneCycle } from "./classifier.ts";
 
-/** A network whose features a Fréchet distance compares. */
-export interface FeatureExtractor {
-  /** Names the network and its weights in reports and cached statistics (e.g. "shapes-net", "inception-v3"). */
-  readonly name: string;
-  /** Length of a feature vector. */
-  readonly dim: number;
-  /** Identifies the weights (a hash of the file they came from): cached statistics are keyed by it. */
-  readonly fingerprint: string;
-  readonly device: Device;
-  /** Features [N, dim] of images [N, 3, H, W] with values in [0, 255], without gradients. */
-  features(images: Tensor): Tensor;
-  dispose(): void;
-}
-
-/** The first 16 hex digits of a file's SHA-256. */
-export async function fileFingerprint(path: string): Promise<string> {
-  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", await Deno.readFile(path)));
-  return Array.from(digest.subarray(0, 8), (b) => b.toString(16).padStart(2, "0")).join("");
-}
+export { BatchNorm2d, crossEntropy, type FeatureExtractor, fileFingerprint, oneCycle };
 
 /**
  * The feature network of an evaluation: Inception-v3 from a safetensors file (the literature's FID), or
- * without one the shipped ShapesNet (meaningful on the embedded procedural data only).
+ * without one the shipped network that matches the data: FashionNet (eval/fashion_net.ts) for Fashion-MNIST,
+ * ShapesNet otherwise (meaningful on the embedded procedural data only).
  */
 export async function openFeatureExtractor(
-  opts: { inception?: string; shapesNet?: string; device: Device },
+  opts: { inception?: string; shapesNet?: string; data?: { kind: string }; device: Device },
 ): Promise<FeatureExtractor> {
   if (!opts.inception) {
+    if (opts.data?.kind === "fashion-mnist") {
+      return await FashionNet.load(FASHION_NET_FILE, { device: opts.device });
+    }
     return await ShapesNet.load(opts.shapesNet ?? SHAPES_NET_FILE, { device: opts.device });
   }
   const net = await InceptionV3.load(opts.inception, { device: opts.device });
@@ -125,41 +107,6 @@ export const SHAPES_NET_MIN_ACCURACY = 0.93;
  * classified from what these taught, and their accuracy is measured with the rest).
  */
 export const SHAPES_NET_TRAINING_SCENES = ["bold", "busy"] as const satisfies readonly ProceduralScene[];
-
-/**
- * Batch normalisation over (N, H, W) per channel, PyTorch's names (`weight`, `bias`, `running_mean`,
- * `running_var`). Training mode normalises with the batch's statistics (built from mean and elementwise ops, so
- * autograd differentiates through them); evaluation mode with the running buffers. Those are not updated step by
- * step: `ShapesNet.calibrate` sets them once after training from a large batch ("precise BN"), which keeps the
- * training loop free of in-place state and makes the evaluation statistics exact for the final weights.
- */
-export class BatchNorm2d extends nn.Module {
-  readonly weight: Tensor;
-  readonly bias: Tensor;
-  readonly running_mean: Tensor;
-  readonly running_var: Tensor;
-  /** While set, training-mode forwards append their batch mean and variance [C] here (kept tensors). */
-  record: Tensor[][] | null = null;
-
-  constructor(readonly channels: number, device: Device, readonly eps = 1e-5) {
-    super();
-    this.weight = this.registerParameter("weight", full([channels], 1, { device }));
-    this.bias = this.registerParameter("bias", full([channels], 0, { device }));
-    this.running_mean = this.registerBuffer("running_mean", full([channels], 0, { device }));
-    this.running_var = this.registerBuffer("running_var", full([channels], 1, { device }));
-  }
-
-  forward(x: Tensor): Tensor {
-    const c = [1, this.channels, 1, 1];
-    if (!this.training) {
-      const a = mul(reshape(this.weight, c), rsqrt(add(reshape(this.running_var, c), this.eps)));
-      return add(mul(x, a), sub(reshape(this.bias, c), mul(reshape(this.running_mean, c), a)));
-    }
-    const m = mean(x, [0, 2, 3], true), d = sub(x, m), v = mean(mul(d, d), [0, 2, 3], true);
-    this.record?.push([keep(reshape(m, [this.channels])), keep(reshape(v, [this.channels]))]);
-    return add(mul(d, mul(rsqrt(add(v, this.eps)), reshape(this.weight, c))), reshape(this.bias, c));
-  }
-}
 
 /** One stage: (conv → BatchNorm → ReLU) twice at one resolution. */
 class ShapesStage extends nn.Module {
@@ -329,11 +276,6 @@ export interface ShapesNetBuild {
   options: z.output<typeof ShapesNetTrainSchema>;
 }
 
-/** Mean cross-entropy of logits [N, K] against one-hot labels [N, K]. */
-export function crossEntropy(logits: Tensor, oneHot: Tensor): Tensor {
-  return neg(mean(sum(mul(logSoftmax(logits, 1), oneHot), 1)));
-}
-
 /** Fraction of `n` images of `dataset` (from index 0) that `net` classifies correctly. */
 export async function shapesAccuracy(net: ShapesNet, dataset: ProceduralShapes, n: number): Promise<number> {
   const it = new BatchIterator(dataset, { batchSize: Math.min(n, 256), shuffle: false, device: net.device });
@@ -354,13 +296,6 @@ export async function shapesAccuracy(net: ShapesNet, dataset: ProceduralShapes, 
     seen += rows;
   }
   return correct / n;
-}
-
-/** The one-cycle learning rate at `step` of `steps`: linear warm-up from lr/25 over 25%, cosine decay to 0. */
-export function oneCycle(lr: number, step: number, steps: number): number {
-  const warm = Math.max(1, Math.floor(steps * 0.25));
-  if (step < warm) return lr / 25 + (lr - lr / 25) * step / warm;
-  return lr * 0.5 * (1 + Math.cos(Math.PI * (step - warm) / Math.max(1, steps - warm)));
 }
 
 /**

@@ -479,7 +479,7 @@ export async function runDdsmSearch(
       emit({ type: "profile", seconds: (performance.now() - p0) / 1000, cached: false });
     }
 
-    features = await openFeatureExtractor({ device });
+    features = await openFeatureExtractor({ device, data: cfg.data });
     const ref = await referenceStatistics(dataset, features, Math.min(cfg.refN, dataset.length), {
       cacheDir: cfg.cacheDir,
     });

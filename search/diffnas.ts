@@ -118,11 +118,14 @@ export interface SearchOptions {
 
 /** The base network of a search: the default network at the data's resolution and channels. */
 export function baseNetwork(dataset: Dataset): UNetSpec {
+  const levels = DEFAULT_NETWORK.channelMult!.length;
   return parseUNetSpec({
     ...DEFAULT_NETWORK,
     imgResolution: dataset.height,
     inChannels: dataset.channels,
     outChannels: dataset.channels,
+    // Attention at the lowest level, whatever the side (8 at 16×16, 14 at Fashion-MNIST's 28×28).
+    attnResolutions: [dataset.height >> (levels - 1)],
   });
 }
 
@@ -388,7 +391,7 @@ export async function openTrialSetup(
     cfg.data ?? { kind: "procedural", resolution: DEFAULT_NETWORK.imgResolution },
   );
   const base = baseNetwork(dataset);
-  const features = await openFeatureExtractor({ device });
+  const features = await openFeatureExtractor({ device, data: cfg.data });
   try {
     const ref = await referenceStatistics(dataset, features, Math.min(cfg.refN, dataset.length), {
       cacheDir: cfg.cacheDir,

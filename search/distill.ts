@@ -833,7 +833,7 @@ export async function runDistillSearch(
     });
 
     // Scores.
-    features = await openFeatureExtractor({ device });
+    features = await openFeatureExtractor({ device, data: cfg.data });
     const ref = await referenceStatistics(dataset, features, Math.min(cfg.refN, dataset.length), {
       cacheDir: cfg.cacheDir,
     });

@@ -311,7 +311,7 @@ export async function validateProxy(
       maxParams: cfg.maxParams,
     });
     emit({ type: "start", dir, device: `${device.info.adapter} (${device.kind})`, architectures: picked });
-    features = await openFeatureExtractor({ device });
+    features = await openFeatureExtractor({ device, data: cfg.data });
     const ref = await referenceStatistics(dataset, features, Math.min(cfg.refN, dataset.length), {
       cacheDir: opts.cacheDir ?? ".cache/fid",
     });
