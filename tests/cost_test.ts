@@ -275,7 +275,7 @@ test("checkMemory: a tensor above the adapter's binding limit names the layer, i
   );
 });
 
-test("spec bounds: an absurd network fails in milliseconds naming the field; the largest allowed one plans fast", () => {
+test("spec bounds: an absurd network fails at once naming the field; the largest allowed one plans without hanging", () => {
   const t0 = performance.now();
   assertThrows(() => parseUNetSpec({ ...MICRO_UNET, numBlocks: 100000 }), "numBlocks", "<=64");
   assertThrows(() => parseUNetSpec({ ...MICRO_UNET, modelChannels: 1e9 }), "modelChannels");
@@ -291,6 +291,8 @@ test("spec bounds: an absurd network fails in milliseconds naming the field; the
     attnResolutions: [],
   };
   assertThrows(() => checkMemory(huge, budget(1)), "make the network smaller");
+  // Not a speed test: before the bounds, numBlocks 100000 ran for minutes; 15 s only catches such a hang on a
+  // loaded CI machine (it takes milliseconds).
   const ms = performance.now() - t0;
-  assert(ms < 1000, `took ${ms} ms`);
+  assert(ms < 15000, `took ${ms} ms`);
 });
