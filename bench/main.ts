@@ -297,7 +297,8 @@ const torchPython = withPeer && wantTrain ? await torchAvailable() : null;
 const torchThreadsAt = Deno.args.indexOf("--torch-threads");
 /** PyTorch's intra-op threads (default 2, this machine's cores). */
 const torchThreads = torchThreadsAt >= 0 ? Number(Deno.args[torchThreadsAt + 1]) : 2;
-if (torchPython && "skipped" in torchPython) log(`PyTorch peer skipped: ${torchPython.skipped}`);
+// One line on stderr, in --json mode too: the training figures then have no peer fields.
+if (torchPython && "skipped" in torchPython) console.error(`PyTorch peer skipped: ${torchPython.skipped}`);
 
 /**
  * Times a training step of ours (`step` records one without waiting, `stepSync` waits for them) against the

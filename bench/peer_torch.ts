@@ -5,7 +5,7 @@
  * for its answer, so a repeat's wall time is the child's K steps plus one pipe round trip (well under a
  * millisecond against steps of tens of milliseconds).
  *
- * Python is Debian's `/usr/bin/python3` (where `python3-torch` installs) or `$PYTHON`; when no interpreter
+ * Python is `$PYTHON` when set, else Debian's `/usr/bin/python3` (where `python3-torch` installs); when no interpreter
  * imports torch, `torchAvailable()` says why and the bench prints one line instead of the peer's figures.
  */
 
@@ -41,7 +41,7 @@ const SCRIPT = new URL("./peer_torch.py", import.meta.url).pathname;
 /** The interpreters tried, in order. */
 function pythons(): string[] {
   const env = Deno.env.get("PYTHON");
-  return [...(env ? [env] : []), "/usr/bin/python3", "python3"];
+  return env ? [env] : ["/usr/bin/python3", "python3"];
 }
 
 /** The first Python that imports torch, or the reason there is none. */
