@@ -262,7 +262,9 @@ if (want("elementwise")) {
 // EDM loss, Adam, EMA) and a small DDPM++-style UNet at 32×32 (EDM loss and Adam). Besides images/s, a step's
 // dispatches and submits (device counters), the host time spent recording it against its wall time, and the
 // peak resident memory of both processes (ours is the whole bench process so far: run with --only train for
-// the training figures alone).
+// the training figures alone). PyTorch runs 2 intra-op threads unless --torch-threads says otherwise; on this
+// shared machine under load (load average 16) its 2 OpenMP threads wait on each other and a step took 15× the
+// wall time of 1 thread, spinning, so compare with --torch-threads 1 there, or per CPU-second.
 
 /** Per-step device counters and the host/wall split of `n` steps of `step` (one sync at the end). */
 async function stepProfile(step: () => void, stepSync: () => Promise<void>, n: number) {
@@ -391,7 +393,7 @@ if (want("train default")) {
       spec: cfg.network,
       batch: cfg.batch,
       adam: { lr: cfg.lr, betas: cfg.betas, eps: cfg.eps, rampupImg: cfg.lrRampupKimg * 1000 },
-      ema: { halfLifeImg: cfg.emaHalfLifeKimg * 1000, rampupRatio: cfg.emaRampupRatio ?? Infinity },
+      ema: { halfLifeImg: cfg.emaHalfLifeKimg * 1000, rampupRatio: cfg.emaRampupRatio },
       sigmaData: cfg.sigmaData,
       pMean: cfg.pMean,
       pStd: cfg.pStd,

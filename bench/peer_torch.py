@@ -242,7 +242,8 @@ def main():
         opt.zero_grad(set_to_none=True)
         if ema is not None:
             e = w["ema"]
-            half = min(e["halfLifeImg"], nimg * e["rampupRatio"])
+            ratio = e["rampupRatio"]
+            half = e["halfLifeImg"] if ratio is None else min(e["halfLifeImg"], nimg * ratio)
             beta = 0.5 ** (B / max(half, 1e-8))
             with torch.no_grad():
                 for s, p in zip(ema, params):

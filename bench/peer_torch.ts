@@ -5,12 +5,12 @@
  * for its answer, so a repeat's wall time is the child's K steps plus one pipe round trip (well under a
  * millisecond against steps of tens of milliseconds).
  *
- * Python is `$PYTHON` when set, else Debian's `/usr/bin/python3` (where `python3-torch` installs); when no interpreter
- * imports torch, `torchAvailable()` says why and the bench prints one line instead of the peer's figures.
+ * Python is `$PYTHON` when set, else Debian's `/usr/bin/python3` (where `python3-torch` installs); when no
+ * interpreter imports torch, `torchAvailable()` says why and the bench prints one line instead of the peer's
+ * figures.
  */
 
-import type { UNetSpec } from "../models/unet.ts";
-import { unetLayout } from "../models/unet.ts";
+import { unetLayout, type UNetSpec } from "../models/unet.ts";
 import type { Workload } from "./harness.ts";
 
 /** A training workload for the peer: the network and the step's settings. */
@@ -18,8 +18,8 @@ export interface TorchTrainWorkload {
   spec: UNetSpec;
   batch: number;
   adam: { lr: number; betas: readonly [number, number]; eps: number; rampupImg?: number };
-  /** EDM's EMA after each step (half-life and ramp-up in images), or null for none. */
-  ema: { halfLifeImg: number; rampupRatio: number } | null;
+  /** EDM's EMA after each step (half-life in images, ramp-up ratio or null for none), or null for no EMA. */
+  ema: { halfLifeImg: number; rampupRatio: number | null } | null;
   sigmaData: number;
   pMean: number;
   pStd: number;
