@@ -16,6 +16,23 @@ export interface BenchRecord {
   ratio?: number;
   /** Extra facts about the measurement (host syncs per step, bytes model, ...). */
   note?: string;
+  /** Training figures: parameters of our network and of the peer's (they must be equal). */
+  params?: number;
+  peer_params?: number;
+  /** Training figures: peak resident memory of our process and of the peer's, in MiB. */
+  rss_peak_mib?: number;
+  peer_rss_peak_mib?: number;
+  /** Training figures: device dispatches and queue submits per step (device counters). */
+  dispatches_per_step?: number;
+  submits_per_step?: number;
+  /** Training figures: host ms per step spent encoding kernels, inside submits, and wall ms per step. */
+  encode_ms_per_step?: number;
+  submit_ms_per_step?: number;
+  wall_ms_per_step?: number;
+  /** Training figures: images per CPU-second of ours over the peer's (steadier than `ratio` under load). */
+  ratio_per_cpu?: number;
+  /** The 1-minute load average when the figure was taken (this machine is shared). */
+  load?: number;
 }
 
 export interface TimingOptions {
@@ -58,6 +75,8 @@ export interface Timing {
 export interface Workload {
   step: () => void;
   sync: () => Promise<void>;
+  /** CPU ms of the process doing the work, when that is not this one (a peer in a child process). */
+  cpuMs?: () => number;
 }
 
 /**
@@ -78,11 +97,12 @@ async function iterationsPerRepeat({ step, sync }: Workload, minMs: number, maxI
 }
 
 /** One repeat of K iterations and a sync: wall ms per iteration, and this process's CPU ms for the repeat. */
-async function repeat({ step, sync }: Workload, K: number): Promise<{ ms: number; cpuMs: number }> {
-  const cpu0 = processCpuMs(), t0 = performance.now();
+async function repeat({ step, sync, cpuMs }: Workload, K: number): Promise<{ ms: number; cpuMs: number }> {
+  const cpu = cpuMs ?? processCpuMs;
+  const cpu0 = cpu(), t0 = performance.now();
   for (let k = 0; k < K; k++) step();
   await sync();
-  return { ms: (performance.now() - t0) / K, cpuMs: processCpuMs() - cpu0 };
+  return { ms: (performance.now() - t0) / K, cpuMs: cpu() - cpu0 };
 }
 
 /**
@@ -124,7 +144,7 @@ export function printTable(records: BenchRecord[]): void {
     r.name,
     `${r.value.toFixed(r.value < 10 ? 2 : 1)} ${r.unit}`,
     r.peer ? `${r.peer_value!.toFixed(2)} ${r.unit} (${r.peer})` : "",
-    r.ratio !== undefined ? `${r.ratio.toFixed(1)}×` : "",
+    r.ratio !== undefined ? `${r.ratio.toFixed(r.ratio < 1 ? 2 : 1)}×` : "",
     r.note ?? "",
   ]);
   const head = ["figure", "ours", "peer", "ratio", "note"];

@@ -1,8 +1,10 @@
 /**
- * @file `deno task bench [--json] [--quick] [--no-peer] [--only NAME]`: the kernels that dominate a UNet
+ * @file `deno task bench [--json] [--quick] [--no-peer] [--only NAME] [--torch-threads N]`: the kernels that dominate a UNet
  * training step, as GFLOP/s (compute-bound) or GB/s (memory-bound), each the median of several timed repeats
  * (see harness.ts), with TensorFlow.js's WebGPU backend measured in the same run on matmul and conv, its
- * repeats alternating with ours.
+ * repeats alternating with ours; and training steps in images/s against the same step in PyTorch on the CPU
+ * (bench/peer_torch.ts, when Debian's python3-torch is installed), with each step's dispatches, submits, host
+ * encoding time and both processes' peak memory.
  *
  * Gradients are timed by calling the tape node's vector-Jacobian product directly, so a figure is exactly the
  * code `backward()` runs for that op and nothing else.
@@ -33,6 +35,13 @@ import {
   type Workload,
 } from "./harness.ts";
 import type { PeerWorkload } from "./peer_tfjs.ts";
+import {
+  ownRssPeakMiB,
+  torchAvailable,
+  type TorchPeer,
+  torchTrainStep,
+  type TorchTrainWorkload,
+} from "./peer_torch.ts";
 
 const args = new Set(Deno.args);
 const json = args.has("--json");
@@ -100,6 +109,8 @@ function report(
   { ms, cpuMs }: Timing,
   peerTiming?: Timing,
   note?: string,
+  peer = PEER,
+  extra: Partial<BenchRecord> = {},
 ) {
   const value = work / ms / 1e6;
   const r: BenchRecord = { name, unit, value };
@@ -110,14 +121,18 @@ function report(
     note = note ? `${note}; ${rate}` : rate;
   }
   if (peerTiming !== undefined) {
-    r.peer = PEER;
+    r.peer = peer;
     r.peer_value = work / peerTiming.ms / 1e6;
     r.ratio = r.value / r.peer_value;
   }
   if (note) r.note = note;
+  Object.assign(r, extra);
   records.push(r);
   if (json) console.log(JSON.stringify(r));
-  else log(`${name}: ${value.toFixed(2)} ${unit}${r.ratio ? ` (${r.ratio.toFixed(1)}× ${r.peer})` : ""}`);
+  else {
+    const ratio = r.ratio ? ` (${r.ratio.toFixed(r.ratio < 1 ? 2 : 1)}× ${r.peer})` : "";
+    log(`${name}: ${value.toFixed(2)} ${unit}${ratio}`);
+  }
 }
 
 const want = (name: string) => !only || name.includes(only);
@@ -241,7 +256,152 @@ if (want("elementwise")) {
   [x, F, cSkip, cOut, scale, shift].forEach((t: Tensor) => t.dispose());
 }
 
-// --- one training step of a small UNet at 32×32 ------------------------------------------------------------------
+// --- training steps against PyTorch CPU ------------------------------------------------------------------------
+// Two workloads, each timed in alternating repeats with the same step written in PyTorch (bench/peer_torch.py):
+// the default training configuration (models/train.ts DEFAULT_NETWORK through the Trainer: data, lr ramp-up,
+// EDM loss, Adam, EMA) and a small DDPM++-style UNet at 32×32 (EDM loss and Adam). Besides images/s, a step's
+// dispatches and submits (device counters), the host time spent recording it against its wall time, and the
+// peak resident memory of both processes (ours is the whole bench process so far: run with --only train for
+// the training figures alone). PyTorch runs 2 intra-op threads unless --torch-threads says otherwise; on this
+// shared machine under load (load average 16) its 2 OpenMP threads wait on each other and a step took 15× the
+// wall time of 1 thread, spinning, so compare with --torch-threads 1 there, or per CPU-second.
+
+/** Per-step device counters and the host/wall split of `n` steps of `step` (one sync at the end). */
+async function stepProfile(step: () => void, stepSync: () => Promise<void>, n: number) {
+  step(); // pipelines compiled, pools filled
+  await stepSync();
+  const c0 = device.counters();
+  let host = 0;
+  const t0 = performance.now();
+  for (let i = 0; i < n; i++) {
+    const h0 = performance.now();
+    step();
+    host += performance.now() - h0;
+  }
+  const hostDone = device.counters();
+  await stepSync();
+  const wall = performance.now() - t0;
+  // Host time in the steps is recording (encoding kernels) plus submitting, which on llvmpipe may already run
+  // the work; the rest of the wall time is waiting for the device at the sync.
+  const submitMs = hostDone.submitMs - c0.submitMs;
+  return {
+    dispatches: (hostDone.dispatches - c0.dispatches) / n,
+    submits: (hostDone.submits - c0.submits) / n,
+    reads: (hostDone.reads - c0.reads) / n,
+    encodeMs: (host - submitMs) / n,
+    submitMs: submitMs / n,
+    wallMs: wall / n,
+  };
+}
+
+const wantTrain = want("train default") || want("train step");
+const torchPython = withPeer && wantTrain ? await torchAvailable() : null;
+const torchThreadsAt = Deno.args.indexOf("--torch-threads");
+/** PyTorch's intra-op threads (default 2, this machine's cores). */
+const torchThreads = torchThreadsAt >= 0 ? Number(Deno.args[torchThreadsAt + 1]) : 2;
+// One line on stderr, in --json mode too: the training figures then have no peer fields.
+if (torchPython && "skipped" in torchPython) console.error(`PyTorch peer skipped: ${torchPython.skipped}`);
+
+/**
+ * Times a training step of ours (`step` records one without waiting, `stepSync` waits for them) against the
+ * PyTorch peer of `peerWorkload`, and reports images/s, the ratio, parameters, memory and the step profile.
+ */
+async function trainFigure(
+  name: string,
+  B: number,
+  params: number,
+  step: () => void,
+  stepSync: () => Promise<void>,
+  peerWorkload: TorchTrainWorkload,
+) {
+  const opts = { ...timing, minMs: quick ? 500 : 2000, repeats: quick ? 3 : 5 };
+  let peer: TorchPeer | undefined;
+  if (torchPython && "python" in torchPython) {
+    try {
+      peer = await torchTrainStep(torchPython.python, { threads: torchThreads, ...peerWorkload });
+      if (peer.params !== params) {
+        throw new Error(`the PyTorch network has ${peer.params} parameters, ours ${params}: not compared`);
+      }
+    } catch (e) {
+      log(`PyTorch peer failed on ${name}: ${(e as Error).message}`);
+      await peer?.dispose();
+      peer = undefined;
+    }
+  }
+  const profile = await stepProfile(step, stepSync, 3);
+  const load = Deno.loadavg()[0];
+  let t: Timing, tp: Timing | undefined;
+  try {
+    [t, tp] = peer
+      ? await timeInterleaved([{ step, sync: stepSync }, peer], opts)
+      : [await timePerIteration(step, stepSync, opts), undefined];
+  } finally {
+    await peer?.dispose();
+  }
+  const r: Partial<BenchRecord> = {
+    params,
+    rss_peak_mib: ownRssPeakMiB(),
+    dispatches_per_step: profile.dispatches,
+    submits_per_step: profile.submits,
+    encode_ms_per_step: profile.encodeMs,
+    submit_ms_per_step: profile.submitMs,
+    wall_ms_per_step: profile.wallMs,
+    load,
+  };
+  const facts = [
+    `${params} params${peer ? ` (PyTorch ${peer.params})` : ""}`,
+    `${profile.dispatches.toFixed(0)} dispatches, ${profile.submits.toFixed(1)} submits, ` +
+    `${profile.reads.toFixed(1)} host syncs per step`,
+    `per step of ${profile.wallMs.toFixed(0)} ms: host encoding ${profile.encodeMs.toFixed(1)} ms, ` +
+    `in submits ${profile.submitMs.toFixed(1)} ms, waiting at the sync ` +
+    `${(profile.wallMs - profile.encodeMs - profile.submitMs).toFixed(1)} ms`,
+  ];
+  if (peer) {
+    r.peer_params = peer.params;
+    r.peer_rss_peak_mib = peer.rssPeakMiB();
+    facts.push(
+      `peak RSS ours ${r.rss_peak_mib?.toFixed(0)} MiB, PyTorch ${peer.torchVersion} ` +
+        `${r.peer_rss_peak_mib.toFixed(0)} MiB`,
+    );
+  }
+  if (tp) {
+    // Images per CPU-second of each process: the load-robust comparison (see peer_torch.ts).
+    r.ratio_per_cpu = tp.cpuMs / t.cpuMs;
+    facts.push(
+      `per CPU-second ${r.ratio_per_cpu.toFixed(2)}× PyTorch (${(B * 1e3 / tp.cpuMs).toFixed(1)} img)`,
+    );
+  }
+  facts.push(`load ${load.toFixed(1)}`);
+  report(name, "img/s", B * 1e9, t, tp, facts.join("; "), peer ? "pytorch-cpu" : undefined, r);
+}
+
+if (want("train default")) {
+  const { DEFAULT_NETWORK } = await import("../models/train.ts");
+  const { parseTrainerConfig, Trainer } = await import("../models/trainer.ts");
+  const cfg = parseTrainerConfig({ network: DEFAULT_NETWORK });
+  const trainer = await Trainer.create(cfg, device);
+  // The trainer's own sync: the loss readback of the steps since the last one (what `run()` does per log).
+  const stepSync = async () => void await trainer.flushLog();
+  await trainFigure(
+    `train default ${cfg.network.imgResolution}×${cfg.network.imgResolution} (B=${cfg.batch}, ` +
+      `fwd+bwd+Adam+EMA)`,
+    cfg.batch,
+    trainer.network.parameterCount(),
+    () => trainer.step(),
+    stepSync,
+    {
+      spec: cfg.network,
+      batch: cfg.batch,
+      adam: { lr: cfg.lr, betas: cfg.betas, eps: cfg.eps, rampupImg: cfg.lrRampupKimg * 1000 },
+      ema: { halfLifeImg: cfg.emaHalfLifeKimg * 1000, rampupRatio: cfg.emaRampupRatio },
+      sigmaData: cfg.sigmaData,
+      pMean: cfg.pMean,
+      pStd: cfg.pStd,
+    },
+  );
+  trainer.dispose();
+}
+
 if (want("train step")) {
   const { UNet } = await import("../models/unet.ts");
   const { EDMPrecond, edmLoss } = await import("../models/edm.ts");
@@ -267,24 +427,21 @@ if (want("train step")) {
       opt.step();
       opt.zeroGrad();
     });
-  // Host syncs the step itself makes: count device reads over steps with no harness sync in between.
-  step();
-  await sync();
-  const readsBefore = device.counters().reads;
-  for (let i = 0; i < 3; i++) step();
-  const syncsPerStep = (device.counters().reads - readsBefore) / 3;
-  const t = await timePerIteration(step, sync, {
-    ...timing,
-    minMs: quick ? 500 : 2000,
-    repeats: quick ? 2 : 3,
-  });
-  report(
+  await trainFigure(
     "train step UNet 32×32 (B=8, fwd+bwd+Adam)",
-    "img/s",
-    B * 1e9,
-    t,
-    undefined,
-    `${unet.parameterCount()} params; ${syncsPerStep} host syncs per step (a loop that logs the loss adds 1)`,
+    B,
+    unet.parameterCount(),
+    step,
+    sync,
+    {
+      spec: unet.spec,
+      batch: B,
+      adam: { lr: 1e-4, betas: [0.9, 0.999], eps: 1e-8 },
+      ema: null,
+      sigmaData: 0.5,
+      pMean: -1.2,
+      pStd: 1.2,
+    },
   );
   opt.dispose();
   unet.dispose();

@@ -137,15 +137,33 @@ export class Adam {
 
   /**
    * Updates every parameter that has a gradient, in place. `gradScale` (a one-element device tensor, e.g. the
-   * coefficient from `gradClipCoefficient`) multiplies each gradient inside the update. Records no tape and
-   * reads nothing back.
+   * coefficient from `gradClipCoefficient`) multiplies each gradient inside the update. With `ema`, the moving
+   * average then follows every parameter with that β, as `ema.average.update(ema.beta)` after the step would,
+   * but in the same dispatch as each parameter's update (parameters without a gradient get the plain EMA).
+   * Records no tape and reads nothing back.
    */
-  step(opts: { gradScale?: Tensor } = {}): void {
+  step(opts: { gradScale?: Tensor; ema?: { average: EMA; beta: number } } = {}): void {
     const who = this.constructor.name;
     checkHyper(who, this.lr, this.betas, this.eps, this.weightDecay);
+    const average = opts.ema?.average, beta = opts.ema?.beta ?? 0;
+    if (average) {
+      EMA.checkBeta(beta);
+      for (const [name] of this.params) {
+        if (!average.shadow.has(name)) throw new Error(`${who}: the EMA has no average for "${name}"`);
+      }
+      if (average.params.length !== this.params.length) {
+        throw new Error(
+          `${who}: the EMA tracks ${average.params.length} parameters, the optimizer ${this.params.length}`,
+        );
+      }
+    }
     for (const [name, p] of this.params) {
       const g = p.grad;
-      if (!g) continue;
+      const shadow = average?.shadow.get(name);
+      if (!g) {
+        if (shadow) p.device.run(ema, { n: p.size, beta }, [p.storage], [shadow.mutableStorage]);
+        continue;
+      }
       if (!sameShape(g.shape, p.shape)) {
         throw new Error(`${who}: gradient of "${name}" has shape ${fmt(g.shape)}, parameter ${fmt(p.shape)}`);
       }
@@ -167,9 +185,15 @@ export class Adam {
           decoupled: this.decoupled,
           step: s.step,
           scaled: !!opts.gradScale,
+          ema: shadow ? { beta } : undefined,
         },
         inputs,
-        [p.mutableStorage, s.expAvg.mutableStorage, s.expAvgSq.mutableStorage],
+        [
+          p.mutableStorage,
+          s.expAvg.mutableStorage,
+          s.expAvgSq.mutableStorage,
+          ...(shadow ? [shadow.mutableStorage] : []),
+        ],
       );
     }
   }
@@ -353,7 +377,7 @@ export class EMA {
     this.shadow = new Map(this.params.map(([n, p]) => [n, cloneKept(p)]));
   }
 
-  private static checkBeta(beta: number) {
+  static checkBeta(beta: number): void {
     if (!(beta >= 0 && beta <= 1)) throw new Error(`EMA: beta ${beta} must be in [0, 1]`);
   }
 

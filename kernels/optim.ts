@@ -7,7 +7,9 @@
  * the step count the host already knows) travel as uniforms, and a gradient scale that is only known on the
  * device (the clipping coefficient) is read from a one-element buffer.
  *
- * - `adam`: one thread per element (four, as vec4s, when the size allows), PyTorch's `torch.optim.Adam`/`AdamW` arithmetic (see `adamStepJs`);
+ * - `adam`: one thread per element (four, as vec4s, when the size allows), PyTorch's `torch.optim.Adam`/`AdamW`
+ *   arithmetic (see `adamStepJs`); with `ema` it also moves the parameter's moving average towards the updated
+ *   parameter in the same pass (a training step's Adam and EMA in one dispatch per parameter instead of two);
  * - `sumSquares`: partial sums of x² over chunks of `SUMSQ_CHUNK` elements, one workgroup per chunk with a tree
  *   in workgroup memory, written at an offset into one partials buffer shared by all parameters;
  * - `clipFinish`: one workgroup sums the partials and writes the norm √Σ and the clip coefficient
@@ -49,6 +51,11 @@ export interface AdamParams {
   step: number;
   /** A one-element scale buffer follows the gradient among the inputs (grad is multiplied by it first). */
   scaled: boolean;
+  /**
+   * Also update an EMA shadow (a fourth output) from the new parameter: `shadow = β·shadow + (1−β)·param`,
+   * exactly what the `ema` kernel computes after the step.
+   */
+  ema?: { beta: number };
 }
 
 /** Host-side derived constants: step size lr / (1 − β1^t) and √(1 − β2^t). */
@@ -99,11 +106,15 @@ export const adam: Kernel<AdamParams> = {
       p.weightDecay,
     );
     w.f32(stepSize, bc2Sqrt);
-    const source = cachedSource(`adam:${V}:${p.decoupled}:${p.scaled}`, () => {
+    if (p.ema) w.f32(p.ema.beta, 1 - p.ema.beta);
+    const withEma = !!p.ema;
+    const source = cachedSource(`adam:${V}:${p.decoupled}:${p.scaled}:${withEma}`, () => {
       const decay = p.decoupled ? `pr = pr * (1.0 - pf(1u) * pf(6u));` : `g = g + pf(6u) * pr;`;
       // The scale buffer binds at least 16 bytes (see bufferEntry in engine/device.ts), so a vec4 read is in range.
       const scale = p.scaled ? ` * scale[0]${V === 4 ? ".x" : ""}` : "";
-      return header(p.scaled ? ["grad", "scale"] : ["grad"], ["param", "m", "v"], elementType(V)) + `
+      const outputs = withEma ? ["param", "m", "v", "shadow"] : ["param", "m", "v"];
+      const average = withEma ? `\n  shadow[i] = pf(9u) * shadow[i] + pf(10u) * np;` : "";
+      return header(p.scaled ? ["grad", "scale"] : ["grad"], outputs, elementType(V)) + `
 ${ENTRY_1D} {
   let i = linearId(wid, nwg, lid, ${WG}u);
   if (i >= pu(0u)) { return; }
@@ -114,13 +125,14 @@ ${ENTRY_1D} {
   let vi = pf(3u) * v[i] + pf(4u) * g * g;
   m[i] = mi;
   v[i] = vi;
-  param[i] = pr - pf(7u) * mi / (sqrt(vi) / pf(8u) + pf(5u));
+  let np = pr - pf(7u) * mi / (sqrt(vi) / pf(8u) + pf(5u));
+  param[i] = np;${average}
 }`;
     });
     return { source, workgroups: grid1d(p.n / V, caps.maxWorkgroupsPerDimension), params: w.finish() };
   },
 
-  cpu(p: AdamParams, inputs: FloatArray[], [param, m, v]: FloatArray[]): void {
+  cpu(p: AdamParams, inputs: FloatArray[], [param, m, v, shadow]: FloatArray[]): void {
     const [grad, scale] = inputs;
     const s = p.scaled ? scale[0] : 1;
     for (let i = 0; i < p.n; i++) {
@@ -129,6 +141,8 @@ ${ENTRY_1D} {
       m[i] = r[1];
       v[i] = r[2];
     }
+    // Reads the stored (rounded) parameters, as the separate `ema` kernel would.
+    if (p.ema) ema.cpu({ n: p.n, beta: p.ema.beta }, [param], [shadow]);
   },
 };
 

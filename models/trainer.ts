@@ -591,9 +591,9 @@ export class Trainer {
         const coef = cfg.gradClip === null
           ? undefined
           : optim.gradClipCoefficient(this.network, cfg.gradClip).coef;
-        this.optimizer.step({ gradScale: coef });
+        // Adam and the EMA in one dispatch per parameter.
+        this.optimizer.step({ gradScale: coef, ema: { average: this.ema, beta } });
         this.optimizer.zeroGrad();
-        this.ema.update(beta);
         return t;
       });
       this.#step++;

@@ -298,6 +298,113 @@ gpuTest(
   },
 );
 
+gpuTest(
+  "property: Adam.step({ ema }) equals Adam then EMA.update (float64 reference), one dispatch per parameter, both backends",
+  async () => {
+    // Sizes 1, odd (scalar kernel), multiples of 4 (vec4) and one past 2-D folding; values tiny to large.
+    const sizeArb = fc.oneof(
+      fc.constant(1),
+      fc.integer({ min: 1, max: 35 }).map((k) => 2 * k + 1),
+      fc.integer({ min: 1, max: 40 }).map((k) => 4 * k),
+      fc.integer({ min: 16385, max: 17000 }),
+    );
+    const betaArb = fc.constantFrom(0, 0.5, 0.9, 0.999, 1);
+    await fc.assert(
+      fc.asyncProperty(
+        fc.array(sizeArb, { minLength: 1, maxLength: 3 }),
+        hyperArb,
+        fc.boolean(),
+        betaArb,
+        fc.nat(),
+        scaleArb,
+        async (sizes, h, scaled, beta, seed, gradSize) => {
+          const scale = Math.fround(0.37), k = scaled ? scale : 1;
+          // The last parameter has no gradient when there are several: it gets the plain EMA.
+          const withGrad = sizes.map((_, i) => sizes.length === 1 || i < sizes.length - 1);
+          const p0 = sizes.map((n, i) => seededValues(n, seed + 10 * i, -gradSize, gradSize));
+          const grads = sizes.map((n, i) =>
+            [1, 2].map((s) => seededValues(n, seed + 10 * i + s, -gradSize, gradSize))
+          );
+          // Float64 reference: the parameters after steps 1 and 2, and the EMA of each in turn.
+          const gs = grads.map((gi) => gi.map((g) => Float64Array.from(g, (x) => x * k)));
+          const after = (i: number, steps: number) =>
+            withGrad[i]
+              ? referenceAdam(h, false, Float64Array.from(p0[i]), gs[i].slice(0, steps)).param
+              : Float64Array.from(p0[i]);
+          const want = sizes.map((_, i) => {
+            const avg = Float64Array.from(p0[i]);
+            for (const p of [after(i, 1), after(i, 2)]) {
+              for (let j = 0; j < p.length; j++) avg[j] = beta * avg[j] + (1 - beta) * p[j];
+            }
+            return avg;
+          });
+          const slack = sizes.map((_, i) =>
+            withGrad[i]
+              ? roundingSlack(h, false, Float64Array.from(p0[i]), gs[i])
+              : new Float64Array(sizes[i])
+          );
+          for (const [name, dev] of await backends()) {
+            const ps = sizes.map((n, i) => tensor(p0[i], [n], { device: dev, requiresGrad: true }));
+            const named = ps.map((p, i) => [`p${i}`, p] as const);
+            const fused = new Adam(named, h), ema = new EMA(named);
+            // The same step unfused, on copies: the average must agree with it closely.
+            const qs = sizes.map((n, i) => tensor(p0[i], [n], { device: dev, requiresGrad: true }));
+            const namedQ = qs.map((q, i) => [`p${i}`, q] as const);
+            const plain = new Adam(namedQ, h), emaQ = new EMA(namedQ);
+            const s = tensor([scale], [], { device: dev });
+            for (let step = 0; step < 2; step++) {
+              sizes.forEach((n, i) => {
+                if (!withGrad[i]) return;
+                ps[i].grad = tensor(grads[i][step], [n], { device: dev });
+                qs[i].grad = tensor(grads[i][step], [n], { device: dev });
+              });
+              const before = dev.counters().dispatches;
+              fused.step({ gradScale: scaled ? s : undefined, ema: { average: ema, beta } });
+              // The first step also fills the new m and v with zeros.
+              if (name === "webgpu" && step === 1) {
+                assertEquals(dev.counters().dispatches - before, sizes.length, "one dispatch per parameter");
+              }
+              plain.step({ gradScale: scaled ? s : undefined });
+              emaQ.update(beta);
+              fused.zeroGrad();
+              plain.zeroGrad();
+            }
+            for (let i = 0; i < sizes.length; i++) {
+              const got = await ema.shadow.get(`p${i}`)!.toArray();
+              const atol = slack[i].map((e) => 2e-6 * Math.max(1, gradSize) + e);
+              assertClose(got, want[i], { rtol: 1e-5, atol }, `${name} p${i} average vs float64`);
+              assertClose(got, await emaQ.shadow.get(`p${i}`)!.toArray(), {
+                rtol: 1e-6,
+                atol: 1e-7 * gradSize,
+              }, `${name} p${i} fused vs separate`);
+              assertClose(
+                await ps[i].toArray(),
+                await qs[i].toArray(),
+                { rtol: 0, atol: 0 },
+                `${name} p${i} params`,
+              );
+            }
+            [fused, plain, ema, emaQ].forEach((o) => o.dispose());
+            [...ps, ...qs, s].forEach((t) => t.dispose());
+          }
+        },
+      ),
+      { numRuns: RUNS },
+    );
+    const dev = await cpuDevice();
+    const p = tensor([1], [1], { device: dev, requiresGrad: true });
+    const q = tensor([1], [1], { device: dev, requiresGrad: true });
+    assertThrows(
+      () => new Adam([["p", p]]).step({ ema: { average: new EMA([["q", q]]), beta: 0.5 } }),
+      'no average for "p"',
+    );
+    assertThrows(
+      () => new Adam([["p", p]]).step({ ema: { average: new EMA([["p", p]]), beta: 2 } }),
+      "beta 2",
+    );
+  },
+);
+
 gpuTest("clipping and a training step never read back to the host (WebGPU)", async () => {
   const dev = await gpuDevice();
   const ps = [5000, 7, 300].map((n, i) =>

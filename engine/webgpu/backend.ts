@@ -38,7 +38,15 @@ export class WebGpuBackend implements Backend {
   private recorded = 0;
   private error: string | null = null;
   /** `textures`: texture inputs filled (flat copies and packing passes); `textureReuses`: kept ones reused. */
-  private readonly stats = { dispatches: 0, submits: 0, reads: 0, textures: 0, textureReuses: 0 };
+  /** submitMs: host time inside `flush()` (finishing and submitting a batch; on llvmpipe it may run it). */
+  private readonly stats = {
+    dispatches: 0,
+    submits: 0,
+    reads: 0,
+    textures: 0,
+    textureReuses: 0,
+    submitMs: 0,
+  };
 
   private constructor(
     private readonly device: GPUDevice,
@@ -324,10 +332,12 @@ export class WebGpuBackend implements Backend {
 
   flush(): void {
     if (!this.encoder) return;
+    const t0 = performance.now();
     this.endPass();
     this.ring.upload(this.device.queue);
     this.device.queue.submit([this.encoder.finish()]);
     this.stats.submits++;
+    this.stats.submitMs += performance.now() - t0;
     this.encoder = null;
     this.recorded = 0;
     this.buffers.recycle();
@@ -354,6 +364,7 @@ export class WebGpuBackend implements Backend {
       reads: s.reads,
       textures: s.textures,
       textureReuses: s.textureReuses,
+      submitMs: s.submitMs,
     };
   }
 
