@@ -15,8 +15,10 @@ import {
   mul,
   neg,
   nn,
+  noGrad,
   reshape,
   rsqrt,
+  scope,
   sub,
   sum,
   type Tensor,
@@ -74,6 +76,30 @@ export class BatchNorm2d extends nn.Module {
     const m = mean(x, [0, 2, 3], true), d = sub(x, m), v = mean(mul(d, d), [0, 2, 3], true);
     this.record?.push([keep(reshape(m, [this.channels])), keep(reshape(v, [this.channels]))]);
     return add(mul(d, mul(rsqrt(add(v, this.eps)), reshape(this.weight, c))), reshape(this.bias, c));
+  }
+}
+
+/**
+ * Precise BN: sets every BatchNorm of `net` to the batch statistics that `forward` (a training-mode pass over
+ * one large batch of training images) produces under the current weights; leaves `net` in evaluation mode.
+ */
+export function calibrateBatchNorms(net: nn.Module, forward: () => void): void {
+  const norms = net.namedModules().filter((e): e is [string, BatchNorm2d] => e[1] instanceof BatchNorm2d);
+  const recorded: Tensor[][] = [];
+  norms.forEach(([, m]) => (m.record = recorded));
+  net.train();
+  try {
+    noGrad(() => scope(forward));
+    const state: Record<string, Tensor> = {};
+    norms.forEach(([name], i) => {
+      state[`${name}.running_mean`] = recorded[i][0];
+      state[`${name}.running_var`] = recorded[i][1];
+    });
+    net.loadStateDict(state, { strict: false });
+  } finally {
+    norms.forEach(([, m]) => (m.record = null));
+    recorded.flat().forEach((t) => t.dispose());
+    net.eval();
   }
 }
 

@@ -40,7 +40,14 @@ import { BatchIterator, type Dataset, loadFashionMnist } from "../models/data.ts
 import { FASHION_MNIST_CLASSES, FASHION_MNIST_SIZE } from "../models/idx.ts";
 import { parseConfig } from "../util/config.ts";
 import { UsageError } from "../util/errors.ts";
-import { BatchNorm2d, crossEntropy, type FeatureExtractor, fileFingerprint, oneCycle } from "./classifier.ts";
+import {
+  BatchNorm2d,
+  calibrateBatchNorms,
+  crossEntropy,
+  type FeatureExtractor,
+  fileFingerprint,
+  oneCycle,
+} from "./classifier.ts";
 
 /** The shipped weights. */
 export const FASHION_NET_FILE = new URL("./assets/fashion_net.safetensors", import.meta.url);
@@ -157,23 +164,7 @@ export class FashionNet extends nn.Module implements FeatureExtractor {
 
   /** Precise BN, as `ShapesNet.calibrate`: running statistics from one large batch of training images. */
   calibrate(images: Tensor): void {
-    const norms = this.namedModules().filter((e): e is [string, BatchNorm2d] => e[1] instanceof BatchNorm2d);
-    const recorded: Tensor[][] = [];
-    norms.forEach(([, m]) => (m.record = recorded));
-    this.train();
-    try {
-      noGrad(() => scope(() => void this.#features(images)));
-      const state: Record<string, Tensor> = {};
-      norms.forEach(([name], i) => {
-        state[`${name}.running_mean`] = recorded[i][0];
-        state[`${name}.running_var`] = recorded[i][1];
-      });
-      this.loadStateDict(state, { strict: false });
-    } finally {
-      norms.forEach(([, m]) => (m.record = null));
-      recorded.flat().forEach((t) => t.dispose());
-      this.eval();
-    }
+    calibrateBatchNorms(this, () => void this.#features(images));
   }
 }
 

@@ -56,7 +56,14 @@ import { UsageError } from "../util/errors.ts";
 import { checkWritable } from "../util/files.ts";
 import { INCEPTION_FEATURES, InceptionV3 } from "./inception.ts";
 import { FASHION_NET_FILE, FashionNet } from "./fashion_net.ts";
-import { BatchNorm2d, crossEntropy, type FeatureExtractor, fileFingerprint, oneCycle } from "./classifier.ts";
+import {
+  BatchNorm2d,
+  calibrateBatchNorms,
+  crossEntropy,
+  type FeatureExtractor,
+  fileFingerprint,
+  oneCycle,
+} from "./classifier.ts";
 
 export { BatchNorm2d, crossEntropy, type FeatureExtractor, fileFingerprint, oneCycle };
 
@@ -219,24 +226,7 @@ export class ShapesNet extends nn.Module implements FeatureExtractor {
    * large batch of training images) under the current weights; leaves the network in evaluation mode.
    */
   calibrate(images: Tensor): void {
-    const norms = this.namedModules().filter((e): e is [string, BatchNorm2d] => e[1] instanceof BatchNorm2d);
-    const recorded: Tensor[][] = [];
-    norms.forEach(([, m]) => (m.record = recorded));
-    this.train();
-    try {
-      noGrad(() => scope(() => void this.#features(images)));
-      const state: Record<string, Tensor> = {};
-      norms.forEach(([name, m], i) => {
-        m.record = null;
-        state[`${name}.running_mean`] = recorded[i][0];
-        state[`${name}.running_var`] = recorded[i][1];
-      });
-      this.loadStateDict(state, { strict: false });
-    } finally {
-      norms.forEach(([, m]) => (m.record = null));
-      recorded.flat().forEach((t) => t.dispose());
-      this.eval();
-    }
+    calibrateBatchNorms(this, () => void this.#features(images));
   }
 }
 
