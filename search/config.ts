@@ -3,18 +3,27 @@
  * with zod: unknown keys are errors, every field has a bound and a one-line comment.
  *
  * The short training schedule is DiffNAS's "rapid convergence": each candidate trains for `training.kimg`
- * thousand images, a fraction of the default run (`deno task train`: 6 kimg), with the learning-rate warm-up and
+ * thousand images, a fraction of the default run (`deno task train`: 12 kimg), with the learning-rate warm-up and
  * the EMA half-life scaled by the same fraction, so a candidate sees the same shape of schedule as a full run
  * (EDM's ramp and half-life are both proportional to the run's length in its configs).
  */
 
 import { z } from "zod";
 import { DataConfig } from "../models/data.ts";
+import { SHAPES_TRAINING } from "../models/train.ts";
 import { SearchSpaceConfigSchema } from "./space.ts";
 import { LlmSettings } from "./proposers/llm.ts";
 
-/** The default run's length and the schedule lengths of `deno task train` that the short schedule scales. */
-export const FULL_RUN = Object.freeze({ kimg: 6, lrRampupKimg: 0.5, emaHalfLifeKimg: 0.5 });
+/**
+ * The default run's length and the schedule lengths of `deno task train` that the short schedule scales, and
+ * its noise distribution (models/train.ts `SHAPES_TRAINING`), which candidates, supernets and teachers share.
+ */
+export const FULL_RUN = Object.freeze({
+  kimg: SHAPES_TRAINING.kimg,
+  lrRampupKimg: 0.5,
+  emaHalfLifeKimg: 0.5,
+  pMean: SHAPES_TRAINING.pMean,
+});
 
 const positive = z.number().positive().finite();
 
@@ -220,6 +229,7 @@ export function trialSchedule(t: SearchConfig["training"]): {
   lr: number;
   lrRampupKimg: number;
   emaHalfLifeKimg: number;
+  pMean: number;
   logEvery: number;
   gradClip: number | null;
 } {
@@ -230,6 +240,7 @@ export function trialSchedule(t: SearchConfig["training"]): {
     lr: t.lr,
     lrRampupKimg: FULL_RUN.lrRampupKimg * fraction,
     emaHalfLifeKimg: FULL_RUN.emaHalfLifeKimg * fraction,
+    pMean: FULL_RUN.pMean,
     logEvery: t.logEvery,
     gradClip: t.gradClip,
   };

@@ -209,6 +209,7 @@ async function trainedSupernet(
     lr: cfg.training.lr,
     lrRampupKimg: FULL_RUN.lrRampupKimg * fraction,
     emaHalfLifeKimg: FULL_RUN.emaHalfLifeKimg * fraction,
+    pMean: FULL_RUN.pMean,
     logEvery: cfg.training.logEvery,
     sandwich: true,
   });

@@ -116,7 +116,10 @@ export interface SearchOptions {
   proposeOnly?: boolean;
 }
 
-/** The base network of a search: the default network at the data's resolution and channels. */
+/**
+ * The base network of a search: the default network at the data's resolution and channels, conditioned on the
+ * data's classes (none for unlabelled data), as `deno task train` conditions the default network.
+ */
 export function baseNetwork(dataset: Dataset): UNetSpec {
   const levels = DEFAULT_NETWORK.channelMult!.length;
   return parseUNetSpec({
@@ -124,6 +127,7 @@ export function baseNetwork(dataset: Dataset): UNetSpec {
     imgResolution: dataset.height,
     inChannels: dataset.channels,
     outChannels: dataset.channels,
+    labelDim: dataset.numClasses,
     // Attention at the lowest level, whatever the side (8 at 16×16, 14 at Fashion-MNIST's 28×28).
     attnResolutions: [dataset.height >> (levels - 1)],
   });

@@ -325,6 +325,7 @@ async function obtainTeacher(
         lr: cfg.training.lr,
         lrRampupKimg: FULL_RUN.lrRampupKimg * fraction,
         emaHalfLifeKimg: FULL_RUN.emaHalfLifeKimg * fraction,
+        pMean: FULL_RUN.pMean,
         logEvery: cfg.training.logEvery,
       }),
       device,
@@ -410,7 +411,7 @@ async function trainSupernet(
         const logT = scope(() => {
           const labels = spec.labelDim ? batch.labels : undefined;
           const N = batch.images.shape[0];
-          const sigma = exp(randNormal([N], -1.2, 1.2, { device }));
+          const sigma = exp(randNormal([N], FULL_RUN.pMean, 1.2, { device }));
           const { xIn, cNoise } = noisyInput(
             batch.images,
             sigma,
@@ -601,6 +602,7 @@ async function retrain(
           const labels = spec.labelDim ? batch.labels : undefined;
           const r = jointLoss(student, teacher, batch.images, labels, lambda, weights, {
             sigmaData: ctx.sigmaData,
+            pMean: FULL_RUN.pMean,
           });
           r.loss.backward();
           adam.step();

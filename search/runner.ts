@@ -125,6 +125,7 @@ export function candidateTrainerConfig(
     lr: schedule.lr,
     lrRampupKimg: schedule.lrRampupKimg,
     emaHalfLifeKimg: schedule.emaHalfLifeKimg,
+    pMean: schedule.pMean,
     logEvery: schedule.logEvery,
     gradClip: schedule.gradClip,
   });

@@ -211,7 +211,7 @@ test("space: the budget check uses models/cost.ts and names the ceiling and the 
   const params = checkBudget(spec, { maxParams: 1e5 });
   assert(
     !params.ok &&
-      params.reason!.includes("parameters 189,347 (189 k) are above the ceiling maxParams 100,000 (100 k)"),
+      params.reason!.includes("parameters 189,443 (189 k) are above the ceiling maxParams 100,000 (100 k)"),
     params.reason!,
   );
   // Attention counts: at 16×16 it costs more MACs than the same network without it.
