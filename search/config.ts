@@ -29,8 +29,9 @@ const positive = z.number().positive().finite();
 
 /** How each candidate is trained. */
 export const TrialTrainingSchema = z.strictObject({
-  // Thousands of training images per candidate (DiffNAS's rapid convergence: a fraction of a full run).
-  kimg: positive.max(1000).default(1),
+  // Thousands of training images per candidate (DiffNAS's rapid convergence: a quarter of the 12-kimg default
+  // run, whose proxy ranks architectures as their full runs' FID-2048 do: README "Proxy validation").
+  kimg: positive.max(1000).default(3),
   // Images per optimizer step.
   batch: z.number().int().min(1).max(4096).default(32),
   // Adam learning rate after the warm-up (the default run's).
