@@ -615,7 +615,7 @@ program
   .option(
     "--compare",
     "measure instead of searching: run the memory-based proposer (evolutionary, or llm when configured) and " +
-      "random search for --trials each (default 10, of --kimg 1 each) over --seeds seeds (default 3), report trials-to-target " +
+      "random search for --trials each (default 10) over --seeds seeds (default 3), report trials-to-target " +
       "(within 2% of the best proxy FID of all runs), mean and spread; writes compare.json and .md " +
       "(default --out runs/compare, one resumable search folder per run)",
   )

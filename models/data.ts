@@ -8,8 +8,9 @@
  *   - "flat" (the default): one large light-grey shape (radius 30–38% of the side, centred within the middle
  *     sixth; rings 2.4–4 pixels thick and stripes of at least 4 pixels at 16×16, light and dark) on a plain
  *     dark-grey background: two grey levels, the simplest scene a network can get the five shapes from. Even so,
- *     the default 16×16 training draws single light blobs on a clean background at its 6 kimg, not
- *     recognisable shapes (README, "The embedded data", the training-length table).
+ *     an unconditional 16×16 training drew single light blobs at 6 and 12 kimg; the default network, which is
+ *     conditioned on the label, draws discs and rings by 12 kimg (README, "The embedded data", the
+ *     training-length table).
  *   - "bold": one large plain shape (radius 27–36% of the side, centred within the middle third, a colour far
  *     from the background's, rings 2–3 pixels thick and stripes of at least 3 pixels at 16×16) on a smooth
  *     gradient between two nearby colours. The default training drew multicoloured blobs on these.
