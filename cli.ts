@@ -264,8 +264,8 @@ program
   .description(
     "sample images from a run's checkpoint (EMA weights, EDM Heun sampler by default) into a PNG grid",
   )
-  .requiredOption("--run <dir>", "run directory (its newest checkpoint is used)")
-  .option("--checkpoint <dir>", "a checkpoint folder instead of the newest")
+  .option("--run <dir>", "run directory (its newest checkpoint is used)")
+  .option("--checkpoint <dir>", "a checkpoint folder instead of the newest (--run may then be left out)")
   .option("--n <count>", "number of images (default 64)", num)
   .option("--steps <n>", "sampler steps (default 18)", num)
   .option("--sampler <name>", "heun, euler or stochastic")

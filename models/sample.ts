@@ -16,14 +16,14 @@ import { networkSpec } from "./trainer.ts";
 import { readStoredConfig } from "./train.ts";
 import { UsageError } from "../util/errors.ts";
 import { parseUsage } from "../util/config.ts";
-import { checkWritable, writeFileAtomic } from "../util/files.ts";
+import { checkWritable, parentDir, writeFileAtomic } from "../util/files.ts";
 import { checkMemory, defaultMemoryLimitMiB } from "./cost.ts";
 
 /** Options of `sample` (`deno task sample`): the sampler settings plus what to sample and where to write it. */
 export const SampleConfigSchema = SamplerSettingsSchema.extend({
-  // The run directory to sample from (its newest checkpoint).
-  run: z.string().min(1),
-  // A checkpoint folder to use instead of the run's newest.
+  // The run directory to sample from (its newest checkpoint); may be left out when `checkpoint` is given.
+  run: z.string().min(1).optional(),
+  // A checkpoint folder to use instead of the run's newest (a run's <run>/checkpoints/step-N).
   checkpoint: z.string().min(1).optional(),
   // Number of images.
   n: z.number().int().positive().default(64),
@@ -75,13 +75,22 @@ export async function sample(
   opts: { device?: Device; onStep?: (info: StepInfo & { batch: number; batches: number }) => void } = {},
 ): Promise<SampleResult> {
   const o = parseUsage(SampleConfigSchema, input, "sample config");
-  const runInfo = await Deno.stat(o.run).catch(() => null);
-  if (!runInfo) throw new UsageError(`run: ${o.run} does not exist`);
-  if (!runInfo.isDirectory) throw new UsageError(`run: ${o.run} is a file, not a run folder`);
-  const dir = o.checkpoint ?? await latestCheckpoint(o.run);
-  if (!dir) throw new UsageError(`${o.run} has no checkpoint yet (${o.run}/checkpoints/step-*/ is missing)`);
+  if (o.run === undefined && o.checkpoint === undefined) {
+    throw new UsageError("run: give a run folder (its newest checkpoint) or a checkpoint folder");
+  }
+  const checkpoint = o.checkpoint?.replace(/(.)\/+$/, "$1");
+  // A checkpoint alone belongs to the run two folders up (<run>/checkpoints/step-N).
+  const run = o.run ?? parentDir(parentDir(checkpoint!));
+  const runInfo = await Deno.stat(o.run ?? o.checkpoint!).catch(() => null);
+  const [what, folder] = o.run === undefined ? ["checkpoint", "checkpoint folder"] : ["run", "run folder"];
+  if (!runInfo) throw new UsageError(`${what}: ${o.run ?? o.checkpoint} does not exist`);
+  if (!runInfo.isDirectory) {
+    throw new UsageError(`${what}: ${o.run ?? o.checkpoint} is a file, not a ${folder}`);
+  }
+  const dir = checkpoint ?? await latestCheckpoint(run);
+  if (!dir) throw new UsageError(`${run} has no checkpoint yet (${run}/checkpoints/step-*/ is missing)`);
   // The outputs are checked now, not after minutes of sampling.
-  const path = o.out ?? `${o.run}/samples/sample-${dir.split("/").pop()}.png`;
+  const path = o.out ?? `${run}/samples/sample-${dir.split("/").pop()}.png`;
   await checkWritable(path, "out");
   if (o.raw) await checkWritable(o.raw, "raw");
   const { state, cfg } = await readStoredConfig(dir);

@@ -143,7 +143,7 @@ test("cli: numeric flags take decimal numbers only; hex, octal, binary, empty an
   });
 });
 
-test("sample: a file as --run is named as such; --out and --raw are checked before any sampling", () =>
+test("sample: a file as --run is named as such; --out and --raw are checked before any sampling; a checkpoint alone is enough", () =>
   inTempDir(async (dir) => {
     const run = `${dir}/run`, file = `${dir}/README.md`;
     await train({ ...TINY, out: run });
@@ -172,6 +172,15 @@ test("sample: a file as --run is named as such; --out and --raw are checked befo
       const r = await sample({ ...base, out: `${dir}/new/grid.png`, raw: `${dir}/new/x.safetensors` }, opts);
       assertEquals(r.shape[0], 2);
       assert(steps > 0);
+      // Neither a run nor a checkpoint: named. A checkpoint alone: its grid goes to its run's samples/.
+      await rejects(sample({ n: 2 }, opts), "run: give a run folder (its newest checkpoint) or a checkpoint");
+      await rejects(
+        sample({ checkpoint: file }, opts),
+        `checkpoint: ${file} is a file, not a checkpoint folder`,
+      );
+      const alone = await sample({ checkpoint: `${r.checkpoint}/`, n: 2, steps: 2 }, opts);
+      assertEquals(alone.path, `${run}/samples/sample-${r.checkpoint.split("/").pop()}.png`);
+      assert(await Deno.stat(alone.path).then((i) => i.isFile), alone.path);
     } finally {
       device.destroy();
     }
