@@ -353,6 +353,8 @@ async function validateProxyCommand(
     onEvent: (e) => {
       if (e.type === "start") {
         p.log(`proxy validation in ${e.dir}: ${e.architectures.length} architectures, ${e.device}`);
+      } else if (e.type === "resumed") {
+        p.log(`#${e.index + 1}/${e.total} kept from the earlier run: ${e.summary}`);
       } else if (e.type === "run-start") p.candidate(1, "runs", `#${e.index + 1} ${e.phase}: ${e.summary}`);
       else if (e.type === "run-end") {
         const s = e.score;
@@ -602,7 +604,8 @@ program
     "measure instead of searching: train --architectures networks (default 8) with the short schedule and " +
       "--long-factor× longer (default 4×), report Spearman ρ of the short RFID-n (--proxy-n, default 128) " +
       "against the long FID-n (--full-n, default 2048), with and without weight inheritance; writes " +
-      "validate-proxy.json and .md (default --out runs/validate-proxy)",
+      "validate-proxy.json and .md (default --out runs/validate-proxy); the same command continues an " +
+      "interrupted one",
   )
   .option("--architectures <n>", "--validate-proxy: architectures to train (default 8)", num)
   .option("--full-n <n>", "--validate-proxy: images of the long runs' FID (default 2048)", num)

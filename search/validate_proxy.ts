@@ -19,6 +19,12 @@
  * Training and scoring go through the runner's helpers (search/runner.ts), so the short run here is exactly a
  * search trial without pruning. Nothing is stored in a search memory; `validate-proxy.json` (rewritten after
  * every architecture, `complete: false` until the end) and `validate-proxy.md` go into the out folder.
+ *
+ * The measurement takes hours on a small machine, so it resumes: the same command on the same out folder keeps
+ * every architecture the JSON already holds in full when the settings and the picked architectures are the
+ * same (anything else is refused, naming what differs), and goes on from the first unfinished one. Weights
+ * are not stored; an inherit run whose parent finished before the restart retrains the parent's run that
+ * produced them (training is seeded and deterministic, so these are the same weights).
  */
 
 import { z } from "zod";
@@ -136,6 +142,7 @@ export type ValidateEvent =
   | { type: "start"; dir: string; device: string; architectures: PickedArchitecture[] }
   | { type: "reference"; cached: boolean; seconds: number }
   | { type: "run-start"; index: number; total: number; phase: "short" | "long" | "inherit"; summary: string }
+  | { type: "resumed"; index: number; total: number; summary: string }
   | { type: "run-progress"; event: TrialEvent }
   | { type: "run-end"; index: number; total: number; phase: "short" | "long" | "inherit"; score: RunScore };
 
@@ -265,6 +272,60 @@ export function validateProxyMarkdown(r: ValidateProxyReport): string {
   return lines.join("\n") + "\n";
 }
 
+/**
+ * The leading rows of a `validate-proxy.json` left in the out folder that are finished (short and long runs,
+ * and the inherit run when inheritance is measured), when it was written with the same settings and
+ * architectures as `expected`; none when there is no such file. A file from other settings is refused, not
+ * overwritten: it may hold hours of measurements.
+ */
+export async function finishedRows(path: string, expected: ValidateProxyReport): Promise<ArchitectureRow[]> {
+  let text: string;
+  try {
+    text = await Deno.readTextFile(path);
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) return [];
+    throw e;
+  }
+  let stored: ValidateProxyReport;
+  try {
+    stored = JSON.parse(text);
+    if (!stored || typeof stored !== "object" || !Array.isArray(stored.rows)) throw new Error("no rows");
+  } catch (e) {
+    throw new UsageError(
+      `${path} is not a proxy validation report (${(e as Error).message}); use another --out`,
+    );
+  }
+  const storedSettings = (stored.settings ?? {}) as Record<string, unknown>;
+  for (const [key, want] of Object.entries(expected.settings)) {
+    const have = storedSettings[key];
+    if (JSON.stringify(have) !== JSON.stringify(want)) {
+      throw new UsageError(
+        `${path} was measured with ${key} ${JSON.stringify(have)}, this run asks for ${
+          JSON.stringify(want)
+        }: ` +
+          `give the same settings to continue it, or another --out`,
+      );
+    }
+  }
+  const rows: ArchitectureRow[] = [];
+  for (const [i, row] of stored.rows.entries()) {
+    const want = expected.rows[i];
+    if (!want) break;
+    if (architectureKey(row.architecture) !== architectureKey(want.architecture)) {
+      throw new UsageError(
+        `${path}: architecture ${
+          i + 1
+        } is ${row.summary} there and ${want.summary} now (another seed, space ` +
+          `or --architectures?): give the same settings to continue it, or another --out`,
+      );
+    }
+    const done = row.short && row.long && (!expected.settings.inheritance || row.inherit);
+    if (!done) break;
+    rows.push(row);
+  }
+  return rows;
+}
+
 /** Options besides the settings. */
 export interface ValidateProxyOptions {
   signal?: AbortSignal;
@@ -391,7 +452,7 @@ export async function validateProxy(
         score.trainSeconds = run.trainSeconds;
         if (run.stoppedBy === "aborted") throw new Error("interrupted");
         const net = trainer.emaNetwork();
-        if (phase === "inherit" || (phase === "short" && i === 0)) weights = await hostState(net);
+        if (settings.inheritance && phase !== "long") weights = await hostState(net);
         const m = await scoreNetwork(net, cfgT.sigmaData, scoring, kind, protocol, onEvent);
         score.value = m.value;
         score.scoreSeconds = m.seconds;
@@ -406,15 +467,35 @@ export async function validateProxy(
       return { score, weights };
     };
 
-    // Weights of the inherit pass, by index (the parents of later architectures).
+    const finished = await finishedRows(json, report(false));
+    // Weights of the inherit pass, by index (the parents of later architectures); for an architecture finished
+    // before a restart, `weightsOf` retrains the run that gave them.
     const inherited = new Map<number, HostState>();
+    const hasWeights = new Set<number>();
+    const weightsOf = async (j: number): Promise<HostState | null> => {
+      if (!inherited.has(j)) {
+        const parent = rows[j].inherit!.parent;
+        const r = parent === null
+          ? await trainAndScore(j, "short", short, proxy, "RFID", null)
+          : await trainAndScore(j, "inherit", short, proxy, "RFID", await weightsOf(parent));
+        if (r.weights) inherited.set(j, r.weights);
+      }
+      return inherited.get(j) ?? null;
+    };
     for (let i = 0; i < picked.length; i++) {
+      if (i < finished.length) {
+        rows[i] = finished[i];
+        emit({ type: "resumed", index: i, total: picked.length, summary: rows[i].summary });
+        // Its inherit (or first short) run succeeded, so it had weights to pass on.
+        if (settings.inheritance && rows[i].inherit?.value !== null) hasWeights.add(i);
+        continue;
+      }
       const s = await trainAndScore(i, "short", short, proxy, "RFID", null);
       rows[i].short = s.score;
       rows[i].long = (await trainAndScore(i, "long", long, full, "FID", null)).score;
       if (settings.inheritance) {
         let parent: number | null = null;
-        for (const j of inherited.keys()) {
+        for (const j of hasWeights) {
           if (
             parent === null ||
             distance(picked[i].arch, picked[j].arch) < distance(picked[i].arch, picked[parent].arch)
@@ -427,10 +508,15 @@ export async function validateProxy(
           rows[i].inherit = { ...s.score, parent: null };
           if (s.weights) inherited.set(i, s.weights);
         } else {
-          const r = await trainAndScore(i, "inherit", short, proxy, "RFID", inherited.get(parent)!);
+          const parentWeights = await weightsOf(parent);
+          const r = parentWeights ? await trainAndScore(i, "inherit", short, proxy, "RFID", parentWeights) : {
+            score: { ...s.score, value: null, error: "the parent's weights could not be rebuilt" },
+            weights: null,
+          };
           rows[i].inherit = { ...r.score, parent };
           if (r.weights) inherited.set(i, r.weights);
         }
+        if (inherited.has(i)) hasWeights.add(i);
       }
       await write(false);
     }

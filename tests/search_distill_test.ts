@@ -102,7 +102,10 @@ test("blocks: the teacher's own blocks reassemble its forward exactly; their cos
     const N = 2, R = spec.imgResolution;
     const x = randn([N, spec.inChannels, R, R], { device });
     const c = tensor([0.3, -0.9], [N], { device });
-    const labels = spec.labelDim ? tensor([1, 0, 0, 0, 0, 1], [N, 3], { device }) : null;
+    // One-hot labels of classes 0 and labelDim − 1.
+    const L = spec.labelDim, oneHot = new Array(N * L).fill(0);
+    if (L) [oneHot[0], oneHot[2 * L - 1]] = [1, 1];
+    const labels = L ? tensor(oneHot, [N, L], { device }) : null;
     const whole = noGrad(() => net.forward(x, c, labels));
     const outs = noGrad(() => runBlocks(net, cuts, null, x, net.embed(c, labels)));
     assertEquals(

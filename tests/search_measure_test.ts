@@ -186,6 +186,58 @@ test("validateProxy end to end (tiny): writes the JSON and table, ρ with and wi
   }
 });
 
+test("validateProxy resumes: finished architectures are kept, the rest measured, other settings refused", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "validate-proxy-resume-" });
+  try {
+    const out = `${dir}/out`, device = await cpuDevice();
+    const opts = (phases: string[]) => ({
+      device,
+      cacheDir: `${dir}/cache`,
+      onEvent: (e: { type: string; index?: number; phase?: string }) => {
+        if (e.type === "run-end") phases.push(`${e.index}:${e.phase}`);
+        if (e.type === "resumed") phases.push(`${e.index}:kept`);
+      },
+    });
+    const first = await validateProxy({ ...TINY, out }, { architectures: 3, fullN: 16 }, opts([]));
+    // As if killed during architecture 3: its row is unfinished in the file.
+    const path = `${out}/validate-proxy.json`;
+    const json = JSON.parse(await Deno.readTextFile(path));
+    delete json.rows[2].long;
+    delete json.rows[2].inherit;
+    json.complete = false;
+    await Deno.writeTextFile(path, JSON.stringify(json));
+    const phases: string[] = [];
+    const again = await validateProxy({ ...TINY, out }, { architectures: 3, fullN: 16 }, opts(phases));
+    // Architecture 3's parent finished before the restart: its weights are retrained from the start of its
+    // inherit chain (architecture 1's short run, then each inherit run down to the parent).
+    const chain: number[] = [];
+    for (
+      let j: number | null = again.report.rows[2].inherit!.parent;
+      j !== null;
+      j = again.report.rows[j].inherit!.parent
+    ) {
+      chain.unshift(j);
+    }
+    const rebuilt = chain.map((j) =>
+      again.report.rows[j].inherit!.parent === null ? `${j}:short` : `${j}:inherit`
+    );
+    assertEquals(phases, ["0:kept", "1:kept", "2:short", "2:long", ...rebuilt, "2:inherit"]);
+    assertEquals(again.report.complete, true);
+    assertEquals(again.report.rows.slice(0, 2), first.report.rows.slice(0, 2));
+    // Seeded training on one device: the rebuilt parent gives the same inherited score as the first time.
+    assertEquals(again.report.rows[2].inherit!.value, first.report.rows[2].inherit!.value);
+    let error = "";
+    try {
+      await validateProxy({ ...TINY, out }, { architectures: 3, fullN: 32 }, opts([]));
+    } catch (e) {
+      error = (e as Error).message;
+    }
+    assert(error.includes("was measured with full") && error.includes("another --out"), error);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 test("runCompare end to end (tiny): a search folder per proposer and seed, compare.json, resumable", async () => {
   const dir = await Deno.makeTempDir({ prefix: "compare-" });
   const cwd = Deno.cwd();
