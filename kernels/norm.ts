@@ -42,6 +42,10 @@
  * the row statistics only when the sample changes, and tree-sums both in workgroup memory. The samples are
  * split into chunks only when there are too few channels to fill the device; `rowNormParamSum` sums the
  * [chunks, C] partials.
+ *
+ * SiLU epilogue (`silu`): the forward writes silu(x̂·w + b) (and, with `savePre`, x̂·w + b too); the backward
+ * (a lanes variant) takes g·silu'(pre) wherever it reads g, pre recomputed as (x − K − μ)·(rstd·w) + b exactly
+ * as the forward computed it, so GroupNorm → SiLU costs no pass and no saved tensor of its own.
  */
 
 import { type FloatArray, type GpuCaps, type GpuDispatch, type Kernel, ParamWriter } from "./types.ts";

@@ -7,6 +7,12 @@
  * see the kernel file for why). dx is one fused kernel; dweight and dbias (Σ g·x̂ and Σ g over everything but the
  * channel) come as [chunks, C] partial sums, either from that same dx kernel (per sample, on CPU-emulated
  * adapters: no extra pass over x and g) or from a partial-sum kernel, then one small kernel sums the chunks.
+ *
+ * `groupNormSilu` is silu(groupNorm(x)) from the same kernels (the UNet blocks' norm → SiLU): the forward
+ * writes the activation directly, and the backward multiplies g by silu'(pre) inside the dx kernel, which
+ * recomputes the pre-activation from x and the statistics it reads anyway; only where the parameter gradients
+ * come from the separate partial-sum kernel (real GPUs, short rows, or x without a gradient) does the forward
+ * also save the pre-activation and the backward take g·silu'(pre) as one elementwise pass first.
  */
 
 import {
