@@ -29,8 +29,7 @@
  *
  * Weight gradient: it reduces over N·Ho·Wo and has few outputs; its rows (n, oh) can be split into `splits`
  * ranges written to separate slices of the output (summed afterwards by the caller), so that a wide GPU (or both
- * of llvmpipe's threads) has work. `convParamGradSum` adds those slices up and sums the bias gradient in the
- * same dispatch (two small reductions that would otherwise be two dispatches per convolution).
+ * of llvmpipe's threads) has work.
  */
 
 import {
@@ -670,85 +669,6 @@ export const conv2dWeightGrad: Kernel<ConvWeightGradParams> = {
           }
         }
       }
-    }
-  },
-};
-
-export interface ConvParamGradSumParams {
-  /** Elements of the weight gradient (Cout·Cin·kH·kW). */
-  elements: number;
-  /** Slices of weight-gradient partials to add (the `splits` of `conv2dWeightGrad`). */
-  splits: number;
-  /** dy seen as [N, channels, spatial]. */
-  N: number;
-  channels: number;
-  spatial: number;
-}
-
-/** Threads of `convParamGradSum`'s workgroups. */
-const SUM_WG = 256;
-
-/**
- * The two small reductions that end a conv2d's parameter gradient, in one dispatch: dw = the sum of the
- * `conv2dWeightGrad` partials over their splits (one thread per element, splits in order), and the bias
- * gradient db[c] = Σ_{n,s} dy[n,c,s] (one workgroup per channel, a tree in workgroup memory). Inputs: partials
- * [splits, elements], dy; outputs: dw [elements], db [channels].
- */
-export const convParamGradSum: Kernel<ConvParamGradSumParams> = {
-  name: "convParamGradSum",
-
-  gpu(p: ConvParamGradSumParams, caps: GpuCaps): GpuDispatch {
-    const weightGroups = Math.ceil(p.elements / SUM_WG);
-    const w = new ParamWriter().u32(p.elements, p.splits, p.N, p.channels, p.spatial, weightGroups);
-    const source = header(["parts", "dy"], ["dw", "db"]) + `
-var<workgroup> sh: array<f32, ${SUM_WG}>;
-@compute @workgroup_size(${SUM_WG})
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
-  let wg = wid.x + wid.y * nwg.x;
-  if (wg < pu(5u)) {
-    let e = wg * ${SUM_WG}u + lid;
-    if (e < pu(0u)) {
-      var s = parts[e];
-      for (var k = 1u; k < pu(1u); k++) { s += parts[k * pu(0u) + e]; }
-      dw[e] = s;
-    }
-    return;
-  }
-  let c = wg - pu(5u);
-  if (c >= pu(3u)) { return; }
-  let S = pu(4u);
-  var acc = 0.0;
-  for (var k = lid; k < pu(2u) * S; k += ${SUM_WG}u) {
-    let n = k / S;
-    acc += dy[(n * pu(3u) + c) * S + (k - n * S)];
-  }
-  sh[lid] = acc;
-  workgroupBarrier();
-  for (var h = ${SUM_WG / 2}u; h > 0u; h = h >> 1u) {
-    if (lid < h) { sh[lid] = sh[lid] + sh[lid + h]; }
-    workgroupBarrier();
-  }
-  if (lid == 0u) { db[c] = sh[0]; }
-}`;
-    return {
-      source,
-      workgroups: grid(weightGroups + p.channels, caps.maxWorkgroupsPerDimension),
-      params: w.finish(),
-    };
-  },
-
-  cpu(p: ConvParamGradSumParams, [parts, dy]: FloatArray[], [dw, db]: FloatArray[]): void {
-    for (let e = 0; e < p.elements; e++) {
-      let s = parts[e];
-      for (let k = 1; k < p.splits; k++) s += parts[k * p.elements + e];
-      dw[e] = s;
-    }
-    for (let c = 0; c < p.channels; c++) {
-      let acc = 0;
-      for (let n = 0; n < p.N; n++) {
-        for (let s = 0; s < p.spatial; s++) acc += dy[(n * p.channels + c) * p.spatial + s];
-      }
-      db[c] = acc;
     }
   },
 };

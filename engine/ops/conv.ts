@@ -15,14 +15,13 @@ import {
   conv2dInputGrad,
   conv2dWeightGrad,
   type ConvGeometry,
-  convParamGradSum,
   convUsesVectorLoads,
   weightGradSplits,
   type WeightStrides,
 } from "../../kernels/conv.ts";
 import { contiguousStrides } from "../../kernels/layout.ts";
 import type { Device } from "../device.ts";
-import { record, sameDevice, type Shape, sizeOf, Tensor } from "../tensor.ts";
+import { record, sameDevice, type Shape, Tensor } from "../tensor.ts";
 import { fmt } from "../shape.ts";
 import { gather, reduceRaw } from "./core.ts";
 
@@ -154,27 +153,6 @@ function weightGrad(g: ConvGeometry, x: Tensor, dy: Tensor, shape: Shape): Tenso
   return dw;
 }
 
-/**
- * conv2d's weight and bias gradients together: where the weight gradient comes in split partials, one dispatch
- * adds them up and sums the bias gradient (`convParamGradSum`) instead of a reduction for each.
- */
-function paramGrads(g: ConvGeometry, x: Tensor, dy: Tensor, shape: Shape): [Tensor, Tensor] {
-  const device = x.device;
-  const splits = splitsFor(device, g);
-  if (splits === 1) return [weightGrad(g, x, dy, shape), biasGrad(dy, g.Cout)];
-  const parts = Tensor.empty([splits, ...shape], device);
-  device.run(conv2dWeightGrad, { ...g, splits }, [x.storage, dy.storage], [parts.storage]);
-  const dw = Tensor.empty(shape, device), db = Tensor.empty([g.Cout], device);
-  device.run(
-    convParamGradSum,
-    { elements: sizeOf(shape), splits, N: g.N, channels: g.Cout, spatial: g.Ho * g.Wo },
-    [parts.storage, dy.storage],
-    [dw.storage, db.storage],
-  );
-  parts.dispose();
-  return [dw, db];
-}
-
 /** Sum of g over every dim but the channel dim (bias gradient). */
 function biasGrad(g: Tensor, channels: number): Tensor {
   const axes = g.rank === 4 ? [0, 2, 3] : [1, 2];
@@ -222,7 +200,6 @@ export function conv2d(x: Tensor, weight: Tensor, bias?: Tensor | null, opts: Co
       dx = Tensor.empty(x.shape, device);
       runConv("conv2dInputGrad", geo, g, weight, null, dx);
     }
-    if (bias && weight.requiresGrad && bias.requiresGrad) return [dx, ...paramGrads(geo, x, g, weight.shape)];
     const dw = weight.requiresGrad ? weightGrad(geo, x, g, weight.shape) : null;
     if (!bias) return [dx, dw];
     return [dx, dw, bias.requiresGrad ? biasGrad(g, Cout) : null];
