@@ -4,9 +4,9 @@
  * given β; how a training recipe picks β, e.g. EDM's half-life rule, is the models layer's business), and
  * `zeroGrad`.
  *
- * Nothing here reads back to the host. A step is one fused kernel per parameter (param, exp_avg, exp_avg_sq
- * updated in place; see `kernels/optim.ts`), with the step count and bias corrections computed on the host,
- * which already knows them. Clipping computes the global L2 norm on the device and returns it as a tensor; the
+ * Nothing here reads back to the host. A step is a few fused multi-tensor kernels (param, exp_avg, exp_avg_sq
+ * of up to `MAX_GROUP` parameters updated in place per dispatch; see `kernels/optim.ts`), with the step count
+ * and bias corrections computed on the host, which already knows them. Clipping computes the global L2 norm on the device and returns it as a tensor; the
  * clip coefficient either scales the gradients in place (`clipGradNorm`, like `torch.nn.utils.clip_grad_norm_`)
  * or is handed to `step({ gradScale })`, which multiplies it in inside the fused update (`gradClipCoefficient`).
  *
@@ -16,7 +16,16 @@
  */
 
 import { cst, inp } from "../kernels/elementwise.ts";
-import { adam, clipFinish, ema, scaleInPlace, SUMSQ_CHUNK, sumSquares } from "../kernels/optim.ts";
+import {
+  adam,
+  adamGroupSize,
+  clipFinish,
+  ema,
+  emaGroupSize,
+  scaleInPlace,
+  SUMSQ_CHUNK,
+  sumSquares,
+} from "../kernels/optim.ts";
 import type { Device } from "./device.ts";
 import { keep, type Tensor } from "./tensor.ts";
 import { fmt, sameShape } from "./shape.ts";
@@ -61,6 +70,36 @@ const cloneKept = (t: Tensor): Tensor => keep(map(inp(0), [t]));
 function checkScalar(who: string, t: Tensor, device: Device) {
   if (t.size !== 1) throw new Error(`${who}: gradScale must have one element, got shape ${fmt(t.shape)}`);
   if (t.device !== device) throw new Error(`${who}: gradScale is on another device than the parameters`);
+}
+
+/** The adapter's storage-buffer limit, which bounds a multi-tensor dispatch (none on the CPU backend). */
+const maxStorageBuffers = (device: Device): number | undefined =>
+  device.info.limits.maxStorageBuffersPerShaderStage;
+
+/**
+ * Splits `items` into runs of consecutive items on one device, each at most `size(item)` long: the tensors of
+ * one multi-tensor dispatch.
+ */
+function groupsOf<T extends { p: Tensor }>(items: readonly T[], size: (first: T) => number): T[][] {
+  const groups: T[][] = [];
+  for (const item of items) {
+    const last = groups[groups.length - 1];
+    if (last && last[0].p.device === item.p.device && last.length < size(last[0])) last.push(item);
+    else groups.push([item]);
+  }
+  return groups;
+}
+
+/** `shadow = β·shadow + (1−β)·p` for each pair, several pairs per dispatch. */
+function emaUpdate(pairs: readonly { p: Tensor; shadow: Tensor }[], beta: number): void {
+  for (const group of groupsOf(pairs, (x) => emaGroupSize(maxStorageBuffers(x.p.device)))) {
+    group[0].p.device.run(
+      ema,
+      { sizes: group.map((x) => x.p.size), beta },
+      group.map((x) => x.p.storage),
+      group.map((x) => x.shadow.mutableStorage),
+    );
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -139,7 +178,7 @@ export class Adam {
    * Updates every parameter that has a gradient, in place. `gradScale` (a one-element device tensor, e.g. the
    * coefficient from `gradClipCoefficient`) multiplies each gradient inside the update. With `ema`, the moving
    * average then follows every parameter with that β, as `ema.average.update(ema.beta)` after the step would,
-   * but in the same dispatch as each parameter's update (parameters without a gradient get the plain EMA).
+   * but in the same dispatches as the parameters' update (parameters without a gradient get the plain EMA).
    * Records no tape and reads nothing back.
    */
   step(opts: { gradScale?: Tensor; ema?: { average: EMA; beta: number } } = {}): void {
@@ -157,11 +196,14 @@ export class Adam {
         );
       }
     }
+    // Validate everything before the first dispatch, then update the parameters in groups.
+    const updates: { p: Tensor; g: Tensor; s: ParamState; shadow?: Tensor }[] = [];
+    const averageOnly: { p: Tensor; shadow: Tensor }[] = [];
     for (const [name, p] of this.params) {
       const g = p.grad;
       const shadow = average?.shadow.get(name);
       if (!g) {
-        if (shadow) p.device.run(ema, { n: p.size, beta }, [p.storage], [shadow.mutableStorage]);
+        if (shadow) averageOnly.push({ p, shadow });
         continue;
       }
       if (!sameShape(g.shape, p.shape)) {
@@ -171,31 +213,41 @@ export class Adam {
       if (opts.gradScale) checkScalar(who, opts.gradScale, p.device);
       let s = this.#state.get(p);
       if (!s) this.#state.set(p, s = { step: 0, expAvg: zerosLike(p), expAvgSq: zerosLike(p) });
-      s.step++;
-      const inputs = opts.gradScale ? [g.storage, opts.gradScale.storage] : [g.storage];
-      p.device.run(
+      updates.push({ p, g, s, shadow });
+    }
+    for (const u of updates) u.s.step++;
+    // One dispatch per group of tensors on the same device (as many as the adapter's bindings allow).
+    const withEma = !!average;
+    const size = (u: { p: Tensor }) =>
+      adamGroupSize(maxStorageBuffers(u.p.device), { scaled: !!opts.gradScale, ema: withEma });
+    for (const group of groupsOf(updates, size)) {
+      const device = group[0].p.device;
+      const inputs = group.map((u) => u.g.storage);
+      if (opts.gradScale) inputs.push(opts.gradScale.storage);
+      const outputs = group.flatMap((u) => [
+        u.p.mutableStorage,
+        u.s.expAvg.mutableStorage,
+        u.s.expAvgSq.mutableStorage,
+        ...(withEma ? [u.shadow!.mutableStorage] : []),
+      ]);
+      device.run(
         adam,
         {
-          n: p.size,
+          tensors: group.map((u) => ({ n: u.p.size, step: u.s.step })),
           lr: this.lr,
           beta1: this.betas[0],
           beta2: this.betas[1],
           eps: this.eps,
           weightDecay: this.weightDecay,
           decoupled: this.decoupled,
-          step: s.step,
           scaled: !!opts.gradScale,
-          ema: shadow ? { beta } : undefined,
+          ema: withEma ? { beta } : undefined,
         },
         inputs,
-        [
-          p.mutableStorage,
-          s.expAvg.mutableStorage,
-          s.expAvgSq.mutableStorage,
-          ...(shadow ? [shadow.mutableStorage] : []),
-        ],
+        outputs,
       );
     }
+    emaUpdate(averageOnly, beta);
   }
 
   /** Releases the gradients of this optimizer's parameters. */
@@ -384,10 +436,7 @@ export class EMA {
   /** One averaging step with `beta` (default: this.beta); no tape, no readback. */
   update(beta: number = this.beta): void {
     EMA.checkBeta(beta);
-    for (const [name, p] of this.params) {
-      const s = this.shadow.get(name)!;
-      p.device.run(ema, { n: p.size, beta }, [p.storage], [s.mutableStorage]);
-    }
+    emaUpdate(this.params.map(([name, p]) => ({ p, shadow: this.shadow.get(name)! })), beta);
   }
 
   /** Copies the averages into `target` (default: the tracked parameters), matched by name, e.g. for evaluation. */

@@ -42,6 +42,10 @@
  * the row statistics only when the sample changes, and tree-sums both in workgroup memory. The samples are
  * split into chunks only when there are too few channels to fill the device; `rowNormParamSum` sums the
  * [chunks, C] partials.
+ *
+ * SiLU epilogue (`silu`): the forward writes silu(x̂·w + b) (and, with `savePre`, x̂·w + b too); the backward
+ * (a lanes variant) takes g·silu'(pre) wherever it reads g, pre recomputed as (x − K − μ)·(rstd·w) + b exactly
+ * as the forward computed it, so GroupNorm → SiLU costs no pass and no saved tensor of its own.
  */
 
 import { type FloatArray, type GpuCaps, type GpuDispatch, type Kernel, ParamWriter } from "./types.ts";
@@ -105,6 +109,10 @@ export interface RowNormParams extends RowLayout {
   hasWeight: boolean;
   hasBias: boolean;
   eps: number;
+  /** Write y = silu(x̂·w + b) (GroupNorm fused with the SiLU that follows it) instead of x̂·w + b. */
+  silu?: boolean;
+  /** With `silu`, also write the pre-activation x̂·w + b, as a fourth output (for a backward without `silu`). */
+  savePre?: boolean;
   variant?: RowNormVariant;
 }
 
@@ -117,8 +125,27 @@ export interface RowNormBackwardParams extends RowLayout {
    * sum the partials with `rowNormParamSum`). Runs a lanes variant.
    */
   paramPartials?: boolean;
+  /**
+   * g is the gradient of silu(pre), pre = x̂·w + b, of a forward with `silu`: the kernel recomputes pre from x
+   * and the statistics and takes g·silu'(pre) wherever it reads g (no pass of its own, no saved pre). The bias,
+   * when `hasBias`, follows the weight among the inputs. Runs a lanes variant.
+   */
+  silu?: boolean;
+  /** With `silu`: the forward had a bias (an input after the weight). */
+  hasBias?: boolean;
   variant?: RowNormVariant;
 }
+
+/** WGSL of silu and its derivative on `type` (f32, or the lanes' unit U), as the elementwise silu/siluGrad. */
+function siluFns(type: string): string {
+  return `fn silu_(v: ${type}) -> ${type} { return v * (1.0 / (1.0 + exp(-v))); }
+fn siluGrad_(v: ${type}) -> ${type} { let s = 1.0 / (1.0 + exp(-v)); return s * (1.0 + v * (1.0 - s)); }
+`;
+}
+
+const sigmoidJs = (v: number) => 1 / (1 + Math.exp(-v));
+const siluJs = (v: number) => v * sigmoidJs(v);
+const siluGradJs = (v: number) => sigmoidJs(v) * (1 + v * (1 - sigmoidJs(v)));
 
 function checkLayout(op: string, p: RowLayout): number {
   const dims = { rows: p.rows, groups: p.groups, channelsPerGroup: p.channelsPerGroup, spatial: p.spatial };
@@ -347,9 +374,15 @@ function lanesForward(p: RowNormParams, caps: GpuCaps, variant: "lanes" | "lanes
   const plan = lanePlan(p, caps, variant, false);
   const inputs = ["x", ...(p.hasWeight ? ["weight"] : []), ...(p.hasBias ? ["bias"] : [])];
   const vecParams = plan.vectorWeights ? inputs.slice(1) : [];
-  const { decls, prologue } = laneHeader(plan, inputs, ["y", "meanOut", "rstdOut"], ["x", "y"], vecParams, [
-    0,
-  ]);
+  const pre = p.silu && p.savePre ? ["pre"] : [];
+  const { decls, prologue } = laneHeader(
+    plan,
+    inputs,
+    ["y", "meanOut", "rstdOut", ...pre],
+    ["x", "y", ...pre],
+    vecParams,
+    [0],
+  );
   const T = plan.T;
   // Chan et al. over the T lanes of the row, in lane order (every lane gets the same result).
   const merge = T === 1 ? "" : `
@@ -377,7 +410,12 @@ var<workgroup> shQ: array<f32, ${LANE_WG}>;
 `;
   const scale = p.hasWeight ? "rstd * weight[c]" : "rstd";
   const shift = p.hasBias ? " + bias[c]" : "";
-  const source = decls + shared + `
+  const write = !p.silu
+    ? `y[base + j] = ((ld_x(base + j) - K) - mu) * a${shift};`
+    : `let yv = ((ld_x(base + j) - K) - mu) * a${shift};\n        y[base + j] = silu_(yv);${
+      pre.length ? "\n        pre[base + j] = yv;" : ""
+    }`;
+  const source = decls + (p.silu ? siluFns("U") : "") + shared + `
 @compute @workgroup_size(${LANE_WG})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
   ${prologue}
@@ -404,7 +442,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     meanOut[row] = mu;
     rstdOut[row] = rstd;
   }
-  ${laneSegments(`let a = ${scale};`, `y[base + j] = ((ld_x(base + j) - K) - mu) * a${shift};`, "")}
+  ${laneSegments(`let a = ${scale};`, write, "")}
 }`;
   return {
     source,
@@ -422,9 +460,11 @@ function lanesBackward(
   const partials = p.paramPartials ?? false;
   const plan = lanePlan(p, caps, variant, partials);
   const sumSamples = partials && samplesSummedInKernel(p);
-  const inputs = ["x", "g", "meanIn", "rstdIn", ...(p.hasWeight ? ["weight"] : [])];
+  const silu = p.silu ?? false, hasBias = silu && (p.hasBias ?? false);
+  const params = [...(p.hasWeight ? ["weight"] : []), ...(hasBias ? ["bias"] : [])];
+  const inputs = ["x", "g", "meanIn", "rstdIn", ...params];
   const outputs = ["dx", ...(partials ? ["pW", "pB", "dW", "dB"] : [])];
-  const vecParams = plan.vectorWeights && p.hasWeight ? ["weight"] : [];
+  const vecParams = plan.vectorWeights ? params : [];
   const { decls, prologue } = laneHeader(
     plan,
     inputs,
@@ -466,15 +506,21 @@ function lanesBackward(
 var<workgroup> shB: array<f32, ${LANE_WG}>;
 `;
   const w = p.hasWeight ? " * weight[c]" : "";
+  // With silu, g·silu'(pre) with pre recomputed exactly as the forward computed it: (x − K − μ)·(rstd·w) + b.
+  const affine = !silu ? "" : `\n      let a = rstd${w};${hasBias ? "\n      let bc = bias[c];" : ""}`;
+  const gradAt = (xm: string) =>
+    silu ? `ld_g(base + j) * siluGrad_(${xm} * a${hasBias ? " + bc" : ""})` : "ld_g(base + j)";
   const sums = laneSegments(
-    "var sg = U(0.0);\n      var sgx = U(0.0);",
-    "let gv = ld_g(base + j);\n        sg += gv;\n        sgx += gv * ((ld_x(base + j) - K) - mu);",
+    "var sg = U(0.0);\n      var sgx = U(0.0);" + affine,
+    `let xm = (ld_x(base + j) - K) - mu;\n        let gv = ${
+      gradAt("xm")
+    };\n        sg += gv;\n        sgx += gv * xm;`,
     `sa += hsum(sg${w});
       sb += hsum(sgx${w});${
       partials ? `\n      pB[pbase + c] = hsum(sg);\n      pW[pbase + c] = hsum(sgx) * rstd;` : ""
     }`,
   );
-  const source = decls + shared + `
+  const source = decls + (silu ? siluFns("U") : "") + shared + `
 @compute @workgroup_size(${LANE_WG})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
   ${prologue}
@@ -494,10 +540,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let xm = rstd * sb * rstd * invL;
     ${
     laneSegments(
-      p.hasWeight ? "let wc = weight[c];" : "",
-      `dx[base + j] = rstd * (ld_g(base + j)${
+      (p.hasWeight ? "let wc = weight[c];" : "") + affine,
+      `let xd = (ld_x(base + j) - K) - mu;\n        dx[base + j] = rstd * (${gradAt("xd")}${
         p.hasWeight ? " * wc" : ""
-      } - meanG - ((ld_x(base + j) - K) - mu) * xm);`,
+      } - meanG - xd * xm);`,
       "",
     )
   }
@@ -554,7 +600,13 @@ var<workgroup> shQ: array<f32, ${WG}>;`;
     ]);
     const scale = p.hasWeight ? "rstd * wc" : "rstd";
     const shift = p.hasBias ? " + bc" : "";
-    const source = header(inputs, ["y", "meanOut", "rstdOut"]) + shared + `
+    const savePre = p.silu && p.savePre;
+    const write = !p.silu
+      ? `y[base + j] = ((x[base + j] - K) - mu) * (${scale})${shift};`
+      : `let yv = ((x[base + j] - K) - mu) * (${scale})${shift};
+    y[base + j] = silu_(yv);${savePre ? "\n    pre[base + j] = yv;" : ""}`;
+    const outputs = ["y", "meanOut", "rstdOut", ...(savePre ? ["pre"] : [])];
+    const source = header(inputs, outputs) + (p.silu ? siluFns("f32") : "") + shared + `
 @compute @workgroup_size(${WG})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
   ${rowPrologue(T)}
@@ -584,7 +636,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   ${cache.init}
   for (var j = t; j < L; j += ${T}u) {
     ${cache.refresh}
-    y[base + j] = ((x[base + j] - K) - mu) * (${scale})${shift};
+    ${write}
     ${ADVANCE}
   }
 }`;
@@ -595,7 +647,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     };
   },
 
-  cpu(p: RowNormParams, inputs: FloatArray[], [y, meanOut, rstdOut]: FloatArray[]): void {
+  cpu(p: RowNormParams, inputs: FloatArray[], [y, meanOut, rstdOut, pre]: FloatArray[]): void {
     const L = checkLayout("rowNorm", p);
     const x = inputs[0];
     const weight = p.hasWeight ? inputs[1] : null;
@@ -618,19 +670,47 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         let v = (x[base + j] - K - mu) * rstd;
         if (weight) v *= weight[c];
         if (bias) v += bias[c];
-        y[base + j] = v;
+        if (p.silu && p.savePre) pre[base + j] = v;
+        y[base + j] = p.silu ? siluJs(v) : v;
       }
     }
   },
 };
 
-/** dx of row normalization. Inputs: x, g, shifted mean, rstd (as the forward saved them), [weight]; output: dx. */
+/** g·silu'(pre) with pre = (x − K − μ)·(rstd·w) + b, as the forward with `silu` computed it (CPU reference). */
+function siluInputGrad(
+  p: RowLayout,
+  x: FloatArray,
+  g: FloatArray,
+  meanIn: FloatArray,
+  rstdIn: FloatArray,
+  weight: FloatArray | null,
+  bias: FloatArray | null,
+): FloatArray {
+  const L = rowLength(p);
+  const out = new (g.constructor as { new (n: number): FloatArray })(p.rows * L);
+  for (let r = 0; r < p.rows; r++) {
+    const base = r * L, K = x[base];
+    for (let j = 0; j < L; j++) {
+      const c = channelOf(p, r, j);
+      const a = weight ? rstdIn[r] * weight[c] : rstdIn[r];
+      const pre = (x[base + j] - K - meanIn[r]) * a + (bias ? bias[c] : 0);
+      out[base + j] = g[base + j] * siluGradJs(pre);
+    }
+  }
+  return out;
+}
+
+/**
+ * dx of row normalization. Inputs: x, g, shifted mean, rstd (as the forward saved them), [weight], [bias (with
+ * `silu`)]; output: dx (and the parameter partials and sums with `paramPartials`).
+ */
 export const rowNormBackward: Kernel<RowNormBackwardParams> = {
   name: "rowNormBackward",
 
   gpu(p: RowNormBackwardParams, caps: GpuCaps): GpuDispatch {
     const cols = checkLayout("rowNormBackward", p);
-    const variant = pickVariant(p.variant, caps, p.paramPartials ?? false);
+    const variant = pickVariant(p.variant, caps, (p.paramPartials ?? false) || (p.silu ?? false));
     if (variant !== "tree") return lanesBackward(p, caps, variant);
     const T = pickThreadsPerRow(p.rows, cols, caps);
     const w = layoutWords(new ParamWriter(), p, T);
@@ -693,13 +773,16 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 
   cpu(p: RowNormBackwardParams, inputs: FloatArray[], [dx, pW, pB, dW, dB]: FloatArray[]): void {
     const L = checkLayout("rowNormBackward", p);
-    const [x, g, meanIn, rstdIn] = inputs;
+    const [x, gIn, meanIn, rstdIn] = inputs;
+    const weight = p.hasWeight ? inputs[4] : null;
+    const g = p.silu
+      ? siluInputGrad(p, x, gIn, meanIn, rstdIn, weight, p.hasBias ? inputs[weight ? 5 : 4] : null)
+      : gIn;
     if (p.paramPartials) {
-      rowNormParamGrad.cpu({ ...p, chunkRows: 1 }, inputs.slice(0, 4), [pW, pB]);
+      rowNormParamGrad.cpu({ ...p, chunkRows: 1 }, [x, g, meanIn, rstdIn], [pW, pB]);
       const channels = p.groups * p.channelsPerGroup;
       rowNormParamSum.cpu({ chunks: p.rows / p.groups, channels }, [pW, pB], [dW, dB]);
     }
-    const weight = p.hasWeight ? inputs[4] : null;
     for (let r = 0; r < p.rows; r++) {
       const base = r * L, K = x[base], mu = meanIn[r], rstd = rstdIn[r];
       let sa = 0, sb = 0;

@@ -7,15 +7,18 @@
  * the step count the host already knows) travel as uniforms, and a gradient scale that is only known on the
  * device (the clipping coefficient) is read from a one-element buffer.
  *
- * - `adam`: one thread per element (four, as vec4s, when the size allows), PyTorch's `torch.optim.Adam`/`AdamW`
- *   arithmetic (see `adamStepJs`); with `ema` it also moves the parameter's moving average towards the updated
- *   parameter in the same pass (a training step's Adam and EMA in one dispatch per parameter instead of two);
+ * - `adam`: Adam/AdamW over up to `MAX_GROUP` tensors in one dispatch (a training step's whole parameter list
+ *   in a handful of dispatches instead of one per tensor): each tensor gets its own run of workgroups, one thread
+ *   per element (four, as vec4s, when its size allows), PyTorch's `torch.optim.Adam`/`AdamW` arithmetic (see
+ *   `adamStepJs`); with `ema` it also moves each parameter's moving average towards the updated parameter in the
+ *   same pass. The tensors stay separate buffers (separate bindings), so parameters, gradients and checkpoints
+ *   keep their layout; the adapter's storage-buffer limit (32 on llvmpipe) decides how many fit one dispatch;
  * - `sumSquares`: partial sums of x² over chunks of `SUMSQ_CHUNK` elements, one workgroup per chunk with a tree
  *   in workgroup memory, written at an offset into one partials buffer shared by all parameters;
  * - `clipFinish`: one workgroup sums the partials and writes the norm √Σ and the clip coefficient
  *   `min(maxNorm / (norm + 1e-6), 1)` (PyTorch's `clip_grad_norm_`);
  * - `scaleInPlace`: `x *= s[0]`;
- * - `ema`: `shadow = β·shadow + (1−β)·param`.
+ * - `ema`: `shadow = β·shadow + (1−β)·param`, several tensors per dispatch like `adam`.
  */
 
 import { type FloatArray, type GpuCaps, type GpuDispatch, type Kernel, ParamWriter } from "./types.ts";
@@ -36,10 +39,93 @@ function elementType(V: 1 | 4): string {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Multi-tensor dispatches.
+
+/**
+ * Most tensors one multi-tensor dispatch updates: bounded by the uniform block (a few words per tensor) and the
+ * size of the unrolled shader. The adapter's storage-buffer limit usually bounds it first (see `groupSize`).
+ */
+export const MAX_GROUP = 24;
+
+/**
+ * How many tensors one multi-tensor dispatch may update, with `buffersPerTensor` storage bindings each plus
+ * `shared` bindings for the whole dispatch, under the adapter's `maxStorageBuffersPerShaderStage` (undefined on
+ * the CPU backend, which has no such limit).
+ */
+export function groupSize(
+  maxStorageBuffers: number | undefined,
+  buffersPerTensor: number,
+  shared = 0,
+): number {
+  const fit = Math.floor(((maxStorageBuffers ?? Infinity) - shared) / buffersPerTensor);
+  if (fit < 1) throw new Error(`a multi-tensor dispatch needs ${buffersPerTensor + shared} storage buffers`);
+  return Math.min(MAX_GROUP, fit);
+}
+
+/**
+ * The workgroup plan of a multi-tensor dispatch: tensor k runs `units[k] = n / V` threads (V its
+ * `elementsPerThread`) in its own consecutive workgroups, which end (exclusive) at `ends[k]`. A workgroup finds
+ * its tensor by comparing its index with the ends, the same for all its threads, so the shader's per-tensor
+ * branches never diverge inside a workgroup.
+ */
+function multiPlan(sizes: readonly number[]) {
+  if (!sizes.length) throw new Error("a multi-tensor dispatch needs at least one tensor");
+  if (sizes.length > MAX_GROUP) throw new Error(`a multi-tensor dispatch takes at most ${MAX_GROUP} tensors`);
+  const V = sizes.map(elementsPerThread);
+  const units = sizes.map((n, k) => n / V[k]);
+  const ends: number[] = [];
+  let total = 0;
+  for (const u of units) ends.push(total += Math.ceil(u / WG));
+  return { V, units, ends, total };
+}
+
+/** WGSL of the per-tensor branches: `body(k)` runs for element (or vec4) `i` of tensor k. */
+function multiBranches(
+  count: number,
+  endWord: (k: number) => number,
+  unitsWord: (k: number) => number,
+  body: (k: number) => string,
+): string {
+  return Array.from({ length: count }, (_, k) => {
+    const first = k === 0 ? "0u" : `pu(${endWord(k - 1)}u)`;
+    return `  if (wg < pu(${endWord(k)}u)) {
+    let i = (wg - ${first}) * ${WG}u + lid;
+    if (i < pu(${unitsWord(k)}u)) {
+${body(k)}
+    }
+    return;
+  }`;
+  }).join("\n");
+}
+
+const multiEntry = (branches: string) =>
+  `${ENTRY_1D} {
+  let wg = wid.x + wid.y * nwg.x;
+${branches}
+}`;
+
+const storageDecl = (binding: number, name: string, elem: string, write: boolean) =>
+  `@group(0) @binding(${binding}) var<storage, ${write ? "read_write" : "read"}> ${name}: array<${elem}>;`;
+
+/** The uniform block and its accessors (as `header` in wgsl.ts writes them) after `bindings` storage buffers. */
+function uniformDecl(bindings: number): string {
+  return header([], []).replace("@binding(0) var<uniform>", `@binding(${bindings}) var<uniform>`);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // Adam / AdamW.
 
-export interface AdamParams {
+/** One tensor of a multi-tensor Adam dispatch. */
+export interface AdamTensor {
+  /** Elements. */
   n: number;
+  /** The step number of this tensor after this update (1 on the first step), for its bias corrections. */
+  step: number;
+}
+
+export interface AdamParams {
+  /** The tensors, in binding order (at most `MAX_GROUP`; see `adamGroupSize`). */
+  tensors: readonly AdamTensor[];
   lr: number;
   beta1: number;
   beta2: number;
@@ -47,19 +133,25 @@ export interface AdamParams {
   weightDecay: number;
   /** AdamW: decay the parameter directly (p *= 1 − lr·wd) instead of adding wd·p to the gradient. */
   decoupled: boolean;
-  /** The step number after this update (1 on the first step), for the bias corrections. */
-  step: number;
-  /** A one-element scale buffer follows the gradient among the inputs (grad is multiplied by it first). */
+  /** A one-element scale buffer follows the gradients among the inputs (each grad is multiplied by it first). */
   scaled: boolean;
   /**
-   * Also update an EMA shadow (a fourth output) from the new parameter: `shadow = β·shadow + (1−β)·param`,
-   * exactly what the `ema` kernel computes after the step.
+   * Also update each tensor's EMA shadow (a fourth output per tensor) from the new parameter:
+   * `shadow = β·shadow + (1−β)·param`, exactly what the `ema` kernel computes after the step.
    */
   ema?: { beta: number };
 }
 
+/** The tensors one `adam` dispatch may update on a device with this storage-buffer limit. */
+export function adamGroupSize(
+  maxStorageBuffers: number | undefined,
+  opts: { scaled: boolean; ema: boolean },
+): number {
+  return groupSize(maxStorageBuffers, opts.ema ? 5 : 4, opts.scaled ? 1 : 0);
+}
+
 /** Host-side derived constants: step size lr / (1 − β1^t) and √(1 − β2^t). */
-function adamConstants(p: AdamParams) {
+function adamConstants(p: { lr: number; beta1: number; beta2: number; step: number }) {
   if (!Number.isInteger(p.step) || p.step < 1) {
     throw new Error(`adam: step ${p.step} must be a positive integer`);
   }
@@ -67,18 +159,21 @@ function adamConstants(p: AdamParams) {
   return { stepSize: p.lr / bc1, bc2Sqrt: Math.sqrt(bc2) };
 }
 
+/** Hyper-parameters of one element's update (`adamStepJs`). */
+export type AdamHyper = Omit<AdamParams, "tensors" | "scaled" | "ema"> & { step: number };
+
 /**
  * One element of PyTorch's Adam/AdamW step (`_single_tensor_adam`, amsgrad off): returns the new
  * (param, m, v). Exported for the float64 reference in tests.
  */
 export function adamStepJs(
-  p: Omit<AdamParams, "n" | "scaled">,
+  p: AdamHyper,
   param: number,
   grad: number,
   m: number,
   v: number,
 ): [number, number, number] {
-  const { stepSize, bc2Sqrt } = adamConstants(p as AdamParams);
+  const { stepSize, bc2Sqrt } = adamConstants(p);
   if (p.weightDecay !== 0) {
     if (p.decoupled) param *= 1 - p.lr * p.weightDecay;
     else grad += p.weightDecay * param;
@@ -90,59 +185,71 @@ export function adamStepJs(
   return [param, m, v];
 }
 
+/** Uniform words of `adam`: 8 shared, then 4 per tensor (workgroup end, threads, step size, √(1 − β2^t)). */
+const ADAM_SHARED = 8;
+
+/**
+ * Adam/AdamW over several tensors in one dispatch. Inputs: the gradients, then the scale (when `scaled`);
+ * outputs: per tensor its parameter, exp_avg, exp_avg_sq (and EMA shadow), in place. Every element gets the
+ * same arithmetic as a one-tensor dispatch, so how tensors are grouped does not change any result.
+ */
 export const adam: Kernel<AdamParams> = {
   name: "adam",
 
   gpu(p: AdamParams, caps: GpuCaps): GpuDispatch {
-    const { stepSize, bc2Sqrt } = adamConstants(p);
-    const V = elementsPerThread(p.n);
+    const plan = multiPlan(p.tensors.map((t) => t.n));
+    const K = p.tensors.length, withEma = !!p.ema;
     // 1−β is computed in double: 1 − f32(0.999) would be off by 5e-5 relative (PyTorch passes it as a scalar too).
-    const w = new ParamWriter().u32(p.n / V).f32(
-      p.lr,
-      1 - p.beta1,
-      p.beta2,
-      1 - p.beta2,
-      p.eps,
-      p.weightDecay,
-    );
-    w.f32(stepSize, bc2Sqrt);
-    if (p.ema) w.f32(p.ema.beta, 1 - p.ema.beta);
-    const withEma = !!p.ema;
-    const source = cachedSource(`adam:${V}:${p.decoupled}:${p.scaled}:${withEma}`, () => {
-      const decay = p.decoupled ? `pr = pr * (1.0 - pf(1u) * pf(6u));` : `g = g + pf(6u) * pr;`;
-      // The scale buffer binds at least 16 bytes (see bufferEntry in engine/device.ts), so a vec4 read is in range.
-      const scale = p.scaled ? ` * scale[0]${V === 4 ? ".x" : ""}` : "";
-      const outputs = withEma ? ["param", "m", "v", "shadow"] : ["param", "m", "v"];
-      const average = withEma ? `\n  shadow[i] = pf(9u) * shadow[i] + pf(10u) * np;` : "";
-      return header(p.scaled ? ["grad", "scale"] : ["grad"], outputs, elementType(V)) + `
-${ENTRY_1D} {
-  let i = linearId(wid, nwg, lid, ${WG}u);
-  if (i >= pu(0u)) { return; }
-  var g = grad[i]${scale};
-  var pr = param[i];
-  ${decay}
-  let mi = m[i] + pf(2u) * (g - m[i]);
-  let vi = pf(3u) * v[i] + pf(4u) * g * g;
-  m[i] = mi;
-  v[i] = vi;
-  let np = pr - pf(7u) * mi / (sqrt(vi) / pf(8u) + pf(5u));
-  param[i] = np;${average}
-}`;
+    const w = new ParamWriter().f32(p.lr, 1 - p.beta1, p.beta2, 1 - p.beta2, p.eps, p.weightDecay);
+    w.f32(p.ema?.beta ?? 0, 1 - (p.ema?.beta ?? 0));
+    p.tensors.forEach((t, k) => {
+      const { stepSize, bc2Sqrt } = adamConstants({ ...p, step: t.step });
+      w.u32(plan.ends[k], plan.units[k]).f32(stepSize, bc2Sqrt);
     });
-    return { source, workgroups: grid1d(p.n / V, caps.maxWorkgroupsPerDimension), params: w.finish() };
+    const source = cachedSource(`adam:${plan.V.join("")}:${p.decoupled}:${p.scaled}:${withEma}`, () => {
+      const outs = withEma ? ["p", "m", "v", "s"] : ["p", "m", "v"];
+      const decls: string[] = [];
+      plan.V.forEach((V, k) => decls.push(storageDecl(k, `g${k}`, elementType(V), false)));
+      if (p.scaled) decls.push(storageDecl(K, "scale", "f32", false));
+      let b = K + (p.scaled ? 1 : 0);
+      plan.V.forEach((V, k) =>
+        outs.forEach((o) => decls.push(storageDecl(b++, `${o}${k}`, elementType(V), true)))
+      );
+      const word = (k: number, j: number) => ADAM_SHARED + 4 * k + j;
+      const body = (k: number) => {
+        const decay = p.decoupled ? `pr = pr * (1.0 - pf(0u) * pf(5u));` : `g = g + pf(5u) * pr;`;
+        const average = withEma ? `\n      s${k}[i] = pf(6u) * s${k}[i] + pf(7u) * np;` : "";
+        return `      var g = g${k}[i]${p.scaled ? " * scale[0]" : ""};
+      var pr = p${k}[i];
+      ${decay}
+      let mi = m${k}[i] + pf(1u) * (g - m${k}[i]);
+      let vi = pf(2u) * v${k}[i] + pf(3u) * g * g;
+      m${k}[i] = mi;
+      v${k}[i] = vi;
+      let np = pr - pf(${word(k, 2)}u) * mi / (sqrt(vi) / pf(${word(k, 3)}u) + pf(4u));
+      p${k}[i] = np;${average}`;
+      };
+      return decls.join("\n") + "\n" + uniformDecl(b) +
+        multiEntry(multiBranches(K, (k) => word(k, 0), (k) => word(k, 1), body));
+    });
+    return { source, workgroups: grid(plan.total, caps.maxWorkgroupsPerDimension), params: w.finish() };
   },
 
-  cpu(p: AdamParams, inputs: FloatArray[], [param, m, v, shadow]: FloatArray[]): void {
-    const [grad, scale] = inputs;
-    const s = p.scaled ? scale[0] : 1;
-    for (let i = 0; i < p.n; i++) {
-      const r = adamStepJs(p, param[i], grad[i] * s, m[i], v[i]);
-      param[i] = r[0];
-      m[i] = r[1];
-      v[i] = r[2];
-    }
-    // Reads the stored (rounded) parameters, as the separate `ema` kernel would.
-    if (p.ema) ema.cpu({ n: p.n, beta: p.ema.beta }, [param], [shadow]);
+  cpu(p: AdamParams, inputs: FloatArray[], outputs: FloatArray[]): void {
+    const K = p.tensors.length, per = p.ema ? 4 : 3;
+    const s = p.scaled ? inputs[K][0] : 1;
+    p.tensors.forEach(({ n, step }, k) => {
+      const grad = inputs[k];
+      const [param, m, v, shadow] = outputs.slice(per * k, per * k + per);
+      for (let i = 0; i < n; i++) {
+        const r = adamStepJs({ ...p, step }, param[i], grad[i] * s, m[i], v[i]);
+        param[i] = r[0];
+        m[i] = r[1];
+        v[i] = r[2];
+      }
+      // Reads the stored (rounded) parameters, as the separate `ema` kernel would.
+      if (p.ema) ema.cpu({ sizes: [n], beta: p.ema.beta }, [param], [shadow]);
+    });
   },
 };
 
@@ -275,26 +382,41 @@ ${ENTRY_1D} {
 // Exponential moving average.
 
 export interface EmaParams {
-  n: number;
+  /** Elements of each tensor, in binding order (at most `MAX_GROUP`; see `emaGroupSize`). */
+  sizes: readonly number[];
   beta: number;
 }
 
-/** `shadow = β·shadow + (1−β)·param`; inputs [param], outputs [shadow]. */
+/** The tensors one `ema` dispatch may update on a device with this storage-buffer limit. */
+export function emaGroupSize(maxStorageBuffers: number | undefined): number {
+  return groupSize(maxStorageBuffers, 2);
+}
+
+/** `shadow = β·shadow + (1−β)·param` for several tensors; inputs: the params, outputs: their shadows. */
 export const ema: Kernel<EmaParams> = {
   name: "ema",
 
   gpu(p: EmaParams, caps: GpuCaps): GpuDispatch {
-    const w = new ParamWriter().u32(p.n).f32(p.beta, 1 - p.beta);
-    const source = header(["param"], ["shadow"]) + `
-${ENTRY_1D} {
-  let i = linearId(wid, nwg, lid, ${WG}u);
-  if (i >= pu(0u)) { return; }
-  shadow[i] = pf(1u) * shadow[i] + pf(2u) * param[i];
-}`;
-    return { source, workgroups: grid1d(p.n, caps.maxWorkgroupsPerDimension), params: w.finish() };
+    const plan = multiPlan(p.sizes);
+    const K = p.sizes.length;
+    const w = new ParamWriter().f32(p.beta, 1 - p.beta);
+    p.sizes.forEach((_, k) => w.u32(plan.ends[k], plan.units[k]));
+    const source = cachedSource(`ema:${plan.V.join("")}`, () => {
+      const decls = [
+        ...plan.V.map((V, k) => storageDecl(k, `p${k}`, elementType(V), false)),
+        ...plan.V.map((V, k) => storageDecl(K + k, `s${k}`, elementType(V), true)),
+      ];
+      const body = (k: number) => `      s${k}[i] = pf(0u) * s${k}[i] + pf(1u) * p${k}[i];`;
+      return decls.join("\n") + "\n" + uniformDecl(2 * K) +
+        multiEntry(multiBranches(K, (k) => 2 + 2 * k, (k) => 3 + 2 * k, body));
+    });
+    return { source, workgroups: grid(plan.total, caps.maxWorkgroupsPerDimension), params: w.finish() };
   },
 
-  cpu(p: EmaParams, [param]: FloatArray[], [shadow]: FloatArray[]): void {
-    for (let i = 0; i < p.n; i++) shadow[i] = p.beta * shadow[i] + (1 - p.beta) * param[i];
+  cpu(p: EmaParams, params: FloatArray[], shadows: FloatArray[]): void {
+    p.sizes.forEach((n, k) => {
+      const [param, shadow] = [params[k], shadows[k]];
+      for (let i = 0; i < n; i++) shadow[i] = p.beta * shadow[i] + (1 - p.beta) * param[i];
+    });
   },
 };

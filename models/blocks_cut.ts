@@ -24,7 +24,7 @@
  * and parameters of any student are those of models/cost.ts, summed block by block.
  */
 
-import { cat, type Device, forwardScope, silu, type Tensor } from "../engine/mod.ts";
+import { cat, type Device, forwardScope, type Tensor } from "../engine/mod.ts";
 import { type LayoutEntry, planLayers, type PlannedLayer, UNet, unetLayout, type UNetSpec } from "./unet.ts";
 import { type Downsample, normGroups, type SlimConv2d, UNetBlock, type Upsample } from "./unet_blocks.ts";
 
@@ -220,7 +220,7 @@ export function runBlock(
   for (let i = 0; i < choice.depth; i++) {
     h = layer(cut.res[i], cut.kind === "dec" ? cat([h, skips[skips.length - 1 - i]], 1) : h);
   }
-  if (cut.output) h = net.out_conv.forward(silu(net.out_norm.forward(h)), 1);
+  if (cut.output) h = net.out_conv.forward(net.out_norm.forwardSilu(h), 1);
   return [h];
 }
 

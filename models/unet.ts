@@ -563,7 +563,7 @@ export class UNet extends nn.Module {
       // Off the tape (sampling), what this block consumed is garbage now, except encoder outputs still waiting.
       discard(...[input, skip, prev].filter((t) => t && !skips.includes(t)));
     }
-    return this.out_conv.forward(silu(this.out_norm.forward(h)), width);
+    return this.out_conv.forward(this.out_norm.forwardSilu(h), width);
   }
 
   /** Layers and channel counts at `width` (see `planLayers`). */

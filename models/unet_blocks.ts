@@ -23,6 +23,7 @@ import {
   type Device,
   dropout,
   groupNorm,
+  groupNormSilu,
   interpolateNearest,
   keep,
   linear,
@@ -270,11 +271,21 @@ export class SlimGroupNorm extends nn.Module {
 
   @nn.scopedForward
   forward(x: Tensor): Tensor {
+    return this.#norm(x, groupNorm);
+  }
+
+  /** `silu(forward(x))` in one kernel (see `groupNormSilu`). */
+  @nn.scopedForward
+  forwardSilu(x: Tensor): Tensor {
+    return this.#norm(x, groupNormSilu);
+  }
+
+  #norm(x: Tensor, op: typeof groupNorm): Tensor {
     const c = x.shape[1];
     if (c > this.numChannels) {
       throw new Error(`SlimGroupNorm: input has ${c} channels, the layer at most ${this.numChannels}`);
     }
-    return groupNorm(x, this.groupsAt(c), leading(this.weight, 0, c), leading(this.bias, 0, c), this.eps);
+    return op(x, this.groupsAt(c), leading(this.weight, 0, c), leading(this.bias, 0, c), this.eps);
   }
 }
 
@@ -495,13 +506,13 @@ export class UNetBlock extends nn.Module {
 
   @nn.scopedForward
   forward(x: Tensor, emb: Tensor, width = 1): Tensor {
-    let h = this.conv0.forward(this.#resample(silu(this.norm0.forward(x))), width);
+    let h = this.conv0.forward(this.#resample(this.norm0.forwardSilu(x)), width);
     const params = reshape(this.affine.forward(emb, width), [emb.shape[0], -1, 1, 1]);
     if (this.opts.adaptiveScale) {
       const c = h.shape[1], scale = narrow(params, 1, 0, c), shift = narrow(params, 1, c, c);
       h = silu(add(shift, mul(this.norm1.forward(h), add(scale, 1))));
     } else {
-      h = silu(this.norm1.forward(add(h, params)));
+      h = this.norm1.forwardSilu(add(h, params));
     }
     h = this.conv1.forward(dropout(h, this.opts.dropout, this.training), width);
     // A projected skip, or the bare resample of ADM's kernel-0 skip, or (no resampling) x itself.
@@ -527,7 +538,7 @@ export class UNetBlock extends nn.Module {
     const rows = (t: Tensor) => narrow(t, 0, 0, hidden);
     const c0 = this.conv0, a = this.affine, k = a.chunks, fin = emb.shape[emb.rank - 1];
     let h = conv2d(
-      this.#resample(silu(this.norm0.forward(x))),
+      this.#resample(this.norm0.forwardSilu(x)),
       hidden < o ? rows(c0.weight) : c0.weight,
       c0.bias && (hidden < o ? rows(c0.bias) : c0.bias),
       { padding: 1 },
@@ -543,13 +554,13 @@ export class UNetBlock extends nn.Module {
     // rather than the slimmable full group count: with one channel per group the added embedding would be
     // normalised away.
     const n1 = this.norm1, groups = normGroups(hidden, this.opts.groups, this.opts.minChannelsPerGroup);
-    const norm1 = (v: Tensor) =>
-      groupNorm(v, groups, narrow(n1.weight, 0, 0, hidden), narrow(n1.bias, 0, 0, hidden), n1.eps);
+    const norm1 = (v: Tensor, op: typeof groupNorm = groupNorm) =>
+      op(v, groups, narrow(n1.weight, 0, 0, hidden), narrow(n1.bias, 0, 0, hidden), n1.eps);
     if (this.opts.adaptiveScale) {
       const scale = narrow(params, 1, 0, hidden), shift = narrow(params, 1, hidden, hidden);
       h = silu(add(shift, mul(norm1(h), add(scale, 1))));
     } else {
-      h = silu(norm1(add(h, params)));
+      h = norm1(add(h, params), groupNormSilu);
     }
     // conv1 takes the leading `hidden` input columns (SlimConv2d slices by the input) and keeps all its filters.
     h = this.conv1.forward(dropout(h, this.opts.dropout, this.training), 1);

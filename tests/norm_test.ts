@@ -4,13 +4,16 @@
  * groups = C, long rows that take the workgroup-tree path or several lanes per row, every kernel variant
  * (tree, lanes, lanes with texture inputs; vec4 and scalar units), and values offset far from zero (where a
  * one-pass variance fails); the ops' full backward (dx, dweight, dbias) on both backends; finite-difference gradient
- * checks; and shape errors.
+ * checks; and shape errors. groupNormSilu (GroupNorm fused with the SiLU after it) the same way: its kernels in
+ * every variant against the CPU reference, the op against silu(groupNorm(·)) on both backends through each of
+ * its backward paths, finite-difference checks, and its saved tensors freed.
  */
 
 import fc from "fast-check";
 import { tensor } from "../engine/creation.ts";
 import type { Device } from "../engine/device.ts";
-import { groupNorm, layerNorm } from "../engine/ops/norm.ts";
+import { groupNorm, groupNormSilu, layerNorm } from "../engine/ops/norm.ts";
+import { silu } from "../engine/ops/elementwise.ts";
 import { noGrad, scope, type Tensor } from "../engine/tensor.ts";
 import {
   paramGradChunks,
@@ -264,6 +267,175 @@ gpuTest(
     );
   },
 );
+
+gpuTest(
+  "rowNorm with silu (forward, pre-activation, dx and partials from g·silu'(pre)) in every variant: WebGPU matches CPU reference",
+  async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        kernelCase,
+        valueArb,
+        seedArb,
+        fc.boolean(),
+        async (k, { offset, scale }, seed, small) => {
+          const { outer, groups, channelsPerGroup, spatial } = k;
+          const rows = outer * groups, cols = channelsPerGroup * spatial, C = groups * channelsPerGroup;
+          const n = rows * cols;
+          if (n > 40000) return;
+          const p: RowNormParams = { ...k, rows, silu: true, savePre: true };
+          const x = seededValues(n, seed, offset - scale, offset + scale);
+          const w = seededValues(C, seed + 1, -2, 2), b = seededValues(C, seed + 2, -2, 2);
+          const g = seededValues(n, seed + 3);
+          const params = [...(k.hasWeight ? [w] : []), ...(k.hasBias ? [b] : [])];
+          const gpu = small ? await smallGridDevice() : await gpuDevice();
+          const ref = await f64Device();
+          const sizes = [n, rows, rows, n];
+          const got = await runKernel(gpu, rowNorm, p, [x, ...params], sizes);
+          const want = await runKernel(ref, rowNorm, p, [x, ...params], sizes);
+          const rel = 2e-5;
+          assertClose(got[0], want[0], { rtol: 1e-3, atol: rel * (1 + maxAbs(want[0])) }, "silu(y)");
+          assertClose(got[3], want[3], { rtol: 1e-3, atol: rel * (1 + maxAbs(want[3])) }, "pre-activation");
+          // The plain kernel's y is the pre-activation.
+          const plain = await runKernel(ref, rowNorm, { ...p, silu: false }, [x, ...params], [n, rows, rows]);
+          assertClose(want[3], plain[0], { rtol: 1e-12, atol: 1e-12 }, "pre = plain y");
+          assertClose(want[0], Array.from(plain[0], (v) => v / (1 + Math.exp(-v))), {
+            rtol: 1e-12,
+            atol: 1e-12,
+          });
+          // dx and the partials with silu equal the plain backward on g·silu'(pre).
+          const stats = [Float32Array.from(want[1]), Float32Array.from(want[2])];
+          const gy = Float32Array.from(want[3], (v, i) => {
+            const s = 1 / (1 + Math.exp(-v));
+            return g[i] * s * (1 + v * (1 - s));
+          });
+          const bp = { ...p, hasBias: k.hasBias };
+          const bins = [x, g, ...stats, ...params];
+          const plainIns = [x, gy, ...stats, ...(k.hasWeight ? [w] : [])];
+          for (const paramPartials of [false, true]) {
+            const outs = paramPartials ? [n, outer * C, outer * C, C, C] : [n];
+            const sp = { ...bp, paramPartials };
+            const bGot = await runKernel(gpu, rowNormBackward, sp, bins, outs);
+            const bWant = await runKernel(ref, rowNormBackward, sp, bins, outs);
+            const bPlain = await runKernel(ref, rowNormBackward, { ...sp, silu: false }, plainIns, outs);
+            const what = ["dx", "Σ g·x̂ per sample", "Σ g per sample", "dweight", "dbias"];
+            const checked = paramPartials && !samplesSummedInKernel(p) ? 3 : outs.length;
+            for (let i = 0; i < checked; i++) {
+              const tol = { rtol: 1e-3, atol: 1e-5 * (1 + maxAbs(bWant[i])) };
+              assertClose(bGot[i], bWant[i], tol, `${what[i]}${paramPartials ? " (with partials)" : ""}`);
+              assertClose(bWant[i], bPlain[i], tol, `${what[i]}: reference vs plain backward on g·silu'`);
+            }
+          }
+        },
+      ),
+      { numRuns: RUNS },
+    );
+  },
+);
+
+/**
+ * groupNormSilu against silu(groupNorm(·)) on one device, for the gradients the case asks for: x and/or the
+ * affine parameters, which take different backward paths (silu' in the dx kernel, or a saved pre-activation).
+ */
+async function siluCase(
+  device: Device,
+  fused: boolean,
+  shape: number[],
+  G: number,
+  x: Float32Array,
+  w: Float32Array | null,
+  b: Float32Array | null,
+  cot: Float32Array,
+  grads: { x: boolean; params: boolean },
+): Promise<Float64Array[]> {
+  const C = shape[1];
+  const xt = tensor(x, shape, { device, requiresGrad: grads.x });
+  const wt = w && tensor(w, [C], { device, requiresGrad: grads.params });
+  const bt = b && tensor(b, [C], { device, requiresGrad: grads.params });
+  const y = fused ? groupNormSilu(xt, G, wt, bt) : silu(groupNorm(xt, G, wt, bt));
+  const c = tensor(cot, shape, { device });
+  y.backward(c);
+  const res = [await y.toFloat64Array()];
+  for (const t of [xt, wt, bt]) if (t?.grad) res.push(await t.grad.toFloat64Array());
+  for (const t of [xt, wt, bt, y, c, xt.grad, wt?.grad, bt?.grad]) t?.dispose();
+  return res;
+}
+
+gpuTest(
+  "groupNormSilu equals silu(groupNorm) in value and gradients (x, weight, bias; each backward path), both backends",
+  async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        groupCase,
+        fc.constantFrom({ x: true, params: true }, { x: true, params: false }, { x: false, params: true }),
+        valueArb,
+        seedArb,
+        async ({ N, G, Cg, spatial, affine }, grads, { offset, scale }, seed) => {
+          if (!grads.x && (affine === "none")) return;
+          const C = G * Cg;
+          const shape = [N, C, ...spatial];
+          const n = size(shape);
+          const x = seededValues(n, seed, offset - scale, offset + scale);
+          const w = affine === "both" || affine === "weight" ? seededValues(C, seed + 1, 0.5, 1.5) : null;
+          const b = affine === "both" || affine === "bias" ? seededValues(C, seed + 2, -2, 2) : null;
+          const cot = seededValues(n, seed + 3);
+          const names = ["y", ...(grads.x ? ["dx"] : []), ...(grads.params && w ? ["dweight"] : [])];
+          if (grads.params && b) names.push("dbias");
+          for (const device of [await gpuDevice(), await cpuDevice()]) {
+            const got = await siluCase(device, true, shape, G, x, w, b, cot, grads);
+            const want = await siluCase(device, false, shape, G, x, w, b, cot, grads);
+            compareAll(got, want, names.map((s) => `${device.kind} ${s}`));
+          }
+        },
+      ),
+      { numRuns: RUNS },
+    );
+  },
+);
+
+test("groupNormSilu gradient check (float64): silu' in the dx kernel (spatial ≥ 16) and from the saved pre-activation", async () => {
+  const wb = (C: number) => [
+    { shape: [C], data: seededValues(C, 2, 0.5, 1.5) },
+    { shape: [C], data: seededValues(C, 3, -1, 1) },
+  ];
+  // 4×4 spatial: the fused partials path with silu in the kernel; 3 spatial: the saved pre-activation.
+  for (const shape of [[2, 4, 4, 4], [2, 4, 3]]) {
+    const n = size(shape);
+    const inputs = [{ shape, data: seededValues(n, 1, -2, 2) }, ...wb(4)];
+    await gradCheck((x, w, b) => groupNormSilu(x, 2, w, b), inputs);
+    // x alone (dx kernel with silu, no parameter gradients) and the parameters alone (saved pre-activation).
+    await gradCheck((x, w, b) => groupNormSilu(x, 2, w, b), inputs, { wrt: [0] });
+    await gradCheck((x, w, b) => groupNormSilu(x, 4, w, b), inputs, { wrt: [1, 2] });
+  }
+  const shape = [1, 3, 4, 5], n = size(shape);
+  await gradCheck((x) => groupNormSilu(x, 1), [{ shape, data: seededValues(n, 9, -1, 1) }]);
+});
+
+test("groupNormSilu frees its saved statistics and pre-activation after backward and under noGrad", async () => {
+  const device = await cpuDevice();
+  const before = device.memory().liveAllocations;
+  for (const shape of [[2, 4, 3], [2, 4, 4, 4]]) {
+    const n = size(shape);
+    scope(() => {
+      // x without a gradient: the parameter gradients come from g·silu'(pre), so the forward saves pre.
+      const x = tensor(seededValues(n, 1), shape, { device });
+      const w = tensor([1, 2, 3, 4], [4], { device, requiresGrad: true });
+      const b = tensor([0, 1, 0, -1], [4], { device, requiresGrad: true });
+      groupNormSilu(x, 2, w, b).backward(tensor(seededValues(n, 2), shape, { device }));
+      // Left alive: x, w, b, their two grads, y and the cotangent until the scope ends; nothing else.
+      const live = device.memory().liveAllocations - before;
+      if (live !== 7) throw new Error(`${live} live allocations after backward, expected 7`);
+      w.grad!.dispose();
+      b.grad!.dispose();
+    });
+  }
+  noGrad(() => {
+    const x = tensor(seededValues(24, 1), [2, 4, 3], { device, requiresGrad: true });
+    groupNormSilu(x, 2).dispose();
+    x.dispose();
+  });
+  const after = device.memory().liveAllocations;
+  if (after !== before) throw new Error(`${after - before} allocations leaked`);
+});
 
 gpuTest("groupNorm is stable when |mean| ≫ std (values 1000 + noise)", async () => {
   const shape = [2, 8, 16, 16], n = size(shape);

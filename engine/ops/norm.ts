@@ -7,6 +7,12 @@
  * see the kernel file for why). dx is one fused kernel; dweight and dbias (Σ g·x̂ and Σ g over everything but the
  * channel) come as [chunks, C] partial sums, either from that same dx kernel (per sample, on CPU-emulated
  * adapters: no extra pass over x and g) or from a partial-sum kernel, then one small kernel sums the chunks.
+ *
+ * `groupNormSilu` is silu(groupNorm(x)) from the same kernels (the UNet blocks' norm → SiLU): the forward
+ * writes the activation directly, and the backward multiplies g by silu'(pre) inside the dx kernel, which
+ * recomputes the pre-activation from x and the statistics it reads anyway; only where the parameter gradients
+ * come from the separate partial-sum kernel (real GPUs, short rows, or x without a gradient) does the forward
+ * also save the pre-activation and the backward take g·silu'(pre) as one elementwise pass first.
  */
 
 import {
@@ -20,9 +26,10 @@ import {
   rowNormParamSum,
   samplesSummedInKernel,
 } from "../../kernels/norm.ts";
-import { record, sameDevice, type Shape, sizeOf, Tensor } from "../tensor.ts";
+import { bin, inp, un } from "../../kernels/elementwise.ts";
+import { isGradEnabled, record, sameDevice, type Shape, sizeOf, Tensor } from "../tensor.ts";
 import { fmt, sameShape } from "../shape.ts";
-import { reduceRaw, view } from "./core.ts";
+import { map, reduceRaw, view } from "./core.ts";
 
 /** Optional affine parameters, `null` and `undefined` meaning absent, as in PyTorch. */
 type Maybe = Tensor | null | undefined;
@@ -43,8 +50,21 @@ function checkParam(op: string, name: string, t: Maybe, want: Shape, x: Tensor) 
   }
 }
 
-/** Runs the forward kernel and attaches the backward. */
-function rowNormOp(op: string, x: Tensor, plan: NormPlan, weight: Maybe, bias: Maybe, eps: number): Tensor {
+/**
+ * Runs the forward kernel and attaches the backward. With `silu` the output is silu(norm(x)) from the same
+ * kernel; its backward takes silu' inside the dx kernel (recomputing the pre-activation from x and the
+ * statistics) where that kernel also gives the parameter gradients (`fusedParamPartials`) or none are needed,
+ * and otherwise multiplies g by silu' of a pre-activation the forward saved.
+ */
+function rowNormOp(
+  op: string,
+  x: Tensor,
+  plan: NormPlan,
+  weight: Maybe,
+  bias: Maybe,
+  eps: number,
+  silu = false,
+): Tensor {
   if (!(x instanceof Tensor)) throw new Error(`${op}: expected a Tensor input`);
   if (!(eps >= 0)) throw new Error(`${op}: eps must be a non-negative number, got ${eps}`);
   checkParam(op, "weight", weight, plan.paramShape, x);
@@ -53,38 +73,53 @@ function rowNormOp(op: string, x: Tensor, plan: NormPlan, weight: Maybe, bias: M
   const params = [w, b].filter((t): t is Tensor => t !== null);
   const device = sameDevice(op, x, ...params);
   const { layout } = plan;
+  const needW = w?.requiresGrad ?? false, needB = b?.requiresGrad ?? false;
+  const taped = isGradEnabled() && (x.requiresGrad || needW || needB);
+  const siluInKernel = x.requiresGrad &&
+    (!(needW || needB) || fusedParamPartials(layout, device.info.isCpuEmulated));
   const y = Tensor.empty(x.shape, device);
+  const pre = silu && taped && !siluInKernel ? Tensor.empty(x.shape, device) : null;
   const shiftedMean = Tensor.empty([layout.rows], device), rstd = Tensor.empty([layout.rows], device);
   device.run(
     rowNorm,
-    { ...layout, hasWeight: w !== null, hasBias: b !== null, eps },
+    { ...layout, hasWeight: w !== null, hasBias: b !== null, eps, silu, savePre: pre !== null },
     [x.storage, ...params.map((t) => t.storage)],
-    [y.storage, shiftedMean.storage, rstd.storage],
+    [y.storage, shiftedMean.storage, rstd.storage, ...(pre ? [pre.storage] : [])],
   );
-  const out = record(y, op, [x, ...params], (g) => {
-    const needW = w?.requiresGrad ?? false, needB = b?.requiresGrad ?? false;
+  const out = record(y, op, [x, ...params], (gOut) => {
+    // Without silu in the kernels: the gradient of the normalized output, g·silu'(pre).
+    const g = pre ? map(bin("mul", inp(0), un("siluGrad", inp(1))), [gOut, pre]) : gOut;
+    const siluGrad = silu && !pre;
     let dx: Tensor | null = null, dw: Tensor | null = null, db: Tensor | null = null;
-    if (x.requiresGrad && (needW || needB) && fusedParamPartials(layout, device.info.isCpuEmulated)) {
-      [dx, dw, db] = fusedGrads(x, g, shiftedMean, rstd, w, plan);
+    if (siluGrad && !(needW || needB)) {
+      dx = normInputGrad(x, g, shiftedMean, rstd, w, b, layout, true);
+    } else if (
+      x.requiresGrad && (needW || needB) &&
+      (siluGrad || fusedParamPartials(layout, device.info.isCpuEmulated))
+    ) {
+      [dx, dw, db] = fusedGrads(x, g, shiftedMean, rstd, w, b, plan, siluGrad);
       if (!needW) dw = disposed(dw);
       if (!needB) db = disposed(db);
     } else {
-      dx = x.requiresGrad ? normInputGrad(x, g, shiftedMean, rstd, w, layout) : null;
+      dx = x.requiresGrad ? normInputGrad(x, g, shiftedMean, rstd, w, null, layout, false) : null;
       // dbias alone is a plain sum of g; with dweight it comes from the same pass.
       [dw, db] = needW
         ? paramGrads(x, g, shiftedMean, rstd, plan, needB)
         : [null, needB ? channelSum(g, plan) : null];
     }
+    if (g !== gOut) g.dispose();
     const grads: (Tensor | null)[] = [dx];
     if (w) grads.push(dw);
     if (b) grads.push(db);
     shiftedMean.dispose();
     rstd.dispose();
+    pre?.dispose();
     return grads;
   });
   if (!out.requiresGrad) {
     shiftedMean.dispose();
     rstd.dispose();
+    pre?.dispose();
   }
   return out;
 }
@@ -94,19 +129,25 @@ function disposed(t: Tensor): null {
   return null;
 }
 
+/** dx alone; with `silu`, g is the gradient of silu(pre) and the bias (if any) is needed for pre. */
 function normInputGrad(
   x: Tensor,
   g: Tensor,
   shiftedMean: Tensor,
   rstd: Tensor,
   w: Tensor | null,
+  b: Tensor | null,
   layout: RowLayout,
+  silu: boolean,
 ) {
   const dx = Tensor.empty(x.shape, x.device);
-  const inputs = [x, g, shiftedMean, rstd, ...(w ? [w] : [])];
-  x.device.run(rowNormBackward, { ...layout, hasWeight: w !== null }, inputs.map((t) => t.storage), [
-    dx.storage,
-  ]);
+  const inputs = [x, g, shiftedMean, rstd, ...(w ? [w] : []), ...(silu && b ? [b] : [])];
+  x.device.run(
+    rowNormBackward,
+    { ...layout, hasWeight: w !== null, silu, hasBias: silu && b !== null },
+    inputs.map((t) => t.storage),
+    [dx.storage],
+  );
   return dx;
 }
 
@@ -152,17 +193,19 @@ function fusedGrads(
   shiftedMean: Tensor,
   rstd: Tensor,
   w: Tensor | null,
+  b: Tensor | null,
   plan: NormPlan,
+  silu: boolean,
 ): [Tensor, Tensor, Tensor] {
   const { layout } = plan;
   const outer = layout.rows / layout.groups, partialShape = [outer, plan.channelView[1]];
   const dx = Tensor.empty(x.shape, x.device);
   const pw = Tensor.empty(partialShape, x.device), pb = Tensor.empty(partialShape, x.device);
   const dw = Tensor.empty(plan.paramShape, x.device), db = Tensor.empty(plan.paramShape, x.device);
-  const inputs = [x, g, shiftedMean, rstd, ...(w ? [w] : [])];
+  const inputs = [x, g, shiftedMean, rstd, ...(w ? [w] : []), ...(silu && b ? [b] : [])];
   x.device.run(
     rowNormBackward,
-    { ...layout, hasWeight: w !== null, paramPartials: true },
+    { ...layout, hasWeight: w !== null, paramPartials: true, silu, hasBias: silu && b !== null },
     inputs.map((t) => t.storage),
     [dx, pw, pb, dw, db].map((t) => t.storage),
   );
@@ -196,30 +239,48 @@ function sumPartials(pw: Tensor, pb: Tensor, chunks: number, plan: NormPlan): [T
   return [dw, db];
 }
 
+/** The row layout of groupNorm over `x` with `numGroups` groups (validated). */
+function groupPlan(op: string, x: Tensor, numGroups: number): NormPlan {
+  if (!(x instanceof Tensor)) throw new Error(`${op}: expected a Tensor input`);
+  if (x.rank < 2) throw new Error(`${op}: input ${fmt(x.shape)} must be [N, C, ...spatial] (rank ≥ 2)`);
+  const [N, C] = x.shape;
+  if (!Number.isInteger(numGroups) || numGroups < 1) {
+    throw new Error(`${op}: numGroups must be a positive integer, got ${numGroups}`);
+  }
+  if (C % numGroups !== 0) {
+    throw new Error(
+      `${op}: the ${C} channels of input ${fmt(x.shape)} are not divisible by numGroups ${numGroups}`,
+    );
+  }
+  const spatial = sizeOf(x.shape.slice(2));
+  const channelsPerGroup = C / numGroups;
+  return {
+    layout: { rows: N * numGroups, groups: numGroups, channelsPerGroup, spatial },
+    channelView: [N, C, spatial],
+    paramShape: [C],
+  };
+}
+
 /**
  * F.group_norm: x [N, C, ...spatial] normalized over each group of C/numGroups channels (and all spatial
  * positions), then weight[c]·x̂ + bias[c] with weight and bias of shape [C].
  */
 export function groupNorm(x: Tensor, numGroups: number, weight?: Maybe, bias?: Maybe, eps = 1e-5): Tensor {
-  if (!(x instanceof Tensor)) throw new Error("groupNorm: expected a Tensor input");
-  if (x.rank < 2) throw new Error(`groupNorm: input ${fmt(x.shape)} must be [N, C, ...spatial] (rank ≥ 2)`);
-  const [N, C] = x.shape;
-  if (!Number.isInteger(numGroups) || numGroups < 1) {
-    throw new Error(`groupNorm: numGroups must be a positive integer, got ${numGroups}`);
-  }
-  if (C % numGroups !== 0) {
-    throw new Error(
-      `groupNorm: the ${C} channels of input ${fmt(x.shape)} are not divisible by numGroups ${numGroups}`,
-    );
-  }
-  const spatial = sizeOf(x.shape.slice(2));
-  const channelsPerGroup = C / numGroups;
-  const plan: NormPlan = {
-    layout: { rows: N * numGroups, groups: numGroups, channelsPerGroup, spatial },
-    channelView: [N, C, spatial],
-    paramShape: [C],
-  };
-  return rowNormOp("groupNorm", x, plan, weight, bias, eps);
+  return rowNormOp("groupNorm", x, groupPlan("groupNorm", x, numGroups), weight, bias, eps);
+}
+
+/**
+ * `silu(groupNorm(x, numGroups, weight, bias, eps))` in one kernel, and its backward without a pass for the
+ * activation (the UNet blocks' norm → SiLU).
+ */
+export function groupNormSilu(
+  x: Tensor,
+  numGroups: number,
+  weight?: Maybe,
+  bias?: Maybe,
+  eps = 1e-5,
+): Tensor {
+  return rowNormOp("groupNormSilu", x, groupPlan("groupNormSilu", x, numGroups), weight, bias, eps, true);
 }
 
 /**
