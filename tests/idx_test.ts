@@ -202,18 +202,33 @@ test("FashionNet: the build refuses to overwrite without force and to write belo
   loaded.dispose();
 });
 
-test("train: Fashion-MNIST runs default to the grey 28×28 network and its training options; given ones win", async () => {
+test("train: Fashion-MNIST runs default to the grey 28×28 class-conditional network and its training options; given ones win", async () => {
   const cfg = await parseTrainConfig({ data: { kind: "fashion-mnist" } });
   assertEquals(
     [cfg.network.imgResolution, cfg.network.inChannels, cfg.network.channelMult, cfg.network.attnResolutions],
     [28, 1, [1, 2, 2], [7]],
   );
-  assertEquals([cfg.batch, cfg.lr, cfg.emaHalfLifeKimg], [16, 5e-3, 1]);
-  const padded = await parseTrainConfig({ data: { kind: "fashion-mnist", resolution: 32 }, batch: 8 });
-  assertEquals([padded.network.imgResolution, padded.network.attnResolutions, padded.batch], [32, [8], 8]);
+  // Conditioned on the 10 garment classes, the number the Trainer checks against the data's.
+  assertEquals(cfg.network.labelDim, 10);
+  assertEquals([cfg.batch, cfg.lr, cfg.emaHalfLifeKimg, cfg.kimg, cfg.pMean], [16, 5e-3, 1, 10, -0.4]);
+  const padded = await parseTrainConfig({
+    data: { kind: "fashion-mnist", resolution: 32 },
+    batch: 8,
+    kimg: 2,
+  });
+  assertEquals(
+    [
+      padded.network.imgResolution,
+      padded.network.attnResolutions,
+      padded.network.labelDim,
+      padded.batch,
+      padded.kimg,
+    ],
+    [32, [8], 10, 8, 2],
+  );
   // Other data keep the shapes' defaults.
   const shapes = await parseTrainConfig({});
-  assertEquals([shapes.network.inChannels, shapes.batch], [3, 32]);
+  assertEquals([shapes.network.inChannels, shapes.network.labelDim, shapes.batch], [3, 5, 32]);
 });
 
 test("shipped FashionNet: its recorded t10k accuracy is at least the bar, with its options and architecture", async () => {
