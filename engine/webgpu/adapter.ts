@@ -14,6 +14,20 @@ function detectApi(): string {
   const forced = Deno.env.get("DENO_WEBGPU_BACKEND");
   if (forced) return `${forced} (DENO_WEBGPU_BACKEND)`;
   if (Deno.build.os !== "linux") return "native default";
+  // The Vulkan loader reads only the drivers these variables list when one is set (VK_DRIVER_FILES is the
+  // newer name of VK_ICD_FILENAMES).
+  for (const name of ["VK_DRIVER_FILES", "VK_ICD_FILENAMES"]) {
+    const list = Deno.env.get(name);
+    if (!list) continue;
+    const found = list.split(":").some((f) => {
+      try {
+        return Deno.statSync(f).isFile;
+      } catch {
+        return false;
+      }
+    });
+    return found ? `vulkan (${name})` : `gl (${name} lists no driver that exists)`;
+  }
   for (const dir of ["/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d"]) {
     try {
       for (const e of Deno.readDirSync(dir)) {
