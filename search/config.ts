@@ -81,7 +81,7 @@ export const DdsmSettingsSchema = z.strictObject({
   // null: train one with the sandwich rule in this search (saved in the run folder as supernet.safetensors).
   supernet: z.string().min(1).nullable().default(null),
   // Thousands of training images of the supernet trained here (sandwich rule: three widths per batch).
-  supernetKimg: positive.max(100000).default(2),
+  supernetKimg: positive.max(100000).default(6),
   // Images per supernet optimizer step.
   supernetBatch: z.number().int().min(1).max(4096).default(32),
   // Held-out images of the step-importance profile (loss of each width at each σ of the sampler's grid).
@@ -89,17 +89,19 @@ export const DdsmSettingsSchema = z.strictObject({
   // Individuals per generation (pymoo pop_size).
   population: z.number().int().min(2).max(1000).default(8),
   // Generations after the initial population.
-  generations: z.number().int().min(0).max(10000).default(4),
+  generations: z.number().int().min(0).max(10000).default(3),
   // Probability that a child's gene (one step's width) is redrawn.
   mutationRate: z.number().min(0).max(1).default(0.1),
   // Weight of the proxy FID in the fitness.
   fidWeight: z.number().min(0).finite().default(1),
-  // Weight of the average MACs per network evaluation, in millions, in the fitness.
-  macsWeight: z.number().min(0).finite().default(1),
+  // Weight of the average MACs per network evaluation, in millions, in the fitness. Default: the official
+  // rate (macs_weight 0.001 per M of its 6070 M network: width 1 everywhere costs 6.07 FID) rescaled to the
+  // default network's 19.0 M, 6.07 / 19.0.
+  macsWeight: z.number().min(0).finite().default(0.32),
   // Switch-at-step-k schedules (two widths) evaluated for the comparison: those closest in MACs to the best.
   switchCandidates: z.number().int().min(0).max(100).default(3),
-  // Images of the FID-n of the best, the best switch and the uniform schedules (0: none).
-  fidN: z.number().int().min(0).max(100000).default(256),
+  // Images of the FID-n of the best, the best switch, width 1 and the nearest uniform schedule (0: none).
+  fidN: z.number().int().min(0).max(100000).default(2048),
 });
 
 /** How the weight λ of the block-distillation term changes with training progress τ ∈ [0, 1]. */
@@ -124,7 +126,7 @@ export const DistillSettingsSchema = z.strictObject({
   // Images per optimizer step of the teacher, the supernet and every retraining.
   batch: z.number().int().min(1).max(4096).default(32),
   // Thousands of images of the block-wise supernet distillation (one candidate per block per step).
-  supernetKimg: positive.max(100000).default(2),
+  supernetKimg: positive.max(100000).default(6),
   // Adam learning rate of the supernet and of the retrainings, after a warm-up of a twelfth of each run.
   lr: positive.max(1).default(5e-3),
   // Width ratios of a block's residual branches (hidden channels round(w·C); inputs and outputs stay full).

@@ -538,7 +538,17 @@ export async function runDdsmSearch(
     const switchGenome = bestSwitch
       ? (bestSwitch.spec as { widths: number[] }).widths.map((w) => widths.indexOf(w))
       : null;
-    const fids = await fidOf(sc, [best, ...(switchGenome ? [switchGenome] : []), ...uniform]);
+    // The uniform schedule the GA's best is measured against: the nearest in average MACs below width 1
+    // (width 1 is the quality reference, not a competitor).
+    const nearest = nearestUniform(bestMacs, macsAt);
+    // FID-n of what the comparison needs (an FID-2048 of width 1 costs minutes here): the GA's best, the best
+    // switch, width 1 and the nearest uniform schedule.
+    const fids = await fidOf(sc, [
+      best,
+      ...(switchGenome ? [switchGenome] : []),
+      uniform[0],
+      uniform[nearest],
+    ]);
 
     const trials = await storage.listTrials();
     const trialOf = (g: Genome) => trials.find((t) => t.key === genomeKey(g));
@@ -562,6 +572,11 @@ export async function runDdsmSearch(
       };
     });
     const bestRow = rows[0];
+    const verdict = doneWhen(
+      bestRow,
+      rows[rows.length - uniform.length],
+      rows[rows.length - uniform.length + nearest],
+    );
     await writeTextAtomic(
       `${dir}/schedule.json`,
       JSON.stringify(
@@ -576,6 +591,7 @@ export async function runDdsmSearch(
           fid: bestRow.fid,
           fidName: bestRow.fidName,
           fitness: ga.best.fitness,
+          verdict,
           comparison: rows,
           history: ga.history,
           supernet: supernet.source,
@@ -619,7 +635,7 @@ export async function runDdsmSearch(
           points: points.filter((p) => p.best !== null).map((p) => ({ trial: p.index, best: p.best! })),
         })),
         grids,
-        sections: ddsmSections(rows, profile, ga.history, sigmas, macsAt, supernet.source),
+        sections: ddsmSections(rows, verdict, profile, ga.history, sigmas, macsAt, supernet.source),
       } satisfies ReportInput,
     );
     emit({ type: "stop", reason: stoppedBy });
@@ -630,7 +646,7 @@ export async function runDdsmSearch(
       stoppedBy,
       reportHtml: report.html,
       reportJson: report.json,
-      summary: summaryTable(rows),
+      summary: summaryTable(rows) + "\n" + verdictLine(verdict),
       seconds: (performance.now() - t0) / 1000,
       best: { widths: bestRow.widths, macs: bestRow.macs, proxyFid: bestRow.proxyFid },
     };
@@ -654,6 +670,60 @@ export async function runDdsmSearch(
     await storage?.close();
     if (device && !opts.device) device.destroy();
   }
+}
+
+/**
+ * Index of the uniform schedule (a width index > 0) whose average MACs are nearest to `macs`: the schedule of
+ * about the same cost that the GA's best must beat.
+ */
+export function nearestUniform(macs: number, macsAt: readonly number[]): number {
+  let best = 1;
+  for (let j = 2; j < macsAt.length; j++) {
+    if (Math.abs(macsAt[j] - macs) < Math.abs(macsAt[best] - macs)) best = j;
+  }
+  return best;
+}
+
+/** The issue's acceptance test of a found schedule, on the FID-n of the comparison (null: no FID-n). */
+export interface DdsmVerdict {
+  /** MACs saved against width 1 everywhere (fraction). */
+  saving: number;
+  /** FID-n of the GA's best over that of width 1 (≤ 1.05 passes). */
+  fidRatio: number | null;
+  /** The uniform schedule of the nearest average MACs (below width 1). */
+  nearestUniform: string;
+  /** Its FID-n. */
+  nearestUniformFid: number | null;
+  /** At least 40% saved, FID-n within 5% of width 1's and below the nearest uniform schedule's. */
+  met: boolean | null;
+}
+
+/** The verdict of the best row against width 1 (`full`) and the nearest uniform row. */
+export function doneWhen(
+  best: ComparisonRow,
+  full: ComparisonRow,
+  nearest: ComparisonRow,
+): DdsmVerdict {
+  const fidRatio = best.fid !== null && full.fid !== null ? best.fid / full.fid : null;
+  const met = fidRatio === null || nearest.fid === null
+    ? null
+    : best.saving >= 0.4 && fidRatio <= 1.05 && best.fid! < nearest.fid;
+  return {
+    saving: best.saving,
+    fidRatio,
+    nearestUniform: nearest.label,
+    nearestUniformFid: nearest.fid,
+    met,
+  };
+}
+
+function verdictLine(v: DdsmVerdict): string {
+  if (v.met === null) return `saving ${(100 * v.saving).toFixed(1)}% (no FID-n: fidN 0)`;
+  return `saving ${(100 * v.saving).toFixed(1)}% (target ≥ 40%), FID-n ${
+    (100 * (v.fidRatio! - 1)).toFixed(1)
+  }% against width 1 (target ≤ +5%), nearest uniform ${v.nearestUniform} FID-n ${
+    v.nearestUniformFid!.toFixed(3)
+  }: ${v.met ? "targets met" : "targets not met"}`;
 }
 
 function meanOf(trials: readonly Trial[]): number | null {
@@ -693,6 +763,7 @@ function summaryTable(rows: readonly ComparisonRow[]): string {
 /** The report's DDSM sections: the schedule, the comparison, the profile and the GA's history. */
 function ddsmSections(
   rows: readonly ComparisonRow[],
+  verdict: DdsmVerdict,
   profile: StepProfile,
   history: readonly GenerationRecord[],
   sigmas: readonly number[],
@@ -741,7 +812,8 @@ function ddsmSections(
       text: `Supernet ${source}. The GA's best schedule runs at ${(best.macs / 1e6).toFixed(3)} M MACs per ` +
         `network evaluation on average, against ${(macsAt[0] / 1e6).toFixed(3)} M at width 1 everywhere ` +
         `(${(100 * best.saving).toFixed(1)}% saved). The switch schedule is the best two-width "switch at ` +
-        `step k" schedule among those closest in average MACs to the GA's best.`,
+        `step k" schedule among those closest in average MACs to the GA's best. FID-n is measured for the ` +
+        `GA's best, that switch, width 1 and the uniform schedule nearest in MACs; ${verdictLine(verdict)}.`,
       table: {
         columns: ["schedule", "MACs/eval (M)", "saving", "proxy FID", "FID-n", "fitness", "widths per step"],
         rows: rows.map((r) => [
