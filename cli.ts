@@ -575,7 +575,7 @@ program
     num,
   )
   .option("--population <n>", "ddsm: GA population (default 8)", num)
-  .option("--generations <n>", "ddsm: GA generations after the initial population (default 3)", num)
+  .option("--generations <n>", "ddsm: GA generations after the initial population (default 2)", num)
   .option("--mutation-rate <p>", "ddsm: probability that a step's width is redrawn (default 0.1)", num)
   .option("--fid-weight <x>", "ddsm: weight of the proxy FID in the fitness (default 1)", num)
   .option(

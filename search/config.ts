@@ -89,7 +89,11 @@ export const DdsmSettingsSchema = z.strictObject({
   // Individuals per generation (pymoo pop_size).
   population: z.number().int().min(2).max(1000).default(8),
   // Generations after the initial population.
-  generations: z.number().int().min(0).max(10000).default(3),
+  generations: z.number().int().min(0).max(10000).default(2),
+  // Tolerances δ of the profile genomes in the initial population (after the four uniform ones): per step
+  // the fewest-MACs width whose profile loss is within (1 + δ) of width 1's. The official search starts from
+  // the uniform schedules and random ones over 50 × 10 evaluations; with ~30 here random genomes are wasted.
+  profileSeeds: z.array(z.number().min(0).max(100)).max(64).default([0.05, 0.1, 0.2]),
   // Probability that a child's gene (one step's width) is redrawn.
   mutationRate: z.number().min(0).max(1).default(0.1),
   // Weight of the proxy FID in the fitness.

@@ -7,7 +7,8 @@
  *     profile  ← the EDM loss of each width at each σ of the sampler's grid, on held-out images with fixed
  *                noise (the step-importance profile, profile.json)
  *     GA       ← search/ga.ts over genomes of one width per Heun step (both evaluations of a step use its
- *                width): fitness = fidWeight · proxy FID + macsWeight · average MACs (millions) per network
+ *                width), started from the uniform genomes, genomes read off the profile (per step the
+ *                cheapest width within (1 + δ) of width 1's loss) and random ones: fitness = fidWeight · proxy FID + macsWeight · average MACs (millions) per network
  *                evaluation actually made; every genome is a trial of the search memory (key = genome), so a
  *                resumed search replays the GA from the memory and computes only what is missing
  *     compare  ← the uniform schedules and the best "switch at step k" two-width schedule of about the same
@@ -102,6 +103,20 @@ export function genomeSchedule(
   widths: readonly number[],
 ): WidthSchedule & { by: "step" } {
   return { by: "step", widths: genome.map((g) => widths[g]) };
+}
+
+/**
+ * The genome the step-importance profile suggests at tolerance δ: per step the width of fewest MACs whose
+ * loss is within (1 + δ) of width index 0's (the full width) at that step's σ.
+ */
+export function profileGenome(profile: StepProfile, macsAt: readonly number[], delta: number): Genome {
+  return profile.sigmas.map((_, i) => {
+    let best = 0;
+    for (let j = 1; j < macsAt.length; j++) {
+      if (profile.loss[j][i] <= (1 + delta) * profile.loss[0][i] && macsAt[j] < macsAt[best]) best = j;
+    }
+    return best;
+  });
 }
 
 /** Every two-width schedule "width a for steps < k, width b from step k on" (a ≠ b, 1 ≤ k < steps). */
@@ -510,6 +525,7 @@ export async function runDdsmSearch(
         generations: d.generations,
         mutationRate: d.mutationRate,
         seed: cfg.seed,
+        seeds: d.profileSeeds.map((delta) => profileGenome(profile, macsAt, delta)),
       },
       async (g) => fitnessOf(await scoreGenome(sc, g, GA_PROPOSER), d),
       {
@@ -732,7 +748,7 @@ function meanOf(trials: readonly Trial[]): number | null {
 }
 
 /** One row of the comparison. */
-interface ComparisonRow {
+export interface ComparisonRow {
   label: string;
   widths: number[];
   macs: number;

@@ -27,9 +27,11 @@ import {
 import {
   averageMacs,
   datasetSlice,
+  doneWhen,
   GA_PROPOSER,
   heunEvaluations,
   macsPerWidth,
+  nearestUniform,
   runDdsmSearch,
   SUPERNET_FILE,
   switchGenomes,
@@ -223,6 +225,37 @@ Deno.test("ddsm macs: average MACs per Heun evaluation, against hand-computed va
   assertEquals(averageMacs([0, 0, 3], per), (4 * per[0] + per[3]) / 5);
 });
 
+Deno.test("ddsm verdict: the nearest uniform schedule below width 1 and the done-when test", () => {
+  // The default network's MACs per width (M): 18.99, 13.26, 4.88, 2.36.
+  const macsAt = [18.99, 13.26, 4.88, 2.36];
+  assertEquals(nearestUniform(11, macsAt), 1);
+  assertEquals(nearestUniform(8, macsAt), 2);
+  assertEquals(nearestUniform(3, macsAt), 3);
+  // Width 1 is never the competitor, even for a schedule that costs as much.
+  assertEquals(nearestUniform(18.99, macsAt), 1);
+  const row = (label: string, saving: number, fid: number | null) => ({
+    label,
+    widths: [],
+    macs: 0,
+    saving,
+    proxyFid: 0,
+    fid,
+    fidName: fid === null ? null : "FID-2048",
+    fitness: 0,
+  });
+  const full = row("uniform 1", 0, 20);
+  const v = doneWhen(row("GA best", 0.45, 20.9), full, row("uniform 0.75", 0.3, 22));
+  assertEquals(v.met, true);
+  assert(Math.abs(v.fidRatio! - 1.045) < 1e-12);
+  assertEquals(v.nearestUniform, "uniform 0.75");
+  // Each target fails on its own: the saving, the 5% margin, the nearest uniform schedule.
+  assertEquals(doneWhen(row("GA best", 0.39, 20), full, row("uniform 0.75", 0.3, 22)).met, false);
+  assertEquals(doneWhen(row("GA best", 0.45, 21.1), full, row("uniform 0.75", 0.3, 22)).met, false);
+  assertEquals(doneWhen(row("GA best", 0.45, 20.5), full, row("uniform 0.75", 0.3, 20.4)).met, false);
+  // Without FID-n there is no verdict.
+  assertEquals(doneWhen(row("GA best", 0.45, null), full, row("uniform 0.75", 0.3, null)).met, null);
+});
+
 Deno.test("ddsm: switch schedules and data slices", async () => {
   const sw = switchGenomes(4, 4);
   assertEquals(sw.length, 4 * 3 * 3);
@@ -307,7 +340,15 @@ async function checkFinished(
   const rows = schedule.comparison as { label: string; fid: number | null; fidName: string }[];
   assertEquals(rows.map((r) => r.label).filter((l) => l.startsWith("uniform")).length, 4);
   assert(rows.some((r) => r.label.startsWith("best switch")));
-  for (const r of rows) assertEquals(r.fidName, fidName);
+  // FID-n of the GA's best, the best switch, width 1 and the nearest uniform schedule (the others have none
+  // unless their genome is one of these).
+  const verdict = schedule.verdict as { nearestUniform: string; met: boolean | null };
+  const measured = ["GA best", "uniform 1", verdict.nearestUniform];
+  for (const r of rows) {
+    if (measured.includes(r.label) || r.label.startsWith("best switch")) assertEquals(r.fidName, fidName);
+  }
+  assert(verdict.nearestUniform !== "uniform 1" && verdict.nearestUniform.startsWith("uniform"));
+  assertEquals(verdict.met === null, fidName === null);
   const profile = JSON.parse(await Deno.readTextFile(`${dir}/profile.json`));
   assertEquals(profile.loss.length, 4);
   for (const l of profile.loss) assertEquals(l.length, 4);
