@@ -566,7 +566,8 @@ program
   .option("--fid-n <n>", "distill, ddsm: images of the final FIDs (default 2048)", num)
   .option(
     "--supernet <dir>",
-    "ddsm: trained slimmable network (a train run folder or checkpoint); default: train one with the " +
+    "ddsm: trained slimmable network (a train run folder, checkpoint or another ddsm search's " +
+      "supernet.safetensors); default: train one with the " +
       "sandwich rule (--supernet-kimg)",
   )
   .option(

@@ -77,7 +77,8 @@ export const QueueSchema = z.strictObject({
  * switch schedules and six FID-256) follows.
  */
 export const DdsmSettingsSchema = z.strictObject({
-  // Trained supernet to use: a `deno task train` run folder (its latest checkpoint) or a checkpoint folder;
+  // Trained supernet to use: a `deno task train` run folder (its latest checkpoint), a checkpoint folder or
+  // another DDSM search's supernet.safetensors (the base network of the data);
   // null: train one with the sandwich rule in this search (saved in the run folder as supernet.safetensors).
   supernet: z.string().min(1).nullable().default(null),
   // Thousands of training images of the supernet trained here (sandwich rule: three widths per batch).

@@ -201,6 +201,21 @@ export async function loadSupernetCheckpoint(
 }
 
 /**
+ * Loads a supernet saved by another DDSM search (its `supernet.safetensors`: EMA weights of the base network
+ * of the data, trained with σ_data 0.5).
+ */
+export async function loadSupernetFile(path: string, spec: UNetSpec, device: Device): Promise<Supernet> {
+  const net = new UNet(spec, { device }).eval();
+  try {
+    await net.loadSafetensors(path);
+  } catch (e) {
+    net.dispose();
+    throw new UsageError(`--supernet ${path}: ${(e as Error).message}`);
+  }
+  return { net, sigmaData: parseTrainerConfig({ network: spec }).sigmaData, source: path };
+}
+
+/**
  * The supernet trained by this search: loaded from the run folder when a previous run saved it, else trained
  * with the sandwich rule on `train` (the warm-up and EMA half-life scaled to its length like a search
  * candidate's) and saved there. A run killed while training it trains it again from the start.
@@ -455,7 +470,9 @@ export async function runDdsmSearch(
       trials: budget,
       memory: opened.label,
     });
-    supernet = d.supernet
+    supernet = d.supernet?.endsWith(".safetensors")
+      ? await loadSupernetFile(d.supernet, baseNetwork(dataset), device)
+      : d.supernet
       ? await loadSupernetCheckpoint(d.supernet, device)
       : await trainedSupernet(cfg, baseNetwork(dataset), train, device, emit, opts.signal);
     if (d.supernet) emit({ type: "supernet", nimg: 0, totalNimg: 0, loaded: supernet.source });
