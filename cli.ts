@@ -576,12 +576,12 @@ program
     num,
   )
   .option("--population <n>", "ddsm: GA population (default 8)", num)
-  .option("--generations <n>", "ddsm: GA generations after the initial population (default 2)", num)
+  .option("--generations <n>", "ddsm: GA generations after the initial population (default 1)", num)
   .option("--mutation-rate <p>", "ddsm: probability that a step's width is redrawn (default 0.1)", num)
   .option("--fid-weight <x>", "ddsm: weight of the proxy FID in the fitness (default 1)", num)
   .option(
     "--macs-weight <x>",
-    "ddsm: weight of the average MACs (millions) in the fitness (default 0.32)",
+    "ddsm: weight of the average MACs (millions) in the fitness (default 0.4)",
     num,
   )
   .option("--proxy-steps <n>", "Heun steps of the proxy's sampler (ddsm: genes per genome; default 18)", num)
