@@ -754,9 +754,9 @@ function verdictLine(v: DdsmVerdict): string {
   if (v.met === null) return `saving ${(100 * v.saving).toFixed(1)}% (no FID-n: fidN 0)`;
   return `saving ${(100 * v.saving).toFixed(1)}% (target ≥ 40%), FID-n ${
     (100 * (v.fidRatio! - 1)).toFixed(1)
-  }% against width 1 (target ≤ +5%), nearest uniform ${v.nearestUniform} FID-n ${
+  }% against width 1 (target ≤ +5%), the nearest uniform schedule (${v.nearestUniform} FID-n ${
     v.nearestUniformFid!.toFixed(3)
-  }: ${v.met ? "targets met" : "targets not met"}`;
+  }): ${v.met ? "targets met" : "targets not met"}`;
 }
 
 function meanOf(trials: readonly Trial[]): number | null {
