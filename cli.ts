@@ -565,22 +565,27 @@ program
   )
   .option("--lambda <x>", "distill: λ(0) of the block-distillation term of the joint loss (default 1)", num)
   .option("--lambda-schedule <name>", "distill: linear, cosine (default), constant or zero")
-  .option("--fid-n <n>", "distill: images of the teacher's and the student's FID (default 2048)", num)
+  .option("--fid-n <n>", "distill, ddsm: images of the final FIDs (default 2048)", num)
   .option(
     "--supernet <dir>",
-    "ddsm: trained slimmable network (a train run folder or checkpoint); default: train one with the " +
+    "ddsm: trained slimmable network (a train run folder, checkpoint or another ddsm search's " +
+      "supernet.safetensors); default: train one with the " +
       "sandwich rule (--supernet-kimg)",
   )
   .option(
     "--supernet-kimg <n>",
-    "ddsm, distill: thousands of images of the supernet trained here (default 2)",
+    "ddsm, distill: thousands of images of the supernet trained here (ddsm default 6, distill 2)",
     num,
   )
   .option("--population <n>", "ddsm: GA population (default 8)", num)
-  .option("--generations <n>", "ddsm: GA generations after the initial population (default 4)", num)
+  .option("--generations <n>", "ddsm: GA generations after the initial population (default 1)", num)
   .option("--mutation-rate <p>", "ddsm: probability that a step's width is redrawn (default 0.1)", num)
   .option("--fid-weight <x>", "ddsm: weight of the proxy FID in the fitness (default 1)", num)
-  .option("--macs-weight <x>", "ddsm: weight of the average MACs (millions) in the fitness (default 1)", num)
+  .option(
+    "--macs-weight <x>",
+    "ddsm: weight of the average MACs (millions) in the fitness (default 0.4)",
+    num,
+  )
   .option("--proxy-steps <n>", "Heun steps of the proxy's sampler (ddsm: genes per genome; default 18)", num)
   .option("--data <name>", DATA_FLAG)
   .option("--out <dir>", "run folder (default runs/search)")
@@ -708,22 +713,25 @@ program
           backend: opts.backend,
         }).filter(([, v]) => v !== undefined),
       );
+      // --supernet-kimg and --fid-n belong to both methods: to distill's settings when it is the method.
+      const isDistill = f.method === "distill" || opts.method === "distill";
       const distillFlags = Object.fromEntries(
         Object.entries({
           teacher: opts.teacher,
           teacherKimg: opts.teacherKimg,
-          supernetKimg: f.method === "distill" || opts.method === "distill" ? opts.supernetKimg : undefined,
+          supernetKimg: isDistill ? opts.supernetKimg : undefined,
           retrainKimg: opts.retrainKimg,
           delta: opts.delta,
           lambda: opts.lambda,
           schedule: opts.lambdaSchedule,
-          fidN: opts.fidN,
+          fidN: isDistill ? opts.fidN : undefined,
         }).filter(([, v]) => v !== undefined),
       );
       const ddsmFlags = Object.fromEntries(
         Object.entries({
           supernet: opts.supernet,
-          supernetKimg: "supernetKimg" in distillFlags ? undefined : opts.supernetKimg,
+          supernetKimg: isDistill ? undefined : opts.supernetKimg,
+          fidN: isDistill ? undefined : opts.fidN,
           population: opts.population,
           generations: opts.generations,
           mutationRate: opts.mutationRate,
@@ -736,7 +744,8 @@ program
       if (Object.keys(ddsmFlags).length) {
         if ((input.method ?? "diffnas") !== "ddsm") {
           const flag = Object.keys(ddsmFlags)[0].replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
-          throw new UsageError(`--${flag} needs --method ddsm`);
+          const shared = flag === "supernet-kimg" || flag === "fid-n";
+          throw new UsageError(`--${flag} needs --method ddsm${shared ? " or distill" : ""}`);
         }
         input.ddsm = { ...(f.ddsm as Record<string, unknown> ?? {}), ...ddsmFlags };
       }

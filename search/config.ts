@@ -72,17 +72,21 @@ export const QueueSchema = z.strictObject({
 });
 
 /**
- * DDSM's step-aware width search (search/ddsm.ts); used by method "ddsm". The defaults are sized for about 20
- * minutes on this machine (lavapipe, 16×16 default network): the sandwich supernet ~130 s per kimg, an RFID-128
- * at 18 Heun steps 23 s at width 1 and 7.5 s at 0.25; the GA stops at `minutes` (13) and the comparison (a few
- * switch schedules and six FID-256) follows.
+ * DDSM's step-aware width search (search/ddsm.ts); used by method "ddsm". Measured here with the defaults under
+ * a load average of 6–12 (other jobs on the two cores): the sandwich supernet, 6 kimg, 590 s (10 img/s; its
+ * step costs 2.2–3.0 plain steps); the profile 35–51 s; RFID-128 at 18 Heun steps 46 s at width 1, 37 s at
+ * 0.75, 20 s at 0.5 and 0.25 (42 s per genome of the GA on average); FID-2048 590 s at width 1, 331 s for a
+ * schedule at 60% of its MACs. On a quiet machine these take about half (the default network trains at
+ * ~82 img/s there, so the supernet ~3–4 min): the GA's 16 genomes and the 3 switches ~7 min, the four FID-2048
+ * ~9 min, about 20 minutes in all; the GA stops at `minutes` (13) where the machine is slower.
  */
 export const DdsmSettingsSchema = z.strictObject({
-  // Trained supernet to use: a `deno task train` run folder (its latest checkpoint) or a checkpoint folder;
+  // Trained supernet to use: a `deno task train` run folder (its latest checkpoint), a checkpoint folder or
+  // another DDSM search's supernet.safetensors (the base network of the data);
   // null: train one with the sandwich rule in this search (saved in the run folder as supernet.safetensors).
   supernet: z.string().min(1).nullable().default(null),
   // Thousands of training images of the supernet trained here (sandwich rule: three widths per batch).
-  supernetKimg: positive.max(100000).default(2),
+  supernetKimg: positive.max(100000).default(6),
   // Images per supernet optimizer step.
   supernetBatch: z.number().int().min(1).max(4096).default(32),
   // Held-out images of the step-importance profile (loss of each width at each σ of the sampler's grid).
@@ -90,17 +94,23 @@ export const DdsmSettingsSchema = z.strictObject({
   // Individuals per generation (pymoo pop_size).
   population: z.number().int().min(2).max(1000).default(8),
   // Generations after the initial population.
-  generations: z.number().int().min(0).max(10000).default(4),
+  generations: z.number().int().min(0).max(10000).default(1),
+  // Tolerances δ of the profile genomes in the initial population (after the four uniform ones): per step
+  // the fewest-MACs width whose profile loss is within (1 + δ) of width 1's. The official search starts from
+  // the uniform schedules and random ones over 50 × 10 evaluations; with ~30 here random genomes are wasted.
+  profileSeeds: z.array(z.number().min(0).max(100)).max(64).default([0.05, 0.1, 0.2]),
   // Probability that a child's gene (one step's width) is redrawn.
   mutationRate: z.number().min(0).max(1).default(0.1),
   // Weight of the proxy FID in the fitness.
   fidWeight: z.number().min(0).finite().default(1),
-  // Weight of the average MACs per network evaluation, in millions, in the fitness.
-  macsWeight: z.number().min(0).finite().default(1),
+  // Weight of the average MACs per network evaluation, in millions, in the fitness. The official rate
+  // (macs_weight 0.001 per M of a 6070 M network) rescaled to the default network's 19.0 M would be 0.32;
+  // on the measured front (README) that picks a 15%-saving switch, 0.34–0.47 picks the 40%-saving schedule.
+  macsWeight: z.number().min(0).finite().default(0.4),
   // Switch-at-step-k schedules (two widths) evaluated for the comparison: those closest in MACs to the best.
   switchCandidates: z.number().int().min(0).max(100).default(3),
-  // Images of the FID-n of the best, the best switch and the uniform schedules (0: none).
-  fidN: z.number().int().min(0).max(100000).default(256),
+  // Images of the FID-n of the best, the best switch, width 1 and the nearest uniform schedule (0: none).
+  fidN: z.number().int().min(0).max(100000).default(2048),
 });
 
 /** How the weight λ of the block-distillation term changes with training progress τ ∈ [0, 1]. */
@@ -126,7 +136,7 @@ export const DistillSettingsSchema = z.strictObject({
   // Images per optimizer step of the teacher, the supernet and every retraining.
   batch: z.number().int().min(1).max(4096).default(32),
   // Thousands of images of the block-wise supernet distillation (one candidate per block per step).
-  supernetKimg: positive.max(100000).default(2),
+  supernetKimg: positive.max(100000).default(6),
   // Adam learning rate of the supernet and of the retrainings, after a warm-up of a twelfth of each run.
   lr: positive.max(1).default(5e-3),
   // Width ratios of a block's residual branches (hidden channels round(w·C); inputs and outputs stay full).

@@ -7,7 +7,8 @@
  *     profile  ← the EDM loss of each width at each σ of the sampler's grid, on held-out images with fixed
  *                noise (the step-importance profile, profile.json)
  *     GA       ← search/ga.ts over genomes of one width per Heun step (both evaluations of a step use its
- *                width): fitness = fidWeight · proxy FID + macsWeight · average MACs (millions) per network
+ *                width), started from the uniform genomes, genomes read off the profile (per step the
+ *                cheapest width within (1 + δ) of width 1's loss) and random ones: fitness = fidWeight · proxy FID + macsWeight · average MACs (millions) per network
  *                evaluation actually made; every genome is a trial of the search memory (key = genome), so a
  *                resumed search replays the GA from the memory and computes only what is missing
  *     compare  ← the uniform schedules and the best "switch at step k" two-width schedule of about the same
@@ -104,6 +105,20 @@ export function genomeSchedule(
   return { by: "step", widths: genome.map((g) => widths[g]) };
 }
 
+/**
+ * The genome the step-importance profile suggests at tolerance δ: per step the width of fewest MACs whose
+ * loss is within (1 + δ) of width index 0's (the full width) at that step's σ.
+ */
+export function profileGenome(profile: StepProfile, macsAt: readonly number[], delta: number): Genome {
+  return profile.sigmas.map((_, i) => {
+    let best = 0;
+    for (let j = 1; j < macsAt.length; j++) {
+      if (profile.loss[j][i] <= (1 + delta) * profile.loss[0][i] && macsAt[j] < macsAt[best]) best = j;
+    }
+    return best;
+  });
+}
+
 /** Every two-width schedule "width a for steps < k, width b from step k on" (a ≠ b, 1 ≤ k < steps). */
 export function switchGenomes(steps: number, choices: number): Genome[] {
   const out: Genome[] = [];
@@ -183,6 +198,21 @@ export async function loadSupernetCheckpoint(
     throw e;
   }
   return { net, sigmaData: cfg.sigmaData, source: dir };
+}
+
+/**
+ * Loads a supernet saved by another DDSM search (its `supernet.safetensors`: EMA weights of the base network
+ * of the data, trained with σ_data 0.5).
+ */
+export async function loadSupernetFile(path: string, spec: UNetSpec, device: Device): Promise<Supernet> {
+  const net = new UNet(spec, { device }).eval();
+  try {
+    await net.loadSafetensors(path);
+  } catch (e) {
+    net.dispose();
+    throw new UsageError(`--supernet ${path}: ${(e as Error).message}`);
+  }
+  return { net, sigmaData: parseTrainerConfig({ network: spec }).sigmaData, source: path };
 }
 
 /**
@@ -440,7 +470,9 @@ export async function runDdsmSearch(
       trials: budget,
       memory: opened.label,
     });
-    supernet = d.supernet
+    supernet = d.supernet?.endsWith(".safetensors")
+      ? await loadSupernetFile(d.supernet, baseNetwork(dataset), device)
+      : d.supernet
       ? await loadSupernetCheckpoint(d.supernet, device)
       : await trainedSupernet(cfg, baseNetwork(dataset), train, device, emit, opts.signal);
     if (d.supernet) emit({ type: "supernet", nimg: 0, totalNimg: 0, loaded: supernet.source });
@@ -510,6 +542,7 @@ export async function runDdsmSearch(
         generations: d.generations,
         mutationRate: d.mutationRate,
         seed: cfg.seed,
+        seeds: d.profileSeeds.map((delta) => profileGenome(profile, macsAt, delta)),
       },
       async (g) => fitnessOf(await scoreGenome(sc, g, GA_PROPOSER), d),
       {
@@ -538,7 +571,17 @@ export async function runDdsmSearch(
     const switchGenome = bestSwitch
       ? (bestSwitch.spec as { widths: number[] }).widths.map((w) => widths.indexOf(w))
       : null;
-    const fids = await fidOf(sc, [best, ...(switchGenome ? [switchGenome] : []), ...uniform]);
+    // The uniform schedule the GA's best is measured against: the nearest in average MACs below width 1
+    // (width 1 is the quality reference, not a competitor).
+    const nearest = nearestUniform(bestMacs, macsAt);
+    // FID-n of what the comparison needs (an FID-2048 of width 1 costs minutes here): the GA's best, the best
+    // switch, width 1 and the nearest uniform schedule.
+    const fids = await fidOf(sc, [
+      best,
+      ...(switchGenome ? [switchGenome] : []),
+      uniform[0],
+      uniform[nearest],
+    ]);
 
     const trials = await storage.listTrials();
     const trialOf = (g: Genome) => trials.find((t) => t.key === genomeKey(g));
@@ -562,6 +605,11 @@ export async function runDdsmSearch(
       };
     });
     const bestRow = rows[0];
+    const verdict = doneWhen(
+      bestRow,
+      rows[rows.length - uniform.length],
+      rows[rows.length - uniform.length + nearest],
+    );
     await writeTextAtomic(
       `${dir}/schedule.json`,
       JSON.stringify(
@@ -576,6 +624,7 @@ export async function runDdsmSearch(
           fid: bestRow.fid,
           fidName: bestRow.fidName,
           fitness: ga.best.fitness,
+          verdict,
           comparison: rows,
           history: ga.history,
           supernet: supernet.source,
@@ -619,7 +668,7 @@ export async function runDdsmSearch(
           points: points.filter((p) => p.best !== null).map((p) => ({ trial: p.index, best: p.best! })),
         })),
         grids,
-        sections: ddsmSections(rows, profile, ga.history, sigmas, macsAt, supernet.source),
+        sections: ddsmSections(rows, verdict, profile, ga.history, sigmas, macsAt, supernet.source),
       } satisfies ReportInput,
     );
     emit({ type: "stop", reason: stoppedBy });
@@ -630,7 +679,7 @@ export async function runDdsmSearch(
       stoppedBy,
       reportHtml: report.html,
       reportJson: report.json,
-      summary: summaryTable(rows),
+      summary: summaryTable(rows) + "\n" + verdictLine(verdict),
       seconds: (performance.now() - t0) / 1000,
       best: { widths: bestRow.widths, macs: bestRow.macs, proxyFid: bestRow.proxyFid },
     };
@@ -656,13 +705,67 @@ export async function runDdsmSearch(
   }
 }
 
+/**
+ * Index of the uniform schedule (a width index > 0) whose average MACs are nearest to `macs`: the schedule of
+ * about the same cost that the GA's best must beat.
+ */
+export function nearestUniform(macs: number, macsAt: readonly number[]): number {
+  let best = 1;
+  for (let j = 2; j < macsAt.length; j++) {
+    if (Math.abs(macsAt[j] - macs) < Math.abs(macsAt[best] - macs)) best = j;
+  }
+  return best;
+}
+
+/** The issue's acceptance test of a found schedule, on the FID-n of the comparison (null: no FID-n). */
+export interface DdsmVerdict {
+  /** MACs saved against width 1 everywhere (fraction). */
+  saving: number;
+  /** FID-n of the GA's best over that of width 1 (≤ 1.05 passes). */
+  fidRatio: number | null;
+  /** The uniform schedule of the nearest average MACs (below width 1). */
+  nearestUniform: string;
+  /** Its FID-n. */
+  nearestUniformFid: number | null;
+  /** At least 40% saved, FID-n within 5% of width 1's and below the nearest uniform schedule's. */
+  met: boolean | null;
+}
+
+/** The verdict of the best row against width 1 (`full`) and the nearest uniform row. */
+export function doneWhen(
+  best: ComparisonRow,
+  full: ComparisonRow,
+  nearest: ComparisonRow,
+): DdsmVerdict {
+  const fidRatio = best.fid !== null && full.fid !== null ? best.fid / full.fid : null;
+  const met = fidRatio === null || nearest.fid === null
+    ? null
+    : best.saving >= 0.4 && fidRatio <= 1.05 && best.fid! < nearest.fid;
+  return {
+    saving: best.saving,
+    fidRatio,
+    nearestUniform: nearest.label,
+    nearestUniformFid: nearest.fid,
+    met,
+  };
+}
+
+function verdictLine(v: DdsmVerdict): string {
+  if (v.met === null) return `saving ${(100 * v.saving).toFixed(1)}% (no FID-n: fidN 0)`;
+  return `saving ${(100 * v.saving).toFixed(1)}% (target ≥ 40%), FID-n ${
+    (100 * (v.fidRatio! - 1)).toFixed(1)
+  }% against width 1 (target ≤ +5%), the nearest uniform schedule (${v.nearestUniform} FID-n ${
+    v.nearestUniformFid!.toFixed(3)
+  }): ${v.met ? "targets met" : "targets not met"}`;
+}
+
 function meanOf(trials: readonly Trial[]): number | null {
   const v = trials.map((t) => t.costs.proxySeconds).filter((x): x is number => x !== undefined);
   return v.length ? v.reduce((a, b) => a + b, 0) / v.length : null;
 }
 
 /** One row of the comparison. */
-interface ComparisonRow {
+export interface ComparisonRow {
   label: string;
   widths: number[];
   macs: number;
@@ -693,6 +796,7 @@ function summaryTable(rows: readonly ComparisonRow[]): string {
 /** The report's DDSM sections: the schedule, the comparison, the profile and the GA's history. */
 function ddsmSections(
   rows: readonly ComparisonRow[],
+  verdict: DdsmVerdict,
   profile: StepProfile,
   history: readonly GenerationRecord[],
   sigmas: readonly number[],
@@ -741,7 +845,8 @@ function ddsmSections(
       text: `Supernet ${source}. The GA's best schedule runs at ${(best.macs / 1e6).toFixed(3)} M MACs per ` +
         `network evaluation on average, against ${(macsAt[0] / 1e6).toFixed(3)} M at width 1 everywhere ` +
         `(${(100 * best.saving).toFixed(1)}% saved). The switch schedule is the best two-width "switch at ` +
-        `step k" schedule among those closest in average MACs to the GA's best.`,
+        `step k" schedule among those closest in average MACs to the GA's best. FID-n is measured for the ` +
+        `GA's best, that switch, width 1 and the uniform schedule nearest in MACs; ${verdictLine(verdict)}.`,
       table: {
         columns: ["schedule", "MACs/eval (M)", "saving", "proxy FID", "FID-n", "fitness", "widths per step"],
         rows: rows.map((r) => [

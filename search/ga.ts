@@ -10,7 +10,8 @@
  *     duplicates are eliminated: a child equal to another child or to a member of the population is redrawn
  *     population ← the best `population` of parents ∪ children (elitist survival; the best is never lost)
  *
- * The initial population is the uniform genomes (every step at one width) and random ones. Every random
+ * The initial population is the uniform genomes (every step at one width), the caller's seed genomes (DDSM
+ * here: genomes read off the step-importance profile) and random ones. Every random
  * choice comes from an `Rng` seeded by (seed, generation), and the fitness of a genome is looked up by its key
  * before it is computed, so a killed search run again replays the same generations from its stored
  * evaluations and computes only what is missing.
@@ -42,6 +43,8 @@ export interface GaSettings {
   mutationRate: number;
   /** Seed of every random choice. */
   seed: number;
+  /** Genomes put in the initial population after the uniform ones, before the random ones. */
+  seeds?: readonly Genome[];
 }
 
 /** The canonical key of a genome (its genes joined by "-"). */
@@ -112,10 +115,15 @@ export function survive(union: readonly Individual[], size: number): Individual[
     .map((x) => x.ind);
 }
 
-/** The initial genomes: the uniform ones, then random ones up to `population` (no duplicates). */
+/**
+ * The initial genomes: the uniform ones, the given seeds, then random ones up to `population` (no
+ * duplicates).
+ */
 export function initialGenomes(s: GaSettings): Genome[] {
   const rng = new Rng(hash2(s.seed, 0x1a17));
-  const out = uniqueGenomes(uniformGenomes(s.length, s.choices)).slice(0, s.population);
+  for (const g of s.seeds ?? []) checkGenome(g, s.length, s.choices);
+  const out = uniqueGenomes([...uniformGenomes(s.length, s.choices), ...(s.seeds ?? [])])
+    .slice(0, s.population);
   const keys = new Set(out.map(genomeKey));
   for (let tries = 0; out.length < s.population && tries < 100 * s.population; tries++) {
     const g = randomGenome(rng, s.length, s.choices);

@@ -27,9 +27,12 @@ import {
 import {
   averageMacs,
   datasetSlice,
+  doneWhen,
   GA_PROPOSER,
   heunEvaluations,
   macsPerWidth,
+  nearestUniform,
+  profileGenome,
   runDdsmSearch,
   SUPERNET_FILE,
   switchGenomes,
@@ -138,6 +141,32 @@ Deno.test("ddsm ga: the initial population holds the uniform genomes; offspring 
   assertEquals(offspring(pop, s, 1), kids);
 });
 
+Deno.test("ddsm ga: seed genomes follow the uniform ones in the initial population, deduplicated", () => {
+  const s: GaSettings = {
+    length: 4,
+    choices: 4,
+    population: 7,
+    generations: 1,
+    mutationRate: 0.1,
+    seed: 3,
+    seeds: [[3, 3, 0, 0], [0, 0, 0, 0], [3, 3, 0, 0], [1, 2, 3, 0]],
+  };
+  const init = initialGenomes(s);
+  // The uniform genomes, the two new seeds (a uniform one and a repeat dropped), then one random genome.
+  assertEquals(init.slice(0, 6), [...uniformGenomes(4, 4), [3, 3, 0, 0], [1, 2, 3, 0]]);
+  assertEquals(init.length, 7);
+  assertEquals(new Set(init.map(genomeKey)).size, 7);
+  // A population too small for the seeds keeps the uniform genomes first.
+  assertEquals(initialGenomes({ ...s, population: 5 }), [...uniformGenomes(4, 4), [3, 3, 0, 0]]);
+  let threw = false;
+  try {
+    initialGenomes({ ...s, seeds: [[0, 4, 0, 0]] });
+  } catch {
+    threw = true;
+  }
+  assert(threw, "a seed gene out of range");
+});
+
 /** A fitness with a known optimum: distance of the genome from a target. */
 const target = [3, 3, 2, 1, 0, 0];
 const synthetic = (g: Genome) => g.reduce((a, v, i) => a + Math.abs(v - target[i]), 0);
@@ -221,6 +250,57 @@ Deno.test("ddsm macs: average MACs per Heun evaluation, against hand-computed va
   assert(per[0] >= per[1] && per[1] >= per[2] && per[2] >= per[3] && per[0] > per[3]);
   // Switch at step 2 of 3 steps, width 1 then 0.25: (2·M1 + 2·M1 + 1·M0.25) / 5.
   assertEquals(averageMacs([0, 0, 3], per), (4 * per[0] + per[3]) / 5);
+});
+
+Deno.test("ddsm profile genome: per step the cheapest width within (1 + δ) of width 1's loss", () => {
+  const profile = {
+    widths: [1, 0.75, 0.5, 0.25],
+    sigmas: [80, 5, 0.5, 0.01],
+    // loss[w][i]
+    loss: [
+      [1.0, 0.5, 0.2, 1.0],
+      [1.03, 0.52, 0.21, 1.0],
+      [1.2, 0.6, 0.4, 1.02],
+      [1.1, 0.54, 0.4, 1.01],
+    ],
+    images: 8,
+  };
+  const macsAt = [100, 60, 30, 10];
+  assertEquals(profileGenome(profile, macsAt, 0), [0, 0, 0, 1]);
+  assertEquals(profileGenome(profile, macsAt, 0.05), [1, 1, 1, 3]);
+  assertEquals(profileGenome(profile, macsAt, 0.1), [3, 3, 1, 3]);
+  assertEquals(profileGenome(profile, macsAt, 1), [3, 3, 3, 3]);
+});
+
+Deno.test("ddsm verdict: the nearest uniform schedule below width 1 and the done-when test", () => {
+  // The default network's MACs per width (M): 18.99, 13.26, 4.88, 2.36.
+  const macsAt = [18.99, 13.26, 4.88, 2.36];
+  assertEquals(nearestUniform(11, macsAt), 1);
+  assertEquals(nearestUniform(8, macsAt), 2);
+  assertEquals(nearestUniform(3, macsAt), 3);
+  // Width 1 is never the competitor, even for a schedule that costs as much.
+  assertEquals(nearestUniform(18.99, macsAt), 1);
+  const row = (label: string, saving: number, fid: number | null) => ({
+    label,
+    widths: [],
+    macs: 0,
+    saving,
+    proxyFid: 0,
+    fid,
+    fidName: fid === null ? null : "FID-2048",
+    fitness: 0,
+  });
+  const full = row("uniform 1", 0, 20);
+  const v = doneWhen(row("GA best", 0.45, 20.9), full, row("uniform 0.75", 0.3, 22));
+  assertEquals(v.met, true);
+  assert(Math.abs(v.fidRatio! - 1.045) < 1e-12);
+  assertEquals(v.nearestUniform, "uniform 0.75");
+  // Each target fails on its own: the saving, the 5% margin, the nearest uniform schedule.
+  assertEquals(doneWhen(row("GA best", 0.39, 20), full, row("uniform 0.75", 0.3, 22)).met, false);
+  assertEquals(doneWhen(row("GA best", 0.45, 21.1), full, row("uniform 0.75", 0.3, 22)).met, false);
+  assertEquals(doneWhen(row("GA best", 0.45, 20.5), full, row("uniform 0.75", 0.3, 20.4)).met, false);
+  // Without FID-n there is no verdict.
+  assertEquals(doneWhen(row("GA best", 0.45, null), full, row("uniform 0.75", 0.3, null)).met, null);
 });
 
 Deno.test("ddsm: switch schedules and data slices", async () => {
@@ -307,7 +387,15 @@ async function checkFinished(
   const rows = schedule.comparison as { label: string; fid: number | null; fidName: string }[];
   assertEquals(rows.map((r) => r.label).filter((l) => l.startsWith("uniform")).length, 4);
   assert(rows.some((r) => r.label.startsWith("best switch")));
-  for (const r of rows) assertEquals(r.fidName, fidName);
+  // FID-n of the GA's best, the best switch, width 1 and the nearest uniform schedule (the others have none
+  // unless their genome is one of these).
+  const verdict = schedule.verdict as { nearestUniform: string; met: boolean | null };
+  const measured = ["GA best", "uniform 1", verdict.nearestUniform];
+  for (const r of rows) {
+    if (measured.includes(r.label) || r.label.startsWith("best switch")) assertEquals(r.fidName, fidName);
+  }
+  assert(verdict.nearestUniform !== "uniform 1" && verdict.nearestUniform.startsWith("uniform"));
+  assertEquals(verdict.met === null, fidName === null);
   const profile = JSON.parse(await Deno.readTextFile(`${dir}/profile.json`));
   assertEquals(profile.loss.length, 4);
   for (const l of profile.loss) assertEquals(l.length, 4);
@@ -342,6 +430,19 @@ Deno.test({
     assertEquals(after.length, trials.length);
     for (const t of after) assertEquals(t.attempts.length, 1);
     assertEquals(again.best, r.best);
+    // Another search takes this one's supernet.safetensors: nothing is trained, the same genomes score the same.
+    const other = `${await tempDir("ddsm-e2e-file-")}/run`;
+    const loaded: string[] = [];
+    await runDdsmSearch(tiny(other, { supernet: `${out}/${SUPERNET_FILE}`, generations: 0, fidN: 0 }), {
+      onEvent: (e) => e.type === "supernet" && e.loaded && loaded.push(e.loaded),
+    });
+    assertEquals(loaded, [`${out}/${SUPERNET_FILE}`]);
+    const reused = await readMemory(other);
+    for (const t of reused) {
+      const same = after.find((u) => u.key === t.key);
+      if (same) assertEquals(t.scores.proxyFid, same.scores.proxyFid);
+    }
+    assert(reused.some((t) => after.some((u) => u.key === t.key)), "no genome in common");
     // A new search in the folder needs --resume.
     await runDdsmSearch(tiny(out)).then(
       () => assert(false, "accepted"),
