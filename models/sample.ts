@@ -81,12 +81,11 @@ export async function sample(
   const checkpoint = o.checkpoint?.replace(/(.)\/+$/, "$1");
   // A checkpoint alone belongs to the run two folders up (<run>/checkpoints/step-N).
   const run = o.run ?? parentDir(parentDir(checkpoint!));
-  const runInfo = await Deno.stat(o.run ?? o.checkpoint!).catch(() => null);
-  const [what, folder] = o.run === undefined ? ["checkpoint", "checkpoint folder"] : ["run", "run folder"];
-  if (!runInfo) throw new UsageError(`${what}: ${o.run ?? o.checkpoint} does not exist`);
-  if (!runInfo.isDirectory) {
-    throw new UsageError(`${what}: ${o.run ?? o.checkpoint} is a file, not a ${folder}`);
-  }
+  // The folder the user named: the run, or the checkpoint when no run was given.
+  const [what, given] = o.run === undefined ? ["checkpoint", o.checkpoint!] : ["run", o.run];
+  const info = await Deno.stat(given).catch(() => null);
+  if (!info) throw new UsageError(`${what}: ${given} does not exist`);
+  if (!info.isDirectory) throw new UsageError(`${what}: ${given} is a file, not a ${what} folder`);
   const dir = checkpoint ?? await latestCheckpoint(run);
   if (!dir) throw new UsageError(`${run} has no checkpoint yet (${run}/checkpoints/step-*/ is missing)`);
   // The outputs are checked now, not after minutes of sampling.

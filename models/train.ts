@@ -223,15 +223,15 @@ async function resolveNetwork(network: string | Record<string, unknown>): Promis
 
 /** Validates a training configuration and fills in the network spec and the data source. */
 export async function parseTrainConfig(input: unknown): Promise<TrainConfig> {
-  const given = input && typeof input === "object" ? input as Record<string, unknown> : {};
+  // Anything but an object goes to the schema as it is, to be refused there with its type.
+  const isObject = input !== null && typeof input === "object" && !Array.isArray(input);
+  const given = isObject ? input as Record<string, unknown> : {};
   const kind = (given.data as { kind?: unknown } | undefined)?.kind;
   const defaults = kind === "fashion-mnist"
     ? FASHION_TRAINING
     : kind === undefined || kind === "procedural"
     ? SHAPES_TRAINING
     : {};
-  // Anything but an object goes to the schema as it is, to be refused there with its type.
-  const isObject = input !== null && typeof input === "object" && !Array.isArray(input);
   const o = parseUsage(TrainConfigSchema, isObject ? { ...defaults, ...given } : input, "train config");
   const network = await resolveNetwork(o.network ?? defaultNetwork(o.data));
   let data = o.data;

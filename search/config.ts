@@ -30,7 +30,8 @@ const positive = z.number().positive().finite();
 /** How each candidate is trained. */
 export const TrialTrainingSchema = z.strictObject({
   // Thousands of training images per candidate (DiffNAS's rapid convergence: a quarter of the 12-kimg default
-  // run, whose proxy ranks architectures as their full runs' FID-2048 do: README "Proxy validation").
+  // run; at 1 kimg every candidate's proxy sat in the noise floor. Not yet validated: over six architectures
+  // its RFID-128 ranks the 12-kimg FID-2048 backwards, ρ −0.71; README "Does the proxy rank architectures?").
   kimg: positive.max(1000).default(3),
   // Images per optimizer step.
   batch: z.number().int().min(1).max(4096).default(32),
