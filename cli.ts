@@ -354,13 +354,18 @@ async function validateProxyCommand(
       if (e.type === "start") {
         p.log(`proxy validation in ${e.dir}: ${e.architectures.length} architectures, ${e.device}`);
       } else if (e.type === "resumed") {
-        p.log(`#${e.index + 1}/${e.total} kept from the earlier run: ${e.summary}`);
+        p.log(
+          `#${e.index + 1}/${e.total} ${
+            e.kept === "all" ? "kept" : "long run kept"
+          } from the earlier run: ${e.summary}`,
+        );
       } else if (e.type === "run-start") p.candidate(1, "runs", `#${e.index + 1} ${e.phase}: ${e.summary}`);
       else if (e.type === "run-end") {
         const s = e.score;
         p.log(
           `#${e.index + 1}/${e.total} ${e.phase.padEnd(7)} ${s.name} ` +
             `${s.value === null ? `failed: ${s.error}` : s.value.toFixed(3)}  ` +
+            (typeof s.loss === "number" ? `${s.lossName} ${s.loss.toFixed(4)}  ` : "") +
             `${s.trainSeconds.toFixed(0)} s + ${s.scoreSeconds.toFixed(0)} s`,
         );
       }

@@ -197,6 +197,11 @@ export const SearchConfigSchema = z.strictObject({
   inherit: z.boolean().default(false),
   // Early stopping by the median rule.
   pruning: PruningSchema.default(PruningSchema.parse({})),
+  // What ranks the candidates: "rfid" (the RFID-proxyN of their samples) or "loss" (their mean EDM loss over
+  // the sampler's σ grid on the last lossN images of the data, fixed noise; eval/denoising_loss.ts).
+  proxyMetric: z.enum(["rfid", "loss"]).default("rfid"),
+  // Images of the loss proxy (the last of the data).
+  lossN: z.number().int().min(1).max(100000).default(128),
   // Images of the proxy FID (RFID-n) per candidate.
   proxyN: z.number().int().min(2).max(100000).default(128),
   // Heun steps of the proxy's sampler (NFE 2N − 1).

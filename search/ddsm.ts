@@ -19,12 +19,12 @@
  * are the schedule's alone.
  */
 
-import { Device, noGrad, randn, saveSafetensors, type Tensor, tensor } from "../engine/mod.ts";
+import { Device, saveSafetensors } from "../engine/mod.ts";
 import { type Dataset, openDataset } from "../models/data.ts";
 import { DEFAULT_NETWORK, parseTrainConfig } from "../models/train.ts";
 import { networkSpec, parseTrainerConfig, Trainer } from "../models/trainer.ts";
 import { UNet, type UNetSpec } from "../models/unet.ts";
-import { edmLoss, EDMPrecond } from "../models/edm.ts";
+import { EDMPrecond } from "../models/edm.ts";
 import { edmTimeSteps } from "../models/samplers.ts";
 import { DDSM_WIDTHS, type WidthSchedule } from "../models/slimmable.ts";
 import { disposeCheckpoint, latestCheckpoint, loadCheckpoint, readTrainState } from "../models/checkpoint.ts";
@@ -32,11 +32,11 @@ import { NetworkGenerator } from "../models/generate.ts";
 import { encodeImageGrid } from "../models/images.ts";
 import { unetCost } from "../models/cost.ts";
 import { type FeatureExtractor, openFeatureExtractor } from "../eval/features.ts";
+import { disposeBatch, imageBatch, lossAtSigmas } from "../eval/denoising_loss.ts";
 import type { FidStatistics } from "../eval/fid.ts";
 import { measureFid, protocolSettings, referenceStatistics } from "../eval/proxy.ts";
 import { UsageError } from "../util/errors.ts";
 import { writeFileAtomic, writeTextAtomic } from "../util/files.ts";
-import { hash2 } from "../util/random.ts";
 import { FULL_RUN, type SearchConfig, type SearchConfigInput } from "./config.ts";
 import {
   baseNetwork,
@@ -288,7 +288,7 @@ export interface StepProfile {
 
 /**
  * The EDM loss (λ(σ)-weighted, as in training) of each width at each grid σ, on `images` held-out images with
- * noise fixed per σ (the same for every width), read back once per (width, σ).
+ * noise fixed per σ (the same for every width; eval/denoising_loss.ts).
  */
 export async function stepProfile(
   net: UNet,
@@ -299,40 +299,17 @@ export async function stepProfile(
   widths: readonly number[],
   seed: number,
 ): Promise<StepProfile> {
-  const device = net.device, s = net.spec;
-  const n = Math.min(images, data.length), per = data.channels * data.height * data.width;
-  const host = new Float32Array(n * per);
-  for (let i = 0; i < n; i++) host.set(data.get(i).image, i * per);
-  const x = tensor(host, [n, data.channels, data.height, data.width], { device });
-  let labels: Tensor | undefined;
-  if (s.labelDim) {
-    const oneHot = new Float32Array(n * s.labelDim);
-    for (let i = 0; i < n; i++) oneHot[i * s.labelDim + (data.label(i) ?? 0)] = 1;
-    labels = tensor(oneHot, [n, s.labelDim], { device });
-  }
-  const loss: number[][] = widths.map(() => []);
+  const n = Math.min(images, data.length);
+  const batch = imageBatch(data, 0, n, net.spec.labelDim ?? 0, net.device);
   try {
-    for (const [i, sigma] of sigmas.entries()) {
-      device.manualSeed(hash2(seed, 0x5e9 + i));
-      const noise = randn(x.shape, { device });
-      const sig = tensor(new Array(n).fill(sigma), [n], { device });
-      try {
-        for (const [w, width] of widths.entries()) {
-          const precond = new EDMPrecond((a, c, l) => net.forward(a, c, l ?? null, { width }), { sigmaData });
-          const r = noGrad(() => edmLoss(precond, x, labels, { sigma: sig, noise }));
-          const v = await r.loss.toArray();
-          loss[w].push(v[0]);
-          r.loss.dispose(), r.perSample.dispose();
-          if (r.sigma !== sig) r.sigma.dispose();
-        }
-      } finally {
-        noise.dispose(), sig.dispose();
-      }
-    }
+    const denoisers = widths.map((width) =>
+      new EDMPrecond((a, c, l) => net.forward(a, c, l ?? null, { width }), { sigmaData })
+    );
+    const loss = await lossAtSigmas(denoisers, batch, sigmas, seed);
+    return { widths: [...widths], sigmas: [...sigmas], loss, images: n };
   } finally {
-    x.dispose(), labels?.dispose();
+    disposeBatch(batch);
   }
-  return { widths: [...widths], sigmas: [...sigmas], loss, images: n };
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -52,7 +52,6 @@ import {
   saveSafetensors,
   scope,
   type Tensor,
-  tensor,
 } from "../engine/mod.ts";
 import { BatchIterator, type Dataset, openDataset } from "../models/data.ts";
 import { DEFAULT_NETWORK } from "../models/train.ts";
@@ -78,6 +77,7 @@ import { NetworkGenerator } from "../models/generate.ts";
 import { encodeImageGrid } from "../models/images.ts";
 import { layersCost, unetCost } from "../models/cost.ts";
 import { type FeatureExtractor, openFeatureExtractor } from "../eval/features.ts";
+import { imageBatch } from "../eval/denoising_loss.ts";
 import type { FidStatistics } from "../eval/fid.ts";
 import { measureFid, protocolSettings, referenceStatistics } from "../eval/proxy.ts";
 import { UsageError } from "../util/errors.ts";
@@ -281,17 +281,6 @@ interface Context {
   cuts: BlockCut[];
   emit: (e: DistillEvent) => void;
   signal?: AbortSignal;
-}
-
-/** Images start..start+n−1 of `ds` (and one-hot labels for a conditional network) as device tensors. */
-function fixedBatch(ds: Dataset, n: number, spec: UNetSpec, device: Device): { x: Tensor; labels?: Tensor } {
-  const per = ds.channels * ds.height * ds.width, host = new Float32Array(n * per);
-  for (let i = 0; i < n; i++) host.set(ds.get(i).image, i * per);
-  const x = tensor(host, [n, ds.channels, ds.height, ds.width], { device });
-  if (!spec.labelDim) return { x };
-  const oneHot = new Float32Array(n * spec.labelDim);
-  for (let i = 0; i < n; i++) oneHot[i * spec.labelDim + (ds.label(i) ?? 0)] = 1;
-  return { x, labels: tensor(oneHot, [n, spec.labelDim], { device }) };
 }
 
 /** The teacher: loaded from --teacher, from the run folder, or trained here and saved there. */
@@ -761,7 +750,7 @@ export async function runDistillSearch(
 
     // Held-out losses of every candidate.
     const c0 = performance.now();
-    const held = fixedBatch(heldData, heldOut, spec, device);
+    const held = imageBatch(heldData, 0, heldOut, spec.labelDim ?? 0, device);
     toFree.push(held.x, ...(held.labels ? [held.labels] : []));
     const { losses, power } = await candidateLosses(
       supernet,

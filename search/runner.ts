@@ -17,6 +17,7 @@ import type { Dataset } from "../models/data.ts";
 import { NetworkGenerator } from "../models/generate.ts";
 import { parseTrainerConfig, Trainer, type TrainerConfig } from "../models/trainer.ts";
 import { UNet, type UNetSpec } from "../models/unet.ts";
+import { type LossProtocol } from "../eval/denoising_loss.ts";
 import type { FeatureExtractor } from "../eval/features.ts";
 import type { FidStatistics } from "../eval/fid.ts";
 import { type FidMeasurement, type FidProtocol, measureFid } from "../eval/proxy.ts";
@@ -53,6 +54,11 @@ export function weightsPath(dir: string, id: number): string {
 /** The proxy protocol of a search. */
 export function proxyProtocol(c: SearchConfig): FidProtocol {
   return { n: c.proxyN, steps: c.proxySteps, sampler: "heun", seed: c.seed };
+}
+
+/** The loss proxy's protocol of a search (same grid and seed as the proxy FID's). */
+export function lossProtocol(c: SearchConfig): LossProtocol {
+  return { n: c.lossN, steps: c.proxySteps, seed: c.seed };
 }
 
 /**

@@ -4,11 +4,11 @@
  *
  *     pick N architectures of different size and shape (the default network and others spread over the space
  *     by MACs), then, for each, with the same seed:
- *         short    train the search's short schedule                → proxy RFID-n   (what the search ranks by)
+ *         short    train the search's short schedule                → RFID-n and loss-n (the two proxies)
  *         long     train `longFactor`× longer (ramp and EMA scaled) → FID-fullN     (the truth we approximate)
  *         inherit  the short schedule from the weights of the closest architecture trained before it in this
- *                  pass (as a search with `inherit` does)           → proxy RFID-n
- *     report Spearman ρ(short proxy, long FID) and ρ(inherited proxy, long FID)
+ *                  pass (as a search with `inherit` does)           → RFID-n and loss-n
+ *     report Spearman ρ(short proxy, long FID) and ρ(inherited proxy, long FID) for each proxy
  *
  * The architectures are drawn from the space with the search seed (a pool of `POOL_PER_PICK`× as many random
  * admissible ones), sorted by MACs and picked at evenly spaced ranks, so they span small to large with varied
@@ -22,7 +22,8 @@
  *
  * The measurement takes hours on a small machine, so it resumes: the same command on the same out folder keeps
  * every architecture the JSON already holds in full when the settings and the picked architectures are the
- * same (anything else is refused, naming what differs), and goes on from the first unfinished one. Weights
+ * same (anything else is refused, naming what differs), and goes on from the first unfinished one; a row
+ * with its long run but without the loss proxy (measured before it existed) keeps the long run. Weights
  * are not stored; an inherit run whose parent finished before the restart retrains the parent's run that
  * produced them (training is seeded and deterministic, so these are the same weights).
  */
@@ -34,6 +35,7 @@ import { DEFAULT_NETWORK } from "../models/train.ts";
 import { Trainer } from "../models/trainer.ts";
 import type { UNetSpec } from "../models/unet.ts";
 import { type FeatureExtractor, openFeatureExtractor } from "../eval/features.ts";
+import { type LossProtocol, lossProxy as lossProxyOf } from "../eval/denoising_loss.ts";
 import { type FidProtocol, referenceStatistics, spearman } from "../eval/proxy.ts";
 import { parseUsage } from "../util/config.ts";
 import { UsageError } from "../util/errors.ts";
@@ -46,6 +48,7 @@ import { specSummary } from "./report.ts";
 import {
   candidateTrainerConfig,
   inheritedInit,
+  lossProtocol,
   proxyProtocol,
   type RunnerContext,
   scoreNetwork,
@@ -89,13 +92,19 @@ export interface PickedArchitecture {
   baseline: boolean;
 }
 
-/** One training and its score (value null when the run failed, with the error). */
+/**
+ * One training and its scores (value null when the run failed, with the error): the FID of its protocol and the
+ * loss proxy of the same network (`loss`, with the loss at each σ of the grid).
+ */
 export interface RunScore {
   name: string;
   value: number | null;
   error?: string;
   trainSeconds: number;
   scoreSeconds: number;
+  lossName?: string;
+  loss?: number | null;
+  lossBySigma?: number[];
 }
 
 /** The measurements of one architecture. */
@@ -126,6 +135,7 @@ export interface ValidateProxyReport {
     shortKimg: number;
     longKimg: number;
     proxy: FidProtocol;
+    lossProxy: LossProtocol;
     full: FidProtocol;
     refN: number;
   };
@@ -134,6 +144,10 @@ export interface ValidateProxyReport {
   shortVsLong: Correlation;
   /** ρ(inherited short proxy, long FID) (null when inheritance was not measured). */
   inheritVsLong: Correlation | null;
+  /** ρ(short loss proxy, long FID). */
+  shortLossVsLong: Correlation;
+  /** ρ(inherited short loss proxy, long FID) (null when inheritance was not measured). */
+  inheritLossVsLong: Correlation | null;
   seconds: number;
 }
 
@@ -142,7 +156,7 @@ export type ValidateEvent =
   | { type: "start"; dir: string; device: string; architectures: PickedArchitecture[] }
   | { type: "reference"; cached: boolean; seconds: number }
   | { type: "run-start"; index: number; total: number; phase: "short" | "long" | "inherit"; summary: string }
-  | { type: "resumed"; index: number; total: number; summary: string }
+  | { type: "resumed"; index: number; total: number; summary: string; kept: "all" | "long" }
   | { type: "run-progress"; event: TrialEvent }
   | { type: "run-end"; index: number; total: number; phase: "short" | "long" | "inherit"; score: RunScore };
 
@@ -214,31 +228,35 @@ export function correlation(
 
 const fmt = (s: RunScore | undefined) =>
   s === undefined ? "" : s.value === null ? `failed: ${s.error}` : s.value.toFixed(3);
+const fmtLoss = (s: RunScore | undefined) => (typeof s?.loss === "number" ? s.loss.toFixed(4) : "");
 const fmtRho = (c: Correlation) => (c.rho === null ? `undefined (${c.reason})` : c.rho.toFixed(3));
 
-/** The report as a markdown table with the two correlations under it. */
+/** The report as a markdown table with the correlations under it. */
 export function validateProxyMarkdown(r: ValidateProxyReport): string {
   const s = r.settings;
-  const proxy = `RFID-${s.proxy.n}`, full = `FID-${s.full.n}`;
+  const proxy = `RFID-${s.proxy.n}`, loss = `loss-${s.lossProxy.n}`, full = `FID-${s.full.n}`;
   const head = [
     "#",
     "architecture",
     "MACs (M)",
     "params (k)",
     `short ${proxy} (${s.shortKimg} kimg)`,
-    ...(s.inheritance ? [`inherited ${proxy} (parent #)`] : []),
+    `short ${loss}`,
+    ...(s.inheritance ? [`inherited ${proxy} (parent #)`, `inherited ${loss}`] : []),
     `long ${full} (${s.longKimg} kimg)`,
   ];
   const lines = [
     `# Proxy validation${r.complete ? "" : " (incomplete)"}`,
     "",
     `Seed ${s.seed}; ${r.rows.length} architectures; proxy ${proxy} with ${s.proxy.steps} Heun steps; ` +
-    `${full} with the same sampler; reference statistics of ${s.refN} real images.`,
+    `${full} with the same sampler; reference statistics of ${s.refN} real images; ${loss}: the mean EDM ` +
+    `loss over the ${s.lossProxy.steps} noise levels of the sampler's grid on the last ${s.lossProxy.n} images.`,
     "",
     `| ${head.join(" | ")} |`,
     `|${head.map(() => "---").join("|")}|`,
   ];
   for (const row of r.rows) {
+    const parent = row.inherit ? ` (${row.inherit.parent === null ? "—" : row.inherit.parent + 1})` : "";
     lines.push(
       `| ${
         [
@@ -247,38 +265,40 @@ export function validateProxyMarkdown(r: ValidateProxyReport): string {
           (row.macs / 1e6).toFixed(2),
           (row.params / 1e3).toFixed(1),
           fmt(row.short),
-          ...(s.inheritance
-            ? [
-              `${fmt(row.inherit)}${
-                row.inherit ? ` (${row.inherit.parent === null ? "—" : row.inherit.parent + 1})` : ""
-              }`,
-            ]
-            : []),
+          fmtLoss(row.short),
+          ...(s.inheritance ? [`${fmt(row.inherit)}${parent}`, fmtLoss(row.inherit)] : []),
           fmt(row.long),
         ].join(" | ")
       } |`,
     );
   }
+  const rho = (name: string, c: Correlation | null) =>
+    c ? [`- Spearman ρ(${name}, long ${full}) = ${fmtRho(c)} over ${c.pairs}`] : [];
   lines.push(
     "",
-    `Spearman ρ(short ${proxy}, long ${full}) = ${fmtRho(r.shortVsLong)} over ${r.shortVsLong.pairs}`,
+    ...rho(`short ${proxy}`, r.shortVsLong),
+    ...rho(`short ${loss}`, r.shortLossVsLong),
+    ...rho(`inherited short ${proxy}`, r.inheritVsLong),
+    ...rho(`inherited short ${loss}`, r.inheritLossVsLong),
   );
-  if (r.inheritVsLong) {
-    lines.push(
-      `Spearman ρ(inherited short ${proxy}, long ${full}) = ${fmtRho(r.inheritVsLong)} over ` +
-        `${r.inheritVsLong.pairs}`,
-    );
-  }
   return lines.join("\n") + "\n";
 }
 
 /**
- * The leading rows of a `validate-proxy.json` left in the out folder that are finished (short and long runs,
- * and the inherit run when inheritance is measured), when it was written with the same settings and
- * architectures as `expected`; none when there is no such file. A file from other settings is refused, not
- * overwritten: it may hold hours of measurements.
+ * Whether a row holds every measurement: short and long runs, the inherit run when inheritance is measured,
+ * and the loss proxy of the short (and inherit) run (rows from before the loss proxy existed lack it).
  */
-export async function finishedRows(path: string, expected: ValidateProxyReport): Promise<ArchitectureRow[]> {
+export function rowFinished(row: ArchitectureRow, inheritance: boolean): boolean {
+  const hasLoss = (r: RunScore | undefined) => r !== undefined && r.loss !== undefined;
+  return hasLoss(row.short) && row.long !== undefined && (!inheritance || hasLoss(row.inherit));
+}
+
+/**
+ * The leading rows of a `validate-proxy.json` left in the out folder, finished or not, when it was written with
+ * the same settings and architectures as `expected`; none when there is no such file. A file from other
+ * settings is refused, not overwritten: it may hold hours of measurements.
+ */
+export async function storedRows(path: string, expected: ValidateProxyReport): Promise<ArchitectureRow[]> {
   let text: string;
   try {
     text = await Deno.readTextFile(path);
@@ -319,8 +339,6 @@ export async function finishedRows(path: string, expected: ValidateProxyReport):
           `or --architectures?): give the same settings to continue it, or another --out`,
       );
     }
-    const done = row.short && row.long && (!expected.settings.inheritance || row.inherit);
-    if (!done) break;
     rows.push(row);
   }
   return rows;
@@ -386,6 +404,7 @@ export async function validateProxy(
     const long = trialSchedule({ ...cfg.training, kimg: cfg.training.kimg * settings.longFactor });
     const proxy = proxyProtocol(cfg);
     const full: FidProtocol = { ...proxy, n: settings.fullN };
+    const lossProxy = lossProtocol(cfg);
     const rows: ArchitectureRow[] = picked.map((p, index) => ({
       index,
       summary: specSummary(p.arch),
@@ -402,12 +421,15 @@ export async function validateProxy(
         shortKimg: short.kimg,
         longKimg: long.kimg,
         proxy,
+        lossProxy,
         full,
         refN: Math.min(cfg.refN, dataset.length),
       },
       rows,
       shortVsLong: correlation(rows, (r) => r.short?.value),
       inheritVsLong: settings.inheritance ? correlation(rows, (r) => r.inherit?.value) : null,
+      shortLossVsLong: correlation(rows, (r) => r.short?.loss),
+      inheritLossVsLong: settings.inheritance ? correlation(rows, (r) => r.inherit?.loss) : null,
       seconds: (performance.now() - t0) / 1000,
     });
     const write = async (complete: boolean) => {
@@ -436,6 +458,7 @@ export async function validateProxy(
         value: null,
         trainSeconds: 0,
         scoreSeconds: 0,
+        loss: null,
       };
       let weights: HostState | null = null;
       let init: Record<string, Tensor> | undefined;
@@ -454,8 +477,9 @@ export async function validateProxy(
         const net = trainer.emaNetwork();
         if (settings.inheritance && phase !== "long") weights = await hostState(net);
         const m = await scoreNetwork(net, cfgT.sigmaData, scoring, kind, protocol, onEvent);
-        score.value = m.value;
-        score.scoreSeconds = m.seconds;
+        const l = await lossProxyOf(net, cfgT.sigmaData, dataset, lossProxy);
+        Object.assign(score, { value: m.value, scoreSeconds: m.seconds + l.seconds, lossName: l.name });
+        Object.assign(score, { loss: l.value, lossBySigma: l.bySigma });
       } catch (e) {
         if ((e as Error).message === "interrupted") throw e;
         score.error = (e as Error).message;
@@ -467,7 +491,7 @@ export async function validateProxy(
       return { score, weights };
     };
 
-    const finished = await finishedRows(json, report(false));
+    const stored = await storedRows(json, report(false));
     // Weights of the inherit pass, by index (the parents of later architectures); for an architecture finished
     // before a restart, `weightsOf` retrains the run that gave them.
     const inherited = new Map<number, HostState>();
@@ -483,16 +507,21 @@ export async function validateProxy(
       return inherited.get(j) ?? null;
     };
     for (let i = 0; i < picked.length; i++) {
-      if (i < finished.length) {
-        rows[i] = finished[i];
-        emit({ type: "resumed", index: i, total: picked.length, summary: rows[i].summary });
+      const prev = stored[i] as ArchitectureRow | undefined;
+      if (prev && rowFinished(prev, settings.inheritance)) {
+        rows[i] = prev;
+        emit({ type: "resumed", index: i, total: picked.length, summary: rows[i].summary, kept: "all" });
         // Its inherit (or first short) run succeeded, so it had weights to pass on.
         if (settings.inheritance && rows[i].inherit?.value !== null) hasWeights.add(i);
         continue;
       }
       const s = await trainAndScore(i, "short", short, proxy, "RFID", null);
       rows[i].short = s.score;
-      rows[i].long = (await trainAndScore(i, "long", long, full, "FID", null)).score;
+      if (prev?.long) {
+        // The long run is the expensive half: a row measured before the loss proxy existed keeps it.
+        rows[i].long = prev.long;
+        emit({ type: "resumed", index: i, total: picked.length, summary: rows[i].summary, kept: "long" });
+      } else rows[i].long = (await trainAndScore(i, "long", long, full, "FID", null)).score;
       if (settings.inheritance) {
         let parent: number | null = null;
         for (const j of hasWeights) {

@@ -8,7 +8,7 @@
 
 import type { Trial } from "../search/types.ts";
 import { bestProxy, compareRuns, runCompare, summarizeRuns, trialsToTarget } from "../search/compare.ts";
-import { spreadArchitectures, validateProxy } from "../search/validate_proxy.ts";
+import { type RunScore, spreadArchitectures, validateProxy } from "../search/validate_proxy.ts";
 import { createSearchSpace, type SearchSpaceConfigInput } from "../search/space.ts";
 import { baseNetwork } from "../search/diffnas.ts";
 import { openDataset } from "../models/data.ts";
@@ -106,6 +106,7 @@ const TINY = {
   refN: 64,
   proxyN: 8,
   proxySteps: 2,
+  lossN: 16,
   backend: "cpu",
 } as const;
 
@@ -173,6 +174,11 @@ test("validateProxy end to end (tiny): writes the JSON and table, ρ with and wi
     for (const row of r.report.rows) {
       assertEquals([row.short?.name, row.long?.name, row.inherit?.name], ["RFID-8", "FID-16", "RFID-8"]);
       assert(row.short!.value !== null || row.short!.error, "a score or the reason there is none");
+      // The loss proxy of the same network: the mean of its losses at the grid's two noise levels.
+      if (row.short!.value !== null) {
+        assertEquals([row.short!.lossName, row.short!.lossBySigma!.length], ["loss-16", 2]);
+        assertEquals(row.short!.loss, (row.short!.lossBySigma![0] + row.short!.lossBySigma![1]) / 2);
+      }
     }
     assertEquals(r.report.rows[0].inherit!.parent, null);
     assert(r.report.rows[2].inherit!.parent !== null && r.report.rows[2].inherit!.parent < 2);
@@ -181,6 +187,8 @@ test("validateProxy end to end (tiny): writes the JSON and table, ρ with and wi
     const md = await Deno.readTextFile(`${dir}/out/validate-proxy.md`);
     assert(md.includes("Spearman ρ(short RFID-8, long FID-16)"), md);
     assert(md.includes("Spearman ρ(inherited short RFID-8, long FID-16)"), md);
+    assert(md.includes("Spearman ρ(short loss-16, long FID-16)"), md);
+    assert(rhoOk(r.report.shortLossVsLong), JSON.stringify(r.report.shortLossVsLong));
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
@@ -193,9 +201,9 @@ test("validateProxy resumes: finished architectures are kept, the rest measured,
     const opts = (phases: string[]) => ({
       device,
       cacheDir: `${dir}/cache`,
-      onEvent: (e: { type: string; index?: number; phase?: string }) => {
+      onEvent: (e: { type: string; index?: number; phase?: string; kept?: string }) => {
         if (e.type === "run-end") phases.push(`${e.index}:${e.phase}`);
-        if (e.type === "resumed") phases.push(`${e.index}:kept`);
+        if (e.type === "resumed") phases.push(e.kept === "all" ? `${e.index}:kept` : `${e.index}:long kept`);
       },
     });
     const first = await validateProxy({ ...TINY, out }, { architectures: 3, fullN: 16 }, opts([]));
@@ -233,6 +241,25 @@ test("validateProxy resumes: finished architectures are kept, the rest measured,
       error = (e as Error).message;
     }
     assert(error.includes("was measured with full") && error.includes("another --out"), error);
+
+    // A row measured before the loss proxy existed (no loss on its short and inherit runs) keeps its long run
+    // and measures the rest again.
+    const old = JSON.parse(await Deno.readTextFile(path));
+    delete old.rows[1].short.loss;
+    delete old.rows[1].inherit.loss;
+    await Deno.writeTextFile(path, JSON.stringify(old));
+    const phases3: string[] = [];
+    const third = await validateProxy({ ...TINY, out }, { architectures: 3, fullN: 16 }, opts(phases3));
+    assertEquals(phases3[0], "0:kept");
+    assert(
+      phases3.includes("1:short") && phases3.includes("1:inherit") && phases3.includes("2:kept"),
+      String(phases3),
+    );
+    assert(!phases3.includes("1:long") && phases3.includes("1:long kept"), String(phases3));
+    assertEquals(third.report.rows[1].long, again.report.rows[1].long);
+    // Seeded: the remeasured short run gives the same scores (its timings differ).
+    const scores = (r: RunScore | undefined) => [r?.value, r?.loss, r?.lossBySigma];
+    assertEquals(scores(third.report.rows[1].short), scores(again.report.rows[1].short));
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
