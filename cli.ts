@@ -607,6 +607,12 @@ program
   .option("--inherit", "start candidates from the closest finished candidate's weights")
   .option("--no-prune", "no early stopping by the median rule")
   .option("--proxy-n <n>", "images of the proxy FID (RFID-n)", num)
+  .option(
+    "--proxy-metric <name>",
+    "what ranks candidates: rfid (RFID-n of samples) or loss (mean EDM loss over the sampler's σ grid on the " +
+      "last --loss-n images)",
+  )
+  .option("--loss-n <n>", "images of the loss proxy (loss-n; the last of the data)", num)
   .option("--seed <n>", "seed", num)
   .option("--backend <name>", "webgpu or cpu")
   .option(
@@ -714,6 +720,8 @@ program
           queue,
           inherit: opts.inherit,
           proxyN: opts.proxyN,
+          proxyMetric: opts.proxyMetric,
+          lossN: opts.lossN,
           seed: opts.seed,
           backend: opts.backend,
         }).filter(([, v]) => v !== undefined),

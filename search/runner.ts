@@ -1,7 +1,8 @@
 /**
  * @file The runner: takes one claimed trial, trains it in memory with the models layer's `Trainer` (the short
- * schedule, optionally from inherited weights, with the median pruning rule), scores it with the proxy FID
- * through the generator interface, and commits the result. The same runner serves the search process and
+ * schedule, optionally from inherited weights, with the median pruning rule), scores it with the search's
+ * proxy (the proxy FID through the generator interface, or the loss proxy of eval/denoising_loss.ts), and
+ * commits the result. The same runner serves the search process and
  * workers on other machines (`search/worker.ts`): `workOnTrial` heartbeats while a trial runs (from the
  * memory's heartbeat thread where it has one) and commits its result, which the storage refuses (recording it as a late duplicate) if the trial was re-queued
  * meanwhile.
@@ -17,7 +18,7 @@ import type { Dataset } from "../models/data.ts";
 import { NetworkGenerator } from "../models/generate.ts";
 import { parseTrainerConfig, Trainer, type TrainerConfig } from "../models/trainer.ts";
 import { UNet, type UNetSpec } from "../models/unet.ts";
-import { type LossProtocol } from "../eval/denoising_loss.ts";
+import { lossProxy, type LossProtocol } from "../eval/denoising_loss.ts";
 import type { FeatureExtractor } from "../eval/features.ts";
 import type { FidStatistics } from "../eval/fid.ts";
 import { type FidMeasurement, type FidProtocol, measureFid } from "../eval/proxy.ts";
@@ -232,7 +233,9 @@ export async function runTrial(
       ctx.worker,
       await Deno.readFile(weightsPath(ctx.dir, trial.id)),
     );
-    const m = await scoreNetwork(net, cfg.sigmaData, ctx, "RFID", proxyProtocol(c), emit);
+    const m = c.proxyMetric === "loss"
+      ? await lossProxy(net, cfg.sigmaData, ctx.dataset, lossProtocol(c))
+      : await scoreNetwork(net, cfg.sigmaData, ctx, "RFID", proxyProtocol(c), emit);
     result.status = "done";
     result.scores = { proxyFid: m.value, proxyName: m.name };
     result.costs = { trainSeconds: run.trainSeconds, proxySeconds: m.seconds };

@@ -47,9 +47,9 @@ export interface LossPoint {
 
 /** What a trial measured. */
 export interface TrialScores {
-  /** The proxy FID (RFID-n of the search's proxy protocol). */
+  /** The proxy score, lower is better: the proxy FID (RFID-n) or the loss proxy (loss-n), as `proxyName` says. */
   proxyFid?: number;
-  /** Its name with the sample count ("RFID-128"). */
+  /** Its name with the sample count ("RFID-128", "loss-128"). */
   proxyName?: string;
   /** A full FID if one was measured ("FID-2048" in `fidName`). */
   fid?: number;

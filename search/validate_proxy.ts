@@ -492,6 +492,11 @@ export async function validateProxy(
     };
 
     const stored = await storedRows(json, report(false));
+    // What is kept goes into the rows at once, so that every rewrite of the JSON still holds it.
+    for (const [i, prev] of stored.entries()) {
+      if (rowFinished(prev, settings.inheritance)) rows[i] = prev;
+      else if (prev.long) rows[i].long = prev.long;
+    }
     // Weights of the inherit pass, by index (the parents of later architectures); for an architecture finished
     // before a restart, `weightsOf` retrains the run that gave them.
     const inherited = new Map<number, HostState>();
@@ -509,7 +514,6 @@ export async function validateProxy(
     for (let i = 0; i < picked.length; i++) {
       const prev = stored[i] as ArchitectureRow | undefined;
       if (prev && rowFinished(prev, settings.inheritance)) {
-        rows[i] = prev;
         emit({ type: "resumed", index: i, total: picked.length, summary: rows[i].summary, kept: "all" });
         // Its inherit (or first short) run succeeded, so it had weights to pass on.
         if (settings.inheritance && rows[i].inherit?.value !== null) hasWeights.add(i);
@@ -519,7 +523,6 @@ export async function validateProxy(
       rows[i].short = s.score;
       if (prev?.long) {
         // The long run is the expensive half: a row measured before the loss proxy existed keeps it.
-        rows[i].long = prev.long;
         emit({ type: "resumed", index: i, total: picked.length, summary: rows[i].summary, kept: "long" });
       } else rows[i].long = (await trainAndScore(i, "long", long, full, "FID", null)).score;
       if (settings.inheritance) {
