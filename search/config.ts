@@ -96,10 +96,17 @@ export const DdsmSettingsSchema = z.strictObject({
   population: z.number().int().min(2).max(1000).default(8),
   // Generations after the initial population.
   generations: z.number().int().min(0).max(10000).default(1),
-  // Tolerances δ of the profile genomes in the initial population (after the four uniform ones): per step
-  // the fewest-MACs width whose profile loss is within (1 + δ) of width 1's. The official search starts from
-  // the uniform schedules and random ones over 50 × 10 evaluations; with ~30 here random genomes are wasted.
-  profileSeeds: z.array(z.number().min(0).max(100)).max(64).default([0.05, 0.1, 0.2]),
+  // Savings (fractions of width 1's MACs) of the switch seeds in the initial population, after the four
+  // uniform ones: per saving and width w < 1, "w for the fewest noisiest steps that save it, then width 1"
+  // (0.75 saves at most ~30%, so the default gives 0.5 and 0.25 at 40% and 55%: four genomes). The official
+  // search starts from uniform and random genomes over 50 × 10 evaluations; with 16 here it never proposed
+  // the 40% switch that passes the issue's test. []: no switch seeds.
+  switchSeeds: z.array(z.number().gt(0).lt(1)).max(64).default([0.4, 0.55]),
+  // Tolerances δ of the profile genomes in the initial population (after the switch seeds): per step the
+  // fewest-MACs width whose profile loss is within (1 + δ) of width 1's. None by default: at δ 0.05–0.2 they
+  // scored worse fitness than width 1 (README); the population keeps the first `population` seeds.
+  // switchSeeds and profileSeeds both []: the official start, uniform and random genomes.
+  profileSeeds: z.array(z.number().min(0).max(100)).max(64).default([]),
   // Probability that a child's gene (one step's width) is redrawn.
   mutationRate: z.number().min(0).max(1).default(0.1),
   // Weight of the proxy FID in the fitness.
