@@ -74,12 +74,13 @@ export const QueueSchema = z.strictObject({
 
 /**
  * DDSM's step-aware width search (search/ddsm.ts); used by method "ddsm". Measured here with the defaults under
- * a load average of 6–12 (other jobs on the two cores): the sandwich supernet, 6 kimg, 590 s (10 img/s; its
- * step costs 2.2–3.0 plain steps); the profile 35–51 s; RFID-128 at 18 Heun steps 46 s at width 1, 37 s at
- * 0.75, 20 s at 0.5 and 0.25 (42 s per genome of the GA on average); FID-2048 590 s at width 1, 331 s for a
- * schedule at 60% of its MACs. On a quiet machine these take about half (the default network trains at
- * ~82 img/s there, so the supernet ~3–4 min): the GA's 16 genomes and the 3 switches ~7 min, the four FID-2048
- * ~9 min, about 20 minutes in all; the GA stops at `minutes` (13) where the machine is slower.
+ * a load average of 5–9 (other jobs on the two cores): the sandwich supernet, 6 kimg, 311 s (19 img/s; its
+ * step costs 2.2–3.0 plain steps; 590 s at 10 img/s in a busier hour); the profile 28 s; RFID-128 at 18 Heun
+ * steps 9–39 s per genome (16 of the GA 307 s, the 2 switches not already scored 48 s); FID-2048 388 s at width
+ * 1, 331 s at uniform 0.75, 286 s at 40% saving: 28.5 minutes in all (README). On a quiet machine these take
+ * about half (the default network trains at ~82 img/s there, so the supernet ~3–4 min): about 15 minutes; the
+ * GA stops at `minutes` (13) where the machine is slower. The switch seeds replace random genomes, so they
+ * add no evaluation.
  */
 export const DdsmSettingsSchema = z.strictObject({
   // Trained supernet to use: a `deno task train` run folder (its latest checkpoint), a checkpoint folder or
