@@ -74,12 +74,13 @@ export const QueueSchema = z.strictObject({
 
 /**
  * DDSM's step-aware width search (search/ddsm.ts); used by method "ddsm". Measured here with the defaults under
- * a load average of 6–12 (other jobs on the two cores): the sandwich supernet, 6 kimg, 590 s (10 img/s; its
- * step costs 2.2–3.0 plain steps); the profile 35–51 s; RFID-128 at 18 Heun steps 46 s at width 1, 37 s at
- * 0.75, 20 s at 0.5 and 0.25 (42 s per genome of the GA on average); FID-2048 590 s at width 1, 331 s for a
- * schedule at 60% of its MACs. On a quiet machine these take about half (the default network trains at
- * ~82 img/s there, so the supernet ~3–4 min): the GA's 16 genomes and the 3 switches ~7 min, the four FID-2048
- * ~9 min, about 20 minutes in all; the GA stops at `minutes` (13) where the machine is slower.
+ * a load average of 5–9 (other jobs on the two cores): the sandwich supernet, 6 kimg, 311 s (19 img/s; its
+ * step costs 2.2–3.0 plain steps; 590 s at 10 img/s in a busier hour); the profile 28 s; RFID-128 at 18 Heun
+ * steps 9–39 s per genome (16 of the GA 307 s, the 2 switches not already scored 48 s); FID-2048 388 s at width
+ * 1, 331 s at uniform 0.75, 286 s at 40% saving: 28.5 minutes in all (README). On a quiet machine these take
+ * about half (the default network trains at ~82 img/s there, so the supernet ~3–4 min): about 15 minutes; the
+ * GA stops at `minutes` (13) where the machine is slower. The switch seeds replace random genomes, so they
+ * add no evaluation.
  */
 export const DdsmSettingsSchema = z.strictObject({
   // Trained supernet to use: a `deno task train` run folder (its latest checkpoint), a checkpoint folder or
@@ -96,10 +97,17 @@ export const DdsmSettingsSchema = z.strictObject({
   population: z.number().int().min(2).max(1000).default(8),
   // Generations after the initial population.
   generations: z.number().int().min(0).max(10000).default(1),
-  // Tolerances δ of the profile genomes in the initial population (after the four uniform ones): per step
-  // the fewest-MACs width whose profile loss is within (1 + δ) of width 1's. The official search starts from
-  // the uniform schedules and random ones over 50 × 10 evaluations; with ~30 here random genomes are wasted.
-  profileSeeds: z.array(z.number().min(0).max(100)).max(64).default([0.05, 0.1, 0.2]),
+  // Savings (fractions of width 1's MACs) of the switch seeds in the initial population, after the four
+  // uniform ones: per saving and width w < 1, "w for the fewest noisiest steps that save it, then width 1"
+  // (0.75 saves at most ~30%, so the default gives 0.5 and 0.25 at 40% and 55%: four genomes). The official
+  // search starts from uniform and random genomes over 50 × 10 evaluations; with 16 here it never proposed
+  // the 40% switch that passes the issue's test. []: no switch seeds.
+  switchSeeds: z.array(z.number().gt(0).lt(1)).max(64).default([0.4, 0.55]),
+  // Tolerances δ of the profile genomes in the initial population (after the switch seeds): per step the
+  // fewest-MACs width whose profile loss is within (1 + δ) of width 1's. None by default: at δ 0.05–0.2 they
+  // scored worse fitness than width 1 (README); the population keeps the first `population` seeds.
+  // switchSeeds and profileSeeds both []: the official start, uniform and random genomes.
+  profileSeeds: z.array(z.number().min(0).max(100)).max(64).default([]),
   // Probability that a child's gene (one step's width) is redrawn.
   mutationRate: z.number().min(0).max(1).default(0.1),
   // Weight of the proxy FID in the fitness.

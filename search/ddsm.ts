@@ -7,10 +7,12 @@
  *     profile  ← the EDM loss of each width at each σ of the sampler's grid, on held-out images with fixed
  *                noise (the step-importance profile, profile.json)
  *     GA       ← search/ga.ts over genomes of one width per Heun step (both evaluations of a step use its
- *                width), started from the uniform genomes, genomes read off the profile (per step the
- *                cheapest width within (1 + δ) of width 1's loss) and random ones: fitness = fidWeight · proxy FID + macsWeight · average MACs (millions) per network
- *                evaluation actually made; every genome is a trial of the search memory (key = genome), so a
- *                resumed search replays the GA from the memory and computes only what is missing
+ *                width), started from the uniform genomes, switch seeds ("width w for the k noisiest steps,
+ *                then 1" at the configured savings), genomes read off the profile (per step the cheapest width
+ *                within (1 + δ) of width 1's loss) and random ones: fitness = fidWeight · proxy FID +
+ *                macsWeight · average MACs (millions) per network evaluation actually made; every genome is a
+ *                trial of the search memory (key = genome), so a resumed search replays the GA from the memory
+ *                and computes only what is missing
  *     compare  ← the uniform schedules and the best "switch at step k" two-width schedule of about the same
  *                average MACs as the GA's best; FID-n of these (fid.json, cached by genome)
  *     report   ← schedule.json, report.html / report.json with the schedule, profile and GA-history charts
@@ -46,7 +48,15 @@ import {
   type SearchOptions,
   type SearchOutcome,
 } from "./diffnas.ts";
-import { type GaResult, type GenerationRecord, type Genome, genomeKey, runGa, uniformGenomes } from "./ga.ts";
+import {
+  type GaResult,
+  type GenerationRecord,
+  type Genome,
+  genomeKey,
+  runGa,
+  uniformGenomes,
+  uniqueGenomes,
+} from "./ga.ts";
 import { bestSoFarByProposer, paretoFront } from "./memory.ts";
 import {
   type ChartSpec,
@@ -129,6 +139,42 @@ export function switchGenomes(steps: number, choices: number): Genome[] {
     }
   }
   return out;
+}
+
+/**
+ * The switch seeds of the initial population: for each saving s of `savings` and each width index j > 0, the
+ * switch genome "width j for the k noisiest steps, then width 1" with the fewest k that saves at least s of
+ * width 1's MACs (a width that cannot save s, e.g. 0.75 past ~30%, gives none). These are the schedules DDSM's
+ * searches end at, which 16 uniform and random genomes almost never hit.
+ */
+export function switchSeedGenomes(
+  steps: number,
+  macsAt: readonly number[],
+  savings: readonly number[],
+): Genome[] {
+  const toFull = switchGenomes(steps, macsAt.length).filter((g) => g[steps - 1] === 0);
+  const out: Genome[] = [];
+  for (const s of savings) {
+    for (let j = 1; j < macsAt.length; j++) {
+      // switchGenomes lists k in increasing order, so the first match has the fewest narrow steps; 1e-9
+      // absorbs the rounding of a saving that is exactly s.
+      const g = toFull.find((g) => g[0] === j && 1 - averageMacs(g, macsAt) / macsAt[0] >= s - 1e-9);
+      if (g) out.push(g);
+    }
+  }
+  return uniqueGenomes(out);
+}
+
+/** The genomes DDSM puts in the GA's initial population after the uniform ones: switch seeds, profile seeds. */
+export function ddsmSeedGenomes(
+  d: Pick<SearchConfig["ddsm"], "switchSeeds" | "profileSeeds">,
+  profile: StepProfile,
+  macsAt: readonly number[],
+): Genome[] {
+  return [
+    ...switchSeedGenomes(profile.sigmas.length, macsAt, d.switchSeeds),
+    ...d.profileSeeds.map((delta) => profileGenome(profile, macsAt, delta)),
+  ];
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -519,7 +565,7 @@ export async function runDdsmSearch(
         generations: d.generations,
         mutationRate: d.mutationRate,
         seed: cfg.seed,
-        seeds: d.profileSeeds.map((delta) => profileGenome(profile, macsAt, delta)),
+        seeds: ddsmSeedGenomes(d, profile, macsAt),
       },
       async (g) => fitnessOf(await scoreGenome(sc, g, GA_PROPOSER), d),
       {

@@ -11,7 +11,7 @@
  *     population ← the best `population` of parents ∪ children (elitist survival; the best is never lost)
  *
  * The initial population is the uniform genomes (every step at one width), the caller's seed genomes (DDSM
- * here: genomes read off the step-importance profile) and random ones. Every random
+ * here: switch schedules and genomes read off the step-importance profile) and random ones. Every random
  * choice comes from an `Rng` seeded by (seed, generation), and the fitness of a genome is looked up by its key
  * before it is computed, so a killed search run again replays the same generations from its stored
  * evaluations and computes only what is missing.

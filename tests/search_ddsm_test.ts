@@ -27,6 +27,7 @@ import {
 import {
   averageMacs,
   datasetSlice,
+  ddsmSeedGenomes,
   doneWhen,
   GA_PROPOSER,
   heunEvaluations,
@@ -36,9 +37,10 @@ import {
   runDdsmSearch,
   SUPERNET_FILE,
   switchGenomes,
+  switchSeedGenomes,
 } from "../search/ddsm.ts";
 import { SqliteStorage } from "../search/sqlite_storage.ts";
-import type { SearchConfigInput } from "../search/config.ts";
+import { DdsmSettingsSchema, type SearchConfigInput } from "../search/config.ts";
 import type { Trial } from "../search/types.ts";
 import { unetCost } from "../models/cost.ts";
 import { parseUNetSpec } from "../models/unet.ts";
@@ -272,6 +274,71 @@ Deno.test("ddsm profile genome: per step the cheapest width within (1 + δ) of w
   assertEquals(profileGenome(profile, macsAt, 1), [3, 3, 3, 3]);
 });
 
+Deno.test("ddsm switch seeds: per saving and width, the fewest noisy narrow steps that save it", () => {
+  // 4 steps (2, 2, 2, 1 evaluations): width j for k steps saves 2k(100 − m_j)/700 of width 1's MACs, so
+  // 0.75 (60) saves 11%, 23%, 34%; 0.5 (30) 20%, 40%, 60%; 0.25 (10) 26%, 51%, 77%.
+  const macsAt = [100, 60, 30, 10];
+  assertEquals(switchSeedGenomes(4, macsAt, [0.3]), [[1, 1, 1, 0], [2, 2, 0, 0], [3, 3, 0, 0]]);
+  // Exactly 40% counts as 40%; 0.75 cannot save it.
+  assertEquals(switchSeedGenomes(4, macsAt, [0.4]), [[2, 2, 0, 0], [3, 3, 0, 0]]);
+  // Repeats (0.5 for three steps serves 50% and 55%) are kept once.
+  assertEquals(switchSeedGenomes(4, macsAt, [0.5, 0.55]), [[2, 2, 2, 0], [3, 3, 0, 0], [3, 3, 3, 0]]);
+  assertEquals(switchSeedGenomes(4, macsAt, [0.9]), []);
+  assertEquals(switchSeedGenomes(4, macsAt, []), []);
+  fc.assert(
+    fc.property(fc.array(fc.double({ min: 0.01, max: 0.99, noNaN: true }), { maxLength: 4 }), (savings) => {
+      const all = new Set(switchGenomes(4, 4).map(genomeKey));
+      for (const g of switchSeedGenomes(4, macsAt, savings)) {
+        assert(inRange(g, 4, 4) && all.has(genomeKey(g)) && g[3] === 0 && g[0] > 0);
+        assert(savings.some((s) => 1 - averageMacs(g, macsAt) / macsAt[0] >= s - 1e-9));
+      }
+    }),
+  );
+});
+
+Deno.test("ddsm seeds: the default initial population holds the 40% and 55% switch schedules", () => {
+  // MACs per forward of the default network (16×16 shapes) at widths 1, 0.75, 0.5, 0.25.
+  const macsAt = [18994400, 13263248, 4876320, 2361040];
+  const profile = { widths: [1, 0.75, 0.5, 0.25], sigmas: new Array(18).fill(1), loss: [], images: 0 };
+  const d = DdsmSettingsSchema.parse({});
+  const ga = (seeds: Genome[]): GaSettings => ({
+    length: 18,
+    choices: 4,
+    population: d.population,
+    generations: d.generations,
+    mutationRate: d.mutationRate,
+    seed: 0,
+    seeds,
+  });
+  const switchAt = (j: number, k: number) => Array.from({ length: 18 }, (_, i) => i < k ? j : 0);
+  const init = initialGenomes(ga(ddsmSeedGenomes(d, profile, macsAt)));
+  // The uniform genomes, then 0.5 for 10 steps (42.5%), 0.25 for 8 (40.0%), 0.5 for 13 (55.2%), 0.25 for 11
+  // (55.0%): the population of 8 holds all four, no random genome.
+  assertEquals(init, [
+    ...uniformGenomes(18, 4),
+    switchAt(2, 10),
+    switchAt(3, 8),
+    switchAt(2, 13),
+    switchAt(3, 11),
+  ]);
+  for (const g of init) assert(inRange(g, 18, 4));
+  assert(Math.abs(1 - averageMacs(switchAt(3, 8), macsAt) / macsAt[0] - 0.4003) < 1e-4);
+  // Both lists empty: the official start, uniform and random genomes only.
+  const official = initialGenomes(
+    ga(ddsmSeedGenomes({ ...d, switchSeeds: [], profileSeeds: [] }, profile, macsAt)),
+  );
+  assertEquals(official.slice(0, 4), uniformGenomes(18, 4));
+  assertEquals(official.length, d.population);
+  assertEquals(official.slice(4), initialGenomes(ga([])).slice(4));
+  // Profile seeds follow the switch seeds.
+  const withProfile = ddsmSeedGenomes(
+    { switchSeeds: [0.4], profileSeeds: [0] },
+    { ...profile, loss: [1, 2, 3, 4].map(() => new Array(18).fill(1)) },
+    macsAt,
+  );
+  assertEquals(withProfile, [switchAt(2, 10), switchAt(3, 8), new Array(18).fill(3)]);
+});
+
 Deno.test("ddsm verdict: the nearest uniform schedule below width 1 and the done-when test", () => {
   // The default network's MACs per width (M): 18.99, 13.26, 4.88, 2.36.
   const macsAt = [18.99, 13.26, 4.88, 2.36];
@@ -433,11 +500,24 @@ Deno.test({
     // Another search takes this one's supernet.safetensors: nothing is trained, the same genomes score the same.
     const other = `${await tempDir("ddsm-e2e-file-")}/run`;
     const loaded: string[] = [];
-    await runDdsmSearch(tiny(other, { supernet: `${out}/${SUPERNET_FILE}`, generations: 0, fidN: 0 }), {
-      onEvent: (e) => e.type === "supernet" && e.loaded && loaded.push(e.loaded),
-    });
+    await runDdsmSearch(
+      tiny(other, {
+        supernet: `${out}/${SUPERNET_FILE}`,
+        generations: 0,
+        fidN: 0,
+        population: 5,
+        switchSeeds: [0.4],
+      }),
+      { onEvent: (e) => e.type === "supernet" && e.loaded && loaded.push(e.loaded) },
+    );
     assertEquals(loaded, [`${out}/${SUPERNET_FILE}`]);
     const reused = await readMemory(other);
+    // Its initial population: the uniform genomes and the first switch seed (MACs read off the uniform trials).
+    const macsAt = uniformGenomes(4, 4).map((u) => reused.find((t) => t.key === genomeKey(u))!.costs.macs!);
+    const seeds = switchSeedGenomes(4, macsAt, [0.4]);
+    assert(seeds.length > 0, "no switch seed saves 40% on this network");
+    const gaKeys = reused.filter((t) => t.proposer === GA_PROPOSER).map((t) => t.key).sort();
+    assertEquals(gaKeys, [...uniformGenomes(4, 4), seeds[0]].map(genomeKey).sort());
     for (const t of reused) {
       const same = after.find((u) => u.key === t.key);
       if (same) assertEquals(t.scores.proxyFid, same.scores.proxyFid);
