@@ -34,7 +34,8 @@ import type { Trial } from "./types.ts";
 export const DEFAULT_COMPARE_OUT = "runs/compare";
 /**
  * Trials of each run of a comparison unless the configuration says otherwise, at the search's own schedule:
- * 3 seeds × 2 proposers × 10 trials of 3 kimg take about 70 minutes on a quiet two-core machine here. A
+ * 3 seeds × 2 proposers × 10 trials of 3 kimg take about 70 minutes on a quiet two-core machine here, of the
+ * default 6 kimg about twice that (`--kimg 3` is the shorter comparison, in its pixel-noise regime). A
  * shorter schedule is no cheaper way to the answer: at 1 kimg every candidate's proxy sits in the untrained
  * network's noise floor (RFID-128 86.6, 86.6 and 87.3 for the first three trials of a run, the default
  * network's 85.9), all within the 2% target, so every run "reaches" it at its first trial.
