@@ -18,7 +18,7 @@ import type { Dataset } from "../models/data.ts";
 import { NetworkGenerator } from "../models/generate.ts";
 import { parseTrainerConfig, Trainer, type TrainerConfig } from "../models/trainer.ts";
 import { UNet, type UNetSpec } from "../models/unet.ts";
-import { lossProxy, type LossProtocol } from "../eval/denoising_loss.ts";
+import { type LossProtocol, lossProxy } from "../eval/denoising_loss.ts";
 import type { FeatureExtractor } from "../eval/features.ts";
 import type { FidStatistics } from "../eval/fid.ts";
 import { type FidMeasurement, type FidProtocol, measureFid } from "../eval/proxy.ts";
