@@ -30,8 +30,8 @@ const positive = z.number().positive().finite();
 /** How each candidate is trained. */
 export const TrialTrainingSchema = z.strictObject({
   // Thousands of training images per candidate (DiffNAS's rapid convergence: half of the 12-kimg default run).
-  // The schedule the proxy validation supports, weakly: over seven architectures RFID-128 after 6 kimg ranks
-  // the 12-kimg FID-2048 with ρ +0.21, after 3 kimg backwards (ρ −0.64; the loss proxy −0.36, then +0.07); at
+  // The schedule the proxy validation supports, weakly: over eight architectures RFID-128 after 6 kimg ranks
+  // the 12-kimg FID-2048 with ρ +0.29, after 3 kimg backwards (ρ −0.33; the loss proxy +0.02, then −0.07); at
   // 1 kimg every candidate sat in the noise floor (README "Does the proxy rank architectures?").
   kimg: positive.max(1000).default(6),
   // Images per optimizer step.
