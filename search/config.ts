@@ -78,9 +78,9 @@ export const QueueSchema = z.strictObject({
  * a load average of 5–9 (other jobs on the two cores): the sandwich supernet, 6 kimg, 311 s (19 img/s; its
  * step costs 2.2–3.0 plain steps; 590 s at 10 img/s in a busier hour); the profile 28 s; RFID-128 at 18 Heun
  * steps 9–39 s per genome (16 of the GA 307 s, the 2 switches not already scored 48 s); FID-2048 388 s at width
- * 1, 331 s at uniform 0.75, 286 s at 40% saving: 28.5 minutes in all (README). On a quiet machine these take
- * about half (the default network trains at ~82 img/s there, so the supernet ~3–4 min): about 15 minutes; the
- * GA stops at `minutes` (13) where the machine is slower. The switch seeds replace random genomes, so they
+ * 1, 331 s at uniform 0.75, 286 s at 40% saving: 28.5 minutes in all (README). On a quiet machine (fresh clone,
+ * load below 1) the defaults took 14 min 13 s: supernet 179 s, profile 12 s, 18 genomes ~175 s, the three
+ * FID-2048 ~480 s; the GA stops at `minutes` (13) where the machine is slower. The switch seeds replace random genomes, so they
  * add no evaluation.
  */
 export const DdsmSettingsSchema = z.strictObject({
