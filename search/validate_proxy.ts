@@ -101,6 +101,7 @@ export interface RunScore {
   value: number | null;
   error?: string;
   trainSeconds: number;
+  /** Seconds of both scores (the FID and the loss proxy). */
   scoreSeconds: number;
   lossName?: string;
   loss?: number | null;
@@ -478,8 +479,11 @@ export async function validateProxy(
         if (settings.inheritance && phase !== "long") weights = await hostState(net);
         const m = await scoreNetwork(net, cfgT.sigmaData, scoring, kind, protocol, onEvent);
         const l = await lossProxyOf(net, cfgT.sigmaData, dataset, lossProxy);
-        Object.assign(score, { value: m.value, scoreSeconds: m.seconds + l.seconds, lossName: l.name });
-        Object.assign(score, { loss: l.value, lossBySigma: l.bySigma });
+        score.value = m.value;
+        score.scoreSeconds = m.seconds + l.seconds;
+        score.lossName = l.name;
+        score.loss = l.value;
+        score.lossBySigma = l.bySigma;
       } catch (e) {
         if ((e as Error).message === "interrupted") throw e;
         score.error = (e as Error).message;
@@ -493,9 +497,12 @@ export async function validateProxy(
 
     const stored = await storedRows(json, report(false));
     // What is kept goes into the rows at once, so that every rewrite of the JSON still holds it.
+    const kept = new Set<number>();
     for (const [i, prev] of stored.entries()) {
-      if (rowFinished(prev, settings.inheritance)) rows[i] = prev;
-      else if (prev.long) rows[i].long = prev.long;
+      if (rowFinished(prev, settings.inheritance)) {
+        rows[i] = prev;
+        kept.add(i);
+      } else if (prev.long) rows[i].long = prev.long;
     }
     // Weights of the inherit pass, by index (the parents of later architectures); for an architecture finished
     // before a restart, `weightsOf` retrains the run that gave them.
@@ -512,8 +519,7 @@ export async function validateProxy(
       return inherited.get(j) ?? null;
     };
     for (let i = 0; i < picked.length; i++) {
-      const prev = stored[i] as ArchitectureRow | undefined;
-      if (prev && rowFinished(prev, settings.inheritance)) {
+      if (kept.has(i)) {
         emit({ type: "resumed", index: i, total: picked.length, summary: rows[i].summary, kept: "all" });
         // Its inherit (or first short) run succeeded, so it had weights to pass on.
         if (settings.inheritance && rows[i].inherit?.value !== null) hasWeights.add(i);
@@ -521,7 +527,7 @@ export async function validateProxy(
       }
       const s = await trainAndScore(i, "short", short, proxy, "RFID", null);
       rows[i].short = s.score;
-      if (prev?.long) {
+      if (stored[i]?.long) {
         // The long run is the expensive half: a row measured before the loss proxy existed keeps it.
         emit({ type: "resumed", index: i, total: picked.length, summary: rows[i].summary, kept: "long" });
       } else rows[i].long = (await trainAndScore(i, "long", long, full, "FID", null)).score;
