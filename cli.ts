@@ -634,9 +634,10 @@ program
   .option(
     "--compare",
     "measure instead of searching: run the memory-based proposer (evolutionary, or llm when configured) and " +
-      "random search for --trials each (default 10) over --seeds seeds (default 3), report trials-to-target " +
+      "random search for --trials each (default 6) over --seeds seeds (default 3), report trials-to-target " +
       "(within 2% of the best proxy FID of all runs), mean and spread; writes compare.json and .md " +
-      "(default --out runs/compare, one resumable search folder per run)",
+      "(default --out runs/compare, one resumable search folder per run). Its own defaults, to fit half an " +
+      "hour here: --kimg 3, --max-macs 20e6 (the default network's cost), no sample grids",
   )
   .option("--seeds <n>", "--compare: seeds 0 .. n−1 (default 3)", num)
   .option(

@@ -7,7 +7,15 @@
  */
 
 import type { Trial } from "../search/types.ts";
-import { bestProxy, compareRuns, runCompare, summarizeRuns, trialsToTarget } from "../search/compare.ts";
+import {
+  bestProxy,
+  COMPARE_DEFAULTS,
+  compareRuns,
+  compareSearchInput,
+  runCompare,
+  summarizeRuns,
+  trialsToTarget,
+} from "../search/compare.ts";
 import { type RunScore, spreadArchitectures, validateProxy } from "../search/validate_proxy.ts";
 import { createSearchSpace, type SearchSpaceConfigInput } from "../search/space.ts";
 import { baseNetwork } from "../search/diffnas.ts";
@@ -263,6 +271,21 @@ test("validateProxy resumes: finished architectures are kept, the rest measured,
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
+});
+
+test("compareSearchInput: the comparison's sizes unless given, field by field", () => {
+  const d = COMPARE_DEFAULTS;
+  assertEquals(compareSearchInput({}), {
+    trials: d.trials,
+    maxMacs: d.maxMacs,
+    gridImages: d.gridImages,
+    training: { kimg: d.kimg },
+  });
+  const given = compareSearchInput({ trials: 10, maxMacs: 60e6, training: { batch: 16 }, seed: undefined });
+  assertEquals([given.trials, given.maxMacs, given.gridImages], [10, 60e6, d.gridImages]);
+  assertEquals(given.training, { kimg: d.kimg, batch: 16 }, "a training object keeps the default kimg");
+  assertEquals(compareSearchInput({ training: { kimg: 6 } }).training, { kimg: 6 });
+  assertEquals(compareSearchInput({ training: "fast" }).training, "fast", "left for the schema to name");
 });
 
 test("runCompare end to end (tiny): a search folder per proposer and seed, compare.json, resumable", async () => {

@@ -1,9 +1,9 @@
 /**
  * @file The random and evolutionary proposers: proposals are architectures of the space, deterministic per
  * seed, never a key the memory already holds (nor twice in one batch); the evolutionary proposer samples at
- * random until it has k done trials, then breeds from the best: with a memory in which one region of the space
- * scores well, its children concentrate there, and each child's parent is one of the best trials, the one
- * closest to it.
+ * random until it has `minParents` done trials (by default one: it mutates the baseline at once), then breeds
+ * from the best: with a memory in which one region of the space scores well, its children concentrate there,
+ * and each child's parent is one of the best trials, the one closest to it.
  */
 
 import { EvolutionaryProposer, mutate } from "../search/proposers/evolutionary.ts";
@@ -20,7 +20,7 @@ import {
 } from "../search/space.ts";
 import type { Proposal, Trial } from "../search/types.ts";
 import { Rng } from "../util/random.ts";
-import { assertEquals, fakeTrial, test } from "./util.ts";
+import { assertEquals, assertThrows, fakeTrial, test } from "./util.ts";
 
 function assert(cond: unknown, what: string): asserts cond {
   if (!cond) throw new Error(what);
@@ -114,19 +114,42 @@ test("proposers: in a tiny space they return only what the memory lacks", async 
   }
 });
 
-test("evolutionary proposer: random samples until k trials are done", async () => {
+test("evolutionary proposer: random samples until minParents trials are done", async () => {
   const space = createSearchSpace();
   const trials = memory(space, 4, 2, () => 20);
   trials.push(
     ...memory(space, 3, 3, () => 0).map((t, i) => ({ ...t, id: 5 + i, status: "failed" as const })),
   );
-  const evo = new EvolutionaryProposer(space, { topK: 5 });
+  const evo = new EvolutionaryProposer(space, { topK: 5, minParents: 5 });
   const got = await evo.propose({ trials, count: 6, seed: 9 });
   assertEquals(
     got,
     await new RandomProposer(space).propose({ trials, count: 6, seed: 9 }),
     "random fallback",
   );
+  // One more done trial and it breeds: every child names a parent.
+  const five = [...trials, trialOf(8, sampleArchitecture(space, new Rng(77)), 15)];
+  for (const p of await evo.propose({ trials: five, count: 6, seed: 9 })) {
+    assert(p.parentId !== null, "a bred child has a parent");
+  }
+  assertThrows(() => new EvolutionaryProposer(space, { topK: 3, minParents: 4 }), "minParents");
+});
+
+test("evolutionary proposer: by default the first children are mutations of the one done trial", async () => {
+  const space = createSearchSpace();
+  const [baseline] = memory(space, 1, 5, () => 30);
+  const queued = memory(space, 3, 6, () => 0).map((t, i) => ({ ...t, id: 2 + i, status: "queued" as const }));
+  const trials = [baseline, ...queued];
+  const ps = await new EvolutionaryProposer(space).propose({ trials, count: 8, seed: 3 });
+  assertEquals(ps.length, 8, "count");
+  assertValidAndNew(space, ps, trials);
+  for (const p of ps) {
+    assertEquals(p.parentId, baseline.id, "the parent is the baseline");
+    const child = p.spec as Architecture, parent = baseline.spec as Architecture;
+    // One or two fields mutated (and the attention a removed level took with it); no crossover with one parent.
+    const changed = ARCHITECTURE_FIELDS.filter((f) => JSON.stringify(child[f]) !== JSON.stringify(parent[f]));
+    assert(changed.length >= 1 && changed.length <= 3, `changed ${changed.join(", ")}`);
+  }
 });
 
 test("evolutionary proposer: children concentrate where the memory scores well, parents are the closest best", async () => {

@@ -5,10 +5,13 @@
  * Per child:
  *
  * 1. **Selection** (top-k): parents are drawn uniformly from the `topK` best done trials by proxy FID (lower is
- *    better), a second parent distinct from the first. While fewer than `topK` trials are done there is no
- *    population yet and the child is a uniform random sample instead.
- * 2. **Crossover** (with probability `crossoverRate`): uniform crossover, each field from one parent or the
- *    other with probability ½. `channelMult` is one field (the level count and multipliers go together); an
+ *    better), a second parent distinct from the first. While fewer than `minParents` trials are done there is
+ *    no population yet and the child is a uniform random sample instead. The default, 1, breeds from the
+ *    baseline (trial 1, the default network) at once: regularized evolution (Real et al. 2019) starts from a
+ *    random population of its own size, but a 13-minute search here trains 3–5 candidates, which such a start
+ *    would spend entirely on random samples.
+ * 2. **Crossover** (with probability `crossoverRate`, when the population has two members): uniform
+ *    crossover, each field from one parent or the other with probability ½. `channelMult` is one field (the level count and multipliers go together); an
  *    attention resolution the child's levels lack is dropped. Otherwise the child starts as a copy of one parent.
  * 3. **Mutation**: one or two fields (each case with probability ½), chosen among the fields the space lets
  *    vary, each moved within the space: base channels one step up or down, one level's multiplier ±1 or a
@@ -41,12 +44,17 @@ import { freshSample } from "./random.ts";
 
 /** Settings of the evolutionary proposer. */
 export const EvolutionaryOptionsSchema = z.strictObject({
-  /** Parents come from the k best done trials; with fewer done trials the proposals are random samples. */
+  /** Parents come from the k best done trials. */
   topK: z.number().int().min(2).default(5),
+  /** Done trials needed before children are bred; with fewer, the proposals are random samples. */
+  minParents: z.number().int().min(1).default(1),
   /** Probability that a child is a crossover of two parents rather than a copy of one (before mutation). */
   crossoverRate: z.number().min(0).max(1).default(0.5),
   /** Tries per child to find an architecture not yet in the memory. */
   maxTries: z.number().int().min(1).default(50),
+}).refine((o) => o.minParents <= o.topK, {
+  message: "minParents must not exceed topK (the population never grows past topK)",
+  path: ["minParents"],
 });
 export type EvolutionaryOptions = z.input<typeof EvolutionaryOptionsSchema>;
 
@@ -66,7 +74,7 @@ export class EvolutionaryProposer implements Proposer {
   }
 
   propose(ctx: ProposalContext): Promise<Proposal[]> {
-    const { topK, crossoverRate, maxTries } = this.options;
+    const { topK, minParents, crossoverRate, maxTries } = this.options;
     const rng = new Rng(ctx.seed), seen = new Set(ctx.trials.map((t) => t.key));
     // The population: the best done trials whose spec still fits the space (a resumed run may have changed it).
     const pool: Member[] = [];
@@ -77,7 +85,7 @@ export class EvolutionaryProposer implements Proposer {
     }
     const out: Proposal[] = [];
     for (let i = 0; i < ctx.count; i++) {
-      if (pool.length < topK) {
+      if (pool.length < minParents) {
         const a = freshSample(this.space, rng, seen, maxTries);
         if (a) out.push({ spec: a, parentId: null });
         continue;
@@ -86,7 +94,7 @@ export class EvolutionaryProposer implements Proposer {
         const p1 = pool[rng.int(pool.length)];
         let p2: Member | null = null;
         let child: Architecture;
-        if (rng.next() < crossoverRate) {
+        if (pool.length > 1 && rng.next() < crossoverRate) {
           p2 = pool[(pool.indexOf(p1) + 1 + rng.int(pool.length - 1)) % pool.length];
           child = crossover(p1.arch, p2.arch, rng);
         } else child = p1.arch;
