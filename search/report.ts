@@ -503,11 +503,13 @@ export function renderReportHtml(input: ReportInput, options: ReportOptions = {}
   }
   out.push(baselineHtml(input));
   if (ranked.length > 0) {
+    // Searches whose candidates do not train (DDSM's genomes share one supernet) have no loss curves to draw.
+    const losses = lossChart(input, ranked);
     out.push(
       `<h2>Plots</h2><div class="charts">`,
       chartHtml(paretoChart(input, ranked, proxyName)),
       chartHtml(bestSoFarChart(input, proxyName)),
-      chartHtml(lossChart(input, ranked)),
+      ...(losses.series.length > 0 ? [chartHtml(losses)] : []),
       `</div>`,
     );
   }

@@ -239,6 +239,15 @@ Deno.test("report.html: self-contained, three SVG plots, data-URI grids, section
   assertStringIncludes(html, "1 h 02 min 03 s");
   assert(!html.includes("sk-do-not-show"));
   assert(html.length < 400_000, `report.html is ${html.length} characters`);
+  assertStringIncludes(html, "Training loss of the best");
+});
+
+Deno.test("report.html: no loss chart when no trial trained (DDSM genomes)", () => {
+  const input = syntheticSearch();
+  const trials = input.trials.map((t) => ({ ...t, lossHistory: [] }));
+  const html = renderReportHtml({ ...input, trials, baseline: { ...input.baseline!, lossHistory: [] } });
+  assert(!html.includes("Training loss of the best"), "no empty loss chart");
+  assertStringIncludes(html, "Best RFID-128 so far");
 });
 
 Deno.test("report.html: strings from data are escaped", () => {
