@@ -373,7 +373,7 @@ async function validateProxyCommand(
   });
   p.stop();
   console.log(await Deno.readTextFile(r.markdown));
-  console.log(`written: ${r.json} and ${r.markdown}`);
+  console.log(`written: ${r.json}, ${r.markdown} and ${r.html}`);
 }
 
 /** `search --compare`: one log line per finished trial and run, then the table. */
@@ -401,7 +401,7 @@ async function compareCommand(
   });
   p.stop();
   console.log(await Deno.readTextFile(r.markdown));
-  console.log(`written: ${r.json} and ${r.markdown}`);
+  console.log(`written: ${r.json}, ${r.markdown} and ${r.html}`);
   if (r.interrupted) {
     console.log(`interrupted: run the same command to continue`);
     Deno.exit(130);

@@ -17,7 +17,8 @@
  * wall-clock budget is lifted (unless `minutes` is given) so every run gets the same number of trials.
  *
  * Each run is an ordinary search folder, so an interrupted comparison continues where it stopped: finished
- * runs are reopened as-is, the interrupted one resumes. `compare.json` and `compare.md` go into the out folder.
+ * runs are reopened as-is, the interrupted one resumes. `compare.json`, `compare.md` and `compare.html` (the
+ * best-so-far curves of every run) go into the out folder.
  */
 
 import { z } from "zod";
@@ -27,6 +28,7 @@ import { UsageError } from "../util/errors.ts";
 import { writeTextAtomic } from "../util/files.ts";
 import { type SearchConfigInput, SearchConfigSchema } from "./config.ts";
 import { runSearch, type SearchEvent } from "./diffnas.ts";
+import { type ChartSeries, escapeHtml, renderChartSvg } from "./report.ts";
 import { MEMORY_FILE } from "./sqlite_storage.ts";
 import type { Trial } from "./types.ts";
 
@@ -100,6 +102,8 @@ export interface CompareRun {
   best: number | null;
   stoppedBy: string;
   toTarget: TrialsToTarget;
+  /** Best proxy FID so far after each trained trial, in order (null until one is done). */
+  bestSoFar: (number | null)[];
 }
 
 /** Mean and spread of one proposer's trials-to-target. */
@@ -161,6 +165,18 @@ export function trialsToTarget(
     : { trials: i + 1, reached: true, trained: ordered.length };
 }
 
+/** The best proxy FID after each trained trial of a run (null until one is done). */
+export function bestSoFar(trials: readonly Pick<Trial, "id" | "status" | "scores">[]): (number | null)[] {
+  let best: number | null = null;
+  return trained(trials).map((t) => {
+    const v = t.scores.proxyFid;
+    if (t.status === "done" && typeof v === "number" && Number.isFinite(v) && (best === null || v < best)) {
+      best = v;
+    }
+    return best;
+  });
+}
+
 /** Mean, sample standard deviation and range of trials-to-target per proposer, in first-seen order. */
 export function summarizeRuns(runs: readonly Pick<CompareRun, "proposer" | "toTarget">[]): ProposerSummary[] {
   const names = [...new Set(runs.map((r) => r.proposer))];
@@ -203,6 +219,7 @@ export function compareRuns(
     stoppedBy: r.stoppedBy,
     // No finished trial anywhere: no run reaches a target.
     toTarget: trialsToTarget(r.trials, target ?? -Infinity),
+    bestSoFar: bestSoFar(r.trials),
   }));
   return { best, target, runs: out, summary: summarizeRuns(out) };
 }
@@ -233,6 +250,78 @@ export function compareMarkdown(r: CompareReport): string {
   return lines.join("\n") + "\n";
 }
 
+/**
+ * `compare.html`: the summary table and the best proxy FID so far against trial number of every run (solid:
+ * the memory-based proposer, dashed: random), with the target; self-contained like report.html.
+ */
+export function compareHtml(r: CompareReport): string {
+  const name = r.proxyName ?? "proxy FID";
+  const proposers = r.summary.map((s) => s.proposer);
+  const colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"];
+  const series: ChartSeries[] = r.runs.map((run) => ({
+    name: `${run.proposer} seed ${run.seed}`,
+    kind: "step",
+    color: colors[Math.max(0, proposers.indexOf(run.proposer)) % colors.length],
+    dashed: run.proposer === "random",
+    points: run.bestSoFar.flatMap((b, i): [number, number][] => (b === null ? [] : [[i + 1, b]])),
+  }));
+  const longest = Math.max(1, ...r.runs.map((x) => x.bestSoFar.length));
+  if (r.target !== null) {
+    series.push({
+      name: `target (best + ${(r.tolerance * 100).toFixed(0)}%)`,
+      kind: "line",
+      color: "#777",
+      dashed: true,
+      points: [[1, r.target], [longest, r.target]],
+    });
+  }
+  const chart = renderChartSvg({
+    title: `Best ${name} so far`,
+    xLabel: "trial",
+    yLabel: name,
+    series,
+    width: 720,
+    height: 420,
+  });
+  const e = (v: unknown) => escapeHtml(String(v));
+  const f = (v: number | null, d = 3) => (v === null ? "–" : v.toFixed(d));
+  const row = (cells: unknown[]) => `<tr>${cells.map((c) => `<td>${e(c)}</td>`).join("")}</tr>`;
+  const head = (cells: string[]) => `<tr>${cells.map((c) => `<th>${e(c)}</th>`).join("")}</tr>`;
+  return [
+    `<!doctype html><html lang="en"><head><meta charset="utf-8">`,
+    `<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'">`,
+    `<title>Proposer comparison</title><style>body{font:14px/1.45 system-ui,sans-serif;max-width:1000px;` +
+    `margin:20px auto;padding:0 16px}table{border-collapse:collapse;font-size:13px}th,td{padding:3px 9px;` +
+    `border-bottom:1px solid #eee;text-align:left}th{background:#f6f6f6}</style></head><body>`,
+    `<h1>Proposer comparison${r.complete ? "" : " (incomplete)"}</h1>`,
+    `<p>${r.seeds} seeds × ${r.trials} trials per run; target: ${e(name)} ≤ ${
+      f(r.target)
+    } (best of all runs ` +
+    `${f(r.best)} + ${(r.tolerance * 100).toFixed(0)}%); ${(r.seconds / 60).toFixed(1)} minutes.</p>`,
+    `<table>`,
+    head(["proposer", "runs", "trials-to-target mean", "std", "min", "max", "never reached"]),
+    ...r.summary.map((s) =>
+      row([s.proposer, s.runs, s.mean.toFixed(2), s.std.toFixed(2), s.min, s.max, s.notReached])
+    ),
+    `</table>`,
+    `<figure>${chart}<figcaption>Best ${e(name)} so far against trial number, per run (the baseline, the ` +
+    `default network, is trial 1 of each)</figcaption></figure>`,
+    `<table>`,
+    head(["proposer", "seed", "trained", "best", "trials-to-target", "folder"]),
+    ...r.runs.map((x) =>
+      row([
+        x.proposer,
+        x.seed,
+        x.toTarget.trained,
+        f(x.best),
+        `${x.toTarget.trials}${x.toTarget.reached ? "" : " (never reached)"}`,
+        x.dir,
+      ])
+    ),
+    `</table></body></html>`,
+  ].join("\n") + "\n";
+}
+
 /** What the comparison reports as it goes. */
 export type CompareEvent =
   | { type: "run-start"; proposer: string; seed: number; dir: string; resumed: boolean }
@@ -252,7 +341,7 @@ export async function runCompare(
   input: SearchConfigInput | Record<string, unknown>,
   settingsInput: CompareInput | Record<string, unknown> = {},
   opts: CompareOptions = {},
-): Promise<{ report: CompareReport; json: string; markdown: string; interrupted: boolean }> {
+): Promise<{ report: CompareReport; json: string; markdown: string; html: string; interrupted: boolean }> {
   const t0 = performance.now();
   const given: Record<string, unknown> = Object.fromEntries(
     Object.entries((input ?? {}) as Record<string, unknown>).filter(([, v]) => v !== undefined),
@@ -280,7 +369,7 @@ export async function runCompare(
   const emit = opts.onEvent ?? (() => {});
   const root = cfg.out;
   await Deno.mkdir(root, { recursive: true });
-  const json = `${root}/compare.json`, markdown = `${root}/compare.md`;
+  const json = `${root}/compare.json`, markdown = `${root}/compare.md`, page = `${root}/compare.html`;
   const device = opts.device ?? await Device.create({ backend: cfg.backend });
   const done: { proposer: string; seed: number; dir: string; stoppedBy: string; trials: Trial[] }[] = [];
   let proxyName: string | null = null;
@@ -300,6 +389,7 @@ export async function runCompare(
     };
     await writeTextAtomic(json, JSON.stringify(report, null, 2) + "\n");
     await writeTextAtomic(markdown, compareMarkdown(report));
+    await writeTextAtomic(page, compareHtml(report));
     return report;
   };
   let interrupted = false;
@@ -325,7 +415,7 @@ export async function runCompare(
         await write(false);
       }
     }
-    return { report: await write(!interrupted), json, markdown, interrupted };
+    return { report: await write(!interrupted), json, markdown, html: page, interrupted };
   } finally {
     if (!opts.device) device.destroy();
   }

@@ -9,7 +9,9 @@
 import type { Trial } from "../search/types.ts";
 import {
   bestProxy,
+  bestSoFar,
   COMPARE_DEFAULTS,
+  compareHtml,
   compareRuns,
   compareSearchInput,
   runCompare,
@@ -95,6 +97,33 @@ test("compareRuns: the target is 2% above the best of all runs; mean and sample 
   const none = compareRuns([run("random", 0, [t(1, "failed")])]);
   assertEquals([none.best, none.target, none.runs[0].toTarget.reached], [null, null, false]);
   assertEquals(bestProxy([t(1, "pruned", 1), t(2, "done", 3)]), 3, "only finished trials count");
+  assertEquals(c.runs[1].bestSoFar, [20, 15, 13]);
+  assertEquals(c.runs[3].bestSoFar, [null, 10.1], "a failed first trial has no best yet");
+  assertEquals(bestSoFar([t(2, "done", 5), t(1, "pruned", 1), t(3, "rejected", 0), t(4, "done", 7)]), [
+    null,
+    5,
+    5,
+  ]);
+  // The page: self-contained, the chart, every run and the escaped folder names.
+  const html = compareHtml({
+    complete: true,
+    seeds: 2,
+    trials: 3,
+    proxyName: "RFID-128",
+    best: c.best,
+    target: c.target,
+    tolerance: 0.02,
+    runs: c.runs.map((r) => ({ ...r, dir: `<out>/${r.proposer}-seed${r.seed}` })),
+    summary: c.summary,
+    seconds: 90,
+  });
+  assert(!/<(script|link|iframe|object|embed)\b/i.test(html), "no script or embedded document");
+  assertEquals((html.match(/<svg/g) ?? []).length, 1);
+  assert(html.includes("&#60;out&#62;/random-seed1") && !html.includes("<out>"), "folders escaped");
+  assert(
+    html.includes("random seed 1") && html.includes("target (best + 2%)"),
+    "legend names runs and target",
+  );
 });
 
 /** Tiny settings shared by the end-to-end runs. */
@@ -314,6 +343,7 @@ test("runCompare end to end (tiny): a search folder per proposer and seed, compa
     assertEquals(r.report.summary.map((s) => [s.proposer, s.runs]), [["evolutionary", 2], ["random", 2]]);
     assert(r.report.runs.some((x) => x.toTarget.reached), "the best run reaches its own best");
     assert((await Deno.readTextFile(`${dir}/out/compare.md`)).includes("trials-to-target"));
+    assert((await Deno.readTextFile(`${dir}/out/compare.html`)).includes("<svg"));
     // Run again: every folder is resumed as it is, nothing retrained, the same report.
     const again = await runCompare(input, { seeds: 2 }, { device });
     assertEquals(again.report.runs, r.report.runs);
