@@ -2,7 +2,8 @@
 @file The PyTorch CPU peer of the bench's training steps (bench/peer_torch.ts spawns it): the same UNet as
 models/unet.ts (EDM's SongUNet / DhariwalUNet blocks, written here in PyTorch), the same EDM
 preconditioning and loss, torch.optim.Adam with the same hyper-parameters, and optionally EDM's EMA, at the
-same batch. Only the layout (encoder/decoder entries with their channels, heads and resampling, from
+same batch, fed one-hot class labels of random classes when the network is class-conditional (as the
+Trainer feeds ours from its labelled data). Only the layout (encoder/decoder entries with their channels, heads and resampling, from
 models/unet.ts `unetLayout`) and the spec come from the TypeScript side, so both build the same network; the
 parameter counts are compared before anything is timed.
 
@@ -133,12 +134,13 @@ class UNetBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """The UNet of a spec and its layout (models/unet.ts), SongUNet mapping, positional embedding."""
+    """The UNet of a spec and its layout (models/unet.ts): SongUNet mapping (optionally class-conditional),
+    positional embedding."""
 
     def __init__(self, spec, layout):
         super().__init__()
-        if spec["embedding"] != "positional" or spec["mapping"] != "song" or spec["labelDim"] or spec["augmentDim"]:
-            raise ValueError("peer_torch: only the positional, unconditional SongUNet mapping is written here")
+        if spec["embedding"] != "positional" or spec["mapping"] != "song" or spec["augmentDim"]:
+            raise ValueError("peer_torch: only the positional SongUNet mapping without augment labels is written here")
         mc = spec["modelChannels"]
         noise_c, emb_c = mc * spec["channelMultNoise"], mc * spec["channelMultEmb"]
         i = spec["init"]
@@ -154,6 +156,10 @@ class UNet(nn.Module):
             "freqs", torch.tensor([(1 / spec["maxPositions"]) ** (k / denom) for k in range(half)])
         )
         self.layout_order = spec["embeddingLayout"]
+        # SongUNet's class conditioning: a biased linear from the one-hot label into the noise embedding
+        # (registered before map_layer0, as in EDM), with EDM's label dropout in training.
+        self.label_dim, self.label_dropout = spec["labelDim"], spec["labelDropout"]
+        self.map_label = Linear(self.label_dim, noise_c, inits["init"]) if self.label_dim else None
         self.map_layer0 = Linear(noise_c, emb_c, inits["init"])
         self.map_layer1 = Linear(emb_c, emb_c, inits["init"])
 
@@ -172,7 +178,7 @@ class UNet(nn.Module):
         self.out_norm = GroupNorm(c_last, spec)
         self.out_conv = Conv(c_last, spec["outChannels"], 3, inits["zero"])
 
-    def embed(self, c_noise):
+    def embed(self, c_noise, class_labels):
         a = c_noise.unsqueeze(1) * self.freqs.unsqueeze(0)
         c, s = a.cos(), a.sin()
         if self.layout_order == "cos-sin":
@@ -181,10 +187,17 @@ class UNet(nn.Module):
             emb = torch.cat([s, c], 1)
         else:
             emb = torch.stack([s, c], 2).flatten(1)
+        if self.map_label is not None:
+            labels = class_labels
+            if self.training and self.label_dropout:
+                labels = labels * (torch.rand([labels.shape[0], 1]) >= self.label_dropout).to(labels.dtype)
+            emb = emb + self.map_label(labels * math.sqrt(self.label_dim))
         return F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
 
-    def forward(self, x, c_noise):
-        emb = self.embed(c_noise)
+    def forward(self, x, c_noise, class_labels=None):
+        if self.map_label is not None and class_labels is None:
+            raise ValueError(f"peer_torch: class_labels [N, {self.label_dim}] are required (labelDim > 0)")
+        emb = self.embed(c_noise, class_labels)
         skips, h = [], x
         for k in self.enc_keys:
             m = self.enc[k]
@@ -197,7 +210,7 @@ class UNet(nn.Module):
         return self.out_conv(F.silu(self.out_norm(h)))
 
 
-def edm_loss(net, images, sigma_data, p_mean, p_std):
+def edm_loss(net, images, labels, sigma_data, p_mean, p_std):
     """EDM's preconditioning and loss (models/edm.ts edmLoss, EDMPrecond)."""
     n = images.shape[0]
     sigma = (torch.randn(n) * p_std + p_mean).exp().reshape(n, 1, 1, 1)
@@ -207,7 +220,7 @@ def edm_loss(net, images, sigma_data, p_mean, p_std):
     c_skip = sd2 / (sigma**2 + sd2)
     c_out = sigma * sigma_data * c_in
     c_noise = sigma.log().reshape(n) / 4
-    D = c_skip * noisy + c_out * net(noisy * c_in, c_noise)
+    D = c_skip * noisy + c_out * net(noisy * c_in, c_noise, labels)
     weight = (sigma**2 + sd2) / (sigma * sigma_data) ** 2
     return (weight * (D - images) ** 2).mean()
 
@@ -227,6 +240,7 @@ def main():
     ema = [p.detach().clone() for p in params] if w.get("ema") else None
     B, R = w["batch"], w["spec"]["imgResolution"]
     images = torch.randn(B, w["spec"]["inChannels"], R, R)
+    K = w["spec"]["labelDim"]
     nimg = 0
 
     def step():
@@ -236,7 +250,9 @@ def main():
         if ramp:
             for g in opt.param_groups:
                 g["lr"] = adam["lr"] * min(nimg / ramp, 1)
-        loss = edm_loss(net, images, w["sigmaData"], w["pMean"], w["pStd"])
+        # A fresh batch of one-hot labels per step, as the Trainer's data iterator gives ours.
+        labels = F.one_hot(torch.randint(K, (B,)), K).to(images.dtype) if K else None
+        loss = edm_loss(net, images, labels, w["sigmaData"], w["pMean"], w["pStd"])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -12,6 +12,7 @@
  */
 
 import { type FloatArray, type GpuCaps, type GpuDispatch, type Kernel, ParamWriter } from "./types.ts";
+import { cachedSource } from "./source_cache.ts";
 import { coalesce, contiguousStrides } from "./layout.ts";
 import { ENTRY_1D, grid1d, header, splitIndexWgsl } from "./wgsl.ts";
 
@@ -268,74 +269,79 @@ export const elementwise: Kernel<ElementwiseParams> = {
     const constBase = w.offset;
     w.f32(...p.consts);
 
-    const needs = new Set<string>();
-    const body = toWgsl(p.expr, constBase, needs);
-    const lines: string[] = [];
-    if (anyStrided) {
-      // Offsets of group i's first element in each strided input, from the group's coordinates.
-      access.forEach((a, k) => a === "strided" && lines.push(`var o${k} = 0u;`));
-      lines.push(`var rem = i;`);
-      lines.push(
-        ...splitIndexWgsl(
-          rank,
-          1,
-          (d) =>
-            access.flatMap((a, k) => (a === "strided" ? [`o${k} += c * pu(${strideWord[k] + d}u);`] : [])),
-        ),
-      );
-    }
-    const vec4Input = (k: number) => (V === 4 && access[k] === "same") || inner[k] === "vec4";
-    if (V === 1) {
-      access.forEach((a, k) =>
-        lines.push(`let x${k} = in${k}[${a === "same" ? "i" : a === "scalar" ? "0u" : `o${k}`}];`)
-      );
-      lines.push(`out[i] = ${body};`);
-    } else {
-      access.forEach((a, k) => {
-        if (a === "same") lines.push(`let v${k} = in${k}[i];`);
-        else if (a === "scalar") lines.push(`let s${k} = in${k}[0u];`);
-        else if (inner[k] === "vec4") lines.push(`let v${k} = in${k}[o${k}];`);
-        else if (inner[k] === "broadcast") lines.push(`let s${k} = in${k}[o${k}];`);
-      });
-      const comps: string[] = [];
-      for (let j = 0; j < 4; j++) {
-        lines.push(`var r${j}: f32;`, `{`);
-        access.forEach((_, k) => {
-          const src = vec4Input(k)
-            ? `v${k}[${j}]`
-            : inner[k] === "gather"
-            ? `in${k}[o${k} + ${j}u * pu(${strideWord[k] + rank}u)]`
-            : `s${k}`;
-          lines.push(`  let x${k} = ${src};`);
-        });
-        lines.push(`  r${j} = ${body};`, `}`);
-        comps.push(`r${j}`);
-      }
-      lines.push(`out[i] = vec4<f32>(${comps.join(", ")});`);
-    }
-    let head = header(strides.map((_, k) => `in${k}`), ["out"]);
-    // Inputs read whole four at a time, and a V = 4 output, are declared as vec4 arrays.
-    strides.forEach((_, k) => {
-      if (vec4Input(k)) {
-        head = head.replace(
-          `var<storage, read> in${k}: array<f32>;`,
-          `var<storage, read> in${k}: array<vec4<f32>>;`,
+    // The source depends on the structure alone (the expression, rank, vector width and input access; the
+    // stride and constant words follow from those): built once per structure (kernels/source_cache.ts).
+    const key = `elementwise:${rank}:${V}:${access.join(",")}:${inner.join(",")}:${JSON.stringify(p.expr)}`;
+    const source = cachedSource(key, () => {
+      const needs = new Set<string>();
+      const body = toWgsl(p.expr, constBase, needs);
+      const lines: string[] = [];
+      if (anyStrided) {
+        // Offsets of group i's first element in each strided input, from the group's coordinates.
+        access.forEach((a, k) => a === "strided" && lines.push(`var o${k} = 0u;`));
+        lines.push(`var rem = i;`);
+        lines.push(
+          ...splitIndexWgsl(
+            rank,
+            1,
+            (d) =>
+              access.flatMap((a, k) => (a === "strided" ? [`o${k} += c * pu(${strideWord[k] + d}u);`] : [])),
+          ),
         );
       }
-    });
-    if (V === 4) {
-      head = head.replace(
-        `var<storage, read_write> out: array<f32>;`,
-        `var<storage, read_write> out: array<vec4<f32>>;`,
-      );
-    }
-    const helpers = [...needs].map((k) => PRELUDE[k]);
-    const source = head + helpers.join("\n") + `
+      const vec4Input = (k: number) => (V === 4 && access[k] === "same") || inner[k] === "vec4";
+      if (V === 1) {
+        access.forEach((a, k) =>
+          lines.push(`let x${k} = in${k}[${a === "same" ? "i" : a === "scalar" ? "0u" : `o${k}`}];`)
+        );
+        lines.push(`out[i] = ${body};`);
+      } else {
+        access.forEach((a, k) => {
+          if (a === "same") lines.push(`let v${k} = in${k}[i];`);
+          else if (a === "scalar") lines.push(`let s${k} = in${k}[0u];`);
+          else if (inner[k] === "vec4") lines.push(`let v${k} = in${k}[o${k}];`);
+          else if (inner[k] === "broadcast") lines.push(`let s${k} = in${k}[o${k}];`);
+        });
+        const comps: string[] = [];
+        for (let j = 0; j < 4; j++) {
+          lines.push(`var r${j}: f32;`, `{`);
+          access.forEach((_, k) => {
+            const src = vec4Input(k)
+              ? `v${k}[${j}]`
+              : inner[k] === "gather"
+              ? `in${k}[o${k} + ${j}u * pu(${strideWord[k] + rank}u)]`
+              : `s${k}`;
+            lines.push(`  let x${k} = ${src};`);
+          });
+          lines.push(`  r${j} = ${body};`, `}`);
+          comps.push(`r${j}`);
+        }
+        lines.push(`out[i] = vec4<f32>(${comps.join(", ")});`);
+      }
+      let head = header(strides.map((_, k) => `in${k}`), ["out"]);
+      // Inputs read whole four at a time, and a V = 4 output, are declared as vec4 arrays.
+      strides.forEach((_, k) => {
+        if (vec4Input(k)) {
+          head = head.replace(
+            `var<storage, read> in${k}: array<f32>;`,
+            `var<storage, read> in${k}: array<vec4<f32>>;`,
+          );
+        }
+      });
+      if (V === 4) {
+        head = head.replace(
+          `var<storage, read_write> out: array<f32>;`,
+          `var<storage, read_write> out: array<vec4<f32>>;`,
+        );
+      }
+      const helpers = [...needs].map((k) => PRELUDE[k]);
+      return head + helpers.join("\n") + `
 ${ENTRY_1D} {
   let i = linearId(wid, nwg, lid, 256u);
   if (i >= pu(0u)) { return; }
   ${lines.join("\n  ")}
 }`;
+    });
     return { source, workgroups: grid1d(n / V, caps.maxWorkgroupsPerDimension), params: w.finish() };
   },
 

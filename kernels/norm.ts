@@ -49,6 +49,7 @@
  */
 
 import { type FloatArray, type GpuCaps, type GpuDispatch, type Kernel, ParamWriter } from "./types.ts";
+import { cachedSource } from "./source_cache.ts";
 import { LANE_WG, lanesPerRow, pickThreadsPerRow, type RowVariant, unitDecls } from "./lanes.ts";
 import { ENTRY_1D, flatTextureSize, grid, grid1d, header, WG } from "./wgsl.ts";
 
@@ -372,6 +373,21 @@ function laneSegments(before: string, unit: string, after: string): string {
 
 function lanesForward(p: RowNormParams, caps: GpuCaps, variant: "lanes" | "lanesTexture"): GpuDispatch {
   const plan = lanePlan(p, caps, variant, false);
+  const T = plan.T;
+  // Built once per parameters and plan (kernels/source_cache.ts): the host would otherwise rebuild it per dispatch.
+  const source = cachedSource(
+    `rowNorm/lanes:${JSON.stringify(p)}:${JSON.stringify(plan)}`,
+    () => lanesForwardSource(p, plan),
+  );
+  return {
+    source,
+    workgroups: grid(Math.ceil((p.rows * T) / LANE_WG), caps.maxWorkgroupsPerDimension),
+    params: laneWords(p, plan).f32(p.eps).finish(),
+    textures: plan.texture ? [{ input: 0, ...flatTextureSize(p.rows * rowLength(p)) }] : undefined,
+  };
+}
+
+function lanesForwardSource(p: RowNormParams, plan: LanePlan): string {
   const inputs = ["x", ...(p.hasWeight ? ["weight"] : []), ...(p.hasBias ? ["bias"] : [])];
   const vecParams = plan.vectorWeights ? inputs.slice(1) : [];
   const pre = p.silu && p.savePre ? ["pre"] : [];
@@ -415,7 +431,7 @@ var<workgroup> shQ: array<f32, ${LANE_WG}>;
     : `let yv = ((ld_x(base + j) - K) - mu) * a${shift};\n        y[base + j] = silu_(yv);${
       pre.length ? "\n        pre[base + j] = yv;" : ""
     }`;
-  const source = decls + (p.silu ? siluFns("U") : "") + shared + `
+  return decls + (p.silu ? siluFns("U") : "") + shared + `
 @compute @workgroup_size(${LANE_WG})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
   ${prologue}
@@ -444,12 +460,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   }
   ${laneSegments(`let a = ${scale};`, write, "")}
 }`;
-  return {
-    source,
-    workgroups: grid(Math.ceil((p.rows * T) / LANE_WG), caps.maxWorkgroupsPerDimension),
-    params: laneWords(p, plan).f32(p.eps).finish(),
-    textures: plan.texture ? [{ input: 0, ...flatTextureSize(p.rows * rowLength(p)) }] : undefined,
-  };
 }
 
 function lanesBackward(
@@ -460,6 +470,26 @@ function lanesBackward(
   const partials = p.paramPartials ?? false;
   const plan = lanePlan(p, caps, variant, partials);
   const sumSamples = partials && samplesSummedInKernel(p);
+  // Built once per parameters and plan (kernels/source_cache.ts): the host would otherwise rebuild it per dispatch.
+  const source = cachedSource(
+    `rowNormBackward/lanes:${JSON.stringify(p)}:${JSON.stringify(plan)}`,
+    () => lanesBackwardSource(p, plan, sumSamples),
+  );
+  const tex = flatTextureSize(p.rows * rowLength(p));
+  const samples = p.rows / p.groups, groupsPerWorkgroup = Math.floor(LANE_WG / plan.T / samples);
+  const workgroups = sumSamples
+    ? Math.ceil(p.groups / groupsPerWorkgroup)
+    : Math.ceil((p.rows * plan.T) / LANE_WG);
+  return {
+    source,
+    workgroups: grid(workgroups, caps.maxWorkgroupsPerDimension),
+    params: laneWords(p, plan).u32(samples, groupsPerWorkgroup).finish(),
+    textures: plan.texture ? [{ input: 0, ...tex }, { input: 1, ...tex }] : undefined,
+  };
+}
+
+function lanesBackwardSource(p: RowNormBackwardParams, plan: LanePlan, sumSamples: boolean): string {
+  const partials = p.paramPartials ?? false;
   const silu = p.silu ?? false, hasBias = silu && (p.hasBias ?? false);
   const params = [...(p.hasWeight ? ["weight"] : []), ...(hasBias ? ["bias"] : [])];
   const inputs = ["x", "g", "meanIn", "rstdIn", ...params];
@@ -520,7 +550,7 @@ var<workgroup> shB: array<f32, ${LANE_WG}>;
       partials ? `\n      pB[pbase + c] = hsum(sg);\n      pW[pbase + c] = hsum(sgx) * rstd;` : ""
     }`,
   );
-  const source = decls + (silu ? siluFns("U") : "") + shared + `
+  return decls + (silu ? siluFns("U") : "") + shared + `
 @compute @workgroup_size(${LANE_WG})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
   ${prologue}
@@ -549,17 +579,6 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   }
   }${sampleSum}
 }`;
-  const tex = flatTextureSize(p.rows * rowLength(p));
-  const samples = p.rows / p.groups, groupsPerWorkgroup = Math.floor(LANE_WG / T / samples);
-  const workgroups = sumSamples
-    ? Math.ceil(p.groups / groupsPerWorkgroup)
-    : Math.ceil((p.rows * T) / LANE_WG);
-  return {
-    source,
-    workgroups: grid(workgroups, caps.maxWorkgroupsPerDimension),
-    params: laneWords(p, plan).u32(samples, groupsPerWorkgroup).finish(),
-    textures: plan.texture ? [{ input: 0, ...tex }, { input: 1, ...tex }] : undefined,
-  };
 }
 
 /** Inputs: x, [weight], [bias]; outputs: y, shifted mean (μ − x[row, 0]) and rstd per row. */

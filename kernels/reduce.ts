@@ -22,6 +22,7 @@
 
 import { LANE_WG, lanesPerRow, unitDecls } from "./lanes.ts";
 import { contiguousStrides } from "./layout.ts";
+import { cachedSource } from "./source_cache.ts";
 import { type FloatArray, type GpuCaps, type GpuDispatch, type Kernel, ParamWriter } from "./types.ts";
 import { flatTextureSize, grid, header } from "./wgsl.ts";
 
@@ -208,14 +209,18 @@ function lanesReduce(
       u += n;
       if (u == QU) { u = 0u; q++; }
     }`;
-  const merge = T === 1 ? "" : `
+  // The source depends on the op, vector width, texture input, columns and lanes per output alone: built once
+  // per structure (kernels/source_cache.ts).
+  const key = `reduce/lanes:${p.op}:${V}:${plan.texture}:${plan.columns}:${T}`;
+  const source = cachedSource(key, () => {
+    const merge = T === 1 ? "" : `
   sh[lid] = acc;
   workgroupBarrier();
   if (lane == 0u) {
     for (var k = lid + 1u; k < lid + ${T}u; k++) { acc = ${combine("acc", "sh[k]")}; }
   }`;
-  const source = unitDecls(V, plan.texture, ["x"], ["out"], [0], plan.columns ? ["x", "out"] : ["x"]) +
-    (T === 1 ? "" : `var<workgroup> sh: array<U, ${LANE_WG}>;
+    return unitDecls(V, plan.texture, ["x"], ["out"], [0], plan.columns ? ["x", "out"] : ["x"]) +
+      (T === 1 ? "" : `var<workgroup> sh: array<U, ${LANE_WG}>;
 `) + `
 fn horizontal(v: U) -> f32 { return ${horizontal}; }
 @compute @workgroup_size(${LANE_WG})
@@ -236,6 +241,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   }${merge}
   if (valid && lane == 0u) { out[o] = ${plan.columns ? "acc" : "horizontal(acc)"}; }
 }`;
+  });
   return {
     source,
     workgroups: grid(Math.ceil((plan.outUnits * T) / LANE_WG), caps.maxWorkgroupsPerDimension),
@@ -279,9 +285,11 @@ export const reduce: Kernel<ReduceParams> = {
     const init = p.op === "sum" ? "0.0" : "bitcast<f32>(0xff800000u)";
     const combine = (a: string, b: string) => (p.op === "sum" ? `${a} + ${b}` : `max(${a}, ${b})`);
     const wide = L >= 64 && nOut < 16384;
-    let source: string;
+    // Built once per op, form and kept/reduced ranks (kernels/source_cache.ts).
+    const key = `reduce/generic:${p.op}:${wide}:${kr}:${rr}`;
     if (wide) {
-      source = header(["x"], ["out"]) + `
+      const source = cachedSource(key, () =>
+        header(["x"], ["out"]) + `
 var<workgroup> sh: array<f32, ${WG_REDUCE}>;
 @compute @workgroup_size(${WG_REDUCE})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
@@ -301,10 +309,11 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     workgroupBarrier();
   }
   if (lid == 0u) { out[o] = sh[0]; }
-}`;
+}`);
       return { source, workgroups: grid(nOut, caps.maxWorkgroupsPerDimension), params: w.finish() };
     }
-    source = header(["x"], ["out"]) + `
+    const source = cachedSource(key, () =>
+      header(["x"], ["out"]) + `
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
   let o = linearId(wid, nwg, lid, 64u);
@@ -317,7 +326,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     acc = ${combine("acc", "x[base + off]")};
   }
   out[o] = acc;
-}`;
+}`);
     return {
       source,
       workgroups: grid(Math.ceil(nOut / 64), caps.maxWorkgroupsPerDimension),

@@ -7,7 +7,16 @@
 import fc from "fast-check";
 import * as T from "../engine/mod.ts";
 import type { Device, Tensor } from "../engine/mod.ts";
-import { assertClose, cpuDevice, gpuDevice, gpuTest, RUNS, seedArb, seededValues } from "./util.ts";
+import {
+  assertClose,
+  assertEquals,
+  cpuDevice,
+  gpuDevice,
+  gpuTest,
+  RUNS,
+  seedArb,
+  seededValues,
+} from "./util.ts";
 
 interface Case {
   N: number;
@@ -89,3 +98,55 @@ gpuTest("a ResBlock-shaped chain gives the same loss and gradients on WebGPU and
     { numRuns: Math.max(5, Math.floor(RUNS / 2)) },
   );
 });
+
+gpuTest(
+  "cached bind groups: a repeated chain finds every bind group again and gives the same numbers",
+  async () => {
+    // The pools hand out their earliest-created free buffer or texture, so from the second run on the chain gets
+    // the same ones in the same roles and creates no bind group.
+    const gpu = await gpuDevice();
+    const c: Case = { N: 2, C: 4, H: 4, E: 3, seed: 7 };
+    const first = await chain(gpu, c);
+    await chain(gpu, c);
+    const before = gpu.counters();
+    const again = await chain(gpu, c);
+    const after = gpu.counters();
+    assertEquals(after.bindGroups - before.bindGroups, 0, "bind groups created by the third run");
+    if (after.bindGroupReuses === before.bindGroupReuses) throw new Error("the third run bound nothing");
+    again.forEach((v, i) => assertClose(v, first[i], { rtol: 0, atol: 0 }, `output ${i}`));
+  },
+);
+
+gpuTest(
+  "cached bind groups: allocations of any size in a reused pool buffer read and write their own elements",
+  async () => {
+    // Sizes within one pool bucket share buffers (and so bind groups, which bind the whole bucket): every
+    // allocation must still see exactly its own elements, whatever size held the buffer before.
+    const gpu = await gpuDevice();
+    await fc.assert(
+      fc.asyncProperty(
+        fc.array(fc.integer({ min: 1, max: 700 }), { minLength: 2, maxLength: 6 }),
+        seedArb,
+        async (sizes, seed) => {
+          for (const [k, n] of sizes.entries()) {
+            const values = seededValues(n, seed + k, -1, 1);
+            const x = T.tensor(values, [n], { device: gpu });
+            const y = T.mul(T.add(x, 1), 2);
+            const s = T.sum(y);
+            const [got, total] = [await y.toArray(), await s.toArray()];
+            const want = Float32Array.from(values, (v) => Math.fround(Math.fround(Math.fround(v) + 1) * 2));
+            assertClose(got, want, { rtol: 0, atol: 0 }, `y of size ${n}`);
+            assertClose(
+              total,
+              [want.reduce((a, b) => a + b, 0)],
+              { rtol: 1e-5, atol: 1e-5 },
+              `sum of size ${n}`,
+            );
+            [x, y, s].forEach((t) => t.dispose());
+          }
+        },
+      ),
+      { numRuns: Math.max(5, Math.floor(RUNS / 2)) },
+    );
+  },
+);

@@ -6,7 +6,7 @@
  * (buffer_pool.ts; a released buffer is reusable only after the batch that may still read it is submitted, so
  * queue writes into a reused buffer never overtake a recorded read), pipelines cached by WGSL source
  * (pipeline_cache.ts), each dispatch's sizes in a slot of a uniform ring uploaded once per batch
- * (uniform_ring.ts), and rgba32float textures for texture inputs (texture_pool.ts) with the filled ones kept
+ * (uniform_ring.ts, bound by dynamic offset), bind groups cached by what they bind (bind_group_cache.ts), and rgba32float textures for texture inputs (texture_pool.ts) with the filled ones kept
  * while their buffer is unchanged (filled_textures.ts).
  *
  * A dispatch may read some inputs as textures (`GpuDispatch.textures`): the backend takes a pooled texture per
@@ -19,6 +19,7 @@ import type { GpuCaps, Kernel, TextureInput } from "../../kernels/types.ts";
 import { flatTextureSize, PACK_TILE, type PackBy } from "../../kernels/wgsl.ts";
 import type { Backend, DeviceInfo, DeviceOptions, Storage } from "../backend.ts";
 import { describeGpu, probeTextureInputs, requestGpu } from "./adapter.ts";
+import { BindGroupCache } from "./bind_group_cache.ts";
 import { BufferPool, type GpuStorage } from "./buffer_pool.ts";
 import { FilledTextures } from "./filled_textures.ts";
 import { kindsOf, PACK_COMPUTE_KINDS, PipelineCache } from "./pipeline_cache.ts";
@@ -33,6 +34,7 @@ export class WebGpuBackend implements Backend {
   private readonly textures: TexturePool;
   private readonly filled: FilledTextures;
   private readonly ring: UniformRing;
+  private readonly bindGroups: BindGroupCache;
   private encoder: GPUCommandEncoder | null = null;
   private pass: GPUComputePassEncoder | null = null;
   private recorded = 0;
@@ -73,6 +75,7 @@ export class WebGpuBackend implements Backend {
     // At most a quarter of the texture pool is kept filled; past that the oldest go back to the pool.
     this.filled = new FilledTextures(this.textures, texturePoolLimit / 4);
     this.ring = new UniformRing(device);
+    this.bindGroups = new BindGroupCache(device);
     device.addEventListener("uncapturederror", (e) => {
       this.error ??= (e as GPUUncapturedErrorEvent).error.message;
     });
@@ -138,21 +141,32 @@ export class WebGpuBackend implements Backend {
   /** A buffer binding. */
   private static bufferEntry(binding: number, s: Storage): GPUBindGroupEntry {
     const g = s as GpuStorage;
-    // At least 16 bytes: Deno's wgpu keeps the previous pipeline's minimum binding sizes when consecutive
+    // At least 16 bytes (pool buckets are 256 at least): Deno's wgpu keeps the previous pipeline's minimum binding sizes when consecutive
     // pipelines share a layout (gfx-rs/wgpu#7359), so a vec4 kernel would make a later 4-byte binding fail.
-    // Pool buffers are at least 256 bytes, so the wider binding is always in range.
-    return { binding, resource: { buffer: g.buffer, offset: 0, size: Math.max(16, g.bytes) } };
+    // Pool buffers are at least 256 bytes, so the wider binding is always in range. The whole pool bucket is
+    // bound (kernels take their sizes from the uniform block, never from the binding), so that a buffer's bind
+    // groups are reused whatever the size of the allocation it holds (bind_group_cache.ts).
+    return { binding, resource: { buffer: g.buffer, offset: 0, size: g.bucket } };
   }
 
-  /** Takes a uniform slot of the ring (submitting first when the ring is full) and fills it. */
-  private takeSlot(words: Uint32Array | undefined): GPUBindGroupEntry["resource"] {
+  /**
+   * Takes a uniform slot of the ring (submitting first when the ring is full), fills it, and returns its
+   * dynamic offset.
+   */
+  private takeSlot(words: Uint32Array | undefined): number {
     if (this.ring.full) this.flush();
     return this.ring.take(words);
+  }
+
+  /** The (cached) bind group of `entries` under the layout of `kinds`. */
+  private bindGroup(kinds: string, entries: GPUBindGroupEntry[], visibility?: number): GPUBindGroup {
+    return this.bindGroups.get(kinds, this.pipelines.layoutFor(kinds, visibility).group, entries);
   }
 
   private record(
     pipeline: GPUComputePipeline,
     bindGroup: GPUBindGroup,
+    slot: number,
     workgroups: [number, number, number],
   ) {
     if (!this.pass) {
@@ -160,7 +174,7 @@ export class WebGpuBackend implements Backend {
       this.pass = this.encoder.beginComputePass();
     }
     this.pass.setPipeline(pipeline);
-    this.pass.setBindGroup(0, bindGroup);
+    this.pass.setBindGroup(0, bindGroup, [slot]);
     this.pass.dispatchWorkgroups(...workgroups);
   }
 
@@ -174,9 +188,9 @@ export class WebGpuBackend implements Backend {
     const entries: GPUBindGroupEntry[] = [...inputs, ...outputs].map((s, i) =>
       views.has(i) ? { binding: i, resource: views.get(i)! } : WebGpuBackend.bufferEntry(i, s)
     );
-    entries.push({ binding: inputs.length + outputs.length, resource: this.takeSlot(d.params) });
-    const bindGroup = this.device.createBindGroup({ layout: this.pipelines.layoutFor(kinds).group, entries });
-    this.record(pipeline, bindGroup, d.workgroups);
+    entries.push({ binding: inputs.length + outputs.length, resource: this.ring.binding });
+    const slot = this.takeSlot(d.params);
+    this.record(pipeline, this.bindGroup(kinds, entries), slot, d.workgroups);
     // Free for the next dispatch at once: whatever writes them next is recorded after this dispatch's reads.
     for (const tex of taken) this.textures.giveBack(tex);
     this.filled.unpinAll();
@@ -295,29 +309,33 @@ export class WebGpuBackend implements Backend {
     this.copyFlat(src, flat);
     if (this.packBy === "compute") {
       const pipeline = this.pipelines.packCompute(kernelName, texelFn);
-      const bindGroup = this.device.createBindGroup({
-        layout: this.pipelines.layoutFor(PACK_COMPUTE_KINDS).group,
-        entries: [
-          { binding: 0, resource: flat.view },
-          { binding: 1, resource: this.takeSlot(params) },
-          { binding: 2, resource: tex.view },
-        ],
-      });
+      const slot = this.takeSlot(params);
+      const bindGroup = this.bindGroup(PACK_COMPUTE_KINDS, [
+        { binding: 0, resource: flat.view },
+        { binding: 1, resource: this.ring.binding },
+        { binding: 2, resource: tex.view },
+      ]);
       const { width, height } = tex.texture;
-      this.record(pipeline, bindGroup, [Math.ceil(width / PACK_TILE), Math.ceil(height / PACK_TILE), 1]);
+      this.record(pipeline, bindGroup, slot, [
+        Math.ceil(width / PACK_TILE),
+        Math.ceil(height / PACK_TILE),
+        1,
+      ]);
     } else {
       const pipeline = this.pipelines.render(`${kernelName} (pack)`, texelFn);
-      const bindGroup = this.device.createBindGroup({
-        layout: this.pipelines.layoutFor("tu", GPUShaderStage.FRAGMENT).group,
-        entries: [{ binding: 0, resource: flat.view }, { binding: 1, resource: this.takeSlot(params) }],
-      });
+      const slot = this.takeSlot(params);
+      const bindGroup = this.bindGroup(
+        "tu",
+        [{ binding: 0, resource: flat.view }, { binding: 1, resource: this.ring.binding }],
+        GPUShaderStage.FRAGMENT,
+      );
       this.endPass();
       this.encoder ??= this.device.createCommandEncoder();
       const pass = this.encoder.beginRenderPass({
         colorAttachments: [{ view: tex.view, loadOp: "clear", clearValue: [0, 0, 0, 0], storeOp: "store" }],
       });
       pass.setPipeline(pipeline);
-      pass.setBindGroup(0, bindGroup);
+      pass.setBindGroup(0, bindGroup, [slot]);
       pass.draw(3);
       pass.end();
     }
@@ -365,6 +383,8 @@ export class WebGpuBackend implements Backend {
       textures: s.textures,
       textureReuses: s.textureReuses,
       submitMs: s.submitMs,
+      bindGroups: this.bindGroups.misses,
+      bindGroupReuses: this.bindGroups.hits,
     };
   }
 

@@ -5,6 +5,11 @@
  * returns to the pool only at the next submit (`recycle`), because dispatches recorded but not yet submitted
  * may still read it: a queue write into a reused buffer could otherwise overtake a recorded read. Past the
  * pool's byte limit, released buffers are destroyed instead of kept.
+ *
+ * A bucket hands out its free buffer created first (not the one released last): which buffers are free then
+ * decides which one an allocation gets, not the order they were released in, so a training step that makes
+ * the same allocations as the step before gets the same buffers, and its cached bind groups
+ * (bind_group_cache.ts) are found again.
  */
 
 import type { Storage } from "../backend.ts";
@@ -26,7 +31,12 @@ export function bucketBytes(bytes: number): number {
   return 2 * p;
 }
 
+/** Creation order of pooled buffers (the pool's choice among free ones). */
+const created = new WeakMap<GPUBuffer, number>();
+let nextBuffer = 0;
+
 export class BufferPool {
+  /** Free buffers per bucket, latest-created first (`take` pops the earliest). */
   readonly #free = new Map<number, GPUBuffer[]>();
   /** Bytes and count of the buffers kept for reuse. */
   bytes = 0;
@@ -48,6 +58,7 @@ export class BufferPool {
         size: bucket,
         usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_SRC | GPUBufferUsage.COPY_DST,
       });
+      created.set(buffer, nextBuffer++);
     }
     return { elements, bytes: elements * 4, buffer, bucket, version: 0 };
   }
@@ -66,7 +77,11 @@ export class BufferPool {
       }
       let list = this.#free.get(s.bucket);
       if (!list) this.#free.set(s.bucket, list = []);
-      list.push(s.buffer);
+      // Kept in descending creation order: a short scan from the end (buckets hold few buffers).
+      const id = created.get(s.buffer)!;
+      let i = list.length;
+      while (i > 0 && created.get(list[i - 1])! < id) i--;
+      list.splice(i, 0, s.buffer);
       this.bytes += s.bucket;
       this.count++;
     }

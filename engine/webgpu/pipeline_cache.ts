@@ -4,7 +4,7 @@
  * Sizes travel as uniforms, so a kernel's source depends only on its structure and one pipeline serves every
  * shape. Layouts are explicit and keyed by the binding kinds, one letter per binding: "r" read-only storage
  * buffer, "w" read-write storage buffer, "t" read-only rgba32float storage texture, "s" write-only rgba32float storage texture (the compute packing pass's
- * output), "u" uniform. Compilation
+ * output), "u" uniform with a dynamic offset (a slot of the uniform ring). Compilation
  * errors arrive asynchronously; they are passed to `onError`, and the backend throws them at its next call.
  */
 
@@ -61,7 +61,7 @@ export class PipelineCache {
           case "s":
             return { binding, visibility, storageTexture: { access: "write-only", format: "rgba32float" } };
           default:
-            return { binding, visibility, buffer: { type: "uniform" } };
+            return { binding, visibility, buffer: { type: "uniform", hasDynamicOffset: true } };
         }
       });
       const group = this.device.createBindGroupLayout({ entries });

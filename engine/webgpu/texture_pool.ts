@@ -3,7 +3,8 @@
  * kernels/types.ts), reused by size. A texture is handed to one user at a time and given back when the dispatch
  * that reads it has been recorded (what writes it next is recorded after that read, so WebGPU orders them).
  * When a new texture would take the pool past its byte limit, the pool first asks its owner to make room
- * (`makeRoom`: submit pending work, then `destroyIdle`).
+ * (`makeRoom`: submit pending work, then `destroyIdle`). As the buffer pool does, a size hands out its free
+ * texture created first, so that the same sequence of uses gets the same textures (and cached bind groups).
  */
 
 /** A pooled rgba32float texture for texture inputs, with its one view. */
@@ -12,10 +13,14 @@ export interface PooledTexture {
   view: GPUTextureView;
   key: string;
   bytes: number;
+  /** Creation order (the pool's choice among free textures). */
+  order: number;
 }
 
 export class TexturePool {
+  /** Free textures per size, latest-created first (`take` pops the earliest). */
   readonly #free = new Map<string, PooledTexture[]>();
+  #created = 0;
   /** Bytes of every texture the pool created and has not destroyed (given out or idle). */
   #bytes = 0;
 
@@ -47,13 +52,15 @@ export class TexturePool {
         (this.renderable ? GPUTextureUsage.RENDER_ATTACHMENT : 0),
     });
     this.#bytes += bytes;
-    return { texture, view: texture.createView(), key, bytes };
+    return { texture, view: texture.createView(), key, bytes, order: this.#created++ };
   }
 
   giveBack(tex: PooledTexture): void {
     let free = this.#free.get(tex.key);
     if (!free) this.#free.set(tex.key, free = []);
-    free.push(tex);
+    let i = free.length;
+    while (i > 0 && free[i - 1].order < tex.order) i--;
+    free.splice(i, 0, tex);
   }
 
   /** Destroys the idle textures (the caller has submitted the work that may still read them). */
