@@ -388,7 +388,9 @@ async function finalCommand(
   const line = (i: number, total: number, r: import("./search/final_report.ts").FinalRow, what: string) =>
     `#${i + 1}/${total} ${what} ${r.baseline ? "default network" : `trial ${r.trialId}`}: ${r.fidName} ` +
     `${r.fid === null ? `failed: ${r.error}` : r.fid.toFixed(3)}  ${r.trainSeconds.toFixed(0)} s + ` +
-    `${r.fidSeconds.toFixed(0)} s  MACs ${(r.macs / 1e6).toFixed(1)} M  params ${(r.params / 1e3).toFixed(0)} k  ` +
+    `${r.fidSeconds.toFixed(0)} s  MACs ${(r.macs / 1e6).toFixed(1)} M  params ${
+      (r.params / 1e3).toFixed(0)
+    } k  ` +
     r.summary;
   let label = "";
   try {
@@ -400,7 +402,9 @@ async function finalCommand(
           p.log(`final stage of the search in ${e.dir}: ${e.rows.length} architectures, ${e.device}`);
           p.overall(e.rows.length, 0);
         } else if (e.type === "reference") {
-          p.log(`reference statistics ${e.cached ? "from the cache" : `computed in ${e.seconds.toFixed(0)} s`}`);
+          p.log(
+            `reference statistics ${e.cached ? "from the cache" : `computed in ${e.seconds.toFixed(0)} s`}`,
+          );
         } else if (e.type === "kept") {
           p.log(line(e.index, e.total, e.row, "kept from the earlier run,"));
           p.overallUpdate(e.index + 1, "");

@@ -158,7 +158,9 @@ async function memoryPath(dir: string): Promise<string> {
     if (!(await Deno.stat(path)).isFile) throw new UsageError(`--out ${dir}: ${MEMORY_FILE} is not a file`);
   } catch (e) {
     if (e instanceof Deno.errors.NotFound) {
-      throw new UsageError(`--out ${dir} holds no search memory (${MEMORY_FILE}): give a search's run folder`);
+      throw new UsageError(
+        `--out ${dir} holds no search memory (${MEMORY_FILE}): give a search's run folder`,
+      );
     }
     throw e;
   }

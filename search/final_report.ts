@@ -110,7 +110,10 @@ export function compareToBaseline(rows: readonly FinalRow[]): FinalComparison {
   return { best: best >= 0 ? best : null, baseline: baseline >= 0 ? baseline : null, relative };
 }
 
-const fixed = (v: number | null, digits: number) => (v === null || !Number.isFinite(v) ? "–" : v.toFixed(digits));
+const fixed = (
+  v: number | null,
+  digits: number,
+) => (v === null || !Number.isFinite(v) ? "–" : v.toFixed(digits));
 
 /** The table's header and one row of cells per architecture (shared by the terminal, markdown and report). */
 export function finalCells(r: FinalReport): { head: string[]; rows: string[][] } {
@@ -156,12 +159,16 @@ export function comparisonLine(r: FinalReport): string {
   return `best against the default network: ${fidName} ${best.fid!.toFixed(2)} (trial ${best.trialId}, ` +
     `${best.summary}) against ${base.fid!.toFixed(2)}: ${c.relative <= 0 ? "" : "+"}${pct}% ` +
     `(${c.relative < 0 ? "better" : c.relative > 0 ? "worse" : "equal"}), at ` +
-    `${(best.macs / base.macs).toFixed(2)}× the MACs and ${(best.params / base.params).toFixed(2)}× the parameters`;
+    `${(best.macs / base.macs).toFixed(2)}× the MACs and ${
+      (best.params / base.params).toFixed(2)
+    }× the parameters`;
 }
 
 /** The table as plain text for the terminal (columns padded), with the comparison under it. */
 export function formatFinalTable(r: FinalReport): string {
   const { head, rows } = finalCells(r);
+  // Data cannot break the columns or drive the terminal: every control character becomes "?".
+  // deno-lint-ignore no-control-regex
   const all = [head, ...rows].map((cells) => cells.map((c) => c.replace(/[\u0000-\u001f\u007f]/g, "?")));
   const widths = head.map((_, j) => Math.max(...all.map((cells) => cells[j].length)));
   const numeric = new Set([0, 2, 3, 4, 5, 6]);
@@ -209,7 +216,10 @@ export async function finalSection(dir: string): Promise<ReportSection | null> {
     if (!r || !Array.isArray(r.rows) || !r.settings) throw new Error("no rows or settings");
   } catch (e) {
     if (e instanceof Deno.errors.NotFound) return null;
-    return { title: "Full training of the best", text: `${FINAL_JSON} could not be read: ${(e as Error).message}` };
+    return {
+      title: "Full training of the best",
+      text: `${FINAL_JSON} could not be read: ${(e as Error).message}`,
+    };
   }
   const { head, rows } = finalCells(r);
   const grids: ReportGrid[] = [];

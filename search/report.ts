@@ -278,7 +278,12 @@ export function buildReportJson(input: ReportInput, options: ReportOptions = {})
     failures: failureReasons(input.trials),
     grids: input.grids.map((g) => ({ label: g.label, trialId: g.trialId ?? null, path: g.path ?? null })),
     sections: (input.sections ?? []).map((s) =>
-      s.grids ? { ...s, grids: s.grids.map((g) => ({ label: g.label, trialId: g.trialId ?? null, path: g.path ?? null })) } : s
+      s.grids
+        ? {
+          ...s,
+          grids: s.grids.map((g) => ({ label: g.label, trialId: g.trialId ?? null, path: g.path ?? null })),
+        }
+        : s
     ),
   };
 }
