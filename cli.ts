@@ -741,7 +741,11 @@ program
     const stop = () => {
       if (controller.signal.aborted) Deno.exit(130);
       controller.abort();
-      console.error("\nstopping after this step; the running candidate will be rerun on --resume");
+      console.error(
+        opts.final
+          ? "\nstopping after this step; the same command retrains the running architecture"
+          : "\nstopping after this step; the running candidate will be rerun on --resume",
+      );
     };
     Deno.addSignalListener("SIGINT", stop);
     Deno.addSignalListener("SIGTERM", stop);
