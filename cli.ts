@@ -376,6 +376,71 @@ async function validateProxyCommand(
   console.log(`written: ${r.json}, ${r.markdown} and ${r.html}`);
 }
 
+/** `search --final`: a bar per architecture, one log line per finished one, then the table. */
+async function finalCommand(
+  flags: Record<string, unknown>,
+  opts: Record<string, unknown>,
+  signal: AbortSignal,
+  p: ReturnType<typeof searchPrinter>,
+): Promise<void> {
+  const { runFinal } = await import("./search/final.ts");
+  const dir = (flags.out as string | undefined) ?? "runs/search";
+  const line = (i: number, total: number, r: import("./search/final_report.ts").FinalRow, what: string) =>
+    `#${i + 1}/${total} ${what} ${r.baseline ? "default network" : `trial ${r.trialId}`}: ${r.fidName} ` +
+    `${r.fid === null ? `failed: ${r.error}` : r.fid.toFixed(3)}  ${r.trainSeconds.toFixed(0)} s + ` +
+    `${r.fidSeconds.toFixed(0)} s  MACs ${(r.macs / 1e6).toFixed(1)} M  params ${
+      (r.params / 1e3).toFixed(0)
+    } k  ` +
+    r.summary;
+  let label = "";
+  try {
+    const r = await runFinal(dir, { top: opts.finalTop, kimg: opts.finalKimg, fidN: opts.fidN }, {
+      signal,
+      backend: flags.backend as "webgpu" | "cpu" | undefined,
+      onEvent: (e) => {
+        if (e.type === "start") {
+          p.log(`final stage of the search in ${e.dir}: ${e.rows.length} architectures, ${e.device}`);
+          p.overall(e.rows.length, 0);
+        } else if (e.type === "reference") {
+          p.log(
+            `reference statistics ${e.cached ? "from the cache" : `computed in ${e.seconds.toFixed(0)} s`}`,
+          );
+        } else if (e.type === "kept") {
+          p.log(line(e.index, e.total, e.row, "kept from the earlier run,"));
+          p.overallUpdate(e.index + 1, "");
+        } else if (e.type === "dropped") {
+          p.log(`no longer selected, dropped from final.json: ${e.row.summary}`);
+        } else if (e.type === "row-start") {
+          label = e.trialId === null ? "default network" : `trial ${e.trialId}`;
+          p.candidate(100, "%", `${label} training`);
+        } else if (e.type === "row-progress") {
+          // Training is the first half of the bar, the FID the second.
+          const ev = e.event;
+          if (ev.type === "train") {
+            p.candidateUpdate(
+              Math.round(50 * ev.nimg / ev.totalNimg),
+              ev.loss === undefined ? undefined : `${label} training, loss ${ev.loss.toFixed(4)}`,
+            );
+          } else p.candidateUpdate(50 + Math.round(50 * ev.done / ev.total), `${label} FID`);
+        } else if (e.type === "row-end") {
+          p.log(line(e.index, e.total, e.row, "trained"));
+          p.overallUpdate(e.index + 1, "");
+        }
+      },
+    });
+    p.stop();
+    console.log(r.summary);
+    console.log(`written: ${r.json} and ${r.markdown}; report: ${r.reportHtml} (and ${r.reportJson})`);
+  } catch (e) {
+    if ((e as Error).message === "interrupted") {
+      p.stop();
+      console.log(`interrupted: run the same command to continue (finished architectures are kept)`);
+      Deno.exit(130);
+    }
+    throw e;
+  }
+}
+
 /** `search --compare`: one log line per finished trial and run, then the table. */
 async function compareCommand(
   input: Record<string, unknown>,
@@ -570,7 +635,7 @@ program
   )
   .option("--lambda <x>", "distill: λ(0) of the block-distillation term of the joint loss (default 1)", num)
   .option("--lambda-schedule <name>", "distill: linear, cosine (default), constant or zero")
-  .option("--fid-n <n>", "distill, ddsm: images of the final FIDs (default 2048)", num)
+  .option("--fid-n <n>", "distill, ddsm, --final: images of the final FIDs (default 2048)", num)
   .option(
     "--supernet <dir>",
     "ddsm: trained slimmable network (a train run folder, checkpoint or another ddsm search's " +
@@ -641,6 +706,16 @@ program
   )
   .option("--seeds <n>", "--compare: seeds 0 .. n−1 (default 3)", num)
   .option(
+    "--final",
+    "the final stage of the search in --out: retrain its top --final-top trials by proxy score (default 1) " +
+      "and the default network from scratch with the full schedule (--final-kimg, default 12, ramp and EMA " +
+      "half-life of the full run), measure FID-n (--fid-n, default 2048) with the proxy's sampler, save each " +
+      "one's EMA weights and sample grid in final/; writes final.json and .md and adds them to the report; " +
+      "the same command continues an interrupted one",
+  )
+  .option("--final-top <k>", "--final: done trials to retrain, best proxy score first (default 1)", num)
+  .option("--final-kimg <n>", "--final: thousands of training images of each retraining (default 12)", num)
+  .option(
     "--storage <url>",
     "the search memory in PostgreSQL (postgres://user:password@host:port/db?sslmode=…; the password is never " +
       "printed or stored) instead of memory.sqlite in --out: workers on other machines (deno task worker) " +
@@ -667,7 +742,11 @@ program
     const stop = () => {
       if (controller.signal.aborted) Deno.exit(130);
       controller.abort();
-      console.error("\nstopping after this step; the running candidate will be rerun on --resume");
+      console.error(
+        opts.final
+          ? "\nstopping after this step; the same command retrains the running architecture"
+          : "\nstopping after this step; the running candidate will be rerun on --resume",
+      );
     };
     Deno.addSignalListener("SIGINT", stop);
     Deno.addSignalListener("SIGTERM", stop);
@@ -745,7 +824,7 @@ program
         Object.entries({
           supernet: opts.supernet,
           supernetKimg: isDistill ? undefined : opts.supernetKimg,
-          fidN: isDistill ? undefined : opts.fidN,
+          fidN: isDistill || opts.final ? undefined : opts.fidN,
           population: opts.population,
           generations: opts.generations,
           mutationRate: opts.mutationRate,
@@ -753,6 +832,38 @@ program
           macsWeight: opts.macsWeight,
         }).filter(([, v]) => v !== undefined),
       );
+      if (!opts.final && (opts.finalTop !== undefined || opts.finalKimg !== undefined)) {
+        throw new UsageError(`--${opts.finalTop !== undefined ? "final-top" : "final-kimg"} needs --final`);
+      }
+      if (opts.final) {
+        // The search's settings come from its memory: only the folder and the device are chosen here.
+        const given = [
+          ...(opts.config ? ["config"] : []),
+          ...Object.keys(flags).filter((k) => k !== "out" && k !== "backend"),
+          ...(opts.proxySteps !== undefined ? ["proxySteps"] : []),
+          ...Object.keys(distillFlags),
+          ...Object.keys(ddsmFlags),
+          ...(opts.storage !== undefined ? ["storage"] : []),
+          ...(opts.validateProxy ? ["validateProxy"] : []),
+          ...(opts.compare ? ["compare"] : []),
+        ];
+        if (given.length) {
+          // Settings gathered from several flags are named by the flag that sets them.
+          const named: Record<string, string> = {
+            training: "kimg",
+            pruning: "no-prune",
+            llm: "llm-url",
+            queue: "queue-depth",
+            schedule: "lambda-schedule",
+          };
+          const flag = named[given[0]] ?? given[0].replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
+          throw new UsageError(
+            `--final reads the search's settings from the memory in --out: drop --${flag}` +
+              (flag === "storage" ? " (the final stage reads memory.sqlite)" : ""),
+          );
+        }
+        return await finalCommand(flags, opts, controller.signal, p);
+      }
       const input: Record<string, unknown> = { ...f, ...flags };
       if (opts.proxySteps !== undefined) input.proxySteps = opts.proxySteps;
       if (Object.keys(ddsmFlags).length) {

@@ -98,6 +98,8 @@ export interface ReportSection {
   text?: string;
   table?: ReportTable;
   charts?: ChartSpec[];
+  /** Sample grids shown under the table (report.json lists their labels and paths, not the bytes). */
+  grids?: ReportGrid[];
 }
 
 /** Everything the report shows. */
@@ -275,7 +277,14 @@ export function buildReportJson(input: ReportInput, options: ReportOptions = {})
       : null,
     failures: failureReasons(input.trials),
     grids: input.grids.map((g) => ({ label: g.label, trialId: g.trialId ?? null, path: g.path ?? null })),
-    sections: input.sections ?? [],
+    sections: (input.sections ?? []).map((s) =>
+      s.grids
+        ? {
+          ...s,
+          grids: s.grids.map((g) => ({ label: g.label, trialId: g.trialId ?? null, path: g.path ?? null })),
+        }
+        : s
+    ),
   };
 }
 
@@ -613,8 +622,13 @@ function paretoTableHtml(input: ReportInput, ranked: Trial[], proxyName: string)
 
 function gridsHtml(input: ReportInput): string {
   if (input.grids.length === 0) return "";
-  const figures = input.grids.map((g, i) => {
-    const { width } = pngSize(g.png, `grids[${i}] (${g.label})`);
+  return `<h2>Samples</h2>${gridFiguresHtml(input.grids, "grids")}`;
+}
+
+/** Sample grids as figures with their labels as captions. */
+function gridFiguresHtml(grids: readonly ReportGrid[], what: string): string {
+  const figures = grids.map((g, i) => {
+    const { width } = pngSize(g.png, `${what}[${i}] (${g.label})`);
     // Small grids are enlarged by a whole factor so that pixels stay sharp squares.
     const shown = width * Math.max(1, Math.floor(256 / width));
     const named = g.trialId === undefined || g.label.includes(`trial ${g.trialId}`);
@@ -623,7 +637,7 @@ function gridsHtml(input: ReportInput): string {
       base64(g.png)
     }"><figcaption>${caption}</figcaption></figure>`;
   });
-  return `<h2>Samples</h2><div class="grids">${figures.join("")}</div>`;
+  return `<div class="grids">${figures.join("")}</div>`;
 }
 
 function statusHtml(input: ReportInput): string {
@@ -661,6 +675,7 @@ function sectionHtml(s: ReportSection): string {
     parts.push(`<table><thead><tr>${head}</tr></thead><tbody>${rows.join("")}</tbody></table>`);
   }
   if (s.charts?.length) parts.push(`<div class="charts">${s.charts.map(chartHtml).join("")}</div>`);
+  if (s.grids?.length) parts.push(gridFiguresHtml(s.grids, `section "${s.title}" grids`));
   return parts.join("\n");
 }
 

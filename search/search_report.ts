@@ -21,11 +21,32 @@ import {
 } from "./report.ts";
 import { fetchTrialWeights, type RunnerContext, weightsPath } from "./runner.ts";
 import { type Architecture, toUNetSpec } from "./space.ts";
+import { finalSection } from "./final_report.ts";
 import type { Trial } from "./types.ts";
 
-/** A PNG grid of `config.gridImages` samples of a trial's saved weights (the proxy's sampler and seed). */
+/**
+ * A PNG grid of `config.gridImages` samples of a network (the proxy's sampler, the search's seed), as the report
+ * draws every model; null when the grids are turned off (gridImages 0).
+ */
+export async function sampleGrid(
+  net: UNet,
+  config: Pick<RunnerContext["config"], "gridImages" | "proxySteps" | "seed">,
+  sigmaData?: number,
+): Promise<Uint8Array | null> {
+  const n = config.gridImages;
+  if (n === 0) return null;
+  const gen = new NetworkGenerator(net, sigmaData === undefined ? {} : { sigmaData });
+  const settings = protocolSettings({ n, steps: config.proxySteps, sampler: "heun", seed: 0 });
+  const x = gen.generate(0, n, { seed: config.seed, settings });
+  try {
+    return encodeImageGrid({ data: await x.toArray(), shape: x.shape }, { cols: 6 });
+  } finally {
+    x.dispose();
+  }
+}
+
+/** The grid of a trial's saved weights (`sampleGrid`); null when it has none. */
 async function trialGrid(ctx: RunnerContext, trial: Trial, spec: UNetSpec): Promise<Uint8Array | null> {
-  const n = ctx.config.gridImages;
   if (!(await fetchTrialWeights(ctx.dir, trial.id, ctx.storage))) return null;
   const net = new UNet(spec, { device: ctx.device }).eval();
   try {
@@ -35,30 +56,29 @@ async function trialGrid(ctx: RunnerContext, trial: Trial, spec: UNetSpec): Prom
     return null;
   }
   try {
-    const gen = new NetworkGenerator(net, {});
-    const settings = protocolSettings({
-      n,
-      steps: ctx.config.proxySteps,
-      sampler: "heun",
-      seed: 0,
-    });
-    const x = gen.generate(0, n, { seed: ctx.config.seed, settings });
-    try {
-      return encodeImageGrid({ data: await x.toArray(), shape: x.shape }, { cols: 6 });
-    } finally {
-      x.dispose();
-    }
+    return await sampleGrid(net, ctx.config);
   } finally {
     net.dispose();
   }
 }
 
-/** Writes the report of `trials` (see the file comment); returns the two files' paths. */
+/**
+ * When a search ran: `started` on this process's clock (performance.now()) for a search that ends now, or, for a
+ * report written again later (`search --final`), the search's own times (epoch ms) and wall seconds.
+ */
+export type SearchTiming =
+  | { started: number; stoppedBy: string }
+  | { startedAt: number; finishedAt: number; wallSeconds: number; stoppedBy: string };
+
+/**
+ * Writes the report of `trials` (see the file comment), with the "Full training of the best" section when the
+ * run folder holds a `final.json`; returns the two files' paths and the terminal table.
+ */
 export async function writeSearchReport(
   ctx: RunnerContext,
   trials: Trial[],
   base: UNetSpec,
-  timing: { started: number; stoppedBy: string },
+  timing: SearchTiming,
 ): Promise<{ html: string; json: string; summary: string }> {
   const done = trials.filter((t) => t.status === "done");
   const baselineTrial = trials.find((t) => t.proposer === "baseline");
@@ -97,9 +117,13 @@ export async function writeSearchReport(
     title: `DiffNAS search: ${ctx.dir}`,
     settings: { ...ctx.config, stoppedBy: timing.stoppedBy },
     timing: {
-      started: Math.round(performance.timeOrigin + timing.started),
-      finished: Date.now(),
-      wallSeconds: (performance.now() - timing.started) / 1000,
+      ...("startedAt" in timing
+        ? { started: timing.startedAt, finished: timing.finishedAt, wallSeconds: timing.wallSeconds }
+        : {
+          started: Math.round(performance.timeOrigin + timing.started),
+          finished: Date.now(),
+          wallSeconds: (performance.now() - timing.started) / 1000,
+        }),
       perTrial: {
         trainSeconds: mean(done.map((t) => t.costs.trainSeconds)),
         proxySeconds: mean(done.map((t) => t.costs.proxySeconds)),
@@ -122,7 +146,7 @@ export async function writeSearchReport(
       }
       : undefined,
     grids,
-    sections: [workersSection(trials)],
+    sections: [workersSection(trials), ...[await finalSection(ctx.dir)].filter((x) => x !== null)],
   };
   return { ...await writeReport(ctx.dir, input), summary: formatSummaryTable(input) };
 }
