@@ -373,7 +373,7 @@ async function validateProxyCommand(
   });
   p.stop();
   console.log(await Deno.readTextFile(r.markdown));
-  console.log(`written: ${r.json}, ${r.markdown} and ${r.html}`);
+  console.log(`written: ${r.json} and ${r.markdown}`);
 }
 
 /** `search --final`: a bar per architecture, one log line per finished one, then the table. */
