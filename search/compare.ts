@@ -7,8 +7,8 @@
  *         a full search (runSearch) in <out>/<proposer>-seed<seed>   (resumed when the folder holds one)
  *     target = (best proxy FID over every run) × (1 + 2%)
  *     per run: the 1-based index, among its trained trials (done, failed or pruned, in id order), of the first
- *              finished trial at or below the target; a run that never reaches it counts as its number of
- *              trained trials + 1 and is flagged
+ *              finished trial at or below the target; a run that never reaches it counts as its trial
+ *              budget + 1 (or its trained trials + 1, if more) and is flagged
  *     per proposer: mean and standard deviation over seeds
  *
  * The search seed is also the training seed and the proxy's latent seed, so different seeds train (and score)
@@ -86,7 +86,7 @@ export type CompareInput = z.input<typeof CompareSchema>;
 
 /** Where one run reached the target. */
 export interface TrialsToTarget {
-  /** Trials until the target (1-based among trained trials); trained + 1 when never reached. */
+  /** Trials until the target (1-based among trained trials); max(trained, budget) + 1 when never reached. */
   trials: number;
   reached: boolean;
   /** Trained trials of the run (done, failed or pruned). */
@@ -115,7 +115,7 @@ export interface ProposerSummary {
   std: number;
   min: number;
   max: number;
-  /** Runs that never reached the target (counted as trained + 1). */
+  /** Runs that never reached the target (counted as max(trained, budget) + 1). */
   notReached: number;
 }
 
@@ -155,13 +155,16 @@ export function bestProxy(trials: readonly Pick<Trial, "status" | "scores">[]): 
 export function trialsToTarget(
   trials: readonly Pick<Trial, "id" | "status" | "scores">[],
   target: number,
+  budget = 0,
 ): TrialsToTarget {
   const ordered = trained(trials);
+  // A run that stopped short of its budget (the proposer ran out of admissible candidates) did not find the
+  // target within the budget either: it must not count as quicker than one that used every trial.
   const i = ordered.findIndex((t) =>
     t.status === "done" && typeof t.scores.proxyFid === "number" && t.scores.proxyFid <= target
   );
   return i < 0
-    ? { trials: ordered.length + 1, reached: false, trained: ordered.length }
+    ? { trials: Math.max(ordered.length, budget) + 1, reached: false, trained: ordered.length }
     : { trials: i + 1, reached: true, trained: ordered.length };
 }
 
@@ -206,6 +209,7 @@ export function compareRuns(
     trials: readonly Trial[];
   }[],
   tolerance = TARGET_TOLERANCE,
+  budget = 0,
 ): { best: number | null; target: number | null; runs: CompareRun[]; summary: ProposerSummary[] } {
   const bests = runs.map((r) => bestProxy(r.trials));
   const finite = bests.filter((b): b is number => b !== null);
@@ -218,7 +222,7 @@ export function compareRuns(
     best: bests[i],
     stoppedBy: r.stoppedBy,
     // No finished trial anywhere: no run reaches a target.
-    toTarget: trialsToTarget(r.trials, target ?? -Infinity),
+    toTarget: trialsToTarget(r.trials, target ?? -Infinity, budget),
     bestSoFar: bestSoFar(r.trials),
   }));
   return { best, target, runs: out, summary: summarizeRuns(out) };
@@ -374,7 +378,7 @@ export async function runCompare(
   const done: { proposer: string; seed: number; dir: string; stoppedBy: string; trials: Trial[] }[] = [];
   let proxyName: string | null = null;
   const write = async (complete: boolean) => {
-    const c = compareRuns(done);
+    const c = compareRuns(done, TARGET_TOLERANCE, cfg.trials);
     const report: CompareReport = {
       complete,
       seeds,

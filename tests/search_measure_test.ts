@@ -56,6 +56,9 @@ test("trialsToTarget: a run that never reaches the target counts as its trained 
     trained: 3,
   });
   assertEquals(trialsToTarget([], 10), { trials: 1, reached: false, trained: 0 });
+  // A run that stopped short of its budget of 6 counts as the budget + 1, not as quicker.
+  assertEquals(trialsToTarget([t(1, "done", 11)], 10, 6), { trials: 7, reached: false, trained: 1 });
+  assertEquals(trialsToTarget([t(1, "done", 9)], 10, 6), { trials: 1, reached: true, trained: 1 });
 });
 
 test("compareRuns: the target is 2% above the best of all runs; mean and sample spread per proposer", () => {
