@@ -6,8 +6,9 @@
  * (buffer_pool.ts; a released buffer is reusable only after the batch that may still read it is submitted, so
  * queue writes into a reused buffer never overtake a recorded read), pipelines cached by WGSL source
  * (pipeline_cache.ts), each dispatch's sizes in a slot of a uniform ring uploaded once per batch
- * (uniform_ring.ts, bound by dynamic offset), bind groups cached by what they bind (bind_group_cache.ts), and rgba32float textures for texture inputs (texture_pool.ts) with the filled ones kept
- * while their buffer is unchanged (filled_textures.ts).
+ * (uniform_ring.ts, bound by dynamic offset), bind groups cached by what they bind (bind_group_cache.ts), and
+ * rgba32float textures for texture inputs (texture_pool.ts) with the filled ones kept while their buffer is
+ * unchanged (filled_textures.ts).
  *
  * A dispatch may read some inputs as textures (`GpuDispatch.textures`): the backend takes a pooled texture per
  * such input and records, just before the dispatch, either a flat copy of the buffer into it or the kernel's
@@ -141,8 +142,8 @@ export class WebGpuBackend implements Backend {
   /** A buffer binding. */
   private static bufferEntry(binding: number, s: Storage): GPUBindGroupEntry {
     const g = s as GpuStorage;
-    // At least 16 bytes (pool buckets are 256 at least): Deno's wgpu keeps the previous pipeline's minimum binding sizes when consecutive
-    // pipelines share a layout (gfx-rs/wgpu#7359), so a vec4 kernel would make a later 4-byte binding fail.
+    // At least 16 bytes (pool buckets are 256 at least): Deno's wgpu keeps the previous pipeline's minimum
+    // binding sizes when consecutive pipelines share a layout (gfx-rs/wgpu#7359), so a vec4 kernel would make a later 4-byte binding fail.
     // Pool buffers are at least 256 bytes, so the wider binding is always in range. The whole pool bucket is
     // bound (kernels take their sizes from the uniform block, never from the binding), so that a buffer's bind
     // groups are reused whatever the size of the allocation it holds (bind_group_cache.ts).
@@ -160,7 +161,9 @@ export class WebGpuBackend implements Backend {
 
   /** The (cached) bind group of `entries` under the layout of `kinds`. */
   private bindGroup(kinds: string, entries: GPUBindGroupEntry[], visibility?: number): GPUBindGroup {
-    return this.bindGroups.get(kinds, this.pipelines.layoutFor(kinds, visibility).group, entries);
+    // The stage is part of the key: the same binding kinds under another stage are another layout.
+    const key = visibility === undefined ? kinds : `${kinds}@${visibility}`;
+    return this.bindGroups.get(key, this.pipelines.layoutFor(kinds, visibility).group, entries);
   }
 
   private record(

@@ -26,9 +26,12 @@ export class BindGroupCache {
     return id;
   }
 
-  /** The bind group of `entries` (bindings 0, 1, … in order) under the layout of binding kinds `kinds`. */
-  get(kinds: string, layout: GPUBindGroupLayout, entries: GPUBindGroupEntry[]): GPUBindGroup {
-    let key = kinds;
+  /**
+   * The bind group of `entries` (bindings 0, 1, … in order) under `layout`; `layoutKey` names the layout (its
+   * binding kinds and stage).
+   */
+  get(layoutKey: string, layout: GPUBindGroupLayout, entries: GPUBindGroupEntry[]): GPUBindGroup {
+    let key = layoutKey;
     for (const e of entries) {
       const r = e.resource as GPUBufferBinding | GPUTextureView;
       key += "buffer" in r ? `|${this.#id(r.buffer)}:${r.offset ?? 0}:${r.size}` : `|t${this.#id(r)}`;
