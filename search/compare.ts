@@ -131,6 +131,7 @@ export interface CompareReport {
   tolerance: number;
   runs: CompareRun[];
   summary: ProposerSummary[];
+  /** Wall time of this invocation (a resumed comparison does not add the earlier ones). */
   seconds: number;
 }
 
@@ -301,7 +302,9 @@ export function compareHtml(r: CompareReport): string {
     `<p>${r.seeds} seeds × ${r.trials} trials per run; target: ${e(name)} ≤ ${
       f(r.target)
     } (best of all runs ` +
-    `${f(r.best)} + ${(r.tolerance * 100).toFixed(0)}%); ${(r.seconds / 60).toFixed(1)} minutes.</p>`,
+    `${f(r.best)} + ${(r.tolerance * 100).toFixed(0)}%); this invocation ${
+      (r.seconds / 60).toFixed(1)
+    } minutes (a resumed comparison counts only its own).</p>`,
     `<table>`,
     head(["proposer", "runs", "trials-to-target mean", "std", "min", "max", "never reached"]),
     ...r.summary.map((s) =>
