@@ -7,6 +7,7 @@
  */
 
 import type { FloatArray, Kernel } from "../kernels/types.ts";
+import type { Profile } from "./webgpu/profiler.ts";
 
 export type BackendKind = "webgpu" | "cpu";
 export type DType = "float32" | "float64";
@@ -26,6 +27,9 @@ export interface DeviceOptions {
   texturePoolLimitBytes?: number;
   /** Seed of the device's counter-based random generator (default 0). */
   seed?: number;
+  /** WebGPU: time every dispatch with timestamp queries (where the adapter has them) for `Device.profile()`;
+   * each dispatch then gets a pass of its own, which slows a step down. */
+  profile?: boolean;
   /** Lowers the workgroups-per-dimension limit kernels plan for, so tests reach the 2-D grid path cheaply. */
   maxWorkgroupsPerDimension?: number;
 }
@@ -76,5 +80,7 @@ export interface Backend {
   flush(): void;
   pooled(): { bytes: number; buffers: number };
   counters(): Record<string, number>;
+  /** Device time per kernel since the last call, where the backend was created to profile; else null. */
+  profile?(): Promise<Profile | null>;
   destroy(): void;
 }

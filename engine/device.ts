@@ -30,6 +30,7 @@ import type {
 import { CpuBackend } from "./backend_cpu.ts";
 import { DRIVER_HINT, NoAdapterError } from "./webgpu/adapter.ts";
 import { WebGpuBackend } from "./webgpu/backend.ts";
+import type { Profile } from "./webgpu/profiler.ts";
 
 export type {
   Backend,
@@ -183,6 +184,14 @@ export class Device {
   /** Dispatch, submit and pipeline counters (WebGPU), for benchmarks and tests. */
   counters(): Record<string, number> {
     return this.backend.counters();
+  }
+
+  /**
+   * Device time per kernel since the last call (submitting pending work first), for a device created with
+   * `profile: true` on an adapter with timestamp queries; null otherwise.
+   */
+  async profile(): Promise<Profile | null> {
+    return await this.backend.profile?.() ?? null;
   }
 
   destroy(): void {

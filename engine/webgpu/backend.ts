@@ -24,6 +24,7 @@ import { BindGroupCache } from "./bind_group_cache.ts";
 import { BufferPool, type GpuStorage } from "./buffer_pool.ts";
 import { FilledTextures } from "./filled_textures.ts";
 import { kindsOf, PACK_COMPUTE_KINDS, PipelineCache } from "./pipeline_cache.ts";
+import { describeParams, GpuProfiler, type Profile } from "./profiler.ts";
 import { type PooledTexture, TexturePool } from "./texture_pool.ts";
 import { UniformRing } from "./uniform_ring.ts";
 
@@ -60,6 +61,8 @@ export class WebGpuBackend implements Backend {
     /** How packing passes write their textures, or null where there are no texture inputs (see the probe). */
     private readonly packBy: PackBy | null,
     gridLimit?: number,
+    /** Times every pass (profiler.ts), or null. */
+    private readonly profiler: GpuProfiler | null = null,
   ) {
     const described = describeGpu(device, adapter, gridLimit);
     this.info = described.info;
@@ -93,6 +96,7 @@ export class WebGpuBackend implements Backend {
       opts.texturePoolLimitBytes ?? 2 ** 28,
       packBy,
       opts.maxWorkgroupsPerDimension,
+      opts.profile && device.features.has("timestamp-query") ? new GpuProfiler(device) : null,
     );
   }
 
@@ -171,18 +175,27 @@ export class WebGpuBackend implements Backend {
     bindGroup: GPUBindGroup,
     slot: number,
     workgroups: [number, number, number],
+    label: () => [string, string],
   ) {
-    if (!this.pass) {
+    if (this.profiler) {
+      // A pass of its own, between two timestamps.
+      this.endPass();
+      this.encoder ??= this.device.createCommandEncoder();
+      this.pass = this.encoder.beginComputePass({ timestampWrites: this.profiler.next(...label()) });
+    } else if (!this.pass) {
       this.encoder ??= this.device.createCommandEncoder();
       this.pass = this.encoder.beginComputePass();
     }
     this.pass.setPipeline(pipeline);
     this.pass.setBindGroup(0, bindGroup, [slot]);
     this.pass.dispatchWorkgroups(...workgroups);
+    if (this.profiler) this.endPass();
   }
 
   run<P>(kernel: Kernel<P>, params: P, inputs: Storage[], outputs: Storage[]): void {
     this.throwIfError();
+    // Room for this dispatch's passes (its packing passes and itself) before any slot is taken.
+    if (this.profiler?.full) this.flush();
     const d = kernel.gpu(params, this.caps);
     const kinds = kindsOf(inputs.length, outputs.length, d.textures);
     const pipeline = this.pipelines.compute(kernel.name, d.source, kinds);
@@ -193,7 +206,10 @@ export class WebGpuBackend implements Backend {
     );
     entries.push({ binding: inputs.length + outputs.length, resource: this.ring.binding });
     const slot = this.takeSlot(d.params);
-    this.record(pipeline, this.bindGroup(kinds, entries), slot, d.workgroups);
+    this.record(pipeline, this.bindGroup(kinds, entries), slot, d.workgroups, () => {
+      const ws = d.workgroups[0] * d.workgroups[1] * d.workgroups[2];
+      return [kernel.name, `${kernel.name} ${describeParams(params)} wg=${ws}`];
+    });
     // Free for the next dispatch at once: whatever writes them next is recorded after this dispatch's reads.
     for (const tex of taken) this.textures.giveBack(tex);
     this.filled.unpinAll();
@@ -323,7 +339,7 @@ export class WebGpuBackend implements Backend {
         Math.ceil(width / PACK_TILE),
         Math.ceil(height / PACK_TILE),
         1,
-      ]);
+      ], () => [`${kernelName} (pack)`, `${kernelName} (pack) ${width}×${height}`]);
     } else {
       const pipeline = this.pipelines.render(`${kernelName} (pack)`, texelFn);
       const slot = this.takeSlot(params);
@@ -334,8 +350,13 @@ export class WebGpuBackend implements Backend {
       );
       this.endPass();
       this.encoder ??= this.device.createCommandEncoder();
+      const { width, height } = tex.texture;
       const pass = this.encoder.beginRenderPass({
         colorAttachments: [{ view: tex.view, loadOp: "clear", clearValue: [0, 0, 0, 0], storeOp: "store" }],
+        timestampWrites: this.profiler?.next(
+          `${kernelName} (pack)`,
+          `${kernelName} (pack) ${width}×${height}`,
+        ),
       });
       pass.setPipeline(pipeline);
       pass.setBindGroup(0, bindGroup, [slot]);
@@ -355,6 +376,7 @@ export class WebGpuBackend implements Backend {
     if (!this.encoder) return;
     const t0 = performance.now();
     this.endPass();
+    this.profiler?.resolveInto(this.encoder);
     this.ring.upload(this.device.queue);
     this.device.queue.submit([this.encoder.finish()]);
     this.stats.submits++;
@@ -374,6 +396,13 @@ export class WebGpuBackend implements Backend {
 
   pooled() {
     return { bytes: this.buffers.bytes, buffers: this.buffers.count };
+  }
+
+  /** Device time per kernel since the last call (profiler.ts), or null unless created with `profile`. */
+  async profile(): Promise<Profile | null> {
+    if (!this.profiler) return null;
+    this.flush();
+    return await this.profiler.collect();
   }
 
   counters() {
