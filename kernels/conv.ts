@@ -85,6 +85,18 @@ export interface ConvWeightGradParams extends ConvGeometry {
   variant?: ConvVariant;
   /** Number of row ranges of the reduction; the output is [splits, Cout, Cin, kH, kW] (default 1). */
   splits?: number;
+  /**
+   * A second output, [splits, Cout]: the bias gradient Σ_{n,oh,ow} dy[n,co,oh,ow] over each split's rows. It
+   * rides on the dy loads the weight gradient makes anyway, and saves the bias its own reduction pass.
+   */
+  biasGrad?: boolean;
+}
+
+/** Sizes of `conv2dWeightGradSum`: `splits` slices of A (weight) and of B (bias) elements. */
+export interface ConvWeightGradSumParams {
+  splits: number;
+  A: number;
+  B: number;
 }
 
 const WG = 64;
@@ -525,8 +537,8 @@ export function convUsesVectorLoads(
 // Weight gradient: an invocation owns tc output channels × tq consecutive entries of (ci, kh, kw) and loops over
 // its range of rows (n, oh) and every ow.
 
-function weightGradSource(tc: number, tq: number): string {
-  return header(["x", "dy"], ["dw"]) + `
+function weightGradSource(tc: number, tq: number, bias: boolean): string {
+  return header(["x", "dy"], bias ? ["dw", "db"] : ["dw"]) + `
 ${ENTRY} {
   ${GEOMETRY_WGSL}
   let qTiles = pu(13u); let coTiles = pu(14u); let splits = pu(15u); let rowsPerSplit = pu(16u);
@@ -547,6 +559,7 @@ ${ENTRY} {
   }
   ${each(tc, (i) => `let yc${i} = min(cot * ${tc}u + ${i}u, Cout - 1u) * HoWo;`)}
   ${each(tc, (i) => each(tq, (j) => `var acc${i}_${j} = 0.0;`), "\n  ")}
+  ${bias ? each(tc, (i) => `var bacc${i} = 0.0;`) : ""}
   let r0 = split * rowsPerSplit;
   let r1 = min(r0 + rowsPerSplit, N * Ho);
   for (var r = r0; r < r1; r++) {
@@ -566,6 +579,7 @@ ${ENTRY} {
   }
       ${each(tc, (i) => `let d${i} = dy[yRow + yc${i} + ow];`)}
       ${fmaBlock(tc, tq, (i) => `d${i}`, (j) => `x${j}`)}
+      ${bias ? each(tc, (i) => `bacc${i} += d${i};`) : ""}
       ${each(tq, (j) => `iw${j} += i32(sW);`)}
     }
   }
@@ -577,6 +591,7 @@ ${ENTRY} {
     if (co < Cout) {
       let base = (split * Cout + co) * Q + qt * ${tq}u;
       ${each(tq, (j) => `if (qt * ${tq}u + ${j}u < Q) { dw[base + ${j}u] = acc${i}_${j}; }`, "\n      ")}
+      ${bias ? `if (qt == 0u) { db[split * Cout + co] = bacc${i}; }` : ""}
     }
   }`,
       "\n  ",
@@ -635,14 +650,18 @@ export const conv2dWeightGrad: Kernel<ConvWeightGradParams> = {
     const { tc, tq } = weightGradTiles(p, caps);
     const qTiles = Math.ceil(Q / tq), coTiles = Math.ceil(p.Cout / tc);
     const w = geometryWords(p).u32(qTiles, coTiles, splits, rowsPerSplit);
+    const bias = p.biasGrad ?? false;
     return {
-      source: cachedSource(`conv2dWeightGrad/registers/${tc}x${tq}`, () => weightGradSource(tc, tq)),
+      source: cachedSource(
+        `conv2dWeightGrad/registers/${tc}x${tq}/${bias}`,
+        () => weightGradSource(tc, tq, bias),
+      ),
       workgroups: grid(Math.ceil((qTiles * coTiles * splits) / WG), caps.maxWorkgroupsPerDimension),
       params: w.finish(),
     };
   },
 
-  cpu(p: ConvWeightGradParams, [x, dy]: FloatArray[], [dw]: FloatArray[]): void {
+  cpu(p: ConvWeightGradParams, [x, dy]: FloatArray[], [dw, db]: FloatArray[]): void {
     checkGeometry("conv2dWeightGrad kernel", p);
     const { N, Cin, H, W, Cout, Ho, Wo, kH, kW, strideH, strideW, padH, padW } = p;
     const { splits, rowsPerSplit } = splitsOf(p);
@@ -650,6 +669,14 @@ export const conv2dWeightGrad: Kernel<ConvWeightGradParams> = {
     for (let split = 0; split < splits; split++) {
       const r0 = split * rowsPerSplit, r1 = Math.min(r0 + rowsPerSplit, N * Ho);
       for (let co = 0; co < Cout; co++) {
+        if (p.biasGrad) {
+          let s = 0;
+          for (let r = r0; r < r1; r++) {
+            const n = Math.floor(r / Ho), oh = r % Ho;
+            for (let ow = 0; ow < Wo; ow++) s += dy[((n * Cout + co) * Ho + oh) * Wo + ow];
+          }
+          db[split * Cout + co] = s;
+        }
         for (let ci = 0; ci < Cin; ci++) {
           for (let kh = 0; kh < kH; kh++) {
             for (let kw = 0; kw < kW; kw++) {
@@ -679,6 +706,60 @@ export const conv2dWeightGrad: Kernel<ConvWeightGradParams> = {
 // in the loop; weights are packed into panels: texel (q·T + i, block·KK + tap) holds four channels q of row
 // channel block·T + i at that tap. Every step of a kernel's inner loop then reads T + T' neighbouring texels for
 // 4·T·T' multiply-adds (dot products of channel quads), as in the matmul texture variant.
+
+/**
+ * The second stage of a split weight gradient: out0[e] = Σ_s in0[s·A + e] (the weight) and out1[e] = Σ_s
+ * in1[s·B + e] (the bias), one invocation per output element, in one pass for both.
+ */
+export const conv2dWeightGradSum: Kernel<ConvWeightGradSumParams> = {
+  name: "conv2dWeightGradSum",
+
+  gpu(p: ConvWeightGradSumParams, caps: GpuCaps): GpuDispatch {
+    checkSumParams(p);
+    return {
+      source: cachedSource("conv2dWeightGradSum", () =>
+        header(["a", "b"], ["da", "db"]) + `
+${ENTRY} {
+  let S = pu(0u); let A = pu(1u); let B = pu(2u);
+  let e = linearId(wid, nwg, lid, ${WG}u);
+  if (e >= A + B) { return; }
+  var s = 0.0;
+  if (e < A) {
+    for (var k = 0u; k < S; k++) { s += a[k * A + e]; }
+    da[e] = s;
+  } else {
+    let f = e - A;
+    for (var k = 0u; k < S; k++) { s += b[k * B + f]; }
+    db[f] = s;
+  }
+}`),
+      workgroups: grid(Math.ceil((p.A + p.B) / WG), caps.maxWorkgroupsPerDimension),
+      params: new ParamWriter().u32(p.splits, p.A, p.B).finish(),
+    };
+  },
+
+  cpu(p: ConvWeightGradSumParams, [a, b]: FloatArray[], [da, db]: FloatArray[]): void {
+    checkSumParams(p);
+    for (let e = 0; e < p.A; e++) {
+      let s = 0;
+      for (let k = 0; k < p.splits; k++) s += a[k * p.A + e];
+      da[e] = s;
+    }
+    for (let e = 0; e < p.B; e++) {
+      let s = 0;
+      for (let k = 0; k < p.splits; k++) s += b[k * p.B + e];
+      db[e] = s;
+    }
+  },
+};
+
+function checkSumParams(p: ConvWeightGradSumParams) {
+  for (const [k, v] of Object.entries(p)) {
+    if (!Number.isInteger(v) || v < (k === "splits" ? 1 : 0)) {
+      throw new Error(`conv2dWeightGradSum kernel: bad ${k} ${v}`);
+    }
+  }
+}
 
 export type ConvVariant = "registers" | "texture";
 
@@ -965,7 +1046,7 @@ function texWeightGradPlan(g: ConvGeometry) {
  * `flatDy`: dy is read from a flat copy of its NCHW buffer (Wo a multiple of four: a texel is four positions of
  * one channel's row, no packing pass); otherwise from its channel-quad packing (a texel is four channels).
  */
-function texWeightGradSource(tm: number, tn: number, flatDy: boolean): string {
+function texWeightGradSource(tm: number, tn: number, flatDy: boolean, bias: boolean): string {
   const dAt = flatDy
     ? (p: number, i: number) => `d${i}[${p}]`
     : (p: number, i: number) => `d${p}_${i >> 2}[${i & 3}]`;
@@ -987,7 +1068,14 @@ function texWeightGradSource(tm: number, tn: number, flatDy: boolean): string {
         ),
       "\n      ",
     );
-  return header(["x", "dy"], ["dw"], "f32", [0, 1]) + FLAT_TEXEL_WGSL + `
+  // Bias sums as vec4s: per channel of four positions (flat dy), or per channel quad (packed dy).
+  const biasAdds = !bias
+    ? ""
+    : flatDy
+    ? each(tm, (i) => `bv${i} += d${i};`)
+    : each(tm / 4, (g) => `bv${g} += d0_${g} + d1_${g} + d2_${g} + d3_${g};`);
+  const biasOf = (i: number) => flatDy ? `dot(bv${i}, vec4<f32>(1.0))` : `bv${i >> 2}[${i & 3}]`;
+  return header(["x", "dy"], bias ? ["dw", "db"] : ["dw"], "f32", [0, 1]) + FLAT_TEXEL_WGSL + `
 ${ENTRY} {
   ${GEOMETRY_WGSL}
   let Hp = pu(13u); let Wp = pu(14u); let Wq = pu(15u); let ciTiles = pu(16u); let coTiles = pu(17u);
@@ -1007,6 +1095,7 @@ ${ENTRY} {
   ${each(tn / 4, (g) => `let xc${g} = i32((cit * ${tn / 4}u + ${g}u) * Wp + kw);`)}
   ${dySetup}
   ${accDecl(tm, tn)}
+  ${bias ? each(flatDy ? tm : tm / 4, (i) => `var bv${i} = vec4<f32>(0.0);`) : ""}
   let r0 = split * rowsPerSplit;
   let r1 = min(r0 + rowsPerSplit, N * Ho);
   for (var r = r0; r < r1; r++) {
@@ -1034,6 +1123,7 @@ ${ENTRY} {
       "\n      ",
     )
   }
+      ${biasAdds}
     }
   }
   if (!live) { return; }
@@ -1051,6 +1141,7 @@ ${ENTRY} {
             "\n      ",
           )
         }
+      ${bias ? `if (e == 0u) { db[split * Cout + co] = ${biasOf(i)}; }` : ""}
     }
   }`,
       "\n  ",
@@ -1071,10 +1162,11 @@ function texWeightGradDispatch(p: ConvWeightGradParams, caps: GpuCaps): GpuDispa
   const w = geometryWords(p).u32(plan.x.Hp, plan.x.Wp, plan.dy.Wp / 4, plan.ciTiles, plan.coTiles);
   w.u32(splits, rowsPerSplit);
   const lanes = plan.ciTiles * p.kH * p.kW * plan.coTiles * splits;
+  const bias = p.biasGrad ?? false;
   return {
     source: cachedSource(
-      `conv2dWeightGrad/texture/${plan.tm}x${plan.tn}/${flatDy}`,
-      () => texWeightGradSource(plan.tm, plan.tn, flatDy),
+      `conv2dWeightGrad/texture/${plan.tm}x${plan.tn}/${flatDy}/${bias}`,
+      () => texWeightGradSource(plan.tm, plan.tn, flatDy, bias),
     ),
     workgroups: grid(Math.ceil(lanes / WG), caps.maxWorkgroupsPerDimension),
     params: w.finish(),

@@ -12,6 +12,7 @@ import {
   conv2d as conv2dKernel,
   conv2dInputGrad,
   conv2dWeightGrad,
+  conv2dWeightGradSum,
   type ConvGeometry,
   type ConvVariant,
   convVariant,
@@ -185,6 +186,24 @@ gpuTest(
             tol(g.N * g.Ho * g.Wo, scale * scale),
             `conv2dWeightGrad ${what} splits ${splits}`,
           );
+          // With the bias gradient as a second output: the same weight gradient, and the bias sums.
+          const nan = (n: number) => new Float32Array(n).fill(NaN);
+          const wb = { ...g, splits, biasGrad: true };
+          const [dw2, db] = await runOnBuffers(gpu, conv2dWeightGrad, wb, [x, dy], [
+            nan(dwLen),
+            nan(splits * g.Cout),
+          ]);
+          const [, dbRef] = await runOnBuffers(cpu, conv2dWeightGrad, wb, [x, dy], [
+            nan(dwLen),
+            nan(splits * g.Cout),
+          ]);
+          assertClose(dw2, dwRef, tol(g.N * g.Ho * g.Wo, scale * scale), `conv2dWeightGrad+bias ${what}`);
+          assertClose(
+            db,
+            dbRef,
+            tol(g.N * g.Ho * g.Wo, scale),
+            `conv2dWeightGrad bias ${what} splits ${splits}`,
+          );
         },
       ),
       { numRuns: RUNS * 3 },
@@ -253,6 +272,29 @@ test("conv kernels: the weight-gradient splits add up to the unsplit gradient", 
     const sum = new Float64Array(wLen);
     for (let s = 0; s < splits; s++) for (let i = 0; i < wLen; i++) sum[i] += parts[s * wLen + i];
     assertClose(sum, whole, { rtol: 1e-5, atol: 1e-5 }, `splits ${splits}`);
+    // The bias parts add up to Σ dy per channel, and conv2dWeightGradSum adds both kinds of part.
+    const wb = { ...g, splits, biasGrad: true };
+    const [wParts, bParts] = await runOnBuffers(cpu, conv2dWeightGrad, wb, [x, dy], [
+      splits * wLen,
+      splits * 4,
+    ]);
+    const [dw, db] = await runOnBuffers(
+      cpu,
+      conv2dWeightGradSum,
+      { splits, A: wLen, B: 4 },
+      [wParts, bParts],
+      [
+        wLen,
+        4,
+      ],
+    );
+    assertClose(dw, whole, { rtol: 1e-5, atol: 1e-5 }, `weight, splits ${splits}`);
+    const dySum = [0, 1, 2, 3].map((c) => {
+      let t = 0;
+      for (let n = 0; n < 2; n++) for (let i = 0; i < 12; i++) t += dy[(n * 4 + c) * 12 + i];
+      return t;
+    });
+    assertClose(db, dySum, { rtol: 1e-5, atol: 1e-5 }, `bias, splits ${splits}`);
   }
   // Split counts: none for a short reduction; for a 64→64 3×3 conv over 8×32 rows, none on a CPU-emulated
   // adapter (its 16×16 tiles already give enough invocations) and as many as the rows allow on a GPU.
@@ -529,3 +571,31 @@ test("conv2d / convTranspose2d: shape errors name the op and the shapes", async 
     "[1, 4, 1, 1]",
   );
 });
+
+gpuTest(
+  "conv2dWeightGradSum: WebGPU matches the CPU reference over random sizes (size 1 and odd ones)",
+  async () => {
+    const gpu = await gpuDevice(), cpu = await cpuDevice();
+    await fc.assert(
+      fc.asyncProperty(
+        fc.integer({ min: 1, max: 40 }),
+        fc.integer({ min: 0, max: 300 }),
+        fc.integer({ min: 1, max: 70 }),
+        scaleArb,
+        seedArb,
+        async (splits, A, B, scale, seed) => {
+          const a = seededValues(splits * A, seed, -scale, scale),
+            b = seededValues(splits * B, seed + 1, -scale, scale);
+          const p = { splits, A, B };
+          const outs = () => [new Float32Array(A).fill(NaN), new Float32Array(B).fill(NaN)];
+          const got = await runOnBuffers(gpu, conv2dWeightGradSum, p, [a, b], outs());
+          const want = await runOnBuffers(cpu, conv2dWeightGradSum, p, [a, b], outs());
+          const tol = { rtol: 1e-5, atol: 1e-6 * splits * scale };
+          assertClose(got[0], want[0], tol, `weight part ${JSON.stringify(p)}`);
+          assertClose(got[1], want[1], tol, `bias part ${JSON.stringify(p)}`);
+        },
+      ),
+      { numRuns: RUNS },
+    );
+  },
+);

@@ -14,6 +14,7 @@ import {
   conv2d as conv2dKernel,
   conv2dInputGrad,
   conv2dWeightGrad,
+  conv2dWeightGradSum,
   type ConvGeometry,
   convUsesVectorLoads,
   weightGradSplits,
@@ -153,6 +154,32 @@ function weightGrad(g: ConvGeometry, x: Tensor, dy: Tensor, shape: Shape): Tenso
   return dw;
 }
 
+/**
+ * The weight and bias gradients of conv2d together (the bias summed over dy's channels by the weight-gradient
+ * kernel from the dy it reads anyway): one dispatch, or two with split rows (the splits summed in one pass).
+ */
+function weightAndBiasGrad(g: ConvGeometry, x: Tensor, dy: Tensor, shape: Shape): [Tensor, Tensor] {
+  const device = x.device;
+  const splits = splitsFor(device, g);
+  const params = { ...g, splits, biasGrad: true };
+  if (splits === 1) {
+    const dw = Tensor.empty(shape, device), db = Tensor.empty([g.Cout], device);
+    device.run(conv2dWeightGrad, params, [x.storage, dy.storage], [dw.storage, db.storage]);
+    return [dw, db];
+  }
+  const parts = Tensor.empty([splits, ...shape], device), biasParts = Tensor.empty([splits, g.Cout], device);
+  device.run(conv2dWeightGrad, params, [x.storage, dy.storage], [parts.storage, biasParts.storage]);
+  const dw = Tensor.empty(shape, device), db = Tensor.empty([g.Cout], device);
+  const A = dw.size;
+  device.run(conv2dWeightGradSum, { splits, A, B: g.Cout }, [parts.storage, biasParts.storage], [
+    dw.storage,
+    db.storage,
+  ]);
+  parts.dispose();
+  biasParts.dispose();
+  return [dw, db];
+}
+
 /** Sum of g over every dim but the channel dim (bias gradient). */
 function biasGrad(g: Tensor, channels: number): Tensor {
   const axes = g.rank === 4 ? [0, 2, 3] : [1, 2];
@@ -199,6 +226,9 @@ export function conv2d(x: Tensor, weight: Tensor, bias?: Tensor | null, opts: Co
     if (x.requiresGrad) {
       dx = Tensor.empty(x.shape, device);
       runConv("conv2dInputGrad", geo, g, weight, null, dx);
+    }
+    if (bias?.requiresGrad && weight.requiresGrad) {
+      return [dx, ...weightAndBiasGrad(geo, x, g, weight.shape)];
     }
     const dw = weight.requiresGrad ? weightGrad(geo, x, g, weight.shape) : null;
     if (!bias) return [dx, dw];

@@ -121,6 +121,8 @@ export class WebGpuBackend implements Backend {
   write(s: Storage, data: ArrayLike<number>): void {
     // Queue writes run before recorded-but-unsubmitted dispatches: submit those first so that a write into a
     // live buffer cannot overtake the kernels recorded before it.
+    // Deno 2.9.6 panics on an empty queue write (ext/webgpu/queue.rs: unwrap on None); there is nothing to write.
+    if (data.length === 0) return;
     this.flush();
     this.changed(s as GpuStorage);
     const f = data instanceof Float32Array ? data : Float32Array.from(data);
