@@ -418,7 +418,7 @@ async function printStepProfile(name: string, step: () => void, stepSync: () => 
       `${(p.spanMs / steps).toFixed(1)} ms from first to last pass of each submit (one pass per dispatch)`,
   );
   rows("per kernel (ms per step, share, dispatches per step)", p.kernels, 30);
-  rows("per kernel and parameters", p.shapes, 40);
+  rows("per kernel and parameters", p.shapes, Number(Deno.env.get("PROFILE_ROWS") ?? 40));
 }
 
 if (want("train default")) {

@@ -16,6 +16,7 @@ import {
   mul,
   narrow,
   nn,
+  packedQkvAttention,
   permute,
   reshape,
   scaledDotProductAttention,
@@ -32,7 +33,12 @@ export function qkvAttention(qkv: Tensor, heads: number): Tensor {
       `qkvAttention: [N, 3C, H, W] with C divisible by ${heads} heads expected, got [${qkv.shape}]`,
     );
   }
-  // [N, 3C, H, W] as [N·heads, c, 3, L], then [3, N·heads, L, c]: q, k, v with positions as rows.
+  // [N, 3C, H, W] is [N·heads, c, 3, L] as stored: the packed op reads q, k and v in place (one dispatch
+  // per product), its output [N·heads, c, L] is [N, C, H, W] as stored.
+  const packed = packedQkvAttention(reshape(qkv, [N * heads, c, 3, L]));
+  if (packed) return reshape(packed, [N, C, H, W]);
+  // Scores too large for one binding: the general op, which attends in chunks. [3, N·heads, L, c]: q, k, v
+  // with positions as rows.
   const split = permute(reshape(qkv, [N * heads, c, 3, L]), [2, 0, 3, 1]);
   const part = (i: number) => reshape(narrow(split, 0, i, 1), [N * heads, L, c]);
   const a = scaledDotProductAttention(part(0), part(1), part(2));

@@ -11,10 +11,14 @@ import fc from "fast-check";
 import { tensor } from "../engine/creation.ts";
 import type { Device } from "../engine/device.ts";
 import { logSoftmax, softmax } from "../engine/ops/softmax.ts";
-import { scaledDotProductAttention } from "../engine/ops/attention.ts";
+import { packedQkvAttention, scaledDotProductAttention } from "../engine/ops/attention.ts";
+import { narrow, reshape, transpose } from "../engine/ops/shape.ts";
+import type { Tensor } from "../engine/tensor.ts";
 import { softmax as softmaxKernel, softmaxBackward, type SoftmaxParams } from "../kernels/softmax.ts";
 import {
+  assertBackendsAgree,
   assertClose,
+  assertEquals,
   cpuDevice,
   f64Device,
   gpuDevice,
@@ -264,4 +268,70 @@ gpuTest("attention over a batch whose scores exceed the storage binding limit ru
     throw new Error("attention output out of range");
   }
   [q, out].forEach((t) => t.dispose());
+});
+
+/** The packed op's meaning spelled out with views and the general op: q, k, v as [B, L, c], out [B, c, L]. */
+function packedByViews(qkv: Tensor): Tensor {
+  const [B, c, , L] = qkv.shape;
+  const part = (i: number) => transpose(reshape(narrow(qkv, 2, i, 1), [B, c, L]), 1, 2);
+  return transpose(scaledDotProductAttention(part(0), part(1), part(2)), 1, 2);
+}
+
+test("packedQkvAttention equals attention over the sliced q, k, v, forward and float64 gradient", async () => {
+  const device = await f64Device();
+  await fc.assert(
+    fc.asyncProperty(
+      fc.integer({ min: 1, max: 3 }),
+      fc.integer({ min: 1, max: 5 }),
+      fc.integer({ min: 1, max: 7 }),
+      seedArb,
+      async (B, c, L, seed) => {
+        const shape = [B, c, 3, L];
+        const data = seededValues(size(shape), seed, -2, 2);
+        const qkv = tensor(data, shape, { device });
+        const got = packedQkvAttention(qkv)!;
+        assertEquals(got.shape, [B, c, L]);
+        assertClose(await got.toFloat64Array(), await packedByViews(qkv).toFloat64Array(), {
+          rtol: 1e-12,
+          atol: 1e-12,
+        }, `B ${B} c ${c} L ${L}`);
+        await gradCheck((t) => packedQkvAttention(t)!, [{ shape, data }], { seed });
+      },
+    ),
+    { numRuns: RUNS },
+  );
+  // A given scale, and null (the caller's cue to cut the batch) when the scores exceed the limit.
+  const qkv = tensor(seededValues(2 * 2 * 3 * 4, 3), [2, 2, 3, 4], { device });
+  const two = packedQkvAttention(qkv, { scale: 2 })!;
+  const part = (i: number) => transpose(reshape(narrow(qkv, 2, i, 1), [2, 2, 4]), 1, 2);
+  const want = transpose(scaledDotProductAttention(part(0), part(1), part(2), { scale: 2 }), 1, 2);
+  assertClose(
+    await two.toFloat64Array(),
+    await want.toFloat64Array(),
+    { rtol: 1e-12, atol: 1e-12 },
+    "scale 2",
+  );
+  assertEquals(packedQkvAttention(qkv, { maxScoreElements: 2 * 16 - 1 }), null);
+  let msg = "";
+  try {
+    packedQkvAttention(tensor([1, 2, 3], [1, 1, 1, 3], { device }));
+  } catch (e) {
+    msg = (e as Error).message;
+  }
+  if (!msg.includes("[B, c, 3, L]") || !msg.includes("[1, 1, 1, 3]")) {
+    throw new Error(`unexpected error "${msg}"`);
+  }
+});
+
+gpuTest("packedQkvAttention on WebGPU matches the CPU backend in values and gradient", async () => {
+  const gpu = await gpuDevice(), cpu = await cpuDevice();
+  for (const [B, c, L, seed] of [[3, 5, 7, 1], [1, 1, 1, 2], [32, 32, 64, 3], [4, 8, 13, 4]]) {
+    await assertBackendsAgree(
+      [gpu, cpu],
+      (t) => packedQkvAttention(t)!,
+      [[B, c, 3, L]],
+      seed,
+      `B ${B} c ${c} L ${L}`,
+    );
+  }
 });
