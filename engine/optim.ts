@@ -402,8 +402,13 @@ export function gradClipCoefficient(params: ParamsInput, maxNorm: number): { nor
  */
 export function clipGradNorm(params: ParamsInput, maxNorm: number): Tensor {
   const { norm, coef } = gradClipCoefficient(params, maxNorm);
+  // Two gradients may share one allocation (an add passes its gradient to both operands as views): scale each
+  // allocation once.
+  const scaled = new Set<unknown>();
   for (const [, p] of namedParams(params, "clipGradNorm")) {
-    if (p.grad) p.device.run(scaleInPlace, { n: p.grad.size }, [coef.storage], [p.grad.mutableStorage]);
+    if (!p.grad || scaled.has(p.grad.storage)) continue;
+    scaled.add(p.grad.storage);
+    p.device.run(scaleInPlace, { n: p.grad.size }, [coef.storage], [p.grad.mutableStorage]);
   }
   coef.dispose();
   return norm;

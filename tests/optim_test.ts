@@ -705,3 +705,18 @@ test("optimizer kernels fold large dispatches into a 2-D grid correctly", async 
     small.destroy();
   }
 });
+
+test("clipGradNorm: two parameters whose gradients share one allocation (add passes its gradient to both) are each scaled once", async () => {
+  const device = await cpuDevice();
+  const p1 = tensor([3, 0], [2], { device, requiresGrad: true }),
+    p2 = tensor([1, 1], [2], { device, requiresGrad: true });
+  const { add } = await import("../engine/ops/elementwise.ts");
+  add(p1, p2).backward(tensor([3, 4], [2], { device }));
+  // Both gradients are [3, 4]: global norm √50; scaled to norm 1, each becomes [3, 4]/√50.
+  const norm = clipGradNorm([p1, p2], 1);
+  assertClose(await norm.toArray(), [Math.sqrt(50)], { rtol: 1e-6, atol: 0 }, "norm");
+  const want = [3 / Math.sqrt(50), 4 / Math.sqrt(50)];
+  assertClose(await p1.grad!.toArray(), want, { rtol: 1e-5, atol: 1e-7 }, "p1.grad");
+  assertClose(await p2.grad!.toArray(), want, { rtol: 1e-5, atol: 1e-7 }, "p2.grad");
+  [p1, p2, norm].forEach((t) => t.dispose());
+});

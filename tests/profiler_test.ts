@@ -20,6 +20,12 @@ test("describeParams: scalars as name=value, short numeric arrays joined, the re
     "N=2 bias=true op=sum shape=3×4",
   );
   assertEquals(describeParams(null), "");
+  const expr = {
+    op: "mul",
+    a: { op: "in", i: 0 },
+    b: { op: "add", a: { op: "in", i: 1 }, b: { op: "const", i: 0 } },
+  };
+  assertEquals(describeParams({ expr }), "expr=mul(x0,add(x1,c0))");
 });
 
 gpuTest(

@@ -115,10 +115,20 @@ export function describeParams(params: unknown): string {
   for (const [k, v] of Object.entries(params)) {
     if (typeof v === "number" || typeof v === "boolean") parts.push(`${k}=${v}`);
     else if (typeof v === "string" && v.length <= 24) parts.push(`${k}=${v}`);
+    else if (v !== null && typeof v === "object" && "op" in v) parts.push(`${k}=${exprText(v)}`);
     else if (Array.isArray(v) && v.length <= 6 && v.every((e) => typeof e === "number")) {
       parts.push(`${k}=${v.join("×")}`);
     }
     if (parts.length >= 14) break;
   }
   return parts.join(" ");
+}
+
+/** An elementwise expression tree (kernels/elementwise.ts `Expr`) as text: `mul(x0,add(x1,c0))`. */
+function exprText(e: unknown): string {
+  const n = e as { op: string; i?: number; a?: unknown; b?: unknown; c?: unknown };
+  if (n.op === "in") return `x${n.i}`;
+  if (n.op === "const") return `c${n.i}`;
+  const args = [n.c, n.a, n.b].filter((x) => x !== undefined).map(exprText);
+  return `${n.op}(${args.join(",")})`;
 }
