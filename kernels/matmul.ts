@@ -62,6 +62,8 @@ export interface MatmulParams {
   b: MatOperand;
   /** Adds a third input, a length-N vector, to every output row. */
   bias?: boolean;
+  /** Multiplies the product (before the bias): out = alpha·A·B + bias (default 1; attention's 1/√d). */
+  alpha?: number;
   /**
    * Forces a variant (tests run all); by default CPU-emulated adapters get "texture" (or "registers" for small
    * products and operands too large for textures), others "shared". A forced "texture" that does not fit the
@@ -140,7 +142,16 @@ function params(
 
 const range = (n: number) => Array.from({ length: n }, (_, i) => i);
 
-/** WGSL lines that store `acc{i}_{j}` (+ bias) for rows `rowOf(i)` and columns `colOf(j)`, guarded. */
+/** Uniform word of `alpha`, past every variant's own words (texture 12, registers and shared 14). */
+const ALPHA_WORD = 15;
+
+/** Writes `alpha` at `ALPHA_WORD` after a writer that holds `used` words. */
+function withAlpha(w: ParamWriter, used: number, alpha: number): ParamWriter {
+  if (!Number.isFinite(alpha)) throw new Error(`matmul kernel: alpha must be finite, got ${alpha}`);
+  return w.u32(...new Array(ALPHA_WORD - used).fill(0)).f32(alpha);
+}
+
+/** WGSL lines that store `alpha·acc{i}_{j}` (+ bias) for rows `rowOf(i)` and columns `colOf(j)`, guarded. */
 function storeCode(
   tm: number,
   tn: number,
@@ -148,12 +159,12 @@ function storeCode(
   rowOf: (i: number) => string,
   colOf: (j: number) => string,
 ) {
-  const lines: string[] = [];
+  const lines: string[] = [`let alpha = pf(${ALPHA_WORD}u);`];
   for (const i of range(tm)) {
     lines.push(`if (${rowOf(i)} < M) {`);
     lines.push(`  let o = (bi * M + ${rowOf(i)}) * N;`);
     for (const j of range(tn)) {
-      const v = bias ? `acc${i}_${j} + bias[${colOf(j)}]` : `acc${i}_${j}`;
+      const v = bias ? `alpha * acc${i}_${j} + bias[${colOf(j)}]` : `alpha * acc${i}_${j}`;
       lines.push(`  if (${colOf(j)} < N) { out[o + ${colOf(j)}] = ${v}; }`);
     }
     lines.push(`}`);
@@ -547,6 +558,7 @@ export const matmul: Kernel<MatmulParams> = {
       const tilesM = Math.ceil(p.M / plan.a.tile), tilesN = Math.ceil(p.N / plan.b.tile);
       const w = new ParamWriter().u32(p.batch, p.M, p.N, p.K, tilesN, tilesM);
       w.u32(plan.a.base, plan.a.tb, plan.a.ts, plan.b.base, plan.b.tb, plan.b.ts);
+      withAlpha(w, 12, p.alpha ?? 1);
       return {
         source: cachedSource(
           `matmul/texture/${plan.a.mode}${plan.a.tile}/${plan.b.mode}${plan.b.tile}/${bias}`,
@@ -560,6 +572,7 @@ export const matmul: Kernel<MatmulParams> = {
     if (variant === "registers") {
       const plan = registerPlan(p);
       const { w, tilesM, tilesN } = params(p, plan.tm, plan.tn);
+      withAlpha(w, 14, p.alpha ?? 1);
       const groups = Math.ceil((p.batch * tilesM * tilesN) / WG_REG);
       return {
         source: cachedSource(
@@ -571,6 +584,7 @@ export const matmul: Kernel<MatmulParams> = {
       };
     }
     const { w, tilesM, tilesN } = params(p, TILE, TILE);
+    withAlpha(w, 14, p.alpha ?? 1);
     return {
       source: cachedSource(`matmul/shared/${bias}`, () => sharedSource(bias)),
       workgroups: grid(p.batch * tilesM * tilesN, caps.maxWorkgroupsPerDimension),
@@ -586,14 +600,14 @@ export const matmul: Kernel<MatmulParams> = {
       const aB = (a.offset ?? 0) + bi * a.batchStride, bB = (b.offset ?? 0) + bi * b.batchStride;
       for (let m = 0; m < M; m++) {
         for (let n = 0; n < N; n++) {
-          let s = p.bias ? bias[n] : 0;
+          let s = 0;
           let pa = aB + m * a.rowStride, pb = bB + n * b.colStride;
           for (let k = 0; k < K; k++) {
             s += A[pa] * B[pb];
             pa += a.colStride;
             pb += b.rowStride;
           }
-          out[(bi * M + m) * N + n] = s;
+          out[(bi * M + m) * N + n] = (p.alpha ?? 1) * s + (p.bias ? bias[n] : 0);
         }
       }
     }

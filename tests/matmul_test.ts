@@ -119,17 +119,18 @@ gpuTest(
           la: layoutArb,
           lb: layoutArb,
           bias: fc.boolean(),
+          alpha: fc.option(fc.double({ min: -4, max: 4, noNaN: true }), { nil: undefined }),
           variant: fc.constantFrom("registers", "shared", "texture") as fc.Arbitrary<MatmulVariant>,
           scale: scaleArb,
           seed: seedArb,
         }),
-        async ({ batch, M, N, K, la, lb, bias, variant, scale, seed }) => {
+        async ({ batch, M, N, K, la, lb, bias, alpha, variant, scale, seed }) => {
           const A = operand(la, batch, ...(la.trans ? [K, M] as const : [M, K] as const));
           const B = operand(lb, batch, ...(lb.trans ? [N, K] as const : [K, N] as const));
           // Transposed storage swaps the stored dims; strides then read it as [M, K] / [K, N].
           if (la.trans) A.op = { ...A.op, rowStride: 1, colStride: M };
           if (lb.trans) B.op = { ...B.op, rowStride: 1, colStride: K };
-          const p: MatmulParams = { batch, M, N, K, a: A.op, b: B.op, bias, variant };
+          const p: MatmulParams = { batch, M, N, K, a: A.op, b: B.op, bias, alpha, variant };
           const inputs = [
             seededValues(A.len, seed, -scale, scale),
             seededValues(B.len, seed + 1, -scale, scale),
@@ -140,7 +141,7 @@ gpuTest(
           assertClose(
             got,
             want,
-            { rtol: 1e-4, atol: 1e-5 * K * scale * scale },
+            { rtol: 1e-4, atol: 1e-5 * K * scale * scale * Math.max(1, Math.abs(alpha ?? 1)) },
             `matmul ${JSON.stringify(p)}`,
           );
         },
@@ -624,4 +625,25 @@ test("matmul / linear: shape errors name the op and both shapes", async () => {
   expectError(() => linear(z(2, 3), z(4, 5)), "linear", "[2, 3]", "[4, 5]");
   expectError(() => linear(z(2, 3), z(4, 3), z(5)), "linear", "[5]", "[4, 3]");
   expectError(() => linear(z(2, 3), z(3)), "linear", "[3]");
+});
+
+test("matmul kernel: alpha scales the product and not the bias; a non-finite alpha is refused", async () => {
+  const cpu = await cpuDevice();
+  const op = { batchStride: 0, rowStride: 2, colStride: 1 };
+  // [1, 2; 3, 4] · [1, 0; 0, 1] = the first; times −0.5, plus bias [10, 20].
+  const p: MatmulParams = { batch: 1, M: 2, N: 2, K: 2, a: op, b: op, bias: true, alpha: -0.5 };
+  const got = await runKernel(cpu, p, [
+    new Float32Array([1, 2, 3, 4]),
+    new Float32Array([1, 0, 0, 1]),
+    new Float32Array([10, 20]),
+  ], 4);
+  assertEquals(Array.from(got), [9.5, 19, 8.5, 18]);
+  const gpuCaps = {
+    description: "",
+    isCpuEmulated: false,
+    maxWorkgroupsPerDimension: 65535,
+    maxStorageBufferBindingSize: 1 << 30,
+    features: new Set<string>(),
+  };
+  assertThrows(() => matmulKernel.gpu({ ...p, alpha: Infinity }, gpuCaps), "alpha must be finite");
 });

@@ -12,8 +12,9 @@
  * `packedQkvAttention` is the same attention over q, k and v packed in one tensor as a UNet's qkv convolution
  * leaves them ([B, c, 3, L]: channels, then q/k/v, then positions), with the output channels first ([B, c, L]).
  * Its matrix products read q, k and v in place through strides and write the output, and in the backward dq,
- * dk and dv, transposed, so nothing is permuted, sliced or scattered on the way: 5 dispatches forward and 10
- * backward, where composing views and the ops above took about 24 for a block (measured: default UNet step).
+ * dk and dv, transposed, and carry the scale (the matmul kernel's alpha), so nothing is permuted, sliced,
+ * scattered or scaled on the way: 3 dispatches forward and 8 backward, where composing views and the ops above
+ * took about 24 for a block (measured: default UNet step).
  */
 
 import { copy } from "../../kernels/copy.ts";
@@ -131,39 +132,43 @@ export function packedQkvAttention(qkv: Tensor, opts: AttentionOptions = {}): Te
     rowStride: trans ? 1 : L,
     colStride: trans ? L : 1,
   });
-  /** out[b] = A[b]·B[b] for [M, K]·[K, N] operands read through strides, into a new [B, M, N] tensor. */
-  const gemm = (a: Tensor, ao: MatOperand, b: Tensor, bo: MatOperand, M: number, N: number, K: number) => {
+  /** out[b] = alpha·A[b]·B[b] for [M, K]·[K, N] operands read through strides, into a new [B, M, N] tensor. */
+  const gemm = (
+    a: Tensor,
+    ao: MatOperand,
+    b: Tensor,
+    bo: MatOperand,
+    [M, N, K]: [number, number, number],
+    alpha = 1,
+  ) => {
     const out = Tensor.empty([B, M, N], device);
-    device.run(matmulKernel, { batch: B, M, N, K, a: ao, b: bo }, [a.storage, b.storage], [out.storage]);
+    device.run(matmulKernel, { batch: B, M, N, K, a: ao, b: bo, alpha }, [a.storage, b.storage], [
+      out.storage,
+    ]);
     return out;
   };
   const rows: SoftmaxParams = { outer: B * L, L, inner: 1, log: false };
 
-  const scores = gemm(qkv, rowsOf(0), qkv, colsOf(1), L, L, c); // q·kᵀ
-  // Two score-sized buffers at a time at most: scores go before the probabilities are allocated.
-  const scaled = mul(scores, s);
-  scaled.realize();
-  scores.dispose();
+  const scores = gemm(qkv, rowsOf(0), qkv, colsOf(1), [L, L, c], s); // q·kᵀ·scale
   const p = Tensor.empty([B, L, L], device);
-  device.run(softmaxKernel, rows, [scaled.storage], [p.storage]);
-  scaled.dispose();
+  device.run(softmaxKernel, rows, [scores.storage], [p.storage]);
+  scores.dispose();
   // outᵀ = vᵀ·pᵀ: channels first.
-  const out = gemm(qkv, colsOf(2), p, square(true), c, L, L);
+  const out = gemm(qkv, colsOf(2), p, square(true), [c, L, L]);
   if (!qkv.requiresGrad) {
     p.dispose();
     return out;
   }
   return record(out, "packedQkvAttention", [qkv], (g) => {
-    // g = d outᵀ [B, c, L]. dp = g ᵀ·vᵀ, dvᵀ = g·p; ds = softmax'(dp)·scale; dqᵀ = kᵀ·dsᵀ, dkᵀ = qᵀ·ds.
-    const dp = gemm(g, channelsFirst(true), qkv, colsOf(2), L, L, c);
-    const dv = gemm(g, channelsFirst(false), p, square(false), c, L, L);
-    const dsUnscaled = Tensor.empty([B, L, L], device);
-    device.run(softmaxBackward, rows, [p.storage, dp.storage], [dsUnscaled.storage]);
+    // g = d outᵀ [B, c, L]. dp = gᵀ·vᵀ, dvᵀ = g·p; ds = softmax'(dp); dqᵀ = scale·kᵀ·dsᵀ, dkᵀ = scale·qᵀ·ds.
+    const dp = gemm(g, channelsFirst(true), qkv, colsOf(2), [L, L, c]);
+    const dv = gemm(g, channelsFirst(false), p, square(false), [c, L, L]);
+    // ds without the scale, which the two products apply.
+    const ds = Tensor.empty([B, L, L], device);
+    device.run(softmaxBackward, rows, [p.storage, dp.storage], [ds.storage]);
     dp.dispose();
-    const ds = mul(dsUnscaled, s);
-    const dq = gemm(qkv, colsOf(1), ds, square(true), c, L, L);
-    const dk = gemm(qkv, colsOf(0), ds, square(false), c, L, L);
-    dsUnscaled.dispose();
+    const dq = gemm(qkv, colsOf(1), ds, square(true), [c, L, L], s);
+    const dk = gemm(qkv, colsOf(0), ds, square(false), [c, L, L], s);
     ds.dispose();
     // Into qkv's layout: part i of channel e at b·3cL + e·3L + i·L.
     const dqkv = Tensor.empty(qkv.shape, device);
