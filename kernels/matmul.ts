@@ -65,6 +65,12 @@ export interface MatmulParams {
   /** Multiplies the product (before the bias): out = alpha·A·B + bias (default 1; attention's 1/√d). */
   alpha?: number;
   /**
+   * Where out[b, m, n] goes: offset + b·batchStride + m·rowStride + n (default contiguous [batch, M, N]), so a
+   * product can fill its part of a larger tensor (attention's dq, dk, dv in qkv's layout). Elements the
+   * product does not reach are left as they were.
+   */
+  out?: { offset: number; batchStride: number; rowStride: number };
+  /**
    * Forces a variant (tests run all); by default CPU-emulated adapters get "texture" (or "registers" for small
    * products and operands too large for textures), others "shared". A forced "texture" that does not fit the
    * adapter's textures falls back to "registers".
@@ -125,6 +131,18 @@ function check(p: MatmulParams): void {
       }
     }
   }
+  if (p.out) {
+    const { offset, batchStride, rowStride } = p.out;
+    if (![offset, batchStride, rowStride].every((v) => Number.isInteger(v) && v >= 0)) {
+      throw new Error(`matmul kernel: bad output layout ${JSON.stringify(p.out)}`);
+    }
+    // Distinct elements, or invocations would race on one.
+    if ((p.M > 1 && rowStride < p.N) || (p.batch > 1 && batchStride < (p.M - 1) * rowStride + p.N)) {
+      throw new Error(
+        `matmul kernel: output layout ${JSON.stringify(p.out)} overlaps itself for ${p.M}×${p.N}`,
+      );
+    }
+  }
 }
 
 /** Uniform layout shared by both variants. */
@@ -142,13 +160,22 @@ function params(
 
 const range = (n: number) => Array.from({ length: n }, (_, i) => i);
 
-/** Uniform word of `alpha`, past every variant's own words (texture 12, registers and shared 14). */
+/**
+ * Uniform words of the epilogue, past every variant's own words (texture 12, registers and shared 14): alpha,
+ * then the output's offset, batch stride and row stride.
+ */
 const ALPHA_WORD = 15;
 
-/** Writes `alpha` at `ALPHA_WORD` after a writer that holds `used` words. */
-function withAlpha(w: ParamWriter, used: number, alpha: number): ParamWriter {
+/** The output layout: as given, or contiguous [batch, M, N]. */
+function outLayout(p: MatmulParams) {
+  return p.out ?? { offset: 0, batchStride: p.M * p.N, rowStride: p.N };
+}
+
+/** Writes alpha and the output layout from `ALPHA_WORD` on, after a writer that holds `used` words. */
+function withEpilogue(w: ParamWriter, used: number, p: MatmulParams): ParamWriter {
+  const alpha = p.alpha ?? 1, o = outLayout(p);
   if (!Number.isFinite(alpha)) throw new Error(`matmul kernel: alpha must be finite, got ${alpha}`);
-  return w.u32(...new Array(ALPHA_WORD - used).fill(0)).f32(alpha);
+  return w.u32(...new Array(ALPHA_WORD - used).fill(0)).f32(alpha).u32(o.offset, o.batchStride, o.rowStride);
 }
 
 /** WGSL lines that store `alpha·acc{i}_{j}` (+ bias) for rows `rowOf(i)` and columns `colOf(j)`, guarded. */
@@ -159,10 +186,13 @@ function storeCode(
   rowOf: (i: number) => string,
   colOf: (j: number) => string,
 ) {
-  const lines: string[] = [`let alpha = pf(${ALPHA_WORD}u);`];
+  const lines: string[] = [
+    `let alpha = pf(${ALPHA_WORD}u); let oOff = pu(${ALPHA_WORD + 1}u); ` +
+    `let oBatch = pu(${ALPHA_WORD + 2}u); let oRow = pu(${ALPHA_WORD + 3}u);`,
+  ];
   for (const i of range(tm)) {
     lines.push(`if (${rowOf(i)} < M) {`);
-    lines.push(`  let o = (bi * M + ${rowOf(i)}) * N;`);
+    lines.push(`  let o = oOff + bi * oBatch + ${rowOf(i)} * oRow;`);
     for (const j of range(tn)) {
       const v = bias ? `alpha * acc${i}_${j} + bias[${colOf(j)}]` : `alpha * acc${i}_${j}`;
       lines.push(`  if (${colOf(j)} < N) { out[o + ${colOf(j)}] = ${v}; }`);
@@ -558,7 +588,7 @@ export const matmul: Kernel<MatmulParams> = {
       const tilesM = Math.ceil(p.M / plan.a.tile), tilesN = Math.ceil(p.N / plan.b.tile);
       const w = new ParamWriter().u32(p.batch, p.M, p.N, p.K, tilesN, tilesM);
       w.u32(plan.a.base, plan.a.tb, plan.a.ts, plan.b.base, plan.b.tb, plan.b.ts);
-      withAlpha(w, 12, p.alpha ?? 1);
+      withEpilogue(w, 12, p);
       return {
         source: cachedSource(
           `matmul/texture/${plan.a.mode}${plan.a.tile}/${plan.b.mode}${plan.b.tile}/${bias}`,
@@ -572,7 +602,7 @@ export const matmul: Kernel<MatmulParams> = {
     if (variant === "registers") {
       const plan = registerPlan(p);
       const { w, tilesM, tilesN } = params(p, plan.tm, plan.tn);
-      withAlpha(w, 14, p.alpha ?? 1);
+      withEpilogue(w, 14, p);
       const groups = Math.ceil((p.batch * tilesM * tilesN) / WG_REG);
       return {
         source: cachedSource(
@@ -584,7 +614,7 @@ export const matmul: Kernel<MatmulParams> = {
       };
     }
     const { w, tilesM, tilesN } = params(p, TILE, TILE);
-    withAlpha(w, 14, p.alpha ?? 1);
+    withEpilogue(w, 14, p);
     return {
       source: cachedSource(`matmul/shared/${bias}`, () => sharedSource(bias)),
       workgroups: grid(p.batch * tilesM * tilesN, caps.maxWorkgroupsPerDimension),
@@ -596,6 +626,7 @@ export const matmul: Kernel<MatmulParams> = {
     check(p);
     const [A, B, bias] = inputs;
     const { M, N, K, a, b } = p;
+    const o = outLayout(p);
     for (let bi = 0; bi < p.batch; bi++) {
       const aB = (a.offset ?? 0) + bi * a.batchStride, bB = (b.offset ?? 0) + bi * b.batchStride;
       for (let m = 0; m < M; m++) {
@@ -607,7 +638,8 @@ export const matmul: Kernel<MatmulParams> = {
             pa += a.colStride;
             pb += b.rowStride;
           }
-          out[(bi * M + m) * N + n] = (p.alpha ?? 1) * s + (p.bias ? bias[n] : 0);
+          out[o.offset + bi * o.batchStride + m * o.rowStride + n] = (p.alpha ?? 1) * s +
+            (p.bias ? bias[n] : 0);
         }
       }
     }

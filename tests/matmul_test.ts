@@ -647,3 +647,69 @@ test("matmul kernel: alpha scales the product and not the bias; a non-finite alp
   };
   assertThrows(() => matmulKernel.gpu({ ...p, alpha: Infinity }, gpuCaps), "alpha must be finite");
 });
+
+gpuTest(
+  "matmul kernel: an output layout writes into part of a larger buffer and leaves the rest; overlaps are refused",
+  async () => {
+    const gpu = await gpuDevice(), cpu = await cpuDevice();
+    await fc.assert(
+      fc.asyncProperty(
+        fc.integer({ min: 1, max: 3 }),
+        dimArb,
+        dimArb,
+        dimArb,
+        fc.integer({ min: 0, max: 5 }),
+        fc.integer({ min: 0, max: 3 }),
+        fc.integer({ min: 0, max: 7 }),
+        fc.constantFrom("registers", "shared", "texture") as fc.Arbitrary<MatmulVariant>,
+        seedArb,
+        async (batch, M, N, K, offset, rowGap, batchGap, variant, seed) => {
+          const rowStride = N + rowGap, batchStride = (M - 1) * rowStride + N + batchGap;
+          const len = offset + batch * batchStride + 3;
+          const a = { batchStride: M * K, rowStride: K, colStride: 1 },
+            b = { batchStride: K * N, rowStride: N, colStride: 1 };
+          const p: MatmulParams = { batch, M, N, K, a, b, variant, out: { offset, batchStride, rowStride } };
+          const inputs = [seededValues(batch * M * K, seed), seededValues(batch * K * N, seed + 1)];
+          // A sentinel everywhere: the elements outside the product's places must keep it.
+          const fill = () => new Float32Array(len).fill(-7);
+          const [got] = await runOnBuffers(gpu, matmulKernel, p, inputs, [fill()]);
+          const [want] = await runOnBuffers(cpu, matmulKernel, p, inputs, [fill()]);
+          assertClose(got, want, { rtol: 1e-4, atol: 1e-5 * K }, `matmul ${JSON.stringify(p)}`);
+          const contiguous = await runKernel(cpu, { ...p, out: undefined }, inputs, batch * M * N);
+          for (let bi = 0; bi < batch; bi++) {
+            for (let m = 0; m < M; m++) {
+              for (let n = 0; n < N; n++) {
+                const at = offset + bi * batchStride + m * rowStride + n;
+                if (want[at] !== contiguous[(bi * M + m) * N + n]) {
+                  throw new Error(`element ${bi},${m},${n} misplaced`);
+                }
+                want[at] = -7;
+              }
+            }
+          }
+          if (!want.every((v) => v === -7)) {
+            throw new Error("an element outside the output layout was written");
+          }
+        },
+      ),
+      { numRuns: RUNS },
+    );
+    const op = { batchStride: 0, rowStride: 2, colStride: 1 };
+    const caps = {
+      description: "",
+      isCpuEmulated: false,
+      maxWorkgroupsPerDimension: 65535,
+      maxStorageBufferBindingSize: 1 << 30,
+      features: new Set<string>(),
+    };
+    const p: MatmulParams = { batch: 2, M: 2, N: 2, K: 2, a: op, b: op };
+    assertThrows(
+      () => matmulKernel.gpu({ ...p, out: { offset: 0, batchStride: 4, rowStride: 1 } }, caps),
+      "overlaps itself",
+    );
+    assertThrows(
+      () => matmulKernel.gpu({ ...p, out: { offset: 0, batchStride: 3, rowStride: 2 } }, caps),
+      "overlaps itself",
+    );
+  },
+);

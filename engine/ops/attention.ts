@@ -12,12 +12,11 @@
  * `packedQkvAttention` is the same attention over q, k and v packed in one tensor as a UNet's qkv convolution
  * leaves them ([B, c, 3, L]: channels, then q/k/v, then positions), with the output channels first ([B, c, L]).
  * Its matrix products read q, k and v in place through strides and write the output, and in the backward dq,
- * dk and dv, transposed, and carry the scale (the matmul kernel's alpha), so nothing is permuted, sliced,
- * scattered or scaled on the way: 3 dispatches forward and 8 backward, where composing views and the ops above
- * took about 24 for a block (measured: default UNet step).
+ * dk and dv, transposed and straight into their parts of d qkv, and carry the scale (the matmul kernel's
+ * alpha), so nothing is permuted, sliced, scattered or scaled on the way: 3 dispatches forward and 5 backward,
+ * where composing views and the ops above took about 24 for a block (measured: default UNet step).
  */
 
-import { copy } from "../../kernels/copy.ts";
 import { matmul as matmulKernel, type MatOperand } from "../../kernels/matmul.ts";
 import { softmax as softmaxKernel, softmaxBackward, type SoftmaxParams } from "../../kernels/softmax.ts";
 import { record, Tensor } from "../tensor.ts";
@@ -132,7 +131,10 @@ export function packedQkvAttention(qkv: Tensor, opts: AttentionOptions = {}): Te
     rowStride: trans ? 1 : L,
     colStride: trans ? L : 1,
   });
-  /** out[b] = alpha·A[b]·B[b] for [M, K]·[K, N] operands read through strides, into a new [B, M, N] tensor. */
+  /**
+   * out[b] = alpha·A[b]·B[b] for [M, K]·[K, N] operands read through strides, into a new [B, M, N] tensor, or
+   * into part `into.part` of a [B, c, 3, L] tensor (channels as rows).
+   */
   const gemm = (
     a: Tensor,
     ao: MatOperand,
@@ -140,11 +142,16 @@ export function packedQkvAttention(qkv: Tensor, opts: AttentionOptions = {}): Te
     bo: MatOperand,
     [M, N, K]: [number, number, number],
     alpha = 1,
+    into?: { t: Tensor; part: number },
   ) => {
-    const out = Tensor.empty([B, M, N], device);
-    device.run(matmulKernel, { batch: B, M, N, K, a: ao, b: bo, alpha }, [a.storage, b.storage], [
-      out.storage,
-    ]);
+    const out = into?.t ?? Tensor.empty([B, M, N], device);
+    const layout = into ? { offset: into.part * L, batchStride: 3 * c * L, rowStride: 3 * L } : undefined;
+    device.run(
+      matmulKernel,
+      { batch: B, M, N, K, a: ao, b: bo, alpha, out: layout },
+      [a.storage, b.storage],
+      [into ? out.mutableStorage : out.storage],
+    );
     return out;
   };
   const rows: SoftmaxParams = { outer: B * L, L, inner: 1, log: false };
@@ -161,32 +168,18 @@ export function packedQkvAttention(qkv: Tensor, opts: AttentionOptions = {}): Te
   }
   return record(out, "packedQkvAttention", [qkv], (g) => {
     // g = d outᵀ [B, c, L]. dp = gᵀ·vᵀ, dvᵀ = g·p; ds = softmax'(dp); dqᵀ = scale·kᵀ·dsᵀ, dkᵀ = scale·qᵀ·ds.
+    // dq, dk and dv go straight into their parts of d qkv (part i of channel e at b·3cL + e·3L + i·L), which
+    // they cover.
+    const dqkv = Tensor.empty(qkv.shape, device);
     const dp = gemm(g, channelsFirst(true), qkv, colsOf(2), [L, L, c]);
-    const dv = gemm(g, channelsFirst(false), p, square(false), [c, L, L]);
+    gemm(g, channelsFirst(false), p, square(false), [c, L, L], 1, { t: dqkv, part: 2 });
     // ds without the scale, which the two products apply.
     const ds = Tensor.empty([B, L, L], device);
     device.run(softmaxBackward, rows, [p.storage, dp.storage], [ds.storage]);
     dp.dispose();
-    const dq = gemm(qkv, colsOf(1), ds, square(true), [c, L, L], s);
-    const dk = gemm(qkv, colsOf(0), ds, square(false), [c, L, L], s);
+    gemm(qkv, colsOf(1), ds, square(true), [c, L, L], s, { t: dqkv, part: 0 });
+    gemm(qkv, colsOf(0), ds, square(false), [c, L, L], s, { t: dqkv, part: 1 });
     ds.dispose();
-    // Into qkv's layout: part i of channel e at b·3cL + e·3L + i·L.
-    const dqkv = Tensor.empty(qkv.shape, device);
-    [dq, dk, dv].forEach((d, i) => {
-      device.run(
-        copy,
-        {
-          shape: [B, c, L],
-          srcOffset: 0,
-          srcStrides: [c * L, L, 1],
-          dstOffset: i * L,
-          dstStrides: [3 * c * L, 3 * L, 1],
-        },
-        [d.storage],
-        [dqkv.storage],
-      );
-      d.dispose();
-    });
     return [dqkv];
   });
 }
