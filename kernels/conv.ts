@@ -41,7 +41,7 @@ import {
   type TextureInput,
 } from "./types.ts";
 import { cachedSource } from "./source_cache.ts";
-import { FLAT_TEXEL_WGSL, flatTextureSize, grid, header } from "./wgsl.ts";
+import { grid, header } from "./wgsl.ts";
 
 /** Sizes of one convolution: x is [N, Cin, H, W], y is [N, Cout, Ho, Wo], w is [Cout, Cin, kH, kW]. */
 export interface ConvGeometry {
@@ -1027,7 +1027,11 @@ function texWeightGradPlan(g: ConvGeometry) {
   // Channels travel in texel quads on both sides: tiles are multiples of four (as texTile gives).
   const tm = texTile(g.Cout), tn = texTile(g.Cin);
   const WoQ = Math.ceil(g.Wo / 4);
-  const dy: QuadLayout = { C: g.Cout, H: g.Ho, W: g.Wo, N: g.N, top: 0, left: 0, Hp: g.Ho, Wp: 4 * WoQ };
+  // Where every position quad is whole, the input gradient's layout of dy (its packed texture is reused);
+  // otherwise one whose columns past Wo, up to the last quad, are zeros.
+  const dy: QuadLayout = g.Wo % 4 === 0
+    ? texInputGradPlan({ ...g, bias: false }).dy
+    : { C: g.Cout, H: g.Ho, W: g.Wo, N: g.N, top: 0, left: 0, Hp: g.Ho, Wp: 4 * WoQ };
   const x: QuadLayout = {
     C: g.Cin,
     H: g.H,
@@ -1043,39 +1047,30 @@ function texWeightGradPlan(g: ConvGeometry) {
 }
 
 /**
- * `flatDy`: dy is read from a flat copy of its NCHW buffer (Wo a multiple of four: a texel is four positions of
- * one channel's row, no packing pass); otherwise from its channel-quad packing (a texel is four channels).
+ * dy is read in a channel-quad packing (a texel is four channels at one position), whose layout (words 20–23)
+ * is the input gradient's where Wo is a multiple of four, so the texture the input gradient packed serves here
+ * too (measured on the default training step: 4% faster than a flat copy of dy of its own).
  */
-function texWeightGradSource(tm: number, tn: number, flatDy: boolean, bias: boolean): string {
-  const dAt = flatDy
-    ? (p: number, i: number) => `d${i}[${p}]`
-    : (p: number, i: number) => `d${p}_${i >> 2}[${i & 3}]`;
+function texWeightGradSource(tm: number, tn: number, bias: boolean): string {
+  const dAt = (p: number, i: number) => `d${p}_${i >> 2}[${i & 3}]`;
   const xAt = (p: number, j: number) => `v${p}_${j >> 2}[${j & 3}]`;
-  const dySetup = flatDy
-    ? `// Flat dy: texel (((n · Cout + co) · Ho + oh) · Wq + oq) holds positions 4·oq..4·oq+3 of channel co.
-  ${each(tm, (i) => `let dc${i} = min(cot * ${tm}u + ${i}u, Cout - 1u) * Ho * Wq;`)}`
-    : `// Texture columns of the tile's dy channel quads.
-  ${each(tm / 4, (g) => `let dc${g} = i32((cot * ${tm / 4}u + ${g}u) * Wq * 4u);`)}`;
-  const dyLoads = flatDy
-    ? `let dRow = (n * Cout * Ho + oh) * Wq + oq;
-      ${each(tm, (i) => `let d${i} = textureLoad(dy, flatTexel(dRow + dc${i}));`)}`
-    : each(
-      4,
-      (p) =>
-        each(
-          tm / 4,
-          (g) => `let d${p}_${g} = textureLoad(dy, vec2<i32>(dc${g} + i32(oq * 4u + ${p}u), i32(r)));`,
-        ),
-      "\n      ",
-    );
-  // Bias sums as vec4s: per channel of four positions (flat dy), or per channel quad (packed dy).
-  const biasAdds = !bias
-    ? ""
-    : flatDy
-    ? each(tm, (i) => `bv${i} += d${i};`)
-    : each(tm / 4, (g) => `bv${g} += d0_${g} + d1_${g} + d2_${g} + d3_${g};`);
-  const biasOf = (i: number) => flatDy ? `dot(bv${i}, vec4<f32>(1.0))` : `bv${i >> 2}[${i & 3}]`;
-  return header(["x", "dy"], bias ? ["dw", "db"] : ["dw"], "f32", [0, 1]) + FLAT_TEXEL_WGSL + `
+  const dySetup = `// Texture columns of the tile's dy channel quads (in dy's padded layout: words 20–23).
+  let dyHp = pu(20u); let dyWp = pu(21u); let dyTop = pu(22u); let dyLeft = pu(23u);
+  ${each(tm / 4, (g) => `let dc${g} = i32((cot * ${tm / 4}u + ${g}u) * dyWp + dyLeft);`)}`;
+  const dyLoads = `let dRow = i32(n * dyHp + dyTop + oh);
+      ` + each(
+    4,
+    (p) =>
+      each(
+        tm / 4,
+        (g) => `let d${p}_${g} = textureLoad(dy, vec2<i32>(dc${g} + i32(oq * 4u + ${p}u), dRow));`,
+      ),
+    "\n      ",
+  );
+  // Bias sums per channel quad.
+  const biasAdds = bias ? each(tm / 4, (g) => `bv${g} += d0_${g} + d1_${g} + d2_${g} + d3_${g};`) : "";
+  const biasOf = (i: number) => `bv${i >> 2}[${i & 3}]`;
+  return header(["x", "dy"], bias ? ["dw", "db"] : ["dw"], "f32", [0, 1]) + `
 ${ENTRY} {
   ${GEOMETRY_WGSL}
   let Hp = pu(13u); let Wp = pu(14u); let Wq = pu(15u); let ciTiles = pu(16u); let coTiles = pu(17u);
@@ -1095,7 +1090,7 @@ ${ENTRY} {
   ${each(tn / 4, (g) => `let xc${g} = i32((cit * ${tn / 4}u + ${g}u) * Wp + kw);`)}
   ${dySetup}
   ${accDecl(tm, tn)}
-  ${bias ? each(flatDy ? tm : tm / 4, (i) => `var bv${i} = vec4<f32>(0.0);`) : ""}
+  ${bias ? each(tm / 4, (i) => `var bv${i} = vec4<f32>(0.0);`) : ""}
   let r0 = split * rowsPerSplit;
   let r1 = min(r0 + rowsPerSplit, N * Ho);
   for (var r = r0; r < r1; r++) {
@@ -1152,21 +1147,17 @@ ${ENTRY} {
 
 function texWeightGradDispatch(p: ConvWeightGradParams, caps: GpuCaps): GpuDispatch | null {
   const plan = texWeightGradPlan(p);
-  const flatDy = p.Wo % 4 === 0;
-  const textures = [
-    quadTexture(0, plan.x),
-    flatDy ? { input: 1, ...flatTextureSize(p.N * p.Cout * p.Ho * p.Wo) } : quadTexture(1, plan.dy),
-  ];
+  const textures = [quadTexture(0, plan.x), quadTexture(1, plan.dy)];
   if (!wantsTexture(p.variant, p, caps, ...textures)) return null;
   const { splits, rowsPerSplit } = splitsOf(p);
-  const w = geometryWords(p).u32(plan.x.Hp, plan.x.Wp, plan.dy.Wp / 4, plan.ciTiles, plan.coTiles);
-  w.u32(splits, rowsPerSplit);
+  const w = geometryWords(p).u32(plan.x.Hp, plan.x.Wp, Math.ceil(p.Wo / 4), plan.ciTiles, plan.coTiles);
+  w.u32(splits, rowsPerSplit, plan.dy.Hp, plan.dy.Wp, plan.dy.top, plan.dy.left);
   const lanes = plan.ciTiles * p.kH * p.kW * plan.coTiles * splits;
   const bias = p.biasGrad ?? false;
   return {
     source: cachedSource(
-      `conv2dWeightGrad/texture/${plan.tm}x${plan.tn}/${flatDy}/${bias}`,
-      () => texWeightGradSource(plan.tm, plan.tn, flatDy, bias),
+      `conv2dWeightGrad/texture/${plan.tm}x${plan.tn}/${bias}`,
+      () => texWeightGradSource(plan.tm, plan.tn, bias),
     ),
     workgroups: grid(Math.ceil(lanes / WG), caps.maxWorkgroupsPerDimension),
     params: w.finish(),
