@@ -1049,7 +1049,7 @@ function texWeightGradPlan(g: ConvGeometry) {
 /**
  * dy is read in a channel-quad packing (a texel is four channels at one position), whose layout (words 20–23)
  * is the input gradient's where Wo is a multiple of four, so the texture the input gradient packed serves here
- * too (measured on the default training step: 4% faster than a flat copy of dy of its own).
+ * too (measured on the default training step: 259.9 → 251.5 ms against a flat copy of dy of its own).
  */
 function texWeightGradSource(tm: number, tn: number, bias: boolean): string {
   const dAt = (p: number, i: number) => `d${p}_${i >> 2}[${i & 3}]`;
