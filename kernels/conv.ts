@@ -90,6 +90,12 @@ export interface ConvWeightGradParams extends ConvGeometry {
    * rides on the dy loads the weight gradient makes anyway, and saves the bias its own reduction pass.
    */
   biasGrad?: boolean;
+  /**
+   * Texture variant only: lanes of one workgroup that share each output tile, taking interleaved rows of the
+   * reduction and summing their parts through workgroup memory at the end (a power of two up to 64). Default:
+   * `texWeightGradInnerSplits`, enough workgroups for llvmpipe's threads without a second pass.
+   */
+  innerSplits?: number;
 }
 
 /** Sizes of `conv2dWeightGradSum`: `splits` slices of A (weight) and of B (bias) elements. */
@@ -611,20 +617,27 @@ function weightGradTiles(g: ConvGeometry, caps: Caps): { tc: number; tq: number 
  * of reduction in each split.
  */
 export function weightGradSplits(g: ConvGeometry, caps: TexCaps, minRowsPerSplit = 4): number {
-  let targetInvocations: number, invocations: number;
-  if (convVariant("conv2dWeightGrad", g, caps) === "texture") {
-    // Sixteen workgroups or so: enough to balance llvmpipe's threads, few enough to keep each split long.
-    const plan = texWeightGradPlan(g);
-    targetInvocations = 16 * WG;
-    invocations = plan.ciTiles * g.kH * g.kW * plan.coTiles;
-  } else {
-    targetInvocations = caps.isCpuEmulated ? 256 : 65536;
-    const Q = g.Cin * g.kH * g.kW;
-    const { tc, tq } = weightGradTiles(g, caps);
-    invocations = Math.ceil(g.Cout / tc) * Math.ceil(Q / tq);
-  }
+  // The texture variant's workgroups split the rows among their own lanes (innerSplits) and sum the parts
+  // themselves: no second pass.
+  if (convVariant("conv2dWeightGrad", g, caps) === "texture") return 1;
+  const targetInvocations = caps.isCpuEmulated ? 256 : 65536;
+  const { tc, tq } = weightGradTiles(g, caps);
+  const invocations = Math.ceil(g.Cout / tc) * Math.ceil((g.Cin * g.kH * g.kW) / tq);
   const byWork = Math.floor((g.N * g.Ho) / minRowsPerSplit);
   return Math.max(1, Math.min(Math.floor(targetInvocations / invocations), byWork, 256));
+}
+
+/**
+ * Inner splits of the texture weight gradient (see `ConvWeightGradParams.innerSplits`): the fewest that give
+ * about sixteen workgroups (enough to balance llvmpipe's threads), with at least four rows each.
+ */
+export function texWeightGradInnerSplits(g: ConvGeometry, splits = 1): number {
+  const plan = texWeightGradPlan(g);
+  const tiles = plan.ciTiles * g.kH * g.kW * plan.coTiles * splits;
+  const rows = Math.ceil((g.N * g.Ho) / splits);
+  let S = 1;
+  while (S < WG && tiles * S < 16 * WG && rows >= 8 * S) S *= 2;
+  return S;
 }
 
 function splitsOf(p: ConvWeightGradParams): { splits: number; rowsPerSplit: number } {
@@ -1051,7 +1064,7 @@ function texWeightGradPlan(g: ConvGeometry) {
  * is the input gradient's where Wo is a multiple of four, so the texture the input gradient packed serves here
  * too (measured on the default training step: 259.9 → 251.5 ms against a flat copy of dy of its own).
  */
-function texWeightGradSource(tm: number, tn: number, bias: boolean): string {
+function texWeightGradSource(tm: number, tn: number, bias: boolean, S: number): string {
   const dAt = (p: number, i: number) => `d${p}_${i >> 2}[${i & 3}]`;
   const xAt = (p: number, j: number) => `v${p}_${j >> 2}[${j & 3}]`;
   const dySetup = `// Texture columns of the tile's dy channel quads (in dy's padded layout: words 20–23).
@@ -1069,17 +1082,21 @@ function texWeightGradSource(tm: number, tn: number, bias: boolean): string {
   );
   // Bias sums per channel quad.
   const biasAdds = bias ? each(tm / 4, (g) => `bv${g} += d0_${g} + d1_${g} + d2_${g} + d3_${g};`) : "";
-  const biasOf = (i: number) => `bv${i >> 2}[${i & 3}]`;
-  return header(["x", "dy"], bias ? ["dw", "db"] : ["dw"], "f32", [0, 1]) + `
+  const T = WG / S;
+  const innerSum = S > 1 ? innerSumWgsl(tm, tn, bias, S) : "";
+  const directStores = S > 1 ? "" : directStoresWgsl(tm, tn, bias);
+  return header(["x", "dy"], bias ? ["dw", "db"] : ["dw"], "f32", [0, 1]) +
+    (S > 1 ? storeValueWgsl(tm, tn, bias) + "\n" : "") + `
 ${ENTRY} {
   ${GEOMETRY_WGSL}
   let Hp = pu(13u); let Wp = pu(14u); let Wq = pu(15u); let ciTiles = pu(16u); let coTiles = pu(17u);
   let splits = pu(18u); let rowsPerSplit = pu(19u);
   // Neighbouring invocations take neighbouring (ci tile, tap) pairs of the same output channels: they read the
-  // same dy texels.
+  // same dy texels. With inner splits, lane lid works on tile lid % T of the workgroup's T, rows ≡ lid / T.
   let per = ciTiles * KK;
   let total = per * coTiles * splits;
-  let id0 = linearId(wid, nwg, lid, ${WG}u);
+  let wgi = wid.x + wid.y * nwg.x;
+  let id0 = wgi * ${T}u + lid % ${T}u;
   let live = id0 < total;
   let id = min(id0, total - 1u);
   let e = id % per; let rest = id / per;
@@ -1093,7 +1110,7 @@ ${ENTRY} {
   ${bias ? each(tm / 4, (i) => `var bv${i} = vec4<f32>(0.0);`) : ""}
   let r0 = split * rowsPerSplit;
   let r1 = min(r0 + rowsPerSplit, N * Ho);
-  for (var r = r0; r < r1; r++) {
+  for (var r = r0 + lid / ${T}u; r < r1; r += ${S}u) {
     let n = r / Ho; let oh = r % Ho;
     let xRow = i32(n * Hp + oh * sH + kh);
     for (var oq = 0u; oq < Wq; oq++) {
@@ -1121,8 +1138,67 @@ ${ENTRY} {
       ${biasAdds}
     }
   }
-  if (!live) { return; }
   ${
+    S > 1 ? innerSum : `if (!live) { return; }
+  ${directStores}`
+  }
+}`;
+}
+
+/**
+ * The end of an inner-split weight gradient: each lane's accumulators (the tile's tm·tn, then its tm bias sums),
+ * 64 at a time through workgroup memory, summed over the S lanes that share a tile and stored.
+ */
+function innerSumWgsl(tm: number, tn: number, bias: boolean, S: number): string {
+  const T = WG / S;
+  const values = [
+    ...range(tm * tn).map((k) => `acc${Math.floor(k / tn)}_${k % tn}`),
+    ...(bias ? range(tm).map((i) => `bv${i >> 2}[${i & 3}]`) : []),
+  ];
+  const rounds: string[] = [];
+  for (let r0 = 0; r0 < values.length; r0 += WG) {
+    const part = values.slice(r0, r0 + WG);
+    rounds.push(`${part.map((v, k) => `red[${k * WG}u + lid] = ${v};`).join(" ")}
+  workgroupBarrier();
+  for (var o = lid; o < ${part.length * T}u; o += ${WG}u) {
+    let kk = o / ${T}u; let tt = o % ${T}u;
+    var v = 0.0;
+    for (var q = 0u; q < ${S}u; q++) { v += red[kk * ${WG}u + tt + q * ${T}u]; }
+    storeValue(wgi * ${T}u + tt, ${r0}u + kk, v);
+  }
+  workgroupBarrier();`);
+  }
+  return rounds.join("\n  ");
+}
+
+/** WGSL \`storeValue(tile, k, v)\` for inner splits: value k of a tile (see innerSumWgsl) into dw or db. */
+function storeValueWgsl(tm: number, tn: number, bias: boolean): string {
+  return `var<workgroup> red: array<f32, ${WG * WG}>;
+fn storeValue(tile: u32, k: u32, v: f32) {
+  let Cin = pu(1u); let Cout = pu(4u); let KK = pu(7u) * pu(8u);
+  let ciTiles = pu(16u); let coTiles = pu(17u); let splits = pu(18u);
+  let per = ciTiles * KK;
+  if (tile >= per * coTiles * splits) { return; }
+  let e = tile % per; let rest = tile / per;
+  let cot = rest % coTiles; let split = rest / coTiles;
+  let tap = e % KK; let cit = e / KK;
+  if (k < ${tm * tn}u) {
+    let co = cot * ${tm}u + k / ${tn}u; let ci = cit * ${tn}u + k % ${tn}u;
+    if (co < Cout && ci < Cin) { dw[((split * Cout + co) * Cin + ci) * KK + tap] = v; }
+  }${
+    bias
+      ? ` else {
+    let co = cot * ${tm}u + k - ${tm * tn}u;
+    if (e == 0u && co < Cout) { db[split * Cout + co] = v; }
+  }`
+      : ""
+  }
+}`;
+}
+
+function directStoresWgsl(tm: number, tn: number, bias: boolean): string {
+  const biasOf = (i: number) => `bv${i >> 2}[${i & 3}]`;
+  return `${
     each(
       tm,
       (i) =>
@@ -1141,8 +1217,7 @@ ${ENTRY} {
   }`,
       "\n  ",
     )
-  }
-}`;
+  }`;
 }
 
 function texWeightGradDispatch(p: ConvWeightGradParams, caps: GpuCaps): GpuDispatch | null {
@@ -1152,14 +1227,18 @@ function texWeightGradDispatch(p: ConvWeightGradParams, caps: GpuCaps): GpuDispa
   const { splits, rowsPerSplit } = splitsOf(p);
   const w = geometryWords(p).u32(plan.x.Hp, plan.x.Wp, Math.ceil(p.Wo / 4), plan.ciTiles, plan.coTiles);
   w.u32(splits, rowsPerSplit, plan.dy.Hp, plan.dy.Wp, plan.dy.top, plan.dy.left);
-  const lanes = plan.ciTiles * p.kH * p.kW * plan.coTiles * splits;
+  const tiles = plan.ciTiles * p.kH * p.kW * plan.coTiles * splits;
+  const S = p.innerSplits ?? texWeightGradInnerSplits(p, splits);
+  if (!Number.isInteger(Math.log2(S)) || S < 1 || S > WG) {
+    throw new Error(`conv2dWeightGrad kernel: innerSplits must be a power of two from 1 to ${WG}, got ${S}`);
+  }
   const bias = p.biasGrad ?? false;
   return {
     source: cachedSource(
-      `conv2dWeightGrad/texture/${plan.tm}x${plan.tn}/${bias}`,
-      () => texWeightGradSource(plan.tm, plan.tn, bias),
+      `conv2dWeightGrad/texture/${plan.tm}x${plan.tn}/${bias}/${S}`,
+      () => texWeightGradSource(plan.tm, plan.tn, bias, S),
     ),
-    workgroups: grid(Math.ceil(lanes / WG), caps.maxWorkgroupsPerDimension),
+    workgroups: grid(Math.ceil(tiles / (WG / S)), caps.maxWorkgroupsPerDimension),
     params: w.finish(),
     textures,
   };

@@ -17,6 +17,7 @@ import {
   type ConvVariant,
   convVariant,
   oihwStrides,
+  texWeightGradInnerSplits,
   weightGradSplits,
   type WeightStrides,
 } from "../kernels/conv.ts";
@@ -154,8 +155,9 @@ gpuTest(
         fc.constantFrom("registers", "texture") as fc.Arbitrary<ConvVariant>,
         scaleArb,
         seedArb,
-        async (g0, bias, splits, layout, variant, scale, seed) => {
-          const g = { ...g0, variant };
+        fc.constantFrom(undefined, 1, 2, 8, 64),
+        async (g0, bias, splits, layout, variant, scale, seed, innerSplits) => {
+          const g = { ...g0, variant, innerSplits };
           // The weight buffer is random in any layout; both backends read it through the same strides.
           const weightStrides = layoutStrides(layout, g);
           const xLen = g.N * g.Cin * g.H * g.W,
@@ -319,10 +321,13 @@ test("conv kernels: the weight-gradient splits add up to the unsplit gradient", 
     strideW: 1,
   };
   assertEquals([weightGradSplits(big, emulated), weightGradSplits(big, gpuCaps)], [1, 64], "64→64 conv");
-  // With texture inputs (the texture variant): 4 × 4 channel tiles × 9 taps = 144 invocations per split, split
-  // 7 ways for about 16 workgroups.
+  // With texture inputs (the texture variant) no outer splits: 4 × 4 channel tiles × 9 taps = 144 tiles, each
+  // shared by 8 lanes of a workgroup (18 workgroups); by 4 for 16 rows (four rows each), none for 4 rows.
   const textured = { isCpuEmulated: true, maxTextureDimension2D: 16384 };
-  assertEquals(weightGradSplits(big, textured), 7, "64→64 conv, texture variant");
+  assertEquals(weightGradSplits(big, textured), 1, "64→64 conv, texture variant");
+  assertEquals(texWeightGradInnerSplits(big), 8, "64→64 conv, inner splits");
+  assertEquals(texWeightGradInnerSplits({ ...big, N: 1, Ho: 16 }), 4, "64→64 conv, 16 rows");
+  assertEquals(texWeightGradInnerSplits({ ...big, N: 1, Ho: 4 }), 1, "64→64 conv, 4 rows");
 });
 
 test("conv kernels: variant choice (texture on CPU-emulated adapters for convolutions that are not tiny)", () => {
