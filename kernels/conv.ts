@@ -833,17 +833,17 @@ fn texel(x: u32, y: u32) -> vec4<f32> {
 }`;
 }
 
-/** Panels of the weight with `rowsAlong` channels as tile rows and the other channel in texel quads. */
-function panelTexture(input: number, p: ConvParams, rowsAlong: "co" | "ci", tile: number): TextureInput {
+/**
+ * Panels of the weight with output channels as tile rows and input channels in texel quads: the forward reads
+ * them, and the input gradient reads the same (see texInputGradSource), so one pack serves both.
+ */
+function panelTexture(input: number, p: ConvParams, tile: number): TextureInput {
   const s = weightStridesOf("conv kernel", p), KK = p.kH * p.kW;
-  const [rows, quads, sR, sQ] = rowsAlong === "co"
-    ? [p.Cout, p.Cin, s.co, s.ci]
-    : [p.Cin, p.Cout, s.ci, s.co];
-  const params = new ParamWriter().u32(rows, quads, KK, sR, sQ, s.k).finish();
+  const params = new ParamWriter().u32(p.Cout, p.Cin, KK, s.co, s.ci, s.k).finish();
   return {
     input,
-    width: Math.ceil(quads / 4) * tile,
-    height: Math.ceil(rows / tile) * KK,
+    width: Math.ceil(p.Cin / 4) * tile,
+    height: Math.ceil(p.Cout / tile) * KK,
     pack: cachedSource(`conv/panelPack/${tile}`, () => panelPackSource(tile)),
     params,
   };
@@ -938,7 +938,7 @@ ${ENTRY} {
 
 function texForwardDispatch(p: ConvParams, caps: GpuCaps): GpuDispatch | null {
   const plan = texForwardPlan(p);
-  const textures = [quadTexture(0, plan.x), panelTexture(1, p, "co", plan.tm)];
+  const textures = [quadTexture(0, plan.x), panelTexture(1, p, plan.tm)];
   if (!wantsTexture(p.variant, p, caps, ...textures)) return null;
   const w = geometryWords(p).u32(plan.colTiles, plan.chTiles, plan.x.Hp, plan.x.Wp);
   const groups = Math.ceil((p.N * p.Ho * plan.colTiles) / WG) * plan.chTiles;
@@ -974,7 +974,28 @@ function texInputGradPlan(p: ConvParams) {
   return { tm, tn, dy, colTiles: Math.ceil(perPhase / tn), chTiles: Math.ceil(p.Cin / tm) };
 }
 
-function texInputGradSource(tm: number, tn: number, bias: boolean): string {
+/**
+ * The weight is read in the forward's panels (rows: output channels in tiles of `tf`, texel quads: input
+ * channels), so the texture the forward packed serves here too. A step over one dy channel quad loads, for each
+ * input-channel quad g of the tile, the four texels of that co quad: m{g}_{k} = w[co = 4q + k, ci quad g], and
+ * acc(4g + c)_j += Σ_k m{g}_{k}[c] · dy_j[k], the same multiply-adds per load as dot products of ci rows.
+ */
+function texInputGradSource(tm: number, tn: number, bias: boolean, tf: number): string {
+  const loads = each(
+    tm / 4,
+    (g) => each(4, (k) => `let m${g}_${k} = textureLoad(w, vec2<i32>(wx${g} + ${k}, wy));`),
+    "\n        ",
+  );
+  const fmas = each(
+    tm,
+    (i) =>
+      each(
+        tn,
+        (j) =>
+          `acc${i}_${j} += ${range(4).map((k) => `m${i >> 2}_${k}[${i & 3}] * v${j}[${k}]`).join(" + ")};`,
+      ),
+    "\n          ",
+  );
   return header(bias ? ["dy", "w", "bias"] : ["dy", "w"], ["dx"], "f32", [0, 1]) + `
 ${ENTRY} {
   ${GEOMETRY_WGSL}
@@ -995,13 +1016,16 @@ ${ENTRY} {
   for (var kh = (ih + pH) % sH; kh < kH; kh += sH) {
     let row = i32(n * Hp + top) + (i32(ih + pH) - i32(kh)) / i32(sH);
     for (var kw = kw0; kw < kW; kw += sW) {
-      let wy = i32(ct * KK + kh * kW + kw);
+      let tap = kh * kW + kw;
       let qb = q0 - i32((kw - kw0) / sW);
       for (var q = 0u; q < CoutQ; q++) {
-        let wx = i32(q * ${tm}u); let xx = i32(q * Wp) + qb;
-        ${each(tm, (i) => `let w${i} = textureLoad(w, vec2<i32>(wx + ${i}, wy));`)}
+        // Panel row block and the column of co = 4q within it.
+        let wy = i32((4u * q / ${tf}u) * KK + tap); let wc = i32(4u * q % ${tf}u);
+        ${each(tm / 4, (g) => `let wx${g} = i32((ct * ${tm / 4}u + ${g}u) * ${tf}u) + wc;`)}
+        let xx = i32(q * Wp) + qb;
+        ${loads}
         ${each(tn, (j) => `let v${j} = textureLoad(dy, vec2<i32>(xx + ${j}, row));`)}
-        ${dotBlock(tm, tn)}
+        ${fmas}
       }
     }
   }
@@ -1012,7 +1036,9 @@ ${ENTRY} {
 
 function texInputGradDispatch(p: ConvParams, caps: GpuCaps): GpuDispatch | null {
   const plan = texInputGradPlan(p);
-  const textures = [quadTexture(0, plan.dy), panelTexture(1, p, "ci", plan.tm)];
+  // The forward's weight panels (its tile over Cout), packed once for both.
+  const tf = texTile(p.Cout);
+  const textures = [quadTexture(0, plan.dy), panelTexture(1, p, tf)];
   if (!wantsTexture(p.variant, p, caps, ...textures)) return null;
   const w = geometryWords(p).u32(
     plan.colTiles,
@@ -1025,8 +1051,8 @@ function texInputGradDispatch(p: ConvParams, caps: GpuCaps): GpuDispatch | null 
   const groups = Math.ceil((p.N * p.H * p.strideW * plan.colTiles) / WG) * plan.chTiles;
   return {
     source: cachedSource(
-      `conv2dInputGrad/texture/${plan.tm}x${plan.tn}/${p.bias ?? false}`,
-      () => texInputGradSource(plan.tm, plan.tn, p.bias ?? false),
+      `conv2dInputGrad/texture/${plan.tm}x${plan.tn}/${p.bias ?? false}/${tf}`,
+      () => texInputGradSource(plan.tm, plan.tn, p.bias ?? false, tf),
     ),
     workgroups: grid(groups, caps.maxWorkgroupsPerDimension),
     params: w.finish(),
