@@ -10,10 +10,9 @@
  */
 
 import {
-  add,
+  conv2d,
   type Device,
   getDefaultDevice,
-  mul,
   narrow,
   nn,
   packedQkvAttention,
@@ -98,7 +97,8 @@ export class AttentionBlock extends nn.Module {
       );
     }
     const a = qkvAttention(this.qkv.forward(this.norm.forward(x)), this.numHeads);
-    const out = add(this.proj.forward(a), x);
-    return this.skipScale === 1 ? out : mul(out, this.skipScale);
+    // (proj(a) + x)·skipScale, summed and scaled in the projection's store.
+    const p = this.proj;
+    return conv2d(a, p.weight, p.bias, { residual: x, residualScale: this.skipScale });
   }
 }
