@@ -28,8 +28,13 @@
  * read as vec4s.
  *
  * Weight gradient: it reduces over N·Ho·Wo and has few outputs; its rows (n, oh) can be split into `splits`
- * ranges written to separate slices of the output (summed afterwards by the caller), so that a wide GPU (or both
- * of llvmpipe's threads) has work.
+ * ranges written to separate slices of the output (summed afterwards by the caller), so that a wide GPU has
+ * work. The texture variant instead lets the lanes of a workgroup share a tile and split its rows among
+ * themselves (`innerSplits`), summing their parts in workgroup memory: both of llvmpipe's threads get work
+ * without a second pass.
+ *
+ * conv2d can add a residual tensor (and scale the sum) in its store, so a residual block's `(conv(h) + skip)·s`
+ * is one pass.
  */
 
 import {
@@ -675,17 +680,18 @@ export function weightGradSplits(g: ConvGeometry, caps: TexCaps, minRowsPerSplit
 
 /**
  * Inner splits of the texture weight gradient (see `ConvWeightGradParams.innerSplits`): the fewest that give
- * about eight workgroups (enough to balance llvmpipe's two threads), at most 16, with at least four rows each.
- * Measured over S = 1…64 on the training steps' shapes (llvmpipe, 2 threads): the best S gave 300–600 lanes
- * (64→64 16×16 at batch 8: S = 4–8, 3.55 ms against 4.46 ms unsplit and 6.75 ms at S = 64; 32→32 16×16 at
- * batch 32: S = 16, 3.6 ms against 8.9 ms unsplit); S = 32 and 64 were slower nearly everywhere.
+ * about sixteen workgroups (enough to balance llvmpipe's two threads), at most 16, with at least four rows each.
+ * Measured over S = 1…64 on the training steps' shapes (llvmpipe, 2 threads): 64→64 16×16 at batch 8, S = 4–8
+ * took 3.55 ms against 4.46 unsplit and 6.75 at S = 64; 32→32 16×16 at batch 32, S = 16 took 3.6 ms against
+ * 8.9 unsplit; 64→64 32×32 at batch 8 (the bench's shape), S = 8 took 10.2 ms against 9.9 for the old seven
+ * outer splits and their sum pass; S = 32 and 64 were slower nearly everywhere.
  */
 export function texWeightGradInnerSplits(g: ConvGeometry, splits = 1): number {
   const plan = texWeightGradPlan(g);
   const tiles = plan.ciTiles * g.kH * g.kW * plan.coTiles * splits;
   const rows = Math.ceil((g.N * g.Ho) / splits);
   let S = 1;
-  while (S < 16 && tiles * S < 8 * WG && rows >= 8 * S) S *= 2;
+  while (S < 16 && tiles * S < 16 * WG && rows >= 8 * S) S *= 2;
   return S;
 }
 

@@ -99,6 +99,7 @@ export class AttentionBlock extends nn.Module {
     const a = qkvAttention(this.qkv.forward(this.norm.forward(x)), this.numHeads);
     // (proj(a) + x)·skipScale, summed and scaled in the projection's store.
     const p = this.proj;
-    return conv2d(a, p.weight, p.bias, { residual: x, residualScale: this.skipScale });
+    const geometry = { stride: p.stride, padding: p.padding };
+    return conv2d(a, p.weight, p.bias, { ...geometry, residual: x, residualScale: this.skipScale });
   }
 }

@@ -338,11 +338,11 @@ test("conv kernels: the weight-gradient splits add up to the unsplit gradient", 
   };
   assertEquals([weightGradSplits(big, emulated), weightGradSplits(big, gpuCaps)], [1, 64], "64→64 conv");
   // With texture inputs (the texture variant) no outer splits: 4 × 4 channel tiles × 9 taps = 144 tiles, each
-  // shared by 4 lanes of a workgroup (9 workgroups), also for 16 rows (four rows each), none for 4 rows; a
+  // shared by 8 lanes of a workgroup (18 workgroups); by 4 for 16 rows (four rows each), none for 4 rows; a
   // 16→16 conv (9 tiles) at most 16.
   const textured = { isCpuEmulated: true, maxTextureDimension2D: 16384 };
   assertEquals(weightGradSplits(big, textured), 1, "64→64 conv, texture variant");
-  assertEquals(texWeightGradInnerSplits(big), 4, "64→64 conv, inner splits");
+  assertEquals(texWeightGradInnerSplits(big), 8, "64→64 conv, inner splits");
   assertEquals(texWeightGradInnerSplits({ ...big, Cin: 16, Cout: 16 }), 16, "16→16 conv, inner splits");
   assertEquals(texWeightGradInnerSplits({ ...big, N: 1, Ho: 16 }), 4, "64→64 conv, 16 rows");
   assertEquals(texWeightGradInnerSplits({ ...big, N: 1, Ho: 4 }), 1, "64→64 conv, 4 rows");
