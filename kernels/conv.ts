@@ -32,9 +32,6 @@
  * work. The texture variant instead lets the lanes of a workgroup share a tile and split its rows among
  * themselves (`innerSplits`), summing their parts in workgroup memory: both of llvmpipe's threads get work
  * without a second pass.
- *
- * conv2d can add a residual tensor (and scale the sum) in its store, so a residual block's `(conv(h) + skip)·s`
- * is one pass.
  */
 
 import {
@@ -81,13 +78,6 @@ export interface ConvParams extends ConvGeometry {
   variant?: ConvVariant;
   /** A third input: per-channel bias of the output (Cout for conv2d, Cin for the input gradient). */
   bias?: boolean;
-  /**
-   * conv2d only: one more input r shaped like y, and y = residualScale · (conv + bias + r), a residual block's
-   * sum (and EDM's skip scale) in the store instead of a pass of its own.
-   */
-  residual?: boolean;
-  /** The factor of the residual sum (default 1; needs `residual`). */
-  residualScale?: number;
   /** Layout of the weight buffer; OIHW (contiguous [Cout, Cin, kH, kW]) by default. */
   weightStrides?: WeightStrides;
 }
@@ -130,13 +120,6 @@ function checkGeometry(name: string, g: ConvGeometry): void {
     if (!Number.isInteger(g[k]) || g[k] < 0) {
       throw new Error(`${name}: ${k} must be a non-negative integer, got ${g[k]}`);
     }
-  }
-}
-
-function checkInputGradParams(p: ConvParams) {
-  checkGeometry("conv2dInputGrad kernel", p);
-  if (p.residual || p.residualScale !== undefined) {
-    throw new Error("conv2dInputGrad kernel: a residual input is conv2d's only");
   }
 }
 
@@ -230,36 +213,6 @@ function vectorWeights(s: WeightStrides, along: "co" | "ci", channels: number, t
   return unit === 1 && other % 4 === 0 && s.k % 4 === 0 && channels % 4 === 0 && tc % 4 === 0;
 }
 
-/** What the forward's store adds to the products: the bias and the residual (see `ConvParams.residual`). */
-interface ForwardEpilogue {
-  bias: boolean;
-  residual: boolean;
-}
-
-/** Uniform word of the residual scale, past every variant's own words. */
-const RESIDUAL_SCALE_WORD = 31;
-
-function forwardEpilogue(p: ConvParams): ForwardEpilogue {
-  const residual = p.residual ?? false;
-  if (p.residualScale !== undefined && (!residual || !Number.isFinite(p.residualScale))) {
-    throw new Error(`conv2d kernel: residualScale ${p.residualScale} needs a residual and a finite value`);
-  }
-  return { bias: p.bias ?? false, residual };
-}
-
-const forwardInputs = ({ bias, residual }: ForwardEpilogue) => [
-  "x",
-  "w",
-  ...(bias ? ["bias"] : []),
-  ...(residual ? ["res"] : []),
-];
-
-function withResidualScale(w: ParamWriter, p: ConvParams): Uint32Array {
-  if (!p.residual) return w.finish();
-  while (w.offset < RESIDUAL_SCALE_WORD) w.u32(0);
-  return w.f32(p.residualScale ?? 1).finish();
-}
-
 function sourceHeader(inputs: string[], output: string, vec: boolean): string {
   const h = header(inputs, [output]);
   return vec ? h.replace("w: array<f32>", "w: array<vec4<f32>>") : h;
@@ -302,10 +255,10 @@ function forwardPlan(p: ConvParams, caps: Caps): ForwardPlan {
   };
 }
 
-function forwardSource({ tc, tp, vec, unitStride }: ForwardPlan, ep: ForwardEpilogue): string {
+function forwardSource({ tc, tp, vec, unitStride }: ForwardPlan, bias: boolean): string {
   const wa = weightAccess(tc, vec, "co", "Cout");
   const last = tp - 1;
-  return sourceHeader(forwardInputs(ep), "y", vec) + `
+  return sourceHeader(bias ? ["x", "w", "bias"] : ["x", "w"], "y", vec) + `
 /** x at column iw of the row starting at base, or 0 outside the image (padding). */
 fn ldx(base: u32, iw: i32, W: u32, rowOk: bool) -> f32 {
   let ok = rowOk && bitcast<u32>(iw) < W;
@@ -347,7 +300,7 @@ ${ENTRY} {
     }
   }
   if (!live) { return; }
-  ${forwardStore(tc, tp, ep)}
+  ${forwardStore(tc, tp, bias)}
 }`;
 }
 
@@ -362,28 +315,25 @@ export const conv2d: Kernel<ConvParams> = {
     const s = weightStridesOf("conv2d kernel", p);
     const w = geometryWords(p).u32(s.co, s.ci, s.k, plan.colTiles, plan.chTiles);
     const groups = Math.ceil((p.N * p.Ho * plan.colTiles) / WG) * plan.chTiles;
-    const ep = forwardEpilogue(p);
     return {
       source: cachedSource(
-        `conv2d/registers/${plan.tc}x${plan.tp}/${plan.vec}/${plan.unitStride}/${ep.bias}/${ep.residual}`,
-        () => forwardSource(plan, ep),
+        `conv2d/registers/${plan.tc}x${plan.tp}/${plan.vec}/${plan.unitStride}/${p.bias ?? false}`,
+        () => forwardSource(plan, p.bias ?? false),
       ),
       workgroups: grid(groups, caps.maxWorkgroupsPerDimension),
-      params: withResidualScale(w, p),
+      params: w.finish(),
     };
   },
 
-  cpu(p: ConvParams, inputs: FloatArray[], [y]: FloatArray[]): void {
+  cpu(p: ConvParams, [x, w, bias]: FloatArray[], [y]: FloatArray[]): void {
     checkGeometry("conv2d kernel", p);
-    const [x, w] = inputs, bias = p.bias ? inputs[2] : undefined;
-    const { residual } = forwardEpilogue(p), res = inputs[p.bias ? 3 : 2], rs = p.residualScale ?? 1;
     const { N, Cin, H, W, Cout, Ho, Wo, kH, kW, strideH, strideW, padH, padW } = p;
     const s = weightStridesOf("conv2d kernel", p);
     for (let n = 0; n < N; n++) {
       for (let co = 0; co < Cout; co++) {
         for (let oh = 0; oh < Ho; oh++) {
           for (let ow = 0; ow < Wo; ow++) {
-            let acc = bias ? bias[co] : 0;
+            let acc = p.bias ? bias[co] : 0;
             for (let ci = 0; ci < Cin; ci++) {
               for (let kh = 0; kh < kH; kh++) {
                 const ih = oh * strideH - padH + kh;
@@ -396,8 +346,7 @@ export const conv2d: Kernel<ConvParams> = {
                 }
               }
             }
-            const o = ((n * Cout + co) * Ho + oh) * Wo + ow;
-            y[o] = residual ? (acc + res[o]) * rs : acc;
+            y[((n * Cout + co) * Ho + oh) * Wo + ow] = acc;
           }
         }
       }
@@ -421,19 +370,21 @@ function inputGradPlan(p: ConvParams, caps: Caps): ForwardPlan {
  * WGSL that stores the forward output tile `acc{i}_{j}` (rows = output channels from `ct·rows`, cols =
  * consecutive output positions from `ow0`) into y, with the optional bias; shared by both forward variants.
  */
-function forwardStore(rows: number, cols: number, { bias, residual }: ForwardEpilogue): string {
-  const value = (i: number, j: number) => {
-    const sum = `acc${i}_${j}${bias ? " + b" : ""}`;
-    return residual ? `(${sum} + res[o + ${j}u]) * rs` : sum;
-  };
-  return (residual ? `let rs = pf(${RESIDUAL_SCALE_WORD}u);\n  ` : "") + each(
+function forwardStore(rows: number, cols: number, bias: boolean): string {
+  return each(
     rows,
     (i) =>
       `{ let co = ct * ${rows}u + ${i}u;
     if (co < Cout) {
       let o = (n * Cout + co) * HoWo + oh * Wo + ow0;
       ${bias ? "let b = bias[co];" : ""}
-      ${each(cols, (j) => `if (ow0 + ${j}u < Wo) { y[o + ${j}u] = ${value(i, j)}; }`, "\n      ")}
+      ${
+        each(
+          cols,
+          (j) => `if (ow0 + ${j}u < Wo) { y[o + ${j}u] = acc${i}_${j}${bias ? " + b" : ""}; }`,
+          "\n      ",
+        )
+      }
     }
   }`,
     "\n  ",
@@ -517,7 +468,7 @@ export const conv2dInputGrad: Kernel<ConvParams> = {
   name: "conv2dInputGrad",
 
   gpu(p: ConvParams, caps: GpuCaps): GpuDispatch {
-    checkInputGradParams(p);
+    checkGeometry("conv2dInputGrad kernel", p);
     const tex = texInputGradDispatch(p, caps);
     if (tex) return tex;
     const plan = inputGradPlan(p, caps);
@@ -536,7 +487,7 @@ export const conv2dInputGrad: Kernel<ConvParams> = {
 
   /** The reference scatters each dy element through the kernel: the transpose of conv2d's gather, written directly. */
   cpu(p: ConvParams, [dy, w, bias]: FloatArray[], [dx]: FloatArray[]): void {
-    checkInputGradParams(p);
+    checkGeometry("conv2dInputGrad kernel", p);
     const { N, Cin, H, W, Cout, Ho, Wo, kH, kW, strideH, strideW, padH, padW } = p;
     const s = weightStridesOf("conv2dInputGrad kernel", p);
     const acc = new Float64Array(N * Cin * H * W);
@@ -960,7 +911,7 @@ function texForwardPlan(p: ConvParams): TexForwardPlan {
   };
 }
 
-function texForwardSource({ tm, tn }: TexForwardPlan, ep: ForwardEpilogue): string {
+function texForwardSource({ tm, tn }: TexForwardPlan, bias: boolean): string {
   // (A sliding window over the taps of a row, as the registers variant keeps, measured slower here: the window
   // shifts are masked register moves on llvmpipe.)
   const taps = `for (var kw = 0u; kw < kW; kw++) {
@@ -972,7 +923,7 @@ function texForwardSource({ tm, tn }: TexForwardPlan, ep: ForwardEpilogue): stri
         ${dotBlock(tm, tn)}
       }
     }`;
-  return header(forwardInputs(ep), ["y"], "f32", [0, 1]) + `
+  return header(bias ? ["x", "w", "bias"] : ["x", "w"], ["y"], "f32", [0, 1]) + `
 ${ENTRY} {
   ${GEOMETRY_WGSL}
   let colTiles = pu(13u); let Hp = pu(15u); let Wp = pu(16u); let CinQ = (Cin + 3u) / 4u;
@@ -987,7 +938,7 @@ ${ENTRY} {
     ${taps}
   }
   if (!live) { return; }
-  ${forwardStore(tm, tn, ep)}
+  ${forwardStore(tm, tn, bias)}
 }`;
 }
 
@@ -997,14 +948,13 @@ function texForwardDispatch(p: ConvParams, caps: GpuCaps): GpuDispatch | null {
   if (!wantsTexture(p.variant, p, caps, ...textures)) return null;
   const w = geometryWords(p).u32(plan.colTiles, plan.chTiles, plan.x.Hp, plan.x.Wp);
   const groups = Math.ceil((p.N * p.Ho * plan.colTiles) / WG) * plan.chTiles;
-  const ep = forwardEpilogue(p);
   return {
     source: cachedSource(
-      `conv2d/texture/${plan.tm}x${plan.tn}/${ep.bias}/${ep.residual}`,
-      () => texForwardSource(plan, ep),
+      `conv2d/texture/${plan.tm}x${plan.tn}/${p.bias ?? false}`,
+      () => texForwardSource(plan, p.bias ?? false),
     ),
     workgroups: grid(groups, caps.maxWorkgroupsPerDimension),
-    params: withResidualScale(w, p),
+    params: w.finish(),
     textures,
   };
 }

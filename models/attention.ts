@@ -10,9 +10,10 @@
  */
 
 import {
-  conv2d,
+  add,
   type Device,
   getDefaultDevice,
+  mul,
   narrow,
   nn,
   packedQkvAttention,
@@ -97,9 +98,7 @@ export class AttentionBlock extends nn.Module {
       );
     }
     const a = qkvAttention(this.qkv.forward(this.norm.forward(x)), this.numHeads);
-    // (proj(a) + x)·skipScale, summed and scaled in the projection's store.
-    const p = this.proj;
-    const geometry = { stride: p.stride, padding: p.padding };
-    return conv2d(a, p.weight, p.bias, { ...geometry, residual: x, residualScale: this.skipScale });
+    const out = add(this.proj.forward(a), x);
+    return this.skipScale === 1 ? out : mul(out, this.skipScale);
   }
 }

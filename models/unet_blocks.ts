@@ -142,12 +142,8 @@ export class SlimConv2d extends nn.Module {
     return this.slimOut ? slimChannels(this.outChannels, width, CONV_DIVISOR) : this.outChannels;
   }
 
-  /**
-   * The convolution at `width`; with `residual`, `residualScale · (conv + residual)` summed in the conv's store
-   * (a residual block's sum, see conv2d's options).
-   */
   @nn.scopedForward
-  forward(x: Tensor, width = 1, residual?: Tensor, residualScale = 1): Tensor {
+  forward(x: Tensor, width = 1): Tensor {
     const cin = x.shape[1];
     if (cin > this.inChannels) {
       throw new Error(`SlimConv2d: input has ${cin} channels, the layer at most ${this.inChannels}`);
@@ -155,8 +151,7 @@ export class SlimConv2d extends nn.Module {
     const cout = this.outAt(width);
     const w = leading(leading(this.weight, 0, cout), 1, cin);
     const b = this.bias && leading(this.bias, 0, cout);
-    const sum = residual ? { residual, residualScale } : {};
-    return conv2d(x, w, b, { stride: this.stride, padding: this.kernel >> 1, ...sum });
+    return conv2d(x, w, b, { stride: this.stride, padding: this.kernel >> 1 });
   }
 }
 
@@ -519,10 +514,10 @@ export class UNetBlock extends nn.Module {
     } else {
       h = this.norm1.forwardSilu(add(h, params));
     }
-    // A projected skip, or the bare resample of ADM's kernel-0 skip, or (no resampling) x itself; conv1 adds it
-    // and applies skipScale in its store.
+    h = this.conv1.forward(dropout(h, this.opts.dropout, this.training), width);
+    // A projected skip, or the bare resample of ADM's kernel-0 skip, or (no resampling) x itself.
     const skip = this.skip ? this.skip.forward(this.#resample(x), width) : this.#resample(x);
-    h = this.conv1.forward(dropout(h, this.opts.dropout, this.training), width, skip, this.opts.skipScale);
+    h = this.#scaled(add(h, skip));
     return this.numHeads > 0 ? this.#attention(h) : h;
   }
 
@@ -567,10 +562,16 @@ export class UNetBlock extends nn.Module {
     } else {
       h = norm1(add(h, params), groupNormSilu);
     }
-    const skip = this.skip ? this.skip.forward(this.#resample(x), 1) : this.#resample(x);
     // conv1 takes the leading `hidden` input columns (SlimConv2d slices by the input) and keeps all its filters.
-    h = this.conv1.forward(dropout(h, this.opts.dropout, this.training), 1, skip, this.opts.skipScale);
+    h = this.conv1.forward(dropout(h, this.opts.dropout, this.training), 1);
+    const skip = this.skip ? this.skip.forward(this.#resample(x), 1) : this.#resample(x);
+    h = this.#scaled(add(h, skip));
     return attention && this.numHeads > 0 ? this.#attention(h) : h;
+  }
+
+  /** A residual sum times `skipScale` (no op at 1). */
+  #scaled(x: Tensor): Tensor {
+    return this.opts.skipScale === 1 ? x : mul(x, this.opts.skipScale);
   }
 
   /**
@@ -592,7 +593,7 @@ export class UNetBlock extends nn.Module {
       bp = narrow(bp, 0, 0, c);
     }
     const a = qkvAttention(conv2d(this.norm2!.forward(x), wq, bq), heads);
-    return conv2d(a, wp, bp, { residual: x, residualScale: this.opts.skipScale });
+    return this.#scaled(add(conv2d(a, wp, bp), x));
   }
 }
 

@@ -156,8 +156,7 @@ gpuTest(
         scaleArb,
         seedArb,
         fc.constantFrom(undefined, 1, 2, 8, 64),
-        fc.constantFrom(undefined, 1, -0.5, Math.SQRT1_2),
-        async (g0, bias, splits, layout, variant, scale, seed, innerSplits, residualScale) => {
+        async (g0, bias, splits, layout, variant, scale, seed, innerSplits) => {
           const g = { ...g0, variant, innerSplits };
           // The weight buffer is random in any layout; both backends read it through the same strides.
           const weightStrides = layoutStrides(layout, g);
@@ -174,21 +173,6 @@ gpuTest(
           const y = await runKernel(gpu, conv2dKernel, { ...g, bias, weightStrides }, fwdIn, yLen);
           const yRef = await runKernel(cpu, conv2dKernel, { ...g, bias, weightStrides }, fwdIn, yLen);
           assertClose(y, yRef, tol(g.Cin * g.kH * g.kW, scale), `conv2d ${what}`);
-          // With a residual (and its scale) added in the store: the same sums, checked against yRef directly.
-          if (residualScale !== undefined) {
-            const r = seededValues(yLen, seed + 5, -scale, scale);
-            const pr = { ...g, bias, weightStrides, residual: true, residualScale };
-            const yr = await runKernel(gpu, conv2dKernel, pr, [...fwdIn, r], yLen);
-            const yrRef = await runKernel(cpu, conv2dKernel, pr, [...fwdIn, r], yLen);
-            assertClose(
-              yr,
-              yrRef,
-              tol(g.Cin * g.kH * g.kW, scale),
-              `conv2d residual ${residualScale} ${what}`,
-            );
-            const want = yRef.map((v, i) => (v + r[i]) * residualScale);
-            assertClose(yrRef, want, { rtol: 1e-5, atol: 1e-6 }, `conv2d residual reference ${what}`);
-          }
 
           const igIn = bias ? [dy, w, seededValues(g.Cin, seed + 4)] : [dy, w];
           const dx = await runKernel(gpu, conv2dInputGrad, { ...g, bias, weightStrides }, igIn, xLen);
@@ -409,16 +393,8 @@ gpuTest("conv2d / convTranspose2d ops: GPU matches the CPU backend in values and
           [g.Cout, g.Cin, g.kH, g.kW],
           ...(withBias ? [[g.Cin]] : []),
         ];
-        // With a residual summed in the conv's store, scaled.
-        const res = (x: Tensor, w: Tensor, r: Tensor, b?: Tensor) =>
-          conv2d(x, w, b, { stride, padding, residual: r, residualScale: 0.75 });
-        const rShapes = [cShapes[0], cShapes[1], [...n, g.Cout, g.Ho, g.Wo], ...cShapes.slice(2)];
         for (
-          const [name, f, shapes] of [
-            ["conv2d", fwd, cShapes],
-            ["convTranspose2d", tr, tShapes],
-            ["conv2d+residual", res, rShapes],
-          ] as const
+          const [name, f, shapes] of [["conv2d", fwd, cShapes], ["convTranspose2d", tr, tShapes]] as const
         ) {
           const what = `${name} ${JSON.stringify(shapes)} stride ${stride} padding ${padding}`;
           await assertBackendsAgree([gpu, cpu], f, shapes, seed, what, 2e-4);
@@ -521,18 +497,6 @@ test("conv2d / convTranspose2d: finite-difference gradient checks", async () => 
     data([1, 2, 4, 3], 9),
     data([2, 2, 2, 4], 10),
   ]);
-  // The residual (scaled, and unscaled) gets the scaled output gradient; the conv's inputs too.
-  await gradCheck((x, w, r, b) => conv2d(x, w, b, { padding: 1, residual: r, residualScale: Math.SQRT1_2 }), [
-    data([2, 2, 3, 4], 21),
-    data([3, 2, 3, 3], 22),
-    data([2, 3, 3, 4], 23),
-    data([3], 24),
-  ]);
-  await gradCheck((x, w, r) => conv2d(x, w, null, { stride: 2, residual: r }), [
-    data([1, 2, 5, 5], 25),
-    data([2, 2, 1, 1], 26),
-    data([1, 2, 3, 3], 27),
-  ]);
   await gradCheck((x, w, b) => convTranspose2d(x, w, b, { stride: 2, padding: 1, outputPadding: 1 }), [
     data([2, 2, 3, 2], 11),
     data([2, 3, 3, 3], 12),
@@ -580,13 +544,6 @@ test("conv2d / convTranspose2d: shape errors name the op and the shapes", async 
   expectError(() => conv2d(z(1, 3, 2, 2), z(4, 3, 3, 3)), "conv2d", "[1, 3, 2, 2]", "[4, 3, 3, 3]");
   expectError(() => conv2d(z(1, 3, 5, 5), z(4, 3, 3, 3), z(3)), "conv2d", "[3]", "[4, 3, 3, 3]");
   expectError(() => conv2d(z(1, 3, 5, 5), z(4, 3, 3, 3), null, { stride: 0 }), "conv2d", "stride");
-  expectError(
-    () => conv2d(z(1, 3, 5, 5), z(4, 3, 3, 3), null, { residual: z(1, 4, 5, 5) }),
-    "conv2d",
-    "residual [1, 4, 5, 5]",
-    "[1, 4, 3, 3]",
-  );
-  expectError(() => conv2d(z(1, 3, 5, 5), z(4, 3, 3, 3), null, { residualScale: 2 }), "residualScale");
   expectError(() => conv2d(z(1, 3, 5, 5), z(4, 3, 3, 3), null, { padding: -1 }), "conv2d", "padding");
   expectError(
     () => conv2d(z(1, 3, 5, 5), z(4, 3, 3, 3), null, { stride: [1, 1, 1] as unknown as [number, number] }),

@@ -23,9 +23,8 @@ import {
 import { contiguousStrides } from "../../kernels/layout.ts";
 import type { Device } from "../device.ts";
 import { record, sameDevice, type Shape, Tensor } from "../tensor.ts";
-import { fmt, sameShape } from "../shape.ts";
-import { bin, cst, inp } from "../../kernels/elementwise.ts";
-import { gather, map, reduceRaw } from "./core.ts";
+import { fmt } from "../shape.ts";
+import { gather, reduceRaw } from "./core.ts";
 
 export type Pair = number | [number, number];
 
@@ -34,13 +33,6 @@ export interface Conv2dOptions {
   stride?: Pair;
   /** Zero padding on each side (default 0), or "valid" (none) / "same" (output size = input size, stride 1). */
   padding?: Pair | "valid" | "same";
-  /**
-   * A tensor shaped like the output, added to it in the kernel's store: `residualScale · (conv + bias +
-   * residual)`, a residual block's sum without a pass of its own (not a PyTorch argument).
-   */
-  residual?: Tensor;
-  /** Factor of that sum (default 1; EDM's skip_scale). */
-  residualScale?: number;
 }
 
 export interface ConvTranspose2dOptions {
@@ -111,7 +103,6 @@ function runConv(
   weight: Tensor,
   bias: Tensor | null | undefined,
   out: Tensor,
-  residual?: { r: Tensor; scale: number },
 ): void {
   const device = out.device;
   let w = weight, copy: Tensor | null = null, weightStrides: WeightStrides | undefined;
@@ -132,11 +123,9 @@ function runConv(
   }
   const inputs = [input.storage, w.storage];
   if (bias) inputs.push(bias.storage);
-  if (residual) inputs.push(residual.r.storage);
-  const res = residual ? { residual: true, residualScale: residual.scale } : {};
   device.run(
     kind === "conv2d" ? conv2dKernel : conv2dInputGrad,
-    { ...g, bias: !!bias, weightStrides, ...res },
+    { ...g, bias: !!bias, weightStrides },
     inputs,
     [out.storage],
   );
@@ -197,17 +186,10 @@ function biasGrad(g: Tensor, channels: number): Tensor {
   return reduceRaw("sum", g, axes, [channels]);
 }
 
-/**
- * 2-D convolution like F.conv2d(input, weight, bias, stride, padding), optionally with a residual added (and
- * scaled) in the same pass.
- */
+/** 2-D convolution like F.conv2d(input, weight, bias, stride, padding). */
 export function conv2d(x: Tensor, weight: Tensor, bias?: Tensor | null, opts: Conv2dOptions = {}): Tensor {
   const op = "conv2d";
-  const residual = opts.residual, scale = opts.residualScale ?? 1;
-  const device = sameDevice(op, x, weight, ...(bias ? [bias] : []), ...(residual ? [residual] : []));
-  if (!Number.isFinite(scale) || (opts.residualScale !== undefined && !residual)) {
-    throw new Error(`${op}: residualScale ${opts.residualScale} needs a residual and a finite value`);
-  }
+  const device = sameDevice(op, ...(bias ? [x, weight, bias] : [x, weight]));
   const [N, C, H, W] = batched(op, x);
   checkWeightAndBias(op, x, weight, bias, weight.shape[0]);
   const [Cout, Cin, kH, kW] = weight.shape;
@@ -237,25 +219,9 @@ export function conv2d(x: Tensor, weight: Tensor, bias?: Tensor | null, opts: Co
   }
   const geo: ConvGeometry = { N, Cin, H, W, Cout, Ho, Wo, kH, kW, strideH, strideW, padH, padW };
   const out = Tensor.empty(shaped(x, N, Cout, Ho, Wo), device);
-  if (residual && !sameShape(residual.shape, out.shape)) {
-    throw new Error(
-      `${op}: residual ${fmt(residual.shape)} must have the output's shape ${fmt(out.shape)} ` +
-        `(input ${fmt(x.shape)}, weight ${fmt(weight.shape)})`,
-    );
-  }
-  runConv("conv2d", geo, x, weight, bias, out, residual && { r: residual, scale });
-  const inputs = [x, weight, ...(bias ? [bias] : []), ...(residual ? [residual] : [])];
-  if (!residual) return record(out, op, inputs, (g) => conv2dBackward(g));
-  // y = s·(conv + r): the conv and the residual both get s·g (one shared tensor; g itself where s = 1).
-  return record(out, op, inputs, (g) => {
-    const gs = scale === 1 ? g : map(bin("mul", inp(0), cst(0)), [g], [scale]);
-    const grads = conv2dBackward(gs);
-    if (residual.requiresGrad) return [...grads, gs];
-    if (gs !== g) gs.dispose();
-    return [...grads, null];
-  });
+  runConv("conv2d", geo, x, weight, bias, out);
 
-  function conv2dBackward(g: Tensor): (Tensor | null)[] {
+  return record(out, op, bias ? [x, weight, bias] : [x, weight], (g) => {
     let dx: Tensor | null = null;
     if (x.requiresGrad) {
       dx = Tensor.empty(x.shape, device);
@@ -267,7 +233,7 @@ export function conv2d(x: Tensor, weight: Tensor, bias?: Tensor | null, opts: Co
     const dw = weight.requiresGrad ? weightGrad(geo, x, g, weight.shape) : null;
     if (!bias) return [dx, dw];
     return [dx, dw, bias.requiresGrad ? biasGrad(g, Cout) : null];
-  }
+  });
 }
 
 /** Transposed 2-D convolution like F.conv_transpose2d(input, weight, bias, stride, padding, output_padding). */
