@@ -619,25 +619,35 @@ function weightGradTiles(g: ConvGeometry, caps: Caps): { tc: number; tq: number 
  * of reduction in each split.
  */
 export function weightGradSplits(g: ConvGeometry, caps: TexCaps, minRowsPerSplit = 4): number {
-  // The texture variant's workgroups split the rows among their own lanes (innerSplits) and sum the parts
-  // themselves: no second pass.
-  if (convVariant("conv2dWeightGrad", g, caps) === "texture") return 1;
-  const targetInvocations = caps.isCpuEmulated ? 256 : 65536;
-  const { tc, tq } = weightGradTiles(g, caps);
-  const invocations = Math.ceil(g.Cout / tc) * Math.ceil((g.Cin * g.kH * g.kW) / tq);
+  let targetInvocations: number, invocations: number;
+  if (convVariant("conv2dWeightGrad", g, caps) === "texture") {
+    // Its workgroups split the rows among their own lanes (innerSplits) and sum the parts themselves: no second
+    // pass. Without inner splits (GLSL), about sixteen workgroups of outer splits.
+    if (!caps.glsl) return 1;
+    const plan = texWeightGradPlan(g);
+    targetInvocations = 16 * WG;
+    invocations = plan.ciTiles * g.kH * g.kW * plan.coTiles;
+  } else {
+    targetInvocations = caps.isCpuEmulated ? 256 : 65536;
+    const { tc, tq } = weightGradTiles(g, caps);
+    invocations = Math.ceil(g.Cout / tc) * Math.ceil((g.Cin * g.kH * g.kW) / tq);
+  }
   const byWork = Math.floor((g.N * g.Ho) / minRowsPerSplit);
   return Math.max(1, Math.min(Math.floor(targetInvocations / invocations), byWork, 256));
 }
 
 /**
- * Inner splits of the texture weight gradient (see `ConvWeightGradParams.innerSplits`): the fewest that give
+ * Inner splits of the texture weight gradient (see `ConvWeightGradParams.innerSplits`): none where shaders reach
+ * the driver as GLSL (`GpuCaps.glsl`: compiling the workgroup array's zero-initialisation took 79 s there);
+ * otherwise the fewest that give
  * about sixteen workgroups (enough to balance llvmpipe's two threads), at most 16, with at least four rows each.
  * Measured over S = 1…64 on the training steps' shapes (llvmpipe, 2 threads): 64→64 16×16 at batch 8, S = 4–8
  * took 3.55 ms against 4.46 unsplit and 6.75 at S = 64; 32→32 16×16 at batch 32, S = 16 took 3.6 ms against
  * 8.9 unsplit; 64→64 32×32 at batch 8 (the bench's shape), S = 8 took 10.2 ms against 9.9 for the old seven
  * outer splits and their sum pass; S = 32 and 64 were slower nearly everywhere.
  */
-export function texWeightGradInnerSplits(g: ConvGeometry, splits = 1): number {
+export function texWeightGradInnerSplits(g: ConvGeometry, caps: TexCaps, splits = 1): number {
+  if (caps.glsl) return 1;
   const plan = texWeightGradPlan(g);
   const tiles = plan.ciTiles * g.kH * g.kW * plan.coTiles * splits;
   const rows = Math.ceil((g.N * g.Ho) / splits);
@@ -787,7 +797,7 @@ const TEX_TILE = 16;
 /** Below this many multiply-adds the packing passes cost more than they save. */
 const TEX_MIN_WORK = 1 << 18;
 
-type TexCaps = Pick<GpuCaps, "isCpuEmulated" | "maxTextureDimension2D">;
+type TexCaps = Pick<GpuCaps, "isCpuEmulated" | "maxTextureDimension2D" | "glsl">;
 
 /** Padded channel-quad layout of an activation [N, C, H, W]. */
 interface QuadLayout {
@@ -1181,6 +1191,12 @@ ${ENTRY} {
  * The end of an inner-split weight gradient: each lane's accumulators (the tile's tm·tn, then its tm bias sums),
  * 64 at a time through workgroup memory, summed over the S lanes that share a tile and stored.
  */
+/**
+ * Accumulator values per lane in each round of the inner sum (workgroup memory: SUM_ROUND · 64 floats). Fewer
+ * per round means more barriers: 4 or 8 ran up to 1.7× slower than 64 on the bench's 64→64 32×32 shape.
+ */
+const SUM_ROUND = 64;
+
 function innerSumWgsl(tm: number, tn: number, bias: boolean, S: number): string {
   const T = WG / S;
   const values = [
@@ -1188,8 +1204,8 @@ function innerSumWgsl(tm: number, tn: number, bias: boolean, S: number): string 
     ...(bias ? range(tm).map((i) => `bv${i >> 2}[${i & 3}]`) : []),
   ];
   const rounds: string[] = [];
-  for (let r0 = 0; r0 < values.length; r0 += WG) {
-    const part = values.slice(r0, r0 + WG);
+  for (let r0 = 0; r0 < values.length; r0 += SUM_ROUND) {
+    const part = values.slice(r0, r0 + SUM_ROUND);
     rounds.push(`${part.map((v, k) => `red[${k * WG}u + lid] = ${v};`).join(" ")}
   workgroupBarrier();
   for (var o = lid; o < ${part.length * T}u; o += ${WG}u) {
@@ -1205,7 +1221,7 @@ function innerSumWgsl(tm: number, tn: number, bias: boolean, S: number): string 
 
 /** WGSL \`storeValue(tile, k, v)\` for inner splits: value k of a tile (see innerSumWgsl) into dw or db. */
 function storeValueWgsl(tm: number, tn: number, bias: boolean): string {
-  return `var<workgroup> red: array<f32, ${WG * WG}>;
+  return `var<workgroup> red: array<f32, ${SUM_ROUND * WG}>;
 fn storeValue(tile: u32, k: u32, v: f32) {
   let Cin = pu(1u); let Cout = pu(4u); let KK = pu(7u) * pu(8u);
   let ciTiles = pu(16u); let coTiles = pu(17u); let splits = pu(18u);
@@ -1260,7 +1276,7 @@ function texWeightGradDispatch(p: ConvWeightGradParams, caps: GpuCaps): GpuDispa
   const w = geometryWords(p).u32(plan.x.Hp, plan.x.Wp, Math.ceil(p.Wo / 4), plan.ciTiles, plan.coTiles);
   w.u32(splits, rowsPerSplit, plan.dy.Hp, plan.dy.Wp, plan.dy.top, plan.dy.left);
   const tiles = plan.ciTiles * p.kH * p.kW * plan.coTiles * splits;
-  const S = p.innerSplits ?? texWeightGradInnerSplits(p, splits);
+  const S = p.innerSplits ?? texWeightGradInnerSplits(p, caps, splits);
   if (!Number.isInteger(Math.log2(S)) || S < 1 || S > WG) {
     throw new Error(`conv2dWeightGrad kernel: innerSplits must be a power of two from 1 to ${WG}, got ${S}`);
   }

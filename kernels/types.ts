@@ -36,6 +36,12 @@ export interface GpuCaps {
   features: ReadonlySet<string>;
   /** Largest texture side the device accepts; absent (or 0) where the backend cannot provide texture inputs. */
   maxTextureDimension2D?: number;
+  /**
+   * Shaders reach the driver as GLSL (wgpu's GL backend). naga then zero-initialises a workgroup array with a
+   * constructor naming every element, which Mesa compiles in time superlinear in its length (a 4096-float array:
+   * 79 s; 256 floats: 0.9 s), so kernels keep workgroup arrays small there.
+   */
+  glsl?: boolean;
 }
 
 /**

@@ -86,6 +86,7 @@ function capsOf(device: Device) {
   return {
     isCpuEmulated: device.info.isCpuEmulated,
     maxTextureDimension2D: device.info.textureInputs ? device.info.limits.maxTextureDimension2D : 0,
+    glsl: device.info.api?.startsWith("gl") ?? false,
   };
 }
 

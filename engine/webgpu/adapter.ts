@@ -135,6 +135,7 @@ export function describeGpu(
     maxStorageBufferBindingSize: limits.maxStorageBufferBindingSize,
     features: new Set(device.features),
     maxTextureDimension2D: limits.maxTextureDimension2D,
+    glsl: info.api.startsWith("gl"),
   };
   return { info, caps };
 }
