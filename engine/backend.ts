@@ -51,6 +51,9 @@ export interface MemoryStats {
   pooledBuffers: number;
 }
 
+/** Whether shaders reach the driver as GLSL (wgpu's GL backend), from `DeviceInfo.api` (see `GpuCaps.glsl`). */
+export const isGlslApi = (info: Pick<DeviceInfo, "api">): boolean => info.api.startsWith("gl");
+
 export interface DeviceInfo {
   backend: BackendKind;
   dtype: DType;

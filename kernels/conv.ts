@@ -639,8 +639,7 @@ export function weightGradSplits(g: ConvGeometry, caps: TexCaps, minRowsPerSplit
 /**
  * Inner splits of the texture weight gradient (see `ConvWeightGradParams.innerSplits`): none where shaders reach
  * the driver as GLSL (`GpuCaps.glsl`: compiling the workgroup array's zero-initialisation took 79 s there);
- * otherwise the fewest that give
- * about sixteen workgroups (enough to balance llvmpipe's two threads), at most 16, with at least four rows each.
+ * otherwise the fewest that give about sixteen workgroups (enough to balance llvmpipe's two threads), at most 16, with at least four rows each.
  * Measured over S = 1…64 on the training steps' shapes (llvmpipe, 2 threads): 64→64 16×16 at batch 8, S = 4–8
  * took 3.55 ms against 4.46 unsplit and 6.75 at S = 64; 32→32 16×16 at batch 32, S = 16 took 3.6 ms against
  * 8.9 unsplit; 64→64 32×32 at batch 8 (the bench's shape), S = 8 took 10.2 ms against 9.9 for the old seven
@@ -1188,15 +1187,15 @@ ${ENTRY} {
 }
 
 /**
- * The end of an inner-split weight gradient: each lane's accumulators (the tile's tm·tn, then its tm bias sums),
- * 64 at a time through workgroup memory, summed over the S lanes that share a tile and stored.
- */
-/**
  * Accumulator values per lane in each round of the inner sum (workgroup memory: SUM_ROUND · 64 floats). Fewer
  * per round means more barriers: 4 or 8 ran up to 1.7× slower than 64 on the bench's 64→64 32×32 shape.
  */
 const SUM_ROUND = 64;
 
+/**
+ * The end of an inner-split weight gradient: each lane's accumulators (the tile's tm·tn, then its tm bias sums),
+ * SUM_ROUND at a time through workgroup memory, summed over the S lanes that share a tile and stored.
+ */
 function innerSumWgsl(tm: number, tn: number, bias: boolean, S: number): string {
   const T = WG / S;
   const values = [

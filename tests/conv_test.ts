@@ -27,6 +27,7 @@ import { tensor } from "../engine/creation.ts";
 import { map } from "../engine/ops/core.ts";
 import { bin, inp } from "../kernels/elementwise.ts";
 import type { Device } from "../engine/device.ts";
+import { isGlslApi } from "../engine/backend.ts";
 import type { Tensor } from "../engine/tensor.ts";
 import {
   assertBackendsAgree,
@@ -146,7 +147,7 @@ gpuTest(
   "conv kernels: forward, input gradient and weight gradient on WebGPU match the CPU references",
   async () => {
     const gpu = await gpuDevice(), cpu = await cpuDevice();
-    const glsl = gpu.info.api.startsWith("gl");
+    const glsl = isGlslApi(gpu.info);
     await fc.assert(
       fc.asyncProperty(
         geometryArb,

@@ -22,6 +22,7 @@ import {
 } from "../../kernels/conv.ts";
 import { contiguousStrides } from "../../kernels/layout.ts";
 import type { Device } from "../device.ts";
+import { isGlslApi } from "../backend.ts";
 import { record, sameDevice, type Shape, Tensor } from "../tensor.ts";
 import { fmt } from "../shape.ts";
 import { gather, reduceRaw } from "./core.ts";
@@ -86,7 +87,7 @@ function capsOf(device: Device) {
   return {
     isCpuEmulated: device.info.isCpuEmulated,
     maxTextureDimension2D: device.info.textureInputs ? device.info.limits.maxTextureDimension2D : 0,
-    glsl: device.info.api?.startsWith("gl") ?? false,
+    glsl: isGlslApi(device.info),
   };
 }
 

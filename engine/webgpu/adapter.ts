@@ -6,7 +6,7 @@
 
 import type { GpuCaps } from "../../kernels/types.ts";
 import { type PackBy, packSource, TEXTURE_INPUT } from "../../kernels/wgsl.ts";
-import type { DeviceInfo } from "../backend.ts";
+import { type DeviceInfo, isGlslApi } from "../backend.ts";
 import { PACK_COMPUTE_KINDS, type PipelineCache } from "./pipeline_cache.ts";
 
 /** Which native API wgpu picked; the adapter does not say, so this reports how it was inferred. */
@@ -135,7 +135,7 @@ export function describeGpu(
     maxStorageBufferBindingSize: limits.maxStorageBufferBindingSize,
     features: new Set(device.features),
     maxTextureDimension2D: limits.maxTextureDimension2D,
-    glsl: info.api.startsWith("gl"),
+    glsl: isGlslApi(info),
   };
   return { info, caps };
 }
