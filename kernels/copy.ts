@@ -10,12 +10,15 @@
  * source is aligned the same way (else four scalar loads along the source's innermost stride). llvmpipe runs
  * every storage access as a per-lane loop and the u32 div/mod index math is not vectorised, so doing both once
  * per four elements matters.
+ *
+ * `concat` is cat along one dim (or its backward, the split) for up to seven parts in one dispatch: the
+ * decoder of a UNet concatenates its skip connections, and a copy per part was two dispatches each way.
  */
 
 import { coalesce } from "./layout.ts";
 import { cachedSource } from "./source_cache.ts";
 import { type FloatArray, type GpuCaps, type GpuDispatch, type Kernel, ParamWriter } from "./types.ts";
-import { ENTRY_1D, grid1d, header, splitIndexWgsl } from "./wgsl.ts";
+import { ENTRY_1D, grid1d, header, splitIndexWgsl, WG } from "./wgsl.ts";
 
 export interface CopyParams {
   shape: readonly number[];
@@ -128,6 +131,85 @@ export const copy: Kernel<CopyParams> = {
         t += k * ds[d];
       }
       dst[t] = src[s];
+    }
+  },
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Concatenation in one pass.
+
+/** Most parts one `concat` dispatch joins or splits: 7 plus the whole fit the default 8 storage buffers. */
+export const CONCAT_MAX_PARTS = 7;
+
+export interface ConcatParams {
+  /** Rows: the product of the dims before the concatenated one (1 for dim 0). */
+  outer: number;
+  /** Per part, its elements per row: its size along the dim times the product of the dims after it. */
+  widths: readonly number[];
+  /** "join": the parts (inputs) into the whole (output); "split": the whole (input) into the parts (outputs). */
+  direction: "join" | "split";
+}
+
+/** Elements per invocation (4 when every part's row is a whole number of vec4s) and the checked part count. */
+export function concatPlan(p: ConcatParams) {
+  const K = p.widths.length;
+  if (K < 1 || K > CONCAT_MAX_PARTS) throw new Error(`concat: 1 to ${CONCAT_MAX_PARTS} parts, got ${K}`);
+  const V = p.widths.every((w) => w % 4 === 0) ? 4 : 1;
+  const row = p.widths.reduce((a, b) => a + b, 0);
+  return { K, V, row, n: (p.outer * row) / V };
+}
+
+/**
+ * cat along one dim, or its backward, in one dispatch instead of one copy per part: the whole is seen as
+ * [outer, Σ widths] and part k as [outer, widths[k]] at column Σ_{j<k} widths[j]. Each invocation moves V
+ * elements of the whole; it finds its part by comparing its column with the parts' ends (the same branch for
+ * whole runs of a row, so lanes rarely diverge). Uniform words: n, row / V, then per part its end column and
+ * its width (in V units).
+ */
+export const concat: Kernel<ConcatParams> = {
+  name: "concat",
+
+  gpu(p: ConcatParams, caps: GpuCaps): GpuDispatch {
+    const { K, V, row, n } = concatPlan(p);
+    const w = new ParamWriter().u32(n, row / V);
+    let end = 0;
+    for (const width of p.widths) w.u32(end += width / V, width / V);
+    const source = cachedSource(`concat:${p.direction}:${K}:${V}`, () => {
+      const parts = Array.from({ length: K }, (_, k) => `part${k}`);
+      const join = p.direction === "join";
+      let head = join ? header(parts, ["whole"]) : header(["whole"], parts);
+      if (V === 4) head = head.replaceAll("array<f32>", "array<vec4<f32>>");
+      const branches = parts.map((part, k) => {
+        const start = k === 0 ? "0u" : `pu(${2 + 2 * (k - 1)}u)`;
+        const at = `r * pu(${3 + 2 * k}u) + c - ${start}`;
+        const move = join ? `whole[i] = ${part}[${at}];` : `${part}[${at}] = whole[i];`;
+        return `  if (c < pu(${2 + 2 * k}u)) { ${move} return; }`;
+      });
+      return head + `
+${ENTRY_1D} {
+  let i = linearId(wid, nwg, lid, ${WG}u);
+  if (i >= pu(0u)) { return; }
+  let r = i / pu(1u);
+  let c = i - r * pu(1u);
+${branches.join("\n")}
+}`;
+    });
+    return { source, workgroups: grid1d(n, caps.maxWorkgroupsPerDimension), params: w.finish() };
+  },
+
+  cpu(p: ConcatParams, inputs: FloatArray[], outputs: FloatArray[]): void {
+    const { row } = concatPlan(p);
+    const [whole, parts] = p.direction === "join" ? [outputs[0], inputs] : [inputs[0], outputs];
+    for (let r = 0; r < p.outer; r++) {
+      let start = 0;
+      p.widths.forEach((width, k) => {
+        for (let c = 0; c < width; c++) {
+          const at = r * row + start + c, partAt = r * width + c;
+          if (p.direction === "join") whole[at] = parts[k][partAt];
+          else parts[k][partAt] = whole[at];
+        }
+        start += width;
+      });
     }
   },
 };

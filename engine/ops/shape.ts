@@ -1,9 +1,11 @@
 /**
  * @file Differentiable shape ops: `reshape` (shares storage), `permute`, `transpose`, `narrow`, `cat`, `expand`,
- * `unsqueeze`, `squeeze`. Tensors are always contiguous, so permute and narrow copy (one strided-copy dispatch).
+ * `unsqueeze`, `squeeze`. Tensors are always contiguous, so permute and narrow copy (one strided-copy dispatch),
+ * and cat joins its parts in one `concat` dispatch (its backward splits the gradient in another).
  */
 
 import { contiguousStrides } from "../../kernels/layout.ts";
+import { concat, CONCAT_MAX_PARTS } from "../../kernels/copy.ts";
 import { record, sameDevice, type Shape, sizeOf, Tensor } from "../tensor.ts";
 import { broadcastShapes, fmt, normAxis } from "../shape.ts";
 import { copyInto, expandTo, gather, map, sumTo, view } from "./core.ts";
@@ -86,6 +88,20 @@ export function cat(xs: readonly Tensor[], dim = 0): Tensor {
   }
   const shape = xs[0].shape.map((s, i) => (i === d ? xs.reduce((a, t) => a + t.shape[d], 0) : s));
   const out = Tensor.empty(shape, device);
+  if (xs.length > CONCAT_MAX_PARTS) return catByCopies(xs, d, shape, out);
+  // One pass each way: the whole as [outer, Σ widths], part k as [outer, widths[k]].
+  const outer = sizeOf(shape.slice(0, d)), inner = sizeOf(shape.slice(d + 1));
+  const widths = xs.map((t) => t.shape[d] * inner);
+  device.run(concat, { outer, widths, direction: "join" }, xs.map((t) => t.storage), [out.storage]);
+  return record(out, "cat", [...xs], (g) => {
+    const parts = xs.map((t) => Tensor.empty(t.shape, device));
+    device.run(concat, { outer, widths, direction: "split" }, [g.storage], parts.map((t) => t.storage));
+    return parts.map((t, k) => (xs[k].requiresGrad ? t : (t.dispose(), null)));
+  });
+}
+
+/** cat of more parts than one `concat` dispatch takes: a copy per part each way. */
+function catByCopies(xs: readonly Tensor[], d: number, shape: Shape, out: Tensor): Tensor {
   const starts: number[] = [];
   let at = 0;
   for (const t of xs) {
