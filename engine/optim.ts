@@ -4,8 +4,8 @@
  * given β; how a training recipe picks β, e.g. EDM's half-life rule, is the models layer's business), and
  * `zeroGrad`.
  *
- * Nothing here reads back to the host. A step is a few fused multi-tensor kernels (param, exp_avg, exp_avg_sq
- * of up to `MAX_GROUP` parameters updated in place per dispatch; see `kernels/optim.ts`), with the step count
+ * Nothing here reads back to the host. A step is a few fused multi-tensor kernels (up to `MAX_GROUP` parameters
+ * updated in place per dispatch, their exp_avg and exp_avg_sq in two flat buffers; see `kernels/optim.ts`), with the step count
  * and bias corrections computed on the host, which already knows them. Clipping computes the global L2 norm on the device and returns it as a tensor; the
  * clip coefficient either scales the gradients in place (`clipGradNorm`, like `torch.nn.utils.clip_grad_norm_`)
  * or is handed to `step({ gradScale })`, which multiplies it in inside the fused update (`gradClipCoefficient`).
@@ -29,7 +29,8 @@ import {
 import type { Device } from "./device.ts";
 import { keep, type Tensor } from "./tensor.ts";
 import { fmt, sameShape } from "./shape.ts";
-import { copyInto, map } from "./ops/core.ts";
+import { copyInto, gather, map, view } from "./ops/core.ts";
+import { contiguousStrides } from "../kernels/layout.ts";
 
 /** Parameters as a list, as (name, tensor) pairs, or as anything with `namedParameters()` (an nn.Module). */
 export type ParamsInput =
@@ -64,7 +65,6 @@ export function zeroGrad(params: ParamsInput): void {
   }
 }
 
-const zerosLike = (t: Tensor): Tensor => keep(map(cst(0), [], [0], { shape: t.shape, device: t.device }));
 const cloneKept = (t: Tensor): Tensor => keep(map(inp(0), [t]));
 
 function checkScalar(who: string, t: Tensor, device: Device) {
@@ -116,15 +116,62 @@ export interface AdamOptions {
   weightDecay?: number;
 }
 
+/** Steps taken by one parameter (0: no state yet); its moments live in the device's `FlatState`. */
 interface ParamState {
   step: number;
-  expAvg: Tensor;
-  expAvgSq: Tensor;
+}
+
+/**
+ * Adam's two moment estimates for every parameter on one device, each in one flat buffer (the `adam` kernel
+ * binds the two buffers once per dispatch instead of two buffers per tensor, so a dispatch updates twice as many
+ * tensors). Parameter k's moments start at a multiple of 4 (vec4 access); a parameter's region stays zero until
+ * its first step, as a fresh state would be.
+ */
+class FlatState {
+  readonly expAvg: Tensor;
+  readonly expAvgSq: Tensor;
+  readonly #offsets = new Map<Tensor, number>();
+
+  constructor(params: readonly Tensor[], device: Device) {
+    let total = 0;
+    for (const p of params) {
+      this.#offsets.set(p, total);
+      total += Math.ceil(p.size / 4) * 4;
+    }
+    this.expAvg = keep(map(cst(0), [], [0], { shape: [total], device }));
+    this.expAvgSq = keep(map(cst(0), [], [0], { shape: [total], device }));
+  }
+
+  offset(p: Tensor): number {
+    const o = this.#offsets.get(p);
+    if (o === undefined) throw new Error("Adam: a parameter has no place in the optimizer state");
+    return o;
+  }
+
+  /** A copy of p's exp_avg or exp_avg_sq, shaped like p. */
+  read(p: Tensor, which: "expAvg" | "expAvgSq"): Tensor {
+    return keep(gather(this[which], p.shape, contiguousStrides(p.shape), this.offset(p)));
+  }
+
+  /** Copies `t` (shaped like p) into p's region of exp_avg or exp_avg_sq. */
+  write(p: Tensor, which: "expAvg" | "expAvgSq", t: Tensor): void {
+    const flat = view(t, [t.size]);
+    copyInto(this[which], flat, [this.offset(p)]);
+    flat.dispose();
+  }
+
+  dispose(): void {
+    this.expAvg.dispose();
+    this.expAvgSq.dispose();
+  }
 }
 
 /** What `stateDict()` returns: named state tensors plus JSON-serialisable numbers. */
 export interface OptimizerState {
-  /** `<param name>.exp_avg` and `<param name>.exp_avg_sq` (live references: do not dispose). */
+  /**
+   * `<param name>.exp_avg` and `<param name>.exp_avg_sq`: copies the optimizer owns until its next `stateDict()`
+   * or `dispose()` (do not dispose them).
+   */
   tensors: Record<string, Tensor>;
   meta: {
     type: string;
@@ -159,6 +206,9 @@ export class Adam {
   readonly params: readonly [string, Tensor][];
   protected readonly decoupled: boolean = false;
   readonly #state = new Map<Tensor, ParamState>();
+  readonly #flat = new Map<Device, FlatState>();
+  /** The copies the last `stateDict()` handed out. */
+  #snapshots: Tensor[] = [];
 
   constructor(params: ParamsInput, opts: AdamOptions = {}) {
     this.params = namedParams(params, this.constructor.name);
@@ -197,7 +247,7 @@ export class Adam {
       }
     }
     // Validate everything before the first dispatch, then update the parameters in groups.
-    const updates: { p: Tensor; g: Tensor; s: ParamState; shadow?: Tensor }[] = [];
+    const updates: { p: Tensor; g: Tensor; s: ParamState; offset: number; shadow?: Tensor }[] = [];
     const averageOnly: { p: Tensor; shadow: Tensor }[] = [];
     for (const [name, p] of this.params) {
       const g = p.grad;
@@ -212,8 +262,8 @@ export class Adam {
       if (g.device !== p.device) throw new Error(`${who}: gradient of "${name}" is on another device`);
       if (opts.gradScale) checkScalar(who, opts.gradScale, p.device);
       let s = this.#state.get(p);
-      if (!s) this.#state.set(p, s = { step: 0, expAvg: zerosLike(p), expAvgSq: zerosLike(p) });
-      updates.push({ p, g, s, shadow });
+      if (!s) this.#state.set(p, s = { step: 0 });
+      updates.push({ p, g, s, offset: this.#flatOn(p.device).offset(p), shadow });
     }
     for (const u of updates) u.s.step++;
     // One dispatch per group of tensors on the same device (as many as the adapter's bindings allow).
@@ -221,19 +271,17 @@ export class Adam {
     const size = (u: { p: Tensor }) =>
       adamGroupSize(maxStorageBuffers(u.p.device), { scaled: !!opts.gradScale, ema: withEma });
     for (const group of groupsOf(updates, size)) {
-      const device = group[0].p.device;
+      const device = group[0].p.device, flat = this.#flatOn(device);
       const inputs = group.map((u) => u.g.storage);
       if (opts.gradScale) inputs.push(opts.gradScale.storage);
-      const outputs = group.flatMap((u) => [
-        u.p.mutableStorage,
-        u.s.expAvg.mutableStorage,
-        u.s.expAvgSq.mutableStorage,
-        ...(withEma ? [u.shadow!.mutableStorage] : []),
-      ]);
+      const outputs = group.flatMap((
+        u,
+      ) => [u.p.mutableStorage, ...(withEma ? [u.shadow!.mutableStorage] : [])]);
+      outputs.push(flat.expAvg.mutableStorage, flat.expAvgSq.mutableStorage);
       device.run(
         adam,
         {
-          tensors: group.map((u) => ({ n: u.p.size, step: u.s.step })),
+          tensors: group.map((u) => ({ n: u.p.size, step: u.s.step, offset: u.offset })),
           lr: this.lr,
           beta1: this.betas[0],
           beta2: this.betas[1],
@@ -255,15 +303,36 @@ export class Adam {
     zeroGrad(this.params);
   }
 
-  /** The state for a checkpoint (see `OptimizerState`); the tensors are the live buffers, not copies. */
+  /** The flat state of the parameters on `device`, made (zero) at first use. */
+  #flatOn(device: Device): FlatState {
+    let flat = this.#flat.get(device);
+    if (!flat) {
+      flat = new FlatState(this.params.map(([, p]) => p).filter((p) => p.device === device), device);
+      this.#flat.set(device, flat);
+    }
+    return flat;
+  }
+
+  #disposeSnapshots(): void {
+    for (const t of this.#snapshots) t.dispose();
+    this.#snapshots = [];
+  }
+
+  /**
+   * The state for a checkpoint (see `OptimizerState`): the tensors are copies taken now, which this optimizer
+   * frees at its next `stateDict()` or `dispose()`.
+   */
   stateDict(): OptimizerState {
+    this.#disposeSnapshots();
     const tensors: Record<string, Tensor> = {};
     const steps: Record<string, number> = {};
     for (const [name, p] of this.params) {
       const s = this.#state.get(p);
       if (!s) continue;
-      tensors[`${name}.exp_avg`] = s.expAvg;
-      tensors[`${name}.exp_avg_sq`] = s.expAvgSq;
+      const flat = this.#flatOn(p.device);
+      tensors[`${name}.exp_avg`] = flat.read(p, "expAvg");
+      tensors[`${name}.exp_avg_sq`] = flat.read(p, "expAvgSq");
+      this.#snapshots.push(tensors[`${name}.exp_avg`], tensors[`${name}.exp_avg_sq`]);
       steps[name] = s.step;
     }
     return {
@@ -295,7 +364,7 @@ export class Adam {
       if (!byName.has(name)) throw new Error(`${who}: state for unknown parameter "${name}"`);
     }
     const expected = new Set<string>();
-    const incoming = new Map<Tensor, ParamState>();
+    const incoming = new Map<Tensor, { step: number; expAvg: Tensor; expAvgSq: Tensor }>();
     for (const [name, p] of this.params) {
       const step = meta.steps[name];
       if (step === undefined) continue;
@@ -321,14 +390,15 @@ export class Adam {
     for (const key of Object.keys(tensors)) {
       if (!expected.has(key)) throw new Error(`${who}: unexpected tensor "${key}"`);
     }
-    // Everything validated: replace the state.
-    for (const s of this.#state.values()) {
-      s.expAvg.dispose();
-      s.expAvgSq.dispose();
-    }
+    // Everything validated: replace the state (fresh zero buffers, then the incoming moments copied in).
+    for (const flat of this.#flat.values()) flat.dispose();
+    this.#flat.clear();
     this.#state.clear();
     for (const [p, s] of incoming) {
-      this.#state.set(p, { step: s.step, expAvg: cloneKept(s.expAvg), expAvgSq: cloneKept(s.expAvgSq) });
+      this.#state.set(p, { step: s.step });
+      const flat = this.#flatOn(p.device);
+      flat.write(p, "expAvg", s.expAvg);
+      flat.write(p, "expAvgSq", s.expAvgSq);
     }
     this.lr = meta.lr;
     this.betas = [meta.betas[0], meta.betas[1]];
@@ -338,10 +408,9 @@ export class Adam {
 
   /** Frees the optimizer state (not the parameters). */
   dispose(): void {
-    for (const s of this.#state.values()) {
-      s.expAvg.dispose();
-      s.expAvgSq.dispose();
-    }
+    this.#disposeSnapshots();
+    for (const flat of this.#flat.values()) flat.dispose();
+    this.#flat.clear();
     this.#state.clear();
   }
 }
