@@ -22,6 +22,7 @@ import {
   clipFinish,
   ema,
   emaGroupSize,
+  lockstepGroups,
   scaleInPlace,
   SUMSQ_CHUNK,
   sumSquares,
@@ -77,17 +78,19 @@ const maxStorageBuffers = (device: Device): number | undefined =>
   device.info.limits.maxStorageBuffersPerShaderStage;
 
 /**
- * Splits `items` into runs of consecutive items on one device, each at most `size(item)` long: the tensors of
- * one multi-tensor dispatch.
+ * Splits `items` into the tensors of multi-tensor dispatches: per device, at most `size(item)` each, of similar
+ * sizes (`lockstepGroups`).
  */
 function groupsOf<T extends { p: Tensor }>(items: readonly T[], size: (first: T) => number): T[][] {
-  const groups: T[][] = [];
+  const byDevice = new Map<Device, T[]>();
   for (const item of items) {
-    const last = groups[groups.length - 1];
-    if (last && last[0].p.device === item.p.device && last.length < size(last[0])) last.push(item);
-    else groups.push([item]);
+    const list = byDevice.get(item.p.device);
+    if (list) list.push(item);
+    else byDevice.set(item.p.device, [item]);
   }
-  return groups;
+  return [...byDevice.values()].flatMap((list) =>
+    lockstepGroups(list.map((x) => x.p.size), size(list[0])).map((g) => g.map((i) => list[i]))
+  );
 }
 
 /** `shadow = β·shadow + (1−β)·p` for each pair, several pairs per dispatch. */

@@ -8,7 +8,14 @@ import fc from "fast-check";
 import { deepStrictEqual as assertEquals } from "node:assert";
 import { Adam, AdamW, clipGradNorm, EMA, gradClipCoefficient, zeroGrad } from "../engine/optim.ts";
 import { emaBetaFromHalfLife } from "../models/ema.ts";
-import { adamGroupSize, emaGroupSize, MAX_GROUP, SUMSQ_CHUNK, sumSquares } from "../kernels/optim.ts";
+import {
+  adamGroupSize,
+  emaGroupSize,
+  lockstepGroups,
+  MAX_GROUP,
+  SUMSQ_CHUNK,
+  sumSquares,
+} from "../kernels/optim.ts";
 import { loadSafetensorsWithMetadata, saveSafetensors } from "../engine/safetensors.ts";
 import { tensor } from "../engine/creation.ts";
 import { copyInto } from "../engine/ops/core.ts";
@@ -360,12 +367,13 @@ gpuTest(
               });
               const before = dev.counters().dispatches;
               fused.step({ gradScale: scaled ? s : undefined, ema: { average: ema, beta } });
-              // The first step also fills the new m and v with zeros. At most three parameters: one Adam
-              // dispatch for those with a gradient, one EMA dispatch for the one without.
+              // The first step also fills the new m and v with zeros. At most three parameters: an Adam dispatch
+              // per group of those with a gradient (sizes apart go apart), one EMA dispatch for the one without.
               if (name === "webgpu" && step === 1) {
+                const updated = sizes.filter((_, i) => withGrad[i]);
                 assertEquals(
                   dev.counters().dispatches - before,
-                  withGrad.every((w) => w) ? 1 : 2,
+                  lockstepGroups(updated, 3).length + (withGrad.every((w) => w) ? 0 : 1),
                   "dispatches",
                 );
               }
@@ -461,10 +469,12 @@ gpuTest(
               grouped.step({ gradScale, ema: withEma ? { average, beta } : undefined });
               if (dev.kind === "webgpu" && k === steps - 1) {
                 const limit = dev.info.limits.maxStorageBuffersPerShaderStage;
-                const updated = tensors.filter((_, i) => hasGrad(i, k)).length;
-                const averaged = withEma ? tensors.length - updated : 0;
-                const want = Math.ceil(updated / adamGroupSize(limit, { scaled, ema: withEma })) +
-                  Math.ceil(averaged / emaGroupSize(limit));
+                const updated = tensors.filter((_, i) => hasGrad(i, k)).map((t) => t.n);
+                const averaged = withEma ? tensors.filter((_, i) => !hasGrad(i, k)).map((t) => t.n) : [];
+                const groups = (sizes: number[], size: number) =>
+                  sizes.length ? lockstepGroups(sizes, size).length : 0;
+                const want = groups(updated, adamGroupSize(limit, { scaled, ema: withEma })) +
+                  groups(averaged, emaGroupSize(limit));
                 assertEquals(dev.counters().dispatches - before, want, "dispatches of the last step");
               }
               single.forEach((o, i) =>
@@ -508,6 +518,15 @@ test("multi-tensor groups fit the adapter's storage-buffer limit", () => {
   assertEquals(adamGroupSize(undefined, { scaled: true, ema: true }), MAX_GROUP); // the CPU backend
   assertEquals(emaGroupSize(32), 16);
   assertThrows(() => adamGroupSize(4, { scaled: true, ema: true }), "needs 6 storage buffers");
+});
+
+test("multi-tensor groups: one vector width each, sizes within 2× (small ones pooled), at most the group size", () => {
+  // vec4 sizes first, ascending: 12, 100 and 1000 are at most one workgroup's units (256 threads × 4) and pool;
+  // 4096 and 8192 are within 2×, 8196 is not; the odd sizes (one element per thread) group apart, 7 and 301
+  // more than 2× and one workgroup apart.
+  const sizes = [8192, 12, 4096, 8196, 1000, 7, 100, 301];
+  assertEquals(lockstepGroups(sizes, 8), [[1, 6, 4], [2, 0], [3], [5], [7]]);
+  assertEquals(lockstepGroups([4, 4, 4, 4, 4], 2), [[0, 1], [2, 3], [4]]);
 });
 
 gpuTest("clipping and a training step never read back to the host (WebGPU)", async () => {
