@@ -591,7 +591,7 @@ export class Trainer {
         const coef = cfg.gradClip === null
           ? undefined
           : optim.gradClipCoefficient(this.network, cfg.gradClip).coef;
-        // Adam and the EMA in one dispatch per parameter.
+        // Adam and the EMA in the same few multi-tensor dispatches.
         this.optimizer.step({ gradScale: coef, ema: { average: this.ema, beta } });
         this.optimizer.zeroGrad();
         return t;
