@@ -27,7 +27,7 @@ import {
   SUMSQ_CHUNK,
   sumSquares,
 } from "../kernels/optim.ts";
-import type { Device } from "./device.ts";
+import type { Device, Storage } from "./device.ts";
 import { keep, type Tensor } from "./tensor.ts";
 import { fmt, sameShape } from "./shape.ts";
 import { copyInto, gather, map, view } from "./ops/core.ts";
@@ -277,9 +277,11 @@ export class Adam {
       const device = group[0].p.device, flat = this.#flatOn(device);
       const inputs = group.map((u) => u.g.storage);
       if (opts.gradScale) inputs.push(opts.gradScale.storage);
-      const outputs = group.flatMap((
-        u,
-      ) => [u.p.mutableStorage, ...(withEma ? [u.shadow!.mutableStorage] : [])]);
+      const outputs: Storage[] = [];
+      for (const u of group) {
+        outputs.push(u.p.mutableStorage);
+        if (withEma) outputs.push(u.shadow!.mutableStorage);
+      }
       outputs.push(flat.expAvg.mutableStorage, flat.expAvgSq.mutableStorage);
       device.run(
         adam,
