@@ -338,6 +338,9 @@ test("gradients of reshape, permute, transpose, narrow, cat, expand", async () =
   await gradCheck((t) => S.narrow(t, 1, 1, 2), [a]);
   await gradCheck((t, u) => S.cat([t, u], 1), [a, b]);
   await gradCheck((t, u) => S.cat([u, t, u], 1), [a, b]);
+  await gradCheck((t) => S.cat([t, S.narrow(t, 0, 1, 1)], 0), [a]); // outer 1
+  await gradCheck((t) => S.cat([S.narrow(t, 2, 1, 3), t], 2), [a]); // inner 1
+  await gradCheck((t, u) => S.cat([t, u, t, u, t, u, t, u], 1), [a, b]); // 8 parts: a copy per part
   await gradCheck((t) => S.expand(t, [5, 2, 3, 4]), [a]);
   await gradCheck((t) => S.expand(S.narrow(t, 2, 0, 1), [2, 3, 4]), [a]);
 });
