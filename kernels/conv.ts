@@ -639,7 +639,8 @@ export function weightGradSplits(g: ConvGeometry, caps: TexCaps, minRowsPerSplit
 /**
  * Inner splits of the texture weight gradient (see `ConvWeightGradParams.innerSplits`): none where shaders reach
  * the driver as GLSL (`GpuCaps.glsl`: compiling the workgroup array's zero-initialisation took 79 s there);
- * otherwise the fewest that give about sixteen workgroups (enough to balance llvmpipe's two threads), at most 16, with at least four rows each.
+ * otherwise the fewest that give about sixteen workgroups (enough to balance llvmpipe's two threads), at most 16,
+ * with at least four rows each.
  * Measured over S = 1…64 on the training steps' shapes (llvmpipe, 2 threads): 64→64 16×16 at batch 8, S = 4–8
  * took 3.55 ms against 4.46 unsplit and 6.75 at S = 64; 32→32 16×16 at batch 32, S = 16 took 3.6 ms against
  * 8.9 unsplit; 64→64 32×32 at batch 8 (the bench's shape), S = 8 took 10.2 ms against 9.9 for the old seven

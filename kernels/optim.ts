@@ -218,10 +218,11 @@ export function adamStepJs(
 }
 
 /**
- * Uniform words of `adam`: 8 shared, the largest tensor's units, then 4 per tensor (units, step size,
- * √(1 − β2^t), state offset in units).
+ * Uniform words of `adam`: 8 hyper-parameters, the largest tensor's units (`ADAM_TOTAL`), then 4 per tensor
+ * (units, step size, √(1 − β2^t), state offset in units).
  */
-const ADAM_SHARED = 9;
+const ADAM_TOTAL = 8;
+const ADAM_SHARED = ADAM_TOTAL + 1;
 const ADAM_PER_TENSOR = 4;
 
 /**
@@ -273,7 +274,7 @@ export const adam: Kernel<AdamParams> = {
     let np = pr - pf(${word(k, 1)}u) * mi / (sqrt(vi) / pf(${word(k, 2)}u) + pf(4u));
     p${k}[i] = np;${average}`;
       };
-      return decls.join("\n") + "\n" + uniformDecl(b) + lockstepEntry(K, 8, (k) => word(k, 0), body);
+      return decls.join("\n") + "\n" + uniformDecl(b) + lockstepEntry(K, ADAM_TOTAL, (k) => word(k, 0), body);
     });
     return { source, workgroups: grid1d(plan.total, caps.maxWorkgroupsPerDimension), params: w.finish() };
   },
@@ -443,6 +444,7 @@ export const ema: Kernel<EmaParams> = {
   gpu(p: EmaParams, caps: GpuCaps): GpuDispatch {
     const plan = lockstepPlan(p.sizes);
     const K = p.sizes.length, T = elementType(plan.V);
+    // Words: β, 1 − β, the largest tensor's units (word 2), then each tensor's units (from word 3).
     const w = new ParamWriter().f32(p.beta, 1 - p.beta).u32(plan.total, ...plan.units);
     const source = cachedSource(`ema:${K}:${plan.V}`, () => {
       const decls = [
