@@ -637,23 +637,40 @@ export function weightGradSplits(g: ConvGeometry, caps: TexCaps, minRowsPerSplit
 }
 
 /**
+ * Per-thread time of the texture weight gradient on llvmpipe, in ns, fitted by non-negative least squares to 240
+ * replayed dispatches (every weight-gradient shape of the default and bench training steps at S = 1…32, median
+ * of three runs of ten; median error 9%): each row step of a lane costs `load`·(tm + tn) for its texel loads and
+ * `mac`·tm·tn for its multiply-adds; with inner splits, each value a lane hands to the inner sum costs `sum`.
+ */
+const WEIGHT_GRAD_NS = { load: 0.31, mac: 0.33, sum: 7.7 };
+
+/**
  * Inner splits of the texture weight gradient (see `ConvWeightGradParams.innerSplits`): none where shaders reach
  * the driver as GLSL (`GpuCaps.glsl`: compiling the workgroup array's zero-initialisation took 79 s there);
- * otherwise the fewest that give about sixteen workgroups (enough to balance llvmpipe's two threads), at most 16,
- * with at least four rows each.
- * Measured over S = 1…64 on the training steps' shapes (llvmpipe, 2 threads): 64→64 16×16 at batch 8, S = 4–8
- * took 3.55 ms against 4.46 unsplit and 6.75 at S = 64; 32→32 16×16 at batch 32, S = 16 took 3.6 ms against
- * 8.9 unsplit; 64→64 32×32 at batch 8 (the bench's shape), S = 8 took 10.2 ms against 9.9 for the old seven
- * outer splits and their sum pass; S = 32 and 64 were slower nearly everywhere.
+ * otherwise the S (a power of two up to 32) that minimises the modelled time of the busiest llvmpipe thread
+ * (`WEIGHT_GRAD_NS`; workgroups dealt to `GpuCaps.cpuThreads` threads): more splits share a tile's rows among
+ * more lanes and fill more workgroups, but every split lane pays for the inner sum. Against the earlier rule (the
+ * fewest splits giving about sixteen workgroups, at most 16), on a second replay not used in the fit: the bench
+ * step's weight gradients 187 ms instead of 205, the default step's 58.8 instead of 62.4 (the best S of each
+ * shape measured alone: 177 and 56.8).
  */
 export function texWeightGradInnerSplits(g: ConvGeometry, caps: TexCaps, splits = 1): number {
   if (caps.glsl) return 1;
   const plan = texWeightGradPlan(g);
   const tiles = plan.ciTiles * g.kH * g.kW * plan.coTiles * splits;
   const rows = Math.ceil((g.N * g.Ho) / splits);
-  let S = 1;
-  while (S < 16 && tiles * S < 16 * WG && rows >= 8 * S) S *= 2;
-  return S;
+  const quads = Math.ceil(g.Wo / 4);
+  const threads = caps.cpuThreads ?? 2;
+  const { load, mac, sum } = WEIGHT_GRAD_NS;
+  const step = load * (plan.tm + plan.tn) + mac * plan.tm * plan.tn;
+  let best = 1, bestNs = Infinity;
+  for (let S = 1; S <= 32 && S <= rows; S *= 2) {
+    const lanes = Math.ceil(Math.ceil((tiles * S) / WG) / threads) * WG;
+    const ns = lanes *
+      (Math.ceil(rows / S) * quads * step + (S > 1 ? sum * (plan.tm * plan.tn + plan.tm) : 0));
+    if (ns < bestNs) [best, bestNs] = [S, ns];
+  }
+  return best;
 }
 
 function splitsOf(p: ConvWeightGradParams): { splits: number; rowsPerSplit: number } {
@@ -797,7 +814,7 @@ const TEX_TILE = 16;
 /** Below this many multiply-adds the packing passes cost more than they save. */
 const TEX_MIN_WORK = 1 << 18;
 
-type TexCaps = Pick<GpuCaps, "isCpuEmulated" | "maxTextureDimension2D" | "glsl">;
+type TexCaps = Pick<GpuCaps, "isCpuEmulated" | "maxTextureDimension2D" | "glsl" | "cpuThreads">;
 
 /** Padded channel-quad layout of an activation [N, C, H, W]. */
 interface QuadLayout {
@@ -1128,7 +1145,7 @@ function texWeightGradSource(tm: number, tn: number, bias: boolean, S: number): 
   const innerSum = S > 1 ? innerSumWgsl(tm, tn, bias, S) : "";
   const directStores = S > 1 ? "" : directStoresWgsl(tm, tn, bias);
   return header(["x", "dy"], bias ? ["dw", "db"] : ["dw"], "f32", [0, 1]) +
-    (S > 1 ? storeValueWgsl(tm, tn, bias) + "\n" : "") + `
+    (S > 1 ? `var<workgroup> red: array<f32, ${SUM_ROUND * WG}>;\n` : "") + `
 ${ENTRY} {
   ${GEOMETRY_WGSL}
   let Hp = pu(13u); let Wp = pu(14u); let Wq = pu(15u); let ciTiles = pu(16u); let coTiles = pu(17u);
@@ -1195,7 +1212,9 @@ const SUM_ROUND = 64;
 
 /**
  * The end of an inner-split weight gradient: each lane's accumulators (the tile's tm·tn, then its tm bias sums),
- * SUM_ROUND at a time through workgroup memory, summed over the S lanes that share a tile and stored.
+ * SUM_ROUND at a time through workgroup memory, summed over the S lanes that share a tile and stored. A lane
+ * sums and stores values of its own tile (o ≡ lid mod T), so the store reuses the tile's channels and tap from
+ * the top of the kernel instead of recomputing them per value from the tile index (eight integer divisions).
  */
 function innerSumWgsl(tm: number, tn: number, bias: boolean, S: number): string {
   const T = WG / S;
@@ -1209,39 +1228,30 @@ function innerSumWgsl(tm: number, tn: number, bias: boolean, S: number): string 
     rounds.push(`${part.map((v, k) => `red[${k * WG}u + lid] = ${v};`).join(" ")}
   workgroupBarrier();
   for (var o = lid; o < ${part.length * T}u; o += ${WG}u) {
-    let kk = o / ${T}u; let tt = o % ${T}u;
+    let kk = o / ${T}u;
     var v = 0.0;
-    for (var q = 0u; q < ${S}u; q++) { v += red[kk * ${WG}u + tt + q * ${T}u]; }
-    storeValue(wgi * ${T}u + tt, ${r0}u + kk, v);
+    for (var q = 0u; q < ${S}u; q++) { v += red[kk * ${WG}u + lid % ${T}u + q * ${T}u]; }
+    let k = ${r0}u + kk;
+    if (live) { ${storeValueWgsl(tm, tn, bias)} }
   }
   workgroupBarrier();`);
   }
   return rounds.join("\n  ");
 }
 
-/** WGSL \`storeValue(tile, k, v)\` for inner splits: value k of a tile (see innerSumWgsl) into dw or db. */
+/** WGSL that stores value \`k\` (u32) of the lane's own tile (see innerSumWgsl), \`v\`, into dw or db. */
 function storeValueWgsl(tm: number, tn: number, bias: boolean): string {
-  return `var<workgroup> red: array<f32, ${SUM_ROUND * WG}>;
-fn storeValue(tile: u32, k: u32, v: f32) {
-  let Cin = pu(1u); let Cout = pu(4u); let KK = pu(7u) * pu(8u);
-  let ciTiles = pu(16u); let coTiles = pu(17u); let splits = pu(18u);
-  let per = ciTiles * KK;
-  if (tile >= per * coTiles * splits) { return; }
-  let e = tile % per; let rest = tile / per;
-  let cot = rest % coTiles; let split = rest / coTiles;
-  let tap = e % KK; let cit = e / KK;
-  if (k < ${tm * tn}u) {
-    let co = cot * ${tm}u + k / ${tn}u; let ci = cit * ${tn}u + k % ${tn}u;
-    if (co < Cout && ci < Cin) { dw[((split * Cout + co) * Cin + ci) * KK + tap] = v; }
-  }${
+  return `if (k < ${tm * tn}u) {
+      let co = cot * ${tm}u + k / ${tn}u; let ci = cit * ${tn}u + k % ${tn}u;
+      if (co < Cout && ci < Cin) { dw[((split * Cout + co) * Cin + ci) * KK + tap] = v; }
+    }${
     bias
       ? ` else {
-    let co = cot * ${tm}u + k - ${tm * tn}u;
-    if (e == 0u && co < Cout) { db[split * Cout + co] = v; }
-  }`
+      let co = cot * ${tm}u + k - ${tm * tn}u;
+      if (e == 0u && co < Cout) { db[split * Cout + co] = v; }
+    }`
       : ""
-  }
-}`;
+  }`;
 }
 
 function directStoresWgsl(tm: number, tn: number, bias: boolean): string {

@@ -42,6 +42,8 @@ export interface GpuCaps {
    * 79 s; 256 floats: 0.9 s), so kernels keep workgroup arrays small there.
    */
   glsl?: boolean;
+  /** Threads a CPU-emulated adapter runs workgroups on (llvmpipe: one per CPU unless LP_NUM_THREADS says). */
+  cpuThreads?: number;
 }
 
 /**

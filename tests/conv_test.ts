@@ -325,16 +325,21 @@ test("conv kernels: the weight-gradient splits add up to the unsplit gradient", 
     strideW: 1,
   };
   assertEquals([weightGradSplits(big, emulated), weightGradSplits(big, gpuCaps)], [1, 64], "64→64 conv");
-  // With texture inputs (the texture variant) no outer splits: 4 × 4 channel tiles × 9 taps = 144 tiles, each
-  // shared by 8 lanes of a workgroup (18 workgroups); by 4 for 16 rows (four rows each), none for 4 rows; a
-  // 16→16 conv (9 tiles) at most 16.
+  // With texture inputs (the texture variant) no outer splits. Inner splits by the fitted time model: 4 × 4
+  // channel tiles × 9 taps = 144 tiles, each shared by 8 lanes of a workgroup (18 workgroups, 9 per thread of
+  // two); a 16→16 conv (9 tiles) by 32; none for 16 or 4 rows (the inner sum would cost more than the rows);
+  // more threads want more workgroups.
   const textured = { isCpuEmulated: true, maxTextureDimension2D: 16384 };
   assertEquals(weightGradSplits(big, textured), 1, "64→64 conv, texture variant");
-  const inner = (g: ConvGeometry, caps = textured) => texWeightGradInnerSplits(g, caps);
+  const inner = (
+    g: ConvGeometry,
+    caps: typeof textured & { glsl?: boolean; cpuThreads?: number } = textured,
+  ) => texWeightGradInnerSplits(g, caps);
   assertEquals(inner(big), 8, "64→64 conv, inner splits");
-  assertEquals(inner({ ...big, Cin: 16, Cout: 16 }), 16, "16→16 conv, inner splits");
-  assertEquals(inner({ ...big, N: 1, Ho: 16 }), 4, "64→64 conv, 16 rows");
+  assertEquals(inner({ ...big, Cin: 16, Cout: 16 }), 32, "16→16 conv, inner splits");
+  assertEquals(inner({ ...big, N: 1, Ho: 16 }), 1, "64→64 conv, 16 rows");
   assertEquals(inner({ ...big, N: 1, Ho: 4 }), 1, "64→64 conv, 4 rows");
+  assertEquals(inner(big, { ...textured, cpuThreads: 16 }), 32, "64→64 conv, 16 threads");
   // Where shaders go through GLSL: no inner splits (their workgroup array compiles for minutes there), but 7
   // outer splits for about 16 workgroups, summed by a second pass.
   const glsl = { ...textured, glsl: true };

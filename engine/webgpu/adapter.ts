@@ -93,6 +93,18 @@ export async function requestGpu(): Promise<{ adapter: GPUAdapter; device: GPUDe
 }
 
 /**
+ * Threads llvmpipe runs compute workgroups on: LP_NUM_THREADS when set (and readable), otherwise one per CPU, at
+ * most 16 (Mesa's limit). Kernels balance their workgroups over them (see texWeightGradInnerSplits).
+ */
+function emulatorThreads(): number {
+  // Asked only when already granted (a prompt in the middle of a run would be worse than the default).
+  const granted = Deno.permissions.querySync({ name: "env", variable: "LP_NUM_THREADS" }).state === "granted";
+  const fromEnv = granted ? Number(Deno.env.get("LP_NUM_THREADS")) : NaN;
+  const n = Number.isInteger(fromEnv) && fromEnv > 0 ? fromEnv : navigator.hardwareConcurrency ?? 2;
+  return Math.max(1, Math.min(16, n));
+}
+
+/**
  * What the device reports (`info`) and what kernels may know (`caps`); `gridLimit` lowers the workgroups per
  * dimension that kernels plan for (tests use it to reach the 2-D grid path cheaply).
  */
@@ -136,6 +148,7 @@ export function describeGpu(
     features: new Set(device.features),
     maxTextureDimension2D: limits.maxTextureDimension2D,
     glsl: isGlslApi(info),
+    cpuThreads: isCpuEmulated ? emulatorThreads() : undefined,
   };
   return { info, caps };
 }
