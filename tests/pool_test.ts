@@ -133,6 +133,31 @@ gpuTest("interpolateNearest forward and backward: WebGPU matches CPU reference",
   );
 });
 
+gpuTest(
+  "2×2 resampling (avgPool2d 2×2 at stride 2, interpolateNearest ×2; vec4 blocks): WebGPU matches CPU",
+  async () => {
+    // Shapes whose rows are whole vec4s on the smaller side take the block kernels (kernels/pool.ts); the general
+    // property tests above rarely draw them.
+    const caseArb = fc.record({
+      N: fc.integer({ min: 1, max: 3 }),
+      C: fc.integer({ min: 1, max: 5 }),
+      h: fc.integer({ min: 1, max: 5 }),
+      q: fc.integer({ min: 1, max: 3 }),
+      pool: fc.boolean(),
+    });
+    await fc.assert(
+      fc.asyncProperty(caseArb, scaleArb, seedArb, fc.boolean(), async (c, scale, seed, small) => {
+        // Pooling: H even, W a multiple of 8 (whole output quads); upsampling: W a multiple of 4.
+        const shape = c.pool ? [c.N, c.C, 2 * c.h, 8 * c.q] : [c.N, c.C, c.h, 4 * c.q];
+        const x = seededValues(size(shape), seed, -scale, scale);
+        const f = c.pool ? (t: Tensor) => avgPool2d(t, 2) : (t: Tensor) => interpolateNearest(t, 2);
+        await compare(f, shape, x, seed + 1, small);
+      }),
+      { numRuns: RUNS },
+    );
+  },
+);
+
 gpuTest("avgPool2d matches PyTorch on hand-computed cases (count_include_pad, floor mode)", async () => {
   for (const device of [await gpuDevice(), await cpuDevice()]) {
     const x = tensor(Array.from({ length: 16 }, (_, i) => i), [1, 1, 4, 4], { device });
