@@ -333,7 +333,6 @@ async function trainFigure(
       peer = undefined;
     }
   }
-  const profile = await stepProfile(step, stepSync, 3);
   const load = Deno.loadavg()[0];
   let t: Timing, tp: Timing | undefined;
   try {
@@ -343,6 +342,9 @@ async function trainFigure(
   } finally {
     await peer?.dispose();
   }
+  // After the timed steps, so that the counts are of warmed-up steps: the first steps create most of the bind
+  // groups (the bench step: about 500, then 225, 110, … until its allocations find the same pooled buffers).
+  const profile = await stepProfile(step, stepSync, 3);
   const r: Partial<BenchRecord> = {
     params,
     rss_peak_mib: ownRssPeakMiB(),
