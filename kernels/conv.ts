@@ -1239,7 +1239,7 @@ function innerSumWgsl(tm: number, tn: number, bias: boolean, S: number): string 
   return rounds.join("\n  ");
 }
 
-/** WGSL that stores value \`k\` (u32) of the lane's own tile (see innerSumWgsl), \`v\`, into dw or db. */
+/** WGSL statements that store `v`, value `k` of the lane's own tile (see innerSumWgsl), into dw or db. */
 function storeValueWgsl(tm: number, tn: number, bias: boolean): string {
   return `if (k < ${tm * tn}u) {
       let co = cot * ${tm}u + k / ${tn}u; let ci = cit * ${tn}u + k % ${tn}u;
