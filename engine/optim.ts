@@ -7,8 +7,9 @@
  * Nothing here reads back to the host. A step is a few fused multi-tensor kernels (up to `MAX_GROUP` parameters
  * updated in place per dispatch, their exp_avg and exp_avg_sq in two flat buffers; see `kernels/optim.ts`), with
  * the step count and bias corrections computed on the host, which already knows them. Clipping computes the
- * global L2 norm on the device and returns it as a tensor; the clip coefficient either scales the gradients in place (`clipGradNorm`, like `torch.nn.utils.clip_grad_norm_`)
- * or is handed to `step({ gradScale })`, which multiplies it in inside the fused update (`gradClipCoefficient`).
+ * global L2 norm on the device and returns it as a tensor; the clip coefficient either scales the gradients in
+ * place (`clipGradNorm`, like `torch.nn.utils.clip_grad_norm_`) or is handed to `step({ gradScale })`, which
+ * multiplies it in inside the fused update (`gradClipCoefficient`).
  *
  * Optimizer state is named after the parameters (dotted module names when given `module.namedParameters()`, or
  * "0", "1", … for a plain list) so that `stateDict()` can go into a safetensors checkpoint: tensors

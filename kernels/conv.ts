@@ -640,7 +640,9 @@ export function weightGradSplits(g: ConvGeometry, caps: TexCaps, minRowsPerSplit
  * Per-thread time of the texture weight gradient on llvmpipe, in ns, fitted by non-negative least squares to 240
  * replayed dispatches (every weight-gradient shape of the default and bench training steps at S = 1…32, median
  * of three runs of ten; median error 9%): each row step of a lane costs `load`·(tm + tn) for its texel loads and
- * `mac`·tm·tn for its multiply-adds; with inner splits, each value a lane hands to the inner sum costs `sum`.
+ * `mac`·tm·tn for its multiply-adds; with inner splits, each value a lane hands to the inner sum costs `sum`
+ * (tm·tn weights and tm bias sums: every weight gradient of the fitted steps had a bias, and the choice counts
+ * them with or without one).
  */
 const WEIGHT_GRAD_NS = { load: 0.31, mac: 0.33, sum: 7.7 };
 

@@ -25,6 +25,7 @@
  */
 
 import { type FloatArray, type GpuCaps, type GpuDispatch, type Kernel, ParamWriter } from "./types.ts";
+import { cachedSource } from "./source_cache.ts";
 import { ENTRY_1D, grid1d, header } from "./wgsl.ts";
 
 /** The geometry shared by the pooling kernels: planes of H×W, a kh×kw window, strides and zero padding. */
@@ -87,28 +88,29 @@ function block2Dispatch(
 ): GpuDispatch {
   const total = rows * quads;
   const w = new ParamWriter().u32(total, quads).f32(scale);
-  // Quads of the larger side: row 2r starts at 2r·2Q; the block of smaller quad (r, c) is columns 2c, 2c + 1.
-  const index = `let Q = pu(1u); let s = pf(2u);
-  let r = i / Q; let c = i % Q;
-  let top = 4u * r * Q + 2u * c; let bottom = top + 2u * Q;`;
-  const body = kind === "down"
-    ? `let a = large[top]; let b = large[top + 1u]; let d = large[bottom]; let e = large[bottom + 1u];
+  // The source depends on the direction alone (built once; kernels/source_cache.ts).
+  const source = cachedSource(`pool/block2/${kind}`, () => {
+    // Quads of the larger side: row 2r starts at 2r·2Q; the block of smaller quad (r, c) is columns 2c, 2c + 1.
+    const body = kind === "down"
+      ? `let a = large[top]; let b = large[top + 1u]; let d = large[bottom]; let e = large[bottom + 1u];
   small[i] = s * (vec4<f32>(a.x + a.y, a.z + a.w, b.x + b.y, b.z + b.w) +
     vec4<f32>(d.x + d.y, d.z + d.w, e.x + e.y, e.z + e.w));`
-    : `let v = s * small[i];
+      : `let v = s * small[i];
   let left = v.xxyy; let right = v.zzww;
   large[top] = left; large[top + 1u] = right; large[bottom] = left; large[bottom + 1u] = right;`;
-  const source =
-    (kind === "down"
+    const bindings = kind === "down"
       ? header(["large"], ["small"], "vec4<f32>")
-      : header(["small"], ["large"], "vec4<f32>")) +
-    `
+      : header(["small"], ["large"], "vec4<f32>");
+    return bindings + `
 ${ENTRY_1D} {
   let i = linearId(wid, nwg, lid, 256u);
   if (i >= pu(0u)) { return; }
-  ${index}
+  let Q = pu(1u); let s = pf(2u);
+  let r = i / Q; let c = i % Q;
+  let top = 4u * r * Q + 2u * c; let bottom = top + 2u * Q;
   ${body}
 }`;
+  });
   return { source, workgroups: grid1d(total, caps.maxWorkgroupsPerDimension), params: w.finish() };
 }
 

@@ -727,8 +727,8 @@ export class Trainer {
   /**
    * Everything `loadState` needs to continue exactly, for a checkpoint or an in-memory copy. The tensors are
    * the trainer's live ones (the optimizer's moments: copies it frees at its next `stateDict()`): read or copy
-   * them before the next step. Losses not yet read back are not part of
-   * it (call `flushLog()` first to log them).
+   * them before the next step. Losses not yet read back are not part of it (call `flushLog()` first to log
+   * them).
    */
   stateDict(): TrainerState {
     return {

@@ -331,10 +331,8 @@ test("conv kernels: the weight-gradient splits add up to the unsplit gradient", 
   // more threads want more workgroups.
   const textured = { isCpuEmulated: true, maxTextureDimension2D: 16384 };
   assertEquals(weightGradSplits(big, textured), 1, "64→64 conv, texture variant");
-  const inner = (
-    g: ConvGeometry,
-    caps: typeof textured & { glsl?: boolean; cpuThreads?: number } = textured,
-  ) => texWeightGradInnerSplits(g, caps);
+  const inner = (g: ConvGeometry, caps: Parameters<typeof texWeightGradInnerSplits>[1] = textured) =>
+    texWeightGradInnerSplits(g, caps);
   assertEquals(inner(big), 8, "64→64 conv, inner splits");
   assertEquals(inner({ ...big, Cin: 16, Cout: 16 }), 32, "16→16 conv, inner splits");
   assertEquals(inner({ ...big, N: 1, Ho: 16 }), 1, "64→64 conv, 16 rows");
