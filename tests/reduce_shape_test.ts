@@ -54,6 +54,18 @@ async function kernelBoth(
   return [got, want];
 }
 
+/**
+ * Absolute tolerance of a float32 sum of n values uniform in [−scale, scale]: 1e-5 of the sum's typical size
+ * (scale·√n). A fixed `1e-5·scale` fails on cancellation: a full sum of 19712 values near 1e-3 landed at −0.001
+ * and two correct summation orders differed by 2.7e-8 (CI, seed-dependent).
+ */
+function sumAtol(shape: readonly number[], axes: readonly number[], scale: number, op: string): number {
+  const n = axes.reduce((acc, a) => acc * shape[a < 0 ? a + shape.length : a], 1);
+  if (op === "sum") return 1e-5 * scale * Math.sqrt(n);
+  if (op === "mean") return 1e-5 * scale / Math.sqrt(n);
+  return 1e-5 * scale;
+}
+
 /** A dim of an [A, P, K, Q] reduction: 1, below a vec4, odd, prime, or a multiple of 4 (vec4 units). */
 const pkqDim = fc.oneof(
   fc.constantFrom(1, 2, 3, 5, 13),
@@ -107,7 +119,7 @@ for (const op of ["sum", "mean", "amax"] as const) {
           if (outShape.join() !== want.join()) {
             throw new Error(`${op}: shape [${outShape}], expected [${want}]`);
           }
-          assertClose(g, c, { rtol: 1e-5, atol: 1e-5 * scale }, op);
+          assertClose(g, c, { rtol: 1e-5, atol: sumAtol(shape, axes, scale, op) }, op);
         },
       ),
       { numRuns: RUNS },
@@ -129,7 +141,9 @@ gpuTest(
           const data = seededValues(size(shape), seed, -scale, scale);
           for (const variant of VARIANTS) {
             const [g, c] = await kernelBoth(device, { op, shape, axes, variant }, data);
-            const tol = op === "max" ? { rtol: 0, atol: 0 } : { rtol: 1e-5, atol: 1e-5 * scale };
+            const tol = op === "max"
+              ? { rtol: 0, atol: 0 }
+              : { rtol: 1e-5, atol: sumAtol(shape, axes, scale, op) };
             assertClose(g, c, tol, `${op} of [${shape}] over [${axes}], ${variant}`);
           }
         },
@@ -157,7 +171,10 @@ gpuTest(
           for (const axes of [[1, 3], [3], [1], [0, 1, 2, 3]]) {
             for (const variant of VARIANTS) {
               const [g, c] = await kernelBoth(device, { op, shape: [A, P, K, Q], axes, variant }, data);
-              const tol = op === "max" ? { rtol: 0, atol: 0 } : { rtol: 1e-5, atol: 1e-5 * scale };
+              const shape = [A, P, K, Q];
+              const tol = op === "max"
+                ? { rtol: 0, atol: 0 }
+                : { rtol: 1e-5, atol: sumAtol(shape, axes, scale, op) };
               assertClose(g, c, tol, `${op} of [${A}, ${P}, ${K}, ${Q}] over [${axes}], ${variant}`);
             }
           }
