@@ -44,6 +44,7 @@ import {
 } from "./types.ts";
 import { cachedSource } from "./source_cache.ts";
 import { grid, header } from "./wgsl.ts";
+import { fromQuadBuffer, quadBufferElements, type QuadLayout, quadPitch } from "./layout.ts";
 
 /** Sizes of one convolution: x is [N, Cin, H, W], y is [N, Cout, Ho, Wo], w is [Cout, Cin, kH, kW]. */
 export interface ConvGeometry {
@@ -80,6 +81,8 @@ export interface ConvParams extends ConvGeometry {
   bias?: boolean;
   /** Layout of the weight buffer; OIHW (contiguous [Cout, Cin, kH, kW]) by default. */
   weightStrides?: WeightStrides;
+  /** conv2d: x comes as a buffer in the layout `convInputQuad` gives (written so by its producer). */
+  xQuad?: boolean;
 }
 
 export interface ConvWeightGradParams extends ConvGeometry {
@@ -98,6 +101,8 @@ export interface ConvWeightGradParams extends ConvGeometry {
    * `texWeightGradInnerSplits`, enough workgroups for llvmpipe's threads without a second pass.
    */
   innerSplits?: number;
+  /** x comes as a buffer in the layout `convInputQuad` gives (the forward's, where Wo is a multiple of 4). */
+  xQuad?: boolean;
 }
 
 /** Sizes of `conv2dWeightGradSum`: `splits` slices of A (weight) and of B (bias) elements. */
@@ -325,8 +330,9 @@ export const conv2d: Kernel<ConvParams> = {
     };
   },
 
-  cpu(p: ConvParams, [x, w, bias]: FloatArray[], [y]: FloatArray[]): void {
+  cpu(p: ConvParams, [xIn, w, bias]: FloatArray[], [y]: FloatArray[]): void {
     checkGeometry("conv2d kernel", p);
+    const x = unpackedX("conv2d", p, xIn);
     const { N, Cin, H, W, Cout, Ho, Wo, kH, kW, strideH, strideW, padH, padW } = p;
     const s = weightStridesOf("conv2d kernel", p);
     for (let n = 0; n < N; n++) {
@@ -531,6 +537,45 @@ export function convVariant(
   return d ? "texture" : "registers";
 }
 
+/**
+ * The quad layout (kernels/layout.ts) in which the texture variant of conv2d or conv2dWeightGrad reads x, or
+ * null where that variant does not run: a producer that writes x so (`xQuad`) saves the packing pass.
+ */
+export function convInputQuad(
+  kernel: "conv2d" | "conv2dWeightGrad",
+  p: ConvParams | ConvWeightGradParams,
+  caps: TexCaps,
+): QuadLayout | null {
+  if (convVariant(kernel, p, caps) !== "texture") return null;
+  return kernel === "conv2d" ? texForwardPlan(p).x : texWeightGradPlan(p).x;
+}
+
+/** A dispatch whose x comes in the quad layout can only run the texture variant. */
+function quadInputRefused(kernel: string, p: { xQuad?: boolean }): null {
+  if (p.xQuad) {
+    throw new Error(`${kernel} kernel: x in the quad layout needs the texture variant, not available here`);
+  }
+  return null;
+}
+
+/** x as a contiguous NCHW array: as given, or unpacked from the quad layout (CPU references). */
+function unpackedX(
+  kernel: "conv2d" | "conv2dWeightGrad",
+  p: ConvParams | ConvWeightGradParams,
+  x: FloatArray,
+): FloatArray {
+  if (!p.xQuad) return x;
+  const l = kernel === "conv2d" ? texForwardPlan(p).x : texWeightGradPlan(p).x;
+  if (x.length < quadBufferElements(l)) {
+    throw new Error(`${kernel} kernel: x has ${x.length} elements, its quad layout ${quadBufferElements(l)}`);
+  }
+  const out = x instanceof Float64Array
+    ? new Float64Array(p.N * p.Cin * p.H * p.W)
+    : new Float32Array(p.N * p.Cin * p.H * p.W);
+  fromQuadBuffer(l, x, out);
+  return out;
+}
+
 /** Whether a conv2d / conv2dInputGrad dispatch declares vec4 storage (the registers variant only). */
 export function convUsesVectorLoads(
   kernel: "conv2d" | "conv2dInputGrad",
@@ -709,8 +754,9 @@ export const conv2dWeightGrad: Kernel<ConvWeightGradParams> = {
     };
   },
 
-  cpu(p: ConvWeightGradParams, [x, dy]: FloatArray[], [dw, db]: FloatArray[]): void {
+  cpu(p: ConvWeightGradParams, [xIn, dy]: FloatArray[], [dw, db]: FloatArray[]): void {
     checkGeometry("conv2dWeightGrad kernel", p);
+    const x = unpackedX("conv2dWeightGrad", p, xIn);
     const { N, Cin, H, W, Cout, Ho, Wo, kH, kW, strideH, strideW, padH, padW } = p;
     const { splits, rowsPerSplit } = splitsOf(p);
     const Q = Cin * kH * kW;
@@ -818,19 +864,6 @@ const TEX_MIN_WORK = 1 << 18;
 
 type TexCaps = Pick<GpuCaps, "isCpuEmulated" | "maxTextureDimension2D" | "glsl" | "cpuThreads">;
 
-/** Padded channel-quad layout of an activation [N, C, H, W]. */
-interface QuadLayout {
-  C: number;
-  H: number;
-  W: number;
-  /** Padded height and width, and the top/left border. */
-  Hp: number;
-  Wp: number;
-  top: number;
-  left: number;
-  N: number;
-}
-
 const quadSize = (l: QuadLayout) => ({ width: Math.ceil(l.C / 4) * l.Wp, height: l.N * l.Hp });
 
 /** Packs a contiguous NCHW activation into the channel-quad layout. Words: C, H, W, Hp, Wp, top, left. */
@@ -849,6 +882,11 @@ const QUAD_PACK = `fn texel(x: u32, y: u32) -> vec4<f32> {
 function quadTexture(input: number, l: QuadLayout): TextureInput {
   const params = new ParamWriter().u32(l.C, l.H, l.W, l.Hp, l.Wp, l.top, l.left).finish();
   return { input, ...quadSize(l), pack: QUAD_PACK, params };
+}
+
+/** An input already in the quad layout (rows of `quadPitch` texels): a flat copy, no packing pass. */
+function quadBufferTexture(input: number, l: QuadLayout): TextureInput {
+  return { input, width: quadPitch(l), height: l.N * l.Hp };
 }
 
 /**
@@ -973,8 +1011,9 @@ ${ENTRY} {
 
 function texForwardDispatch(p: ConvParams, caps: GpuCaps): GpuDispatch | null {
   const plan = texForwardPlan(p);
-  const textures = [quadTexture(0, plan.x), panelTexture(1, p, plan.tm)];
-  if (!wantsTexture(p.variant, p, caps, ...textures)) return null;
+  const x = p.xQuad ? quadBufferTexture(0, plan.x) : quadTexture(0, plan.x);
+  const textures = [x, panelTexture(1, p, plan.tm)];
+  if (!wantsTexture(p.variant, p, caps, ...textures)) return quadInputRefused("conv2d", p);
   const w = geometryWords(p).u32(plan.colTiles, plan.chTiles, plan.x.Hp, plan.x.Wp);
   const groups = Math.ceil((p.N * p.Ho * plan.colTiles) / WG) * plan.chTiles;
   return {
@@ -1282,8 +1321,9 @@ function directStoresWgsl(tm: number, tn: number, bias: boolean): string {
 
 function texWeightGradDispatch(p: ConvWeightGradParams, caps: GpuCaps): GpuDispatch | null {
   const plan = texWeightGradPlan(p);
-  const textures = [quadTexture(0, plan.x), quadTexture(1, plan.dy)];
-  if (!wantsTexture(p.variant, p, caps, ...textures)) return null;
+  const x = p.xQuad ? quadBufferTexture(0, plan.x) : quadTexture(0, plan.x);
+  const textures = [x, quadTexture(1, plan.dy)];
+  if (!wantsTexture(p.variant, p, caps, ...textures)) return quadInputRefused("conv2dWeightGrad", p);
   const { splits, rowsPerSplit } = splitsOf(p);
   const w = geometryWords(p).u32(plan.x.Hp, plan.x.Wp, Math.ceil(p.Wo / 4), plan.ciTiles, plan.coTiles);
   w.u32(splits, rowsPerSplit, plan.dy.Hp, plan.dy.Wp, plan.dy.top, plan.dy.left);

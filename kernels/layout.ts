@@ -41,3 +41,73 @@ export function coalesce(
   if (outShape.length === 0) return { shape: [1], strides: strides.map(() => [0]) };
   return { shape: outShape, strides: outStrides };
 }
+
+/**
+ * The padded channel-quad layout of an activation [N, C, H, W] that the convolution texture variants read
+ * (kernels/conv.ts): texel (cq·Wp + w', n·Hp + h') holds channels 4cq..4cq+3 at padded position (h', w') =
+ * (h + top, w + left) of image n, zeros in the borders and past C. As a texture it is filled by a packing pass;
+ * a producer that knows its consumer may write it into a buffer instead (`quadBufferElements`), in rows of
+ * `quadPitch` texels, which a flat copy turns into the texture.
+ */
+export interface QuadLayout {
+  N: number;
+  C: number;
+  H: number;
+  W: number;
+  /** Padded height and width, and the top/left border. */
+  Hp: number;
+  Wp: number;
+  top: number;
+  left: number;
+}
+
+/** Texels per row of a quad-layout buffer: the texture's width rounded up to the 256-byte copy row alignment. */
+export function quadPitch(l: QuadLayout): number {
+  return Math.ceil((Math.ceil(l.C / 4) * l.Wp) / 16) * 16;
+}
+
+/** Floats of a quad-layout buffer (`quadPitch` texels per padded row, N·Hp rows). */
+export function quadBufferElements(l: QuadLayout): number {
+  return 4 * quadPitch(l) * l.N * l.Hp;
+}
+
+/** Whether two quad layouts place every texel alike. */
+export function sameQuadLayout(a: QuadLayout, b: QuadLayout): boolean {
+  return a.N === b.N && a.C === b.C && a.H === b.H && a.W === b.W && a.Hp === b.Hp && a.Wp === b.Wp &&
+    a.top === b.top && a.left === b.left;
+}
+
+/** Element (n, c, h, w) of a contiguous NCHW array written into a quad-layout buffer (CPU references). */
+export function toQuadBuffer(
+  l: QuadLayout,
+  nchw: ArrayLike<number>,
+  out: { [i: number]: number; length: number },
+) {
+  const pitch = quadPitch(l);
+  for (let i = 0; i < out.length; i++) out[i] = 0;
+  for (let n = 0; n < l.N; n++) {
+    for (let c = 0; c < l.C; c++) {
+      for (let h = 0; h < l.H; h++) {
+        for (let w = 0; w < l.W; w++) {
+          const texel = (n * l.Hp + h + l.top) * pitch + (c >> 2) * l.Wp + w + l.left;
+          out[4 * texel + (c & 3)] = nchw[((n * l.C + c) * l.H + h) * l.W + w];
+        }
+      }
+    }
+  }
+}
+
+/** The contiguous NCHW array of a quad-layout buffer (CPU references). */
+export function fromQuadBuffer(l: QuadLayout, quad: ArrayLike<number>, out: { [i: number]: number }) {
+  const pitch = quadPitch(l);
+  for (let n = 0; n < l.N; n++) {
+    for (let c = 0; c < l.C; c++) {
+      for (let h = 0; h < l.H; h++) {
+        for (let w = 0; w < l.W; w++) {
+          const texel = (n * l.Hp + h + l.top) * pitch + (c >> 2) * l.Wp + w + l.left;
+          out[((n * l.C + c) * l.H + h) * l.W + w] = quad[4 * texel + (c & 3)];
+        }
+      }
+    }
+  }
+}

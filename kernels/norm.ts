@@ -52,6 +52,7 @@ import { type FloatArray, type GpuCaps, type GpuDispatch, type Kernel, ParamWrit
 import { cachedSource } from "./source_cache.ts";
 import { LANE_WG, lanesPerRow, pickThreadsPerRow, type RowVariant, unitDecls } from "./lanes.ts";
 import { ENTRY_1D, flatTextureSize, grid, grid1d, header, WG } from "./wgsl.ts";
+import { quadBufferElements, type QuadLayout, quadPitch, toQuadBuffer } from "./layout.ts";
 
 export interface RowLayout {
   /** Number of rows: outer · groups. */
@@ -114,6 +115,13 @@ export interface RowNormParams extends RowLayout {
   silu?: boolean;
   /** With `silu`, also write the pre-activation x̂·w + b, as a fourth output (for a backward without `silu`). */
   savePre?: boolean;
+  /**
+   * Write y in this padded channel-quad layout (kernels/layout.ts; a buffer of `quadBufferElements` floats,
+   * borders and row ends zero) instead of row-major: for a convolution that reads it so (see `convInputQuad`),
+   * which then needs no packing pass. groupNorm of [N, C, H, W] with channelsPerGroup and W multiples of 4;
+   * runs a lanes variant, without `savePre`.
+   */
+  quadOut?: QuadLayout;
   variant?: RowNormVariant;
 }
 
@@ -157,6 +165,20 @@ function checkLayout(op: string, p: RowLayout): number {
     throw new Error(`${op}: ${p.rows} rows are not a multiple of ${p.groups} groups`);
   }
   return rowLength(p);
+}
+
+/** Throws unless the quad layout `l` is one of groupNorm's [N, C, H, W] input that the lanes can write. */
+function checkQuadOut(p: RowNormParams, l: QuadLayout): void {
+  const fits = l.C === p.groups * p.channelsPerGroup && l.N * p.groups === p.rows &&
+    l.H * l.W === p.spatial &&
+    p.channelsPerGroup % 4 === 0 && l.W % 4 === 0 && l.top + l.H <= l.Hp && l.left + l.W <= l.Wp &&
+    !p.savePre;
+  if (!fits) {
+    throw new Error(
+      `rowNorm: quadOut ${JSON.stringify(l)} does not fit ${p.rows} rows of ${p.groups} groups × ` +
+        `${p.channelsPerGroup} channels × ${p.spatial} (needs channelsPerGroup and W multiples of 4, no savePre)`,
+    );
+  }
 }
 
 function channelOf(p: RowLayout, row: number, col: number): number {
@@ -382,9 +404,68 @@ function lanesForward(p: RowNormParams, caps: GpuCaps, variant: "lanes" | "lanes
   return {
     source,
     workgroups: grid(Math.ceil((p.rows * T) / LANE_WG), caps.maxWorkgroupsPerDimension),
-    params: laneWords(p, plan).f32(p.eps).finish(),
+    params: quadWords(laneWords(p, plan).f32(p.eps), p.quadOut).finish(),
     textures: plan.texture ? [{ input: 0, ...flatTextureSize(p.rows * rowLength(p)) }] : undefined,
   };
+}
+
+/** Words 10..17 of a forward with `quadOut`: H, W, Hp, Wp, top, left, the pitch, the image's channel quads. */
+function quadWords(w: ParamWriter, l: QuadLayout | undefined): ParamWriter {
+  return l ? w.u32(l.H, l.W, l.Hp, l.Wp, l.top, l.left, quadPitch(l), Math.ceil(l.C / 4)) : w;
+}
+
+/**
+ * The forward's write in the quad layout: the lane takes its share of the row's position quads (four
+ * positions along a row of one channel, a unit) for each of the row's channel quads, loads the four channels'
+ * units, and stores the 4 × 4 block transposed as four texels (four channels at one position). Then it zeroes
+ * its share of the padded rows' borders (and, for the image's last channel quad, the row ends up to the pitch).
+ */
+function quadWriteSource(p: RowNormParams, T: number): string {
+  const quadOf = (name: string) => `vec4<f32>(${name}[c], ${name}[c + 1u], ${name}[c + 2u], ${name}[c + 3u])`;
+  const a = p.hasWeight ? `rstd * ${quadOf("weight")}` : "vec4<f32>(rstd)";
+  const b = p.hasBias ? quadOf("bias") : "vec4<f32>(0.0)";
+  const value = (k: number) => {
+    const v = `((ld_x(u + ${k}u * SU) - K) - mu) * a[${k}]${p.hasBias ? ` + b[${k}]` : ""}`;
+    return `let v${k} = ${p.silu ? `silu_(${v})` : v};`;
+  };
+  const comps = ["x", "y", "z", "w"];
+  return `
+  let G = pu(2u); let cpg = pu(3u);
+  let H = pu(10u); let W = pu(11u); let Hp = pu(12u); let Wp = pu(13u); let top = pu(14u); let left = pu(15u);
+  let pitch = pu(16u); let CQ = pu(17u);
+  let img = row / G; let g = row % G; let WQ = W / 4u;
+  let per = (SU + ${T - 1}u) / ${T}u;
+  let p0 = min(lane * per, SU); let p1 = min(p0 + per, SU);
+  for (var k = 0u; k < cpg / 4u; k++) {
+    let c = g * cpg + 4u * k;
+    let a = ${a};
+    let b = ${b};
+    let col = (g * cpg / 4u + k) * Wp + left;
+    var h = p0 / WQ;
+    var wq = p0 % WQ;
+    for (var pq = p0; pq < p1; pq++) {
+      let u = base + 4u * k * SU + pq;
+      ${[0, 1, 2, 3].map(value).join("\n      ")}
+      let t = (img * Hp + h + top) * pitch + col + 4u * wq;
+      ${comps.map((e, i) => `y[t + ${i}u] = vec4<f32>(v0.${e}, v1.${e}, v2.${e}, v3.${e});`).join("\n      ")}
+      wq++;
+      if (wq == WQ) { wq = 0u; h++; }
+    }
+  }
+  for (var k = 0u; k < cpg / 4u; k++) {
+    let q = g * cpg / 4u + k;
+    let col = q * Wp;
+    let end = select(col + Wp, pitch, q + 1u == CQ);
+    for (var hp = lane; hp < Hp; hp += ${T}u) {
+      let r = (img * Hp + hp) * pitch;
+      if (hp < top || hp >= top + H) {
+        for (var tx = col; tx < end; tx++) { y[r + tx] = vec4<f32>(0.0); }
+      } else {
+        for (var tx = col; tx < col + left; tx++) { y[r + tx] = vec4<f32>(0.0); }
+        for (var tx = col + left + W; tx < end; tx++) { y[r + tx] = vec4<f32>(0.0); }
+      }
+    }
+  }`;
 }
 
 function lanesForwardSource(p: RowNormParams, plan: LanePlan): string {
@@ -458,7 +539,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     meanOut[row] = mu;
     rstdOut[row] = rstd;
   }
-  ${laneSegments(`let a = ${scale};`, write, "")}
+  ${p.quadOut ? quadWriteSource(p, T) : laneSegments(`let a = ${scale};`, write, "")}
 }`;
 }
 
@@ -587,7 +668,8 @@ export const rowNorm: Kernel<RowNormParams> = {
 
   gpu(p: RowNormParams, caps: GpuCaps): GpuDispatch {
     const cols = checkLayout("rowNorm", p);
-    const variant = pickVariant(p.variant, caps, false);
+    if (p.quadOut) checkQuadOut(p, p.quadOut);
+    const variant = pickVariant(p.variant, caps, p.quadOut !== undefined);
     if (variant !== "tree") return lanesForward(p, caps, variant);
     const T = pickThreadsPerRow(p.rows, cols, caps);
     const w = layoutWords(new ParamWriter(), p, T).f32(p.eps);
@@ -666,9 +748,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     };
   },
 
-  cpu(p: RowNormParams, inputs: FloatArray[], [y, meanOut, rstdOut, pre]: FloatArray[]): void {
+  cpu(p: RowNormParams, inputs: FloatArray[], [yOut, meanOut, rstdOut, pre]: FloatArray[]): void {
     const L = checkLayout("rowNorm", p);
     const x = inputs[0];
+    if (p.quadOut) checkQuadOut(p, p.quadOut);
+    // With quadOut: row-major first, then placed in the layout.
+    const y = p.quadOut ? new Float64Array(p.rows * L) : yOut;
     const weight = p.hasWeight ? inputs[1] : null;
     const bias = p.hasBias ? inputs[p.hasWeight ? 2 : 1] : null;
     for (let r = 0; r < p.rows; r++) {
@@ -693,6 +778,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         y[base + j] = p.silu ? siluJs(v) : v;
       }
     }
+    if (p.quadOut) toQuadBuffer(p.quadOut, y, yOut);
   },
 };
 

@@ -14,6 +14,7 @@ import {
   conv2dWeightGrad,
   conv2dWeightGradSum,
   type ConvGeometry,
+  convInputQuad,
   type ConvVariant,
   convVariant,
   oihwStrides,
@@ -22,6 +23,7 @@ import {
   type WeightStrides,
 } from "../kernels/conv.ts";
 import type { Kernel } from "../kernels/types.ts";
+import { quadBufferElements, toQuadBuffer } from "../kernels/layout.ts";
 import { conv2d, convTranspose2d } from "../engine/ops/conv.ts";
 import { tensor } from "../engine/creation.ts";
 import { map } from "../engine/ops/core.ts";
@@ -210,6 +212,40 @@ gpuTest(
             tol(g.N * g.Ho * g.Wo, scale),
             `conv2dWeightGrad bias ${what} splits ${splits}`,
           );
+          // x handed over in the texture variant's quad layout (as a producer writes it): the same results, on
+          // the GPU (a flat copy instead of the packing pass) and through the CPU reference's unpacking.
+          if (variant !== "texture" || noTextures) return;
+          const caps = { isCpuEmulated: true, maxTextureDimension2D: gpu.info.limits.maxTextureDimension2D };
+          for (const kernel of ["conv2d", "conv2dWeightGrad"] as const) {
+            const layout = convInputQuad(kernel, g, caps);
+            if (!layout) continue;
+            const xq = new Float32Array(quadBufferElements(layout));
+            toQuadBuffer(layout, x, xq);
+            if (kernel === "conv2d") {
+              const q = { ...g, bias, weightStrides, xQuad: true };
+              const qIn = [xq, ...fwdIn.slice(1)];
+              for (const device of [gpu, cpu]) {
+                const got = await runKernel(device, conv2dKernel, q, qIn, yLen);
+                assertClose(
+                  got,
+                  yRef,
+                  tol(g.Cin * g.kH * g.kW, scale),
+                  `conv2d, x in quads, ${device.kind} ${what}`,
+                );
+              }
+            } else {
+              const q = { ...g, splits, xQuad: true };
+              for (const device of [gpu, cpu]) {
+                const got = await runKernel(device, conv2dWeightGrad, q, [xq, dy], dwLen);
+                assertClose(
+                  got,
+                  dwRef,
+                  tol(g.N * g.Ho * g.Wo, scale * scale),
+                  `conv2dWeightGrad, x in quads, ${device.kind} ${what}`,
+                );
+              }
+            }
+          }
         },
       ),
       { numRuns: RUNS * 3 },

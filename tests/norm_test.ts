@@ -25,9 +25,11 @@ import {
   type RowNormVariant,
   samplesSummedInKernel,
 } from "../kernels/norm.ts";
-import type { Kernel } from "../kernels/types.ts";
+import type { GpuCaps, Kernel } from "../kernels/types.ts";
+import { quadBufferElements, type QuadLayout, toQuadBuffer } from "../kernels/layout.ts";
 import {
   assertClose,
+  assertThrows,
   cpuDevice,
   f64Device,
   gpuDevice,
@@ -55,7 +57,7 @@ async function runKernel<P>(
   kernel: Kernel<P>,
   params: P,
   inputs: ArrayLike<number>[],
-  outSizes: number[],
+  outSizes: (number | ArrayLike<number>)[],
 ): Promise<Float64Array[]> {
   return (await runOnBuffers(device, kernel, params, inputs, outSizes)).map((o) => Float64Array.from(o));
 }
@@ -83,6 +85,14 @@ async function normOnDevice(
   for (const t of [xt, wt, bt, y, c, xt.grad, wt?.grad, bt?.grad]) t?.dispose();
   return res;
 }
+
+const FAKE_CAPS: GpuCaps = {
+  description: "llvmpipe",
+  isCpuEmulated: true,
+  maxWorkgroupsPerDimension: 65535,
+  maxStorageBufferBindingSize: 1 << 30,
+  features: new Set(),
+};
 
 /** Values offset ± scale, the offset far from zero in a third of the cases. */
 const valueArb = fc.record({ offset: fc.constantFrom(0, 0, 1000, -1000), scale: scaleArb });
@@ -391,6 +401,105 @@ gpuTest(
     );
   },
 );
+
+gpuTest(
+  "rowNorm with quadOut (the convolution's padded channel-quad layout, borders and row ends zeroed) in every variant: WebGPU matches CPU reference",
+  async () => {
+    await fc.assert(
+      fc.asyncProperty(
+        fc.record({
+          N: fc.integer({ min: 1, max: 3 }),
+          G: fc.integer({ min: 1, max: 4 }),
+          Cg: fc.constantFrom(4, 8),
+          H: fc.integer({ min: 1, max: 7 }),
+          W: fc.constantFrom(4, 8, 12),
+          top: fc.integer({ min: 0, max: 2 }),
+          left: fc.integer({ min: 0, max: 2 }),
+          extraH: fc.integer({ min: 0, max: 2 }),
+          extraW: fc.integer({ min: 0, max: 2 }),
+          affine: fc.constantFrom("both", "weight", "bias", "none"),
+          silu: fc.boolean(),
+          variant: fc.constantFrom<RowNormVariant>("lanes", "lanesTexture", "tree"),
+        }),
+        valueArb,
+        seedArb,
+        fc.boolean(),
+        async (k, { offset, scale }, seed, small) => {
+          const { N, G, Cg, H, W } = k, C = G * Cg, n = N * C * H * W;
+          const quadOut: QuadLayout = {
+            N,
+            C,
+            H,
+            W,
+            top: k.top,
+            left: k.left,
+            Hp: k.top + H + k.extraH,
+            Wp: k.left + W + k.extraW,
+          };
+          const hasWeight = k.affine === "both" || k.affine === "weight";
+          const hasBias = k.affine === "both" || k.affine === "bias";
+          const p: RowNormParams = {
+            rows: N * G,
+            groups: G,
+            channelsPerGroup: Cg,
+            spatial: H * W,
+            hasWeight,
+            hasBias,
+            eps: 1e-5,
+            silu: k.silu,
+            variant: k.variant,
+            quadOut,
+          };
+          const x = seededValues(n, seed, offset - scale, offset + scale);
+          const ins = [
+            x,
+            ...(hasWeight ? [seededValues(C, seed + 1, -2, 2)] : []),
+            ...(hasBias ? [seededValues(C, seed + 2)] : []),
+          ];
+          // NaN-filled outputs: every border texel and row end must be written.
+          const y0 = new Float32Array(quadBufferElements(quadOut)).fill(NaN);
+          const outs = [y0, N * G, N * G];
+          const gpu = small ? await smallGridDevice() : await gpuDevice();
+          const got = await runKernel(gpu, rowNorm, p, ins, outs);
+          const want = await runKernel(await f64Device(), rowNorm, p, ins, outs);
+          assertClose(got[0], want[0], { rtol: 1e-3, atol: 2e-5 * (1 + maxAbs(want[0])) }, "y (quad layout)");
+          // The row-major forward, placed in the layout on the host, agrees too.
+          const [flat] = await runKernel(gpu, rowNorm, { ...p, quadOut: undefined }, ins, [n, N * G, N * G]);
+          const placed = new Float64Array(y0.length);
+          toQuadBuffer(quadOut, flat, placed);
+          assertClose(
+            got[0],
+            placed,
+            { rtol: 1e-6, atol: 1e-6 },
+            "y (quad layout) against the row-major forward",
+          );
+          assertClose(got[2], want[2], { rtol: 1e-4 }, "rstd");
+        },
+      ),
+      { numRuns: RUNS },
+    );
+  },
+);
+
+test("rowNorm quadOut errors name the layout that does not fit", () => {
+  const p: RowNormParams = {
+    rows: 2,
+    groups: 1,
+    channelsPerGroup: 4,
+    spatial: 12,
+    hasWeight: false,
+    hasBias: false,
+    eps: 1e-5,
+  };
+  const l: QuadLayout = { N: 2, C: 4, H: 2, W: 6, top: 1, left: 1, Hp: 4, Wp: 8 };
+  for (const quadOut of [l, { ...l, W: 4, H: 3, C: 8 }]) {
+    assertThrows(
+      () => rowNorm.gpu({ ...p, quadOut }, FAKE_CAPS),
+      "rowNorm: quadOut",
+      "needs channelsPerGroup and W multiples of 4",
+    );
+  }
+});
 
 test("groupNormSilu gradient check (float64): silu' in the dx kernel (spatial ≥ 16) and from the saved pre-activation", async () => {
   const wb = (C: number) => [
