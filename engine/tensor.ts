@@ -12,6 +12,8 @@
 import { type Device, getDefaultDevice, type Storage } from "./device.ts";
 import { elementwise, type Expr } from "../kernels/elementwise.ts";
 import { broadcastStrides, type Shape } from "./shape.ts";
+import { quadBufferElements, type QuadLayout, unpackQuadParams } from "../kernels/layout.ts";
+import { copy } from "../kernels/copy.ts";
 
 export type { Shape };
 
@@ -40,8 +42,23 @@ export interface LazyValue {
   leaves: { ref: StorageRef; shape: Shape }[];
 }
 
+/**
+ * What a deferred tensor will be: the output of one kernel over its leaves, computed when first needed, and
+ * written in the layout its first consumer asks for where the producer can (see `Tensor.deferred`).
+ */
+export interface DeferredValue {
+  leaves: { ref: StorageRef }[];
+  /** Writes the value, row-major, into `out`. */
+  run(out: Storage): void;
+  /**
+   * Writes the value into a new allocation in the padded channel-quad layout `layout` (kernels/layout.ts), or
+   * returns null where this producer cannot.
+   */
+  runQuad?(layout: QuadLayout): Storage | null;
+}
+
 /** A lazy tensor holds its leaves; the registry drops whichever it holds when the tensor is collected. */
-const finalizer = new FinalizationRegistry<StorageRef | LazyValue>((held) => {
+const finalizer = new FinalizationRegistry<StorageRef | LazyValue | DeferredValue>((held) => {
   if (held instanceof StorageRef) held.drop();
   else held.leaves.forEach((l) => l.ref.drop()); // dead WeakRefs in `readers` are skipped by deref()
 });
@@ -207,6 +224,8 @@ export class Tensor {
   #ref: StorageRef | null;
   /** Set while the value is a pending elementwise expression (see ops/core.ts `map`); storage comes later. */
   #lazy: LazyValue | null = null;
+  /** Set while the value is a kernel's output not yet computed (see `deferred`). */
+  #deferred: DeferredValue | null = null;
   #asReader: WeakRef<Tensor> | null = null;
   #disposed = false;
   /** Leaf tensors with `requiresGrad` accumulate `.grad` in `backward`. */
@@ -247,6 +266,52 @@ export class Tensor {
     return t;
   }
 
+  /**
+   * A tensor whose value a kernel computes only when needed: `value.run` writes it row-major when its storage
+   * is first asked for, while a consumer that reads its input in a layout of its own (a convolution's padded
+   * channel quads) may first ask for that form (`quadForm`), saving the rearranging pass. Until computed it
+   * retains its leaves, and an in-place write to a leaf computes it first (as for lazy tensors).
+   */
+  static deferred(device: Device, shape: Shape, value: DeferredValue): Tensor {
+    const t = new Tensor(device, shape, null);
+    t.#deferred = value;
+    t.#asReader = new WeakRef(t);
+    for (const l of value.leaves) {
+      l.ref.retain();
+      l.ref.readers.add(t.#asReader);
+    }
+    finalizer.register(t, value, t);
+    return t;
+  }
+
+  /**
+   * The value in the padded channel-quad layout `layout`, as a new tensor of `quadBufferElements(layout)`
+   * elements that the caller owns, where this tensor is still deferred and its producer writes that layout;
+   * otherwise null. This tensor stays as it was (computed row-major only if something needs that too).
+   */
+  quadForm(layout: QuadLayout): Tensor | null {
+    const d = this.#deferred;
+    const storage = d?.runQuad?.(layout);
+    if (!d || !storage) return null;
+    const quad = new Tensor(this.device, [quadBufferElements(layout)], storage);
+    // From now on the row-major value, if ever needed, is unpacked from the quad form, and the producer's
+    // leaves are let go: an optimizer's in-place update of a norm weight would otherwise compute it first.
+    const ref = quad.storageRef;
+    this.#releaseLeaves(d);
+    finalizer.unregister(this);
+    this.#deferred = null;
+    const unpack: DeferredValue = {
+      leaves: [{ ref }],
+      run: (out) => this.device.run(copy, unpackQuadParams(layout), [ref.storage], [out]),
+    };
+    this.#deferred = unpack;
+    this.#asReader = new WeakRef(this);
+    ref.retain();
+    ref.readers.add(this.#asReader);
+    finalizer.register(this, unpack, this);
+    return quad;
+  }
+
   /** The pending expression of a lazy tensor, or null once computed. */
   get lazyValue(): LazyValue | null {
     return this.#lazy;
@@ -259,8 +324,19 @@ export class Tensor {
     return this.#ref;
   }
 
-  /** Computes a pending lazy value into fresh storage: one elementwise dispatch. */
+  /** Computes a pending lazy or deferred value into fresh storage: one dispatch. */
   realize(): void {
+    const d = this.#deferred;
+    if (d) {
+      this.#deferred = null;
+      finalizer.unregister(this);
+      const storage = this.device.alloc(this.size, this.shape);
+      d.run(storage);
+      this.#ref = new StorageRef(this.device, storage);
+      finalizer.register(this, this.#ref, this);
+      this.#releaseLeaves(d);
+      return;
+    }
     const v = this.#lazy;
     if (!v) return;
     this.#lazy = null;
@@ -282,7 +358,7 @@ export class Tensor {
     this.#releaseLeaves(v);
   }
 
-  #releaseLeaves(v: LazyValue) {
+  #releaseLeaves(v: LazyValue | DeferredValue) {
     for (const l of v.leaves) {
       if (this.#asReader) l.ref.readers.delete(this.#asReader);
       l.ref.drop();
@@ -327,7 +403,9 @@ export class Tensor {
     this.#disposed = true;
     finalizer.unregister(this);
     if (this.#lazy) this.#releaseLeaves(this.#lazy);
+    if (this.#deferred) this.#releaseLeaves(this.#deferred);
     this.#lazy = null;
+    this.#deferred = null;
     this.#ref?.drop();
     this.#ref = null;
     this.node = null;

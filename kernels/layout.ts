@@ -77,6 +77,23 @@ export function sameQuadLayout(a: QuadLayout, b: QuadLayout): boolean {
     a.top === b.top && a.left === b.left;
 }
 
+/**
+ * The strided copy (kernels/copy.ts) from a quad-layout buffer to contiguous NCHW, for C a multiple of 4: the
+ * source seen as [N, C/4, 4, H, W].
+ */
+export function unpackQuadParams(l: QuadLayout) {
+  if (l.C % 4 !== 0) throw new Error(`unpackQuadParams: ${l.C} channels are not whole quads`);
+  const pitch = quadPitch(l);
+  const shape = [l.N, l.C / 4, 4, l.H, l.W];
+  return {
+    shape,
+    srcOffset: 4 * (pitch * l.top + l.left),
+    srcStrides: [4 * pitch * l.Hp, 4 * l.Wp, 1, 4 * pitch, 4],
+    dstOffset: 0,
+    dstStrides: contiguousStrides(shape),
+  };
+}
+
 /** Element (n, c, h, w) of a contiguous NCHW array written into a quad-layout buffer (CPU references). */
 export function toQuadBuffer(
   l: QuadLayout,

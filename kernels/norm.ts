@@ -52,7 +52,7 @@ import { type FloatArray, type GpuCaps, type GpuDispatch, type Kernel, ParamWrit
 import { cachedSource } from "./source_cache.ts";
 import { LANE_WG, lanesPerRow, pickThreadsPerRow, type RowVariant, unitDecls } from "./lanes.ts";
 import { ENTRY_1D, flatTextureSize, grid, grid1d, header, WG } from "./wgsl.ts";
-import { quadBufferElements, type QuadLayout, quadPitch, toQuadBuffer } from "./layout.ts";
+import { type QuadLayout, quadPitch, toQuadBuffer } from "./layout.ts";
 
 export interface RowLayout {
   /** Number of rows: outer · groups. */

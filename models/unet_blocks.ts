@@ -514,7 +514,7 @@ export class UNetBlock extends nn.Module {
     } else {
       h = this.norm1.forwardSilu(add(h, params));
     }
-    h = this.conv1.forward(dropout(h, this.opts.dropout, this.training), width);
+    h = this.conv1.forward(this.#dropout(h), width);
     // A projected skip, or the bare resample of ADM's kernel-0 skip, or (no resampling) x itself.
     const skip = this.skip ? this.skip.forward(this.#resample(x), width) : this.#resample(x);
     h = this.#scaled(add(h, skip));
@@ -563,10 +563,18 @@ export class UNetBlock extends nn.Module {
       h = norm1(add(h, params), groupNormSilu);
     }
     // conv1 takes the leading `hidden` input columns (SlimConv2d slices by the input) and keeps all its filters.
-    h = this.conv1.forward(dropout(h, this.opts.dropout, this.training), 1);
+    h = this.conv1.forward(this.#dropout(h), 1);
     const skip = this.skip ? this.skip.forward(this.#resample(x), 1) : this.#resample(x);
     h = this.#scaled(add(h, skip));
     return attention && this.numHeads > 0 ? this.#attention(h) : h;
+  }
+
+  /**
+   * Dropout before conv1; without it (p = 0, or evaluating) h itself rather than an identity view, so that conv1
+   * can still take a deferred groupNorm output in its packed layout (ops/norm.ts).
+   */
+  #dropout(h: Tensor): Tensor {
+    return this.opts.dropout > 0 && this.training ? dropout(h, this.opts.dropout, this.training) : h;
   }
 
   /** A residual sum times `skipScale` (no op at 1). */

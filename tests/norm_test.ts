@@ -13,7 +13,8 @@ import fc from "fast-check";
 import { tensor } from "../engine/creation.ts";
 import type { Device } from "../engine/device.ts";
 import { groupNorm, groupNormSilu, layerNorm } from "../engine/ops/norm.ts";
-import { silu } from "../engine/ops/elementwise.ts";
+import { add, silu } from "../engine/ops/elementwise.ts";
+import { conv2d } from "../engine/ops/conv.ts";
 import { noGrad, scope, type Tensor } from "../engine/tensor.ts";
 import {
   paramGradChunks,
@@ -29,12 +30,14 @@ import type { GpuCaps, Kernel } from "../kernels/types.ts";
 import { quadBufferElements, type QuadLayout, toQuadBuffer } from "../kernels/layout.ts";
 import {
   assertClose,
+  assertEquals,
   assertThrows,
   cpuDevice,
   f64Device,
   gpuDevice,
   gpuTest,
   gradCheck,
+  noTextureInputs,
   runOnBuffers,
   RUNS,
   scaleArb,
@@ -500,6 +503,54 @@ test("rowNorm quadOut errors name the layout that does not fit", () => {
     );
   }
 });
+
+gpuTest(
+  "groupNorm(Silu) → conv2d: the conv takes the norm's output in its packed layout (one packing pass fewer); values, every gradient and the output read back match the CPU backend",
+  async () => {
+    const why = await noTextureInputs();
+    if (why) return console.log(`skipped: ${why}`);
+    const gpu = await gpuDevice(), cpu = await cpuDevice();
+    // [x shape, groups, silu, conv out channels, stride, packs saved]; W % 4 ≠ 0 is not deferred.
+    const cases: [number[], number, boolean, number, number, number][] = [
+      [[2, 16, 8, 16], 4, true, 16, 1, 1],
+      [[2, 32, 8, 8], 4, false, 48, 2, 1],
+      [[1, 16, 12, 12], 2, true, 24, 1, 1],
+      [[2, 16, 6, 6], 4, true, 48, 1, 0],
+    ];
+    for (const [shape, G, withSilu, Cout, stride, saved] of cases) {
+      const C = shape[1], n = size(shape);
+      const data = {
+        x: seededValues(n, 1, -2, 2),
+        nw: seededValues(C, 2, 0.5, 1.5),
+        nb: seededValues(C, 3, -1, 1),
+        cw: seededValues(Cout * C * 9, 4, -0.2, 0.2),
+        cb: seededValues(Cout, 5, -1, 1),
+      };
+      // `viaCopy` puts an elementwise copy between norm and conv: the conv then packs its input itself.
+      const run = async (device: Device, viaCopy: boolean) => {
+        const t = (v: Float32Array, s: number[]) => tensor(v, s, { device, requiresGrad: true });
+        const x = t(data.x, shape), nw = t(data.nw, [C]), nb = t(data.nb, [C]);
+        const cw = t(data.cw, [Cout, C, 3, 3]), cb = t(data.cb, [Cout]);
+        const packs0 = device.counters().packs ?? 0;
+        const h = (withSilu ? groupNormSilu : groupNorm)(x, G, nw, nb, 1e-5);
+        const y = conv2d(viaCopy ? add(h, 0) : h, cw, cb, { stride, padding: 1 });
+        y.backward(tensor(seededValues(y.size, 6), y.shape, { device }));
+        // An in-place update of the norm's weight (as an optimizer step) leaves h as it was computed.
+        device.write(nw.mutableStorage, new Float32Array(C));
+        const out = [y, h, x.grad!, nw.grad!, nb.grad!, cw.grad!, cb.grad!];
+        const values = await Promise.all(out.map((v) => v.toFloat64Array()));
+        const packs = (device.counters().packs ?? 0) - packs0;
+        for (const v of [...out, x, nw, nb, cw, cb]) v.dispose();
+        return { values, packs };
+      };
+      const what = `[${shape}] G ${G} silu ${withSilu} → ${Cout} stride ${stride}`;
+      const got = await run(gpu, false), viaCopy = await run(gpu, true), want = await run(cpu, false);
+      const names = ["y", "norm output", "dx", "dnorm.weight", "dnorm.bias", "dconv.weight", "dconv.bias"];
+      compareAll(got.values, want.values, names.map((s) => `${s} ${what}`));
+      assertEquals(viaCopy.packs - got.packs, saved, `packing passes saved ${what}`);
+    }
+  },
+);
 
 test("groupNormSilu gradient check (float64): silu' in the dx kernel (spatial ≥ 16) and from the saved pre-activation", async () => {
   const wb = (C: number) => [

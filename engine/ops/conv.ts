@@ -16,11 +16,12 @@ import {
   conv2dWeightGrad,
   conv2dWeightGradSum,
   type ConvGeometry,
+  convInputQuad,
   convUsesVectorLoads,
   weightGradSplits,
   type WeightStrides,
 } from "../../kernels/conv.ts";
-import { contiguousStrides } from "../../kernels/layout.ts";
+import { contiguousStrides, sameQuadLayout } from "../../kernels/layout.ts";
 import type { Device } from "../device.ts";
 import { isGlslApi } from "../backend.ts";
 import { record, sameDevice, type Shape, Tensor } from "../tensor.ts";
@@ -105,6 +106,7 @@ function runConv(
   weight: Tensor,
   bias: Tensor | null | undefined,
   out: Tensor,
+  inputQuad: Tensor | null = null,
 ): void {
   const device = out.device;
   let w = weight, copy: Tensor | null = null, weightStrides: WeightStrides | undefined;
@@ -123,11 +125,11 @@ function runConv(
       weightStrides = strides;
     }
   }
-  const inputs = [input.storage, w.storage];
+  const inputs = [(inputQuad ?? input).storage, w.storage];
   if (bias) inputs.push(bias.storage);
   device.run(
     kind === "conv2d" ? conv2dKernel : conv2dInputGrad,
-    { ...g, bias: !!bias, weightStrides },
+    { ...g, bias: !!bias, weightStrides, xQuad: inputQuad !== null },
     inputs,
     [out.storage],
   );
@@ -141,16 +143,18 @@ function splitsFor(device: Device, g: ConvGeometry): number {
 }
 
 /** Runs the weight-gradient kernel for geometry `g` (inputs in conv2d's roles) into a tensor of `shape`. */
-function weightGrad(g: ConvGeometry, x: Tensor, dy: Tensor, shape: Shape): Tensor {
+function weightGrad(g: ConvGeometry, x: Tensor, dy: Tensor, shape: Shape, xq: Tensor | null = null): Tensor {
   const device = x.device;
   const splits = splitsFor(device, g);
+  const params = { ...g, splits, xQuad: xq !== null };
+  const inputs = [(xq ?? x).storage, dy.storage];
   if (splits === 1) {
     const dw = Tensor.empty(shape, device);
-    device.run(conv2dWeightGrad, { ...g, splits }, [x.storage, dy.storage], [dw.storage]);
+    device.run(conv2dWeightGrad, params, inputs, [dw.storage]);
     return dw;
   }
   const parts = Tensor.empty([splits, ...shape], device);
-  device.run(conv2dWeightGrad, { ...g, splits }, [x.storage, dy.storage], [parts.storage]);
+  device.run(conv2dWeightGrad, params, inputs, [parts.storage]);
   const dw = reduceRaw("sum", parts, [0], shape);
   parts.dispose();
   return dw;
@@ -160,17 +164,24 @@ function weightGrad(g: ConvGeometry, x: Tensor, dy: Tensor, shape: Shape): Tenso
  * The weight and bias gradients of conv2d together (the bias summed over dy's channels by the weight-gradient
  * kernel from the dy it reads anyway): one dispatch, or two with split rows (the splits summed in one pass).
  */
-function weightAndBiasGrad(g: ConvGeometry, x: Tensor, dy: Tensor, shape: Shape): [Tensor, Tensor] {
+function weightAndBiasGrad(
+  g: ConvGeometry,
+  x: Tensor,
+  dy: Tensor,
+  shape: Shape,
+  xq: Tensor | null,
+): [Tensor, Tensor] {
   const device = x.device;
   const splits = splitsFor(device, g);
-  const params = { ...g, splits, biasGrad: true };
+  const params = { ...g, splits, biasGrad: true, xQuad: xq !== null };
+  const inputs = [(xq ?? x).storage, dy.storage];
   if (splits === 1) {
     const dw = Tensor.empty(shape, device), db = Tensor.empty([g.Cout], device);
-    device.run(conv2dWeightGrad, params, [x.storage, dy.storage], [dw.storage, db.storage]);
+    device.run(conv2dWeightGrad, params, inputs, [dw.storage, db.storage]);
     return [dw, db];
   }
   const parts = Tensor.empty([splits, ...shape], device), biasParts = Tensor.empty([splits, g.Cout], device);
-  device.run(conv2dWeightGrad, params, [x.storage, dy.storage], [parts.storage, biasParts.storage]);
+  device.run(conv2dWeightGrad, params, inputs, [parts.storage, biasParts.storage]);
   const dw = Tensor.empty(shape, device), db = Tensor.empty([g.Cout], device);
   const A = dw.size;
   device.run(conv2dWeightGradSum, { splits, A, B: g.Cout }, [parts.storage, biasParts.storage], [
@@ -221,21 +232,37 @@ export function conv2d(x: Tensor, weight: Tensor, bias?: Tensor | null, opts: Co
   }
   const geo: ConvGeometry = { N, Cin, H, W, Cout, Ho, Wo, kH, kW, strideH, strideW, padH, padW };
   const out = Tensor.empty(shaped(x, N, Cout, Ho, Wo), device);
-  runConv("conv2d", geo, x, weight, bias, out);
+  const layout = device.kind === "webgpu" ? convInputQuad("conv2d", geo, capsOf(device)) : null;
+  // x straight from a producer that writes the texture variant's layout (a deferred groupNorm), when it can.
+  let xq = layout && x.quadForm(layout);
+  runConv("conv2d", geo, x, weight, bias, out, xq);
+  // The weight gradient reads the same layout where Wo is a multiple of four; otherwise it packs x itself.
+  const wgLayout = xq && convInputQuad("conv2dWeightGrad", geo, capsOf(device));
+  if (xq && !(wgLayout && sameQuadLayout(wgLayout, layout!))) xq = disposed(xq);
 
-  return record(out, op, bias ? [x, weight, bias] : [x, weight], (g) => {
+  const result = record(out, op, bias ? [x, weight, bias] : [x, weight], (g) => {
     let dx: Tensor | null = null;
     if (x.requiresGrad) {
       dx = Tensor.empty(x.shape, device);
       runConv("conv2dInputGrad", geo, g, weight, null, dx);
     }
+    let grads: (Tensor | null)[];
     if (bias?.requiresGrad && weight.requiresGrad) {
-      return [dx, ...weightAndBiasGrad(geo, x, g, weight.shape)];
+      grads = [dx, ...weightAndBiasGrad(geo, x, g, weight.shape, xq)];
+    } else {
+      const dw = weight.requiresGrad ? weightGrad(geo, x, g, weight.shape, xq) : null;
+      grads = bias ? [dx, dw, bias.requiresGrad ? biasGrad(g, Cout) : null] : [dx, dw];
     }
-    const dw = weight.requiresGrad ? weightGrad(geo, x, g, weight.shape) : null;
-    if (!bias) return [dx, dw];
-    return [dx, dw, bias.requiresGrad ? biasGrad(g, Cout) : null];
+    xq?.dispose();
+    return grads;
   });
+  if (!result.requiresGrad || !weight.requiresGrad) xq?.dispose();
+  return result;
+}
+
+function disposed(t: Tensor): null {
+  t.dispose();
+  return null;
 }
 
 /** Transposed 2-D convolution like F.conv_transpose2d(input, weight, bias, stride, padding, output_padding). */

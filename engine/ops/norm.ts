@@ -28,6 +28,8 @@ import {
 } from "../../kernels/norm.ts";
 import { bin, inp, un } from "../../kernels/elementwise.ts";
 import { isGradEnabled, record, sameDevice, type Shape, sizeOf, Tensor } from "../tensor.ts";
+import type { Storage } from "../device.ts";
+import { quadBufferElements, type QuadLayout } from "../../kernels/layout.ts";
 import { fmt, sameShape } from "../shape.ts";
 import { map, reduceRaw, view } from "./core.ts";
 
@@ -77,16 +79,57 @@ function rowNormOp(
   const taped = isGradEnabled() && (x.requiresGrad || needW || needB);
   const siluInKernel = x.requiresGrad &&
     (!(needW || needB) || fusedParamPartials(layout, device.info.isCpuEmulated));
-  const y = Tensor.empty(x.shape, device);
   const pre = silu && taped && !siluInKernel ? Tensor.empty(x.shape, device) : null;
   const shiftedMean = Tensor.empty([layout.rows], device), rstd = Tensor.empty([layout.rows], device);
-  device.run(
-    rowNorm,
-    { ...layout, hasWeight: w !== null, hasBias: b !== null, eps, silu, savePre: pre !== null },
-    [x.storage, ...params.map((t) => t.storage)],
-    [y.storage, shiftedMean.storage, rstd.storage, ...(pre ? [pre.storage] : [])],
-  );
+  const kernelParams = {
+    ...layout,
+    hasWeight: w !== null,
+    hasBias: b !== null,
+    eps,
+    silu,
+    savePre: pre !== null,
+  };
+  const inputs = [x, ...params];
+  let ran = false;
+  // The statistics go to shiftedMean and rstd while the backward may need them, else to scratch buffers (a
+  // deferred output computed after an untaped forward has returned).
+  const run = (ins: Storage[], out: Storage, quadOut?: QuadLayout) => {
+    const keep = !shiftedMean.disposed;
+    const m = keep ? shiftedMean.storage : device.alloc(layout.rows);
+    const r = keep ? rstd.storage : device.alloc(layout.rows);
+    device.run(rowNorm, { ...kernelParams, quadOut }, ins, [out, m, r, ...(pre ? [pre.storage] : [])]);
+    if (!keep) [m, r].forEach((t) => device.release(t));
+    ran = true;
+  };
+  let y: Tensor;
+  if (pre === null && writesQuads(x, layout)) {
+    // Deferred: a convolution reading y may take it in its packed layout straight from the kernel.
+    // It reads its leaves' storage: x may be disposed (or discarded by a forward) before y is computed.
+    const leaves = inputs.map((t) => ({ ref: t.storageRef }));
+    const ins = () => leaves.map((l) => l.ref.storage);
+    y = Tensor.deferred(device, x.shape, {
+      leaves,
+      run: (out) => run(ins(), out),
+      runQuad(l) {
+        if (!(l.N === x.shape[0] && l.C === x.shape[1] && l.H === x.shape[2] && l.W === x.shape[3])) {
+          return null;
+        }
+        const out = device.alloc(quadBufferElements(l));
+        run(ins(), out, l);
+        return out;
+      },
+    });
+  } else {
+    y = Tensor.empty(x.shape, device);
+    run(inputs.map((t) => t.storage), y.storage);
+  }
   const out = record(y, op, [x, ...params], (gOut) => {
+    if (!ran) {
+      // The statistics come with the output; a deferred output nothing read has not been computed yet.
+      const scratch = device.alloc(y.size);
+      run(inputs.map((t) => t.storage), scratch);
+      device.release(scratch);
+    }
     // Without silu in the kernels: the gradient of the normalized output, g·silu'(pre).
     const g = pre ? map(bin("mul", inp(0), un("siluGrad", inp(1))), [gOut, pre]) : gOut;
     const siluGrad = silu && !pre;
@@ -122,6 +165,19 @@ function rowNormOp(
     pre?.dispose();
   }
   return out;
+}
+
+/**
+ * Whether the forward of groupNorm over `x` is deferred so that its output can be written in a convolution's
+ * padded channel-quad layout (kernels/layout.ts): on CPU-emulated WebGPU adapters with texture inputs (where
+ * the convolutions read packed textures), for [N, C, H, W] with whole channel quads per group and rows of
+ * whole vec4s. A pack costs about 8.6 ns of llvmpipe time per texel, a quarter of the norm's own write.
+ */
+function writesQuads(x: Tensor, layout: RowLayout): boolean {
+  const info = x.device.info;
+  return info.backend === "webgpu" && info.isCpuEmulated && !!info.textureInputs && x.rank === 4 &&
+    layout.channelsPerGroup % 4 === 0 && layout.spatial === x.shape[2] * x.shape[3] &&
+    layout.groups * layout.channelsPerGroup === x.shape[1] && x.shape[3] % 4 === 0;
 }
 
 function disposed(t: Tensor): null {

@@ -41,13 +41,15 @@ export class WebGpuBackend implements Backend {
   private pass: GPUComputePassEncoder | null = null;
   private recorded = 0;
   private error: string | null = null;
-  /** `textures`: texture inputs filled (flat copies and packing passes); `textureReuses`: kept ones reused. */
+  /** `textures`: texture inputs filled (flat copies and packing passes), `packs` the packing passes among them;
+   * `textureReuses`: kept ones reused. */
   /** submitMs: host time inside `flush()` (finishing and submitting a batch; on llvmpipe it may run it). */
   private readonly stats = {
     dispatches: 0,
     submits: 0,
     reads: 0,
     textures: 0,
+    packs: 0,
     textureReuses: 0,
     submitMs: 0,
   };
@@ -246,8 +248,10 @@ export class WebGpuBackend implements Backend {
         continue;
       }
       const tex = this.takeTexture(t.width, t.height);
-      if (t.pack) this.pack(kernelName, t.pack, t.params, src, tex);
-      else this.copyFlat(src, tex);
+      if (t.pack) {
+        this.pack(kernelName, t.pack, t.params, src, tex);
+        this.stats.packs++;
+      } else this.copyFlat(src, tex);
       views.set(t.input, tex.view);
       this.stats.textures++;
       // An output of this dispatch is about to change: its texture is not worth keeping.
@@ -415,6 +419,7 @@ export class WebGpuBackend implements Backend {
       pipelines: this.pipelines.created,
       reads: s.reads,
       textures: s.textures,
+      packs: s.packs,
       textureReuses: s.textureReuses,
       submitMs: s.submitMs,
       bindGroups: this.bindGroups.misses,
