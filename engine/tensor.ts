@@ -10,7 +10,7 @@
  */
 
 import { type Device, getDefaultDevice, type Storage } from "./device.ts";
-import { elementwise, type Expr } from "../kernels/elementwise.ts";
+import { elementwise, type ElementwiseParams, type Expr } from "../kernels/elementwise.ts";
 import { broadcastStrides, type Shape } from "./shape.ts";
 import { quadBufferElements, type QuadLayout, unpackQuadParams } from "../kernels/layout.ts";
 import { copy } from "../kernels/copy.ts";
@@ -55,6 +55,12 @@ export interface DeferredValue {
    * returns null where this producer cannot.
    */
   runQuad?(layout: QuadLayout): Storage | null;
+}
+
+/** Whether an elementwise result of `shape` can be written in `layout` (kernels/elementwise.ts `quadOut`). */
+function quadFits(shape: Shape, l: QuadLayout): boolean {
+  return shape.length === 4 && shape[0] === l.N && shape[1] === l.C && shape[2] === l.H && shape[3] === l.W &&
+    l.C % 4 === 0 && l.W % 4 === 0;
 }
 
 /** A lazy tensor holds its leaves; the registry drops whichever it holds when the tensor is collected. */
@@ -285,21 +291,38 @@ export class Tensor {
   }
 
   /**
-   * The value in the padded channel-quad layout `layout`, as a new tensor of `quadBufferElements(layout)`
-   * elements that the caller owns, where this tensor is still deferred and its producer writes that layout;
-   * otherwise null. This tensor stays as it was (computed row-major only if something needs that too).
+   * The value in the padded channel-quad layout `layout` (a convolution's packed input), as a new tensor of
+   * `quadBufferElements(layout)` elements that the caller owns, where this tensor is not computed yet and its
+   * producer can write that layout: a deferred kernel output whose producer supports it, or a pending
+   * elementwise expression with whole channel and position quads (kernels/elementwise.ts `quadOut`). Otherwise
+   * null. The tensor keeps its value; computed row-major later, if anything needs that, it is unpacked from the
+   * quad form.
    */
   quadForm(layout: QuadLayout): Tensor | null {
-    const d = this.#deferred;
-    const storage = d?.runQuad?.(layout);
-    if (!d || !storage) return null;
+    const d = this.#deferred, v = this.#lazy;
+    let storage: Storage | null = null;
+    if (d) storage = d.runQuad?.(layout) ?? null;
+    else if (v && quadFits(this.shape, layout)) {
+      storage = this.device.alloc(quadBufferElements(layout));
+      this.device.run(
+        elementwise,
+        { ...this.#elementwiseParams(v), quadOut: layout },
+        v.leaves.map((l) => l.ref.storage),
+        [
+          storage,
+        ],
+      );
+    }
+    if (!storage) return null;
     const quad = new Tensor(this.device, [quadBufferElements(layout)], storage);
     // From now on the row-major value, if ever needed, is unpacked from the quad form, and the producer's
-    // leaves are let go: an optimizer's in-place update of a norm weight would otherwise compute it first.
+    // leaves are let go: an in-place update of one (an optimizer's step on a norm weight) would otherwise
+    // compute the value first, and the leaves' memory is free sooner.
     const ref = quad.storageRef;
-    this.#releaseLeaves(d);
+    this.#releaseLeaves((d ?? v)!);
     finalizer.unregister(this);
     this.#deferred = null;
+    this.#lazy = null;
     const unpack: DeferredValue = {
       leaves: [{ ref }],
       run: (out) => this.device.run(copy, unpackQuadParams(layout), [ref.storage], [out]),
@@ -342,20 +365,15 @@ export class Tensor {
     this.#lazy = null;
     finalizer.unregister(this);
     const storage = this.device.alloc(this.size, this.shape);
-    this.device.run(
-      elementwise,
-      {
-        expr: v.expr,
-        consts: v.consts,
-        shape: this.shape,
-        strides: v.leaves.map((l) => broadcastStrides(l.shape, this.shape)),
-      },
-      v.leaves.map((l) => l.ref.storage),
-      [storage],
-    );
+    this.device.run(elementwise, this.#elementwiseParams(v), v.leaves.map((l) => l.ref.storage), [storage]);
     this.#ref = new StorageRef(this.device, storage);
     finalizer.register(this, this.#ref, this);
     this.#releaseLeaves(v);
+  }
+
+  #elementwiseParams(v: LazyValue): ElementwiseParams {
+    const strides = v.leaves.map((l) => broadcastStrides(l.shape, this.shape));
+    return { expr: v.expr, consts: v.consts, shape: this.shape, strides };
   }
 
   #releaseLeaves(v: LazyValue | DeferredValue) {

@@ -81,8 +81,11 @@ export interface ConvParams extends ConvGeometry {
   bias?: boolean;
   /** Layout of the weight buffer; OIHW (contiguous [Cout, Cin, kH, kW]) by default. */
   weightStrides?: WeightStrides;
-  /** conv2d: x comes as a buffer in the layout `convInputQuad` gives (written so by its producer). */
-  xQuad?: boolean;
+  /**
+   * Input 0 (x for conv2d, dy for conv2dInputGrad) comes as a buffer in the layout `convQuadLayout` gives,
+   * written so by its producer: the texture variant then copies it instead of packing it.
+   */
+  quadInput?: boolean;
 }
 
 export interface ConvWeightGradParams extends ConvGeometry {
@@ -101,8 +104,9 @@ export interface ConvWeightGradParams extends ConvGeometry {
    * `texWeightGradInnerSplits`, enough workgroups for llvmpipe's threads without a second pass.
    */
   innerSplits?: number;
-  /** x comes as a buffer in the layout `convInputQuad` gives (the forward's, where Wo is a multiple of 4). */
+  /** x, and dy, come as buffers in the layouts `convQuadLayout` gives (as `ConvParams.quadInput`). */
   xQuad?: boolean;
+  dyQuad?: boolean;
 }
 
 /** Sizes of `conv2dWeightGradSum`: `splits` slices of A (weight) and of B (bias) elements. */
@@ -332,7 +336,7 @@ export const conv2d: Kernel<ConvParams> = {
 
   cpu(p: ConvParams, [xIn, w, bias]: FloatArray[], [y]: FloatArray[]): void {
     checkGeometry("conv2d kernel", p);
-    const x = unpackedX("conv2d", p, xIn);
+    const x = unpacked(["conv2d", "x"], p, p.quadInput, xIn);
     const { N, Cin, H, W, Cout, Ho, Wo, kH, kW, strideH, strideW, padH, padW } = p;
     const s = weightStridesOf("conv2d kernel", p);
     for (let n = 0; n < N; n++) {
@@ -492,8 +496,9 @@ export const conv2dInputGrad: Kernel<ConvParams> = {
   },
 
   /** The reference scatters each dy element through the kernel: the transpose of conv2d's gather, written directly. */
-  cpu(p: ConvParams, [dy, w, bias]: FloatArray[], [dx]: FloatArray[]): void {
+  cpu(p: ConvParams, [dyIn, w, bias]: FloatArray[], [dx]: FloatArray[]): void {
     checkGeometry("conv2dInputGrad kernel", p);
+    const dy = unpacked(["conv2dInputGrad", "dy"], p, p.quadInput, dyIn);
     const { N, Cin, H, W, Cout, Ho, Wo, kH, kW, strideH, strideW, padH, padW } = p;
     const s = weightStridesOf("conv2dInputGrad kernel", p);
     const acc = new Float64Array(N * Cin * H * W);
@@ -537,42 +542,58 @@ export function convVariant(
   return d ? "texture" : "registers";
 }
 
+/** A convolution kernel and the activation operand it reads: x (conv2d, weight gradient) or dy (the others). */
+export type ConvOperand =
+  | ["conv2d", "x"]
+  | ["conv2dInputGrad", "dy"]
+  | ["conv2dWeightGrad", "x" | "dy"];
+
+function quadLayoutOf([kernel, operand]: ConvOperand, p: ConvParams | ConvWeightGradParams): QuadLayout {
+  if (kernel === "conv2d") return texForwardPlan(p).x;
+  if (kernel === "conv2dInputGrad") return texInputGradPlan(p).dy;
+  return texWeightGradPlan(p)[operand];
+}
+
 /**
- * The quad layout (kernels/layout.ts) in which the texture variant of conv2d or conv2dWeightGrad reads x, or
- * null where that variant does not run: a producer that writes x so (`xQuad`) saves the packing pass.
+ * The quad layout (kernels/layout.ts) in which the texture variant of a kernel reads an operand, or null where
+ * that variant does not run: a producer that writes the operand so (`quadInput`, `xQuad`, `dyQuad`) saves
+ * the packing pass.
  */
-export function convInputQuad(
-  kernel: "conv2d" | "conv2dWeightGrad",
+export function convQuadLayout(
+  which: ConvOperand,
   p: ConvParams | ConvWeightGradParams,
   caps: TexCaps,
 ): QuadLayout | null {
-  if (convVariant(kernel, p, caps) !== "texture") return null;
-  return kernel === "conv2d" ? texForwardPlan(p).x : texWeightGradPlan(p).x;
+  return convVariant(which[0], p, caps) === "texture" ? quadLayoutOf(which, p) : null;
 }
 
-/** A dispatch whose x comes in the quad layout can only run the texture variant. */
-function quadInputRefused(kernel: string, p: { xQuad?: boolean }): null {
-  if (p.xQuad) {
-    throw new Error(`${kernel} kernel: x in the quad layout needs the texture variant, not available here`);
+/** A dispatch with an operand in the quad layout can only run the texture variant. */
+function quadInputRefused(kernel: string, quad: boolean | undefined): null {
+  if (quad) {
+    throw new Error(
+      `${kernel} kernel: an input in the quad layout needs the texture variant, not available here`,
+    );
   }
   return null;
 }
 
-/** x as a contiguous NCHW array: as given, or unpacked from the quad layout (CPU references). */
-function unpackedX(
-  kernel: "conv2d" | "conv2dWeightGrad",
+/** An operand as a contiguous NCHW array: as given, or unpacked from its quad layout (CPU references). */
+function unpacked(
+  which: ConvOperand,
   p: ConvParams | ConvWeightGradParams,
-  x: FloatArray,
+  quad: boolean | undefined,
+  a: FloatArray,
 ): FloatArray {
-  if (!p.xQuad) return x;
-  const l = kernel === "conv2d" ? texForwardPlan(p).x : texWeightGradPlan(p).x;
-  if (x.length < quadBufferElements(l)) {
-    throw new Error(`${kernel} kernel: x has ${x.length} elements, its quad layout ${quadBufferElements(l)}`);
+  if (!quad) return a;
+  const l = quadLayoutOf(which, p);
+  if (a.length < quadBufferElements(l)) {
+    throw new Error(
+      `${which[0]} kernel: ${which[1]} has ${a.length} elements, its quad layout ${quadBufferElements(l)}`,
+    );
   }
-  const out = x instanceof Float64Array
-    ? new Float64Array(p.N * p.Cin * p.H * p.W)
-    : new Float32Array(p.N * p.Cin * p.H * p.W);
-  fromQuadBuffer(l, x, out);
+  const n = l.N * l.C * l.H * l.W;
+  const out = a instanceof Float64Array ? new Float64Array(n) : new Float32Array(n);
+  fromQuadBuffer(l, a, out);
   return out;
 }
 
@@ -754,9 +775,10 @@ export const conv2dWeightGrad: Kernel<ConvWeightGradParams> = {
     };
   },
 
-  cpu(p: ConvWeightGradParams, [xIn, dy]: FloatArray[], [dw, db]: FloatArray[]): void {
+  cpu(p: ConvWeightGradParams, [xIn, dyIn]: FloatArray[], [dw, db]: FloatArray[]): void {
     checkGeometry("conv2dWeightGrad kernel", p);
-    const x = unpackedX("conv2dWeightGrad", p, xIn);
+    const x = unpacked(["conv2dWeightGrad", "x"], p, p.xQuad, xIn);
+    const dy = unpacked(["conv2dWeightGrad", "dy"], p, p.dyQuad, dyIn);
     const { N, Cin, H, W, Cout, Ho, Wo, kH, kW, strideH, strideW, padH, padW } = p;
     const { splits, rowsPerSplit } = splitsOf(p);
     const Q = Cin * kH * kW;
@@ -1011,9 +1033,9 @@ ${ENTRY} {
 
 function texForwardDispatch(p: ConvParams, caps: GpuCaps): GpuDispatch | null {
   const plan = texForwardPlan(p);
-  const x = p.xQuad ? quadBufferTexture(0, plan.x) : quadTexture(0, plan.x);
+  const x = p.quadInput ? quadBufferTexture(0, plan.x) : quadTexture(0, plan.x);
   const textures = [x, panelTexture(1, p, plan.tm)];
-  if (!wantsTexture(p.variant, p, caps, ...textures)) return quadInputRefused("conv2d", p);
+  if (!wantsTexture(p.variant, p, caps, ...textures)) return quadInputRefused("conv2d", p.quadInput);
   const w = geometryWords(p).u32(plan.colTiles, plan.chTiles, plan.x.Hp, plan.x.Wp);
   const groups = Math.ceil((p.N * p.Ho * plan.colTiles) / WG) * plan.chTiles;
   return {
@@ -1112,8 +1134,9 @@ function texInputGradDispatch(p: ConvParams, caps: GpuCaps): GpuDispatch | null 
   const plan = texInputGradPlan(p);
   // The forward's weight panels (its tile over Cout), packed once for both.
   const tf = texTile(p.Cout);
-  const textures = [quadTexture(0, plan.dy), panelTexture(1, p, tf)];
-  if (!wantsTexture(p.variant, p, caps, ...textures)) return null;
+  const dy = p.quadInput ? quadBufferTexture(0, plan.dy) : quadTexture(0, plan.dy);
+  const textures = [dy, panelTexture(1, p, tf)];
+  if (!wantsTexture(p.variant, p, caps, ...textures)) return quadInputRefused("conv2dInputGrad", p.quadInput);
   const w = geometryWords(p).u32(
     plan.colTiles,
     plan.chTiles,
@@ -1322,8 +1345,11 @@ function directStoresWgsl(tm: number, tn: number, bias: boolean): string {
 function texWeightGradDispatch(p: ConvWeightGradParams, caps: GpuCaps): GpuDispatch | null {
   const plan = texWeightGradPlan(p);
   const x = p.xQuad ? quadBufferTexture(0, plan.x) : quadTexture(0, plan.x);
-  const textures = [x, quadTexture(1, plan.dy)];
-  if (!wantsTexture(p.variant, p, caps, ...textures)) return quadInputRefused("conv2dWeightGrad", p);
+  const dy = p.dyQuad ? quadBufferTexture(1, plan.dy) : quadTexture(1, plan.dy);
+  const textures = [x, dy];
+  if (!wantsTexture(p.variant, p, caps, ...textures)) {
+    return quadInputRefused("conv2dWeightGrad", p.xQuad || p.dyQuad);
+  }
   const { splits, rowsPerSplit } = splitsOf(p);
   const w = geometryWords(p).u32(plan.x.Hp, plan.x.Wp, Math.ceil(p.Wo / 4), plan.ciTiles, plan.coTiles);
   w.u32(splits, rowsPerSplit, plan.dy.Hp, plan.dy.Wp, plan.dy.top, plan.dy.left);

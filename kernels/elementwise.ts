@@ -13,7 +13,7 @@
 
 import { type FloatArray, type GpuCaps, type GpuDispatch, type Kernel, ParamWriter } from "./types.ts";
 import { cachedSource } from "./source_cache.ts";
-import { coalesce, contiguousStrides } from "./layout.ts";
+import { coalesce, contiguousStrides, type QuadLayout, quadPitch, toQuadBuffer } from "./layout.ts";
 import { ENTRY_1D, grid1d, header, splitIndexWgsl } from "./wgsl.ts";
 
 export type UnaryOp = keyof typeof UNARY;
@@ -198,6 +198,13 @@ export interface ElementwiseParams {
   shape: readonly number[];
   /** Per input, one element stride per output dimension; 0 where the input is broadcast. */
   strides: readonly (readonly number[])[];
+  /**
+   * Write the [N, C, H, W] result in this padded channel-quad layout (kernels/layout.ts; a buffer of
+   * `quadBufferElements` floats, borders and row ends zero) instead of row-major, for a convolution that reads
+   * it so (C and W multiples of 4): an invocation evaluates four vec4 groups, one per channel of a quad, and
+   * stores them transposed as four texels.
+   */
+  quadOut?: QuadLayout;
 }
 
 type Access = "same" | "scalar" | "strided";
@@ -245,6 +252,7 @@ export const elementwise: Kernel<ElementwiseParams> = {
     const { shape, strides, access, n } = prepare(p);
     const rank = shape.length;
     const anyStrided = access.includes("strided");
+    if (p.quadOut) checkQuadOut(p, p.quadOut);
     // Four consecutive elements per invocation when they share every coordinate but the innermost: llvmpipe
     // runs vec4 loads/stores as one gather each (a scalar load is a per-lane loop) and the index arithmetic is
     // done once per four elements.
@@ -268,10 +276,19 @@ export const elementwise: Kernel<ElementwiseParams> = {
     }
     const constBase = w.offset;
     w.f32(...p.consts);
+    const quadBase = w.offset;
+    const quad = p.quadOut;
+    if (quad) {
+      const CQ = quad.C / 4, WQ = quad.W / 4;
+      w.u32(CQ, quad.H, WQ, quad.Hp, quad.Wp, quad.top, quad.left, quadPitch(quad));
+      w.u32(quad.N * CQ * quad.H * WQ, quad.N * quad.Hp * CQ);
+    }
 
     // The source depends on the structure alone (the expression, rank, vector width and input access; the
     // stride and constant words follow from those): built once per structure (kernels/source_cache.ts).
-    const key = `elementwise:${rank}:${V}:${access.join(",")}:${inner.join(",")}:${JSON.stringify(p.expr)}`;
+    const key = `elementwise:${rank}:${V}:${access.join(",")}:${inner.join(",")}:${JSON.stringify(p.expr)}:${
+      quad ? `quad${p.consts.length}` : ""
+    }`;
     const source = cachedSource(key, () => {
       const needs = new Set<string>();
       const body = toWgsl(p.expr, constBase, needs);
@@ -316,7 +333,9 @@ export const elementwise: Kernel<ElementwiseParams> = {
           lines.push(`  r${j} = ${body};`, `}`);
           comps.push(`r${j}`);
         }
-        lines.push(`out[i] = vec4<f32>(${comps.join(", ")});`);
+        lines.push(
+          quad ? `return vec4<f32>(${comps.join(", ")});` : `out[i] = vec4<f32>(${comps.join(", ")});`,
+        );
       }
       let head = header(strides.map((_, k) => `in${k}`), ["out"]);
       // Inputs read whole four at a time, and a V = 4 output, are declared as vec4 arrays.
@@ -335,6 +354,7 @@ export const elementwise: Kernel<ElementwiseParams> = {
         );
       }
       const helpers = [...needs].map((k) => PRELUDE[k]);
+      if (quad) return head + helpers.join("\n") + quadSource(lines, quadBase);
       return head + helpers.join("\n") + `
 ${ENTRY_1D} {
   let i = linearId(wid, nwg, lid, 256u);
@@ -342,13 +362,16 @@ ${ENTRY_1D} {
   ${lines.join("\n  ")}
 }`;
     });
-    return { source, workgroups: grid1d(n / V, caps.maxWorkgroupsPerDimension), params: w.finish() };
+    const invocations = quad ? quad.N * (quad.C / 4) * (quad.H * quad.W / 4 + quad.Hp) : n / V;
+    return { source, workgroups: grid1d(invocations, caps.maxWorkgroupsPerDimension), params: w.finish() };
   },
 
   cpu(p: ElementwiseParams, inputs: FloatArray[], outputs: FloatArray[]): void {
     const { shape, strides, n } = prepare(p);
     const f = compileJs(p.expr, p.consts);
-    const out = outputs[0];
+    if (p.quadOut) checkQuadOut(p, p.quadOut);
+    // With quadOut: row-major first, then placed in the layout.
+    const out = p.quadOut ? new Float64Array(n) : outputs[0];
     const rank = shape.length;
     const k = inputs.length;
     const idx = new Array<number>(rank).fill(0);
@@ -366,5 +389,71 @@ ${ENTRY_1D} {
         idx[d] = 0;
       }
     }
+    if (p.quadOut) toQuadBuffer(p.quadOut, out, outputs[0]);
   },
 };
+
+/** Throws unless `l` is a quad layout of the output [N, C, H, W] with C and W multiples of 4. */
+function checkQuadOut(p: ElementwiseParams, l: QuadLayout) {
+  const [N, C, H, W] = p.shape;
+  const fits = p.shape.length === 4 && l.N === N && l.C === C && l.H === H && l.W === W && C % 4 === 0 &&
+    W % 4 === 0 && l.top + H <= l.Hp && l.left + W <= l.Wp;
+  if (!fits) {
+    throw new Error(
+      `elementwise: quadOut ${JSON.stringify(l)} does not fit output [${p.shape}] (needs [N, C, H, W], ` +
+        `C and W multiples of 4)`,
+    );
+  }
+}
+
+/**
+ * The quad-layout kernel: \`unit(i)\` evaluates vec4 group i of the row-major result (the body of the V = 4
+ * kernel); invocations below the interior count take a block (n, channel quad, h, position quad), evaluate the
+ * four channels' groups and store them transposed; the rest each zero the border texels of one padded row of
+ * one channel quad (and, for the image's last quad, the row's end up to the pitch).
+ */
+function quadSource(lines: string[], q: number): string {
+  const comps = ["x", "y", "z", "w"];
+  return `
+fn unit(i: u32) -> vec4<f32> {
+  ${lines.join("\n  ")}
+}
+
+${ENTRY_1D} {
+  let b = linearId(wid, nwg, lid, 256u);
+  let CQ = pu(${q}u); let H = pu(${q + 1}u); let WQ = pu(${q + 2}u); let Hp = pu(${q + 3}u);
+  let Wp = pu(${q + 4}u); let top = pu(${q + 5}u); let left = pu(${q + 6}u); let pitch = pu(${q + 7}u);
+  let interior = pu(${q + 8}u);
+  if (b < interior) {
+    let wq = b % WQ;
+    var r = b / WQ;
+    let h = r % H;
+    r = r / H;
+    let cq = r % CQ;
+    let n = r / CQ;
+    let HWQ = H * WQ;
+    let i0 = (4u * (n * CQ + cq) * H + h) * WQ + wq;
+    let u0 = unit(i0);
+    let u1 = unit(i0 + HWQ);
+    let u2 = unit(i0 + 2u * HWQ);
+    let u3 = unit(i0 + 3u * HWQ);
+    let t = (n * Hp + h + top) * pitch + cq * Wp + left + 4u * wq;
+    ${comps.map((e, j) => `out[t + ${j}u] = vec4<f32>(u0.${e}, u1.${e}, u2.${e}, u3.${e});`).join("\n    ")}
+    return;
+  }
+  let e = b - interior;
+  if (e >= pu(${q + 9}u)) { return; }
+  let cq = e % CQ;
+  let padded = e / CQ;
+  let hp = padded % Hp;
+  let r = padded * pitch;
+  let col = cq * Wp;
+  let end = select(col + Wp, pitch, cq + 1u == CQ);
+  if (hp < top || hp >= top + H) {
+    for (var tx = col; tx < end; tx++) { out[r + tx] = vec4<f32>(0.0); }
+  } else {
+    for (var tx = col; tx < col + left; tx++) { out[r + tx] = vec4<f32>(0.0); }
+    for (var tx = col + left + 4u * WQ; tx < end; tx++) { out[r + tx] = vec4<f32>(0.0); }
+  }
+}`;
+}

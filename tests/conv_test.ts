@@ -14,7 +14,8 @@ import {
   conv2dWeightGrad,
   conv2dWeightGradSum,
   type ConvGeometry,
-  convInputQuad,
+  type ConvOperand,
+  convQuadLayout,
   type ConvVariant,
   convVariant,
   oihwStrides,
@@ -27,6 +28,7 @@ import { quadBufferElements, toQuadBuffer } from "../kernels/layout.ts";
 import { conv2d, convTranspose2d } from "../engine/ops/conv.ts";
 import { tensor } from "../engine/creation.ts";
 import { map } from "../engine/ops/core.ts";
+import { mul } from "../engine/ops/elementwise.ts";
 import { bin, inp } from "../kernels/elementwise.ts";
 import type { Device } from "../engine/device.ts";
 import { isGlslApi } from "../engine/backend.ts";
@@ -212,36 +214,42 @@ gpuTest(
             tol(g.N * g.Ho * g.Wo, scale),
             `conv2dWeightGrad bias ${what} splits ${splits}`,
           );
-          // x handed over in the texture variant's quad layout (as a producer writes it): the same results, on
-          // the GPU (a flat copy instead of the packing pass) and through the CPU reference's unpacking.
+          // x and dy handed over in the texture variant's quad layouts (as producers write them): the same
+          // results, on the GPU (flat copies instead of packing passes) and through the CPU references' unpacking.
           if (variant !== "texture" || noTextures) return;
           const caps = { isCpuEmulated: true, maxTextureDimension2D: gpu.info.limits.maxTextureDimension2D };
-          for (const kernel of ["conv2d", "conv2dWeightGrad"] as const) {
-            const layout = convInputQuad(kernel, g, caps);
-            if (!layout) continue;
-            const xq = new Float32Array(quadBufferElements(layout));
-            toQuadBuffer(layout, x, xq);
-            if (kernel === "conv2d") {
-              const q = { ...g, bias, weightStrides, xQuad: true };
-              const qIn = [xq, ...fwdIn.slice(1)];
-              for (const device of [gpu, cpu]) {
-                const got = await runKernel(device, conv2dKernel, q, qIn, yLen);
-                assertClose(
-                  got,
-                  yRef,
-                  tol(g.Cin * g.kH * g.kW, scale),
-                  `conv2d, x in quads, ${device.kind} ${what}`,
-                );
-              }
-            } else {
-              const q = { ...g, splits, xQuad: true };
-              for (const device of [gpu, cpu]) {
-                const got = await runKernel(device, conv2dWeightGrad, q, [xq, dy], dwLen);
+          const quads = (which: ConvOperand, data: Float32Array) => {
+            const layout = convQuadLayout(which, g, caps);
+            if (!layout) return null;
+            const q = new Float32Array(quadBufferElements(layout));
+            toQuadBuffer(layout, data, q);
+            return q;
+          };
+          const xq = quads(["conv2d", "x"], x), dyq = quads(["conv2dInputGrad", "dy"], dy);
+          const xwq = quads(["conv2dWeightGrad", "x"], x), dywq = quads(["conv2dWeightGrad", "dy"], dy);
+          for (const device of [gpu, cpu]) {
+            const on = `in quads, ${device.kind} ${what}`;
+            if (xq) {
+              const q = { ...g, bias, weightStrides, quadInput: true };
+              const got = await runKernel(device, conv2dKernel, q, [xq, ...fwdIn.slice(1)], yLen);
+              assertClose(got, yRef, tol(g.Cin * g.kH * g.kW, scale), `conv2d, x ${on}`);
+            }
+            if (dyq) {
+              const q = { ...g, bias, weightStrides, quadInput: true };
+              const got = await runKernel(device, conv2dInputGrad, q, [dyq, ...igIn.slice(1)], xLen);
+              assertClose(got, dxRef, tol(g.Cout * g.kH * g.kW, scale), `conv2dInputGrad, dy ${on}`);
+            }
+            if (xwq && dywq) {
+              for (const [xQuad, dyQuad] of [[true, false], [false, true], [true, true]]) {
+                const q = { ...g, splits, xQuad, dyQuad };
+                const ins = [xQuad ? xwq : x, dyQuad ? dywq : dy];
+                const got = await runKernel(device, conv2dWeightGrad, q, ins, dwLen);
+                const which = `${xQuad ? "x" : ""}${dyQuad ? " dy" : ""}`;
                 assertClose(
                   got,
                   dwRef,
                   tol(g.N * g.Ho * g.Wo, scale * scale),
-                  `conv2dWeightGrad, x in quads, ${device.kind} ${what}`,
+                  `conv2dWeightGrad, ${which} ${on}`,
                 );
               }
             }
@@ -412,6 +420,54 @@ test("conv kernels: variant choice (texture on CPU-emulated adapters for convolu
     assertEquals(convVariant(kernel, big, { ...emulated, maxTextureDimension2D: 256 }), "registers", kernel);
   }
 });
+
+gpuTest(
+  "conv2d takes a pending elementwise input and gradient in its packed layouts (packing passes saved); values and gradients match the CPU backend",
+  async () => {
+    if (noTextures) return console.log(`skipped: ${noTextures}`);
+    const gpu = await gpuDevice(), cpu = await cpuDevice();
+    // [x shape, Cout, stride, packs saved]: x and dy where every layout is shared; none at stride 2 with Wo = 6
+    // (the weight gradient reads x in a layout of its own, so the forward's pack serves it, and dy has no whole
+    // position quads); 3 channels are no whole channel quads (x is packed, dy saved).
+    const cases: [number[], number, number, number][] = [
+      [[2, 16, 8, 16], 16, 1, 2],
+      [[2, 16, 12, 12], 32, 2, 0],
+      [[2, 3, 16, 16], 32, 1, 1],
+    ];
+    for (const [shape, Cout, stride, saved] of cases) {
+      const C = shape[1];
+      const data = {
+        x: seededValues(shape.reduce((a, b) => a * b), 1, -2, 2),
+        w: seededValues(Cout * C * 9, 2, -0.3, 0.3),
+        b: seededValues(Cout, 3),
+      };
+      // `computed`: x and the output's gradient are computed tensors, so the conv packs both itself.
+      const run = async (device: Device, computed: boolean) => {
+        const t = (v: Float32Array, s: number[]) => tensor(v, s, { device, requiresGrad: true });
+        const x = t(data.x, shape), w = t(data.w, [Cout, C, 3, 3]), b = t(data.b, [Cout]);
+        const packs0 = device.counters().packs ?? 0;
+        const xin = mul(x, x);
+        if (computed) xin.realize();
+        const y = conv2d(xin, w, b, { stride, padding: 1 });
+        const cot = tensor(seededValues(y.size, 4), y.shape, { device });
+        // Lazy: the gradient reaching the conv is the pending expression 3·cot (the mul's backward rule).
+        if (computed) {
+          const g = mul(cot, 3);
+          g.realize();
+          y.backward(g);
+        } else mul(y, 3).backward(cot);
+        const values = await Promise.all([y, x.grad!, w.grad!, b.grad!].map((v) => v.toFloat64Array()));
+        return { values, packs: (device.counters().packs ?? 0) - packs0 };
+      };
+      const what = `[${shape}] → ${Cout} stride ${stride}`;
+      const got = await run(gpu, false), computed = await run(gpu, true), want = await run(cpu, true);
+      ["y", "dx", "dweight", "dbias"].forEach((name, i) =>
+        assertClose(got.values[i], want.values[i], { rtol: 1e-4, atol: 1e-4 }, `${name} ${what}`)
+      );
+      assertEquals(computed.packs - got.packs, saved, `packing passes saved ${what}`);
+    }
+  },
+);
 
 gpuTest("conv2d / convTranspose2d ops: GPU matches the CPU backend in values and all gradients", async () => {
   const gpu = await gpuDevice(), cpu = await cpuDevice();

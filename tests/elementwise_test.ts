@@ -7,6 +7,7 @@
 import fc from "fast-check";
 import { bin, cst, elementwise, type Expr, inp, un, UNARY, type UnaryOp } from "../kernels/elementwise.ts";
 import type { GpuCaps } from "../kernels/types.ts";
+import { quadBufferElements, type QuadLayout, toQuadBuffer } from "../kernels/layout.ts";
 import { tensor } from "../engine/creation.ts";
 import { map } from "../engine/ops/core.ts";
 import * as E from "../engine/ops/elementwise.ts";
@@ -216,6 +217,64 @@ gpuTest(
         assertClose(got, want, { rtol: 1e-4, atol: 1e-5 }, `strides ${JSON.stringify(params.strides)}`);
       }),
       { numRuns: RUNS * 4 },
+    );
+  },
+);
+
+gpuTest(
+  "kernel: quadOut writes the padded channel-quad layout (borders and row ends zeroed) for strided, sliced and broadcast inputs",
+  async () => {
+    const gpu = await gpuDevice(), cpu = await cpuDevice();
+    const caseArb = fc.record({
+      N: fc.integer({ min: 1, max: 3 }),
+      C: fc.constantFrom(4, 8, 12),
+      H: fc.integer({ min: 1, max: 5 }),
+      W: fc.constantFrom(4, 8, 12),
+      top: fc.integer({ min: 0, max: 2 }),
+      left: fc.integer({ min: 0, max: 2 }),
+      extraH: fc.integer({ min: 0, max: 2 }),
+      extraW: fc.integer({ min: 0, max: 3 }),
+      layouts: fc.array(inputLayoutArb(4), { minLength: 3, maxLength: 3 }),
+      expr: exprArb,
+      seed: seedArb,
+    });
+    await fc.assert(
+      fc.asyncProperty(caseArb, async (k) => {
+        const shape = [k.N, k.C, k.H, k.W];
+        const quadOut: QuadLayout = {
+          N: k.N,
+          C: k.C,
+          H: k.H,
+          W: k.W,
+          top: k.top,
+          left: k.left,
+          Hp: k.top + k.H + k.extraH,
+          Wp: k.left + k.W + k.extraW,
+        };
+        const ins = k.layouts.map((l) => layoutStrides(shape, l))
+          .map((x, j) => ({ ...x, data: seededValues(x.elements, k.seed + j) }));
+        const params = {
+          expr: k.expr,
+          consts: [0.5, -1.25],
+          shape,
+          strides: ins.map((x) => x.strides),
+          quadOut,
+        };
+        const datas = ins.map((x) => x.data);
+        // NaN-filled: every texel, borders and row ends included, must be written.
+        const out = () => [new Float32Array(quadBufferElements(quadOut)).fill(NaN)];
+        const [got] = await runOnBuffers(gpu, elementwise, params, datas, out());
+        const [want] = await runOnBuffers(cpu, elementwise, params, datas, out());
+        assertClose(got, want, { rtol: 1e-4, atol: 1e-5 }, `quad ${JSON.stringify(quadOut)}`);
+        // The CPU reference is the row-major result placed in the layout.
+        const [flat] = await runOnBuffers(cpu, elementwise, { ...params, quadOut: undefined }, datas, [
+          size(shape),
+        ]);
+        const placed = new Float32Array(quadBufferElements(quadOut));
+        toQuadBuffer(quadOut, flat, placed);
+        assertClose(want, placed, { rtol: 0, atol: 0 }, "CPU reference");
+      }),
+      { numRuns: RUNS * 2 },
     );
   },
 );

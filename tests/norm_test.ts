@@ -526,14 +526,16 @@ gpuTest(
         cw: seededValues(Cout * C * 9, 4, -0.2, 0.2),
         cb: seededValues(Cout, 5, -1, 1),
       };
-      // `viaCopy` puts an elementwise copy between norm and conv: the conv then packs its input itself.
+      // `viaCopy` puts a computed elementwise copy between norm and conv: the conv then packs its input itself.
       const run = async (device: Device, viaCopy: boolean) => {
         const t = (v: Float32Array, s: number[]) => tensor(v, s, { device, requiresGrad: true });
         const x = t(data.x, shape), nw = t(data.nw, [C]), nb = t(data.nb, [C]);
         const cw = t(data.cw, [Cout, C, 3, 3]), cb = t(data.cb, [Cout]);
         const packs0 = device.counters().packs ?? 0;
         const h = (withSilu ? groupNormSilu : groupNorm)(x, G, nw, nb, 1e-5);
-        const y = conv2d(viaCopy ? add(h, 0) : h, cw, cb, { stride, padding: 1 });
+        const copied = viaCopy ? add(h, 0) : h;
+        if (viaCopy) copied.realize();
+        const y = conv2d(copied, cw, cb, { stride, padding: 1 });
         y.backward(tensor(seededValues(y.size, 6), y.shape, { device }));
         // An in-place update of the norm's weight (as an optimizer step) leaves h as it was computed.
         device.write(nw.mutableStorage, new Float32Array(C));

@@ -16,7 +16,8 @@ import {
   conv2dWeightGrad,
   conv2dWeightGradSum,
   type ConvGeometry,
-  convInputQuad,
+  type ConvOperand,
+  convQuadLayout,
   convUsesVectorLoads,
   weightGradSplits,
   type WeightStrides,
@@ -24,7 +25,7 @@ import {
 import { contiguousStrides, sameQuadLayout } from "../../kernels/layout.ts";
 import type { Device } from "../device.ts";
 import { isGlslApi } from "../backend.ts";
-import { record, sameDevice, type Shape, Tensor } from "../tensor.ts";
+import { isGradEnabled, record, sameDevice, type Shape, Tensor } from "../tensor.ts";
 import { fmt } from "../shape.ts";
 import { gather, reduceRaw } from "./core.ts";
 
@@ -129,11 +130,17 @@ function runConv(
   if (bias) inputs.push(bias.storage);
   device.run(
     kind === "conv2d" ? conv2dKernel : conv2dInputGrad,
-    { ...g, bias: !!bias, weightStrides, xQuad: inputQuad !== null },
+    { ...g, bias: !!bias, weightStrides, quadInput: inputQuad !== null },
     inputs,
     [out.storage],
   );
   copy?.dispose();
+}
+
+/** Operands of the weight gradient already in its quad layouts (see `convQuadLayout`). */
+interface Quads {
+  x?: Tensor;
+  dy?: Tensor;
 }
 
 /** Weight-gradient split count: enough invocations to fill the adapter, none on the (serial) CPU backend. */
@@ -143,11 +150,11 @@ function splitsFor(device: Device, g: ConvGeometry): number {
 }
 
 /** Runs the weight-gradient kernel for geometry `g` (inputs in conv2d's roles) into a tensor of `shape`. */
-function weightGrad(g: ConvGeometry, x: Tensor, dy: Tensor, shape: Shape, xq: Tensor | null = null): Tensor {
+function weightGrad(g: ConvGeometry, x: Tensor, dy: Tensor, shape: Shape, quads: Quads = {}): Tensor {
   const device = x.device;
   const splits = splitsFor(device, g);
-  const params = { ...g, splits, xQuad: xq !== null };
-  const inputs = [(xq ?? x).storage, dy.storage];
+  const params = { ...g, splits, xQuad: !!quads.x, dyQuad: !!quads.dy };
+  const inputs = [(quads.x ?? x).storage, (quads.dy ?? dy).storage];
   if (splits === 1) {
     const dw = Tensor.empty(shape, device);
     device.run(conv2dWeightGrad, params, inputs, [dw.storage]);
@@ -169,12 +176,12 @@ function weightAndBiasGrad(
   x: Tensor,
   dy: Tensor,
   shape: Shape,
-  xq: Tensor | null,
+  quads: Quads,
 ): [Tensor, Tensor] {
   const device = x.device;
   const splits = splitsFor(device, g);
-  const params = { ...g, splits, biasGrad: true, xQuad: xq !== null };
-  const inputs = [(xq ?? x).storage, dy.storage];
+  const params = { ...g, splits, biasGrad: true, xQuad: !!quads.x, dyQuad: !!quads.dy };
+  const inputs = [(quads.x ?? x).storage, (quads.dy ?? dy).storage];
   if (splits === 1) {
     const dw = Tensor.empty(shape, device), db = Tensor.empty([g.Cout], device);
     device.run(conv2dWeightGrad, params, inputs, [dw.storage, db.storage]);
@@ -232,31 +239,42 @@ export function conv2d(x: Tensor, weight: Tensor, bias?: Tensor | null, opts: Co
   }
   const geo: ConvGeometry = { N, Cin, H, W, Cout, Ho, Wo, kH, kW, strideH, strideW, padH, padW };
   const out = Tensor.empty(shaped(x, N, Cout, Ho, Wo), device);
-  const layout = device.kind === "webgpu" ? convInputQuad("conv2d", geo, capsOf(device)) : null;
-  // x straight from a producer that writes the texture variant's layout (a deferred groupNorm), when it can.
-  let xq = layout && x.quadForm(layout);
+  const caps = capsOf(device), gpu = device.kind === "webgpu";
+  const layout = (which: ConvOperand) => gpu ? convQuadLayout(which, geo, caps) : null;
+  // x straight from a producer that can write the texture variant's layout (a deferred groupNorm, a pending
+  // elementwise result): no packing pass. Kept for the weight gradient where it reads x alike.
+  // Not where the weight gradient reads x in another layout: the forward's packed texture serves it then.
+  const xLayout = layout(["conv2d", "x"]);
+  const wgX = weight.requiresGrad && isGradEnabled() ? layout(["conv2dWeightGrad", "x"]) : null;
+  const xShared = wgX === null || (xLayout !== null && sameQuadLayout(wgX, xLayout));
+  let xq = xLayout && xShared ? x.quadForm(xLayout) : null;
   runConv("conv2d", geo, x, weight, bias, out, xq);
-  // The weight gradient reads the same layout where Wo is a multiple of four; otherwise it packs x itself.
-  const wgLayout = xq && convInputQuad("conv2dWeightGrad", geo, capsOf(device));
-  if (xq && !(wgLayout && sameQuadLayout(wgLayout, layout!))) xq = disposed(xq);
+  if (xq && !wgX) xq = disposed(xq);
 
   const result = record(out, op, bias ? [x, weight, bias] : [x, weight], (g) => {
+    // dy likewise, in the input gradient's layout (or, without one, the weight gradient's).
+    const dyLayout = layout(x.requiresGrad ? ["conv2dInputGrad", "dy"] : ["conv2dWeightGrad", "dy"]);
+    let dyq = dyLayout && g.quadForm(dyLayout);
     let dx: Tensor | null = null;
     if (x.requiresGrad) {
       dx = Tensor.empty(x.shape, device);
-      runConv("conv2dInputGrad", geo, g, weight, null, dx);
+      runConv("conv2dInputGrad", geo, g, weight, null, dx, dyq);
+      const wgDy = dyq && weight.requiresGrad ? layout(["conv2dWeightGrad", "dy"]) : null;
+      if (dyq && !(wgDy && sameQuadLayout(wgDy, dyLayout!))) dyq = disposed(dyq);
     }
+    const quads = { x: xq ?? undefined, dy: dyq ?? undefined };
     let grads: (Tensor | null)[];
     if (bias?.requiresGrad && weight.requiresGrad) {
-      grads = [dx, ...weightAndBiasGrad(geo, x, g, weight.shape, xq)];
+      grads = [dx, ...weightAndBiasGrad(geo, x, g, weight.shape, quads)];
     } else {
-      const dw = weight.requiresGrad ? weightGrad(geo, x, g, weight.shape, xq) : null;
+      const dw = weight.requiresGrad ? weightGrad(geo, x, g, weight.shape, quads) : null;
       grads = bias ? [dx, dw, bias.requiresGrad ? biasGrad(g, Cout) : null] : [dx, dw];
     }
     xq?.dispose();
+    dyq?.dispose();
     return grads;
   });
-  if (!result.requiresGrad || !weight.requiresGrad) xq?.dispose();
+  if (!result.requiresGrad) xq?.dispose();
   return result;
 }
 

@@ -5,7 +5,7 @@
 
 import { bin, cst, type Expr, inp, un, type UnaryOp } from "../../kernels/elementwise.ts";
 import { record, Tensor } from "../tensor.ts";
-import { map, sumTo, view } from "./core.ts";
+import { map, packsConvInputs, sumTo, view } from "./core.ts";
 import { sameShape } from "../shape.ts";
 
 export type Operand = Tensor | number;
@@ -42,17 +42,20 @@ const tensorsOf = (...xs: Operand[]) => xs.filter((x): x is Tensor => x instance
 const needsGrad = (x: Operand): x is Tensor => x instanceof Tensor && x.requiresGrad;
 
 /**
- * The gradient of an operand that receives `gr` unchanged (add, and sub's first operand): `gr` itself, a view
- * sharing its storage, where the shapes match and `gr` is computed, or where both operands take it (`shared`:
- * computed once for both); otherwise a lazy copy that fuses into its consumer; for a broadcast operand, the
- * sum of `gr`. Measured on the bench UNet step: as lazy copies, these gradients cost 58 identity dispatches
- * per step.
+ * The gradient of an operand that receives `gr` unchanged (add, and sub's first operand): a view sharing its
+ * storage where the shapes match and `gr` is computed, or where both operands take it (`shared`: computed once
+ * for both); otherwise a lazy copy that fuses into its consumer; for a broadcast operand, the sum of `gr`.
+ * Measured on the bench UNet step: as lazy copies, the unshared gradients cost 58 identity dispatches per step.
+ * Where convolutions pack their inputs (`packsConvInputs`), a shared `gr` stays lazy too: a convolution on
+ * either side (a residual block's branch and skip) then writes it straight into its packed layout
+ * (`Tensor.quadForm`) instead of packing it, at the price of evaluating the expression once per consumer that
+ * needs it row-major: 16 (bench) and 20 (default) packing passes fewer per step, for 7 more dispatches.
  */
 function passGrad(t: Operand, gr: Tensor, shared: boolean): Tensor | null {
   if (!needsGrad(t)) return null;
   // A broadcast operand: the sum reads `gr` itself (an identity copy first would be one more dispatch).
   if (!sameShape(t.shape, gr.shape)) return sumTo(gr, t.shape);
-  if (shared || !gr.lazyValue) return view(gr, gr.shape);
+  if (!gr.lazyValue || (shared && !packsConvInputs(gr.device))) return view(gr, gr.shape);
   return map(g, [gr]);
 }
 

@@ -31,7 +31,7 @@ import { isGradEnabled, record, sameDevice, type Shape, sizeOf, Tensor } from ".
 import type { Storage } from "../device.ts";
 import { quadBufferElements, type QuadLayout } from "../../kernels/layout.ts";
 import { fmt, sameShape } from "../shape.ts";
-import { map, reduceRaw, view } from "./core.ts";
+import { map, packsConvInputs, reduceRaw, view } from "./core.ts";
 
 /** Optional affine parameters, `null` and `undefined` meaning absent, as in PyTorch. */
 type Maybe = Tensor | null | undefined;
@@ -169,15 +169,13 @@ function rowNormOp(
 
 /**
  * Whether the forward of groupNorm over `x` is deferred so that its output can be written in a convolution's
- * padded channel-quad layout (kernels/layout.ts): on CPU-emulated WebGPU adapters with texture inputs (where
- * the convolutions read packed textures), for [N, C, H, W] with whole channel quads per group and rows of
- * whole vec4s. A pack costs about 8.6 ns of llvmpipe time per texel, a quarter of the norm's own write.
+ * padded channel-quad layout (kernels/layout.ts): where convolutions pack their inputs, for [N, C, H, W] with
+ * whole channel quads per group and rows of whole vec4s.
  */
 function writesQuads(x: Tensor, layout: RowLayout): boolean {
-  const info = x.device.info;
-  return info.backend === "webgpu" && info.isCpuEmulated && !!info.textureInputs && x.rank === 4 &&
-    layout.channelsPerGroup % 4 === 0 && layout.spatial === x.shape[2] * x.shape[3] &&
-    layout.groups * layout.channelsPerGroup === x.shape[1] && x.shape[3] % 4 === 0;
+  return packsConvInputs(x.device) && x.rank === 4 && layout.channelsPerGroup % 4 === 0 &&
+    layout.spatial === x.shape[2] * x.shape[3] && layout.groups * layout.channelsPerGroup === x.shape[1] &&
+    x.shape[3] % 4 === 0;
 }
 
 function disposed(t: Tensor): null {
