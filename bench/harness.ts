@@ -27,6 +27,8 @@ export interface BenchRecord {
   submits_per_step?: number;
   /** Training figures: bind groups created per step (WebGPU; the others come from the backend's cache). */
   bind_groups_per_step?: number;
+  /** Texture inputs filled by a packing pass per step (CPU-emulated adapters). */
+  packs_per_step?: number;
   /** Training figures: host ms per step spent encoding kernels, inside submits, and wall ms per step. */
   encode_ms_per_step?: number;
   submit_ms_per_step?: number;

@@ -292,6 +292,8 @@ async function stepProfile(step: () => void, stepSync: () => Promise<void>, n: n
     reads: (hostDone.reads - c0.reads) / n,
     // Bind groups the step had to create (the rest were found in the backend's cache).
     bindGroups: ((hostDone.bindGroups ?? 0) - (c0.bindGroups ?? 0)) / n,
+    // Texture inputs filled by a packing pass (the rest were flat copies or kept textures).
+    packs: ((hostDone.packs ?? 0) - (c0.packs ?? 0)) / n,
     encodeMs: (host - submitMs) / n,
     submitMs: submitMs / n,
     wallMs: wall / n,
@@ -351,6 +353,7 @@ async function trainFigure(
     dispatches_per_step: profile.dispatches,
     submits_per_step: profile.submits,
     bind_groups_per_step: profile.bindGroups,
+    packs_per_step: profile.packs,
     encode_ms_per_step: profile.encodeMs,
     submit_ms_per_step: profile.submitMs,
     wall_ms_per_step: profile.wallMs,
@@ -359,7 +362,8 @@ async function trainFigure(
   const facts = [
     `${params} params${peer ? ` (PyTorch ${peer.params})` : ""}`,
     `${profile.dispatches.toFixed(0)} dispatches, ${profile.submits.toFixed(1)} submits, ` +
-    `${profile.reads.toFixed(1)} host syncs, ${profile.bindGroups.toFixed(0)} new bind groups per step`,
+    `${profile.reads.toFixed(1)} host syncs, ${profile.packs.toFixed(0)} packing passes, ` +
+    `${profile.bindGroups.toFixed(0)} new bind groups per step`,
     `per step of ${profile.wallMs.toFixed(0)} ms: host encoding ${profile.encodeMs.toFixed(1)} ms, ` +
     `in submits ${profile.submitMs.toFixed(1)} ms, waiting at the sync ` +
     `${(profile.wallMs - profile.encodeMs - profile.submitMs).toFixed(1)} ms`,
