@@ -304,14 +304,8 @@ export class Tensor {
     if (d) storage = d.runQuad?.(layout) ?? null;
     else if (v && quadFits(this.shape, layout)) {
       storage = this.device.alloc(quadBufferElements(layout));
-      this.device.run(
-        elementwise,
-        { ...this.#elementwiseParams(v), quadOut: layout },
-        v.leaves.map((l) => l.ref.storage),
-        [
-          storage,
-        ],
-      );
+      const params = { ...this.#elementwiseParams(v), quadOut: layout };
+      this.device.run(elementwise, params, v.leaves.map((l) => l.ref.storage), [storage]);
     }
     if (!storage) return null;
     const quad = new Tensor(this.device, [quadBufferElements(layout)], storage);

@@ -242,8 +242,8 @@ export function conv2d(x: Tensor, weight: Tensor, bias?: Tensor | null, opts: Co
   const caps = capsOf(device), gpu = device.kind === "webgpu";
   const layout = (which: ConvOperand) => gpu ? convQuadLayout(which, geo, caps) : null;
   // x straight from a producer that can write the texture variant's layout (a deferred groupNorm, a pending
-  // elementwise result): no packing pass. Kept for the weight gradient where it reads x alike.
-  // Not where the weight gradient reads x in another layout: the forward's packed texture serves it then.
+  // elementwise result): no packing pass. It is kept for the weight gradient, so not taken where that reads x
+  // in another layout (the forward's packed texture serves both then).
   const xLayout = layout(["conv2d", "x"]);
   const wgX = weight.requiresGrad && isGradEnabled() ? layout(["conv2dWeightGrad", "x"]) : null;
   const xShared = wgX === null || (xLayout !== null && sameQuadLayout(wgX, xLayout));
