@@ -263,12 +263,7 @@ export class Tensor {
   static lazy(device: Device, shape: Shape, value: LazyValue): Tensor {
     const t = new Tensor(device, shape, null);
     t.#lazy = value;
-    t.#asReader = new WeakRef(t);
-    for (const l of value.leaves) {
-      l.ref.retain();
-      l.ref.readers.add(t.#asReader);
-    }
-    finalizer.register(t, value, t);
+    t.#holdLeaves(value);
     return t;
   }
 
@@ -281,13 +276,18 @@ export class Tensor {
   static deferred(device: Device, shape: Shape, value: DeferredValue): Tensor {
     const t = new Tensor(device, shape, null);
     t.#deferred = value;
-    t.#asReader = new WeakRef(t);
+    t.#holdLeaves(value);
+    return t;
+  }
+
+  /** Retains the leaves of this tensor's pending value and marks it as their reader (until computed). */
+  #holdLeaves(value: LazyValue | DeferredValue) {
+    this.#asReader = new WeakRef(this);
     for (const l of value.leaves) {
       l.ref.retain();
-      l.ref.readers.add(t.#asReader);
+      l.ref.readers.add(this.#asReader);
     }
-    finalizer.register(t, value, t);
-    return t;
+    finalizer.register(this, value, this);
   }
 
   /**
@@ -315,17 +315,12 @@ export class Tensor {
     const ref = quad.storageRef;
     this.#releaseLeaves((d ?? v)!);
     finalizer.unregister(this);
-    this.#deferred = null;
     this.#lazy = null;
-    const unpack: DeferredValue = {
+    this.#deferred = {
       leaves: [{ ref }],
       run: (out) => this.device.run(copy, unpackQuadParams(layout), [ref.storage], [out]),
     };
-    this.#deferred = unpack;
-    this.#asReader = new WeakRef(this);
-    ref.retain();
-    ref.readers.add(this.#asReader);
-    finalizer.register(this, unpack, this);
+    this.#holdLeaves(this.#deferred);
     return quad;
   }
 

@@ -7,7 +7,7 @@
 import fc from "fast-check";
 import { bin, cst, elementwise, type Expr, inp, un, UNARY, type UnaryOp } from "../kernels/elementwise.ts";
 import type { GpuCaps } from "../kernels/types.ts";
-import { quadBufferElements, type QuadLayout, toQuadBuffer } from "../kernels/layout.ts";
+import { quadBufferElements, toQuadBuffer } from "../kernels/layout.ts";
 import { tensor } from "../engine/creation.ts";
 import { map } from "../engine/ops/core.ts";
 import * as E from "../engine/ops/elementwise.ts";
@@ -21,6 +21,8 @@ import {
   gpuTest,
   gradCheck,
   layoutStrides,
+  quadLayoutWith,
+  quadPaddingArb,
   runOnBuffers,
   RUNS,
   scaleArb,
@@ -230,10 +232,7 @@ gpuTest(
       C: fc.constantFrom(4, 8, 12),
       H: fc.integer({ min: 1, max: 5 }),
       W: fc.constantFrom(4, 8, 12),
-      top: fc.integer({ min: 0, max: 2 }),
-      left: fc.integer({ min: 0, max: 2 }),
-      extraH: fc.integer({ min: 0, max: 2 }),
-      extraW: fc.integer({ min: 0, max: 3 }),
+      pad: quadPaddingArb,
       layouts: fc.array(inputLayoutArb(4), { minLength: 3, maxLength: 3 }),
       expr: exprArb,
       seed: seedArb,
@@ -241,16 +240,7 @@ gpuTest(
     await fc.assert(
       fc.asyncProperty(caseArb, async (k) => {
         const shape = [k.N, k.C, k.H, k.W];
-        const quadOut: QuadLayout = {
-          N: k.N,
-          C: k.C,
-          H: k.H,
-          W: k.W,
-          top: k.top,
-          left: k.left,
-          Hp: k.top + k.H + k.extraH,
-          Wp: k.left + k.W + k.extraW,
-        };
+        const quadOut = quadLayoutWith(shape, k.pad);
         const ins = k.layouts.map((l) => layoutStrides(shape, l))
           .map((x, j) => ({ ...x, data: seededValues(x.elements, k.seed + j) }));
         const params = {

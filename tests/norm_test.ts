@@ -38,6 +38,8 @@ import {
   gpuTest,
   gradCheck,
   noTextureInputs,
+  quadLayoutWith,
+  quadPaddingArb,
   runOnBuffers,
   RUNS,
   scaleArb,
@@ -416,10 +418,7 @@ gpuTest(
           Cg: fc.constantFrom(4, 8),
           H: fc.integer({ min: 1, max: 7 }),
           W: fc.constantFrom(4, 8, 12),
-          top: fc.integer({ min: 0, max: 2 }),
-          left: fc.integer({ min: 0, max: 2 }),
-          extraH: fc.integer({ min: 0, max: 2 }),
-          extraW: fc.integer({ min: 0, max: 2 }),
+          pad: quadPaddingArb,
           affine: fc.constantFrom("both", "weight", "bias", "none"),
           silu: fc.boolean(),
           variant: fc.constantFrom<RowNormVariant>("lanes", "lanesTexture", "tree"),
@@ -429,16 +428,7 @@ gpuTest(
         fc.boolean(),
         async (k, { offset, scale }, seed, small) => {
           const { N, G, Cg, H, W } = k, C = G * Cg, n = N * C * H * W;
-          const quadOut: QuadLayout = {
-            N,
-            C,
-            H,
-            W,
-            top: k.top,
-            left: k.left,
-            Hp: k.top + H + k.extraH,
-            Wp: k.left + W + k.extraW,
-          };
+          const quadOut = quadLayoutWith([N, C, H, W], k.pad);
           const hasWeight = k.affine === "both" || k.affine === "weight";
           const hasBias = k.affine === "both" || k.affine === "bias";
           const p: RowNormParams = {

@@ -12,6 +12,7 @@ import { Rng } from "../util/random.ts";
 import { Device } from "../engine/device.ts";
 import { DRIVER_HINT, findAdapter } from "../engine/webgpu/adapter.ts";
 import type { FloatArray, Kernel } from "../kernels/types.ts";
+import type { QuadLayout } from "../kernels/layout.ts";
 import "../engine/autograd.ts";
 import { tensor } from "../engine/creation.ts";
 import { noGrad, type Tensor } from "../engine/tensor.ts";
@@ -429,4 +430,21 @@ export async function tempDir(prefix: string): Promise<string> {
   const d = await Deno.makeTempDir({ prefix });
   TEMP_DIRS.push(d);
   return d;
+}
+
+/** Borders and extra padding of a padded channel-quad layout (kernels/layout.ts), for kernel properties. */
+export const quadPaddingArb = fc.record({
+  top: fc.integer({ min: 0, max: 2 }),
+  left: fc.integer({ min: 0, max: 2 }),
+  extraH: fc.integer({ min: 0, max: 2 }),
+  extraW: fc.integer({ min: 0, max: 3 }),
+});
+
+/** The quad layout of an [N, C, H, W] activation with that padding. */
+export function quadLayoutWith(
+  [N, C, H, W]: readonly number[],
+  pad: { top: number; left: number; extraH: number; extraW: number },
+): QuadLayout {
+  const { top, left } = pad;
+  return { N, C, H, W, top, left, Hp: top + H + pad.extraH, Wp: left + W + pad.extraW };
 }
