@@ -424,7 +424,6 @@ test("conv kernels: variant choice (texture on CPU-emulated adapters for convolu
 gpuTest(
   "conv2d takes a pending elementwise input and gradient in its packed layouts (packing passes saved); values and gradients match the CPU backend",
   async () => {
-    if (noTextures) return console.log(`skipped: ${noTextures}`);
     const gpu = await gpuDevice(), cpu = await cpuDevice();
     // [x shape, Cout, stride, packs saved]: x and dy where every layout is shared; none at stride 2 with Wo = 6
     // (the weight gradient reads x in a layout of its own, so the forward's pack serves it, and dy has no whole
@@ -467,6 +466,7 @@ gpuTest(
       assertEquals(computed.packs - got.packs, saved, `packing passes saved ${what}`);
     }
   },
+  noTextures,
 );
 
 gpuTest("conv2d / convTranspose2d ops: GPU matches the CPU backend in values and all gradients", async () => {
