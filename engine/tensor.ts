@@ -10,7 +10,7 @@
  */
 
 import { type Device, getDefaultDevice, type Storage } from "./device.ts";
-import { elementwise, type ElementwiseParams, type Expr } from "../kernels/elementwise.ts";
+import { elementwise, type ElementwiseParams, type Expr, quadOutFits } from "../kernels/elementwise.ts";
 import { broadcastStrides, type Shape } from "./shape.ts";
 import { quadBufferElements, type QuadLayout, unpackQuadParams } from "../kernels/layout.ts";
 import { copy } from "../kernels/copy.ts";
@@ -55,12 +55,6 @@ export interface DeferredValue {
    * returns null where this producer cannot.
    */
   runQuad?(layout: QuadLayout): Storage | null;
-}
-
-/** Whether an elementwise result of `shape` can be written in `layout` (kernels/elementwise.ts `quadOut`). */
-function quadFits(shape: Shape, l: QuadLayout): boolean {
-  return shape.length === 4 && shape[0] === l.N && shape[1] === l.C && shape[2] === l.H && shape[3] === l.W &&
-    l.C % 4 === 0 && l.W % 4 === 0;
 }
 
 /** A lazy tensor holds its leaves; the registry drops whichever it holds when the tensor is collected. */
@@ -302,7 +296,7 @@ export class Tensor {
     const d = this.#deferred, v = this.#lazy;
     let storage: Storage | null = null;
     if (d) storage = d.runQuad?.(layout) ?? null;
-    else if (v && quadFits(this.shape, layout)) {
+    else if (v && quadOutFits(this.shape, layout)) {
       storage = this.device.alloc(quadBufferElements(layout));
       const params = { ...this.#elementwiseParams(v), quadOut: layout };
       this.device.run(elementwise, params, v.leaves.map((l) => l.ref.storage), [storage]);
@@ -338,26 +332,18 @@ export class Tensor {
 
   /** Computes a pending lazy or deferred value into fresh storage: one dispatch. */
   realize(): void {
-    const d = this.#deferred;
-    if (d) {
-      this.#deferred = null;
-      finalizer.unregister(this);
-      const storage = this.device.alloc(this.size, this.shape);
-      d.run(storage);
-      this.#ref = new StorageRef(this.device, storage);
-      finalizer.register(this, this.#ref, this);
-      this.#releaseLeaves(d);
-      return;
-    }
-    const v = this.#lazy;
-    if (!v) return;
-    this.#lazy = null;
+    const d = this.#deferred, v = this.#lazy;
+    if (!d && !v) return;
+    this.#deferred = this.#lazy = null;
     finalizer.unregister(this);
     const storage = this.device.alloc(this.size, this.shape);
-    this.device.run(elementwise, this.#elementwiseParams(v), v.leaves.map((l) => l.ref.storage), [storage]);
+    if (d) d.run(storage);
+    else {this.device.run(elementwise, this.#elementwiseParams(v!), v!.leaves.map((l) => l.ref.storage), [
+        storage,
+      ]);}
     this.#ref = new StorageRef(this.device, storage);
     finalizer.register(this, this.#ref, this);
-    this.#releaseLeaves(v);
+    this.#releaseLeaves((d ?? v)!);
   }
 
   #elementwiseParams(v: LazyValue): ElementwiseParams {

@@ -13,7 +13,15 @@
 
 import { type FloatArray, type GpuCaps, type GpuDispatch, type Kernel, ParamWriter } from "./types.ts";
 import { cachedSource } from "./source_cache.ts";
-import { coalesce, contiguousStrides, type QuadLayout, quadPitch, toQuadBuffer } from "./layout.ts";
+import {
+  coalesce,
+  contiguousStrides,
+  quadBlockStoreWgsl,
+  quadBorderRowWgsl,
+  type QuadLayout,
+  quadPitch,
+  toQuadBuffer,
+} from "./layout.ts";
 import { ENTRY_1D, grid1d, header, splitIndexWgsl } from "./wgsl.ts";
 
 export type UnaryOp = keyof typeof UNARY;
@@ -393,12 +401,15 @@ ${ENTRY_1D} {
   },
 };
 
-/** Throws unless `l` is a quad layout of the output [N, C, H, W] with C and W multiples of 4. */
-function checkQuadOut(p: ElementwiseParams, l: QuadLayout) {
-  const [N, C, H, W] = p.shape;
-  const fits = p.shape.length === 4 && l.N === N && l.C === C && l.H === H && l.W === W && C % 4 === 0 &&
+/** Whether `l` is a quad layout of an output [N, C, H, W] with C and W multiples of 4 (`quadOut` applies). */
+export function quadOutFits(shape: readonly number[], l: QuadLayout): boolean {
+  const [N, C, H, W] = shape;
+  return shape.length === 4 && l.N === N && l.C === C && l.H === H && l.W === W && C % 4 === 0 &&
     W % 4 === 0 && l.top + H <= l.Hp && l.left + W <= l.Wp;
-  if (!fits) {
+}
+
+function checkQuadOut(p: ElementwiseParams, l: QuadLayout) {
+  if (!quadOutFits(p.shape, l)) {
     throw new Error(
       `elementwise: quadOut ${JSON.stringify(l)} does not fit output [${p.shape}] (needs [N, C, H, W], ` +
         `C and W multiples of 4)`,
@@ -407,13 +418,12 @@ function checkQuadOut(p: ElementwiseParams, l: QuadLayout) {
 }
 
 /**
- * The quad-layout kernel: \`unit(i)\` evaluates vec4 group i of the row-major result (the body of the V = 4
+ * The quad-layout kernel: `unit(i)` evaluates vec4 group i of the row-major result (the body of the V = 4
  * kernel); invocations below the interior count take a block (n, channel quad, h, position quad), evaluate the
  * four channels' groups and store them transposed; the rest each zero the border texels of one padded row of
  * one channel quad (and, for the image's last quad, the row's end up to the pitch).
  */
 function quadSource(lines: string[], q: number): string {
-  const comps = ["x", "y", "z", "w"];
   return `
 fn unit(i: u32) -> vec4<f32> {
   ${lines.join("\n  ")}
@@ -438,7 +448,7 @@ ${ENTRY_1D} {
     let u2 = unit(i0 + 2u * HWQ);
     let u3 = unit(i0 + 3u * HWQ);
     let t = (n * Hp + h + top) * pitch + cq * Wp + left + 4u * wq;
-    ${comps.map((e, j) => `out[t + ${j}u] = vec4<f32>(u0.${e}, u1.${e}, u2.${e}, u3.${e});`).join("\n    ")}
+    ${quadBlockStoreWgsl("out", "u", "    ")}
     return;
   }
   let e = b - interior;
@@ -449,11 +459,6 @@ ${ENTRY_1D} {
   let r = padded * pitch;
   let col = cq * Wp;
   let end = select(col + Wp, pitch, cq + 1u == CQ);
-  if (hp < top || hp >= top + H) {
-    for (var tx = col; tx < end; tx++) { out[r + tx] = vec4<f32>(0.0); }
-  } else {
-    for (var tx = col; tx < col + left; tx++) { out[r + tx] = vec4<f32>(0.0); }
-    for (var tx = col + left + 4u * WQ; tx < end; tx++) { out[r + tx] = vec4<f32>(0.0); }
-  }
+  ${quadBorderRowWgsl("out", "4u * WQ", "  ")}
 }`;
 }

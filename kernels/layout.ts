@@ -94,37 +94,57 @@ export function unpackQuadParams(l: QuadLayout) {
   };
 }
 
-/** Element (n, c, h, w) of a contiguous NCHW array written into a quad-layout buffer (CPU references). */
-export function toQuadBuffer(
-  l: QuadLayout,
-  nchw: ArrayLike<number>,
-  out: { [i: number]: number; length: number },
-) {
+/** Calls `f(i, q)` for every element: its index in contiguous NCHW and in a quad-layout buffer. */
+function forEachQuadElement(l: QuadLayout, f: (i: number, q: number) => void) {
   const pitch = quadPitch(l);
-  for (let i = 0; i < out.length; i++) out[i] = 0;
   for (let n = 0; n < l.N; n++) {
     for (let c = 0; c < l.C; c++) {
       for (let h = 0; h < l.H; h++) {
         for (let w = 0; w < l.W; w++) {
           const texel = (n * l.Hp + h + l.top) * pitch + (c >> 2) * l.Wp + w + l.left;
-          out[4 * texel + (c & 3)] = nchw[((n * l.C + c) * l.H + h) * l.W + w];
+          f(((n * l.C + c) * l.H + h) * l.W + w, 4 * texel + (c & 3));
         }
       }
     }
   }
 }
 
+/** A contiguous NCHW array written into a quad-layout buffer, zeros elsewhere (CPU references). */
+export function toQuadBuffer(
+  l: QuadLayout,
+  nchw: ArrayLike<number>,
+  out: { [i: number]: number; length: number },
+) {
+  for (let i = 0; i < out.length; i++) out[i] = 0;
+  forEachQuadElement(l, (i, q) => out[q] = nchw[i]);
+}
+
 /** The contiguous NCHW array of a quad-layout buffer (CPU references). */
 export function fromQuadBuffer(l: QuadLayout, quad: ArrayLike<number>, out: { [i: number]: number }) {
-  const pitch = quadPitch(l);
-  for (let n = 0; n < l.N; n++) {
-    for (let c = 0; c < l.C; c++) {
-      for (let h = 0; h < l.H; h++) {
-        for (let w = 0; w < l.W; w++) {
-          const texel = (n * l.Hp + h + l.top) * pitch + (c >> 2) * l.Wp + w + l.left;
-          out[((n * l.C + c) * l.H + h) * l.W + w] = quad[4 * texel + (c & 3)];
-        }
-      }
-    }
-  }
+  forEachQuadElement(l, (i, q) => out[i] = quad[q]);
+}
+
+/**
+ * WGSL that stores a 4 × 4 block, `${v}0..${v}3` (four channels' vec4s over four positions), transposed into
+ * texels t..t+3 of `out` (one position's four channels each): how the quad-layout writers store.
+ */
+export function quadBlockStoreWgsl(out: string, v: string, indent: string): string {
+  return ["x", "y", "z", "w"].map((e, j) =>
+    `${out}[t + ${j}u] = vec4<f32>(${v}0.${e}, ${v}1.${e}, ${v}2.${e}, ${v}3.${e});`
+  )
+    .join(`\n${indent}`);
+}
+
+/**
+ * WGSL that zeroes the border texels of padded row `hp` of one channel quad, texels col..end of the row
+ * starting at texel r: all of them in a border row, else those left of `left` and from `left + W` on (the
+ * writers' names: hp, top, H, left, r, col, end; `W` is given as an expression).
+ */
+export function quadBorderRowWgsl(out: string, W: string, indent: string): string {
+  return `if (hp < top || hp >= top + H) {
+${indent}  for (var tx = col; tx < end; tx++) { ${out}[r + tx] = vec4<f32>(0.0); }
+${indent}} else {
+${indent}  for (var tx = col; tx < col + left; tx++) { ${out}[r + tx] = vec4<f32>(0.0); }
+${indent}  for (var tx = col + left + ${W}; tx < end; tx++) { ${out}[r + tx] = vec4<f32>(0.0); }
+${indent}}`;
 }

@@ -52,7 +52,7 @@ import { type FloatArray, type GpuCaps, type GpuDispatch, type Kernel, ParamWrit
 import { cachedSource } from "./source_cache.ts";
 import { LANE_WG, lanesPerRow, pickThreadsPerRow, type RowVariant, unitDecls } from "./lanes.ts";
 import { ENTRY_1D, flatTextureSize, grid, grid1d, header, WG } from "./wgsl.ts";
-import { type QuadLayout, quadPitch, toQuadBuffer } from "./layout.ts";
+import { quadBlockStoreWgsl, quadBorderRowWgsl, type QuadLayout, quadPitch, toQuadBuffer } from "./layout.ts";
 
 export interface RowLayout {
   /** Number of rows: outer · groups. */
@@ -117,7 +117,7 @@ export interface RowNormParams extends RowLayout {
   savePre?: boolean;
   /**
    * Write y in this padded channel-quad layout (kernels/layout.ts; a buffer of `quadBufferElements` floats,
-   * borders and row ends zero) instead of row-major: for a convolution that reads it so (see `convInputQuad`),
+   * borders and row ends zero) instead of row-major: for a convolution that reads it so (see `convQuadLayout`),
    * which then needs no packing pass. groupNorm of [N, C, H, W] with channelsPerGroup and W multiples of 4;
    * runs a lanes variant, without `savePre`.
    */
@@ -428,7 +428,6 @@ function quadWriteSource(p: RowNormParams, T: number): string {
     const v = `((ld_x(u + ${k}u * SU) - K) - mu) * a[${k}]${p.hasBias ? ` + b[${k}]` : ""}`;
     return `let v${k} = ${p.silu ? `silu_(${v})` : v};`;
   };
-  const comps = ["x", "y", "z", "w"];
   return `
   let G = pu(2u); let cpg = pu(3u);
   let H = pu(10u); let W = pu(11u); let Hp = pu(12u); let Wp = pu(13u); let top = pu(14u); let left = pu(15u);
@@ -447,7 +446,7 @@ function quadWriteSource(p: RowNormParams, T: number): string {
       let u = base + 4u * k * SU + pq;
       ${[0, 1, 2, 3].map(value).join("\n      ")}
       let t = (img * Hp + h + top) * pitch + col + 4u * wq;
-      ${comps.map((e, i) => `y[t + ${i}u] = vec4<f32>(v0.${e}, v1.${e}, v2.${e}, v3.${e});`).join("\n      ")}
+      ${quadBlockStoreWgsl("y", "v", "      ")}
       wq++;
       if (wq == WQ) { wq = 0u; h++; }
     }
@@ -458,12 +457,7 @@ function quadWriteSource(p: RowNormParams, T: number): string {
     let end = select(col + Wp, pitch, q + 1u == CQ);
     for (var hp = lane; hp < Hp; hp += ${T}u) {
       let r = (img * Hp + hp) * pitch;
-      if (hp < top || hp >= top + H) {
-        for (var tx = col; tx < end; tx++) { y[r + tx] = vec4<f32>(0.0); }
-      } else {
-        for (var tx = col; tx < col + left; tx++) { y[r + tx] = vec4<f32>(0.0); }
-        for (var tx = col + left + W; tx < end; tx++) { y[r + tx] = vec4<f32>(0.0); }
-      }
+      ${quadBorderRowWgsl("y", "W", "      ")}
     }
   }`;
 }
