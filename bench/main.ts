@@ -34,6 +34,7 @@ import {
   type TimingOptions,
   type Workload,
 } from "./harness.ts";
+import { cpus } from "node:os";
 import type { PeerWorkload } from "./peer_tfjs.ts";
 import {
   ownRssPeakMiB,
@@ -505,5 +506,8 @@ const c = device.counters();
 log(
   `device: ${device.info.adapter} via ${device.info.api}; ${c.dispatches} dispatches, ${c.submits} submits`,
 );
+// The host's processor beside the figures: sessions run on different machines (an Intel Xeon and an AMD EPYC so
+// far, both 2 cores), and PyTorch's oneDNN and llvmpipe move differently between them.
+console.error(`host: ${cpus()[0]?.model ?? "unknown processor"}, ${cpus().length} CPUs`);
 console.error(`load average (1, 5, 15 min): ${loadAtStart} at start, ${loadAverage()} at end`);
 Deno.exit(0); // tfjs keeps its own device alive
