@@ -298,8 +298,7 @@ export class Tensor {
     if (d) storage = d.runQuad?.(layout) ?? null;
     else if (v && quadOutFits(this.shape, layout)) {
       storage = this.device.alloc(quadBufferElements(layout));
-      const params = { ...this.#elementwiseParams(v), quadOut: layout };
-      this.device.run(elementwise, params, v.leaves.map((l) => l.ref.storage), [storage]);
+      this.#runElementwise(v, storage, layout);
     }
     if (!storage) return null;
     const quad = new Tensor(this.device, [quadBufferElements(layout)], storage);
@@ -338,17 +337,17 @@ export class Tensor {
     finalizer.unregister(this);
     const storage = this.device.alloc(this.size, this.shape);
     if (d) d.run(storage);
-    else {this.device.run(elementwise, this.#elementwiseParams(v!), v!.leaves.map((l) => l.ref.storage), [
-        storage,
-      ]);}
+    else this.#runElementwise(v!, storage);
     this.#ref = new StorageRef(this.device, storage);
     finalizer.register(this, this.#ref, this);
     this.#releaseLeaves((d ?? v)!);
   }
 
-  #elementwiseParams(v: LazyValue): ElementwiseParams {
+  /** Evaluates a pending expression into `out`: row-major, or in `quadOut`'s layout. */
+  #runElementwise(v: LazyValue, out: Storage, quadOut?: QuadLayout) {
     const strides = v.leaves.map((l) => broadcastStrides(l.shape, this.shape));
-    return { expr: v.expr, consts: v.consts, shape: this.shape, strides };
+    const params: ElementwiseParams = { expr: v.expr, consts: v.consts, shape: this.shape, strides, quadOut };
+    this.device.run(elementwise, params, v.leaves.map((l) => l.ref.storage), [out]);
   }
 
   #releaseLeaves(v: LazyValue | DeferredValue) {

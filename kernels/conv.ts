@@ -827,8 +827,9 @@ export const conv2dWeightGrad: Kernel<ConvWeightGradParams> = {
 // - Winograd F(2×2, 3×3) fused into the forward (U = G·g·G^T made by the panel's packing pass, B^T·d·B from
 //   4 × (2·nt + 2) texels per channel quad in registers, 16·tm·nt accumulators): the best blocking (16 × 4)
 //   ran the bench training step's 47 forward convolutions in 119.5 ms against 128.8 (8 × 4: 128.9), not the
-//   2.25× its multiply count promises; reading U from a storage buffer instead was 2.5–8× slower (per-lane
-//   loads). A staged Winograd writes 4× the activation between passes, more than it saves at 32–64 channels.
+//   2.25× its multiply count promises; reading U from a storage buffer instead was 2.5–8× slower (one replay of
+//   the step, not interleaved). A staged Winograd would write 4× the activation between passes (estimated from
+//   the packing cost per texel, not built): more than it saves at 32–64 channels.
 // - The stride-1 input gradient as this forward of dy with the kernel flipped and its channel axes swapped (the
 //   same dy layout): 243.9 ms against 244.2 for the step's 46 input gradients, plus a second weight pack.
 // - A window over the row (the tn + 2 texels of a channel quad loaded once for the three taps kw): 165.5 ms
