@@ -284,8 +284,9 @@ async function stepProfile(step: () => void, stepSync: () => Promise<void>, n: n
   const hostDone = device.counters();
   await stepSync();
   const wall = performance.now() - t0;
-  // Host time in the steps is recording (encoding kernels) plus submitting, which on llvmpipe may already run
-  // the work; the rest of the wall time is waiting for the device at the sync.
+  // Host time in the steps is recording (encoding kernels) plus submitting, which on lavapipe waits while the
+  // previous batch runs (engine/webgpu/backend.ts `stats`); the rest of the wall time is waiting for the device
+  // at the sync.
   const submitMs = hostDone.submitMs - c0.submitMs;
   return {
     dispatches: (hostDone.dispatches - c0.dispatches) / n,

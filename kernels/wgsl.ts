@@ -101,7 +101,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
  * from a flat copy of the input buffer, `src` (bound like a flat texture input, at binding 0), with the uniform
  * block at binding 1. Why a render pass: on llvmpipe a fragment shader's colour writes are vector stores and
  * texel fetches are vector gathers, while a compute shader's image stores and storage loads are per-lane scalar
- * loops; packing costs about 15 ns of CPU per texel this way and 40 as a compute pass.
+ * loops; packing costs about 15 ns of CPU per texel this way and 40 as a compute pass. A draw has a larger fixed
+ * cost (a 2,304-texel weight panel: 0.4–0.8 ms per conv2d run against 0.02–0.2 ms as a compute pass, alone), but
+ * packing textures under 8,192 texels by compute passes did not pay in the default training step (35 panels a
+ * step; 40 interleaved rounds: median paired difference 15 ms slower), so packs are draws wherever they can be.
  *
  * `by: "compute"` is that compute pass, for adapters that cannot render to rgba32float (wgpu's GL backend says
  * "Format Rgba32Float is not renderable"; read-only and write-only rgba32float storage textures work there): one
