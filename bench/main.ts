@@ -509,6 +509,7 @@ log(
 );
 // The host's processor beside the figures: sessions run on different machines (an Intel Xeon and an AMD EPYC so
 // far, both 2 cores), and PyTorch's oneDNN and llvmpipe move differently between them.
-console.error(`host: ${cpus()[0]?.model ?? "unknown processor"}, ${cpus().length} CPUs`);
+const hostCpus = cpus();
+console.error(`host: ${hostCpus[0]?.model ?? "unknown processor"}, ${hostCpus.length} CPUs`);
 console.error(`load average (1, 5, 15 min): ${loadAtStart} at start, ${loadAverage()} at end`);
 Deno.exit(0); // tfjs keeps its own device alive

@@ -43,7 +43,7 @@ test("ParamWriter: words in order (u32, i32 two's complement, f32 bits), at leas
 
 test("ParamWriter: more than the uniform block, or a bad u32, is an error that says so", () => {
   const w = new ParamWriter().u32(...new Array(UNIFORM_WORDS).fill(7));
-  assertThrows(() => w.f32(1), "exceed 128 uniform words");
+  assertThrows(() => w.f32(1), `exceed ${UNIFORM_WORDS} uniform words`);
   for (const bad of [-1, 1.5, 2 ** 32, NaN]) {
     assertThrows(() => new ParamWriter().u32(bad), "u32 out of range");
   }

@@ -41,14 +41,15 @@ export class WebGpuBackend implements Backend {
   private pass: GPUComputePassEncoder | null = null;
   private recorded = 0;
   private error: string | null = null;
-  /** `textures`: texture inputs filled (flat copies and packing passes), `packs` the packing passes among them;
-   * `textureReuses`: kept ones reused. */
   /**
-   * submitMs: host time inside `flush()` (finishing and submitting a batch). On lavapipe (Mesa 22.3) a submit
-   * returns at once while no earlier batch is executing and otherwise waits until that one has finished (a queue
-   * one batch deep: of two batches of ten long dispatches submitted back to back, the first submit took 0.1 ms,
-   * the second 150–210 ms, the first batch's run time), so most of this is device time that encoding the next
-   * batch did not hide.
+   * `textures`: texture inputs filled (flat copies and packing passes), `packs` the packing passes among them;
+   * `textureReuses`: kept ones reused.
+   *
+   * `submitMs`: host time inside `flush()` (finishing and submitting a batch). On Vulkan lavapipe (Mesa 22.3) a
+   * submit returns at once while no earlier batch is executing and otherwise waits until that one has finished (a
+   * queue one batch deep: of two batches of ten long dispatches submitted back to back, the first submit took
+   * 0.1 ms, the second 150–210 ms, the first batch's run time), so most of this is device time that encoding the
+   * next batch did not hide. Not measured on GL.
    */
   private readonly stats = {
     dispatches: 0,
